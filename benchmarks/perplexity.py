@@ -1,0 +1,146 @@
+"""Perplexity of dense, constant and dynamic slicing on SmolLM2-135M (shared protocol).
+
+Each row runs in its own process (so peak memory is the row's own) and is appended to
+``results/perplexity.jsonl``; rows already there are skipped, so an interrupted sweep
+resumes. ``results/perplexity.md`` is rewritten from the JSONL at the end.
+
+    python benchmarks/perplexity.py                 # the issue's full grid
+    python benchmarks/perplexity.py --rows const:0.25 dyn:0.25:0.05 --basis layer
+
+Dynamic rows share one Layer Redundancy pass (scores depend only on the model and the
+calibration data); its time is measured once and added to every dynamic row's total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import RESULTS, append_jsonl, peak_rss_mib, protocol, read_jsonl
+
+JSONL = RESULTS / "perplexity.jsonl"
+SCORES = RESULTS / "smollm2_lr_scores.json"
+
+GRID = ["dense"] + [f"const:{sp}" for sp in (0.10, 0.20, 0.25, 0.30)] + [
+    f"dyn:{sp}:{sb}"
+    for sp in (0.10, 0.20, 0.25, 0.30)
+    for sb in (0.05, 0.10, 0.15, 0.20)
+    if sb < sp
+]
+
+
+def parse_row(spec: str, args: argparse.Namespace) -> dict:
+    parts = spec.split(":")
+    row = {"spec": spec, "basis": args.basis, "normalization": args.normalization,
+           "untie": args.untie, "round_to": args.round_to, "n_calib": args.n_calib,
+           "n_eval": args.n_eval}
+    if parts[0] == "dense":
+        row.update(sparsity=0.0, slicing_base=0.0, kind="dense")
+    elif parts[0] == "const":
+        row.update(sparsity=float(parts[1]), slicing_base=float(parts[1]), kind="constant")
+    elif parts[0] == "dyn":
+        row.update(sparsity=float(parts[1]), slicing_base=float(parts[2]), kind="dynamic")
+    else:
+        raise SystemExit(f"bad row {spec!r}: use dense, const:SP or dyn:SP:SB")
+    row["key"] = json.dumps({k: row[k] for k in sorted(row) if k != "spec"}, sort_keys=True)
+    return row
+
+
+def run_row(row: dict) -> dict:
+    """Slice (unless dense) and evaluate one row in this process."""
+    import dynslice_modifier  # noqa: F401  registers the modifier and the architecture
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    from dynslice_modifier import DynamicSliceModifier
+    from dynslice_modifier.evaluation import perplexity
+    from dynslice_modifier.slicer import count_parameters
+
+    path, tokenizer, dataset, evaluation = protocol(n_calib=row["n_calib"], n_eval=row["n_eval"])
+    dense_params = count_parameters(AutoModelForCausalLM.from_pretrained(path))
+    out = dict(row)
+    if row["kind"] == "dense":
+        model = AutoModelForCausalLM.from_pretrained(path)
+        out.update(oneshot_s=0.0, lr_s=0.0, mean_slice=0.0)
+    else:
+        scores = None
+        if row["kind"] == "dynamic" and SCORES.exists():
+            cached = json.loads(SCORES.read_text())
+            scores, lr_s = cached["scores"], cached["seconds"]
+        modifier = DynamicSliceModifier(
+            sparsity=row["sparsity"], slicing_base=row["slicing_base"], basis=row["basis"],
+            normalization=row["normalization"], untie_embeddings=row["untie"],
+            round_to=row["round_to"], layer_scores=scores,
+        )
+        start = time.perf_counter()
+        model = oneshot(model=str(path), processor=tokenizer, dataset=dataset,
+                        recipe=[modifier], num_calibration_samples=row["n_calib"],
+                        max_seq_length=512)
+        oneshot_s = time.perf_counter() - start
+        if scores is None and modifier.lr_scores is not None:
+            lr_s = modifier.summary["lr_seconds"]
+            SCORES.write_text(json.dumps({"scores": modifier.lr_scores, "seconds": lr_s}))
+            oneshot_s -= lr_s  # reported in its own column
+        out.update(oneshot_s=round(oneshot_s, 1), lr_s=round(lr_s, 1) if row["kind"] == "dynamic" else 0.0,
+                   mean_slice=round(modifier.summary["mean_slice"], 4),
+                   dims=modifier.summary["dims"])
+    out["peak_mib"] = round(peak_rss_mib())
+    out["params"] = count_parameters(model)
+    out["dense_params"] = dense_params
+    out["ppl"] = round(perplexity(model, evaluation), 3)
+    return out
+
+
+def write_table(rows: list[dict], path: Path) -> None:
+    const = {(r["sparsity"], r["basis"], r["untie"], r["normalization"]): r["ppl"]
+             for r in rows if r["kind"] == "constant"}
+    lines = [
+        "| run | SP | SB | basis | norm. | untie | mean slice | ppl | vs const | params (M) | vs dense | slice s | +LR s | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["kind"] != "dense", r["sparsity"], -r["slicing_base"], r["basis"], r["normalization"], r["untie"])):
+        ref = const.get((r["sparsity"], r["basis"], r["untie"], r["normalization"]))
+        if ref is None:
+            ref = const.get((r["sparsity"], r["basis"], r["untie"], "minmax"))
+        vs = f"{r['ppl'] / ref:.3f}" if ref and r["kind"] != "dense" else ""
+        lines.append(
+            f"| {r['kind']} | {r['sparsity']:.2f} | {r['slicing_base']:.2f} | {r['basis']} | "
+            f"{r['normalization']} | {'yes' if r['untie'] else 'no'} | {r['mean_slice']:.3f} | "
+            f"{r['ppl']:.2f} | {vs} | {r['params'] / 1e6:.1f} | {r['params'] / r['dense_params']:.3f} | "
+            f"{r['oneshot_s']:.0f} | {r['lr_s']:.0f} | {r['peak_mib']} |"
+        )
+    path.write_text(
+        "SmolLM2-135M, WikiText-2 protocol (64x512 calibration, 32x1024 evaluation), float32, "
+        "2 CPU cores. Produced by `python benchmarks/perplexity.py`.\n\n" + "\n".join(lines) + "\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="*", default=GRID)
+    parser.add_argument("--basis", default="sublayer", choices=["sublayer", "layer"])
+    parser.add_argument("--normalization", default="minmax", choices=["minmax", "rank"])
+    parser.add_argument("--untie", action="store_true")
+    parser.add_argument("--round-to", type=int, default=16)
+    parser.add_argument("--n-calib", type=int, default=64)
+    parser.add_argument("--n-eval", type=int, default=32)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        append_jsonl(JSONL, run_row(json.loads(args.worker)))
+        return
+    done = {r["key"] for r in read_jsonl(JSONL)}
+    for spec in args.rows:
+        row = parse_row(spec, args)
+        if row["key"] in done:
+            continue
+        subprocess.run([sys.executable, __file__, "--worker", json.dumps(row)], check=True)
+    write_table(read_jsonl(JSONL), RESULTS / "perplexity.md")
+
+
+if __name__ == "__main__":
+    main()

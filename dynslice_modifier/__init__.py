@@ -1,0 +1,31 @@
+"""Dynamic, layer-specific SliceGPT for llm-compressor.
+
+``import dynslice_modifier`` registers the sliced architecture with transformers' Auto
+classes and, where llm-compressor is installed, ``DynamicSliceModifier`` with its recipe
+factory. Serving environments (vLLM) have no llm-compressor; they get the architecture only.
+"""
+
+from importlib.util import find_spec
+from typing import Any
+
+from dynslice_modifier import modeling
+from dynslice_modifier.version import __version__
+
+if find_spec("llmcompressor") is not None:
+    from llmcompressor.modifiers.factory import ModifierFactory
+
+    from dynslice_modifier.modifier import DynamicSliceModifier
+
+    ModifierFactory.register("DynamicSliceModifier", DynamicSliceModifier)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DynamicSliceModifier":
+        raise ImportError(
+            "DynamicSliceModifier needs the compression stack: "
+            "pip install 'dynslice-modifier[compress]'"
+        )
+    raise AttributeError(name)
+
+
+__all__ = ["DynamicSliceModifier", "__version__", "modeling"]

@@ -1,0 +1,76 @@
+"""What the slicing algorithm needs to know about an architecture, and nothing more."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from dynslice_modifier.errors import UnsupportedModelError
+
+# Pre-norm decoder layer as written by Llama and the models that copy it.
+PRE_NORM_LAYOUT: dict[str, Any] = {
+    "attn": "self_attn",
+    "mlp": "mlp",
+    "input_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "attn_inputs": ["q_proj", "k_proj", "v_proj"],
+    "attn_output": "o_proj",
+    "mlp_inputs": ["gate_proj", "up_proj"],
+    "mlp_output": "down_proj",
+}
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """Names the modules of one architecture that read or write the residual stream.
+
+    ``layout`` gives attribute names inside a decoder layer (see ``PRE_NORM_LAYOUT``);
+    decoder layers are ``model.model.layers``, the embedding ``model.model.embed_tokens``,
+    the final norm ``model.model.norm`` and the head ``model.lm_head``.
+    """
+
+    model_type: str
+    architectures: tuple[str, ...]
+    layout: dict[str, Any] = field(default_factory=lambda: dict(PRE_NORM_LAYOUT))
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.layers
+
+    def embedding(self, model: nn.Module) -> nn.Embedding:
+        return model.model.embed_tokens
+
+    def attn(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.layout["attn"])
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.layout["mlp"])
+
+    def input_norm(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.layout["input_norm"])
+
+    def post_attention_norm(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.layout["post_attention_norm"])
+
+    def attn_inputs(self, layer: nn.Module) -> list[nn.Linear]:
+        return [getattr(self.attn(layer), n) for n in self.layout["attn_inputs"]]
+
+    def attn_output(self, layer: nn.Module) -> nn.Linear:
+        return getattr(self.attn(layer), self.layout["attn_output"])
+
+    def mlp_inputs(self, layer: nn.Module) -> list[nn.Linear]:
+        return [getattr(self.mlp(layer), n) for n in self.layout["mlp_inputs"]]
+
+    def mlp_output(self, layer: nn.Module) -> nn.Linear:
+        return getattr(self.mlp(layer), self.layout["mlp_output"])
+
+    def check(self, model: nn.Module) -> None:
+        """Raise if this model has a feature that breaks rotational invariance."""
+        layer = self.layers(model)[0]
+        for norm in (self.input_norm(layer), self.post_attention_norm(layer)):
+            if not type(norm).__name__.endswith("RMSNorm") or norm.weight.dim() != 1:
+                raise UnsupportedModelError(
+                    f"{self.model_type}: expected RMSNorm before attention and MLP, found "
+                    f"{type(norm).__name__}; its scale cannot be folded into a rotation"
+                )

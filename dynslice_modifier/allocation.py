@@ -1,0 +1,138 @@
+"""From Layer Redundancy scores to per-layer residual widths.
+
+Each layer's slice fraction is ``SB + share_l`` where the shares are proportional to the
+normalised scores (more redundant -> sliced more) and scaled so the mean slice over layers
+is SP. Fractions are then clamped to what the hidden size allows (the excess is handed to
+the other layers so the mean is kept) and each width is rounded to a multiple of
+``round_to``. SB == SP gives every layer the same width: plain SliceGPT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+from dynslice_modifier.errors import AllocationError
+
+Normalization = Literal["minmax", "rank"]
+
+
+def check_fractions(sparsity: float, slicing_base: float) -> None:
+    if not 0.0 <= sparsity < 1.0:
+        raise AllocationError(f"sparsity must be in [0, 1), got {sparsity}")
+    if not 0.0 <= slicing_base <= sparsity:
+        raise AllocationError(
+            f"slicing_base must be in [0, sparsity={sparsity}], got {slicing_base} "
+            "(slicing_base == sparsity is constant slicing)"
+        )
+
+
+def normalize_scores(scores: Sequence[float], method: Normalization = "minmax") -> np.ndarray:
+    """Map scores to [0, 1], most redundant layer -> 1.
+
+    ``minmax`` is the paper's choice. ``rank`` spreads layers by order only, so one outlier
+    (e.g. a first layer that rewrites the embedding) cannot squeeze all others together.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if not np.all(np.isfinite(s)):
+        raise AllocationError(f"layer scores must be finite, got {list(scores)}")
+    if s.size < 2 or np.ptp(s) == 0.0:
+        return np.ones_like(s)
+    if method == "minmax":
+        return (s - s.min()) / np.ptp(s)
+    if method == "rank":
+        # Average ranks for ties keep equal scores at equal widths.
+        order = np.argsort(s, kind="stable")
+        ranks = np.empty_like(s)
+        ranks[order] = np.arange(s.size, dtype=np.float64)
+        for value in np.unique(s):
+            tied = s == value
+            ranks[tied] = ranks[tied].mean()
+        return ranks / (s.size - 1)
+    raise AllocationError(f"normalization must be 'minmax' or 'rank', got {method!r}")
+
+
+def slice_fractions(
+    scores: Sequence[float],
+    sparsity: float,
+    slicing_base: float,
+    max_slice: float,
+    normalization: Normalization = "minmax",
+) -> np.ndarray:
+    """Per-layer slice fractions with mean ``sparsity``, each in [slicing_base, max_slice]."""
+    check_fractions(sparsity, slicing_base)
+    if sparsity > max_slice:
+        raise AllocationError(
+            f"sparsity {sparsity} leaves less than one rounding step per layer "
+            f"(at most {max_slice:.4f} can be sliced); lower sparsity or round_to"
+        )
+    weights = normalize_scores(scores, normalization)
+    if weights.sum() == 0.0:
+        weights = np.ones_like(weights)
+    n = weights.size
+    budget = (sparsity - slicing_base) * n
+    fractions = np.full(n, slicing_base)
+    free = np.ones(n, dtype=bool)
+    # Water-filling: layers that hit max_slice stop growing and the rest share their excess.
+    while budget > 1e-12 and free.any():
+        w = weights * free
+        if w.sum() == 0.0:
+            w = free.astype(np.float64)
+        proposal = fractions + budget * w / w.sum()
+        over = proposal > max_slice
+        if not over.any():
+            fractions = proposal
+            break
+        budget -= float((max_slice - fractions[over & free]).sum())
+        fractions[over & free] = max_slice
+        free &= ~over
+    return fractions
+
+
+def round_dims(hidden_size: int, fractions: np.ndarray, round_to: int) -> list[int]:
+    """Kept widths, each the nearest multiple of ``round_to`` in [round_to, hidden_size]."""
+    if not 1 <= round_to <= hidden_size:
+        raise AllocationError(f"round_to must be in [1, hidden_size={hidden_size}], got {round_to}")
+    dims = []
+    for layer, fraction in enumerate(fractions):
+        target = hidden_size * (1.0 - fraction)
+        dim = int(np.floor(target / round_to + 0.5)) * round_to
+        if dim <= 0:
+            raise AllocationError(
+                f"layer {layer}: kept width {target:.1f} rounds to 0 with round_to={round_to}; "
+                "lower sparsity or round_to"
+            )
+        dims.append(min(dim, hidden_size))
+    return dims
+
+
+def allocate_dims(
+    scores: Sequence[float],
+    hidden_size: int,
+    sparsity: float,
+    slicing_base: float,
+    round_to: int,
+    normalization: Normalization = "minmax",
+) -> list[int]:
+    """Residual width of every layer; the realised mean slice is within one step of SP."""
+    if not 1 <= round_to <= hidden_size:
+        raise AllocationError(f"round_to must be in [1, hidden_size={hidden_size}], got {round_to}")
+    max_slice = 1.0 - round_to / hidden_size
+    fractions = slice_fractions(scores, sparsity, slicing_base, max_slice, normalization)
+    return round_dims(hidden_size, fractions, round_to)
+
+
+def check_explicit_dims(dims: Sequence[int], hidden_size: int, num_layers: int) -> list[int]:
+    if len(dims) != num_layers:
+        raise AllocationError(
+            f"layer_dims has {len(dims)} entries but the model has {num_layers} decoder layers"
+        )
+    for layer, dim in enumerate(dims):
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= hidden_size:
+            raise AllocationError(
+                f"layer_dims[{layer}] = {dim!r}: each width must be an integer in "
+                f"[1, hidden_size={hidden_size}]"
+            )
+    return list(dims)

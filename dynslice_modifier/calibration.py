@@ -1,0 +1,148 @@
+"""Layer-by-layer execution over cached calibration activations.
+
+The model's front end runs once to capture what the first decoder layer receives (hidden
+states plus rotary embeddings and attention masks); after that each decoder layer is moved
+to the compute device on its own, applied to every cached batch, and moved back. Memory is
+one layer plus the activations, as in llm-compressor's sequential pipeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dynslice_modifier.errors import CalibrationError
+
+# Keyword arguments a decoder layer receives that describe the batch, not the cache.
+_LAYER_KWARGS = ("attention_mask", "position_ids", "position_embeddings")
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class LayerInputs:
+    """Cached residual-stream activations, one entry per calibration batch."""
+
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+    masks: list[torch.Tensor | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    @property
+    def tokens(self) -> int:
+        return sum(
+            int(m.sum()) if m is not None else h.shape[0] * h.shape[1]
+            for h, m in zip(self.hidden, self.masks, strict=True)
+        )
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def capture_layer_inputs(
+    model: nn.Module,
+    first_layer: nn.Module,
+    dataloader: Iterable[dict[str, Any]],
+    offload_device: torch.device | str = "cpu",
+) -> LayerInputs:
+    """Run the model up to ``first_layer`` on every batch and keep what it would receive."""
+    cache = LayerInputs()
+    device = _model_device(model)
+
+    def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cache.hidden.append(hidden.detach().to(offload_device))
+        cache.kwargs.append(to_device({k: kwargs.get(k) for k in _LAYER_KWARGS}, offload_device))
+        raise _StopForward
+
+    keys: list[bytes] = []
+    handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in tqdm(dataloader, desc="Capturing calibration inputs", leave=False):
+                if not isinstance(batch, dict) or "input_ids" not in batch:
+                    raise CalibrationError(
+                        "calibration batches must be mappings with 'input_ids' (as "
+                        "llm-compressor's dataloader yields); got "
+                        f"{type(batch).__name__}"
+                    )
+                mask = batch.get("attention_mask")
+                input_ids = torch.as_tensor(batch["input_ids"])
+                if input_ids.dim() == 1:
+                    input_ids = input_ids.unsqueeze(0)
+                    mask = None if mask is None else torch.as_tensor(mask).unsqueeze(0)
+                if mask is not None:
+                    mask = torch.as_tensor(mask).to(device)
+                try:
+                    model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
+                except _StopForward:
+                    pass
+                cache.masks.append(None if mask is None else mask.bool().to(offload_device))
+                keys.append(_batch_key(input_ids, mask))
+    finally:
+        handle.remove()
+    if not cache.hidden:
+        raise CalibrationError(
+            "the calibration dataloader yielded no batches; pass a dataset to oneshot "
+            "(dataset=..., num_calibration_samples=...)"
+        )
+    # Sums over batches depend on their order in floating point, and llm-compressor
+    # shuffles calibration samples; a content order makes the result depend on the
+    # calibration *set* only, so reruns give byte-identical checkpoints.
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return LayerInputs(
+        hidden=[cache.hidden[i] for i in order],
+        kwargs=[cache.kwargs[i] for i in order],
+        masks=[cache.masks[i] for i in order],
+    )
+
+
+def _batch_key(input_ids: torch.Tensor, mask: torch.Tensor | None) -> bytes:
+    digest = hashlib.sha256(input_ids.cpu().numpy().tobytes())
+    if mask is not None:
+        digest.update(mask.cpu().numpy().tobytes())
+    return digest.digest()
+
+
+@contextlib.contextmanager
+def onloaded(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """Keep ``module`` on ``device`` for the duration, then return it where it was."""
+    home = next(module.parameters()).device
+    if home == device:
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
+def check_finite(tensor: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise CalibrationError(
+            f"non-finite activations at {where}. Run calibration in float32 or bfloat16 "
+            "rather than float16, or check the input model's weights for inf/NaN."
+        )

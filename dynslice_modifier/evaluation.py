@@ -1,0 +1,65 @@
+"""The project's WikiText-2 protocol and perplexity.
+
+Protocol (shared/data/wikitext-2-raw/README.md): tokenise the whole test file once without
+special tokens; the first half is the calibration pool (first N windows of L tokens), the
+second half the evaluation text (first M windows of 1024 tokens); perplexity is
+exp(mean NLL over every predicted token), no BOS.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+DEFAULT_WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def wikitext_path(path: str | Path | None = None) -> Path:
+    candidate = Path(path) if path else DEFAULT_WIKITEXT
+    if not candidate.exists():
+        raise FileNotFoundError(
+            f"WikiText-2 test file not found at {candidate}; pass --data/--wikitext with the "
+            "path to shared/data/wikitext-2-raw/wiki.test.raw"
+        )
+    return candidate
+
+
+def wikitext_tokens(tokenizer, path: str | Path | None = None) -> list[int]:
+    text = wikitext_path(path).read_text(encoding="utf-8")
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def windows(tokens: list[int], count: int, length: int) -> torch.Tensor:
+    """The first ``count`` non-overlapping windows of ``length`` tokens."""
+    available = len(tokens) // length
+    if count > available:
+        raise ValueError(f"asked for {count} windows of {length} tokens; only {available} fit")
+    return torch.tensor(tokens[: count * length], dtype=torch.long).view(count, length)
+
+
+def split_protocol(
+    tokens: list[int], n_calib: int, calib_len: int, n_eval: int, eval_len: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint calibration and evaluation windows: first and second half of the text."""
+    half = len(tokens) // 2
+    return windows(tokens[:half], n_calib, calib_len), windows(tokens[half:], n_eval, eval_len)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, eval_windows: torch.Tensor, batch_size: int = 1) -> float:
+    """exp(mean token NLL) over every predicted token of every window."""
+    model.eval()
+    device = model.get_input_embeddings().weight.device
+    nll, count = 0.0, 0
+    for start in tqdm(range(0, len(eval_windows), batch_size), desc="Perplexity", leave=False):
+        ids = eval_windows[start : start + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        nll += float(loss)
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count)

@@ -1,0 +1,121 @@
+"""Configuration of a sliced model.
+
+A sliced checkpoint keeps every attribute of the model it came from (so engines that read
+``hidden_size``, ``num_attention_heads``, rope settings, ... keep working) and adds one
+``slicing`` section that says how wide the residual stream is where each sub-layer reads it.
+
+This file imports nothing but transformers: it is copied next to every saved checkpoint so
+that ``trust_remote_code=True`` loads it without this package, and the vLLM plugin reads it
+without llm-compressor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+SLICING_FORMAT_VERSION = 1
+
+_LAYOUT_KEYS = (
+    "attn",
+    "mlp",
+    "input_norm",
+    "post_attention_norm",
+    "attn_inputs",
+    "attn_output",
+    "mlp_inputs",
+    "mlp_output",
+)
+
+
+class SlicingConfigError(ValueError):
+    """A sliced-model config is missing a key or holds an impossible value."""
+
+
+def _int_list(spec: dict[str, Any], key: str, length: int) -> list[int]:
+    values = spec.get(key)
+    if not isinstance(values, list) or len(values) != length:
+        raise SlicingConfigError(
+            f"slicing.{key} must be a list of {length} entries (one per decoder layer), "
+            f"got {values!r}"
+        )
+    return values
+
+
+def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
+    """Reject a ``slicing`` section that would build a wrong or unloadable model."""
+    if not isinstance(spec, dict):
+        raise SlicingConfigError(f"config.slicing must be a mapping, got {type(spec).__name__}")
+    version = spec.get("format_version")
+    if not isinstance(version, int) or version > SLICING_FORMAT_VERSION:
+        raise SlicingConfigError(
+            f"slicing.format_version {version!r} is not supported by this code "
+            f"(it reads up to {SLICING_FORMAT_VERSION}); upgrade dynslice-modifier: "
+            "pip install -U dynslice-modifier"
+        )
+    for key in ("attn_dims", "mlp_dims"):
+        for i, dim in enumerate(_int_list(spec, key, num_layers)):
+            if isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= hidden_size:
+                raise SlicingConfigError(
+                    f"slicing.{key}[{i}] = {dim!r}: each dim must be an integer in "
+                    f"[1, hidden_size={hidden_size}]"
+                )
+    for key in ("attn_shortcuts", "mlp_shortcuts"):
+        for i, flag in enumerate(_int_list(spec, key, num_layers)):
+            if not isinstance(flag, bool):
+                raise SlicingConfigError(f"slicing.{key}[{i}] must be true or false, got {flag!r}")
+    for i in range(num_layers):
+        if not spec["attn_shortcuts"][i] and spec["attn_dims"][i] != spec["mlp_dims"][i]:
+            raise SlicingConfigError(
+                f"layer {i}: attn_dims != mlp_dims needs an attention shortcut matrix"
+            )
+        out_dim = spec["attn_dims"][i + 1] if i + 1 < num_layers else hidden_size
+        if not spec["mlp_shortcuts"][i] and spec["mlp_dims"][i] != out_dim:
+            raise SlicingConfigError(
+                f"layer {i}: mlp_dims[{i}] != the next width {out_dim} needs an MLP shortcut"
+            )
+    layout = spec.get("layout")
+    if not isinstance(layout, dict) or any(k not in layout for k in _LAYOUT_KEYS):
+        raise SlicingConfigError(f"slicing.layout must name all of {list(_LAYOUT_KEYS)}")
+    if spec.get("embedding_sliced") not in (True, False):
+        raise SlicingConfigError("slicing.embedding_sliced must be true or false")
+
+
+class DynSliceConfig(PretrainedConfig):
+    """The base model's config, flat, plus ``base_model_type`` and ``slicing``.
+
+    ``slicing`` holds, per decoder layer ``l``:
+
+    - ``attn_dims[l]``: residual width read by the attention (its input norm and q/k/v);
+    - ``mlp_dims[l]``: residual width read by the MLP (written by ``o_proj``);
+    - ``attn_shortcuts[l]`` / ``mlp_shortcuts[l]``: whether the residual connection around
+      the attention / MLP carries a change-of-basis matrix (otherwise it is the identity);
+    - ``layout``: attribute names of the sub-modules inside a decoder layer;
+    - ``embedding_sliced``: whether the embedding table was rotated and cut to
+      ``attn_dims[0]`` (untied models) or kept in the original basis (tied models);
+    - provenance: ``lr_scores``, ``sparsity``, ``slicing_base``, ``round_to``, ``parameters``.
+
+    The last layer always writes the residual back in the original basis at full width, so
+    the final norm and the head are the base model's own.
+    """
+
+    model_type = "dynslice"
+
+    def __init__(
+        self,
+        base_model_type: str = "llama",
+        slicing: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.base_model_type = base_model_type
+        self.slicing = slicing
+        super().__init__(**kwargs)
+
+    def base_config_dict(self) -> dict[str, Any]:
+        """The attributes of the original model's config."""
+        own = {"base_model_type", "slicing", "auto_map", "architectures", "model_type"}
+        return {k: v for k, v in self.to_dict().items() if k not in own}
+
+    def check_slicing(self) -> None:
+        validate_slicing(self.slicing, self.hidden_size, self.num_hidden_layers)

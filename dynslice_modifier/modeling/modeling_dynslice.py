@@ -1,0 +1,212 @@
+"""transformers implementation of sliced models.
+
+A sliced model is its base architecture (Llama, Mistral, Qwen2, Qwen3, ...) with three
+changes, all described by ``config.slicing``:
+
+- every linear that reads the residual stream has fewer input columns, every linear that
+  writes it has fewer output rows (attention internals are untouched);
+- the norms inside decoder layers are weightless (their scales live in the next linears);
+- a residual connection between two differently rotated bases carries a shortcut matrix.
+
+The attention and MLP modules are the base architecture's own, so rotary embeddings, GQA,
+q/k norms, biases, sliding windows and every attention backend keep working. Like the
+configuration file, this file imports only torch and transformers so it can be shipped with
+each checkpoint for ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .configuration_dynslice import DynSliceConfig
+
+
+def base_causal_lm_class(base_model_type: str) -> type[PreTrainedModel]:
+    """The transformers class that implements the unsliced architecture."""
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(base_model_type)
+    if name is None:
+        raise ValueError(f"transformers has no causal-LM class for model_type {base_model_type!r}")
+    return getattr(importlib.import_module("transformers"), name)
+
+
+class WeightlessRMSNorm(nn.Module):
+    """RMSNorm without a scale, normalising by the *original* hidden size.
+
+    Dividing by the original width rather than the sliced one keeps activations at the
+    scale the next linears were trained for; with no slicing it is exactly RMSNorm.
+    """
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32)
+        variance = x.pow(2).sum(-1, keepdim=True) / self.hidden_size
+        return (x * torch.rsqrt(variance + self.variance_epsilon)).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, eps={self.variance_epsilon}"
+
+
+def layer_widths(config: DynSliceConfig, idx: int) -> tuple[int, int, int]:
+    """(attention input, MLP input, layer output) residual widths of decoder layer ``idx``."""
+    spec = config.slicing
+    out = spec["attn_dims"][idx + 1] if idx + 1 < config.num_hidden_layers else config.hidden_size
+    return spec["attn_dims"][idx], spec["mlp_dims"][idx], out
+
+
+class SlicedDecoderLayer(GradientCheckpointingLayer):
+    """A pre-norm decoder layer whose residual stream changes basis and width.
+
+    It owns the base layer's attention and MLP modules under their original attribute
+    names, so checkpoint keys are the base model's keys plus ``attn_shortcut`` and
+    ``mlp_shortcut``.
+    """
+
+    def __init__(self, config: DynSliceConfig, layer_idx: int, attn: nn.Module, mlp: nn.Module):
+        super().__init__()
+        layout = config.slicing["layout"]
+        self.layout = layout
+        self.layer_idx = layer_idx
+        attn_dim, mlp_dim, out_dim = layer_widths(config, layer_idx)
+        eps = config.rms_norm_eps
+        self.add_module(layout["attn"], attn)
+        self.add_module(layout["mlp"], mlp)
+        self.add_module(layout["input_norm"], WeightlessRMSNorm(config.hidden_size, eps))
+        self.add_module(layout["post_attention_norm"], WeightlessRMSNorm(config.hidden_size, eps))
+        device = next(attn.parameters()).device
+        dtype = next(attn.parameters()).dtype
+        self.attn_shortcut = (
+            nn.Linear(attn_dim, mlp_dim, bias=False, device=device, dtype=dtype)
+            if config.slicing["attn_shortcuts"][layer_idx]
+            else None
+        )
+        self.mlp_shortcut = (
+            nn.Linear(mlp_dim, out_dim, bias=False, device=device, dtype=dtype)
+            if config.slicing["mlp_shortcuts"][layer_idx]
+            else None
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        layout = self.layout
+        residual = hidden_states
+        hidden_states = getattr(self, layout["input_norm"])(hidden_states)
+        hidden_states, _ = getattr(self, layout["attn"])(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        if self.attn_shortcut is not None:
+            residual = self.attn_shortcut(residual)
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = getattr(self, layout["post_attention_norm"])(hidden_states)
+        hidden_states = getattr(self, layout["mlp"])(hidden_states)
+        if self.mlp_shortcut is not None:
+            residual = self.mlp_shortcut(residual)
+        return residual + hidden_states
+
+
+def _resized_linear(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    """An empty linear of the new shape on the old one's device and dtype."""
+    return nn.Linear(
+        in_features,
+        out_features,
+        bias=linear.bias is not None,
+        device=linear.weight.device,
+        dtype=linear.weight.dtype,
+    )
+
+
+def reshape_to_slicing(model: PreTrainedModel, config: DynSliceConfig) -> None:
+    """Give a freshly built base model the shapes that ``config.slicing`` describes.
+
+    Weights of resized modules are left uninitialised; ``from_pretrained`` fills them.
+    """
+    spec = config.slicing
+    layout = spec["layout"]
+    layers = model.model.layers
+    for idx in range(config.num_hidden_layers):
+        base_layer = layers[idx]
+        attn = getattr(base_layer, layout["attn"])
+        mlp = getattr(base_layer, layout["mlp"])
+        attn_dim, mlp_dim, out_dim = layer_widths(config, idx)
+        for name in layout["attn_inputs"]:
+            old = getattr(attn, name)
+            setattr(attn, name, _resized_linear(old, attn_dim, old.out_features))
+        old = getattr(attn, layout["attn_output"])
+        setattr(attn, layout["attn_output"], _resized_linear(old, old.in_features, mlp_dim))
+        for name in layout["mlp_inputs"]:
+            old = getattr(mlp, name)
+            setattr(mlp, name, _resized_linear(old, mlp_dim, old.out_features))
+        old = getattr(mlp, layout["mlp_output"])
+        setattr(mlp, layout["mlp_output"], _resized_linear(old, old.in_features, out_dim))
+        layers[idx] = SlicedDecoderLayer(config, idx, attn, mlp)
+    if spec["embedding_sliced"]:
+        old = model.model.embed_tokens
+        model.model.embed_tokens = nn.Embedding(
+            old.num_embeddings,
+            spec["attn_dims"][0],
+            old.padding_idx,
+            device=old.weight.device,
+            dtype=old.weight.dtype,
+        )
+
+
+class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
+    """Causal LM whose residual stream is sliced per layer (see ``DynSliceConfig``)."""
+
+    config_class = DynSliceConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SlicedDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DynSliceConfig) -> None:
+        super().__init__(config)
+        config.check_slicing()
+        # The base classes read only plain attributes, which the flat config carries.
+        base = base_causal_lm_class(config.base_model_type)(config)
+        self.model = base.model
+        self.lm_head = base.lm_head
+        reshape_to_slicing(self, config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        base_cls = base_causal_lm_class(self.config.base_model_type)
+        return base_cls.forward(self, *args, **kwargs)

@@ -1,0 +1,238 @@
+"""``DynamicSliceModifier``: dynamic, layer-specific SliceGPT inside llm-compressor."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import torch
+from llmcompressor.core import State
+from llmcompressor.modifiers import Modifier
+from llmcompressor.utils.dev import get_main_device
+from loguru import logger
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+
+from dynslice_modifier.adapters import get_adapter
+from dynslice_modifier.allocation import allocate_dims, check_explicit_dims, check_fractions
+from dynslice_modifier.calibration import capture_layer_inputs
+from dynslice_modifier.errors import AllocationError, CalibrationError
+from dynslice_modifier.slicer import (
+    RotateAndSlice,
+    convert_to_sliced,
+    count_parameters,
+    embeddings_tied,
+    redundancy_scores,
+)
+
+__all__ = ["DynamicSliceModifier"]
+
+
+class DynamicSliceModifier(Modifier):
+    """
+    Rotates a decoder-only model into the principal components of its residual stream
+    and deletes the least important directions, layer by layer (SliceGPT), slicing layers
+    that change their input the least the hardest (dynamic slicing, Dumitru et al. 2024).
+
+    The whole transformation happens in ``on_initialize`` so that any modifier after it in
+    the recipe (quantization, e.g. ``GPTQModifier``) initialises and calibrates on the
+    sliced model. The model is converted in place to ``DynSliceForCausalLM``; saving it
+    writes a checkpoint that ``AutoModelForCausalLM.from_pretrained`` reloads (with
+    ``import dynslice_modifier`` or ``trust_remote_code=True``).
+
+    Sample yaml:
+
+    ```yaml
+    slice_stage:
+      slice_modifiers:
+        DynamicSliceModifier:
+          sparsity: 0.25
+          slicing_base: 0.05
+          round_to: 16
+    ```
+
+    Lifecycle:
+        - on_initialize
+            - capture calibration inputs of the first decoder layer
+            - Layer Redundancy pass over the unmodified model (one layer on the device
+              at a time) unless ``layer_scores`` or ``layer_dims`` are given
+            - allocate per-layer widths
+            - rotate-and-slice pass, then conversion to ``DynSliceForCausalLM``
+        - on_finalize
+            - nothing to undo: the sliced model is the result
+
+    :param sparsity: SP, the mean fraction of residual-stream dimensions removed over
+        layers, in [0, 1). 0 rotates without slicing (the model's function is unchanged).
+    :param slicing_base: SB, the fraction every layer loses at least, in [0, sparsity].
+        The rest of the budget is shared in proportion to each layer's normalised
+        redundancy. ``slicing_base == sparsity`` is plain (constant) SliceGPT. Defaults
+        to ``0.2 * sparsity``.
+    :param round_to: every kept width is a multiple of this (fast kernels want 16 or more;
+        group-wise quantization wants its group size). Default 16.
+    :param layer_dims: explicit kept width per decoder layer; skips the redundancy pass
+        and the allocation.
+    :param layer_scores: explicit redundancy score per decoder layer (e.g. from an earlier
+        run); skips the redundancy pass.
+    :param normalization: how scores become shares: ``minmax`` (the paper's) or ``rank``
+        (robust to one outlier layer).
+    :param basis: ``sublayer`` (SliceGPT: one PCA basis for the attention input and one
+        for the MLP input of every layer, two shortcut matrices per layer) or ``layer``
+        (one basis per layer from both signals: one shortcut per layer).
+    :param untie_embeddings: for models with tied embeddings, untie them and slice the
+        input table (SliceGPT's way). By default the table stays shared, in the original
+        basis, and the model stays tied.
+    """
+
+    sparsity: float = Field(default=0.0)
+    slicing_base: float | None = None
+    round_to: int = 16
+    layer_dims: list[int] | None = None
+    layer_scores: list[float] | None = None
+    normalization: Literal["minmax", "rank"] = "minmax"
+    basis: Literal["sublayer", "layer"] = "sublayer"
+    untie_embeddings: bool = False
+
+    _lr_scores: list[float] | None = PrivateAttr(default=None)
+    _summary: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @field_validator("sparsity")
+    @classmethod
+    def _check_sparsity(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {value}")
+        return value
+
+    @field_validator("round_to")
+    @classmethod
+    def _check_round_to(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"round_to must be a positive integer, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_slicing_base(self) -> DynamicSliceModifier:
+        try:
+            check_fractions(self.sparsity, self.effective_slicing_base)
+        except AllocationError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+    @property
+    def effective_slicing_base(self) -> float:
+        return 0.2 * self.sparsity if self.slicing_base is None else self.slicing_base
+
+    @property
+    def lr_scores(self) -> list[float] | None:
+        """Layer Redundancy per decoder layer, once ``on_initialize`` has run."""
+        return self._lr_scores
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """Dims, parameter counts and timings of the last run."""
+        return self._summary
+
+    def on_initialize(self, state: State, **kwargs: Any) -> bool:
+        start = time.perf_counter()
+        model = state.model
+        adapter = get_adapter(model)
+        config = model.config
+        hidden, num_layers = config.hidden_size, config.num_hidden_layers
+        if self.round_to > hidden:
+            raise AllocationError(f"round_to={self.round_to} exceeds hidden_size={hidden}")
+        if self.layer_scores is not None and len(self.layer_scores) != num_layers:
+            raise AllocationError(
+                f"layer_scores has {len(self.layer_scores)} entries but the model has "
+                f"{num_layers} decoder layers"
+            )
+        explicit = (
+            check_explicit_dims(self.layer_dims, hidden, num_layers) if self.layer_dims else None
+        )
+        if state.data.calib is None:
+            raise CalibrationError(
+                "DynamicSliceModifier needs calibration data: pass dataset=... (and "
+                "num_calibration_samples, max_seq_length) to oneshot"
+            )
+        device = get_main_device()
+        layers = adapter.layers(model)
+        dense_params = count_parameters(model)
+        tied = embeddings_tied(model)
+        if tied and self.untie_embeddings:
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+
+        inputs = capture_layer_inputs(model, layers[0], state.data.calib)
+        if inputs.tokens < hidden:
+            raise CalibrationError(
+                f"{inputs.tokens} calibration tokens but hidden_size is {hidden}: PCA needs at "
+                "least as many tokens as dimensions; raise num_calibration_samples or "
+                "max_seq_length"
+            )
+        logger.info(
+            f"DynamicSliceModifier: {len(inputs)} calibration batches, {inputs.tokens} tokens, "
+            f"{num_layers} layers, compute device {device}"
+        )
+
+        scores = self.layer_scores
+        constant = self.effective_slicing_base == self.sparsity
+        lr_seconds = 0.0
+        if explicit is None and scores is None and not constant:
+            lr_start = time.perf_counter()
+            scores = redundancy_scores(adapter, layers, inputs, device)
+            lr_seconds = time.perf_counter() - lr_start
+            inputs = capture_layer_inputs(model, layers[0], state.data.calib)
+        elif constant and scores is None:
+            logger.info("slicing_base == sparsity: constant slicing, Layer Redundancy not needed")
+        if scores is not None:
+            self._lr_scores = [float(s) for s in scores]
+            logger.info("Layer Redundancy: " + ", ".join(f"{s:.3f}" for s in scores))
+        dims = explicit or allocate_dims(
+            scores or [1.0] * num_layers,
+            hidden,
+            self.sparsity,
+            self.effective_slicing_base,
+            self.round_to,
+            self.normalization,
+        )
+        logger.info(f"Kept residual widths: {dims}")
+
+        slicer = RotateAndSlice(
+            model, adapter, dims, device, basis=self.basis, keep_tied=not self.untie_embeddings
+        )
+        result = slicer.run(inputs)
+        provenance = {
+            "lr_scores": self._lr_scores,
+            "sparsity": self.sparsity,
+            "slicing_base": self.effective_slicing_base,
+            "round_to": self.round_to,
+            "normalization": self.normalization,
+            "basis": self.basis,
+        }
+        convert_to_sliced(model, adapter, result, provenance)
+        sliced_params = count_parameters(model)
+        model.config.slicing["parameters"] = {"dense": dense_params, "sliced": sliced_params}
+        mean_slice = 1.0 - sum(dims) / (len(dims) * hidden)
+        self._summary = {
+            "dims": dims,
+            "mean_slice": mean_slice,
+            "dense_parameters": dense_params,
+            "sliced_parameters": sliced_params,
+            "seconds": time.perf_counter() - start,
+            "lr_seconds": lr_seconds,
+        }
+        logger.info(
+            f"Sliced {type(model).__name__}: mean slice {mean_slice:.3f} (target "
+            f"{self.sparsity}), parameters {dense_params / 1e6:.2f}M -> "
+            f"{sliced_params / 1e6:.2f}M ({sliced_params / dense_params:.1%} of dense), "
+            f"{self._summary['seconds']:.1f}s"
+        )
+        return True
+
+    def on_start(self, state: State, event: Any, **kwargs: Any) -> None:
+        pass
+
+    def on_update(self, state: State, event: Any, **kwargs: Any) -> None:
+        pass
+
+    def on_end(self, state: State, event: Any, **kwargs: Any) -> None:
+        pass
+
+    def on_finalize(self, state: State, **kwargs: Any) -> bool:
+        return True

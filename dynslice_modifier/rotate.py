@@ -1,0 +1,53 @@
+"""Weight transforms of SliceGPT: fold norm scales, rotate into a basis, cut to a width.
+
+Convention: hidden states are row vectors; ``basis`` is a ``(hidden, kept)`` matrix whose
+orthonormal columns are the kept principal directions. A linear reading the residual maps
+``x`` to ``x W^T``; reading coordinates ``x_s = x basis`` instead needs ``W basis``. A linear
+writing the residual must write ``y basis``, i.e. ``basis^T W``. All products are taken in
+float64 and cast back to the layer's dtype once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _set_weight(module: nn.Linear | nn.Embedding, weight: torch.Tensor) -> None:
+    old = module.weight
+    module.weight = nn.Parameter(weight.to(dtype=old.dtype, device=old.device), requires_grad=False)
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = weight.shape
+    else:
+        module.embedding_dim = weight.shape[1]
+
+
+def fold_scale_into_inputs(linears: list[nn.Linear], scale: torch.Tensor) -> None:
+    """``norm(x) * scale`` feeding ``W`` equals ``norm(x)`` feeding ``W diag(scale)``."""
+    for linear in linears:
+        w = linear.weight.to(torch.float64) * scale.to(linear.weight.device, torch.float64)
+        _set_weight(linear, w)
+
+
+def rotate_inputs(linears: list[nn.Linear], basis: torch.Tensor) -> None:
+    for linear in linears:
+        w = linear.weight.to(torch.float64) @ basis.to(linear.weight.device, torch.float64)
+        _set_weight(linear, w)
+
+
+def rotate_output(linear: nn.Linear, basis: torch.Tensor) -> None:
+    q = basis.to(linear.weight.device, torch.float64)
+    _set_weight(linear, q.T @ linear.weight.to(torch.float64))
+    if linear.bias is not None:
+        bias = linear.bias.to(torch.float64) @ q
+        linear.bias = nn.Parameter(bias.to(linear.bias.dtype), requires_grad=False)
+
+
+def rotate_embedding(embedding: nn.Embedding, basis: torch.Tensor) -> None:
+    q = basis.to(embedding.weight.device, torch.float64)
+    _set_weight(embedding, embedding.weight.to(torch.float64) @ q)
+
+
+def change_of_basis(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Shortcut matrix taking coordinates in ``source`` to coordinates in ``target``."""
+    return source.to(torch.float64).T @ target.to(torch.float64)

@@ -1,0 +1,56 @@
+"""vLLM serving of sliced checkpoints.
+
+vLLM discovers :func:`register` through the ``vllm.general_plugins`` entry point and calls it
+in every process it starts (front end, engine core, workers). Nothing here imports vLLM at
+module level: this package is also imported in the compression environment, which has no
+vLLM, and vLLM itself resolves the model class lazily from the string given below.
+"""
+
+from __future__ import annotations
+
+MODEL_ARCHITECTURE = "DynSliceForCausalLM"
+_MODEL_CLASS_PATH = "dynslice_modifier.serving.vllm_dynslice:DynSliceForCausalLM"
+
+
+def register() -> None:
+    """Make vLLM able to load ``model_type: dynslice`` checkpoints.
+
+    Safe to call more than once (vLLM may load plugins several times per process tree).
+    """
+    # Registers DynSliceConfig with transformers' AutoConfig, so vLLM parses config.json
+    # without trust_remote_code.
+    import dynslice_modifier.modeling  # noqa: F401
+    from vllm import ModelRegistry
+
+    if MODEL_ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(MODEL_ARCHITECTURE, _MODEL_CLASS_PATH)
+    _register_config_check()
+
+
+def _register_config_check() -> None:
+    """Validate ``config.slicing`` while vLLM builds its config, in the calling process.
+
+    The model class checks it too, but that runs in the engine core's worker, where a bad
+    checkpoint surfaces as "Engine core initialization failed" with the cause buried in the
+    worker's log. Checking here makes ``LLM(...)`` / ``vllm serve`` fail at once with our
+    message (e.g. "upgrade dynslice-modifier"). ``MODELS_CONFIG_MAP`` is vLLM's own hook for
+    per-architecture config checks; it is internal, so if it moves we keep only the
+    model-side check rather than break serving.
+    """
+    try:
+        from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+    except ImportError:
+        return
+
+    class DynSliceConfigCheck(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_model_config(model_config: object) -> None:
+            hf_config = getattr(model_config, "hf_config", None)
+            check = getattr(hf_config, "check_slicing", None)
+            if callable(check):
+                check()
+
+    MODELS_CONFIG_MAP.setdefault(MODEL_ARCHITECTURE, DynSliceConfigCheck)
+
+
+__all__ = ["MODEL_ARCHITECTURE", "register"]

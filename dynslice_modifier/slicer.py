@@ -1,0 +1,332 @@
+"""The two calibration passes: Layer Redundancy, then rotate-and-slice.
+
+Activations are kept in the model's *original* coordinates (full hidden size) as the
+already-sliced upstream model computes them. For decoder layer ``l``:
+
+1. the PCA of its input gives the attention basis ``A`` (kept width ``a``); the previous
+   writer (embedding or layer ``l-1``'s MLP output and shortcut) is now rotated into it;
+2. the attention runs on the sliced input; the PCA of the residual after attention gives the
+   MLP basis ``M`` (width ``m``), into which ``o_proj`` and the attention shortcut write;
+3. the MLP runs on the sliced input; its output (still unrotated) is the next layer's input.
+
+The last layer writes back to the original basis at full width, so the final norm keeps its
+weight and the head (tied to the embedding or not) is unchanged. With ``basis="layer"`` the
+attention and MLP of a layer share one basis (from the PCA of both signals), which removes
+the attention shortcut.
+
+Each layer is run once per pass; the redundancy pass is one more, so slicing costs two
+forward passes of the calibration set (plus an attention-only pass with ``basis="layer"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from loguru import logger
+from torch import nn
+from tqdm.auto import tqdm
+
+from dynslice_modifier.adapters import ModelAdapter
+from dynslice_modifier.calibration import LayerInputs, check_finite, onloaded, to_device
+from dynslice_modifier.modeling.configuration_dynslice import (
+    SLICING_FORMAT_VERSION,
+    DynSliceConfig,
+)
+from dynslice_modifier.modeling.modeling_dynslice import (
+    DynSliceForCausalLM,
+    SlicedDecoderLayer,
+    WeightlessRMSNorm,
+)
+from dynslice_modifier.pca import CovarianceAccumulator, principal_basis
+from dynslice_modifier.redundancy import RedundancyAccumulator
+from dynslice_modifier.rotate import (
+    change_of_basis,
+    fold_scale_into_inputs,
+    rotate_embedding,
+    rotate_inputs,
+    rotate_output,
+)
+
+Basis = Literal["sublayer", "layer"]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Every parameter once (a tied head and embedding are one table)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def embeddings_tied(model: nn.Module) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def redundancy_scores(
+    adapter: ModelAdapter,
+    layers: nn.ModuleList,
+    inputs: LayerInputs,
+    device: torch.device,
+) -> list[float]:
+    """Layer Redundancy of every decoder layer of the unmodified model.
+
+    Consumes ``inputs``: on return it holds the last layer's outputs.
+    """
+    scores = []
+    for idx, layer in enumerate(tqdm(layers, desc="Layer redundancy", leave=False)):
+        acc = RedundancyAccumulator()
+        with onloaded(layer, device), torch.no_grad():
+            for b in range(len(inputs)):
+                x = inputs.hidden[b].to(device)
+                y = layer(x, **to_device(inputs.kwargs[b], device))
+                y = y[0] if isinstance(y, tuple) else y
+                check_finite(y, f"decoder layer {idx} output")
+                mask = inputs.masks[b]
+                acc.add(x, y, None if mask is None else mask.to(device))
+                inputs.hidden[b] = y.to(inputs.hidden[b].device)
+        acc.all_reduce()
+        scores.append(acc.score)
+    return scores
+
+
+@dataclass
+class _Writer:
+    """Linear maps that write the residual and still await the next basis."""
+
+    output: nn.Linear | None = None
+    source_basis: torch.Tensor | None = None  # basis the residual is read in (shortcut input)
+    shortcut: torch.Tensor | None = field(default=None, repr=False)
+
+
+@dataclass
+class SlicingResult:
+    attn_dims: list[int]
+    mlp_dims: list[int]
+    attn_shortcuts: list[torch.Tensor | None]
+    mlp_shortcuts: list[torch.Tensor | None]
+    embedding_sliced: bool
+
+
+class RotateAndSlice:
+    """Second pass: rotates and slices the model in place, one decoder layer at a time."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        dims: list[int],
+        device: torch.device,
+        basis: Basis = "sublayer",
+        keep_tied: bool = True,
+    ) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.dims = dims
+        self.device = device
+        self.basis = basis
+        self.hidden_size = model.config.hidden_size
+        self.eps = model.config.rms_norm_eps
+        self.tied = keep_tied and embeddings_tied(model)
+        # The covariance of a layer's output is gathered while computing it, so the next
+        # layer's attention basis costs no extra pass.
+        self._next_input_cov: CovarianceAccumulator | None = None
+
+    def _norm(self) -> WeightlessRMSNorm:
+        return WeightlessRMSNorm(self.hidden_size, self.eps)
+
+    def _pca(self, acc: CovarianceAccumulator, width: int, where: str) -> torch.Tensor:
+        acc.all_reduce()
+        eigenvalues, vectors = principal_basis(acc, where)
+        kept = eigenvalues[:width].clamp_min(0).sum() / eigenvalues.clamp_min(0).sum()
+        logger.debug(f"{where}: keeping {width}/{len(eigenvalues)} dims, {kept:.4%} of energy")
+        return vectors[:, :width]
+
+    def _finish_writer(self, writer: _Writer, target: torch.Tensor) -> torch.Tensor:
+        """Rotate a pending writer into ``target``; return its shortcut matrix."""
+        rotate_output(writer.output, target)
+        return change_of_basis(writer.source_basis, target)
+
+    def run(self, inputs: LayerInputs) -> SlicingResult:
+        adapter, device = self.adapter, self.device
+        layers = adapter.layers(self.model)
+        eye = torch.eye(self.hidden_size, dtype=torch.float64, device=device)
+        attn_dims, mlp_dims, attn_sc, mlp_sc = [], [], [], []
+        pending: _Writer | None = None
+        for idx, layer in enumerate(tqdm(layers, desc="Rotate and slice", leave=False)):
+            with onloaded(layer, device), torch.no_grad():
+                self._fold_norms(layer)
+                attn_inputs = adapter.attn_inputs(layer)
+                first_tied = idx == 0 and self.tied
+                if first_tied:
+                    # The shared table stays in the original basis, so layer 0 reads it whole.
+                    a_basis = eye
+                elif self.basis == "layer":
+                    a_basis = self._joint_basis(layer, inputs, idx)
+                else:
+                    a_basis = self._input_basis(inputs, idx)
+                if pending is None:
+                    if not first_tied:
+                        rotate_embedding(adapter.embedding(self.model), a_basis)
+                else:
+                    mlp_sc.append(self._finish_writer(pending, a_basis))
+                rotate_inputs(attn_inputs, a_basis)
+
+                # Activations are projected in float32; covariances and weights use float64.
+                a32 = a_basis.float()
+                mid_acc = CovarianceAccumulator(self.hidden_size, device)
+                for b in range(len(inputs)):
+                    x = inputs.hidden[b].to(device)
+                    kwargs = to_device(inputs.kwargs[b], device)
+                    xs = x.float() @ a32
+                    attn_out, _ = adapter.attn(layer)(
+                        hidden_states=adapter.input_norm(layer)(xs.to(x.dtype)), **kwargs
+                    )
+                    mid = (xs @ a32.T + attn_out.float()).to(x.dtype)
+                    check_finite(mid, f"decoder layer {idx}, after attention")
+                    mid_acc.add(mid, _mask(inputs, b, device))
+                    inputs.hidden[b] = mid.to(inputs.hidden[b].device)
+
+                if self.basis == "layer" and not first_tied:
+                    m_basis = a_basis
+                    attn_sc.append(None)
+                else:
+                    m_basis = self._pca(mid_acc, self.dims[idx], f"layer {idx} MLP input")
+                    attn_sc.append(change_of_basis(a_basis, m_basis))
+                rotate_output(adapter.attn_output(layer), m_basis)
+                rotate_inputs(adapter.mlp_inputs(layer), m_basis)
+                m32 = m_basis.float()
+
+                out_acc = CovarianceAccumulator(self.hidden_size, device)
+                for b in range(len(inputs)):
+                    mid = inputs.hidden[b].to(device)
+                    ms = mid.float() @ m32
+                    mlp_out = adapter.mlp(layer)(adapter.post_attention_norm(layer)(ms.to(mid.dtype)))
+                    out = (ms @ m32.T + mlp_out.float()).to(mid.dtype)
+                    check_finite(out, f"decoder layer {idx} output")
+                    out_acc.add(out, _mask(inputs, b, device))
+                    inputs.hidden[b] = out.to(inputs.hidden[b].device)
+                self._next_input_cov = out_acc
+                pending = _Writer(adapter.mlp_output(layer), m_basis)
+                attn_dims.append(a_basis.shape[1])
+                mlp_dims.append(m_basis.shape[1])
+                if idx == len(layers) - 1:
+                    mlp_sc.append(self._finish_writer(pending, eye))
+        return SlicingResult(
+            attn_dims=attn_dims,
+            mlp_dims=mlp_dims,
+            attn_shortcuts=[_drop_identity(s) for s in attn_sc],
+            mlp_shortcuts=[_drop_identity(s) for s in mlp_sc],
+            embedding_sliced=not self.tied,
+        )
+
+    def _fold_norms(self, layer: nn.Module) -> None:
+        adapter = self.adapter
+        fold_scale_into_inputs(adapter.attn_inputs(layer), adapter.input_norm(layer).weight)
+        fold_scale_into_inputs(adapter.mlp_inputs(layer), adapter.post_attention_norm(layer).weight)
+        setattr(layer, adapter.layout["input_norm"], self._norm())
+        setattr(layer, adapter.layout["post_attention_norm"], self._norm())
+
+    def _input_basis(self, inputs: LayerInputs, idx: int) -> torch.Tensor:
+        """PCA of the layer input; the previous layer already accumulated it."""
+        acc = self._next_input_cov
+        if acc is None:
+            acc = CovarianceAccumulator(self.hidden_size, self.device)
+            for b in range(len(inputs)):
+                acc.add(inputs.hidden[b].to(self.device), _mask(inputs, b, self.device))
+        self._next_input_cov = None
+        return self._pca(acc, self.dims[idx], f"layer {idx} attention input")
+
+    def _joint_basis(self, layer: nn.Module, inputs: LayerInputs, idx: int) -> torch.Tensor:
+        """One basis for both sub-layers: PCA of the input and the post-attention signal.
+
+        The post-attention signal is estimated with the unsliced attention (its inputs have
+        their norm scale folded in but are not rotated yet).
+        """
+        acc = CovarianceAccumulator(self.hidden_size, self.device)
+        attn, norm = self.adapter.attn(layer), self.adapter.input_norm(layer)
+        for b in range(len(inputs)):
+            x = inputs.hidden[b].to(self.device)
+            mask = _mask(inputs, b, self.device)
+            attn_out, _ = attn(hidden_states=norm(x), **to_device(inputs.kwargs[b], self.device))
+            acc.add(x, mask)
+            acc.add(x + attn_out, mask)
+        self._next_input_cov = None
+        return self._pca(acc, self.dims[idx], f"layer {idx} (attention and MLP inputs)")
+
+
+def _mask(inputs: LayerInputs, b: int, device: torch.device) -> torch.Tensor | None:
+    mask = inputs.masks[b]
+    return None if mask is None else mask.to(device)
+
+
+def _drop_identity(matrix: torch.Tensor | None) -> torch.Tensor | None:
+    """A square shortcut equal to the identity costs parameters and does nothing."""
+    if matrix is not None and matrix.shape[0] == matrix.shape[1]:
+        eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+        if torch.allclose(matrix, eye, atol=1e-10):
+            return None
+    return matrix
+
+
+def convert_to_sliced(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    result: SlicingResult,
+    provenance: dict[str, Any],
+) -> DynSliceForCausalLM:
+    """Turn the rotated model into a ``DynSliceForCausalLM`` in place.
+
+    ``oneshot`` saves the very object it handed to the modifiers, so the model is converted
+    rather than rebuilt: decoder layers are wrapped, the config replaced and the class
+    switched; no weight is copied.
+    """
+    old_config = model.config
+    base = {
+        k: v
+        for k, v in old_config.to_dict().items()
+        if k not in ("model_type", "architectures", "auto_map", "quantization_config")
+    }
+    base["tie_word_embeddings"] = not result.embedding_sliced and embeddings_tied(model)
+    spec = {
+        "format_version": SLICING_FORMAT_VERSION,
+        "attn_dims": result.attn_dims,
+        "mlp_dims": result.mlp_dims,
+        "attn_shortcuts": [s is not None for s in result.attn_shortcuts],
+        "mlp_shortcuts": [s is not None for s in result.mlp_shortcuts],
+        "embedding_sliced": result.embedding_sliced,
+        "layout": adapter.layout,
+        **provenance,
+    }
+    config = DynSliceConfig(base_model_type=old_config.model_type, slicing=spec, **base)
+    config.check_slicing()
+    config._attn_implementation = old_config._attn_implementation
+    spec["source_model"] = old_config._name_or_path
+    # llm-compressor's save re-writes config.json from the file at _name_or_path (the
+    # unsliced model's); an empty path makes it keep the sliced config it just wrote.
+    config._name_or_path = ""
+
+    layers = adapter.layers(model)
+    for idx in range(len(layers)):
+        old = layers[idx]
+        new = SlicedDecoderLayer(config, idx, adapter.attn(old), adapter.mlp(old))
+        for name, matrix in (
+            ("attn_shortcut", result.attn_shortcuts[idx]),
+            ("mlp_shortcut", result.mlp_shortcuts[idx]),
+        ):
+            if matrix is not None:
+                linear = getattr(new, name)
+                linear.weight = nn.Parameter(
+                    matrix.T.contiguous().to(linear.weight.dtype).cpu(), requires_grad=False
+                )
+                linear.to(next(adapter.attn(old).parameters()).device)
+        layers[idx] = new
+    model.config = config
+    model.model.config = config
+    model.__class__ = DynSliceForCausalLM
+    return model

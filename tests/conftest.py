@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import VOCAB, tiny_model  # noqa: E402
+
+import dynslice_modifier  # noqa: E402, F401  registers the modifier and the architecture
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer over the tiny vocabulary ("t0" .. "t127"), saved beside tiny models."""
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="t0", pad_token="t1", eos_token="t2", bos_token="t3"
+    )
+
+
+def save_tiny(path: Path, arch: str = "llama", tied: bool = True, **kwargs) -> Path:
+    model = tiny_model(arch, tied, **kwargs)
+    model.save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+def calib_dataset(n: int = 16, seq: int = 32, seed: int = 0):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    return Dataset.from_dict(
+        {"input_ids": [torch.randint(0, VOCAB, (seq,), generator=g).tolist() for _ in range(n)]}
+    )
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path) -> Path:
+    return save_tiny(tmp_path / "tiny-llama")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_session():
+    """llm-compressor keeps a global session; each test starts from a clean one."""
+    from llmcompressor.core import reset_session
+
+    reset_session()
+    yield
+    reset_session()

@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dynslice_modifier.allocation import (
+    allocate_dims,
+    check_explicit_dims,
+    normalize_scores,
+    slice_fractions,
+)
+from dynslice_modifier.errors import AllocationError
+
+# The Layer Redundancy profile REFERENCE.md reports for SmolLM2-135M (shape, not values).
+SMOL_LIKE = [0.021, 0.843] + [0.92 + 0.05 * ((i * 7) % 10) / 10 for i in range(27)] + [0.776]
+
+
+def test_mean_slice_equals_sparsity():
+    fractions = slice_fractions(SMOL_LIKE, 0.25, 0.05, max_slice=0.95)
+    assert fractions.mean() == pytest.approx(0.25, abs=1e-12)
+    assert fractions.min() >= 0.05 - 1e-12
+
+
+def test_slicing_base_equal_sparsity_is_constant():
+    dims = allocate_dims(SMOL_LIKE, 576, 0.25, 0.25, round_to=16)
+    assert dims == [432] * len(SMOL_LIKE)
+
+
+def test_more_redundant_layers_are_sliced_more():
+    fractions = slice_fractions(SMOL_LIKE, 0.25, 0.05, max_slice=0.95)
+    order = np.argsort(SMOL_LIKE)
+    assert np.all(np.diff(fractions[order]) >= -1e-12)
+    assert fractions[0] == pytest.approx(0.05)  # least redundant layer gets only the base
+
+
+def test_rounding_to_multiple_within_one_step():
+    dims = allocate_dims(SMOL_LIKE, 576, 0.25, 0.05, round_to=64)
+    assert all(d % 64 == 0 and 64 <= d <= 576 for d in dims)
+    assert abs(np.mean(dims) - 576 * 0.75) <= 64
+
+
+def test_clamping_redistributes_and_keeps_mean():
+    scores = [0.0] * 9 + [1.0]
+    fractions = slice_fractions(scores, 0.5, 0.0, max_slice=0.9)
+    assert fractions[-1] == pytest.approx(0.9)
+    assert fractions.mean() == pytest.approx(0.5)
+    assert np.all(fractions[:-1] == pytest.approx(fractions[0]))
+
+
+def test_rank_normalization_spreads_outlier_profile():
+    minmax = normalize_scores(SMOL_LIKE, "minmax")
+    rank = normalize_scores(SMOL_LIKE, "rank")
+    assert np.ptp(minmax[2:-1]) < 0.1  # the squeeze REFERENCE.md warns about
+    assert np.ptp(rank[2:-1]) > 0.8
+    assert normalize_scores([0.3, 0.3, 0.9], "rank").tolist() == [0.25, 0.25, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("sp", "sb", "match"),
+    [(1.0, 0.0, "sparsity"), (-0.1, 0.0, "sparsity"), (0.2, 0.3, "slicing_base"), (0.2, -0.1, "slicing_base")],
+)
+def test_bad_fractions(sp, sb, match):
+    with pytest.raises(AllocationError, match=match):
+        allocate_dims(SMOL_LIKE, 576, sp, sb, 16)
+
+
+def test_width_that_rounds_to_zero_is_rejected():
+    with pytest.raises(AllocationError, match="lower sparsity or round_to"):
+        allocate_dims([0.5, 0.6], 64, 0.99, 0.0, round_to=64)
+
+
+def test_explicit_dims_are_checked():
+    assert check_explicit_dims([8, 16], 64, 2) == [8, 16]
+    with pytest.raises(AllocationError, match="2 decoder layers"):
+        check_explicit_dims([8], 64, 2)
+    with pytest.raises(AllocationError, match=r"layer_dims\[1\]"):
+        check_explicit_dims([8, 0], 64, 2)
+    with pytest.raises(AllocationError, match=r"layer_dims\[0\]"):
+        check_explicit_dims([65, 8], 64, 2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    scores=st.lists(st.floats(-1, 1, allow_nan=False), min_size=1, max_size=40),
+    sp=st.floats(0, 0.9),
+    base_share=st.floats(0, 1),
+    hidden=st.sampled_from([64, 576, 896, 4096]),
+    round_to=st.sampled_from([1, 8, 16, 64]),
+)
+def test_allocation_properties(scores, sp, base_share, hidden, round_to):
+    sb = sp * base_share
+    max_slice = 1 - round_to / hidden
+    if sp > max_slice:
+        with pytest.raises(AllocationError):
+            allocate_dims(scores, hidden, sp, sb, round_to)
+        return
+    fractions = slice_fractions(scores, sp, sb, max_slice)
+    assert fractions.mean() == pytest.approx(sp, abs=1e-9)
+    assert np.all(fractions >= sb - 1e-9) and np.all(fractions <= max_slice + 1e-9)
+    order = np.argsort(scores, kind="stable")
+    assert np.all(np.diff(fractions[order]) >= -1e-9)
+    dims = allocate_dims(scores, hidden, sp, sb, round_to)
+    assert all(d % round_to == 0 and round_to <= d <= hidden for d in dims)
+    assert abs(np.mean(dims) - hidden * (1 - sp)) <= round_to

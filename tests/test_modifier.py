@@ -1,0 +1,173 @@
+"""DynamicSliceModifier inside llm-compressor: recipes, oneshot, checkpoints, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import calib_dataset, save_tiny
+from llmcompressor import oneshot
+from llmcompressor.recipe import Recipe
+from transformers import AutoModelForCausalLM
+
+from dynslice_modifier import DynamicSliceModifier
+from dynslice_modifier.errors import AllocationError, CalibrationError, UnsupportedModelError
+from dynslice_modifier.modeling import DynSliceForCausalLM
+
+RECIPE = """
+slice_stage:
+  slice_modifiers:
+    DynamicSliceModifier:
+      sparsity: 0.25
+      slicing_base: 0.10
+      round_to: 8
+"""
+IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+
+
+def digest(path: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())
+    }
+
+
+def run_oneshot(model_dir: Path, recipe, out: Path | None = None, **kwargs):
+    kwargs.setdefault("dataset", calib_dataset())
+    kwargs.setdefault("num_calibration_samples", 16)
+    kwargs.setdefault("max_seq_length", 32)
+    return oneshot(model=str(model_dir), recipe=recipe, output_dir=out and str(out), **kwargs)
+
+
+def test_yaml_string_file_and_objects_agree(tiny_dir, tmp_path):
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(RECIPE)
+    logits = []
+    for recipe in (
+        RECIPE,
+        str(recipe_file),
+        [DynamicSliceModifier(sparsity=0.25, slicing_base=0.10, round_to=8)],
+    ):
+        model = run_oneshot(tiny_dir, recipe)
+        assert isinstance(model, DynSliceForCausalLM)
+        with torch.no_grad():
+            logits.append(model(IDS).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=0, rtol=0)
+    torch.testing.assert_close(logits[2], logits[0], atol=0, rtol=0)
+
+
+def test_recipe_parses_to_the_modifier():
+    recipe = Recipe.create_instance(RECIPE)
+    (modifier,) = recipe.modifiers
+    assert isinstance(modifier, DynamicSliceModifier)
+    assert (modifier.sparsity, modifier.slicing_base, modifier.round_to) == (0.25, 0.10, 8)
+
+
+def test_oneshot_writes_a_reloadable_checkpoint_and_leaves_input_alone(tiny_dir, tmp_path):
+    before = digest(tiny_dir)
+    out = tmp_path / "out"
+    model = run_oneshot(tiny_dir, RECIPE, out)
+    assert digest(tiny_dir) == before
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "dynslice"
+    assert config["base_model_type"] == "llama"
+    assert config["slicing"]["sparsity"] == 0.25
+    assert config["slicing"]["slicing_base"] == 0.10
+    assert len(config["slicing"]["lr_scores"]) == 3
+    assert "DynamicSliceModifier" in (out / "recipe.yaml").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, atol=0, rtol=0)
+
+
+def test_checkpoint_loads_with_trust_remote_code_without_the_package(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    model = run_oneshot(tiny_dir, RECIPE, out)
+    with torch.no_grad():
+        expected = model(IDS).logits
+    torch.save(IDS, tmp_path / "ids.pt")
+    script = f"""
+import sys, torch
+sys.modules["dynslice_modifier"] = None  # make any import of the package fail
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
+assert type(m).__name__ == "DynSliceForCausalLM", type(m)
+torch.save(m(torch.load({str(tmp_path / 'ids.pt')!r})).logits.detach(), {str(tmp_path / 'logits.pt')!r})
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"sparsity": 1.0}, "sparsity must be in"),
+        ({"sparsity": -0.1}, "sparsity must be in"),
+        ({"sparsity": 0.2, "slicing_base": 0.3}, "slicing_base must be in"),
+        ({"sparsity": 0.2, "slicing_base": -0.01}, "slicing_base must be in"),
+        ({"sparsity": 0.2, "round_to": 0}, "round_to must be a positive integer"),
+        ({"sparsity": 0.2, "typo_option": 1}, "typo_option"),
+    ],
+)
+def test_bad_options_rejected_when_the_recipe_is_built(options, match):
+    with pytest.raises(ValueError, match=match):
+        DynamicSliceModifier(**options)
+
+
+def test_no_calibration_data(tiny_dir):
+    with pytest.raises(CalibrationError, match="needs calibration data"):
+        oneshot(model=str(tiny_dir), recipe=RECIPE)
+
+
+def test_too_few_calibration_tokens(tiny_dir):
+    with pytest.raises(CalibrationError, match="at least as many tokens as dimensions"):
+        run_oneshot(tiny_dir, RECIPE, dataset=calib_dataset(n=2, seq=16), num_calibration_samples=2)
+
+
+def test_width_rounding_to_zero(tiny_dir):
+    recipe = [DynamicSliceModifier(sparsity=0.9, slicing_base=0.9, round_to=32)]
+    with pytest.raises(AllocationError, match="lower sparsity or round_to"):
+        run_oneshot(tiny_dir, recipe)
+
+
+def test_explicit_dims_and_scores_are_validated(tiny_dir):
+    with pytest.raises(AllocationError, match="3 decoder layers"):
+        run_oneshot(tiny_dir, [DynamicSliceModifier(layer_dims=[32, 32])])
+    with pytest.raises(AllocationError, match="layer_scores has 1 entries"):
+        run_oneshot(tiny_dir, [DynamicSliceModifier(sparsity=0.2, layer_scores=[0.5])])
+
+
+def test_non_finite_activation_names_the_layer(tmp_path):
+    model_dir = save_tiny(tmp_path / "bad")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
+    model.save_pretrained(model_dir)
+    with pytest.raises(CalibrationError, match="decoder layer 1"):
+        run_oneshot(model_dir, RECIPE, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    config = GemmaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    )
+    GemmaForCausalLM(config).save_pretrained(tmp_path / "gemma")
+    from conftest import word_tokenizer
+
+    word_tokenizer().save_pretrained(tmp_path / "gemma")
+    with pytest.raises(UnsupportedModelError) as err:
+        run_oneshot(tmp_path / "gemma", RECIPE)
+    message = str(err.value)
+    assert "GemmaForCausalLM" in message and "(1 + weight)" in message
+    for supported in ("llama", "mistral", "qwen2", "qwen3"):
+        assert supported in message

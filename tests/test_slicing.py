@@ -1,0 +1,112 @@
+"""The rotate-and-slice transform on tiny random models of every supported architecture."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tiny import ARCHS, calib_batches, tiny_model
+from transformers import AutoModelForCausalLM
+
+from dynslice_modifier import DynamicSliceModifier
+from dynslice_modifier.modeling import DynSliceForCausalLM
+from dynslice_modifier.slicer import count_parameters
+
+IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(5))
+
+
+def slice_in_memory(model, **options) -> DynamicSliceModifier:
+    modifier = DynamicSliceModifier(**options)
+    state = SimpleNamespace(model=model, data=SimpleNamespace(calib=calib_batches()))
+    assert modifier.on_initialize(state)
+    return modifier
+
+
+@pytest.mark.parametrize("basis", ["sublayer", "layer"])
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_rotation_only_is_exact(arch, tied, basis):
+    model = tiny_model(arch, tied)
+    with torch.no_grad():
+        reference = model(IDS).logits
+    slice_in_memory(model, sparsity=0.0, basis=basis)
+    assert isinstance(model, DynSliceForCausalLM)
+    with torch.no_grad():
+        rotated = model(IDS).logits
+    torch.testing.assert_close(rotated, reference, atol=2e-5, rtol=1e-5)
+    if tied:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert model.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("basis", ["sublayer", "layer"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_sliced_shapes(tied, basis):
+    model = tiny_model("qwen2", tied, layers=4)
+    hidden = model.config.hidden_size
+    dims = [64, 48, 32, 48]
+    slice_in_memory(model, layer_dims=dims, basis=basis)
+    spec = model.config.slicing
+    attn_dims = [hidden if tied else dims[0], *dims[1:]]
+    assert spec["attn_dims"] == attn_dims
+    assert spec["mlp_dims"] == dims
+    assert spec["embedding_sliced"] is (not tied)
+    assert model.model.embed_tokens.weight.shape[1] == attn_dims[0]
+    assert model.lm_head.weight.shape == (128, hidden)
+    for i, layer in enumerate(model.model.layers):
+        out = attn_dims[i + 1] if i + 1 < len(dims) else hidden
+        attn, mlp = layer.self_attn, layer.mlp
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            assert proj.weight.shape[1] == attn_dims[i]
+        assert attn.q_proj.bias is not None  # Qwen2 biases survive
+        assert attn.o_proj.weight.shape[0] == dims[i]
+        assert mlp.gate_proj.weight.shape[1] == mlp.up_proj.weight.shape[1] == dims[i]
+        assert mlp.down_proj.weight.shape[0] == out
+        assert layer.mlp_shortcut.weight.shape == (out, dims[i])
+        has_attn_shortcut = basis == "sublayer" or (i == 0 and tied)
+        assert (layer.attn_shortcut is not None) is has_attn_shortcut
+        if has_attn_shortcut:
+            assert layer.attn_shortcut.weight.shape == (dims[i], attn_dims[i])
+        assert not list(layer.input_layernorm.parameters())  # weights folded away
+    assert model.model.norm.weight.shape == (hidden,)
+
+
+def test_slicing_changes_function_but_stays_close():
+    model = tiny_model("llama", True)
+    with torch.no_grad():
+        reference = torch.log_softmax(model(IDS).logits, -1)
+    slice_in_memory(model, sparsity=0.1, slicing_base=0.05, round_to=4)
+    with torch.no_grad():
+        sliced = torch.log_softmax(model(IDS).logits, -1)
+    assert not torch.allclose(sliced, reference, atol=1e-4)
+    kl = torch.nn.functional.kl_div(sliced, reference, log_target=True, reduction="batchmean")
+    assert 0 < kl < 1.0
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_reload_equal_logits_and_generate(tmp_path, tied):
+    model = tiny_model("qwen3", tied)
+    slice_in_memory(model, sparsity=0.25, slicing_base=0.1, round_to=8)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(reloaded, DynSliceForCausalLM)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, atol=0, rtol=0)
+    assert count_parameters(reloaded) == sum(p.numel() for p in reloaded.parameters())
+    assert count_parameters(reloaded) == model.config.slicing["parameters"]["sliced"]
+    generated = reloaded.generate(IDS[:1, :6], max_new_tokens=6, do_sample=False)
+    expected = model.generate(IDS[:1, :6], max_new_tokens=6, do_sample=False)
+    assert generated.tolist() == expected.tolist()
+    assert reloaded.config.tie_word_embeddings is tied
+
+
+def test_redundancy_scores_are_recorded():
+    model = tiny_model("mistral", True, layers=4)
+    modifier = slice_in_memory(model, sparsity=0.25, slicing_base=0.05, round_to=8)
+    scores = modifier.lr_scores
+    assert len(scores) == 4 and all(-1 <= s <= 1 for s in scores)
+    assert model.config.slicing["lr_scores"] == scores
+    dims = model.config.slicing["mlp_dims"]
+    # The most redundant layer keeps the fewest dims.
+    assert dims[scores.index(max(scores))] == min(dims)

@@ -1,0 +1,61 @@
+"""Tiny random models and calibration batches for fast tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 16}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),
+}
+
+VOCAB = 128
+
+
+def tiny_model(arch: str = "llama", tied: bool = True, seed: int = 0, layers: int = 3, hidden: int = 64):
+    config_cls, model_cls, extra = ARCHS[arch]
+    config = config_cls(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        rms_norm_eps=1e-6,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    # Random norm scales make folding them into the linears a real test.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def calib_batches(n: int = 4, seq: int = 32, seed: int = 1, pad: bool = True) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for i in range(n):
+        ids = torch.randint(0, VOCAB, (2, seq), generator=g)
+        mask = torch.ones_like(ids)
+        if pad and i % 2 == 0:
+            mask[1, seq // 2 :] = 0  # right padding in one row
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
