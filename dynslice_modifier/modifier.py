@@ -16,6 +16,13 @@ from dynslice_modifier.adapters import get_adapter
 from dynslice_modifier.allocation import allocate_dims, check_explicit_dims, check_fractions
 from dynslice_modifier.calibration import capture_layer_inputs
 from dynslice_modifier.errors import AllocationError, CalibrationError
+from dynslice_modifier.quantization import (
+    check_dims_fit,
+    check_order,
+    fit_round_to,
+    recipe_modifiers,
+    required_multiple,
+)
 from dynslice_modifier.slicer import (
     RotateAndSlice,
     convert_to_sliced,
@@ -136,8 +143,14 @@ class DynamicSliceModifier(Modifier):
         adapter = get_adapter(model)
         config = model.config
         hidden, num_layers = config.hidden_size, config.num_hidden_layers
-        if self.round_to > hidden:
-            raise AllocationError(f"round_to={self.round_to} exceeds hidden_size={hidden}")
+        others = recipe_modifiers()
+        check_order(others, self)
+        requirement = required_multiple(others)
+        round_to = fit_round_to(self.round_to, "round_to" in self.model_fields_set, requirement, hidden)
+        if round_to > hidden:
+            raise AllocationError(f"round_to={round_to} exceeds hidden_size={hidden}")
+        if round_to != self.round_to:
+            logger.info(f"Rounding widths to multiples of {round_to} for {requirement[1]}")
         if self.layer_scores is not None and len(self.layer_scores) != num_layers:
             raise AllocationError(
                 f"layer_scores has {len(self.layer_scores)} entries but the model has "
@@ -146,6 +159,8 @@ class DynamicSliceModifier(Modifier):
         explicit = (
             check_explicit_dims(self.layer_dims, hidden, num_layers) if self.layer_dims else None
         )
+        if explicit:
+            check_dims_fit(explicit, requirement)
         if state.data.calib is None:
             raise CalibrationError(
                 "DynamicSliceModifier needs calibration data: pass dataset=... (and "
@@ -188,7 +203,7 @@ class DynamicSliceModifier(Modifier):
             hidden,
             self.sparsity,
             self.effective_slicing_base,
-            self.round_to,
+            round_to,
             self.normalization,
         )
         logger.info(f"Kept residual widths: {dims}")
@@ -201,7 +216,7 @@ class DynamicSliceModifier(Modifier):
             "lr_scores": self._lr_scores,
             "sparsity": self.sparsity,
             "slicing_base": self.effective_slicing_base,
-            "round_to": self.round_to,
+            "round_to": round_to,
             "normalization": self.normalization,
             "basis": self.basis,
         }

@@ -110,6 +110,7 @@ class SlicingResult:
     mlp_dims: list[int]
     attn_shortcuts: list[torch.Tensor | None]
     mlp_shortcuts: list[torch.Tensor | None]
+    input_projection: torch.Tensor | None
     embedding_sliced: bool
 
 
@@ -158,23 +159,22 @@ class RotateAndSlice:
         eye = torch.eye(self.hidden_size, dtype=torch.float64, device=device)
         attn_dims, mlp_dims, attn_sc, mlp_sc = [], [], [], []
         pending: _Writer | None = None
+        input_projection: torch.Tensor | None = None
         for idx, layer in enumerate(tqdm(layers, desc="Rotate and slice", leave=False)):
             with onloaded(layer, device), torch.no_grad():
                 self._fold_norms(layer)
                 attn_inputs = adapter.attn_inputs(layer)
-                first_tied = idx == 0 and self.tied
-                if first_tied:
-                    # The shared table stays in the original basis, so layer 0 reads it whole.
-                    a_basis = eye
-                elif self.basis == "layer":
+                if self.basis == "layer":
                     a_basis = self._joint_basis(layer, inputs, idx)
                 else:
                     a_basis = self._input_basis(inputs, idx)
-                if pending is None:
-                    if not first_tied:
-                        rotate_embedding(adapter.embedding(self.model), a_basis)
-                else:
+                if pending is not None:
                     mlp_sc.append(self._finish_writer(pending, a_basis))
+                elif self.tied:
+                    # The shared table stays in the original basis; layer 0 projects it.
+                    input_projection = change_of_basis(eye, a_basis)
+                else:
+                    rotate_embedding(adapter.embedding(self.model), a_basis)
                 rotate_inputs(attn_inputs, a_basis)
 
                 # Activations are projected in float32; covariances and weights use float64.
@@ -192,7 +192,7 @@ class RotateAndSlice:
                     mid_acc.add(mid, _mask(inputs, b, device))
                     inputs.hidden[b] = mid.to(inputs.hidden[b].device)
 
-                if self.basis == "layer" and not first_tied:
+                if self.basis == "layer":
                     m_basis = a_basis
                     attn_sc.append(None)
                 else:
@@ -222,6 +222,7 @@ class RotateAndSlice:
             mlp_dims=mlp_dims,
             attn_shortcuts=[_drop_identity(s) for s in attn_sc],
             mlp_shortcuts=[_drop_identity(s) for s in mlp_sc],
+            input_projection=input_projection,
             embedding_sliced=not self.tied,
         )
 
@@ -316,15 +317,15 @@ def convert_to_sliced(
         old = layers[idx]
         new = SlicedDecoderLayer(config, idx, adapter.attn(old), adapter.mlp(old))
         for name, matrix in (
+            ("input_projection", result.input_projection if idx == 0 else None),
             ("attn_shortcut", result.attn_shortcuts[idx]),
             ("mlp_shortcut", result.mlp_shortcuts[idx]),
         ):
             if matrix is not None:
-                linear = getattr(new, name)
-                linear.weight = nn.Parameter(
-                    matrix.T.contiguous().to(linear.weight.dtype).cpu(), requires_grad=False
+                shortcut = getattr(new, name)
+                shortcut.weight = nn.Parameter(
+                    matrix.T.contiguous().to(shortcut.weight), requires_grad=False
                 )
-                linear.to(next(adapter.attn(old).parameters()).device)
         layers[idx] = new
     model.config = config
     model.model.config = config

@@ -48,12 +48,16 @@ def test_sliced_shapes(tied, basis):
     dims = [64, 48, 32, 48]
     slice_in_memory(model, layer_dims=dims, basis=basis)
     spec = model.config.slicing
-    attn_dims = [hidden if tied else dims[0], *dims[1:]]
+    attn_dims = dims
     assert spec["attn_dims"] == attn_dims
     assert spec["mlp_dims"] == dims
     assert spec["embedding_sliced"] is (not tied)
-    assert model.model.embed_tokens.weight.shape[1] == attn_dims[0]
+    assert model.model.embed_tokens.weight.shape[1] == (hidden if tied else dims[0])
     assert model.lm_head.weight.shape == (128, hidden)
+    first = model.model.layers[0].input_projection
+    assert (first is not None) is tied
+    if tied:
+        assert first.weight.shape == (dims[0], hidden)
     for i, layer in enumerate(model.model.layers):
         out = attn_dims[i + 1] if i + 1 < len(dims) else hidden
         attn, mlp = layer.self_attn, layer.mlp
@@ -64,7 +68,7 @@ def test_sliced_shapes(tied, basis):
         assert mlp.gate_proj.weight.shape[1] == mlp.up_proj.weight.shape[1] == dims[i]
         assert mlp.down_proj.weight.shape[0] == out
         assert layer.mlp_shortcut.weight.shape == (out, dims[i])
-        has_attn_shortcut = basis == "sublayer" or (i == 0 and tied)
+        has_attn_shortcut = basis == "sublayer"
         assert (layer.attn_shortcut is not None) is has_attn_shortcut
         if has_attn_shortcut:
             assert layer.attn_shortcut.weight.shape == (dims[i], attn_dims[i])

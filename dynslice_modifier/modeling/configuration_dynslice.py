@@ -93,7 +93,8 @@ class DynSliceConfig(PretrainedConfig):
       the attention / MLP carries a change-of-basis matrix (otherwise it is the identity);
     - ``layout``: attribute names of the sub-modules inside a decoder layer;
     - ``embedding_sliced``: whether the embedding table was rotated and cut to
-      ``attn_dims[0]`` (untied models) or kept in the original basis (tied models);
+      ``attn_dims[0]`` (untied models) or kept in the original basis (tied models), in
+      which case layer 0 starts with ``input_projection`` (hidden_size -> attn_dims[0]);
     - provenance: ``lr_scores``, ``sparsity``, ``slicing_base``, ``round_to``, ``parameters``.
 
     The last layer always writes the residual back in the original basis at full width, so

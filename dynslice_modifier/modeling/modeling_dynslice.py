@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .configuration_dynslice import DynSliceConfig
@@ -58,6 +59,26 @@ class WeightlessRMSNorm(nn.Module):
         return f"hidden_size={self.hidden_size}, eps={self.variance_epsilon}"
 
 
+class ResidualShortcut(nn.Module):
+    """Change of basis on the residual stream: ``y = x W^T`` with ``W`` of shape (out, in).
+
+    Deliberately not an ``nn.Linear``: quantization recipes target ``Linear``, and these
+    matrices carry the residual stream itself, where quantization error would accumulate
+    over every later layer; they are small (about d^2 per layer) and stay in model dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(hidden_states, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
 def layer_widths(config: DynSliceConfig, idx: int) -> tuple[int, int, int]:
     """(attention input, MLP input, layer output) residual widths of decoder layer ``idx``."""
     spec = config.slicing
@@ -86,13 +107,19 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         self.add_module(layout["post_attention_norm"], WeightlessRMSNorm(config.hidden_size, eps))
         device = next(attn.parameters()).device
         dtype = next(attn.parameters()).dtype
+        # A tied embedding table stays in the original basis; layer 0 projects it.
+        self.input_projection = (
+            ResidualShortcut(config.hidden_size, attn_dim, device, dtype)
+            if layer_idx == 0 and not config.slicing["embedding_sliced"]
+            else None
+        )
         self.attn_shortcut = (
-            nn.Linear(attn_dim, mlp_dim, bias=False, device=device, dtype=dtype)
+            ResidualShortcut(attn_dim, mlp_dim, device, dtype)
             if config.slicing["attn_shortcuts"][layer_idx]
             else None
         )
         self.mlp_shortcut = (
-            nn.Linear(mlp_dim, out_dim, bias=False, device=device, dtype=dtype)
+            ResidualShortcut(mlp_dim, out_dim, device, dtype)
             if config.slicing["mlp_shortcuts"][layer_idx]
             else None
         )
@@ -108,6 +135,8 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         **kwargs: Any,
     ) -> torch.Tensor:
         layout = self.layout
+        if self.input_projection is not None:
+            hidden_states = self.input_projection(hidden_states)
         residual = hidden_states
         hidden_states = getattr(self, layout["input_norm"])(hidden_states)
         hidden_states, _ = getattr(self, layout["attn"])(
@@ -207,6 +236,39 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.model.embed_tokens = value
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        base_cls = base_causal_lm_class(self.config.base_model_type)
-        return base_cls.forward(self, *args, **kwargs)
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )

@@ -17,10 +17,11 @@ def register() -> None:
 
     Safe to call more than once (vLLM may load plugins several times per process tree).
     """
+    from vllm import ModelRegistry
+
     # Registers DynSliceConfig with transformers' AutoConfig, so vLLM parses config.json
     # without trust_remote_code.
     import dynslice_modifier.modeling  # noqa: F401
-    from vllm import ModelRegistry
 
     if MODEL_ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(MODEL_ARCHITECTURE, _MODEL_CLASS_PATH)

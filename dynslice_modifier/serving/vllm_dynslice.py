@@ -10,14 +10,17 @@ model is its base decoder (Llama, Mistral, Qwen2, Qwen3) where, per layer ``l``:
   biases) are untouched;
 - the two in-layer norms are weightless and normalise by the *original* ``hidden_size``;
 - a residual connection between two bases carries a shortcut matrix (``attn_shortcut``,
-  ``mlp_shortcut``) when the config says so, otherwise it is the identity.
+  ``mlp_shortcut``) when the config says so, otherwise it is the identity;
+- an embedding table left in the original basis (tied models, ``embedding_sliced: false``)
+  is projected to layer 0's basis by ``model.layers.0.input_projection``.
 
 vLLM's Llama/Qwen attention and MLP classes take a single ``hidden_size`` for both their
 input and output (and Qwen2 derives ``head_dim`` from it), so they cannot express a layer
 that reads one width and writes another; the attention and MLP below are therefore written
 out, using vLLM's parallel linears (quantization, tensor parallelism), ``Attention`` (KV
 cache, backends), ``get_rope`` and ``RMSNorm`` exactly as the base architectures do.
-Checkpoint names are the base model's, plus ``model.layers.N.{attn,mlp}_shortcut.weight``.
+Checkpoint names are the base model's, plus ``model.layers.N.{attn,mlp}_shortcut.weight`` and
+``model.layers.0.input_projection.weight``.
 """
 
 from __future__ import annotations
@@ -104,16 +107,13 @@ def _check_supported(config: DynSliceConfig) -> None:
 
 
 def _embedding_width(config: DynSliceConfig) -> int:
-    spec = config.slicing
-    width = spec["attn_dims"][0] if spec["embedding_sliced"] else config.hidden_size
-    if width != spec["attn_dims"][0]:
-        raise ValueError(
-            f"embedding width {width} differs from layer 0's input width "
-            f"{spec['attn_dims'][0]} (slicing.embedding_sliced is false)"
-        )
-    if config.tie_word_embeddings and width != config.hidden_size:
-        raise ValueError("a sliced embedding cannot be tied to the full-width lm_head")
-    return width
+    # A sliced table is rotated and cut to layer 0's width; an unsliced one (tied models)
+    # is the original and layer 0's input_projection maps it.
+    if config.slicing["embedding_sliced"]:
+        if config.tie_word_embeddings:
+            raise ValueError("a sliced embedding table cannot be tied to the full-width lm_head")
+        return config.slicing["attn_dims"][0]
+    return config.hidden_size
 
 
 class WeightlessRMSNorm(nn.Module):
@@ -276,21 +276,37 @@ class SlicedMLP(nn.Module):
         return out
 
 
+class ResidualShortcut(ReplicatedLinear):
+    """Change of basis on the residual stream (``y = x W^T``), named after the reference.
+
+    Replicated, not split: every tensor-parallel rank holds the full residual stream.
+
+    The class name matters. The reference model uses a non-``Linear`` module so that the
+    usual ``targets: [Linear]`` of llm-compressor leave shortcuts in model dtype, and
+    compressed-tensors then writes them in no ignore list (it lists only modules of a
+    targeted class). vLLM's compressed-tensors matches targets against the class name by
+    substring, so a class called ``*Linear`` would be taken for quantized; under this name
+    a shortcut is quantized exactly when the checkpoint's config targets it (by name,
+    regex or ``ResidualShortcut``) and does not ignore it.
+    """
+
+
 def _shortcut(
     present: bool,
     in_dim: int,
     out_dim: int,
     quant_config: QuantizationConfig | None,
     prefix: str,
-) -> ReplicatedLinear | None:
+) -> ResidualShortcut | None:
     if not present:
         return None
-    # Every rank holds the full residual stream, so the change of basis is replicated
-    # rather than split; compressed-tensors decides from its ignore list whether the
-    # prefix is quantized, so both quantized and plain shortcuts load.
-    return ReplicatedLinear(
-        in_dim, out_dim, bias=False, quant_config=quant_config, prefix=prefix
-    )
+    # Only compressed-tensors checkpoints (what llm-compressor writes) can hold quantized
+    # shortcuts, and its config says which. Other methods either quantize online (the
+    # reference keeps shortcuts in model dtype: their error would build up along the
+    # residual stream) or come from tools that never saw these modules.
+    if quant_config is not None and quant_config.get_name() != "compressed-tensors":
+        quant_config = None
+    return ResidualShortcut(in_dim, out_dim, bias=False, quant_config=quant_config, prefix=prefix)
 
 
 class SlicedDecoderLayer(nn.Module):
@@ -305,6 +321,15 @@ class SlicedDecoderLayer(nn.Module):
         attn_dim, mlp_dim, out_dim = layer_widths(config, idx)
         eps = config.rms_norm_eps
 
+        # A tied embedding table stays in the original basis at full width; layer 0 projects
+        # it into its own basis first.
+        self.input_projection = _shortcut(
+            idx == 0 and not spec["embedding_sliced"],
+            config.hidden_size,
+            attn_dim,
+            quant_config,
+            f"{prefix}.input_projection",
+        )
         self.input_layernorm = WeightlessRMSNorm(config.hidden_size, eps)
         self.self_attn = SlicedAttention(
             config,
@@ -334,6 +359,8 @@ class SlicedDecoderLayer(nn.Module):
         # The residual is carried as one tensor rather than vLLM's (hidden, residual) pair:
         # the shortcut acts on the full residual, so the add cannot be deferred into the
         # next norm the way vLLM's fused add-norm does.
+        if self.input_projection is not None:
+            hidden_states, _ = self.input_projection(hidden_states)
         residual = hidden_states
         h = self.self_attn(positions, self.input_layernorm(hidden_states))
         if self.attn_shortcut is not None:

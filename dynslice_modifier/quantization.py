@@ -1,0 +1,88 @@
+"""What the quantizers elsewhere in the recipe require of the sliced widths.
+
+Group-wise weight schemes (W4A16: groups of 128 along the input dimension) need every
+linear that reads the residual stream to have an input width that is a multiple of the
+group size. Checking this here, before any calibration, turns a crash deep inside GPTQ into
+an early, precise error, or into automatic rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from llmcompressor.modifiers import Modifier
+
+from dynslice_modifier.errors import AllocationError
+
+_GROUPED = ("group", "tensor_group")
+
+
+def is_quantizer(modifier: Modifier) -> bool:
+    return hasattr(modifier, "resolved_config")
+
+
+def recipe_modifiers() -> list[Modifier]:
+    """Modifiers of the active llm-compressor session (empty outside ``oneshot``)."""
+    from llmcompressor.core import active_session
+
+    recipe = getattr(active_session().lifecycle, "recipe", None)
+    return list(getattr(recipe, "modifiers", None) or [])
+
+
+def check_order(modifiers: Sequence[Modifier], slicer: Modifier) -> None:
+    """A quantizer before the slicer would calibrate weights the slicer then rewrites."""
+    for modifier in modifiers:
+        if modifier is slicer:
+            return
+        if is_quantizer(modifier):
+            raise AllocationError(
+                f"{type(modifier).__name__} comes before DynamicSliceModifier in the recipe; "
+                "slicing rewrites every weight, so put the slicer first (its own stage "
+                "before the quantization stage)"
+            )
+
+
+def required_multiple(modifiers: Sequence[Modifier]) -> tuple[int, str] | None:
+    """Least common multiple of the group sizes of all group-wise schemes, and who asks."""
+    multiple, names = 1, []
+    for modifier in modifiers:
+        if not is_quantizer(modifier):
+            continue
+        for group in modifier.resolved_config.config_groups.values():
+            for args in (group.weights, group.input_activations):
+                if args is not None and args.strategy in _GROUPED and args.group_size:
+                    multiple = math.lcm(multiple, int(args.group_size))
+                    names.append(f"{type(modifier).__name__} (group_size {args.group_size})")
+    return (multiple, ", ".join(dict.fromkeys(names))) if multiple > 1 else None
+
+
+def fit_round_to(
+    round_to: int, explicit: bool, requirement: tuple[int, str] | None, hidden: int
+) -> int:
+    """The rounding step that satisfies both the user and the quantizers."""
+    if requirement is None:
+        return round_to
+    multiple, who = requirement
+    if explicit and round_to % multiple:
+        raise AllocationError(
+            f"round_to={round_to} conflicts with {who}: every sliced width must be a multiple "
+            f"of {multiple}; set round_to to a multiple of {multiple} or leave it unset"
+        )
+    step = math.lcm(round_to, multiple)
+    if step > hidden:
+        raise AllocationError(
+            f"{who} needs widths that are multiples of {multiple}, but hidden_size is {hidden}"
+        )
+    return step
+
+
+def check_dims_fit(dims: Sequence[int], requirement: tuple[int, str] | None) -> None:
+    if requirement is None:
+        return
+    multiple, who = requirement
+    bad = [f"layer {i}: {d}" for i, d in enumerate(dims) if d % multiple]
+    if bad:
+        raise AllocationError(
+            f"layer_dims must be multiples of {multiple} for {who}; not: {', '.join(bad)}"
+        )
