@@ -1,0 +1,252 @@
+"""``dynslice``: score, compress, evaluate and report on sliced models.
+
+Calibration and evaluation text follow the project's WikiText-2 protocol (first half of the
+file for calibration windows, second half for evaluation windows); ``--data`` points at any
+raw text file. ``smollm2`` as a model name means the packaged SmolLM2-135M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+QUANT_SCHEMES = ("none", "w4a16", "w8a8", "fp8")
+
+
+def _model_path(name: str) -> Path:
+    if name == "smollm2":
+        from dynslice_modifier.smollm2 import smollm2_path
+
+        return smollm2_path()
+    path = Path(name)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{name} is not a model directory (no config.json)")
+    return path
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _windows(tokenizer: Any, args: argparse.Namespace):
+    from dynslice_modifier.evaluation import split_protocol, wikitext_tokens
+
+    tokens = wikitext_tokens(tokenizer, args.data)
+    n_eval = getattr(args, "eval_windows", 0) or getattr(args, "windows", 0) or 0
+    return split_protocol(tokens, args.samples, args.seq_len, max(n_eval, 0))
+
+
+def _add_data_args(p: argparse.ArgumentParser, samples: int = 64, seq_len: int = 512) -> None:
+    p.add_argument("--data", help="raw text file (default: ../shared WikiText-2 test file)")
+    p.add_argument("--samples", type=_positive(int), default=samples,
+                   help=f"calibration windows (default {samples})")
+    p.add_argument("--seq-len", type=_positive(int), default=seq_len,
+                   help=f"tokens per calibration window (default {seq_len})")
+
+
+def quant_modifiers(scheme: str) -> list[Any]:
+    """The llm-compressor modifiers for a ``--quantize`` choice."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    if scheme == "w4a16":
+        return [GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])]
+    if scheme == "w8a8":
+        return [GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
+    if scheme == "fp8":
+        return [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])]
+    return []
+
+
+def cmd_scores(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dynslice_modifier.adapters import get_adapter
+    from dynslice_modifier.calibration import capture_layer_inputs
+    from dynslice_modifier.slicer import redundancy_scores
+
+    path = _model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    adapter = get_adapter(model)
+    calib, _ = _windows(tokenizer, args)
+    batches = [{"input_ids": w[None]} for w in calib]
+    layers = adapter.layers(model)
+    inputs = capture_layer_inputs(model, layers[0], batches)
+    scores = redundancy_scores(adapter, layers, inputs, torch.device("cpu"))
+    print("layer  LR score")
+    for i, s in enumerate(scores):
+        print(f"{i:5d}  {s:8.4f}  {'#' * max(int(40 * max(s, 0)), 0)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": str(path), "lr_scores": scores}))
+        print(f"scores written to {args.json} (use as layer_scores in a recipe)")
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoTokenizer
+
+    from dynslice_modifier import DynamicSliceModifier
+    from dynslice_modifier.output import atomic_directory, check_target, directory_size
+    from dynslice_modifier.report import summary_markdown, write_report
+
+    path = _model_path(args.model)
+    output = Path(args.output)
+    check_target(output, [path])
+    if args.recipe and (args.sparsity is not None or args.quantize != "none"):
+        raise ValueError("give either --recipe or --sparsity/--quantize flags, not both")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    calib, evaluation = _windows(tokenizer, args)
+    dataset = Dataset.from_dict(
+        {"input_ids": calib.tolist(), "attention_mask": [[1] * calib.shape[1]] * len(calib)}
+    )
+    if args.recipe:
+        recipe: Any = args.recipe
+    else:
+        slicer = DynamicSliceModifier(
+            sparsity=0.25 if args.sparsity is None else args.sparsity,
+            slicing_base=args.slicing_base,
+            basis=args.basis,
+            normalization=args.normalization,
+            untie_embeddings=args.untie_embeddings,
+            **({"round_to": args.round_to} if args.round_to else {}),
+        )
+        recipe = [slicer, *quant_modifiers(args.quantize)]
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    with atomic_directory(output) as scratch:
+        oneshot(
+            model=str(path),
+            processor=tokenizer,
+            dataset=dataset,
+            recipe=recipe,
+            output_dir=str(scratch),
+            num_calibration_samples=len(calib),
+            max_seq_length=calib.shape[1],
+            shuffle_calibration_samples=False,
+        )
+        write_report(scratch)
+    seconds = time.perf_counter() - start
+    print(summary_markdown(output))
+    dense_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    sliced_bytes = sum(f.stat().st_size for f in output.glob("*.safetensors"))
+    print(f"weights on disk: {dense_bytes / 2**20:.1f} MiB -> {sliced_bytes / 2**20:.1f} MiB "
+          f"({sliced_bytes / dense_bytes:.1%}); whole directory {directory_size(output) / 2**20:.1f} MiB")
+    print(f"compression took {seconds:.0f} s; report: {output / 'slicing_report.md'}, "
+          f"{output / 'slicing_report.png'}")
+    if args.eval_windows:
+        dense_ppl = _perplexity(path, evaluation)
+        sliced_ppl = _perplexity(output, evaluation)
+        print(f"perplexity ({args.eval_windows} x 1024 tokens): dense {dense_ppl:.2f} -> "
+              f"compressed {sliced_ppl:.2f} ({sliced_ppl / dense_ppl:.2f}x)")
+
+
+def _perplexity(path: Path, evaluation: Any) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dynslice_modifier.evaluation import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return perplexity(model, evaluation)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from dynslice_modifier.evaluation import wikitext_tokens, windows
+
+    path = _model_path(args.model)
+    tokens = wikitext_tokens(AutoTokenizer.from_pretrained(path), args.data)
+    evaluation = windows(tokens[len(tokens) // 2 :], args.windows, args.window_len)
+    ppl = _perplexity(path, evaluation)
+    print(f"perplexity of {path} on {args.windows} x {args.window_len} tokens: {ppl:.3f}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from dynslice_modifier.report import summary_markdown, write_report
+
+    md, png = write_report(args.checkpoint, args.out)
+    print(summary_markdown(args.checkpoint))
+    print(f"wrote {md} and {png}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dynslice", description="Dynamic layer-specific slicing (SliceGPT + Layer Redundancy)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("scores", help="compute and show the Layer Redundancy of every layer")
+    p.add_argument("model", help="model directory, or 'smollm2' for the packaged SmolLM2-135M")
+    _add_data_args(p, samples=16)
+    p.add_argument("--json", help="also write the scores to this JSON file")
+    p.set_defaults(func=cmd_scores)
+
+    p = sub.add_parser("compress", help="slice (and optionally quantize) into an output dir")
+    p.add_argument("model", help="model directory, or 'smollm2'")
+    p.add_argument("output", help="output directory (written atomically; input never touched)")
+    p.add_argument("--recipe", help="llm-compressor YAML recipe (instead of the flags below)")
+    p.add_argument("--sparsity", type=_fraction, help="SP, mean fraction sliced (default 0.25)")
+    p.add_argument("--slicing-base", type=_fraction, help="SB in [0, SP] (default 0.2*SP)")
+    p.add_argument("--round-to", type=_positive(int), help="width multiple (default 16)")
+    p.add_argument("--basis", choices=["sublayer", "layer"], default="sublayer",
+                   help="PCA basis per sub-layer (SliceGPT) or per layer (fewer shortcuts)")
+    p.add_argument("--normalization", choices=["minmax", "rank"], default="minmax")
+    p.add_argument("--untie-embeddings", action="store_true",
+                   help="untie a tied head and slice the embedding table")
+    p.add_argument("--quantize", choices=QUANT_SCHEMES, default="none",
+                   help="quantize after slicing in the same oneshot pass")
+    p.add_argument("--eval-windows", type=int, default=0,
+                   help="evaluate perplexity before/after on this many 1024-token windows")
+    p.add_argument("--seed", type=int, default=0)
+    _add_data_args(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("eval", help="perplexity on the evaluation half of the text")
+    p.add_argument("model", help="model directory (sliced, quantized or dense), or 'smollm2'")
+    p.add_argument("--data", help="raw text file (default: ../shared WikiText-2 test file)")
+    p.add_argument("--windows", type=_positive(int), default=32)
+    p.add_argument("--window-len", type=_positive(int), default=1024)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="Markdown table and PNG plot for a sliced checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", help="directory for the report files (default: the checkpoint)")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    import dynslice_modifier  # noqa: F401  registers the architecture (and the modifier)
+
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

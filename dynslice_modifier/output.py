@@ -1,0 +1,55 @@
+"""Write a model directory so that it is either complete or absent.
+
+Everything is written to a hidden temporary directory beside the target and renamed into
+place at the end; a previous result at the target survives a failed or interrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def check_target(target: Path, inputs: list[Path]) -> None:
+    """Refuse to write over or into a model we are reading."""
+    target = target.resolve()
+    for source in inputs:
+        source = source.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise ValueError(
+                f"output directory {target} overlaps the input model {source}; "
+                "choose a separate output directory (the input is never modified)"
+            )
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a scratch directory that becomes ``target`` only if the block succeeds."""
+    target = Path(target).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    # mkdtemp makes a private (0700) directory; the result should look like any other.
+    umask = os.umask(0)
+    os.umask(umask)
+    scratch.chmod(0o777 & ~umask)
+    try:
+        yield scratch
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    previous = None
+    if target.exists():
+        previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.previous-", dir=target.parent))
+        previous.rmdir()
+        os.replace(target, previous)
+    os.replace(scratch, target)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def directory_size(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

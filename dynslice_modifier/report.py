@@ -1,0 +1,102 @@
+"""Summary of a sliced checkpoint: per-layer table (Markdown) and a plot (PNG)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dynslice_modifier.output import directory_size
+
+
+def load_slicing(checkpoint: str | Path) -> dict[str, Any]:
+    config_path = Path(checkpoint) / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{checkpoint} has no config.json; is it a model directory?")
+    config = json.loads(config_path.read_text())
+    if config.get("model_type") != "dynslice":
+        raise ValueError(
+            f"{checkpoint} is not a sliced checkpoint (model_type {config.get('model_type')!r})"
+        )
+    return config
+
+
+def summary_markdown(checkpoint: str | Path) -> str:
+    config = load_slicing(checkpoint)
+    spec = config["slicing"]
+    hidden = config["hidden_size"]
+    scores = spec.get("lr_scores") or [None] * len(spec["attn_dims"])
+    params = spec.get("parameters", {})
+    quant = config.get("quantization_config")
+    lines = [
+        f"# Sliced checkpoint: {Path(checkpoint).name}",
+        "",
+        f"- base architecture: {config['base_model_type']} ({config['num_hidden_layers']} layers, "
+        f"hidden {hidden})",
+        f"- sparsity (SP) {spec.get('sparsity')}, slicing base (SB) {spec.get('slicing_base')}, "
+        f"round_to {spec.get('round_to')}, basis {spec.get('basis')}",
+        f"- mean kept width {sum(spec['mlp_dims']) / len(spec['mlp_dims']):.1f} of {hidden}",
+        f"- tied embeddings: {config.get('tie_word_embeddings')}; embedding sliced: "
+        f"{spec['embedding_sliced']}",
+    ]
+    if params:
+        lines.append(
+            f"- parameters: {params['sliced'] / 1e6:.2f}M vs {params['dense'] / 1e6:.2f}M dense "
+            f"({params['sliced'] / params['dense']:.1%}), shortcuts included"
+        )
+    if quant:
+        lines.append(f"- quantization: {quant.get('format')} ({quant.get('quant_method')})")
+    lines.append(f"- size on disk: {directory_size(checkpoint) / 2**20:.1f} MiB")
+    lines += ["", "| layer | LR score | attention width | MLP width | attn shortcut | MLP shortcut |",
+              "|---|---|---|---|---|---|"]
+    for i, (a, m) in enumerate(zip(spec["attn_dims"], spec["mlp_dims"], strict=True)):
+        score = "" if scores[i] is None else f"{scores[i]:.3f}"
+        lines.append(
+            f"| {i} | {score} | {a} | {m} | {'yes' if spec['attn_shortcuts'][i] else 'no'} | "
+            f"{'yes' if spec['mlp_shortcuts'][i] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_slicing(checkpoint: str | Path, png: str | Path) -> Path:
+    """LR score and kept width per layer, with the constant-slicing width for comparison."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    config = load_slicing(checkpoint)
+    spec = config["slicing"]
+    layers = list(range(len(spec["mlp_dims"])))
+    constant = config["hidden_size"] * (1 - (spec.get("sparsity") or 0.0))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.plot(layers, spec["mlp_dims"], "o-", color="tab:blue", label="kept width (dynamic)")
+    ax.axhline(constant, color="tab:gray", ls="--", label=f"constant slicing ({constant:.0f})")
+    ax.set_xlabel("decoder layer")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("kept residual width")
+    ax.set_ylim(0, config["hidden_size"] * 1.05)
+    handles, labels = ax.get_legend_handles_labels()
+    if spec.get("lr_scores"):
+        ax2 = ax.twinx()
+        ax2.plot(layers, spec["lr_scores"], "s-", color="tab:orange", label="Layer Redundancy")
+        ax2.set_ylabel("Layer Redundancy (cos sim in/out)")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="lower left")
+    ax.set_title(
+        f"SP {spec.get('sparsity')}, SB {spec.get('slicing_base')} - {config['base_model_type']}"
+    )
+    fig.tight_layout()
+    png = Path(png)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def write_report(checkpoint: str | Path, out_dir: str | Path | None = None) -> tuple[Path, Path]:
+    out = Path(out_dir or checkpoint)
+    md = out / "slicing_report.md"
+    md.write_text(summary_markdown(checkpoint))
+    return md, plot_slicing(checkpoint, out / "slicing_report.png")

@@ -1,0 +1,112 @@
+"""The ``dynslice`` command line, run as a user would (a subprocess per call)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import save_tiny
+
+from dynslice_modifier.cli import main
+from dynslice_modifier.evaluation import DEFAULT_WIKITEXT
+
+DATA = ["--data", str(DEFAULT_WIKITEXT)]
+SMALL = ["--samples", "8", "--seq-len", "32"]
+
+
+def dynslice(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "dynslice_modifier.cli", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"dynslice {args} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny(root / "tiny", "llama", True)
+    return root
+
+
+def run_main(*args: str, cwd: Path, capsys) -> tuple[int, str, str]:
+    """The CLI in this process: same code path, without a fresh interpreter per call."""
+    old = Path.cwd()
+    os.chdir(cwd)
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        os.chdir(old)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("command", [[], ["scores"], ["compress"], ["eval"], ["report"]])
+def test_help_is_complete(command, workdir, capsys):
+    code, out, _ = run_main(*command, "--help", cwd=workdir, capsys=capsys)
+    assert code == 0
+    assert "usage: dynslice" in out
+    if command == ["compress"]:
+        for flag in ("--sparsity", "--slicing-base", "--round-to", "--basis", "--quantize",
+                     "--recipe", "--eval-windows", "--untie-embeddings", "--data"):
+            assert flag in out
+
+
+def test_compress_writes_model_report_and_summary(workdir):
+    before = sorted(p.name for p in (workdir / "tiny").iterdir())
+    result = dynslice("compress", "tiny", "out", "--sparsity", "0.25", "--round-to", "8",
+                      *SMALL, *DATA, "--eval-windows", "1", cwd=workdir)
+    out = workdir / "out"
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    assert (out / "slicing_report.md").read_text().startswith("# Sliced checkpoint")
+    assert (out / "slicing_report.png").read_bytes()[:4] == b"\x89PNG"
+    assert "parameters:" in result.stdout and "weights on disk" in result.stdout
+    assert "perplexity (1 x 1024 tokens): dense" in result.stdout
+    assert sorted(p.name for p in (workdir / "tiny").iterdir()) == before
+    assert not list(workdir.glob(".out.partial-*"))
+
+
+def test_scores_eval_and_report(workdir, capsys):
+    code, out, _ = run_main("scores", "tiny", *SMALL, *DATA, "--json", "scores.json",
+                            cwd=workdir, capsys=capsys)
+    assert code == 0 and "LR score" in out
+    scores = json.loads((workdir / "scores.json").read_text())["lr_scores"]
+    assert len(scores) == 3 and all(-1 <= s <= 1 for s in scores)
+    code, _, err = run_main("compress", "tiny", "out2", "--sparsity", "0.25", "--round-to", "8",
+                            *SMALL, *DATA, cwd=workdir, capsys=capsys)
+    assert code == 0, err
+    code, out, _ = run_main("eval", "out2", "--windows", "1", *DATA, cwd=workdir, capsys=capsys)
+    assert code == 0 and float(out.rsplit(":", 1)[1]) > 1.0
+    code, out, _ = run_main("report", "out2", "--out", str(workdir), cwd=workdir, capsys=capsys)
+    assert code == 0 and "| layer | LR score |" in out
+    assert (workdir / "slicing_report.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["compress", "tiny", "bad", "--sparsity", "1.5"], "must be in [0, 1)"),
+        (["compress", "tiny", "bad", "--samples", "0"], "must be > 0"),
+        (["compress", "tiny", "tiny/sub"], "overlaps the input model"),
+        (["compress", "nowhere", "bad"], "not a model directory"),
+        (["compress", "tiny", "bad", "--sparsity", "0.2", "--slicing-base", "0.3"], "slicing_base"),
+        (["report", "tiny"], "not a sliced checkpoint"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_fail_clearly(args, message, workdir, capsys):
+    extra = [*SMALL, *DATA] if args[0] == "compress" else []
+    code, _, err = run_main(*args, *extra, cwd=workdir, capsys=capsys)
+    assert code != 0
+    assert message in err
+    assert not (workdir / "bad").exists()
