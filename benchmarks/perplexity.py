@@ -25,19 +25,29 @@ from common import RESULTS, append_jsonl, peak_rss_mib, protocol, read_jsonl
 JSONL = RESULTS / "perplexity.jsonl"
 SCORES = RESULTS / "smollm2_lr_scores.json"
 
-GRID = ["dense"] + [f"const:{sp}" for sp in (0.10, 0.20, 0.25, 0.30)] + [
-    f"dyn:{sp}:{sb}"
-    for sp in (0.10, 0.20, 0.25, 0.30)
-    for sb in (0.05, 0.10, 0.15, 0.20)
-    if sb < sp
-]
+GRID = (
+    ["dense"]
+    + [f"const:{sp}" for sp in (0.10, 0.20, 0.25, 0.30)]
+    + [
+        f"dyn:{sp}:{sb}"
+        for sp in (0.10, 0.20, 0.25, 0.30)
+        for sb in (0.05, 0.10, 0.15, 0.20)
+        if sb < sp
+    ]
+)
 
 
 def parse_row(spec: str, args: argparse.Namespace) -> dict:
     parts = spec.split(":")
-    row = {"spec": spec, "basis": args.basis, "normalization": args.normalization,
-           "untie": args.untie, "round_to": args.round_to, "n_calib": args.n_calib,
-           "n_eval": args.n_eval}
+    row = {
+        "spec": spec,
+        "basis": args.basis,
+        "normalization": args.normalization,
+        "untie": args.untie,
+        "round_to": args.round_to,
+        "n_calib": args.n_calib,
+        "n_eval": args.n_eval,
+    }
     if parts[0] == "dense":
         row.update(sparsity=0.0, slicing_base=0.0, kind="dense")
     elif parts[0] == "const":
@@ -52,10 +62,10 @@ def parse_row(spec: str, args: argparse.Namespace) -> dict:
 
 def run_row(row: dict) -> dict:
     """Slice (unless dense) and evaluate one row in this process."""
-    import dynslice_modifier  # noqa: F401  registers the modifier and the architecture
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
+    import dynslice_modifier  # noqa: F401  registers the modifier and the architecture
     from dynslice_modifier import DynamicSliceModifier
     from dynslice_modifier.evaluation import perplexity
     from dynslice_modifier.slicer import count_parameters
@@ -72,22 +82,34 @@ def run_row(row: dict) -> dict:
             cached = json.loads(SCORES.read_text())
             scores, lr_s = cached["scores"], cached["seconds"]
         modifier = DynamicSliceModifier(
-            sparsity=row["sparsity"], slicing_base=row["slicing_base"], basis=row["basis"],
-            normalization=row["normalization"], untie_embeddings=row["untie"],
-            round_to=row["round_to"], layer_scores=scores,
+            sparsity=row["sparsity"],
+            slicing_base=row["slicing_base"],
+            basis=row["basis"],
+            normalization=row["normalization"],
+            untie_embeddings=row["untie"],
+            round_to=row["round_to"],
+            layer_scores=scores,
         )
         start = time.perf_counter()
-        model = oneshot(model=str(path), processor=tokenizer, dataset=dataset,
-                        recipe=[modifier], num_calibration_samples=row["n_calib"],
-                        max_seq_length=512)
+        model = oneshot(
+            model=str(path),
+            processor=tokenizer,
+            dataset=dataset,
+            recipe=[modifier],
+            num_calibration_samples=row["n_calib"],
+            max_seq_length=512,
+        )
         oneshot_s = time.perf_counter() - start
         if scores is None and modifier.lr_scores is not None:
             lr_s = modifier.summary["lr_seconds"]
             SCORES.write_text(json.dumps({"scores": modifier.lr_scores, "seconds": lr_s}))
             oneshot_s -= lr_s  # reported in its own column
-        out.update(oneshot_s=round(oneshot_s, 1), lr_s=round(lr_s, 1) if row["kind"] == "dynamic" else 0.0,
-                   mean_slice=round(modifier.summary["mean_slice"], 4),
-                   dims=modifier.summary["dims"])
+        out.update(
+            oneshot_s=round(oneshot_s, 1),
+            lr_s=round(lr_s, 1) if row["kind"] == "dynamic" else 0.0,
+            mean_slice=round(modifier.summary["mean_slice"], 4),
+            dims=modifier.summary["dims"],
+        )
     out["peak_mib"] = round(peak_rss_mib())
     out["params"] = count_parameters(model)
     out["dense_params"] = dense_params
@@ -96,13 +118,25 @@ def run_row(row: dict) -> dict:
 
 
 def write_table(rows: list[dict], path: Path) -> None:
-    const = {(r["sparsity"], r["basis"], r["untie"], r["normalization"]): r["ppl"]
-             for r in rows if r["kind"] == "constant"}
-    lines = [
-        "| run | SP | SB | basis | norm. | untie | mean slice | ppl | vs const | params (M) | vs dense | slice s | +LR s | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in sorted(rows, key=lambda r: (r["kind"] != "dense", r["sparsity"], -r["slicing_base"], r["basis"], r["normalization"], r["untie"])):
+    const = {
+        (r["sparsity"], r["basis"], r["untie"], r["normalization"]): r["ppl"]
+        for r in rows
+        if r["kind"] == "constant"
+    }
+    columns = ["run", "SP", "SB", "basis", "norm.", "untie", "mean slice", "ppl", "vs const",
+               "params (M)", "vs dense", "slice s", "+LR s", "peak MiB"]  # fmt: skip
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in sorted(
+        rows,
+        key=lambda r: (
+            r["kind"] != "dense",
+            r["sparsity"],
+            -r["slicing_base"],
+            r["basis"],
+            r["normalization"],
+            r["untie"],
+        ),
+    ):
         ref = const.get((r["sparsity"], r["basis"], r["untie"], r["normalization"]))
         if ref is None:
             ref = const.get((r["sparsity"], r["basis"], r["untie"], "minmax"))
@@ -110,7 +144,8 @@ def write_table(rows: list[dict], path: Path) -> None:
         lines.append(
             f"| {r['kind']} | {r['sparsity']:.2f} | {r['slicing_base']:.2f} | {r['basis']} | "
             f"{r['normalization']} | {'yes' if r['untie'] else 'no'} | {r['mean_slice']:.3f} | "
-            f"{r['ppl']:.2f} | {vs} | {r['params'] / 1e6:.1f} | {r['params'] / r['dense_params']:.3f} | "
+            f"{r['ppl']:.2f} | {vs} | {r['params'] / 1e6:.1f} | "
+            f"{r['params'] / r['dense_params']:.3f} | "
             f"{r['oneshot_s']:.0f} | {r['lr_s']:.0f} | {r['peak_mib']} |"
         )
     path.write_text(

@@ -95,10 +95,8 @@ def capture_layer_inputs(
                     mask = None if mask is None else torch.as_tensor(mask).unsqueeze(0)
                 if mask is not None:
                     mask = torch.as_tensor(mask).to(device)
-                try:
+                with contextlib.suppress(_StopForward):
                     model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
-                except _StopForward:
-                    pass
                 cache.masks.append(None if mask is None else mask.bool().to(offload_device))
                 keys.append(_batch_key(input_ids, mask))
     finally:

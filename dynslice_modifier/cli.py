@@ -55,10 +55,18 @@ def _windows(tokenizer: Any, args: argparse.Namespace):
 
 def _add_data_args(p: argparse.ArgumentParser, samples: int = 64, seq_len: int = 512) -> None:
     p.add_argument("--data", help="raw text file (default: ../shared WikiText-2 test file)")
-    p.add_argument("--samples", type=_positive(int), default=samples,
-                   help=f"calibration windows (default {samples})")
-    p.add_argument("--seq-len", type=_positive(int), default=seq_len,
-                   help=f"tokens per calibration window (default {seq_len})")
+    p.add_argument(
+        "--samples",
+        type=_positive(int),
+        default=samples,
+        help=f"calibration windows (default {samples})",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=_positive(int),
+        default=seq_len,
+        help=f"tokens per calibration window (default {seq_len})",
+    )
 
 
 def quant_modifiers(scheme: str) -> list[Any]:
@@ -150,15 +158,22 @@ def cmd_compress(args: argparse.Namespace) -> None:
     print(summary_markdown(output))
     dense_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     sliced_bytes = sum(f.stat().st_size for f in output.glob("*.safetensors"))
-    print(f"weights on disk: {dense_bytes / 2**20:.1f} MiB -> {sliced_bytes / 2**20:.1f} MiB "
-          f"({sliced_bytes / dense_bytes:.1%}); whole directory {directory_size(output) / 2**20:.1f} MiB")
-    print(f"compression took {seconds:.0f} s; report: {output / 'slicing_report.md'}, "
-          f"{output / 'slicing_report.png'}")
+    print(
+        f"weights on disk: {dense_bytes / 2**20:.1f} MiB -> {sliced_bytes / 2**20:.1f} MiB "
+        f"({sliced_bytes / dense_bytes:.1%}); "
+        f"whole directory {directory_size(output) / 2**20:.1f} MiB"
+    )
+    print(
+        f"compression took {seconds:.0f} s; report: {output / 'slicing_report.md'}, "
+        f"{output / 'slicing_report.png'}"
+    )
     if args.eval_windows:
         dense_ppl = _perplexity(path, evaluation)
         sliced_ppl = _perplexity(output, evaluation)
-        print(f"perplexity ({args.eval_windows} x 1024 tokens): dense {dense_ppl:.2f} -> "
-              f"compressed {sliced_ppl:.2f} ({sliced_ppl / dense_ppl:.2f}x)")
+        print(
+            f"perplexity ({args.eval_windows} x 1024 tokens): dense {dense_ppl:.2f} -> "
+            f"compressed {sliced_ppl:.2f} ({sliced_ppl / dense_ppl:.2f}x)"
+        )
 
 
 def _perplexity(path: Path, evaluation: Any) -> float:
@@ -210,15 +225,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=_fraction, help="SP, mean fraction sliced (default 0.25)")
     p.add_argument("--slicing-base", type=_fraction, help="SB in [0, SP] (default 0.2*SP)")
     p.add_argument("--round-to", type=_positive(int), help="width multiple (default 16)")
-    p.add_argument("--basis", choices=["sublayer", "layer"], default="sublayer",
-                   help="PCA basis per sub-layer (SliceGPT) or per layer (fewer shortcuts)")
+    p.add_argument(
+        "--basis",
+        choices=["sublayer", "layer"],
+        default="sublayer",
+        help="PCA basis per sub-layer (SliceGPT) or per layer (fewer shortcuts)",
+    )
     p.add_argument("--normalization", choices=["minmax", "rank"], default="minmax")
-    p.add_argument("--untie-embeddings", action="store_true",
-                   help="untie a tied head and slice the embedding table")
-    p.add_argument("--quantize", choices=QUANT_SCHEMES, default="none",
-                   help="quantize after slicing in the same oneshot pass")
-    p.add_argument("--eval-windows", type=int, default=0,
-                   help="evaluate perplexity before/after on this many 1024-token windows")
+    p.add_argument(
+        "--untie-embeddings",
+        action="store_true",
+        help="untie a tied head and slice the embedding table",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=QUANT_SCHEMES,
+        default="none",
+        help="quantize after slicing in the same oneshot pass",
+    )
+    p.add_argument(
+        "--eval-windows",
+        type=int,
+        default=0,
+        help="evaluate perplexity before/after on this many 1024-token windows",
+    )
     p.add_argument("--seed", type=int, default=0)
     _add_data_args(p)
     p.set_defaults(func=cmd_compress)

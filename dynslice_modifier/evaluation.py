@@ -14,7 +14,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-DEFAULT_WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+DEFAULT_WIKITEXT = (
+    Path(__file__).resolve().parents[1].parent
+    / "shared"
+    / "data"
+    / "wikitext-2-raw"
+    / "wiki.test.raw"
+)
 
 
 def wikitext_path(path: str | Path | None = None) -> Path:

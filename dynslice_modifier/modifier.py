@@ -14,6 +14,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from dynslice_modifier.adapters import get_adapter
 from dynslice_modifier.allocation import allocate_dims, check_explicit_dims, check_fractions
+from dynslice_modifier.budget import sliced_parameter_count, solve_sparsity
 from dynslice_modifier.calibration import capture_layer_inputs
 from dynslice_modifier.errors import AllocationError, CalibrationError
 from dynslice_modifier.quantization import (
@@ -84,6 +85,9 @@ class DynamicSliceModifier(Modifier):
     :param basis: ``sublayer`` (SliceGPT: one PCA basis for the attention input and one
         for the MLP input of every layer, two shortcut matrices per layer) or ``layer``
         (one basis per layer from both signals: one shortcut per layer).
+    :param target_params: instead of ``sparsity``, the fraction of the model's parameters to
+        remove (embedding, head and shortcut matrices included); the SP that meets it is
+        solved for after scoring, with ``slicing_base`` (or its default) kept.
     :param untie_embeddings: for models with tied embeddings, untie them and slice the
         input table (SliceGPT's way). By default the table stays shared, in the original
         basis, and the model stays tied.
@@ -97,6 +101,7 @@ class DynamicSliceModifier(Modifier):
     normalization: Literal["minmax", "rank"] = "minmax"
     basis: Literal["sublayer", "layer"] = "sublayer"
     untie_embeddings: bool = False
+    target_params: float | None = None
 
     _lr_scores: list[float] | None = PrivateAttr(default=None)
     _summary: dict[str, Any] = PrivateAttr(default_factory=dict)
@@ -117,6 +122,12 @@ class DynamicSliceModifier(Modifier):
 
     @model_validator(mode="after")
     def _check_slicing_base(self) -> DynamicSliceModifier:
+        if self.target_params is not None:
+            if not 0.0 < self.target_params < 1.0:
+                raise ValueError(f"target_params must be in (0, 1), got {self.target_params}")
+            if "sparsity" in self.model_fields_set:
+                raise ValueError("give either sparsity or target_params, not both")
+            return self
         try:
             check_fractions(self.sparsity, self.effective_slicing_base)
         except AllocationError as err:
@@ -125,7 +136,12 @@ class DynamicSliceModifier(Modifier):
 
     @property
     def effective_slicing_base(self) -> float:
-        return 0.2 * self.sparsity if self.slicing_base is None else self.slicing_base
+        return self._slicing_base_for(self.sparsity)
+
+    def _slicing_base_for(self, sparsity: float) -> float:
+        if self.slicing_base is None:
+            return 0.2 * sparsity
+        return min(self.slicing_base, sparsity) if self.target_params else self.slicing_base
 
     @property
     def lr_scores(self) -> list[float] | None:
@@ -146,7 +162,9 @@ class DynamicSliceModifier(Modifier):
         others = recipe_modifiers()
         check_order(others, self)
         requirement = required_multiple(others)
-        round_to = fit_round_to(self.round_to, "round_to" in self.model_fields_set, requirement, hidden)
+        round_to = fit_round_to(
+            self.round_to, "round_to" in self.model_fields_set, requirement, hidden
+        )
         if round_to > hidden:
             raise AllocationError(f"round_to={round_to} exceeds hidden_size={hidden}")
         if round_to != self.round_to:
@@ -186,7 +204,7 @@ class DynamicSliceModifier(Modifier):
         )
 
         scores = self.layer_scores
-        constant = self.effective_slicing_base == self.sparsity
+        constant = self.effective_slicing_base == self.sparsity and self.target_params is None
         lr_seconds = 0.0
         if explicit is None and scores is None and not constant:
             lr_start = time.perf_counter()
@@ -198,24 +216,43 @@ class DynamicSliceModifier(Modifier):
         if scores is not None:
             self._lr_scores = [float(s) for s in scores]
             logger.info("Layer Redundancy: " + ", ".join(f"{s:.3f}" for s in scores))
-        dims = explicit or allocate_dims(
-            scores or [1.0] * num_layers,
-            hidden,
-            self.sparsity,
-            self.effective_slicing_base,
-            round_to,
-            self.normalization,
+        keep_tied = tied and not self.untie_embeddings
+
+        def allocate(sparsity: float) -> list[int]:
+            return allocate_dims(
+                scores or [1.0] * num_layers,
+                hidden,
+                sparsity,
+                self._slicing_base_for(sparsity),
+                round_to,
+                self.normalization,
+            )
+
+        def predicted(dims: list[int]) -> int:
+            return sliced_parameter_count(model, adapter, dims, self.basis, keep_tied)
+
+        sparsity = self.sparsity
+        if self.target_params is not None and explicit is None:
+            sparsity = solve_sparsity(
+                self.target_params,
+                dense_params,
+                lambda sp: predicted(allocate(sp)),
+                max_sparsity=1.0 - round_to / hidden,
+            )
+            logger.info(f"target_params {self.target_params}: solved sparsity {sparsity:.4f}")
+        dims = explicit or allocate(sparsity)
+        logger.info(
+            f"Predicted parameters: {predicted(dims) / 1e6:.2f}M of {dense_params / 1e6:.2f}M"
         )
         logger.info(f"Kept residual widths: {dims}")
 
-        slicer = RotateAndSlice(
-            model, adapter, dims, device, basis=self.basis, keep_tied=not self.untie_embeddings
-        )
+        slicer = RotateAndSlice(model, adapter, dims, device, basis=self.basis, keep_tied=keep_tied)
         result = slicer.run(inputs)
         provenance = {
             "lr_scores": self._lr_scores,
-            "sparsity": self.sparsity,
-            "slicing_base": self.effective_slicing_base,
+            "sparsity": sparsity,
+            "slicing_base": self._slicing_base_for(sparsity),
+            "target_params": self.target_params,
             "round_to": round_to,
             "normalization": self.normalization,
             "basis": self.basis,
@@ -234,7 +271,7 @@ class DynamicSliceModifier(Modifier):
         }
         logger.info(
             f"Sliced {type(model).__name__}: mean slice {mean_slice:.3f} (target "
-            f"{self.sparsity}), parameters {dense_params / 1e6:.2f}M -> "
+            f"{sparsity:.4f}), parameters {dense_params / 1e6:.2f}M -> "
             f"{sliced_params / 1e6:.2f}M ({sliced_params / dense_params:.1%} of dense), "
             f"{self._summary['seconds']:.1f}s"
         )

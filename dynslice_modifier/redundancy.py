@@ -18,7 +18,9 @@ class RedundancyAccumulator:
         self.total = 0.0
         self.tokens = 0
 
-    def add(self, layer_in: torch.Tensor, layer_out: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def add(
+        self, layer_in: torch.Tensor, layer_out: torch.Tensor, mask: torch.Tensor | None
+    ) -> None:
         cos = torch.nn.functional.cosine_similarity(
             layer_in.to(torch.float64), layer_out.to(torch.float64), dim=-1
         )

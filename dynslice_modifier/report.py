@@ -47,8 +47,11 @@ def summary_markdown(checkpoint: str | Path) -> str:
     if quant:
         lines.append(f"- quantization: {quant.get('format')} ({quant.get('quant_method')})")
     lines.append(f"- size on disk: {directory_size(checkpoint) / 2**20:.1f} MiB")
-    lines += ["", "| layer | LR score | attention width | MLP width | attn shortcut | MLP shortcut |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| layer | LR score | attention width | MLP width | attn shortcut | MLP shortcut |",
+        "|---|---|---|---|---|---|",
+    ]
     for i, (a, m) in enumerate(zip(spec["attn_dims"], spec["mlp_dims"], strict=True)):
         score = "" if scores[i] is None else f"{scores[i]:.3f}"
         lines.append(

@@ -206,7 +206,9 @@ class RotateAndSlice:
                 for b in range(len(inputs)):
                     mid = inputs.hidden[b].to(device)
                     ms = mid.float() @ m32
-                    mlp_out = adapter.mlp(layer)(adapter.post_attention_norm(layer)(ms.to(mid.dtype)))
+                    mlp_out = adapter.mlp(layer)(
+                        adapter.post_attention_norm(layer)(ms.to(mid.dtype))
+                    )
                     out = (ms @ m32.T + mlp_out.float()).to(mid.dtype)
                     check_finite(out, f"decoder layer {idx} output")
                     out_acc.add(out, _mask(inputs, b, device))

@@ -33,7 +33,11 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     )
     adapter = ADAPTERS.get(model_type)
     if adapter is None or architecture not in adapter.architectures:
-        why = f": {UNSOUND[model_type]}, which rotation cannot absorb" if model_type in UNSOUND else ""
+        why = (
+            f": {UNSOUND[model_type]}, which rotation cannot absorb"
+            if model_type in UNSOUND
+            else ""
+        )
         raise UnsupportedModelError(
             f"DynamicSliceModifier does not support {architecture} (model_type "
             f"{model_type!r}){why}. Supported architectures: {supported}."

@@ -70,7 +70,9 @@ class ResidualShortcut(nn.Module):
     def __init__(self, in_features: int, out_features: int, device=None, dtype=None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, device=device, dtype=dtype)
+        )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(hidden_states, self.weight)

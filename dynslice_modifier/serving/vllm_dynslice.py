@@ -42,6 +42,7 @@ from vllm.model_executor.layers.linear import (
     QKVParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
+    UnquantizedLinearMethod,
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
@@ -287,8 +288,13 @@ class ResidualShortcut(ReplicatedLinear):
     targeted class). vLLM's compressed-tensors matches targets against the class name by
     substring, so a class called ``*Linear`` would be taken for quantized; under this name
     a shortcut is quantized exactly when the checkpoint's config targets it (by name,
-    regex or ``ResidualShortcut``) and does not ignore it.
+    regex or ``ResidualShortcut``) and does not ignore it. A config can still claim more
+    than the checkpoint holds, so ``DynSliceForCausalLM.load_weights`` checks the tensors.
     """
+
+    @property
+    def is_quantized(self) -> bool:
+        return not isinstance(self.quant_method, UnquantizedLinearMethod)
 
 
 def _shortcut(
@@ -507,4 +513,39 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
+        shortcuts = {
+            name: module
+            for name, module in self.named_modules()
+            if isinstance(module, ResidualShortcut)
+        }
+        return AutoWeightsLoader(self).load_weights(
+            _check_shortcut_tensors(weights, shortcuts), mapper=self.hf_to_vllm_mapper
+        )
+
+
+_PLAIN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_shortcut_tensors(
+    weights: Iterable[tuple[str, torch.Tensor]], shortcuts: dict[str, ResidualShortcut]
+) -> Iterable[tuple[str, torch.Tensor]]:
+    """Pass weights through, refusing shortcut tensors that disagree with the built layer.
+
+    Without this, a plain float shortcut loaded into a layer built as quantized is cast
+    into its integer weight and served as garbage with no error (and a quantized one sent
+    to a plain layer fails with an opaque "no parameter named weight_scale").
+    """
+    for name, tensor in weights:
+        owner, _, attr = name.rpartition(".")
+        layer = shortcuts.get(owner)
+        if layer is not None:
+            plain = attr == "weight" and tensor.dtype in _PLAIN_DTYPES
+            if layer.is_quantized == plain:
+                held, wants = ("unquantized", "quantized") if plain else ("quantized", "plain")
+                raise ValueError(
+                    f"{owner}: the checkpoint holds {held} tensors ({attr}, {tensor.dtype}) "
+                    f"but its quantization_config makes this residual shortcut {wants}; "
+                    f"make the config's targets / ignore list match (vLLM matches it as a "
+                    f"{ResidualShortcut.__name__!r} module named {owner!r})"
+                )
+        yield name, tensor

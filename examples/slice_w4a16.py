@@ -1,0 +1,35 @@
+"""Slice and quantize to W4A16 (GPTQ, group 128) in one oneshot pass.
+
+The slicer sees the group-wise scheme later in the recipe and rounds every kept width to
+a multiple of 128 by itself (576 is not a multiple of 128; sliced widths can be).
+"""
+
+from _common import SAMPLES, SEQ_LEN, smollm2_and_data
+from llmcompressor import oneshot
+from transformers import AutoModelForCausalLM
+
+import dynslice_modifier  # noqa: F401  registers DynamicSliceModifier for YAML recipes
+from dynslice_modifier.evaluation import perplexity
+
+RECIPE = """
+slice_stage:
+  slice_modifiers:
+    DynamicSliceModifier: {sparsity: 0.25, slicing_base: 0.05}
+quant_stage:
+  quant_modifiers:
+    GPTQModifier: {targets: Linear, scheme: W4A16, ignore: [lm_head]}
+"""
+
+path, tokenizer, dataset, evaluation = smollm2_and_data()
+oneshot(
+    model=str(path),
+    processor=tokenizer,
+    dataset=dataset,
+    recipe=RECIPE,
+    num_calibration_samples=SAMPLES,
+    max_seq_length=SEQ_LEN,
+    output_dir="out/smollm2-sliced-w4a16",
+)
+model = AutoModelForCausalLM.from_pretrained("out/smollm2-sliced-w4a16")
+print("kept widths:", model.config.slicing["mlp_dims"])
+print(f"perplexity of the sliced W4A16 model: {perplexity(model, evaluation):.2f}")

@@ -1,0 +1,53 @@
+"""Shipped recipes parse; the first two examples run end to end on a small budget."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from llmcompressor.recipe import Recipe
+
+from dynslice_modifier import DynamicSliceModifier
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_parse(recipe):
+    modifiers = Recipe.create_instance(str(recipe)).modifiers
+    assert isinstance(modifiers[0], DynamicSliceModifier)
+    assert modifiers[0].sparsity == 0.25
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize(
+    ("script", "expect"),
+    [("slice_only.py", "perplexity: dense"), ("slice_w4a16.py", "sliced W4A16 model")],
+)
+def test_example_runs(script, expect, tmp_path):
+    env = dict(
+        os.environ,
+        DYNSLICE_EXAMPLE_SAMPLES="8",
+        DYNSLICE_EXAMPLE_SEQ_LEN="256",
+        DYNSLICE_EXAMPLE_EVAL_WINDOWS="1",
+        TQDM_DISABLE="1",
+        PYTHONPATH=str(ROOT / "examples"),
+    )
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert expect in result.stdout
+    widths = ast.literal_eval(result.stdout.split("kept widths:")[1].splitlines()[0])
+    assert len(widths) == 30 and max(widths) < 576
+    if script == "slice_w4a16.py":
+        assert all(w % 128 == 0 for w in widths)
