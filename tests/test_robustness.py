@@ -1,0 +1,89 @@
+"""Reproducibility and hostile sliced-model configs."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_modifier import RECIPE, run_oneshot
+from test_slicing import slice_in_memory
+from tiny import tiny_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from dynslice_modifier.modeling import DynSliceConfig, DynSliceForCausalLM, SlicingConfigError
+
+
+def test_same_calibration_set_gives_byte_identical_checkpoints(tiny_dir, tmp_path):
+    digests = []
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        # llm-compressor shuffles calibration samples differently on every run.
+        run_oneshot(tiny_dir, RECIPE, out, shuffle_calibration_samples=True)
+        digests.append(hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+@pytest.fixture(scope="module")
+def sliced_config() -> dict:
+    model = tiny_model("llama", True, layers=3)
+    slice_in_memory(model, layer_dims=[48, 32, 40])
+    return model.config.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda s: s["attn_dims"].__setitem__(1, -8), r"attn_dims\[1\]"),
+        (lambda s: s["mlp_dims"].__setitem__(0, 4096), r"mlp_dims\[0\]"),
+        (lambda s: s["attn_dims"].pop(), "list of 3 entries"),
+        (lambda s: s.pop("mlp_shortcuts"), "mlp_shortcuts"),
+        (lambda s: s["attn_shortcuts"].__setitem__(0, "yes"), "true or false"),
+        (lambda s: s.pop("layout"), "layout"),
+        (lambda s: s.__setitem__("format_version", 99), "upgrade dynslice-modifier"),
+        (lambda s: s["attn_dims"].__setitem__(2, 40.5), r"attn_dims\[2\]"),
+    ],
+)
+def test_hostile_configs_are_rejected(sliced_config, mutate, message):
+    config = copy.deepcopy(sliced_config)
+    mutate(config["slicing"])
+    with pytest.raises(SlicingConfigError, match=message):
+        DynSliceForCausalLM(DynSliceConfig.from_dict(config))
+
+
+def test_missing_slicing_section(sliced_config, tmp_path):
+    config = copy.deepcopy(sliced_config)
+    del config["slicing"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SlicingConfigError, match="must be a mapping"):
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path))
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    key=st.sampled_from(["attn_dims", "mlp_dims", "attn_shortcuts", "mlp_shortcuts"]),
+    index=st.integers(0, 2),
+    value=st.one_of(
+        st.integers(-1000, 1000),
+        st.booleans(),
+        st.none(),
+        st.text(max_size=3),
+        st.floats(allow_nan=True),
+    ),
+)
+def test_fuzzed_configs_either_build_or_fail_clearly(sliced_config, key, index, value):
+    config = copy.deepcopy(sliced_config)
+    config["slicing"][key][index] = value
+    try:
+        model = DynSliceForCausalLM(DynSliceConfig.from_dict(config))
+    except SlicingConfigError:
+        return
+    # Whatever is accepted must be a consistent model: widths within bounds, shapes chained.
+    spec = model.config.slicing
+    hidden = model.config.hidden_size
+    assert all(isinstance(d, int) and 0 < d <= hidden for d in spec["attn_dims"] + spec["mlp_dims"])
