@@ -1,0 +1,152 @@
+"""Perplexity and size of dense / sliced SmolLM2-135M with and without quantization.
+
+The sliced model is made once (SP 0.25, dynamic) and saved; each quantized row runs
+llm-compressor's quantizer on it, which is what a one-pass recipe does after the slicer
+(the quantizer calibrates on the sliced model in both cases; the one-pass recipe itself is
+covered by tests). Results: ``results/quantized.jsonl`` and ``results/quantized.md``.
+
+    python benchmarks/quantized.py [--sparsity 0.25 --slicing-base 0.05]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import RESULTS, append_jsonl, protocol, read_jsonl
+
+JSONL = RESULTS / "quantized.jsonl"
+WORK = Path(__file__).resolve().parents[1] / "out" / "bench"
+
+# (name, scheme, group size); dense W4A16 needs group 64 because 576 % 128 != 0.
+SCHEMES = {
+    "none": None,
+    "w8a8": ("W8A8", None),
+    "w4a16": ("W4A16", 128),
+    "w4a16-g64": ("W4A16", 64),
+    "fp8": ("FP8_DYNAMIC", None),
+}
+
+
+def quant_recipe(scheme: str, group: int | None):
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    if scheme == "FP8_DYNAMIC":
+        return [QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])]
+    preset = preset_name_to_scheme(scheme, ["Linear"])
+    if group is not None:
+        preset.weights.group_size = group
+    return [GPTQModifier(config_groups={"group_0": preset}, ignore=["lm_head"])]
+
+
+def run_row(row: dict) -> dict:
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    import dynslice_modifier  # noqa: F401
+    from dynslice_modifier import DynamicSliceModifier
+    from dynslice_modifier.evaluation import perplexity
+
+    path, tokenizer, dataset, evaluation = protocol()
+    source = path
+    if row["model"] == "sliced":
+        source = WORK / f"sliced-sp{row['sparsity']}-sb{row['slicing_base']}"
+        if not (source / "config.json").exists():
+            oneshot(
+                model=str(path),
+                processor=tokenizer,
+                dataset=dataset,
+                recipe=[
+                    DynamicSliceModifier(sparsity=row["sparsity"], slicing_base=row["slicing_base"])
+                ],
+                num_calibration_samples=64,
+                max_seq_length=512,
+                output_dir=str(source),
+            )
+    out = WORK / f"{row['model']}-{row['scheme']}"
+    start = time.perf_counter()
+    if SCHEMES[row["scheme"]] is None:
+        out = source
+    else:
+        oneshot(
+            model=str(source),
+            processor=tokenizer,
+            dataset=dataset,
+            recipe=quant_recipe(*SCHEMES[row["scheme"]]),
+            num_calibration_samples=64,
+            max_seq_length=512,
+            output_dir=str(out),
+        )
+    seconds = time.perf_counter() - start
+    model = AutoModelForCausalLM.from_pretrained(out)
+    size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+    return dict(
+        row,
+        ppl=round(perplexity(model, evaluation), 3),
+        mib=round(size / 2**20, 1),
+        quant_s=round(seconds, 1),
+        path=str(out),
+    )
+
+
+def write_table(rows: list[dict]) -> None:
+    base = {r["model"]: r["ppl"] for r in rows if r["scheme"] == "none"}
+    lines = [
+        "| model | quantization | perplexity | vs unquantized | weights MiB |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ref = base.get(r["model"])
+        vs = f"{r['ppl'] / ref:.3f}" if ref else ""
+        label = "none (float32)" if r["scheme"] == "none" else r["scheme"]
+        lines.append(f"| {r['model']} | {label} | {r['ppl']:.2f} | {vs} | {r['mib']} |")
+    (RESULTS / "quantized.md").write_text(
+        "SmolLM2-135M, WikiText-2 protocol (64x512 calibration, 32x1024 evaluation). Produced by "
+        "`python benchmarks/quantized.py`. Sliced = SP 0.25 dynamic.\n\n" + "\n".join(lines) + "\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sparsity", type=float, default=0.25)
+    parser.add_argument("--slicing-base", type=float, default=0.05)
+    parser.add_argument(
+        "--rows",
+        nargs="*",
+        default=[
+            "sliced:none",
+            "sliced:w8a8",
+            "dense:w8a8",
+            "sliced:w4a16",
+            "dense:w4a16-g64",
+            "sliced:fp8",
+        ],
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        append_jsonl(JSONL, run_row(json.loads(args.worker)))
+        return
+    done = {(r["model"], r["scheme"]) for r in read_jsonl(JSONL)}
+    for spec in args.rows:
+        model, scheme = spec.split(":")
+        if (model, scheme) in done:
+            continue
+        row = {
+            "model": model,
+            "scheme": scheme,
+            "sparsity": args.sparsity,
+            "slicing_base": args.slicing_base,
+        }
+        subprocess.run([sys.executable, __file__, "--worker", json.dumps(row)], check=True)
+    write_table(read_jsonl(JSONL))
+
+
+if __name__ == "__main__":
+    main()
