@@ -85,6 +85,9 @@ class DynamicSliceModifier(Modifier):
     :param basis: ``sublayer`` (SliceGPT: one PCA basis for the attention input and one
         for the MLP input of every layer, two shortcut matrices per layer) or ``layer``
         (one basis per layer from both signals: one shortcut per layer).
+    :param hadamard: fold a block Hadamard rotation into every kept basis (free at inference:
+        the function is unchanged) so quantizers after the slicer see spread-out, outlier-free
+        channels, in the spirit of QuaRot/SpinQuant.
     :param target_params: instead of ``sparsity``, the fraction of the model's parameters to
         remove (embedding, head and shortcut matrices included); the SP that meets it is
         solved for after scoring, with ``slicing_base`` (or its default) kept.
@@ -102,6 +105,7 @@ class DynamicSliceModifier(Modifier):
     basis: Literal["sublayer", "layer"] = "sublayer"
     untie_embeddings: bool = False
     target_params: float | None = None
+    hadamard: bool = False
 
     _lr_scores: list[float] | None = PrivateAttr(default=None)
     _summary: dict[str, Any] = PrivateAttr(default_factory=dict)
@@ -246,7 +250,9 @@ class DynamicSliceModifier(Modifier):
         )
         logger.info(f"Kept residual widths: {dims}")
 
-        slicer = RotateAndSlice(model, adapter, dims, device, basis=self.basis, keep_tied=keep_tied)
+        slicer = RotateAndSlice(
+            model, adapter, dims, device, self.basis, keep_tied=keep_tied, hadamard=self.hadamard
+        )
         result = slicer.run(inputs)
         provenance = {
             "lr_scores": self._lr_scores,
@@ -256,6 +262,7 @@ class DynamicSliceModifier(Modifier):
             "round_to": round_to,
             "normalization": self.normalization,
             "basis": self.basis,
+            "hadamard": self.hadamard,
         }
         convert_to_sliced(model, adapter, result, provenance)
         sliced_params = count_parameters(model)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from dynslice_modifier.adapters import ModelAdapter
 from dynslice_modifier.calibration import LayerInputs, check_finite, onloaded, to_device
+from dynslice_modifier.hadamard import block_hadamard
 from dynslice_modifier.modeling.configuration_dynslice import (
     SLICING_FORMAT_VERSION,
     DynSliceConfig,
@@ -125,6 +126,7 @@ class RotateAndSlice:
         device: torch.device,
         basis: Basis = "sublayer",
         keep_tied: bool = True,
+        hadamard: bool = False,
     ) -> None:
         self.model = model
         self.adapter = adapter
@@ -134,6 +136,7 @@ class RotateAndSlice:
         self.hidden_size = model.config.hidden_size
         self.eps = model.config.rms_norm_eps
         self.tied = keep_tied and embeddings_tied(model)
+        self.hadamard = hadamard
         # The covariance of a layer's output is gathered while computing it, so the next
         # layer's attention basis costs no extra pass.
         self._next_input_cov: CovarianceAccumulator | None = None
@@ -146,6 +149,8 @@ class RotateAndSlice:
         eigenvalues, vectors = principal_basis(acc, where)
         kept = eigenvalues[:width].clamp_min(0).sum() / eigenvalues.clamp_min(0).sum()
         logger.debug(f"{where}: keeping {width}/{len(eigenvalues)} dims, {kept:.4%} of energy")
+        if self.hadamard:
+            return vectors[:, :width] @ block_hadamard(width).to(vectors.device)
         return vectors[:, :width]
 
     def _finish_writer(self, writer: _Writer, target: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,12 @@ def test_rank_normalization_spreads_outlier_profile():
 
 @pytest.mark.parametrize(
     ("sp", "sb", "match"),
-    [(1.0, 0.0, "sparsity"), (-0.1, 0.0, "sparsity"), (0.2, 0.3, "slicing_base"), (0.2, -0.1, "slicing_base")],
+    [
+        (1.0, 0.0, "sparsity"),
+        (-0.1, 0.0, "sparsity"),
+        (0.2, 0.3, "slicing_base"),
+        (0.2, -0.1, "slicing_base"),
+    ],
 )
 def test_bad_fractions(sp, sb, match):
     with pytest.raises(AllocationError, match=match):
@@ -102,3 +107,14 @@ def test_allocation_properties(scores, sp, base_share, hidden, round_to):
     dims = allocate_dims(scores, hidden, sp, sb, round_to)
     assert all(d % round_to == 0 and round_to <= d <= hidden for d in dims)
     assert abs(np.mean(dims) - hidden * (1 - sp)) <= round_to
+
+
+def test_block_hadamard_is_orthogonal_for_any_width():
+    import torch
+
+    from dynslice_modifier.hadamard import block_hadamard
+
+    for width in (16, 48, 432, 384, 7):
+        h = block_hadamard(width)
+        torch.testing.assert_close(h @ h.T, torch.eye(width, dtype=h.dtype))
+    assert block_hadamard(384)[:128, :128].abs().unique().numel() == 1  # one 128-block

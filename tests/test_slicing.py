@@ -23,14 +23,15 @@ def slice_in_memory(model, **options) -> DynamicSliceModifier:
     return modifier
 
 
+@pytest.mark.parametrize("hadamard", [False, True])
 @pytest.mark.parametrize("basis", ["sublayer", "layer"])
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_rotation_only_is_exact(arch, tied, basis):
+def test_rotation_only_is_exact(arch, tied, basis, hadamard):
     model = tiny_model(arch, tied)
     with torch.no_grad():
         reference = model(IDS).logits
-    slice_in_memory(model, sparsity=0.0, basis=basis)
+    slice_in_memory(model, sparsity=0.0, basis=basis, hadamard=hadamard)
     assert isinstance(model, DynSliceForCausalLM)
     with torch.no_grad():
         rotated = model(IDS).logits
@@ -114,3 +115,19 @@ def test_redundancy_scores_are_recorded():
     dims = model.config.slicing["mlp_dims"]
     # The most redundant layer keeps the fewest dims.
     assert dims[scores.index(max(scores))] == min(dims)
+
+
+def test_hadamard_keeps_the_sliced_function_and_spreads_channels():
+    plain, spread = tiny_model("llama", True), tiny_model("llama", True)
+    slice_in_memory(plain, sparsity=0.25, slicing_base=0.1, round_to=8)
+    slice_in_memory(spread, sparsity=0.25, slicing_base=0.1, round_to=8, hadamard=True)
+    with torch.no_grad():
+        torch.testing.assert_close(spread(IDS).logits, plain(IDS).logits, atol=1e-4, rtol=1e-4)
+
+    # PCA puts most energy in the first input columns of q_proj; Hadamard evens it out.
+    def peak_to_mean(model):
+        w = model.model.layers[1].self_attn.q_proj.weight.norm(dim=0)
+        return float(w.max() / w.mean())
+
+    assert peak_to_mean(spread) < peak_to_mean(plain)
+    assert spread.config.slicing["hadamard"] is True
