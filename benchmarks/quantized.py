@@ -55,16 +55,19 @@ def run_row(row: dict) -> dict:
 
     path, tokenizer, dataset, evaluation = protocol()
     source = path
-    if row["model"] == "sliced":
-        source = WORK / f"sliced-sp{row['sparsity']}-sb{row['slicing_base']}"
+    if row["model"] != "dense":
+        hadamard = row["model"] == "sliced-hadamard"
+        suffix = "-hadamard" if hadamard else ""
+        source = WORK / f"sliced-sp{row['sparsity']}-sb{row['slicing_base']}{suffix}"
         if not (source / "config.json").exists():
+            slicer = DynamicSliceModifier(
+                sparsity=row["sparsity"], slicing_base=row["slicing_base"], hadamard=hadamard
+            )
             oneshot(
                 model=str(path),
                 processor=tokenizer,
                 dataset=dataset,
-                recipe=[
-                    DynamicSliceModifier(sparsity=row["sparsity"], slicing_base=row["slicing_base"])
-                ],
+                recipe=[slicer],
                 num_calibration_samples=64,
                 max_seq_length=512,
                 output_dir=str(source),
@@ -108,7 +111,8 @@ def write_table(rows: list[dict]) -> None:
         lines.append(f"| {r['model']} | {label} | {r['ppl']:.2f} | {vs} | {r['mib']} |")
     (RESULTS / "quantized.md").write_text(
         "SmolLM2-135M, WikiText-2 protocol (64x512 calibration, 32x1024 evaluation). Produced by "
-        "`python benchmarks/quantized.py`. Sliced = SP 0.25 dynamic.\n\n" + "\n".join(lines) + "\n"
+        "`python benchmarks/quantized.py`. Sliced = SP 0.25, SB 0.05 dynamic; "
+        "sliced-hadamard adds `hadamard: true`.\n\n" + "\n".join(lines) + "\n"
     )
 
 
@@ -126,6 +130,9 @@ def main() -> None:
             "sliced:w4a16",
             "dense:w4a16-g64",
             "sliced:fp8",
+            "sliced-hadamard:none",
+            "sliced-hadamard:w8a8",
+            "sliced-hadamard:w4a16",
         ],
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)

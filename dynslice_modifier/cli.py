@@ -137,6 +137,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
             basis=args.basis,
             normalization=args.normalization,
             untie_embeddings=args.untie_embeddings,
+            hadamard=args.hadamard,
             **({"round_to": args.round_to} if args.round_to else {}),
         )
         recipe = [slicer, *quant_modifiers(args.quantize)]
@@ -232,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="PCA basis per sub-layer (SliceGPT) or per layer (fewer shortcuts)",
     )
     p.add_argument("--normalization", choices=["minmax", "rank"], default="minmax")
+    p.add_argument(
+        "--hadamard",
+        action="store_true",
+        help="fold block Hadamard rotations into the kept bases (helps quantization)",
+    )
     p.add_argument(
         "--untie-embeddings",
         action="store_true",

@@ -10,9 +10,9 @@ from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import VOCAB, tiny_model  # noqa: E402
+from tiny import VOCAB, tiny_model
 
-import dynslice_modifier  # noqa: E402, F401  registers the modifier and the architecture
+import dynslice_modifier  # noqa: F401  registers the modifier and the architecture
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:

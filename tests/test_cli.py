@@ -22,7 +22,11 @@ def dynslice(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedP
     env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-m", "dynslice_modifier.cli", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"dynslice {args} failed:\n{result.stdout}\n{result.stderr}")
@@ -57,15 +61,36 @@ def test_help_is_complete(command, workdir, capsys):
     assert code == 0
     assert "usage: dynslice" in out
     if command == ["compress"]:
-        for flag in ("--sparsity", "--slicing-base", "--round-to", "--basis", "--quantize",
-                     "--recipe", "--eval-windows", "--untie-embeddings", "--data"):
+        for flag in (
+            "--sparsity",
+            "--slicing-base",
+            "--round-to",
+            "--basis",
+            "--quantize",
+            "--recipe",
+            "--eval-windows",
+            "--untie-embeddings",
+            "--data",
+        ):
             assert flag in out
 
 
 def test_compress_writes_model_report_and_summary(workdir):
     before = sorted(p.name for p in (workdir / "tiny").iterdir())
-    result = dynslice("compress", "tiny", "out", "--sparsity", "0.25", "--round-to", "8",
-                      *SMALL, *DATA, "--eval-windows", "1", cwd=workdir)
+    result = dynslice(
+        "compress",
+        "tiny",
+        "out",
+        "--sparsity",
+        "0.25",
+        "--round-to",
+        "8",
+        *SMALL,
+        *DATA,
+        "--eval-windows",
+        "1",
+        cwd=workdir,
+    )
     out = workdir / "out"
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
     assert (out / "slicing_report.md").read_text().startswith("# Sliced checkpoint")
@@ -77,13 +102,25 @@ def test_compress_writes_model_report_and_summary(workdir):
 
 
 def test_scores_eval_and_report(workdir, capsys):
-    code, out, _ = run_main("scores", "tiny", *SMALL, *DATA, "--json", "scores.json",
-                            cwd=workdir, capsys=capsys)
+    code, out, _ = run_main(
+        "scores", "tiny", *SMALL, *DATA, "--json", "scores.json", cwd=workdir, capsys=capsys
+    )
     assert code == 0 and "LR score" in out
     scores = json.loads((workdir / "scores.json").read_text())["lr_scores"]
     assert len(scores) == 3 and all(-1 <= s <= 1 for s in scores)
-    code, _, err = run_main("compress", "tiny", "out2", "--sparsity", "0.25", "--round-to", "8",
-                            *SMALL, *DATA, cwd=workdir, capsys=capsys)
+    code, _, err = run_main(
+        "compress",
+        "tiny",
+        "out2",
+        "--sparsity",
+        "0.25",
+        "--round-to",
+        "8",
+        *SMALL,
+        *DATA,
+        cwd=workdir,
+        capsys=capsys,
+    )
     assert code == 0, err
     code, out, _ = run_main("eval", "out2", "--windows", "1", *DATA, cwd=workdir, capsys=capsys)
     assert code == 0 and float(out.rsplit(":", 1)[1]) > 1.0

@@ -32,9 +32,7 @@ IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
 
 
 def digest(path: Path) -> dict[str, str]:
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())
-    }
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
 
 
 def run_oneshot(model_dir: Path, recipe, out: Path | None = None, **kwargs):
@@ -97,7 +95,8 @@ sys.modules["dynslice_modifier"] = None  # make any import of the package fail
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
 assert type(m).__name__ == "DynSliceForCausalLM", type(m)
-torch.save(m(torch.load({str(tmp_path / 'ids.pt')!r})).logits.detach(), {str(tmp_path / 'logits.pt')!r})
+ids = torch.load({str(tmp_path / "ids.pt")!r})
+torch.save(m(ids).logits.detach(), {str(tmp_path / "logits.pt")!r})
 """
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
@@ -158,8 +157,13 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     from transformers import GemmaConfig, GemmaForCausalLM
 
     config = GemmaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
     )
     GemmaForCausalLM(config).save_pretrained(tmp_path / "gemma")
     from conftest import word_tokenizer

@@ -29,8 +29,15 @@ def smollm2():
 
 def run(smollm2, modifier, output_dir=None):
     path, tokenizer, dataset, _, _ = smollm2
-    return oneshot(model=str(path), processor=tokenizer, dataset=dataset, recipe=[modifier],
-                   num_calibration_samples=8, max_seq_length=256, output_dir=output_dir)
+    return oneshot(
+        model=str(path),
+        processor=tokenizer,
+        dataset=dataset,
+        recipe=[modifier],
+        num_calibration_samples=8,
+        max_seq_length=256,
+        output_dir=output_dir,
+    )
 
 
 def test_dense_is_a_real_model(smollm2):

@@ -24,7 +24,9 @@ ARCHS = {
 VOCAB = 128
 
 
-def tiny_model(arch: str = "llama", tied: bool = True, seed: int = 0, layers: int = 3, hidden: int = 64):
+def tiny_model(
+    arch: str = "llama", tied: bool = True, seed: int = 0, layers: int = 3, hidden: int = 64
+):
     config_cls, model_cls, extra = ARCHS[arch]
     config = config_cls(
         vocab_size=VOCAB,
