@@ -70,6 +70,7 @@ def test_help_is_complete(command, workdir, capsys):
             "--recipe",
             "--eval-windows",
             "--untie-embeddings",
+            "--hadamard",
             "--data",
         ):
             assert flag in out
