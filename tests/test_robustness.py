@@ -87,3 +87,14 @@ def test_fuzzed_configs_either_build_or_fail_clearly(sliced_config, key, index, 
     spec = model.config.slicing
     hidden = model.config.hidden_size
     assert all(isinstance(d, int) and 0 < d <= hidden for d in spec["attn_dims"] + spec["mlp_dims"])
+
+
+def test_vllm_without_the_plugin_names_the_fix(sliced_config, monkeypatch):
+    import importlib.metadata
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+    with pytest.raises(ImportError, match=r"pip install 'dynslice-modifier\[serve\]'"):
+        DynSliceConfig.from_dict(sliced_config)

@@ -11,6 +11,7 @@ without llm-compressor.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -82,6 +83,26 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
         raise SlicingConfigError("slicing.embedding_sliced must be true or false")
 
 
+def _require_vllm_plugin() -> None:
+    """Inside vLLM, a sliced checkpoint needs the plugin; say so instead of failing later.
+
+    vLLM without the plugin either asks for ``trust_remote_code`` or, with it, falls back to
+    a generic backend that dies on an unknown config class. With ``trust_remote_code`` it
+    runs this file, so this is the one place that can name the fix.
+    """
+    if "vllm" not in sys.modules:
+        return
+    from importlib.metadata import entry_points
+
+    if not any(ep.name == "dynslice" for ep in entry_points(group="vllm.general_plugins")):
+        raise ImportError(
+            "this checkpoint was sliced by dynslice-modifier and vLLM serves it through the "
+            "dynslice plugin, which is not installed in this environment: "
+            "pip install 'dynslice-modifier[serve]' (or pip install --no-deps "
+            "dynslice-modifier next to an existing vLLM)"
+        )
+
+
 class DynSliceConfig(PretrainedConfig):
     """The base model's config, flat, plus ``base_model_type`` and ``slicing``.
 
@@ -109,6 +130,7 @@ class DynSliceConfig(PretrainedConfig):
         slicing: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        _require_vllm_plugin()
         self.base_model_type = base_model_type
         self.slicing = slicing
         super().__init__(**kwargs)

