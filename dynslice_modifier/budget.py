@@ -49,10 +49,10 @@ def sliced_parameter_count(
         total += o_proj.in_features * width + (width if o_proj.bias is not None else 0)
         total += down.in_features * out + (out if down.bias is not None else 0)
         # Whatever else the layer holds (e.g. Qwen3's q/k norms) is untouched; the two
-        # residual norms lose their scales.
+        # residual norms keep one scale per kept dim.
         counted = sum(_params(m) for m in (*readers, *writers))
         norms = _params(adapter.input_norm(layer)) + _params(adapter.post_attention_norm(layer))
-        total += _params(layer) - counted - norms
+        total += _params(layer) - counted - norms + 2 * width
         total += (width * width if basis == "sublayer" else 0) + width * out
     embedding = adapter.embedding(model)
     vocab = embedding.num_embeddings

@@ -38,7 +38,8 @@ from dynslice_modifier.modeling.configuration_dynslice import (
 from dynslice_modifier.modeling.modeling_dynslice import (
     DynSliceForCausalLM,
     SlicedDecoderLayer,
-    WeightlessRMSNorm,
+    SlicedRMSNorm,
+    rms_normalize,
 )
 from dynslice_modifier.pca import CovarianceAccumulator, principal_basis
 from dynslice_modifier.redundancy import RedundancyAccumulator
@@ -141,8 +142,8 @@ class RotateAndSlice:
         # layer's attention basis costs no extra pass.
         self._next_input_cov: CovarianceAccumulator | None = None
 
-    def _norm(self) -> WeightlessRMSNorm:
-        return WeightlessRMSNorm(self.hidden_size, self.eps)
+    def _norm(self, width: int, like: torch.Tensor) -> SlicedRMSNorm:
+        return SlicedRMSNorm(width, self.hidden_size, self.eps, like.device, like.dtype)
 
     def _pca(self, acc: CovarianceAccumulator, width: int, where: str) -> torch.Tensor:
         acc.all_reduce()
@@ -167,7 +168,7 @@ class RotateAndSlice:
         input_projection: torch.Tensor | None = None
         for idx, layer in enumerate(tqdm(layers, desc="Rotate and slice", leave=False)):
             with onloaded(layer, device), torch.no_grad():
-                self._fold_norms(layer)
+                self._fold_norms(layer, self.dims[idx])
                 attn_inputs = adapter.attn_inputs(layer)
                 if self.basis == "layer":
                     a_basis = self._joint_basis(layer, inputs, idx)
@@ -233,12 +234,13 @@ class RotateAndSlice:
             embedding_sliced=not self.tied,
         )
 
-    def _fold_norms(self, layer: nn.Module) -> None:
+    def _fold_norms(self, layer: nn.Module, width: int) -> None:
         adapter = self.adapter
-        fold_scale_into_inputs(adapter.attn_inputs(layer), adapter.input_norm(layer).weight)
+        scale = adapter.input_norm(layer).weight
+        fold_scale_into_inputs(adapter.attn_inputs(layer), scale)
         fold_scale_into_inputs(adapter.mlp_inputs(layer), adapter.post_attention_norm(layer).weight)
-        setattr(layer, adapter.layout["input_norm"], self._norm())
-        setattr(layer, adapter.layout["post_attention_norm"], self._norm())
+        setattr(layer, adapter.layout["input_norm"], self._norm(width, scale))
+        setattr(layer, adapter.layout["post_attention_norm"], self._norm(width, scale))
 
     def _input_basis(self, inputs: LayerInputs, idx: int) -> torch.Tensor:
         """PCA of the layer input; the previous layer already accumulated it."""
@@ -257,11 +259,13 @@ class RotateAndSlice:
         their norm scale folded in but are not rotated yet).
         """
         acc = CovarianceAccumulator(self.hidden_size, self.device)
-        attn, norm = self.adapter.attn(layer), self.adapter.input_norm(layer)
+        attn = self.adapter.attn(layer)
         for b in range(len(inputs)):
             x = inputs.hidden[b].to(self.device)
             mask = _mask(inputs, b, self.device)
-            attn_out, _ = attn(hidden_states=norm(x), **to_device(inputs.kwargs[b], self.device))
+            # Full width here, so the plain normalisation (the norm's own scale is still ones).
+            normed = rms_normalize(x, self.hidden_size, self.eps)
+            attn_out, _ = attn(hidden_states=normed, **to_device(inputs.kwargs[b], self.device))
             acc.add(x, mask)
             acc.add(x + attn_out, mask)
         self._next_input_cov = None

@@ -73,7 +73,9 @@ def test_sliced_shapes(tied, basis):
         assert (layer.attn_shortcut is not None) is has_attn_shortcut
         if has_attn_shortcut:
             assert layer.attn_shortcut.weight.shape == (dims[i], attn_dims[i])
-        assert not list(layer.input_layernorm.parameters())  # weights folded away
+        # Scales folded into the linears; the norm keeps ones at the kept width.
+        assert torch.equal(layer.input_layernorm.weight, torch.ones(attn_dims[i]))
+        assert torch.equal(layer.post_attention_layernorm.weight, torch.ones(dims[i]))
     assert model.model.norm.weight.shape == (hidden,)
 
 

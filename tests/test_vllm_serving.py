@@ -145,10 +145,16 @@ slice_stage:
       basis: {case.basis}
 """
     if case.quantize:
+        # SmoothQuant moves scales into the sliced norms: vLLM must load them.
+        smooth = (
+            "    SmoothQuantModifier: {smoothing_strength: 0.8}\n"
+            if case.quantize == "W8A8"
+            else ""
+        )
         recipe += f"""
 quant_stage:
   quant_modifiers:
-    GPTQModifier:
+{smooth}    GPTQModifier:
       targets: [Linear]
       scheme: {case.quantize}
       ignore: [lm_head]

@@ -10,7 +10,7 @@ from dynslice_modifier.modeling.configuration_dynslice import (
 from dynslice_modifier.modeling.modeling_dynslice import (
     DynSliceForCausalLM,
     SlicedDecoderLayer,
-    WeightlessRMSNorm,
+    SlicedRMSNorm,
 )
 
 AutoConfig.register(DynSliceConfig.model_type, DynSliceConfig, exist_ok=True)
@@ -25,6 +25,6 @@ __all__ = [
     "DynSliceConfig",
     "DynSliceForCausalLM",
     "SlicedDecoderLayer",
+    "SlicedRMSNorm",
     "SlicingConfigError",
-    "WeightlessRMSNorm",
 ]

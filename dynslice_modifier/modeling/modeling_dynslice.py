@@ -5,7 +5,8 @@ changes, all described by ``config.slicing``:
 
 - every linear that reads the residual stream has fewer input columns, every linear that
   writes it has fewer output rows (attention internals are untouched);
-- the norms inside decoder layers are weightless (their scales live in the next linears);
+- the norms inside decoder layers normalise by the original width; their scales were
+  folded into the next linears (the norms keep a per-dim scale, initially ones);
 - a residual connection between two differently rotated bases carries a shortcut matrix.
 
 The attention and MLP modules are the base architecture's own, so rotary embeddings, GQA,
@@ -37,26 +38,37 @@ def base_causal_lm_class(base_model_type: str) -> type[PreTrainedModel]:
     return getattr(importlib.import_module("transformers"), name)
 
 
-class WeightlessRMSNorm(nn.Module):
-    """RMSNorm without a scale, normalising by the *original* hidden size.
+def rms_normalize(hidden_states: torch.Tensor, hidden_size: int, eps: float) -> torch.Tensor:
+    """RMS normalisation by the *original* hidden size, whatever the current width.
 
     Dividing by the original width rather than the sliced one keeps activations at the
     scale the next linears were trained for; with no slicing it is exactly RMSNorm.
     """
+    dtype = hidden_states.dtype
+    x = hidden_states.to(torch.float32)
+    variance = x.pow(2).sum(-1, keepdim=True) / hidden_size
+    return (x * torch.rsqrt(variance + eps)).to(dtype)
 
-    def __init__(self, hidden_size: int, eps: float) -> None:
+
+class SlicedRMSNorm(nn.Module):
+    """RMSNorm over a sliced residual: normalise by the original width, scale per kept dim.
+
+    Slicing folds the original scale into the next linears, so ``weight`` starts as ones;
+    it is kept so that smoothing methods (SmoothQuant, AWQ) have a scale to fold into.
+    """
+
+    def __init__(self, width: int, hidden_size: int, eps: float, device=None, dtype=None):
         super().__init__()
+        self.weight = nn.Parameter(torch.ones(width, device=device, dtype=dtype))
         self.hidden_size = hidden_size
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = hidden_states.dtype
-        x = hidden_states.to(torch.float32)
-        variance = x.pow(2).sum(-1, keepdim=True) / self.hidden_size
-        return (x * torch.rsqrt(variance + self.variance_epsilon)).to(dtype)
+        normed = rms_normalize(hidden_states, self.hidden_size, self.variance_epsilon)
+        return self.weight * normed
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, eps={self.variance_epsilon}"
+        return f"{self.weight.numel()}, hidden_size={self.hidden_size}, eps={self.variance_epsilon}"
 
 
 class ResidualShortcut(nn.Module):
@@ -102,13 +114,15 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         self.layout = layout
         self.layer_idx = layer_idx
         attn_dim, mlp_dim, out_dim = layer_widths(config, layer_idx)
-        eps = config.rms_norm_eps
-        self.add_module(layout["attn"], attn)
-        self.add_module(layout["mlp"], mlp)
-        self.add_module(layout["input_norm"], WeightlessRMSNorm(config.hidden_size, eps))
-        self.add_module(layout["post_attention_norm"], WeightlessRMSNorm(config.hidden_size, eps))
+        eps, hidden = config.rms_norm_eps, config.hidden_size
         device = next(attn.parameters()).device
         dtype = next(attn.parameters()).dtype
+        self.add_module(layout["attn"], attn)
+        self.add_module(layout["mlp"], mlp)
+        self.add_module(layout["input_norm"], SlicedRMSNorm(attn_dim, hidden, eps, device, dtype))
+        self.add_module(
+            layout["post_attention_norm"], SlicedRMSNorm(mlp_dim, hidden, eps, device, dtype)
+        )
         # A tied embedding table stays in the original basis; layer 0 projects it.
         self.input_projection = (
             ResidualShortcut(config.hidden_size, attn_dim, device, dtype)

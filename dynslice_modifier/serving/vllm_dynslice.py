@@ -8,7 +8,7 @@ model is its base decoder (Llama, Mistral, Qwen2, Qwen3) where, per layer ``l``:
   the last layer), so ``q/k/v``, ``o_proj``, ``gate/up`` and ``down_proj`` have per-layer
   input or output widths while the attention internals (heads, GQA, rotary, q/k norms,
   biases) are untouched;
-- the two in-layer norms are weightless and normalise by the *original* ``hidden_size``;
+- the two in-layer norms normalise by the *original* ``hidden_size`` and scale per kept dim;
 - a residual connection between two bases carries a shortcut matrix (``attn_shortcut``,
   ``mlp_shortcut``) when the config says so, otherwise it is the identity;
 - an embedding table left in the original basis (tied models, ``embedding_sliced: false``)
@@ -117,26 +117,31 @@ def _embedding_width(config: DynSliceConfig) -> int:
     return config.hidden_size
 
 
-class WeightlessRMSNorm(nn.Module):
-    """``x * rsqrt(sum(x^2) / hidden_size + eps)`` over a residual narrower than hidden_size.
+class SlicedRMSNorm(nn.Module):
+    """``weight * x * rsqrt(sum(x^2) / hidden_size + eps)`` over a residual narrower than
+    hidden_size.
 
     vLLM's RMSNorm divides by the width of its input; the checkpoint's scales were folded
-    into the next linears assuming the original width, so the divisor here is fixed.
-    Computed in float32 like the reference; under torch.compile inductor fuses it.
+    into the next linears assuming the original width, so the divisor here is fixed. The
+    per-dim ``weight`` (ones after slicing; changed by smoothing methods such as SmoothQuant)
+    is loaded like any norm weight. Computed in float32 like the reference; under
+    torch.compile inductor fuses it.
     """
 
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, width: int, hidden_size: int, eps: float) -> None:
         super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
         self.hidden_size = hidden_size
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.to(torch.float32)
         variance = x32.pow(2).sum(dim=-1, keepdim=True) / self.hidden_size
-        return (x32 * torch.rsqrt(variance + self.variance_epsilon)).to(x.dtype)
+        normed = (x32 * torch.rsqrt(variance + self.variance_epsilon)).to(x.dtype)
+        return self.weight * normed
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, eps={self.variance_epsilon}"
+        return f"{self.weight.numel()}, hidden_size={self.hidden_size}, eps={self.variance_epsilon}"
 
 
 class SlicedAttention(nn.Module):
@@ -336,7 +341,7 @@ class SlicedDecoderLayer(nn.Module):
             quant_config,
             f"{prefix}.input_projection",
         )
-        self.input_layernorm = WeightlessRMSNorm(config.hidden_size, eps)
+        self.input_layernorm = SlicedRMSNorm(attn_dim, config.hidden_size, eps)
         self.self_attn = SlicedAttention(
             config,
             in_dim=attn_dim,
@@ -345,7 +350,7 @@ class SlicedDecoderLayer(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.self_attn",
         )
-        self.post_attention_layernorm = WeightlessRMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = SlicedRMSNorm(mlp_dim, config.hidden_size, eps)
         self.mlp = SlicedMLP(
             in_dim=mlp_dim,
             intermediate_size=config.intermediate_size,
