@@ -1,0 +1,118 @@
+"""Slice and quantize in one oneshot pass; quantizer-driven widths fail early and clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import calib_dataset, save_tiny
+from llmcompressor import oneshot
+from llmcompressor.modifiers.gptq import GPTQModifier
+from llmcompressor.modifiers.quantization import QuantizationModifier
+from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+from transformers import AutoModelForCausalLM
+
+from dynslice_modifier import DynamicSliceModifier
+from dynslice_modifier.errors import AllocationError
+from dynslice_modifier.modeling import DynSliceForCausalLM
+
+IDS = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory):
+    """Hidden 256: wide enough for W4A16's groups of 128 after slicing."""
+    return save_tiny(tmp_path_factory.mktemp("wide") / "in", "qwen3", True, hidden=256, layers=2)
+
+
+def one_pass(model_dir, recipe, out=None):
+    return oneshot(
+        model=str(model_dir),
+        recipe=recipe,
+        dataset=calib_dataset(n=16, seq=64),
+        num_calibration_samples=16,
+        max_seq_length=64,
+        output_dir=None if out is None else str(out),
+    )
+
+
+@pytest.mark.parametrize(
+    "quantizers",
+    [
+        pytest.param(
+            [GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])], id="gptq-w4a16"
+        ),
+        pytest.param(
+            [
+                SmoothQuantModifier(smoothing_strength=0.8),
+                GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"]),
+            ],
+            id="smoothquant-gptq-w8a8",
+        ),
+        pytest.param(
+            [GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])], id="gptq-w8a8"
+        ),
+        pytest.param(
+            [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])],
+            id="fp8-dynamic",
+        ),
+    ],
+)
+def test_one_pass_writes_a_quantized_sliced_checkpoint(wide_dir, tmp_path, quantizers):
+    slicer = DynamicSliceModifier(sparsity=0.25, slicing_base=0.1)
+    one_pass(wide_dir, [slicer, *quantizers], tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "dynslice"
+    quant = config["quantization_config"]
+    assert quant["quant_method"] == "compressed-tensors"
+    spec = config["slicing"]
+    if "W4A16" in repr(quantizers):
+        assert spec["round_to"] == 128 and all(d % 128 == 0 for d in spec["mlp_dims"])
+    else:
+        assert spec["round_to"] == 16
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert isinstance(reloaded, DynSliceForCausalLM)
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(IDS).logits).all()
+    # Shortcuts are not Linear, so `targets: Linear` leaves them in full precision.
+    assert "model.layers.0.input_projection.weight" in {k for k, _ in reloaded.named_parameters()}
+    assert reloaded.model.layers[0].input_projection.weight.dtype == torch.float32
+
+
+def test_round_to_conflicting_with_group_size_fails_before_calibration(wide_dir):
+    recipe = [
+        DynamicSliceModifier(sparsity=0.25, round_to=16),
+        GPTQModifier(targets="Linear", scheme="W4A16"),
+    ]
+    with pytest.raises(AllocationError, match=r"round_to=16 conflicts with GPTQModifier"):
+        one_pass(wide_dir, recipe)
+
+
+def test_explicit_dims_must_fit_the_group_size(wide_dir):
+    recipe = [
+        DynamicSliceModifier(layer_dims=[192, 128]),
+        GPTQModifier(targets="Linear", scheme="W4A16"),
+    ]
+    with pytest.raises(AllocationError, match=r"multiples of 128.*layer 0: 192"):
+        one_pass(wide_dir, recipe)
+
+
+def test_quantizer_before_the_slicer_is_an_error(wide_dir):
+    recipe = [GPTQModifier(targets="Linear", scheme="W8A8"), DynamicSliceModifier(sparsity=0.25)]
+    with pytest.raises(AllocationError, match="comes before DynamicSliceModifier"):
+        one_pass(wide_dir, recipe)
+
+
+def test_yaml_two_stage_recipe(wide_dir, tmp_path):
+    recipe = """
+slice_stage:
+  slice_modifiers:
+    DynamicSliceModifier: {sparsity: 0.25, slicing_base: 0.05}
+quant_stage:
+  quant_modifiers:
+    GPTQModifier: {targets: Linear, scheme: W4A16, ignore: [lm_head]}
+"""
+    one_pass(wide_dir, recipe, tmp_path / "out")
+    saved = (tmp_path / "out" / "recipe.yaml").read_text()
+    assert "DynamicSliceModifier" in saved and "GPTQModifier" in saved
