@@ -69,13 +69,25 @@ def _add_data_args(p: argparse.ArgumentParser, samples: int = 64, seq_len: int =
     )
 
 
-def quant_modifiers(scheme: str) -> list[Any]:
+def quant_modifiers(scheme: str, config: Any) -> list[Any]:
     """The llm-compressor modifiers for a ``--quantize`` choice."""
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     if scheme == "w4a16":
-        return [GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])]
+        # Groups of 128 need every quantized input width to divide; the residual widths are
+        # rounded by the slicer, but o_proj/down_proj read widths slicing does not change.
+        ignore = ["lm_head"]
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        if (config.num_attention_heads * head_dim) % 128:
+            ignore.append("re:.*o_proj$")
+        if config.intermediate_size % 128:
+            ignore.append("re:.*down_proj$")
+        if len(ignore) > 1:
+            print(f"W4A16 groups of 128 do not fit {ignore[1:]}: kept in full precision")
+        return [GPTQModifier(targets="Linear", scheme="W4A16", ignore=ignore)]
     if scheme == "w8a8":
         return [GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
     if scheme == "fp8":
@@ -140,7 +152,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
             hadamard=args.hadamard,
             **({"round_to": args.round_to} if args.round_to else {}),
         )
-        recipe = [slicer, *quant_modifiers(args.quantize)]
+        from transformers import AutoConfig
+
+        recipe = [slicer, *quant_modifiers(args.quantize, AutoConfig.from_pretrained(path))]
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     with atomic_directory(output) as scratch:

@@ -20,6 +20,7 @@ from dynslice_modifier.errors import AllocationError, CalibrationError
 from dynslice_modifier.quantization import (
     check_dims_fit,
     check_order,
+    check_unsliced_inputs,
     fit_round_to,
     recipe_modifiers,
     required_multiple,
@@ -178,6 +179,13 @@ class DynamicSliceModifier(Modifier):
                 f"layer_scores has {len(self.layer_scores)} entries but the model has "
                 f"{num_layers} decoder layers"
             )
+        reader_ids = {
+            id(linear)
+            for layer in adapter.layers(model)
+            for linear in adapter.attn_inputs(layer) + adapter.mlp_inputs(layer)
+        }
+        readers = {name for name, module in model.named_modules() if id(module) in reader_ids}
+        check_unsliced_inputs(model, readers, others)
         explicit = (
             check_explicit_dims(self.layer_dims, hidden, num_layers) if self.layer_dims else None
         )

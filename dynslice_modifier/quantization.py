@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from compressed_tensors.utils import match_named_modules
 from llmcompressor.modifiers import Modifier
+from torch import nn
 
 from dynslice_modifier.errors import AllocationError
 
@@ -86,3 +88,38 @@ def check_dims_fit(dims: Sequence[int], requirement: tuple[int, str] | None) -> 
         raise AllocationError(
             f"layer_dims must be multiples of {multiple} for {who}; not: {', '.join(bad)}"
         )
+
+
+def check_unsliced_inputs(
+    model: nn.Module, readers: set[str], modifiers: Sequence[Modifier]
+) -> None:
+    """Linears whose input slicing does not change must already fit the group size.
+
+    ``o_proj`` reads heads x head_dim and ``down_proj`` the MLP width; if a group-wise
+    scheme targets them and their width is not a multiple of its group, GPTQ would stop
+    hours into calibration. ``readers`` are the residual readers, whose widths are rounded.
+    """
+    for modifier in modifiers:
+        if not is_quantizer(modifier):
+            continue
+        ignore = list(getattr(modifier, "ignore", None) or [])
+        for group in modifier.resolved_config.config_groups.values():
+            args = group.weights
+            if args is None or args.strategy not in _GROUPED or not args.group_size:
+                continue
+            size = int(args.group_size)
+            bad = [
+                f"{name} ({module.in_features})"
+                for name, module in match_named_modules(model, group.targets, ignore)
+                if isinstance(module, nn.Linear)
+                and name not in readers
+                and module.in_features % size
+            ]
+            if bad:
+                shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+                raise AllocationError(
+                    f"{type(modifier).__name__} uses groups of {size}, but these layers read a "
+                    f"width that is not a multiple of {size} and that slicing does not change: "
+                    f"{shown}. Add them to the quantizer's ignore list (e.g. 're:.*o_proj$', "
+                    "'lm_head') or choose a group size that divides their width"
+                )

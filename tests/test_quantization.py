@@ -116,3 +116,19 @@ quant_stage:
     one_pass(wide_dir, recipe, tmp_path / "out")
     saved = (tmp_path / "out" / "recipe.yaml").read_text()
     assert "DynamicSliceModifier" in saved and "GPTQModifier" in saved
+
+
+def test_unsliced_input_width_that_breaks_groups_fails_early(tmp_path):
+    # o_proj reads 4 heads x 48 = 192 inputs: not a multiple of 128, and slicing cannot help.
+    model_dir = save_tiny(tmp_path / "in", "llama", True, hidden=256, layers=2, head_dim=48)
+    recipe = [
+        DynamicSliceModifier(sparsity=0.25),
+        GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
+    ]
+    with pytest.raises(AllocationError, match=r"o_proj \(192\).*ignore list"):
+        one_pass(model_dir, recipe)
+    recipe = [
+        DynamicSliceModifier(sparsity=0.25),
+        GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*o_proj$"]),
+    ]
+    assert isinstance(one_pass(model_dir, recipe), DynSliceForCausalLM)

@@ -25,7 +25,12 @@ VOCAB = 128
 
 
 def tiny_model(
-    arch: str = "llama", tied: bool = True, seed: int = 0, layers: int = 3, hidden: int = 64
+    arch: str = "llama",
+    tied: bool = True,
+    seed: int = 0,
+    layers: int = 3,
+    hidden: int = 64,
+    head_dim: int | None = None,
 ):
     config_cls, model_cls, extra = ARCHS[arch]
     config = config_cls(
@@ -35,7 +40,7 @@ def tiny_model(
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=hidden // 4,
+        head_dim=head_dim or hidden // 4,
         max_position_embeddings=256,
         tie_word_embeddings=tied,
         rms_norm_eps=1e-6,
