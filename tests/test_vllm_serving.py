@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import calib_dataset, word_tokenizer
-from tiny import ARCHS, VOCAB
+from tiny import tiny_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from dynslice_modifier.modeling.configuration_dynslice import SLICING_FORMAT_VERSION
@@ -97,35 +97,12 @@ SERVE_CASE = "qwen3-tied-sublayer"
 
 
 def tiny_base(arch: str, tied: bool, seed: int = 0) -> PreTrainedModel:
-    """A random 3-layer model vLLM's CPU attention accepts (it needs head_dim >= 32)."""
-    config_cls, model_cls, extra = ARCHS[arch]
-    config = config_cls(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=256,
-        tie_word_embeddings=tied,
-        rms_norm_eps=1e-6,
-        # Larger than the default 0.02 so next-token distributions are peaked and greedy
-        # choices are not decided by rounding noise.
-        initializer_range=0.1,
-        **extra,
-    )
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                # Non-trivial scales make folding them into the next linears a real test.
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                # transformers zero-initialises biases, which would not test loading them.
-                p.normal_(0.0, 0.1)
-    return model
+    """A random 3-layer model vLLM's CPU attention accepts (it needs head_dim >= 32).
+
+    A larger init than the default 0.02 makes next-token distributions peaked, so greedy
+    choices are not decided by rounding noise.
+    """
+    return tiny_model(arch, tied, seed=seed, head_dim=32, initializer_range=0.1)
 
 
 def build_sliced(root: Path, case: Case) -> Path:

@@ -31,6 +31,7 @@ def tiny_model(
     layers: int = 3,
     hidden: int = 64,
     head_dim: int | None = None,
+    initializer_range: float = 0.02,
 ):
     config_cls, model_cls, extra = ARCHS[arch]
     config = config_cls(
@@ -44,15 +45,19 @@ def tiny_model(
         max_position_embeddings=256,
         tie_word_embeddings=tied,
         rms_norm_eps=1e-6,
+        initializer_range=initializer_range,
         **extra,
     )
     torch.manual_seed(seed)
     model = model_cls(config).eval()
-    # Random norm scales make folding them into the linears a real test.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
+                # Non-trivial scales make folding them into the next linears a real test.
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                # transformers zero-initialises biases, which would not test rotating them.
+                p.normal_(0.0, 0.1)
     return model
 
 

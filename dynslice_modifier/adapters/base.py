@@ -8,18 +8,7 @@ from typing import Any
 from torch import nn
 
 from dynslice_modifier.errors import UnsupportedModelError
-
-# Pre-norm decoder layer as written by Llama and the models that copy it.
-PRE_NORM_LAYOUT: dict[str, Any] = {
-    "attn": "self_attn",
-    "mlp": "mlp",
-    "input_norm": "input_layernorm",
-    "post_attention_norm": "post_attention_layernorm",
-    "attn_inputs": ["q_proj", "k_proj", "v_proj"],
-    "attn_output": "o_proj",
-    "mlp_inputs": ["gate_proj", "up_proj"],
-    "mlp_output": "down_proj",
-}
+from dynslice_modifier.modeling.configuration_dynslice import PRE_NORM_LAYOUT
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,19 @@ from transformers import PretrainedConfig
 
 SLICING_FORMAT_VERSION = 1
 
-_LAYOUT_KEYS = (
-    "attn",
-    "mlp",
-    "input_norm",
-    "post_attention_norm",
-    "attn_inputs",
-    "attn_output",
-    "mlp_inputs",
-    "mlp_output",
-)
+# Module names inside a pre-norm decoder layer as Llama and the models that copy it write
+# them. Checkpoints record their layout; this is the one the adapters and vLLM build.
+PRE_NORM_LAYOUT: dict[str, Any] = {
+    "attn": "self_attn",
+    "mlp": "mlp",
+    "input_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "attn_inputs": ["q_proj", "k_proj", "v_proj"],
+    "attn_output": "o_proj",
+    "mlp_inputs": ["gate_proj", "up_proj"],
+    "mlp_output": "down_proj",
+}
+_LAYOUT_KEYS = tuple(PRE_NORM_LAYOUT)
 
 
 class SlicingConfigError(ValueError):

@@ -63,23 +63,14 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from dynslice_modifier.modeling.configuration_dynslice import DynSliceConfig
+from dynslice_modifier.modeling.configuration_dynslice import PRE_NORM_LAYOUT, DynSliceConfig
 from dynslice_modifier.modeling.modeling_dynslice import layer_widths
 
 SUPPORTED_BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 # Module names this file builds; checkpoint keys follow slicing.layout, so a checkpoint
 # with any other layout would load into the wrong modules.
-_EXPECTED_LAYOUT = {
-    "attn": "self_attn",
-    "mlp": "mlp",
-    "input_norm": "input_layernorm",
-    "post_attention_norm": "post_attention_layernorm",
-    "attn_inputs": ["q_proj", "k_proj", "v_proj"],
-    "attn_output": "o_proj",
-    "mlp_inputs": ["gate_proj", "up_proj"],
-    "mlp_output": "down_proj",
-}
+_EXPECTED_LAYOUT = PRE_NORM_LAYOUT
 
 
 def _dynslice_config(vllm_config: VllmConfig) -> DynSliceConfig:
