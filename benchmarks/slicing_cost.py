@@ -1,0 +1,71 @@
+"""Cost of slicing in units of one forward pass of the calibration set.
+
+Times, in one process and back to back (so machine load affects all alike): a plain
+layer-by-layer forward of the calibration set through every decoder layer, the Layer
+Redundancy pass, and the rotate-and-slice pass; writes ``results/slicing_cost.json``.
+
+    python benchmarks/slicing_cost.py [--n-calib 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from common import RESULTS, peak_rss_mib, protocol
+from transformers import AutoModelForCausalLM
+
+from dynslice_modifier.adapters import get_adapter
+from dynslice_modifier.allocation import allocate_dims
+from dynslice_modifier.calibration import capture_layer_inputs, onloaded, to_device
+from dynslice_modifier.slicer import RotateAndSlice, redundancy_scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-calib", type=int, default=64)
+    args = parser.parse_args()
+    path, _, dataset, _ = protocol(n_calib=args.n_calib)
+    batches = [{"input_ids": torch.tensor([ids])} for ids in dataset["input_ids"]]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    adapter = get_adapter(model)
+    layers, device = adapter.layers(model), torch.device("cpu")
+
+    inputs = capture_layer_inputs(model, layers[0], batches)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for layer in layers:
+            with onloaded(layer, device):
+                for b in range(len(inputs)):
+                    kwargs = to_device(inputs.kwargs[b], device)
+                    inputs.hidden[b] = layer(inputs.hidden[b], **kwargs)
+    forward_s = time.perf_counter() - start
+
+    inputs = capture_layer_inputs(model, layers[0], batches)
+    start = time.perf_counter()
+    scores = redundancy_scores(adapter, layers, inputs, device)
+    lr_s = time.perf_counter() - start
+
+    dims = allocate_dims(scores, model.config.hidden_size, 0.25, 0.05, 16)
+    inputs = capture_layer_inputs(model, layers[0], batches)
+    start = time.perf_counter()
+    RotateAndSlice(model, adapter, dims, device).run(inputs)
+    slice_s = time.perf_counter() - start
+
+    result = {
+        "calibration": f"{args.n_calib}x512 tokens",
+        "forward_s": round(forward_s, 1),
+        "lr_pass_s": round(lr_s, 1),
+        "slice_pass_s": round(slice_s, 1),
+        "total_in_forward_passes": round((lr_s + slice_s) / forward_s, 2),
+        "peak_rss_mib": round(peak_rss_mib()),
+        "threads": torch.get_num_threads(),
+    }
+    (RESULTS / "slicing_cost.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
