@@ -4,7 +4,8 @@ Activations are kept in the model's *original* coordinates (full hidden size) as
 already-sliced upstream model computes them. For decoder layer ``l``:
 
 1. the PCA of its input gives the attention basis ``A`` (kept width ``a``); the previous
-   writer (embedding or layer ``l-1``'s MLP output and shortcut) is now rotated into it;
+   writer is now rotated into it: layer ``l-1``'s MLP output and shortcut, or for layer 0
+   the embedding table (untied) or an ``input_projection`` from the shared table (tied);
 2. the attention runs on the sliced input; the PCA of the residual after attention gives the
    MLP basis ``M`` (width ``m``), into which ``o_proj`` and the attention shortcut write;
 3. the MLP runs on the sliced input; its output (still unrotated) is the next layer's input.
@@ -20,7 +21,7 @@ forward passes of the calibration set (plus an attention-only pass with ``basis=
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -99,11 +100,10 @@ def redundancy_scores(
 
 @dataclass
 class _Writer:
-    """Linear maps that write the residual and still await the next basis."""
+    """A linear that writes the residual and still awaits the next basis."""
 
-    output: nn.Linear | None = None
-    source_basis: torch.Tensor | None = None  # basis the residual is read in (shortcut input)
-    shortcut: torch.Tensor | None = field(default=None, repr=False)
+    output: nn.Linear
+    source_basis: torch.Tensor  # basis its residual shortcut reads from
 
 
 @dataclass
