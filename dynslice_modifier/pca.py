@@ -28,11 +28,6 @@ class CovarianceAccumulator:
         self.matrix.addmm_(x.T, x)
         self.tokens += x.shape[0]
 
-    def __iadd__(self, other: CovarianceAccumulator) -> CovarianceAccumulator:
-        self.matrix += other.matrix
-        self.tokens += other.tokens
-        return self
-
     def all_reduce(self) -> None:
         """Sum over data-parallel ranks so every rank derives the same rotation."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():

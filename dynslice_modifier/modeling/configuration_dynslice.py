@@ -138,10 +138,5 @@ class DynSliceConfig(PretrainedConfig):
         self.slicing = slicing
         super().__init__(**kwargs)
 
-    def base_config_dict(self) -> dict[str, Any]:
-        """The attributes of the original model's config."""
-        own = {"base_model_type", "slicing", "auto_map", "architectures", "model_type"}
-        return {k: v for k, v in self.to_dict().items() if k not in own}
-
     def check_slicing(self) -> None:
         validate_slicing(self.slicing, self.hidden_size, self.num_hidden_layers)
