@@ -41,6 +41,7 @@ class LayerInputs:
     hidden: list[torch.Tensor] = field(default_factory=list)
     kwargs: list[dict[str, Any]] = field(default_factory=list)
     masks: list[torch.Tensor | None] = field(default_factory=list)
+    ids: list[torch.Tensor] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -98,6 +99,7 @@ def capture_layer_inputs(
                 with contextlib.suppress(_StopForward):
                     model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
                 cache.masks.append(None if mask is None else mask.bool().to(offload_device))
+                cache.ids.append(input_ids.to(offload_device))
                 keys.append(_batch_key(input_ids, mask))
     finally:
         handle.remove()
@@ -114,6 +116,7 @@ def capture_layer_inputs(
         hidden=[cache.hidden[i] for i in order],
         kwargs=[cache.kwargs[i] for i in order],
         masks=[cache.masks[i] for i in order],
+        ids=[cache.ids[i] for i in order],
     )
 
 

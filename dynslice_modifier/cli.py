@@ -45,6 +45,10 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _slicing_base(text: str) -> float | str:
+    return "auto" if text == "auto" else _fraction(text)
+
+
 def _windows(tokenizer: Any, args: argparse.Namespace):
     from dynslice_modifier.evaluation import split_protocol, wikitext_tokens
 
@@ -238,7 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output directory (written atomically; input never touched)")
     p.add_argument("--recipe", help="llm-compressor YAML recipe (instead of the flags below)")
     p.add_argument("--sparsity", type=_fraction, help="SP, mean fraction sliced (default 0.25)")
-    p.add_argument("--slicing-base", type=_fraction, help="SB in [0, SP] (default 0.2*SP)")
+    p.add_argument(
+        "--slicing-base",
+        type=_slicing_base,
+        help="SB in [0, SP] (default 0.2*SP), or 'auto' to choose it on held-out calibration text",
+    )
     p.add_argument("--round-to", type=_positive(int), help="width multiple (default 16)")
     p.add_argument(
         "--basis",

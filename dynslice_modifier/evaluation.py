@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+# lm-eval task configs shipped with the package: pass this directory as --include_path.
+LM_EVAL_TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
+
 DEFAULT_WIKITEXT = (
     Path(__file__).resolve().parents[1].parent
     / "shared"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -15,7 +16,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from dynslice_modifier.adapters import get_adapter
 from dynslice_modifier.allocation import allocate_dims, check_explicit_dims, check_fractions
 from dynslice_modifier.budget import sliced_parameter_count, solve_sparsity
-from dynslice_modifier.calibration import capture_layer_inputs
+from dynslice_modifier.calibration import LayerInputs, capture_layer_inputs
 from dynslice_modifier.errors import AllocationError, CalibrationError
 from dynslice_modifier.quantization import (
     check_dims_fit,
@@ -31,6 +32,12 @@ from dynslice_modifier.slicer import (
     count_parameters,
     embeddings_tied,
     redundancy_scores,
+)
+from dynslice_modifier.slicing_base_search import (
+    DEFAULT_FRACTIONS,
+    heldout_batches,
+    heldout_nll,
+    search_slicing_base,
 )
 
 __all__ = ["DynamicSliceModifier"]
@@ -55,7 +62,7 @@ class DynamicSliceModifier(Modifier):
       slice_modifiers:
         DynamicSliceModifier:
           sparsity: 0.25
-          slicing_base: 0.05
+          slicing_base: 0.05   # or "auto": chosen on held-out calibration text
           round_to: 16
     ```
 
@@ -64,6 +71,8 @@ class DynamicSliceModifier(Modifier):
             - capture calibration inputs of the first decoder layer
             - Layer Redundancy pass over the unmodified model (one layer on the device
               at a time) unless ``layer_scores`` or ``layer_dims`` are given
+            - with ``slicing_base: auto``, slice copies of the layers once per candidate SB
+              and keep the one with the lowest held-out calibration loss
             - allocate per-layer widths
             - rotate-and-slice pass, then conversion to ``DynSliceForCausalLM``
         - on_finalize
@@ -74,7 +83,12 @@ class DynamicSliceModifier(Modifier):
     :param slicing_base: SB, the fraction every layer loses at least, in [0, sparsity].
         The rest of the budget is shared in proportion to each layer's normalised
         redundancy. ``slicing_base == sparsity`` is plain (constant) SliceGPT. Defaults
-        to ``0.2 * sparsity``.
+        to ``0.2 * sparsity``. ``auto`` holds out the last ``auto_holdout`` of the
+        calibration batches and tries each SB in ``auto_fractions`` (times SP), reusing one
+        redundancy pass; each try costs one slicing pass over the rest of the data.
+    :param auto_fractions: candidate SBs for ``auto``, as fractions of SP in [0, 1].
+        Default ``[0, 0.25, 0.5, 0.75]``.
+    :param auto_holdout: fraction of calibration batches held out for ``auto``. Default 0.25.
     :param round_to: every kept width is a multiple of this (fast kernels want 16 or more;
         group-wise quantization wants its group size). Default 16.
     :param layer_dims: explicit kept width per decoder layer; skips the redundancy pass
@@ -98,7 +112,9 @@ class DynamicSliceModifier(Modifier):
     """
 
     sparsity: float = Field(default=0.0)
-    slicing_base: float | None = None
+    slicing_base: float | Literal["auto"] | None = None
+    auto_fractions: list[float] | None = None
+    auto_holdout: float = 0.25
     round_to: int = 16
     layer_dims: list[int] | None = None
     layer_scores: list[float] | None = None
@@ -109,6 +125,7 @@ class DynamicSliceModifier(Modifier):
     hadamard: bool = False
 
     _lr_scores: list[float] | None = PrivateAttr(default=None)
+    _auto_fraction: float | None = PrivateAttr(default=None)
     _summary: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @field_validator("sparsity")
@@ -127,11 +144,17 @@ class DynamicSliceModifier(Modifier):
 
     @model_validator(mode="after")
     def _check_slicing_base(self) -> DynamicSliceModifier:
+        if self.slicing_base == "auto":
+            self._check_auto()
         if self.target_params is not None:
             if not 0.0 < self.target_params < 1.0:
                 raise ValueError(f"target_params must be in (0, 1), got {self.target_params}")
             if "sparsity" in self.model_fields_set:
                 raise ValueError("give either sparsity or target_params, not both")
+            return self
+        if self.slicing_base == "auto":
+            if self.sparsity == 0.0:
+                raise ValueError("slicing_base: auto needs sparsity > 0 (or target_params)")
             return self
         try:
             check_fractions(self.sparsity, self.effective_slicing_base)
@@ -139,11 +162,22 @@ class DynamicSliceModifier(Modifier):
             raise ValueError(str(err)) from None
         return self
 
+    def _check_auto(self) -> None:
+        fractions = self.auto_fractions or DEFAULT_FRACTIONS
+        if not all(0.0 <= f <= 1.0 for f in fractions):
+            raise ValueError(f"auto_fractions are fractions of SP in [0, 1], got {fractions}")
+        if not 0.0 < self.auto_holdout < 1.0:
+            raise ValueError(f"auto_holdout must be in (0, 1), got {self.auto_holdout}")
+
     @property
     def effective_slicing_base(self) -> float:
         return self._slicing_base_for(self.sparsity)
 
     def _slicing_base_for(self, sparsity: float) -> float:
+        if self.slicing_base == "auto":
+            if self._auto_fraction is None:
+                raise AttributeError("slicing_base is 'auto' and has not been searched yet")
+            return self._auto_fraction * sparsity
         if self.slicing_base is None:
             return 0.2 * sparsity
         return min(self.slicing_base, sparsity) if self.target_params else self.slicing_base
@@ -216,13 +250,18 @@ class DynamicSliceModifier(Modifier):
         )
 
         scores = self.layer_scores
-        constant = self.effective_slicing_base == self.sparsity and self.target_params is None
+        auto = self.slicing_base == "auto" and explicit is None
+        constant = (
+            not auto and self.effective_slicing_base == self.sparsity and self.target_params is None
+        )
+        heldout = self._heldout(inputs, hidden) if auto else frozenset()
         lr_seconds = 0.0
+        consumed = False  # whether a pass has already run the captured activations through
         if explicit is None and scores is None and not constant:
             lr_start = time.perf_counter()
             scores = redundancy_scores(adapter, layers, inputs, device)
             lr_seconds = time.perf_counter() - lr_start
-            inputs = capture_layer_inputs(model, layers[0], state.data.calib)
+            consumed = True
         elif constant and scores is None:
             logger.info("slicing_base == sparsity: constant slicing, Layer Redundancy not needed")
         if scores is not None:
@@ -243,16 +282,27 @@ class DynamicSliceModifier(Modifier):
         def predicted(dims: list[int]) -> int:
             return sliced_parameter_count(model, adapter, dims, self.basis, keep_tied)
 
-        sparsity = self.sparsity
-        if self.target_params is not None and explicit is None:
+        def plan() -> tuple[float, list[int]]:
+            if self.target_params is None:
+                return self.sparsity, allocate(self.sparsity)
             sparsity = solve_sparsity(
                 self.target_params,
                 dense_params,
                 lambda sp: predicted(allocate(sp)),
                 max_sparsity=1.0 - round_to / hidden,
             )
+            return sparsity, allocate(sparsity)
+
+        search: list[dict[str, Any]] | None = None
+        if auto:
+            search = self._search_slicing_base(state, adapter, device, keep_tied, plan, heldout)
+            consumed = True
+        if explicit:
+            sparsity, dims = self.sparsity, explicit
+        else:
+            sparsity, dims = plan()
+        if self.target_params is not None and explicit is None:
             logger.info(f"target_params {self.target_params}: solved sparsity {sparsity:.4f}")
-        dims = explicit or allocate(sparsity)
         logger.info(
             f"Predicted parameters: {predicted(dims) / 1e6:.2f}M of {dense_params / 1e6:.2f}M"
         )
@@ -261,6 +311,8 @@ class DynamicSliceModifier(Modifier):
         slicer = RotateAndSlice(
             model, adapter, dims, device, self.basis, keep_tied=keep_tied, hadamard=self.hadamard
         )
+        if consumed:
+            inputs = capture_layer_inputs(model, layers[0], state.data.calib)
         result = slicer.run(inputs)
         provenance = {
             "lr_scores": self._lr_scores,
@@ -271,6 +323,7 @@ class DynamicSliceModifier(Modifier):
             "normalization": self.normalization,
             "basis": self.basis,
             "hadamard": self.hadamard,
+            "slicing_base_search": search,
         }
         convert_to_sliced(model, adapter, result, provenance)
         sliced_params = count_parameters(model)
@@ -291,6 +344,67 @@ class DynamicSliceModifier(Modifier):
             f"{self._summary['seconds']:.1f}s"
         )
         return True
+
+    def _heldout(self, inputs: LayerInputs, hidden: int) -> frozenset[int]:
+        """The batches ``auto`` holds out; checked before any pass is spent."""
+        heldout = heldout_batches(len(inputs), self.auto_holdout)
+        fitted = LayerInputs(
+            hidden=[h for b, h in enumerate(inputs.hidden) if b not in heldout],
+            masks=[m for b, m in enumerate(inputs.masks) if b not in heldout],
+        ).tokens
+        if fitted < hidden:
+            raise CalibrationError(
+                f"slicing_base: auto fits the PCA on {fitted} tokens (after holding out "
+                f"{self.auto_holdout:.0%}), fewer than hidden_size={hidden}; add calibration "
+                "samples or lower auto_holdout"
+            )
+        return heldout
+
+    def _search_slicing_base(
+        self,
+        state: State,
+        adapter: Any,
+        device: torch.device,
+        keep_tied: bool,
+        plan: Callable[[], tuple[float, list[int]]],
+        heldout: frozenset[int],
+    ) -> list[dict[str, Any]]:
+        model = state.model
+        layers = adapter.layers(model)
+
+        def plan_fraction(fraction: float) -> tuple[float, float, list[int]]:
+            self._auto_fraction = fraction
+            sparsity, dims = plan()
+            return sparsity, self._slicing_base_for(sparsity), dims
+
+        def trial(dims: list[int]) -> float:
+            inputs = capture_layer_inputs(model, layers[0], state.data.calib)
+            slicer = RotateAndSlice(
+                model,
+                adapter,
+                dims,
+                device,
+                self.basis,
+                keep_tied=keep_tied,
+                hadamard=self.hadamard,
+                in_place=False,
+            )
+            slicer.run(inputs, heldout)
+            return heldout_nll(model, inputs, heldout, device)
+
+        best, trials = search_slicing_base(
+            self.auto_fractions or DEFAULT_FRACTIONS, plan_fraction, trial
+        )
+        self._auto_fraction = best.fraction
+        return [
+            {
+                "slicing_base": t.slicing_base,
+                "sparsity": t.sparsity,
+                "heldout_nll": t.heldout_nll,
+                "chosen": t is best,
+            }
+            for t in trials
+        ]
 
     def on_start(self, state: State, event: Any, **kwargs: Any) -> None:
         pass

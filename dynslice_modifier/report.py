@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,19 @@ def summary_markdown(checkpoint: str | Path) -> str:
             f"| {i} | {score} | {a} | {m} | {'yes' if spec['attn_shortcuts'][i] else 'no'} | "
             f"{'yes' if spec['mlp_shortcuts'][i] else 'no'} |"
         )
+    if spec.get("slicing_base_search"):
+        lines += [
+            "",
+            "`slicing_base: auto` search (loss on held-out calibration batches):",
+            "",
+            "| SB | SP | held-out loss | held-out ppl | chosen |",
+            "|---|---|---|---|---|",
+        ]
+        for t in spec["slicing_base_search"]:
+            lines.append(
+                f"| {t['slicing_base']:.4f} | {t['sparsity']:.4f} | {t['heldout_nll']:.4f} | "
+                f"{math.exp(t['heldout_nll']):.2f} | {'yes' if t['chosen'] else ''} |"
+            )
     return "\n".join(lines) + "\n"
 
 

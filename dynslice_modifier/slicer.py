@@ -21,6 +21,7 @@ forward passes of the calibration set (plus an attention-only pass with ``basis=
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -128,6 +129,7 @@ class RotateAndSlice:
         basis: Basis = "sublayer",
         keep_tied: bool = True,
         hadamard: bool = False,
+        in_place: bool = True,
     ) -> None:
         self.model = model
         self.adapter = adapter
@@ -138,6 +140,10 @@ class RotateAndSlice:
         self.eps = model.config.rms_norm_eps
         self.tied = keep_tied and embeddings_tied(model)
         self.hadamard = hadamard
+        # A trial (``in_place=False``) slices a copy of each layer and leaves the model as it
+        # was: only the activations it carries, i.e. the sliced model's function, are kept.
+        self.in_place = in_place
+        self._heldout: frozenset[int] = frozenset()
         # The covariance of a layer's output is gathered while computing it, so the next
         # layer's attention basis costs no extra pass.
         self._next_input_cov: CovarianceAccumulator | None = None
@@ -159,8 +165,20 @@ class RotateAndSlice:
         rotate_output(writer.output, target)
         return change_of_basis(writer.source_basis, target)
 
-    def run(self, inputs: LayerInputs) -> SlicingResult:
+    def _accumulate(
+        self, acc: CovarianceAccumulator, hidden: torch.Tensor, inputs: LayerInputs, b: int
+    ) -> None:
+        if b not in self._heldout:
+            acc.add(hidden, _mask(inputs, b, self.device))
+
+    def run(self, inputs: LayerInputs, heldout: frozenset[int] = frozenset()) -> SlicingResult:
+        """Slice every layer; batches in ``heldout`` are carried but not used by the PCA.
+
+        On return ``inputs.hidden`` holds the sliced model's final residual stream (before
+        the final norm) in the original basis.
+        """
         adapter, device = self.adapter, self.device
+        self._heldout = heldout
         layers = adapter.layers(self.model)
         eye = torch.eye(self.hidden_size, dtype=torch.float64, device=device)
         attn_dims, mlp_dims, attn_sc, mlp_sc = [], [], [], []
@@ -168,6 +186,8 @@ class RotateAndSlice:
         input_projection: torch.Tensor | None = None
         for idx, layer in enumerate(tqdm(layers, desc="Rotate and slice", leave=False)):
             with onloaded(layer, device), torch.no_grad():
+                if not self.in_place:
+                    layer = copy.deepcopy(layer)
                 self._fold_norms(layer, self.dims[idx])
                 attn_inputs = adapter.attn_inputs(layer)
                 if self.basis == "layer":
@@ -179,7 +199,7 @@ class RotateAndSlice:
                 elif self.tied:
                     # The shared table stays in the original basis; layer 0 projects it.
                     input_projection = change_of_basis(eye, a_basis)
-                else:
+                elif self.in_place:
                     rotate_embedding(adapter.embedding(self.model), a_basis)
                 rotate_inputs(attn_inputs, a_basis)
 
@@ -195,7 +215,7 @@ class RotateAndSlice:
                     )
                     mid = (xs @ a32.T + attn_out.float()).to(x.dtype)
                     check_finite(mid, f"decoder layer {idx}, after attention")
-                    mid_acc.add(mid, _mask(inputs, b, device))
+                    self._accumulate(mid_acc, mid, inputs, b)
                     inputs.hidden[b] = mid.to(inputs.hidden[b].device)
 
                 if self.basis == "layer":
@@ -217,7 +237,7 @@ class RotateAndSlice:
                     )
                     out = (ms @ m32.T + mlp_out.float()).to(mid.dtype)
                     check_finite(out, f"decoder layer {idx} output")
-                    out_acc.add(out, _mask(inputs, b, device))
+                    self._accumulate(out_acc, out, inputs, b)
                     inputs.hidden[b] = out.to(inputs.hidden[b].device)
                 self._next_input_cov = out_acc
                 pending = _Writer(adapter.mlp_output(layer), m_basis)
@@ -248,7 +268,7 @@ class RotateAndSlice:
         if acc is None:
             acc = CovarianceAccumulator(self.hidden_size, self.device)
             for b in range(len(inputs)):
-                acc.add(inputs.hidden[b].to(self.device), _mask(inputs, b, self.device))
+                self._accumulate(acc, inputs.hidden[b].to(self.device), inputs, b)
         self._next_input_cov = None
         return self._pca(acc, self.dims[idx], f"layer {idx} attention input")
 
@@ -261,13 +281,14 @@ class RotateAndSlice:
         acc = CovarianceAccumulator(self.hidden_size, self.device)
         attn = self.adapter.attn(layer)
         for b in range(len(inputs)):
+            if b in self._heldout:
+                continue
             x = inputs.hidden[b].to(self.device)
-            mask = _mask(inputs, b, self.device)
             # Full width here, so the plain normalisation (the norm's own scale is still ones).
             normed = rms_normalize(x, self.hidden_size, self.eps)
             attn_out, _ = attn(hidden_states=normed, **to_device(inputs.kwargs[b], self.device))
-            acc.add(x, mask)
-            acc.add(x + attn_out, mask)
+            self._accumulate(acc, x, inputs, b)
+            self._accumulate(acc, x + attn_out, inputs, b)
         self._next_input_cov = None
         return self._pca(acc, self.dims[idx], f"layer {idx} (attention and MLP inputs)")
 

@@ -115,6 +115,8 @@ def test_scores_eval_and_report(workdir, capsys):
         "out2",
         "--sparsity",
         "0.25",
+        "--slicing-base",
+        "auto",
         "--round-to",
         "8",
         *SMALL,
@@ -127,6 +129,7 @@ def test_scores_eval_and_report(workdir, capsys):
     assert code == 0 and float(out.rsplit(":", 1)[1]) > 1.0
     code, out, _ = run_main("report", "out2", "--out", str(workdir), cwd=workdir, capsys=capsys)
     assert code == 0 and "| layer | LR score |" in out
+    assert "`slicing_base: auto` search" in out and "| yes |" in out
     assert (workdir / "slicing_report.png").exists()
 
 

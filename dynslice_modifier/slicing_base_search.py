@@ -1,0 +1,108 @@
+"""``slicing_base: auto``: choose SB on held-out calibration text, never on evaluation data.
+
+The paper picked SB by sweeping it against evaluation perplexity. Here the last part of the
+calibration set (in the content order of ``calibration.capture_layer_inputs``, so the split is
+deterministic) is held out; for every candidate SB the model is sliced *on copies of its
+layers* with the PCA fitted on the rest, the held-out batches are carried through the sliced
+layers, and their next-token loss is read off the final norm and head. The candidate with the
+lowest loss wins; the real slicing pass then uses the whole calibration set. One Layer
+Redundancy pass serves every candidate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from loguru import logger
+from torch import nn
+from tqdm.auto import tqdm
+
+from dynslice_modifier.calibration import LayerInputs, onloaded
+from dynslice_modifier.errors import CalibrationError
+
+# Candidate SBs as fractions of SP: 0 is "all by redundancy", 1 would be constant slicing,
+# which the paper and our benchmark find worst, so it is not tried by default.
+DEFAULT_FRACTIONS = (0.0, 0.25, 0.5, 0.75)
+
+
+@dataclass(frozen=True)
+class Trial:
+    fraction: float  # SB / SP
+    slicing_base: float
+    sparsity: float
+    dims: tuple[int, ...]
+    heldout_nll: float
+
+
+def heldout_batches(count: int, fraction: float) -> frozenset[int]:
+    """The last ``fraction`` of ``count`` batches (at least one; at least one left to fit)."""
+    size = max(1, round(count * fraction))
+    if count - size < 1:
+        raise CalibrationError(
+            f"slicing_base: auto holds out {fraction:.0%} of the calibration batches, but "
+            f"there are only {count}; use at least 2 batches (batch size 1 in oneshot gives "
+            "one batch per sample) or give slicing_base a number"
+        )
+    return frozenset(range(count - size, count))
+
+
+@torch.no_grad()
+def heldout_nll(
+    model: nn.Module, inputs: LayerInputs, heldout: Iterable[int], device: torch.device
+) -> float:
+    """Mean next-token loss of the held-out batches from their final residual stream."""
+    norm, head = model.model.norm, model.get_output_embeddings()
+    total, tokens = 0.0, 0
+    with onloaded(norm, device), onloaded(head, device):
+        for b in sorted(heldout):
+            logits = head(norm(inputs.hidden[b].to(device))).float()
+            ids = inputs.ids[b].to(device)
+            mask = inputs.masks[b]
+            labels = ids[:, 1:].clone()
+            if mask is not None:
+                keep = mask.to(device)
+                labels[~(keep[:, 1:] & keep[:, :-1])] = -100
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            total += float(loss)
+            tokens += int((labels != -100).sum())
+    if tokens == 0:
+        raise CalibrationError("the held-out calibration batches contain no predicted tokens")
+    return total / tokens
+
+
+def search_slicing_base(
+    fractions: Iterable[float],
+    plan: Callable[[float], tuple[float, float, list[int]]],
+    trial: Callable[[list[int]], float],
+) -> tuple[Trial, list[Trial]]:
+    """Try each SB fraction; return the best trial and all of them.
+
+    ``plan(fraction)`` gives ``(sparsity, slicing_base, dims)`` for a candidate (the SP can
+    depend on SB when a parameter target is solved for); ``trial(dims)`` slices copies of the
+    layers and returns the held-out loss. Candidates whose rounded dims coincide are run once.
+    """
+    trials: list[Trial] = []
+    seen: dict[tuple[int, ...], float] = {}
+    for fraction in tqdm(list(fractions), desc="Searching slicing_base", leave=False):
+        sparsity, base, dims = plan(fraction)
+        key = tuple(dims)
+        if key not in seen:
+            seen[key] = trial(dims)
+        nll = seen[key]
+        trials.append(Trial(fraction, base, sparsity, key, nll))
+        logger.info(
+            f"slicing_base search: SB {base:.4f} ({fraction:.2f} x SP {sparsity:.4f}) -> "
+            f"held-out loss {nll:.4f} (ppl {math.exp(nll):.2f})"
+        )
+    # Ties (equal dims) go to the larger SB, the closer to plain SliceGPT.
+    best = min(trials, key=lambda t: (t.heldout_nll, -t.fraction))
+    logger.info(f"slicing_base: auto picked SB {best.slicing_base:.4f} ({best.fraction:.2f} x SP)")
+    return best, trials

@@ -1,0 +1,104 @@
+"""The shipped lm-eval tasks run on a sliced checkpoint and agree with our perplexity."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import calib_dataset, save_tiny
+from llmcompressor import oneshot
+from lm_eval import simple_evaluate
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+
+from dynslice_modifier import DynamicSliceModifier
+from dynslice_modifier.evaluation import LM_EVAL_TASKS, perplexity
+
+
+def wikitext_like(path: Path, pages: int = 4, seed: int = 0) -> Path:
+    """Articles in the raw WikiText layout over the tiny vocabulary (words t4 .. t127)."""
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for page in range(pages):
+        lines += ["", f" = Title t{10 + page} = ", ""]
+        for _ in range(2):
+            length = int(torch.randint(30, 60, (1,), generator=g))
+            words = torch.randint(4, 128, (length,), generator=g)
+            lines.append(" " + " ".join(f"t{w}" for w in words.tolist()) + " ")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def sliced(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lm_eval")
+    save_tiny(root / "tiny")
+    oneshot(
+        model=str(root / "tiny"),
+        dataset=calib_dataset(),
+        recipe=[DynamicSliceModifier(sparsity=0.25, slicing_base=0.1, round_to=8)],
+        num_calibration_samples=16,
+        max_seq_length=32,
+        output_dir=str(root / "sliced"),
+    )
+    return root
+
+
+def test_rolling_perplexity_agrees_with_ours(sliced):
+    text = wikitext_like(sliced / "wiki.test.raw")
+    lm = HFLM(pretrained=str(sliced / "sliced"), batch_size=1, max_length=256, device="cpu")
+    manager = TaskManager(
+        include_path=str(LM_EVAL_TASKS),
+        include_defaults=False,
+        metadata={"wikitext_path": str(text), "split": "all"},
+    )
+    out = simple_evaluate(
+        model=lm, tasks=["wikitext2_local"], task_manager=manager, log_samples=True
+    )
+    samples = out["samples"]["wikitext2_local"]
+    assert len(samples) == 4
+    assert math.isfinite(out["results"]["wikitext2_local"]["word_perplexity,none"])
+
+    # lm-eval scores each page as one window after its prefix token (every page is shorter
+    # than max_length); our perplexity scores every token after the first of a window.
+    total_ll, tokens, ours_nll = 0.0, 0, 0.0
+    for sample in samples:
+        ids = lm.tok_encode(sample["target"])
+        window = torch.tensor([[lm.prefix_token_id, *ids]])
+        ours_nll += math.log(perplexity(lm.model, window)) * len(ids)
+        total_ll += float(sample["resps"][0][0])
+        tokens += len(ids)
+    assert math.exp(-total_ll / tokens) == pytest.approx(math.exp(ours_nll / tokens), rel=1e-5)
+
+
+def test_last_word_task_runs(sliced):
+    text = wikitext_like(sliced / "wiki.test.raw", pages=6, seed=1)
+    manager = TaskManager(
+        include_path=str(LM_EVAL_TASKS),
+        include_defaults=False,
+        metadata={"wikitext_path": str(text), "split": "all"},
+    )
+    lm = HFLM(pretrained=str(sliced / "sliced"), batch_size=4, device="cpu")
+    out = simple_evaluate(
+        model=lm, tasks=["wikitext2_lastword"], task_manager=manager, log_samples=True
+    )
+    long_lines = [line for line in text.read_text().splitlines() if len(line.split()) >= 50]
+    samples = out["samples"]["wikitext2_lastword"]
+    assert len(samples) == len(long_lines) > 0
+    assert [s["target"] for s in samples] == [" " + line.split()[-1] for line in long_lines]
+    result = out["results"]["wikitext2_lastword"]
+    assert 0.0 <= result["acc,none"] <= 1.0
+    assert math.isfinite(result["perplexity,none"])
+
+
+def test_missing_text_names_the_fix(tmp_path, sliced):
+    manager = TaskManager(
+        include_path=str(LM_EVAL_TASKS),
+        include_defaults=False,
+        metadata={"wikitext_path": str(tmp_path / "nope.raw")},
+    )
+    lm = HFLM(pretrained=str(sliced / "sliced"), batch_size=1, device="cpu")
+    with pytest.raises(FileNotFoundError, match=r"nope\.raw"):
+        simple_evaluate(model=lm, tasks=["wikitext2_local"], task_manager=manager)

@@ -1,0 +1,129 @@
+"""``slicing_base: auto``: trials leave the model alone and predict the sliced model's loss."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tiny import calib_batches, tiny_model
+
+from dynslice_modifier import DynamicSliceModifier
+from dynslice_modifier.adapters import get_adapter
+from dynslice_modifier.calibration import capture_layer_inputs
+from dynslice_modifier.errors import CalibrationError
+from dynslice_modifier.slicer import RotateAndSlice, convert_to_sliced
+from dynslice_modifier.slicing_base_search import heldout_batches, heldout_nll
+
+CPU = torch.device("cpu")
+
+
+def sliced_loss(model, batches) -> float:
+    """Next-token loss of ``batches`` through the model itself (padding excluded)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+            logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+            labels = ids[:, 1:].masked_fill(~(mask[:, 1:] & mask[:, :-1]), -100)
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]),
+                    labels.reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
+            )
+            count += int((labels != -100).sum())
+    return total / count
+
+
+@pytest.mark.parametrize("basis", ["sublayer", "layer"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_trial_leaves_the_model_and_predicts_the_sliced_loss(tied, basis):
+    model = tiny_model("llama", tied)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    batches = calib_batches(n=6)
+    dims = [48, 40, 56]
+
+    inputs = capture_layer_inputs(model, layers[0], batches)
+    heldout = heldout_batches(len(inputs), 1 / 3)
+    trial = RotateAndSlice(model, adapter, dims, CPU, basis, keep_tied=tied, in_place=False)
+    trial.run(inputs, heldout)
+    predicted = heldout_nll(model, inputs, heldout, CPU)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+
+    # Slice for real with the same PCA data; the held-out batches through the sliced model
+    # must give the loss the trial predicted.
+    order = [b["input_ids"] for b in batches]
+    inputs = capture_layer_inputs(model, layers[0], batches)
+    held = [
+        next(b for b, ids in zip(batches, order, strict=True) if torch.equal(ids, inputs.ids[i]))
+        for i in sorted(heldout)
+    ]
+    real = RotateAndSlice(model, adapter, dims, CPU, basis, keep_tied=tied)
+    result = real.run(inputs, heldout)
+    convert_to_sliced(model, adapter, result, {"sparsity": 0.2, "slicing_base": 0.1})
+    assert sliced_loss(model, held) == pytest.approx(predicted, rel=1e-5)
+
+
+def test_auto_picks_the_lowest_heldout_loss_and_records_the_search():
+    model = tiny_model("qwen2", True)
+    modifier = DynamicSliceModifier(sparsity=0.25, slicing_base="auto", round_to=4)
+    state = SimpleNamespace(model=model, data=SimpleNamespace(calib=calib_batches(n=8)))
+    assert modifier.on_initialize(state)
+    search = model.config.slicing["slicing_base_search"]
+    assert [t["slicing_base"] for t in search] == pytest.approx([0.0, 0.0625, 0.125, 0.1875])
+    chosen = [t for t in search if t["chosen"]]
+    assert len(chosen) == 1
+    assert chosen[0]["heldout_nll"] == min(t["heldout_nll"] for t in search)
+    assert all(math.isfinite(t["heldout_nll"]) for t in search)
+    assert model.config.slicing["slicing_base"] == chosen[0]["slicing_base"]
+    assert model.config.slicing["lr_scores"] == modifier.lr_scores
+
+
+def test_auto_with_a_parameter_target_solves_sparsity_per_candidate():
+    model = tiny_model("llama", False)
+    modifier = DynamicSliceModifier(
+        target_params=0.1, slicing_base="auto", auto_fractions=[0.0, 0.5], round_to=4
+    )
+    state = SimpleNamespace(model=model, data=SimpleNamespace(calib=calib_batches(n=8)))
+    modifier.on_initialize(state)
+    search = model.config.slicing["slicing_base_search"]
+    assert len(search) == 2
+    assert search[0]["slicing_base"] == 0.0
+    assert search[1]["slicing_base"] == pytest.approx(0.5 * search[1]["sparsity"])
+    assert search[0]["sparsity"] != search[1]["sparsity"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"sparsity": 0.0, "slicing_base": "auto"}, "needs sparsity > 0"),
+        ({"sparsity": 0.2, "slicing_base": "auto", "auto_holdout": 1.0}, "auto_holdout"),
+        ({"sparsity": 0.2, "slicing_base": "auto", "auto_fractions": [1.5]}, "auto_fractions"),
+        ({"sparsity": 0.2, "slicing_base": "often"}, "slicing_base"),
+    ],
+)
+def test_bad_auto_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        DynamicSliceModifier(**options)
+
+
+@pytest.mark.parametrize(
+    ("batches", "message"),
+    [
+        (calib_batches(n=1, seq=64, pad=False), "at least 2 batches"),
+        (calib_batches(n=4, seq=10, pad=False), "fits the PCA on 60 tokens"),
+    ],
+)
+def test_auto_needs_enough_calibration(batches, message):
+    state = SimpleNamespace(model=tiny_model(), data=SimpleNamespace(calib=batches))
+    with pytest.raises(CalibrationError, match=message):
+        DynamicSliceModifier(sparsity=0.25, slicing_base="auto").on_initialize(state)
