@@ -6,6 +6,11 @@ resumes. ``results/perplexity.md`` is rewritten from the JSONL at the end.
 
     python benchmarks/perplexity.py                 # the issue's full grid
     python benchmarks/perplexity.py --rows const:0.25 dyn:0.25:0.05 --basis layer
+    python benchmarks/perplexity.py --rows dyn:0.25:auto       # slicing_base: auto
+    python benchmarks/perplexity.py --rows size:0.10:const size:0.10:dyn  # equal size
+
+``size:T:KIND`` rows remove the fraction T of all parameters (``target_params``, shortcuts
+included): ``const`` (constant slicing), ``dyn`` (SB = 0.2 x SP, the default) or ``auto``.
 
 Dynamic rows share one Layer Redundancy pass (scores depend only on the model and the
 calibration data); its time is measured once and added to every dynamic row's total.
@@ -53,9 +58,18 @@ def parse_row(spec: str, args: argparse.Namespace) -> dict:
     elif parts[0] == "const":
         row.update(sparsity=float(parts[1]), slicing_base=float(parts[1]), kind="constant")
     elif parts[0] == "dyn":
-        row.update(sparsity=float(parts[1]), slicing_base=float(parts[2]), kind="dynamic")
+        base = parts[2] if parts[2] == "auto" else float(parts[2])
+        row.update(sparsity=float(parts[1]), slicing_base=base, kind="dynamic")
+    elif parts[0] == "size" and parts[2] in ("const", "dyn", "auto"):
+        # With target_params SB is capped at the solved SP, so 1.0 means constant slicing.
+        base = {"const": 1.0, "dyn": None, "auto": "auto"}[parts[2]]
+        kind = "constant" if parts[2] == "const" else "dynamic"
+        row.update(target_params=float(parts[1]), sparsity=0.0, slicing_base=base, kind=kind)
     else:
-        raise SystemExit(f"bad row {spec!r}: use dense, const:SP or dyn:SP:SB")
+        raise SystemExit(
+            f"bad row {spec!r}: use dense, const:SP, dyn:SP:SB, dyn:SP:auto or size:T:KIND "
+            "(KIND: const, dyn, auto)"
+        )
     row["key"] = json.dumps({k: row[k] for k in sorted(row) if k != "spec"}, sort_keys=True)
     return row
 
@@ -81,9 +95,12 @@ def run_row(row: dict) -> dict:
         if row["kind"] == "dynamic" and SCORES.exists():
             cached = json.loads(SCORES.read_text())
             scores, lr_s = cached["scores"], cached["seconds"]
+        if "target_params" in row:
+            budget = {"target_params": row["target_params"], "slicing_base": row["slicing_base"]}
+        else:
+            budget = {"sparsity": row["sparsity"], "slicing_base": row["slicing_base"]}
         modifier = DynamicSliceModifier(
-            sparsity=row["sparsity"],
-            slicing_base=row["slicing_base"],
+            **budget,
             basis=row["basis"],
             normalization=row["normalization"],
             untie_embeddings=row["untie"],
@@ -104,7 +121,12 @@ def run_row(row: dict) -> dict:
             lr_s = modifier.summary["lr_seconds"]
             SCORES.write_text(json.dumps({"scores": modifier.lr_scores, "seconds": lr_s}))
             oneshot_s -= lr_s  # reported in its own column
+        spec = model.config.slicing
         out.update(
+            sparsity=round(spec["sparsity"], 4),
+            slicing_base=round(spec["slicing_base"], 4),
+            auto=row.get("slicing_base") == "auto",
+            search=spec.get("slicing_base_search"),
             oneshot_s=round(oneshot_s, 1),
             lr_s=round(lr_s, 1) if row["kind"] == "dynamic" else 0.0,
             mean_slice=round(modifier.summary["mean_slice"], 4),
@@ -117,7 +139,12 @@ def run_row(row: dict) -> dict:
     return out
 
 
-def write_table(rows: list[dict], path: Path) -> None:
+def _sb_label(r: dict) -> str:
+    return f"auto→{r['slicing_base']:.3f}" if r.get("auto") else f"{r['slicing_base']:.2f}"
+
+
+def sp_table(rows: list[dict]) -> list[str]:
+    """Rows by slice percentage SP."""
     const = {
         (r["sparsity"], r["basis"], r["untie"], r["normalization"]): r["ppl"]
         for r in rows
@@ -142,16 +169,75 @@ def write_table(rows: list[dict], path: Path) -> None:
             ref = const.get((r["sparsity"], r["basis"], r["untie"], "minmax"))
         vs = f"{r['ppl'] / ref:.3f}" if ref and r["kind"] != "dense" else ""
         lines.append(
-            f"| {r['kind']} | {r['sparsity']:.2f} | {r['slicing_base']:.2f} | {r['basis']} | "
+            f"| {r['kind']} | {r['sparsity']:.2f} | {_sb_label(r)} | {r['basis']} | "
             f"{r['normalization']} | {'yes' if r['untie'] else 'no'} | {r['mean_slice']:.3f} | "
             f"{r['ppl']:.2f} | {vs} | {r['params'] / 1e6:.1f} | "
             f"{r['params'] / r['dense_params']:.3f} | "
             f"{r['oneshot_s']:.0f} | {r['lr_s']:.0f} | {r['peak_mib']} |"
         )
-    path.write_text(
+    return lines
+
+
+def size_table(rows: list[dict]) -> list[str]:
+    """Rows by real parameter reduction (``target_params``): equal-size comparison."""
+    const = {
+        (r["target_params"], r["basis"], r["untie"]): r["ppl"]
+        for r in rows
+        if r["kind"] == "constant"
+    }
+    columns = ["target", "run", "solved SP", "SB", "basis", "untie", "params (M)", "vs dense",
+               "ppl", "vs const"]  # fmt: skip
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in sorted(rows, key=lambda r: (r["target_params"], r["kind"] != "constant")):
+        ref = const.get((r["target_params"], r["basis"], r["untie"]))
+        vs = f"{r['ppl'] / ref:.3f}" if ref else ""
+        lines.append(
+            f"| {r['target_params']:.2f} | {r['kind']} | {r['sparsity']:.4f} | {_sb_label(r)} | "
+            f"{r['basis']} | {'yes' if r['untie'] else 'no'} | {r['params'] / 1e6:.2f} | "
+            f"{r['params'] / r['dense_params']:.3f} | {r['ppl']:.2f} | {vs} |"
+        )
+    return lines
+
+
+def plot_sizes(rows: list[dict], dense: dict | None, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        label = "auto SB" if r.get("auto") else r["kind"]
+        groups.setdefault(f"{label} ({r['basis']})", []).append(r)
+    for label, group in sorted(groups.items()):
+        group.sort(key=lambda r: r["params"])
+        ax.plot([r["params"] / 1e6 for r in group], [r["ppl"] for r in group], "o-", label=label)
+    if dense:
+        ax.plot([dense["params"] / 1e6], [dense["ppl"]], "k*", ms=12, label="dense")
+    ax.set_xlabel("parameters (M), shortcuts and tied table included")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_title("SmolLM2-135M: perplexity at equal size")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def write_tables(rows: list[dict]) -> None:
+    by_sp = [r for r in rows if "target_params" not in r]
+    by_size = [r for r in rows if "target_params" in r]
+    text = (
         "SmolLM2-135M, WikiText-2 protocol (64x512 calibration, 32x1024 evaluation), float32, "
-        "2 CPU cores. Produced by `python benchmarks/perplexity.py`.\n\n" + "\n".join(lines) + "\n"
+        "2 CPU cores. Produced by `python benchmarks/perplexity.py`.\n\n"
+        + "\n".join(sp_table(by_sp))
+        + "\n"
     )
+    if by_size:
+        text += "\n## Equal size (target_params)\n\n" + "\n".join(size_table(by_size)) + "\n"
+        dense = next((r for r in by_sp if r["kind"] == "dense"), None)
+        plot_sizes(by_size, dense, RESULTS / "perplexity_vs_params.png")
+    (RESULTS / "perplexity.md").write_text(text)
 
 
 def main() -> None:
@@ -174,7 +260,7 @@ def main() -> None:
         if row["key"] in done:
             continue
         subprocess.run([sys.executable, __file__, "--worker", json.dumps(row)], check=True)
-    write_table(read_jsonl(JSONL), RESULTS / "perplexity.md")
+    write_tables(read_jsonl(JSONL))
 
 
 if __name__ == "__main__":

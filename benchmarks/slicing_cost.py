@@ -2,7 +2,9 @@
 
 Times, in one process and back to back (so machine load affects all alike): a plain
 layer-by-layer forward of the calibration set through every decoder layer, the Layer
-Redundancy pass, and the rotate-and-slice pass; writes ``results/slicing_cost.json``.
+Redundancy pass, the rotate-and-slice pass, and the plain forward again (the unit is the
+mean of the two forwards, which brackets the passes in time); writes
+``results/slicing_cost.json``.
 
     python benchmarks/slicing_cost.py [--n-calib 64]
 """
@@ -33,15 +35,18 @@ def main() -> None:
     adapter = get_adapter(model)
     layers, device = adapter.layers(model), torch.device("cpu")
 
-    inputs = capture_layer_inputs(model, layers[0], batches)
-    start = time.perf_counter()
-    with torch.no_grad():
-        for layer in layers:
-            with onloaded(layer, device):
-                for b in range(len(inputs)):
-                    kwargs = to_device(inputs.kwargs[b], device)
-                    inputs.hidden[b] = layer(inputs.hidden[b], **kwargs)
-    forward_s = time.perf_counter() - start
+    def forward() -> float:
+        inputs = capture_layer_inputs(model, layers[0], batches)
+        start = time.perf_counter()
+        with torch.no_grad():
+            for layer in layers:
+                with onloaded(layer, device):
+                    for b in range(len(inputs)):
+                        kwargs = to_device(inputs.kwargs[b], device)
+                        inputs.hidden[b] = layer(inputs.hidden[b], **kwargs)
+        return time.perf_counter() - start
+
+    forward_before = forward()
 
     inputs = capture_layer_inputs(model, layers[0], batches)
     start = time.perf_counter()
@@ -53,10 +58,16 @@ def main() -> None:
     start = time.perf_counter()
     RotateAndSlice(model, adapter, dims, device).run(inputs)
     slice_s = time.perf_counter() - start
+    # The sliced layers are smaller, so the closing forward runs on an unsliced copy.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    layers = adapter.layers(model)
+    forward_after = forward()
+    forward_s = (forward_before + forward_after) / 2
 
     result = {
         "calibration": f"{args.n_calib}x512 tokens",
         "forward_s": round(forward_s, 1),
+        "forward_before_after_s": [round(forward_before, 1), round(forward_after, 1)],
         "lr_pass_s": round(lr_s, 1),
         "slice_pass_s": round(slice_s, 1),
         "total_in_forward_passes": round((lr_s + slice_s) / forward_s, 2),

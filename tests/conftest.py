@@ -40,6 +40,20 @@ def calib_dataset(n: int = 16, seq: int = 32, seed: int = 0):
     )
 
 
+def wikitext_like(path: Path, pages: int = 4, seed: int = 0) -> Path:
+    """Articles in the raw WikiText layout over the tiny vocabulary (words t4 .. t127)."""
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for page in range(pages):
+        lines += ["", f" = Title t{10 + page} = ", ""]
+        for _ in range(2):
+            length = int(torch.randint(30, 60, (1,), generator=g))
+            words = torch.randint(4, 128, (length,), generator=g)
+            lines.append(" " + " ".join(f"t{w}" for w in words.tolist()) + " ")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def tiny_dir(tmp_path: Path) -> Path:
     return save_tiny(tmp_path / "tiny-llama")

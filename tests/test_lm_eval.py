@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import calib_dataset, save_tiny
+from conftest import calib_dataset, save_tiny, wikitext_like
 from llmcompressor import oneshot
 from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
@@ -15,20 +15,6 @@ from lm_eval.tasks import TaskManager
 
 from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.evaluation import LM_EVAL_TASKS, perplexity
-
-
-def wikitext_like(path: Path, pages: int = 4, seed: int = 0) -> Path:
-    """Articles in the raw WikiText layout over the tiny vocabulary (words t4 .. t127)."""
-    g = torch.Generator().manual_seed(seed)
-    lines = []
-    for page in range(pages):
-        lines += ["", f" = Title t{10 + page} = ", ""]
-        for _ in range(2):
-            length = int(torch.randint(30, 60, (1,), generator=g))
-            words = torch.randint(4, 128, (length,), generator=g)
-            lines.append(" " + " ".join(f"t{w}" for w in words.tolist()) + " ")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import calib_dataset, word_tokenizer
+from conftest import calib_dataset, wikitext_like, word_tokenizer
 from tiny import tiny_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -423,3 +423,42 @@ def _stop(server: subprocess.Popen[bytes]) -> None:
 
 def _tail(log: Path, chars: int = 6000) -> str:
     return log.read_text(errors="replace")[-chars:]
+
+
+def test_lm_eval_vllm_backend_agrees_with_hf(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """``lm_eval --model vllm`` (through the plugin) scores the shipped WikiText task as
+    ``--model hf`` does: same documents, same windows, float32 on both sides."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from dynslice_modifier.evaluation import LM_EVAL_TASKS
+
+    require_plugin()
+    path = checkpoints["llama-untied-sublayer"]
+    metadata = {"wikitext_path": str(wikitext_like(tmp_path / "wiki.test.raw")), "split": "all"}
+    with one_thread():
+        hf = simple_evaluate(
+            model=HFLM(pretrained=str(path), batch_size=1, max_length=256, device="cpu"),
+            tasks=["wikitext2_local"],
+            task_manager=TaskManager(
+                include_path=str(LM_EVAL_TASKS), include_defaults=False, metadata=metadata
+            ),
+        )["results"]["wikitext2_local"]
+    model_args = (
+        f"pretrained={path},dtype=float32,max_model_len=256,enforce_eager=True,"
+        f"gpu_memory_utilization=0.3,kv_cache_memory_bytes={KV_CACHE_BYTES},seed=0"
+    )
+    cmd = [str(SERVE_PYTHON), "-m", "lm_eval", "--model", "vllm", "--model_args", model_args]
+    cmd += ["--include_path", str(LM_EVAL_TASKS), "--tasks", "wikitext2_local"]
+    cmd += ["--metadata", json.dumps(metadata), "--output_path", str(tmp_path / "results")]
+    env = dict(serve_env(), VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=CHECKS_TIMEOUT_S, env=env, cwd=tmp_path
+    )
+    files = sorted((tmp_path / "results").rglob("results_*.json"))
+    if proc.returncode != 0 or not files:
+        pytest.fail(f"lm_eval --model vllm failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    served = json.loads(files[-1].read_text())["results"]["wikitext2_local"]
+    for metric in ("word_perplexity,none", "byte_perplexity,none"):
+        assert served[metric] == pytest.approx(hf[metric], rel=1e-4), metric

