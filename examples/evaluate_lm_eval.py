@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
@@ -32,7 +33,10 @@ if not (checkpoint / "config.json").exists():
     sys.exit(f"{checkpoint} is not a model directory: run examples/slice_only.py first")
 limit = os.environ.get("DYNSLICE_EXAMPLE_LIMIT")
 
-lm = HFLM(pretrained=str(checkpoint), backend="causal", batch_size=1, max_length=1024)
+device = "cuda" if torch.cuda.is_available() else "cpu"
+lm = HFLM(
+    pretrained=str(checkpoint), backend="causal", batch_size=1, max_length=1024, device=device
+)
 results = simple_evaluate(
     model=lm,
     tasks=["wikitext2_local", "wikitext2_lastword"],

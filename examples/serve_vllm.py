@@ -20,12 +20,23 @@ and then any OpenAI client:
 import sys
 
 from vllm import LLM, SamplingParams
+from vllm.platforms import current_platform
 
-checkpoint = sys.argv[1] if len(sys.argv) > 1 else "out/smollm2-sliced-w4a16"
-llm = LLM(model=checkpoint, max_model_len=1024)
-prompts = [
+PROMPTS = [
     "The capital of France is Paris. The capital of Germany is",
     "The Second World War ended in the year",
 ]
-for output in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16)):
-    print(f"{output.prompt!r} -> {output.outputs[0].text!r}")
+
+
+def main() -> None:
+    checkpoint = sys.argv[1] if len(sys.argv) > 1 else "out/smollm2-sliced-w4a16"
+    # On the CPU backend this "GPU" fraction reserves host memory; keep it modest there.
+    memory = {"gpu_memory_utilization": 0.3} if current_platform.is_cpu() else {}
+    llm = LLM(model=checkpoint, max_model_len=1024, **memory)
+    for output in llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16)):
+        print(f"{output.prompt!r} -> {output.outputs[0].text!r}")
+
+
+# vLLM starts its engine in a spawned process, which re-imports this file.
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,5 @@
-"""Shipped recipes parse; the first two examples run end to end on a small budget."""
+"""Shipped recipes parse; the examples run end to end on a small budget (vLLM serving: in
+tests/test_vllm_serving.py)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,15 @@ def test_example_runs(script, expect, tmp_path):
     assert len(widths) == 30 and max(widths) < 576
     if script == "slice_w4a16.py":
         assert all(w % 128 == 0 for w in widths)
+    if script == "slice_only.py":
+        # The lm-eval example reads what slice_only.py wrote, one document per task.
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "evaluate_lm_eval.py")],
+            cwd=tmp_path,
+            env=dict(env, DYNSLICE_EXAMPLE_LIMIT="1"),
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "wikitext2_local: word perplexity" in result.stdout
