@@ -32,7 +32,7 @@ def main() -> None:
     checkpoint = sys.argv[1] if len(sys.argv) > 1 else "out/smollm2-sliced-w4a16"
     # On the CPU backend this "GPU" fraction reserves host memory; keep it modest there.
     memory = {"gpu_memory_utilization": 0.3} if current_platform.is_cpu() else {}
-    llm = LLM(model=checkpoint, max_model_len=1024, **memory)
+    llm = LLM(model=checkpoint, **memory)
     for output in llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16)):
         print(f"{output.prompt!r} -> {output.outputs[0].text!r}")
 

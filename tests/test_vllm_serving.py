@@ -462,3 +462,18 @@ def test_lm_eval_vllm_backend_agrees_with_hf(checkpoints: dict[str, Path], tmp_p
     served = json.loads(files[-1].read_text())["results"]["wikitext2_local"]
     for metric in ("word_perplexity,none", "byte_perplexity,none"):
         assert served[metric] == pytest.approx(hf[metric], rel=1e-4), metric
+
+
+def test_serving_example_runs(checkpoints: dict[str, Path]) -> None:
+    require_plugin()
+    path = checkpoints["llama-untied-sublayer-w8a8"]
+    proc = subprocess.run(
+        [str(SERVE_PYTHON), str(ROOT / "examples" / "serve_vllm.py"), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=CHECKS_TIMEOUT_S,
+        env=serve_env(),
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count(" -> ") == 2, proc.stdout
