@@ -53,6 +53,8 @@ def parse_row(spec: str, args: argparse.Namespace) -> dict:
         "n_calib": args.n_calib,
         "n_eval": args.n_eval,
     }
+    if args.profitable_only:
+        row["profitable_only"] = True
     if parts[0] == "dense":
         row.update(sparsity=0.0, slicing_base=0.0, kind="dense")
     elif parts[0] == "const":
@@ -106,6 +108,7 @@ def run_row(row: dict) -> dict:
             untie_embeddings=row["untie"],
             round_to=row["round_to"],
             layer_scores=scores,
+            profitable_only=row.get("profitable_only", False),
         )
         start = time.perf_counter()
         model = oneshot(
@@ -247,6 +250,11 @@ def main() -> None:
     parser.add_argument("--normalization", default="minmax", choices=["minmax", "rank"])
     parser.add_argument("--untie", action="store_true")
     parser.add_argument("--round-to", type=int, default=16)
+    parser.add_argument(
+        "--profitable-only",
+        action="store_true",
+        help="leave layers whole whose slice cannot pay for its shortcuts (off: plain SP rows)",
+    )
     parser.add_argument("--n-calib", type=int, default=64)
     parser.add_argument("--n-eval", type=int, default=32)
     parser.add_argument("--worker", help=argparse.SUPPRESS)

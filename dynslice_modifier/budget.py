@@ -9,6 +9,7 @@ parameters" can be met before any calibration is spent on slicing.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -24,45 +25,97 @@ def _bias(linear: nn.Linear) -> int:
     return 0 if linear.bias is None else linear.bias.numel()
 
 
-def sliced_parameter_count(
-    model: nn.Module,
-    adapter: ModelAdapter,
-    dims: Sequence[int],
-    basis: str,
-    tied: bool,
-) -> int:
-    """Parameters of the sliced model, counted on the *dense* model before slicing.
+@dataclass(frozen=True)
+class _LayerCost:
+    per_width: int  # weights per kept input dim (readers' rows + o_proj's columns)
+    down_rows: int  # down_proj weights per output dim
+    biases: int  # readers' biases (unchanged by slicing)
+    o_bias: bool
+    down_bias: bool
+    fixed: int  # whatever slicing does not touch (e.g. Qwen3's q/k norms)
 
-    ``dims[l]`` is layer ``l``'s kept width (its attention and MLP inputs); ``tied`` means
-    the embedding table stays shared with the head (input projection instead of slicing).
+
+class ParameterCounter:
+    """Exact parameter count of the sliced model for any widths, from the *dense* model.
+
+    Built once (it walks the modules); calling it is arithmetic, so allocation searches can
+    ask thousands of times.
     """
-    hidden = model.config.hidden_size
-    layers = adapter.layers(model)
-    total = 0
-    for idx, layer in enumerate(layers):
-        width = dims[idx]
-        out = dims[idx + 1] if idx + 1 < len(layers) else hidden
-        readers = adapter.attn_inputs(layer) + adapter.mlp_inputs(layer)
-        writers = [adapter.attn_output(layer), adapter.mlp_output(layer)]
-        total += sum(r.out_features * width + _bias(r) for r in readers)
-        o_proj, down = writers
-        total += o_proj.in_features * width + (width if o_proj.bias is not None else 0)
-        total += down.in_features * out + (out if down.bias is not None else 0)
-        # Whatever else the layer holds (e.g. Qwen3's q/k norms) is untouched; the two
-        # residual norms keep one scale per kept dim.
-        counted = sum(_params(m) for m in (*readers, *writers))
-        norms = _params(adapter.input_norm(layer)) + _params(adapter.post_attention_norm(layer))
-        total += _params(layer) - counted - norms + 2 * width
-        total += (width * width if basis == "sublayer" else 0) + width * out
-    embedding = adapter.embedding(model)
-    vocab = embedding.num_embeddings
-    if tied:
-        total += vocab * hidden + hidden * dims[0]
-    else:
-        head = model.get_output_embeddings()
-        total += vocab * dims[0] + _params(head)
-    total += _params(model.model.norm)
-    return total
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, basis: str, tied: bool) -> None:
+        self.hidden = model.config.hidden_size
+        self.basis = basis
+        self.tied = tied
+        self.layers: list[_LayerCost] = []
+        for layer in adapter.layers(model):
+            readers = adapter.attn_inputs(layer) + adapter.mlp_inputs(layer)
+            o_proj, down = adapter.attn_output(layer), adapter.mlp_output(layer)
+            counted = sum(_params(m) for m in (*readers, o_proj, down))
+            norms = _params(adapter.input_norm(layer)) + _params(adapter.post_attention_norm(layer))
+            self.layers.append(
+                _LayerCost(
+                    per_width=sum(r.out_features for r in readers) + o_proj.in_features,
+                    down_rows=down.in_features,
+                    biases=sum(_bias(r) for r in readers),
+                    o_bias=o_proj.bias is not None,
+                    down_bias=down.bias is not None,
+                    fixed=_params(layer) - counted - norms,
+                )
+            )
+        self.vocab = adapter.embedding(model).num_embeddings
+        self.head = 0 if tied else _params(model.get_output_embeddings())
+        self.final_norm = _params(model.model.norm)
+
+    def __call__(self, dims: Sequence[int], whole: Sequence[bool] | None = None) -> int:
+        """``dims[l]``: layer ``l``'s kept width; ``whole[l]``: left at full width in the
+        original basis, so no shortcut inside it nor between it and a whole neighbour."""
+        hidden, count = self.hidden, len(self.layers)
+        whole = list(whole) if whole is not None else [False] * count
+        unrotated = [*whole, True]  # the last layer writes back in the original basis
+        total = 0
+        for idx, cost in enumerate(self.layers):
+            width = dims[idx]
+            out = dims[idx + 1] if idx + 1 < count else hidden
+            total += cost.per_width * width + cost.biases + cost.fixed
+            total += (width if cost.o_bias else 0) + cost.down_rows * out
+            total += out if cost.down_bias else 0
+            total += 2 * width  # the two residual norms keep one scale per kept dim
+            if self.basis == "sublayer" and not whole[idx]:
+                total += width * width
+            if not (unrotated[idx] and unrotated[idx + 1]):
+                total += width * out
+        if self.tied:
+            total += self.vocab * hidden + (0 if whole[0] else hidden * dims[0])
+        else:
+            total += self.vocab * dims[0] + self.head
+        return total + self.final_norm
+
+
+def unprofitable_layers(
+    dims: Sequence[int], hidden: int, count: Callable[[list[int], list[bool]], int]
+) -> list[bool]:
+    """Layers to leave whole: those whose slicing adds more shortcut weights than it removes.
+
+    Greedy on the exact count ``count(dims, whole)``: keep marking the sliced layer whose
+    return to full width (unrotated) lowers the total the most, until none does. Shortcuts
+    couple neighbours, so one layer's verdict can change once the next is whole.
+    """
+    dims = list(dims)
+    whole = [False] * len(dims)
+    current = count(dims, whole)
+    while True:
+        best, best_count = None, current
+        for idx, width in enumerate(dims):
+            if whole[idx] or width >= hidden:
+                continue
+            trial_dims = [hidden if i == idx else d for i, d in enumerate(dims)]
+            trial_whole = [True if i == idx else w for i, w in enumerate(whole)]
+            trial = count(trial_dims, trial_whole)
+            if trial < best_count:
+                best, best_count = idx, trial
+        if best is None:
+            return whole
+        dims[best], whole[best], current = hidden, True, best_count
 
 
 def solve_sparsity(

@@ -15,7 +15,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from dynslice_modifier.adapters import get_adapter
 from dynslice_modifier.allocation import allocate_dims, check_explicit_dims, check_fractions
-from dynslice_modifier.budget import sliced_parameter_count, solve_sparsity
+from dynslice_modifier.budget import ParameterCounter, solve_sparsity, unprofitable_layers
 from dynslice_modifier.calibration import LayerInputs, capture_layer_inputs
 from dynslice_modifier.errors import AllocationError, CalibrationError
 from dynslice_modifier.quantization import (
@@ -106,6 +106,10 @@ class DynamicSliceModifier(Modifier):
     :param target_params: instead of ``sparsity``, the fraction of the model's parameters to
         remove (embedding, head and shortcut matrices included); the SP that meets it is
         solved for after scoring, with ``slicing_base`` (or its default) kept.
+    :param profitable_only: leave a layer whole (full width, in the original basis, so no
+        shortcut inside it) when slicing it would add more shortcut weights than it removes,
+        judged on the exact parameter count of the result. Explicit ``layer_dims`` are never
+        changed. Default true.
     :param untie_embeddings: for models with tied embeddings, untie them and slice the
         input table (SliceGPT's way). By default the table stays shared, in the original
         basis, and the model stays tied.
@@ -123,6 +127,7 @@ class DynamicSliceModifier(Modifier):
     untie_embeddings: bool = False
     target_params: float | None = None
     hadamard: bool = False
+    profitable_only: bool = True
 
     _lr_scores: list[float] | None = PrivateAttr(default=None)
     _auto_fraction: float | None = PrivateAttr(default=None)
@@ -279,37 +284,58 @@ class DynamicSliceModifier(Modifier):
                 self.normalization,
             )
 
-        def predicted(dims: list[int]) -> int:
-            return sliced_parameter_count(model, adapter, dims, self.basis, keep_tied)
+        predicted = ParameterCounter(model, adapter, self.basis, keep_tied)
 
-        def plan() -> tuple[float, list[int]]:
+        def layout(sparsity: float) -> tuple[list[int], list[bool]]:
+            dims = allocate(sparsity)
+            if not self.profitable_only:
+                return dims, [False] * num_layers
+            whole = unprofitable_layers(dims, hidden, predicted)
+            return [hidden if w else d for d, w in zip(dims, whole, strict=True)], whole
+
+        def plan() -> tuple[float, list[int], list[bool]]:
             if self.target_params is None:
-                return self.sparsity, allocate(self.sparsity)
+                return self.sparsity, *layout(self.sparsity)
             sparsity = solve_sparsity(
                 self.target_params,
                 dense_params,
-                lambda sp: predicted(allocate(sp)),
+                lambda sp: predicted(*layout(sp)),
                 max_sparsity=1.0 - round_to / hidden,
             )
-            return sparsity, allocate(sparsity)
+            return sparsity, *layout(sparsity)
 
         search: list[dict[str, Any]] | None = None
         if auto:
             search = self._search_slicing_base(state, adapter, device, keep_tied, plan, heldout)
             consumed = True
         if explicit:
-            sparsity, dims = self.sparsity, explicit
+            sparsity, dims, whole = self.sparsity, explicit, [False] * num_layers
         else:
-            sparsity, dims = plan()
+            sparsity, dims, whole = plan()
         if self.target_params is not None and explicit is None:
             logger.info(f"target_params {self.target_params}: solved sparsity {sparsity:.4f}")
+        if any(whole):
+            logger.warning(
+                f"Leaving {sum(whole)} of {num_layers} layers whole (full width, unrotated): "
+                "slicing them would add more shortcut weights than it removes (layers "
+                f"{[i for i, w in enumerate(whole) if w]}). For a real size reduction use "
+                "target_params, a larger sparsity or basis: layer."
+            )
         logger.info(
-            f"Predicted parameters: {predicted(dims) / 1e6:.2f}M of {dense_params / 1e6:.2f}M"
+            f"Predicted parameters: {predicted(dims, whole) / 1e6:.2f}M of "
+            f"{dense_params / 1e6:.2f}M"
         )
         logger.info(f"Kept residual widths: {dims}")
 
         slicer = RotateAndSlice(
-            model, adapter, dims, device, self.basis, keep_tied=keep_tied, hadamard=self.hadamard
+            model,
+            adapter,
+            dims,
+            device,
+            self.basis,
+            keep_tied=keep_tied,
+            hadamard=self.hadamard,
+            whole=whole,
         )
         if consumed:
             inputs = capture_layer_inputs(model, layers[0], state.data.calib)
@@ -324,6 +350,8 @@ class DynamicSliceModifier(Modifier):
             "basis": self.basis,
             "hadamard": self.hadamard,
             "slicing_base_search": search,
+            "profitable_only": self.profitable_only,
+            "whole_layers": [i for i, w in enumerate(whole) if w],
         }
         convert_to_sliced(model, adapter, result, provenance)
         sliced_params = count_parameters(model)
@@ -366,18 +394,18 @@ class DynamicSliceModifier(Modifier):
         adapter: Any,
         device: torch.device,
         keep_tied: bool,
-        plan: Callable[[], tuple[float, list[int]]],
+        plan: Callable[[], tuple[float, list[int], list[bool]]],
         heldout: frozenset[int],
     ) -> list[dict[str, Any]]:
         model = state.model
         layers = adapter.layers(model)
 
-        def plan_fraction(fraction: float) -> tuple[float, float, list[int]]:
+        def plan_fraction(fraction: float) -> tuple[float, float, list[int], list[bool]]:
             self._auto_fraction = fraction
-            sparsity, dims = plan()
-            return sparsity, self._slicing_base_for(sparsity), dims
+            sparsity, dims, whole = plan()
+            return sparsity, self._slicing_base_for(sparsity), dims, whole
 
-        def trial(dims: list[int]) -> float:
+        def trial(dims: list[int], whole: list[bool]) -> float:
             inputs = capture_layer_inputs(model, layers[0], state.data.calib)
             slicer = RotateAndSlice(
                 model,
@@ -388,6 +416,7 @@ class DynamicSliceModifier(Modifier):
                 keep_tied=keep_tied,
                 hadamard=self.hadamard,
                 in_place=False,
+                whole=whole,
             )
             slicer.run(inputs, heldout)
             return heldout_nll(model, inputs, heldout, device)

@@ -15,6 +15,10 @@ weight and the head (tied to the embedding or not) is unchanged. With ``basis="l
 attention and MLP of a layer share one basis (from the PCA of both signals), which removes
 the attention shortcut.
 
+A layer marked *whole* keeps full width in the original basis (``a = m = hidden``, no
+rotation): no shortcut inside it or towards a whole neighbour. The modifier leaves layers
+whole when slicing them would add more shortcut weights than it removes.
+
 Each layer is run once per pass; the redundancy pass is one more, so slicing costs two
 forward passes of the calibration set (plus an attention-only pass with ``basis="layer"``).
 """
@@ -130,10 +134,13 @@ class RotateAndSlice:
         keep_tied: bool = True,
         hadamard: bool = False,
         in_place: bool = True,
+        whole: list[bool] | None = None,
     ) -> None:
         self.model = model
         self.adapter = adapter
         self.dims = dims
+        # Whole layers keep full width in the original basis (see budget.unprofitable_layers).
+        self.whole = whole or [False] * len(dims)
         self.device = device
         self.basis = basis
         self.hidden_size = model.config.hidden_size
@@ -190,7 +197,11 @@ class RotateAndSlice:
                     layer = copy.deepcopy(layer)
                 self._fold_norms(layer, self.dims[idx])
                 attn_inputs = adapter.attn_inputs(layer)
-                if self.basis == "layer":
+                whole = self.whole[idx]
+                if whole:
+                    a_basis = eye
+                    self._next_input_cov = None
+                elif self.basis == "layer":
                     a_basis = self._joint_basis(layer, inputs, idx)
                 else:
                     a_basis = self._input_basis(inputs, idx)
@@ -205,7 +216,12 @@ class RotateAndSlice:
 
                 # Activations are projected in float32; covariances and weights use float64.
                 a32 = a_basis.float()
-                mid_acc = CovarianceAccumulator(self.hidden_size, device)
+                # The MLP basis needs the post-attention signal only with sublayer bases.
+                mid_acc = (
+                    None
+                    if whole or self.basis == "layer"
+                    else CovarianceAccumulator(self.hidden_size, device)
+                )
                 for b in range(len(inputs)):
                     x = inputs.hidden[b].to(device)
                     kwargs = to_device(inputs.kwargs[b], device)
@@ -215,10 +231,11 @@ class RotateAndSlice:
                     )
                     mid = (xs @ a32.T + attn_out.float()).to(x.dtype)
                     check_finite(mid, f"decoder layer {idx}, after attention")
-                    self._accumulate(mid_acc, mid, inputs, b)
+                    if mid_acc is not None:
+                        self._accumulate(mid_acc, mid, inputs, b)
                     inputs.hidden[b] = mid.to(inputs.hidden[b].device)
 
-                if self.basis == "layer":
+                if mid_acc is None:
                     m_basis = a_basis
                     attn_sc.append(None)
                 else:
@@ -250,7 +267,7 @@ class RotateAndSlice:
             mlp_dims=mlp_dims,
             attn_shortcuts=[_drop_identity(s) for s in attn_sc],
             mlp_shortcuts=[_drop_identity(s) for s in mlp_sc],
-            input_projection=input_projection,
+            input_projection=_drop_identity(input_projection),
             embedding_sliced=not self.tied,
         )
 
@@ -333,6 +350,7 @@ def convert_to_sliced(
         "attn_shortcuts": [s is not None for s in result.attn_shortcuts],
         "mlp_shortcuts": [s is not None for s in result.mlp_shortcuts],
         "embedding_sliced": result.embedding_sliced,
+        "input_projection": result.input_projection is not None,
         "layout": adapter.layout,
         **provenance,
     }

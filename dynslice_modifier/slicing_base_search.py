@@ -80,24 +80,25 @@ def heldout_nll(
 
 def search_slicing_base(
     fractions: Iterable[float],
-    plan: Callable[[float], tuple[float, float, list[int]]],
-    trial: Callable[[list[int]], float],
+    plan: Callable[[float], tuple[float, float, list[int], list[bool]]],
+    trial: Callable[[list[int], list[bool]], float],
 ) -> tuple[Trial, list[Trial]]:
     """Try each SB fraction; return the best trial and all of them.
 
-    ``plan(fraction)`` gives ``(sparsity, slicing_base, dims)`` for a candidate (the SP can
-    depend on SB when a parameter target is solved for); ``trial(dims)`` slices copies of the
-    layers and returns the held-out loss. Candidates whose rounded dims coincide are run once.
+    ``plan(fraction)`` gives ``(sparsity, slicing_base, dims, whole)`` for a candidate (the SP
+    can depend on SB when a parameter target is solved for); ``trial(dims, whole)`` slices
+    copies of the layers and returns the held-out loss. Candidates that come out as the same
+    widths are run once.
     """
     trials: list[Trial] = []
-    seen: dict[tuple[int, ...], float] = {}
+    seen: dict[tuple, float] = {}
     for fraction in tqdm(list(fractions), desc="Searching slicing_base", leave=False):
-        sparsity, base, dims = plan(fraction)
-        key = tuple(dims)
+        sparsity, base, dims, whole = plan(fraction)
+        key = (tuple(dims), tuple(whole))
         if key not in seen:
-            seen[key] = trial(dims)
+            seen[key] = trial(dims, whole)
         nll = seen[key]
-        trials.append(Trial(fraction, base, sparsity, key, nll))
+        trials.append(Trial(fraction, base, sparsity, tuple(dims), nll))
         logger.info(
             f"slicing_base search: SB {base:.4f} ({fraction:.2f} x SP {sparsity:.4f}) -> "
             f"held-out loss {nll:.4f} (ppl {math.exp(nll):.2f})"

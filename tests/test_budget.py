@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from test_slicing import slice_in_memory
-from tiny import tiny_model
+import torch
+from test_slicing import IDS, slice_in_memory
+from tiny import calib_batches, tiny_model
 
 from dynslice_modifier.adapters import get_adapter
-from dynslice_modifier.budget import sliced_parameter_count
+from dynslice_modifier.budget import ParameterCounter
 from dynslice_modifier.slicer import count_parameters
 
 
@@ -17,7 +18,7 @@ from dynslice_modifier.slicer import count_parameters
 def test_predicted_count_matches_the_sliced_model(tmp_path, arch, tied, basis):
     model = tiny_model(arch, tied, layers=4)
     dims = [56, 40, 48, 32]
-    predicted = sliced_parameter_count(model, get_adapter(model), dims, basis, tied)
+    predicted = ParameterCounter(model, get_adapter(model), basis, tied)(dims)
     slice_in_memory(model, layer_dims=dims, basis=basis)
     assert count_parameters(model) == predicted
     model.save_pretrained(tmp_path)
@@ -70,3 +71,57 @@ def test_target_params_and_sparsity_are_exclusive():
         DynamicSliceModifier(sparsity=0.2, target_params=0.1)
     with pytest.raises(ValueError, match="target_params must be in"):
         DynamicSliceModifier(target_params=1.5)
+
+
+@pytest.mark.parametrize("basis", ["sublayer", "layer"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_whole_layers_are_counted_exactly_and_reload(tmp_path, tied, basis):
+    from transformers import AutoModelForCausalLM
+
+    from dynslice_modifier.calibration import capture_layer_inputs
+    from dynslice_modifier.slicer import RotateAndSlice, convert_to_sliced
+
+    model = tiny_model("qwen2", tied, layers=4)
+    adapter = get_adapter(model)
+    dims, whole = [64, 40, 64, 32], [True, False, True, False]
+    predicted = ParameterCounter(model, adapter, basis, tied)(dims, whole)
+    inputs = capture_layer_inputs(model, adapter.layers(model)[0], calib_batches())
+    slicer = RotateAndSlice(model, adapter, dims, torch.device("cpu"), basis, whole=whole)
+    result = slicer.run(inputs)
+    # Whole layers need no shortcut inside them, and layer 0 reads the table directly.
+    assert result.input_projection is None
+    assert result.attn_shortcuts[0] is None and result.attn_shortcuts[2] is None
+    convert_to_sliced(model, adapter, result, {"sparsity": 0.2, "slicing_base": 0.0})
+    assert count_parameters(model) == predicted
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert sum(p.numel() for p in reloaded.parameters()) == predicted
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_slices_that_cannot_pay_for_their_shortcuts_are_not_made():
+    # Tiny layers lose 576 weights per removed dim; at width 56 the two shortcuts cost
+    # 2 x 56^2 = 6272 > 8 x 576 = 4608, so every layer stays whole: dense size and function.
+    model = tiny_model("llama", True, layers=3)
+    dense = count_parameters(model)
+    with torch.no_grad():
+        reference = model(IDS).logits
+    slice_in_memory(model, sparsity=0.125, slicing_base=0.125, round_to=8)
+    assert model.config.slicing["whole_layers"] == [0, 1, 2]
+    assert count_parameters(model) == dense
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, reference, atol=2e-5, rtol=1e-5)
+    # Without the rule the same recipe makes the model larger than dense.
+    bigger = tiny_model("llama", True, layers=3)
+    slice_in_memory(bigger, sparsity=0.125, slicing_base=0.125, round_to=8, profitable_only=False)
+    assert count_parameters(bigger) > dense
+
+
+def test_profitable_slices_are_kept():
+    model = tiny_model("llama", True, layers=3)
+    dense = count_parameters(model)
+    slice_in_memory(model, sparsity=0.5, slicing_base=0.5, round_to=8)
+    assert model.config.slicing["whole_layers"] == []
+    assert count_parameters(model) < dense

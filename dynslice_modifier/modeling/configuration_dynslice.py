@@ -84,6 +84,24 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
         raise SlicingConfigError(f"slicing.layout must name all of {list(_LAYOUT_KEYS)}")
     if spec.get("embedding_sliced") not in (True, False):
         raise SlicingConfigError("slicing.embedding_sliced must be true or false")
+    if spec.get("input_projection", False) not in (True, False):
+        raise SlicingConfigError("slicing.input_projection must be true or false")
+    unprojected = not spec["embedding_sliced"] and not has_input_projection(spec)
+    if unprojected and spec["attn_dims"][0] != hidden_size:
+        raise SlicingConfigError(
+            "slicing.input_projection is false, so layer 0 must read the embedding table at "
+            f"full width: attn_dims[0] = {spec['attn_dims'][0]} != {hidden_size}"
+        )
+
+
+def has_input_projection(spec: dict[str, Any]) -> bool:
+    """Layer 0 maps the unsliced table into its basis, unless it is itself unrotated.
+
+    Checkpoints written before the key existed always had the projection when tied.
+    """
+    if spec["embedding_sliced"]:
+        return False
+    return bool(spec.get("input_projection", True))
 
 
 def _require_vllm_plugin() -> None:
@@ -118,7 +136,8 @@ class DynSliceConfig(PretrainedConfig):
     - ``layout``: attribute names of the sub-modules inside a decoder layer;
     - ``embedding_sliced``: whether the embedding table was rotated and cut to
       ``attn_dims[0]`` (untied models) or kept in the original basis (tied models), in
-      which case layer 0 starts with ``input_projection`` (hidden_size -> attn_dims[0]);
+      which case layer 0 starts with ``input_projection`` (hidden_size -> attn_dims[0]),
+      unless ``input_projection`` is false (layer 0 left whole, in the original basis);
     - provenance: ``lr_scores``, ``sparsity``, ``slicing_base``, ``round_to``, ``parameters``.
 
     The last layer always writes the residual back in the original basis at full width, so

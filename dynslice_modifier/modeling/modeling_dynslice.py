@@ -27,7 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .configuration_dynslice import DynSliceConfig
+from .configuration_dynslice import DynSliceConfig, has_input_projection
 
 
 def base_causal_lm_class(base_model_type: str) -> type[PreTrainedModel]:
@@ -126,7 +126,7 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         # A tied embedding table stays in the original basis; layer 0 projects it.
         self.input_projection = (
             ResidualShortcut(config.hidden_size, attn_dim, device, dtype)
-            if layer_idx == 0 and not config.slicing["embedding_sliced"]
+            if layer_idx == 0 and has_input_projection(config.slicing)
             else None
         )
         self.attn_shortcut = (

@@ -63,7 +63,11 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from dynslice_modifier.modeling.configuration_dynslice import PRE_NORM_LAYOUT, DynSliceConfig
+from dynslice_modifier.modeling.configuration_dynslice import (
+    PRE_NORM_LAYOUT,
+    DynSliceConfig,
+    has_input_projection,
+)
 from dynslice_modifier.modeling.modeling_dynslice import layer_widths
 
 SUPPORTED_BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -326,7 +330,7 @@ class SlicedDecoderLayer(nn.Module):
         # A tied embedding table stays in the original basis at full width; layer 0 projects
         # it into its own basis first.
         self.input_projection = _shortcut(
-            idx == 0 and not spec["embedding_sliced"],
+            idx == 0 and has_input_projection(spec),
             config.hidden_size,
             attn_dim,
             quant_config,
