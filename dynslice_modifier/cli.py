@@ -131,12 +131,21 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from dynslice_modifier import DynamicSliceModifier
-    from dynslice_modifier.output import atomic_directory, check_target, directory_size
+    from dynslice_modifier.output import (
+        atomic_directory,
+        check_free_space,
+        check_target,
+        directory_size,
+    )
     from dynslice_modifier.report import summary_markdown, write_report
 
     path = _model_path(args.model)
     output = Path(args.output)
     check_target(output, [path])
+    dense_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    # Slicing and quantizing shrink the weights; rotation alone (SP 0) adds shortcut
+    # matrices, hence the margin over the input's size.
+    check_free_space(output, int(1.25 * dense_bytes) + 2**20)
     if args.recipe and (args.sparsity is not None or args.quantize != "none"):
         raise ValueError("give either --recipe or --sparsity/--quantize flags, not both")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -175,7 +184,6 @@ def cmd_compress(args: argparse.Namespace) -> None:
         write_report(scratch)
     seconds = time.perf_counter() - start
     print(summary_markdown(output))
-    dense_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     sliced_bytes = sum(f.stat().st_size for f in output.glob("*.safetensors"))
     print(
         f"weights on disk: {dense_bytes / 2**20:.1f} MiB -> {sliced_bytes / 2**20:.1f} MiB "
@@ -301,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

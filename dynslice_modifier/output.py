@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -26,12 +27,29 @@ def check_target(target: Path, inputs: list[Path]) -> None:
             )
 
 
+def check_free_space(target: Path, needed: int) -> None:
+    """Fail before any calibration if the output cannot fit beside ``target``."""
+    parent = Path(target).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise OSError(
+            f"not enough free disk for the output: about {needed / 2**20:.0f} MiB needed "
+            f"beside {target}, {free / 2**20:.0f} MiB free on {parent}; free space or choose "
+            "another output directory"
+        )
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a scratch directory that becomes ``target`` only if the block succeeds."""
     target = Path(target).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    _remove_dead_scratch(target)
+    scratch = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent)
+    )
     # mkdtemp makes a private (0700) directory; the result should look like any other.
     umask = os.umask(0)
     os.umask(umask)
@@ -49,6 +67,25 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     os.replace(scratch, target)
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def _remove_dead_scratch(target: Path) -> None:
+    """Delete scratch directories that killed runs (SIGKILL, power loss) left for ``target``.
+
+    Their names carry the writer's PID; one whose process is gone is garbage. A live PID
+    (a concurrent run, or a reused PID) keeps its directory.
+    """
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.partial-(\d+)-")
+    for candidate in target.parent.iterdir():
+        match = pattern.match(candidate.name)
+        if match is None or not candidate.is_dir():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(candidate, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, owned by someone else
 
 
 def directory_size(path: str | Path) -> int:
