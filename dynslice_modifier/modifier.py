@@ -327,16 +327,7 @@ class DynamicSliceModifier(Modifier):
         )
         logger.info(f"Kept residual widths: {dims}")
 
-        slicer = RotateAndSlice(
-            model,
-            adapter,
-            dims,
-            device,
-            self.basis,
-            keep_tied=keep_tied,
-            hadamard=self.hadamard,
-            whole=whole,
-        )
+        slicer = self._slicer(model, adapter, dims, whole, device, keep_tied)
         if consumed:
             inputs = capture_layer_inputs(model, layers[0], state.data.calib)
         result = slicer.run(inputs)
@@ -373,6 +364,28 @@ class DynamicSliceModifier(Modifier):
         )
         return True
 
+    def _slicer(
+        self,
+        model: torch.nn.Module,
+        adapter: Any,
+        dims: list[int],
+        whole: list[bool],
+        device: torch.device,
+        keep_tied: bool,
+        in_place: bool = True,
+    ) -> RotateAndSlice:
+        return RotateAndSlice(
+            model,
+            adapter,
+            dims,
+            device,
+            self.basis,
+            keep_tied=keep_tied,
+            hadamard=self.hadamard,
+            in_place=in_place,
+            whole=whole,
+        )
+
     def _heldout(self, inputs: LayerInputs, hidden: int) -> frozenset[int]:
         """The batches ``auto`` holds out; checked before any pass is spent."""
         heldout = heldout_batches(len(inputs), self.auto_holdout)
@@ -407,17 +420,7 @@ class DynamicSliceModifier(Modifier):
 
         def trial(dims: list[int], whole: list[bool]) -> float:
             inputs = capture_layer_inputs(model, layers[0], state.data.calib)
-            slicer = RotateAndSlice(
-                model,
-                adapter,
-                dims,
-                device,
-                self.basis,
-                keep_tied=keep_tied,
-                hadamard=self.hadamard,
-                in_place=False,
-                whole=whole,
-            )
+            slicer = self._slicer(model, adapter, dims, whole, device, keep_tied, in_place=False)
             slicer.run(inputs, heldout)
             return heldout_nll(model, inputs, heldout, device)
 
