@@ -46,6 +46,10 @@ class LayerInputs:
     def __len__(self) -> int:
         return len(self.hidden)
 
+    def keys(self) -> list[bytes]:
+        """Content key of every batch (what the batch order is sorted by)."""
+        return [_batch_key(ids, mask) for ids, mask in zip(self.ids, self.masks, strict=True)]
+
     @property
     def tokens(self) -> int:
         return sum(

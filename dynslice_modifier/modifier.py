@@ -17,6 +17,7 @@ from dynslice_modifier.adapters import get_adapter
 from dynslice_modifier.allocation import allocate_dims, check_explicit_dims, check_fractions
 from dynslice_modifier.budget import ParameterCounter, solve_sparsity, unprofitable_layers
 from dynslice_modifier.calibration import LayerInputs, capture_layer_inputs
+from dynslice_modifier.distributed import is_distributed, shared_across_ranks, sum_over_ranks
 from dynslice_modifier.errors import AllocationError, CalibrationError
 from dynslice_modifier.quantization import (
     check_dims_fit,
@@ -243,15 +244,27 @@ class DynamicSliceModifier(Modifier):
             model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
 
         inputs = capture_layer_inputs(model, layers[0], state.data.calib)
-        if inputs.tokens < hidden:
+        duplicated = shared_across_ranks(inputs.keys())
+        if duplicated:
+            logger.warning(
+                f"{duplicated} of this rank's {len(inputs)} calibration batches are also on "
+                "another rank, so part of the data is counted twice and part is never seen. "
+                "llm-compressor 0.14 splits an identical dataset across ranks with sampler "
+                "indices into the unsplit dataset; give each rank its own shard instead: "
+                "dataset.shard(world_size, rank, contiguous=True)"
+            )
+        # The PCA sees every rank's tokens (see distributed.py).
+        (tokens,) = sum_over_ranks(inputs.tokens)
+        if tokens < hidden:
             raise CalibrationError(
-                f"{inputs.tokens} calibration tokens but hidden_size is {hidden}: PCA needs at "
+                f"{int(tokens)} calibration tokens but hidden_size is {hidden}: PCA needs at "
                 "least as many tokens as dimensions; raise num_calibration_samples or "
                 "max_seq_length"
             )
         logger.info(
-            f"DynamicSliceModifier: {len(inputs)} calibration batches, {inputs.tokens} tokens, "
-            f"{num_layers} layers, compute device {device}"
+            f"DynamicSliceModifier: {len(inputs)} calibration batches, {inputs.tokens} tokens"
+            f"{f' ({int(tokens)} on all ranks)' if is_distributed() else ''}, {num_layers} "
+            f"layers, compute device {device}"
         )
 
         scores = self.layer_scores
@@ -389,10 +402,13 @@ class DynamicSliceModifier(Modifier):
     def _heldout(self, inputs: LayerInputs, hidden: int) -> frozenset[int]:
         """The batches ``auto`` holds out; checked before any pass is spent."""
         heldout = heldout_batches(len(inputs), self.auto_holdout)
-        fitted = LayerInputs(
-            hidden=[h for b, h in enumerate(inputs.hidden) if b not in heldout],
-            masks=[m for b, m in enumerate(inputs.masks) if b not in heldout],
-        ).tokens
+        (fitted,) = sum_over_ranks(
+            LayerInputs(
+                hidden=[h for b, h in enumerate(inputs.hidden) if b not in heldout],
+                masks=[m for b, m in enumerate(inputs.masks) if b not in heldout],
+            ).tokens
+        )
+        fitted = int(fitted)
         if fitted < hidden:
             raise CalibrationError(
                 f"slicing_base: auto fits the PCA on {fitted} tokens (after holding out "

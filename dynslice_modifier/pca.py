@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from dynslice_modifier.distributed import all_reduce_sum, sum_over_ranks
 from dynslice_modifier.errors import CalibrationError
 
 
@@ -30,11 +31,9 @@ class CovarianceAccumulator:
 
     def all_reduce(self) -> None:
         """Sum over data-parallel ranks so every rank derives the same rotation."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.matrix)
-            count = torch.tensor([self.tokens], dtype=torch.float64, device=self.matrix.device)
-            torch.distributed.all_reduce(count)
-            self.tokens = int(count.item())
+        all_reduce_sum(self.matrix)
+        (tokens,) = sum_over_ranks(self.tokens)
+        self.tokens = int(tokens)
 
 
 def principal_basis(cov: CovarianceAccumulator, where: str) -> tuple[torch.Tensor, torch.Tensor]:

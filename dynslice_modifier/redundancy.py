@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from dynslice_modifier.distributed import sum_over_ranks
+
 
 class RedundancyAccumulator:
     """Sums per-token cosine similarities of one layer over calibration batches."""
@@ -30,10 +32,8 @@ class RedundancyAccumulator:
         self.tokens += cos.numel()
 
     def all_reduce(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            both = torch.tensor([self.total, float(self.tokens)], dtype=torch.float64)
-            torch.distributed.all_reduce(both)
-            self.total, self.tokens = float(both[0]), int(both[1])
+        total, tokens = sum_over_ranks(self.total, self.tokens)
+        self.total, self.tokens = total, int(tokens)
 
     @property
     def score(self) -> float:

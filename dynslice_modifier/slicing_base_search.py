@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dynslice_modifier.calibration import LayerInputs, onloaded
+from dynslice_modifier.distributed import sum_over_ranks
 from dynslice_modifier.errors import CalibrationError
 
 # Candidate SBs as fractions of SP: 0 is "all by redundancy", 1 would be constant slicing,
@@ -73,6 +74,8 @@ def heldout_nll(
             )
             total += float(loss)
             tokens += int((labels != -100).sum())
+    # Every rank must pick the same SB, so the loss is over all ranks' held-out batches.
+    total, tokens = sum_over_ranks(total, tokens)
     if tokens == 0:
         raise CalibrationError("the held-out calibration batches contain no predicted tokens")
     return total / tokens

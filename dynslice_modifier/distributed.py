@@ -1,0 +1,41 @@
+"""Sums across data-parallel ranks, so every rank derives the same rotation and widths.
+
+Under llm-compressor's distributed oneshot (``torchrun``) each rank calibrates on its own
+share of the data; every statistic the slicer decides from (covariances, redundancy sums,
+token counts, held-out losses) is a sum over tokens, so summing it over ranks gives exactly
+what one process would compute on all the data. Without a process group these are no-ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (and return it)."""
+    if is_distributed():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def sum_over_ranks(*values: float) -> list[float]:
+    """Python numbers summed over ranks, in float64."""
+    if not is_distributed():
+        return list(values)
+    both = all_reduce_sum(torch.tensor(values, dtype=torch.float64))
+    return [float(v) for v in both]
+
+
+def shared_across_ranks(keys: list[bytes]) -> int:
+    """How many of this rank's calibration batches (by content key) another rank also has."""
+    if not is_distributed():
+        return 0
+    gathered: list[list[bytes] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, keys)
+    rank = torch.distributed.get_rank()
+    others = {k for r, ks in enumerate(gathered) if r != rank for k in ks or []}
+    return sum(k in others for k in keys)

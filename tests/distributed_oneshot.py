@@ -1,0 +1,51 @@
+"""One oneshot run, single-process or as one rank of ``torchrun`` (gloo, CPU).
+
+    python tests/distributed_oneshot.py MODEL_DIR OUT_DIR MODIFIER_JSON [--shard]
+
+Under torchrun every rank writes ``OUT_DIR.rank{R}.json`` with the slicing spec it computed
+(only rank 0's model is saved), so a test can check that the ranks agreed. ``--shard`` gives
+each rank its own contiguous shard of the calibration set, the workaround for llm-compressor
+0.14 handing every rank the same samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import calib_dataset
+from llmcompressor import oneshot
+
+from dynslice_modifier import DynamicSliceModifier
+
+
+def main() -> None:
+    model_dir, out_dir, options = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo")
+    data = calib_dataset()
+    if "--shard" in sys.argv and dist.is_initialized():
+        data = data.shard(dist.get_world_size(), dist.get_rank(), contiguous=True)
+    model = oneshot(
+        model=model_dir,
+        dataset=data,
+        recipe=[DynamicSliceModifier(**options)],
+        num_calibration_samples=len(data),
+        max_seq_length=32,
+        output_dir=str(out_dir),
+        shuffle_calibration_samples=False,
+    )
+    if dist.is_initialized():
+        spec = {k: v for k, v in model.config.slicing.items() if k != "source_model"}
+        Path(f"{out_dir}.rank{dist.get_rank()}.json").write_text(json.dumps(spec))
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

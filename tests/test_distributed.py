@@ -1,0 +1,67 @@
+"""llm-compressor's distributed oneshot (torchrun, 2 CPU processes, gloo) slices exactly as
+one process does: covariances, redundancy sums, token counts and held-out losses are summed
+over ranks (dynslice_modifier/distributed.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny
+from safetensors.torch import load_file
+
+SCRIPT = Path(__file__).resolve().parent / "distributed_oneshot.py"
+FIXED = {"sparsity": 0.25, "slicing_base": 0.1, "round_to": 8, "profitable_only": False}
+
+
+def run(model_dir: Path, out: Path, options: dict, ranks: int, *extra: str) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    launcher = [sys.executable]
+    if ranks > 1:
+        with socket.socket() as sock:  # a free port, not the default 29500
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks)]
+        launcher += ["--master-addr", "127.0.0.1", "--master-port", str(port)]
+    cmd = [*launcher, str(SCRIPT), str(model_dir), str(out), json.dumps(options), *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("dist") / "tiny", "llama", True)
+
+
+def test_two_ranks_give_the_single_process_model(model_dir, tmp_path):
+    run(model_dir, tmp_path / "single", FIXED, 1)
+    run(model_dir, tmp_path / "multi", FIXED, 2, "--shard")
+    single = load_file(tmp_path / "single" / "model.safetensors")
+    multi = load_file(tmp_path / "multi" / "model.safetensors")
+    assert single.keys() == multi.keys()
+    for name, tensor in single.items():
+        torch.testing.assert_close(multi[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    specs = [json.loads((tmp_path / f"multi.rank{r}.json").read_text()) for r in (0, 1)]
+    assert specs[0] == specs[1]
+    saved = json.loads((tmp_path / "single" / "config.json").read_text())["slicing"]
+    assert specs[0]["lr_scores"] == pytest.approx(saved["lr_scores"], rel=1e-12)
+
+
+def test_ranks_agree_on_the_auto_slicing_base(model_dir, tmp_path):
+    options = {"sparsity": 0.25, "slicing_base": "auto", "round_to": 8}
+    run(model_dir, tmp_path / "auto", options, 2, "--shard")
+    specs = [json.loads((tmp_path / f"auto.rank{r}.json").read_text()) for r in (0, 1)]
+    assert specs[0]["slicing_base_search"] == specs[1]["slicing_base_search"]
+    assert specs[0]["attn_dims"] == specs[1]["attn_dims"]
+
+
+def test_identical_datasets_on_every_rank_are_reported(model_dir, tmp_path):
+    log = run(model_dir, tmp_path / "same", FIXED, 2)
+    assert "dataset.shard(world_size, rank, contiguous=True)" in log
