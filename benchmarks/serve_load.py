@@ -81,7 +81,8 @@ def main() -> None:
     cmd += ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len)]
     cmd += ["--gpu-memory-utilization", "0.3", "--max-num-seqs", str(args.concurrency)]
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
-    log = open(RESULTS / "serve_load.server.log", "w")  # noqa: SIM115  (lives with the server)
+    (ROOT / "out").mkdir(exist_ok=True)
+    log = open(ROOT / "out" / "serve_load.server.log", "w")  # noqa: SIM115  (lives with the server)
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                               start_new_session=True)  # fmt: skip
     try:
