@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny
+from conftest import calib_dataset, save_tiny
 from safetensors.torch import load_file
 
 SCRIPT = Path(__file__).resolve().parent / "distributed_oneshot.py"
@@ -65,3 +65,33 @@ def test_ranks_agree_on_the_auto_slicing_base(model_dir, tmp_path):
 def test_identical_datasets_on_every_rank_are_reported(model_dir, tmp_path):
     log = run(model_dir, tmp_path / "same", FIXED, 2)
     assert "dataset.shard(world_size, rank, contiguous=True)" in log
+
+
+def test_disk_offloaded_model_slices_like_a_loaded_one(model_dir, tmp_path):
+    """A model accelerate offloaded to disk (every weight on the meta device) goes through
+    oneshot, onloaded one layer at a time, to the same checkpoint as one loaded in memory."""
+    from llmcompressor import oneshot
+    from llmcompressor.core import reset_session
+    from transformers import AutoModelForCausalLM
+
+    from dynslice_modifier import DynamicSliceModifier
+
+    run(model_dir, tmp_path / "loaded", FIXED, 1)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, device_map="auto", max_memory={"cpu": "40KB"}, offload_folder=tmp_path / "off"
+    )
+    assert all(p.device.type == "meta" for p in model.parameters())
+    reset_session()
+    oneshot(
+        model=model,
+        dataset=calib_dataset(),
+        recipe=[DynamicSliceModifier(**FIXED)],
+        num_calibration_samples=16,
+        max_seq_length=32,
+        output_dir=str(tmp_path / "offloaded"),
+    )
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "loaded")
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "offloaded")
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(ids).logits, loaded(ids).logits, rtol=1e-5, atol=1e-5)
