@@ -161,6 +161,13 @@ class RotateAndSlice:
     def _pca(self, acc: CovarianceAccumulator, width: int, where: str) -> torch.Tensor:
         acc.all_reduce()
         eigenvalues, vectors = principal_basis(acc, where)
+        rank = int((eigenvalues > 1e-9 * eigenvalues[0]).sum())
+        if rank < width:
+            logger.warning(
+                f"{where}: the calibration signal spans only {rank} dimensions but {width} "
+                f"are kept, so {width - rank} kept directions are arbitrary. Use more, and "
+                "more varied, calibration samples (or a larger sparsity)."
+            )
         kept = eigenvalues[:width].clamp_min(0).sum() / eigenvalues.clamp_min(0).sum()
         logger.debug(f"{where}: keeping {width}/{len(eigenvalues)} dims, {kept:.4%} of energy")
         if self.hadamard:

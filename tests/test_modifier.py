@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -175,3 +176,20 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     assert "GemmaForCausalLM" in message and "(1 + weight)" in message
     for supported in ("llama", "mistral", "qwen2", "qwen3"):
         assert supported in message
+
+
+def test_rank_deficient_calibration_is_reported(tmp_path):
+    from loguru import logger
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / "m"))
+    # One 24-token sequence repeated: enough tokens, but at most 24 distinct directions.
+    batch = {"input_ids": torch.arange(24).unsqueeze(0) + 4}
+    state = SimpleNamespace(model=model, data=SimpleNamespace(calib=[batch] * 8))
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
+    try:
+        DynamicSliceModifier(sparsity=0.25, slicing_base=0.25, round_to=8).on_initialize(state)
+    finally:
+        logger.remove(sink)
+    assert any("layer 0 attention input: the calibration signal spans only" in m for m in messages)
+    assert any("more varied, calibration samples" in m for m in messages)
