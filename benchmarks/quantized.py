@@ -1,9 +1,11 @@
 """Perplexity and size of dense / sliced SmolLM2-135M with and without quantization.
 
-The sliced model is made once (SP 0.25, dynamic) and saved; each quantized row runs
-llm-compressor's quantizer on it, which is what a one-pass recipe does after the slicer
-(the quantizer calibrates on the sliced model in both cases; the one-pass recipe itself is
-covered by tests). Results: ``results/quantized.jsonl`` and ``results/quantized.md``.
+Every sliced row is one ``oneshot`` with the slicer (SP 0.25, dynamic, the Layer Redundancy
+scores cached by ``perplexity.py``) followed by the quantizer, the one-pass recipe users run;
+a group-wise scheme therefore gets widths rounded to its group size. (The first three rows
+were made in two passes, slicing then quantizing the saved model, before this script
+switched to one pass; the quantizer calibrates on the sliced model either way.) Results:
+``results/quantized.jsonl`` and ``results/quantized.md``.
 
     python benchmarks/quantized.py [--sparsity 0.25 --slicing-base 0.05]
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 from common import RESULTS, append_jsonl, protocol, read_jsonl
 
 JSONL = RESULTS / "quantized.jsonl"
+SCORES = RESULTS / "smollm2_lr_scores.json"
 WORK = Path(__file__).resolve().parents[1] / "out" / "bench"
 
 # (name, scheme, group size); dense W4A16 needs group 64 because 576 % 128 != 0.
@@ -48,6 +51,8 @@ def quant_recipe(scheme: str, group: int | None):
 
 
 def run_row(row: dict) -> dict:
+    """One ``oneshot`` per row: the slicer (sliced rows) followed by the quantizer, as a
+    one-pass recipe does, so group-wise schemes get widths rounded to their group size."""
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
@@ -56,46 +61,41 @@ def run_row(row: dict) -> dict:
     from dynslice_modifier.evaluation import perplexity
 
     path, tokenizer, dataset, evaluation = protocol()
-    source = path
+    recipe = [] if SCHEMES[row["scheme"]] is None else quant_recipe(*SCHEMES[row["scheme"]])
     if row["model"] != "dense":
-        hadamard = row["model"] == "sliced-hadamard"
-        suffix = "-hadamard" if hadamard else ""
-        source = WORK / f"sliced-sp{row['sparsity']}-sb{row['slicing_base']}{suffix}"
-        if not (source / "config.json").exists():
-            slicer = DynamicSliceModifier(
-                sparsity=row["sparsity"], slicing_base=row["slicing_base"], hadamard=hadamard
-            )
-            oneshot(
-                model=str(path),
-                processor=tokenizer,
-                dataset=dataset,
-                recipe=[slicer],
-                num_calibration_samples=64,
-                max_seq_length=512,
-                output_dir=str(source),
-            )
+        # The Layer Redundancy scores of perplexity.py (same model and calibration data).
+        cached = json.loads(SCORES.read_text()) if SCORES.exists() else {}
+        slicer = DynamicSliceModifier(
+            sparsity=row["sparsity"],
+            slicing_base=row["slicing_base"],
+            hadamard=row["model"] == "sliced-hadamard",
+            layer_scores=cached.get("scores"),
+            profitable_only=False,  # as the perplexity grid's rows
+        )
+        recipe = [slicer, *recipe]
     out = WORK / f"{row['model']}-{row['scheme']}"
-    start = time.perf_counter()
-    if SCHEMES[row["scheme"]] is None:
-        out = source
+    if not recipe:
+        out = Path(path)
+        seconds = 0.0
     else:
+        start = time.perf_counter()
         oneshot(
-            model=str(source),
+            model=str(path),
             processor=tokenizer,
             dataset=dataset,
-            recipe=quant_recipe(*SCHEMES[row["scheme"]]),
+            recipe=recipe,
             num_calibration_samples=64,
             max_seq_length=512,
             output_dir=str(out),
         )
-    seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
     model = AutoModelForCausalLM.from_pretrained(out)
     size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
     return dict(
         row,
         ppl=round(perplexity(model, evaluation), 3),
         mib=round(size / 2**20, 1),
-        quant_s=round(seconds, 1),
+        oneshot_s=round(seconds, 1),
         path=str(out),
     )
 

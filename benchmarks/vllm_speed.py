@@ -28,7 +28,7 @@ MODELS = {
     "dense bf16": (SMOLLM2 / "SmolLM2-135M-Instruct", "bfloat16"),
     "dense W8A8": (BENCH / "dense-w8a8", "bfloat16"),
     "dense W4A16 (g64)": (BENCH / "dense-w4a16-g64", "bfloat16"),
-    "sliced bf16": (BENCH / "sliced-sp0.25-sb0.05", "bfloat16"),
+    "sliced bf16": (BENCH / "sliced-none", "bfloat16"),
     "sliced W8A8": (BENCH / "sliced-w8a8", "bfloat16"),
     "sliced W4A16": (BENCH / "sliced-w4a16", "bfloat16"),
 }
