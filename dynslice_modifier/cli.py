@@ -146,8 +146,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
     # Slicing and quantizing shrink the weights; rotation alone (SP 0) adds shortcut
     # matrices, hence the margin over the input's size.
     check_free_space(output, int(1.25 * dense_bytes) + 2**20)
-    if args.recipe and (args.sparsity is not None or args.quantize != "none"):
-        raise ValueError("give either --recipe or --sparsity/--quantize flags, not both")
+    flags = args.sparsity is not None or args.target_params is not None or args.quantize != "none"
+    if args.recipe and flags:
+        raise ValueError("give either --recipe or --sparsity/--target-params/--quantize, not both")
     tokenizer = AutoTokenizer.from_pretrained(path)
     calib, evaluation = _windows(tokenizer, args)
     dataset = Dataset.from_dict(
@@ -156,8 +157,15 @@ def cmd_compress(args: argparse.Namespace) -> None:
     if args.recipe:
         recipe: Any = args.recipe
     else:
+        if args.target_params is not None and args.sparsity is not None:
+            raise ValueError("give either --sparsity or --target-params, not both")
+        budget = (
+            {"target_params": args.target_params}
+            if args.target_params is not None
+            else {"sparsity": 0.25 if args.sparsity is None else args.sparsity}
+        )
         slicer = DynamicSliceModifier(
-            sparsity=0.25 if args.sparsity is None else args.sparsity,
+            **budget,
             slicing_base=args.slicing_base,
             basis=args.basis,
             normalization=args.normalization,
@@ -250,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output directory (written atomically; input never touched)")
     p.add_argument("--recipe", help="llm-compressor YAML recipe (instead of the flags below)")
     p.add_argument("--sparsity", type=_fraction, help="SP, mean fraction sliced (default 0.25)")
+    p.add_argument(
+        "--target-params",
+        type=_fraction,
+        help="instead of --sparsity: fraction of all parameters to remove (shortcuts, "
+        "embedding and head included); SP is solved for",
+    )
     p.add_argument(
         "--slicing-base",
         type=_slicing_base,

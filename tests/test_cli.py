@@ -63,6 +63,7 @@ def test_help_is_complete(command, workdir, capsys):
     if command == ["compress"]:
         for flag in (
             "--sparsity",
+            "--target-params",
             "--slicing-base",
             "--round-to",
             "--basis",
@@ -142,6 +143,10 @@ def test_scores_eval_and_report(workdir, capsys):
         (["compress", "nowhere", "bad"], "not a model directory"),
         (["compress", "tiny", "bad", "--sparsity", "0.2", "--slicing-base", "0.3"], "slicing_base"),
         (["report", "tiny"], "not a sliced checkpoint"),
+        (
+            ["compress", "tiny", "bad", "--sparsity", "0.2", "--target-params", "0.1"],
+            "either --sparsity or --target-params",
+        ),
         (["frobnicate"], "invalid choice"),
     ],
 )
