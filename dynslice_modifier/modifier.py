@@ -110,7 +110,8 @@ class DynamicSliceModifier(Modifier):
     :param profitable_only: leave a layer whole (full width, in the original basis, so no
         shortcut inside it) when slicing it would add more shortcut weights than it removes,
         judged on the exact parameter count of the result. Explicit ``layer_dims`` are never
-        changed. Default true.
+        changed, and no layer is left whole when ``hidden_size`` is not a multiple of the
+        (effective) ``round_to``. Default true.
     :param untie_embeddings: for models with tied embeddings, untie them and slice the
         input table (SliceGPT's way). By default the table stays shared, in the original
         basis, and the model stays tied.
@@ -301,7 +302,9 @@ class DynamicSliceModifier(Modifier):
 
         def layout(sparsity: float) -> tuple[list[int], list[bool]]:
             dims = allocate(sparsity)
-            if not self.profitable_only:
+            # A whole layer is hidden_size wide, which must also be a multiple of round_to
+            # (a group-wise quantizer later in the recipe could not take it otherwise).
+            if not self.profitable_only or hidden % round_to:
                 return dims, [False] * num_layers
             whole = unprofitable_layers(dims, hidden, predicted)
             return [hidden if w else d for d, w in zip(dims, whole, strict=True)], whole

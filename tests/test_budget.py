@@ -125,3 +125,12 @@ def test_profitable_slices_are_kept():
     slice_in_memory(model, sparsity=0.5, slicing_base=0.5, round_to=8)
     assert model.config.slicing["whole_layers"] == []
     assert count_parameters(model) < dense
+
+
+def test_no_whole_layers_when_full_width_breaks_the_rounding():
+    # Width 56 does not pay for its shortcuts (see above), but hidden 64 is not a multiple
+    # of 28, so leaving a layer whole would break round_to: every layer is sliced.
+    model = tiny_model("llama", True, layers=3)
+    slice_in_memory(model, sparsity=0.125, slicing_base=0.125, round_to=28)
+    assert model.config.slicing["whole_layers"] == []
+    assert model.config.slicing["attn_dims"] == [56, 56, 56]

@@ -49,8 +49,10 @@ def test_example_runs(script, expect, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert expect in result.stdout
     widths = ast.literal_eval(result.stdout.split("kept widths:")[1].splitlines()[0])
-    assert len(widths) == 30 and max(widths) < 576
+    # A layer may stay whole (576) when its slice would not pay for its shortcuts.
+    assert len(widths) == 30 and sum(widths) < 0.8 * 30 * 576
     if script == "slice_w4a16.py":
+        # 576 is not a multiple of the group size 128, so no layer may stay whole here.
         assert all(w % 128 == 0 for w in widths)
     if script == "slice_only.py":
         # The lm-eval example reads what slice_only.py wrote, one document per task.
