@@ -188,14 +188,16 @@ def size_table(rows: list[dict]) -> list[str]:
         for r in rows
         if r["kind"] == "constant"
     }
-    columns = ["target", "run", "solved SP", "SB", "basis", "untie", "params (M)", "vs dense",
-               "ppl", "vs const"]  # fmt: skip
+    columns = ["target", "run", "profitable only", "solved SP", "SB", "basis", "untie",
+               "params (M)", "vs dense", "ppl", "vs const"]  # fmt: skip
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in sorted(rows, key=lambda r: (r["target_params"], r["kind"] != "constant")):
         ref = const.get((r["target_params"], r["basis"], r["untie"]))
         vs = f"{r['ppl'] / ref:.3f}" if ref else ""
         lines.append(
-            f"| {r['target_params']:.2f} | {r['kind']} | {r['sparsity']:.4f} | {_sb_label(r)} | "
+            f"| {r['target_params']:.2f} | {r['kind']} | "
+            f"{'yes' if r.get('profitable_only') else 'no'} | {r['sparsity']:.4f} | "
+            f"{_sb_label(r)} | "
             f"{r['basis']} | {'yes' if r['untie'] else 'no'} | {r['params'] / 1e6:.2f} | "
             f"{r['params'] / r['dense_params']:.3f} | {r['ppl']:.2f} | {vs} |"
         )
