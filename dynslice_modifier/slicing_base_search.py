@@ -34,7 +34,6 @@ class Trial:
     fraction: float  # SB / SP
     slicing_base: float
     sparsity: float
-    dims: tuple[int, ...]
     heldout_nll: float
 
 
@@ -101,7 +100,7 @@ def search_slicing_base(
         if key not in seen:
             seen[key] = trial(dims, whole)
         nll = seen[key]
-        trials.append(Trial(fraction, base, sparsity, tuple(dims), nll))
+        trials.append(Trial(fraction, base, sparsity, nll))
         logger.info(
             f"slicing_base search: SB {base:.4f} ({fraction:.2f} x SP {sparsity:.4f}) -> "
             f"held-out loss {nll:.4f} (ppl {math.exp(nll):.2f})"
