@@ -42,13 +42,11 @@ class LayerInputs:
     kwargs: list[dict[str, Any]] = field(default_factory=list)
     masks: list[torch.Tensor | None] = field(default_factory=list)
     ids: list[torch.Tensor] = field(default_factory=list)
+    # Content key of every batch, what the batch order is sorted by.
+    keys: list[bytes] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.hidden)
-
-    def keys(self) -> list[bytes]:
-        """Content key of every batch (what the batch order is sorted by)."""
-        return [_batch_key(ids, mask) for ids, mask in zip(self.ids, self.masks, strict=True)]
 
     @property
     def tokens(self) -> int:
@@ -121,6 +119,7 @@ def capture_layer_inputs(
         kwargs=[cache.kwargs[i] for i in order],
         masks=[cache.masks[i] for i in order],
         ids=[cache.ids[i] for i in order],
+        keys=[keys[i] for i in order],
     )
 
 

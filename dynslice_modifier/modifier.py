@@ -245,7 +245,7 @@ class DynamicSliceModifier(Modifier):
             model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
 
         inputs = capture_layer_inputs(model, layers[0], state.data.calib)
-        duplicated = shared_across_ranks(inputs.keys())
+        duplicated = shared_across_ranks(inputs.keys)
         if duplicated:
             logger.warning(
                 f"{duplicated} of this rank's {len(inputs)} calibration batches are also on "
