@@ -2,9 +2,10 @@
 
 Every sliced row is one ``oneshot`` with the slicer (SP 0.25, dynamic, the Layer Redundancy
 scores cached by ``perplexity.py``) followed by the quantizer, the one-pass recipe users run;
-a group-wise scheme therefore gets widths rounded to its group size. (The first three rows
-were made in two passes, slicing then quantizing the saved model, before this script
-switched to one pass; the quantizer calibrates on the sliced model either way.) Results:
+a group-wise scheme therefore gets widths rounded to its group size. (The sliced:w8a8-keep and
+dense:w8a8 rows were made in two passes, slicing then quantizing the saved model, before
+this script switched to one pass; the quantizer calibrates on the sliced model either way,
+and W8A8 has no groups to round to.) Results:
 ``results/quantized.jsonl`` and ``results/quantized.md``.
 
     python benchmarks/quantized.py [--sparsity 0.25 --slicing-base 0.05]
@@ -25,28 +26,37 @@ JSONL = RESULTS / "quantized.jsonl"
 SCORES = RESULTS / "smollm2_lr_scores.json"
 WORK = Path(__file__).resolve().parents[1] / "out" / "bench"
 
-# (name, scheme, group size); dense W4A16 needs group 64 because 576 % 128 != 0.
+# name -> (scheme, group size, shortcuts kept in model dtype); dense W4A16 needs group 64
+# because 576 % 128 != 0. Without "-keep" the quantizer takes the shortcut matrices too.
 SCHEMES = {
     "none": None,
-    "w8a8": ("W8A8", None),
-    "w4a16": ("W4A16", 128),
-    "w4a16-g64": ("W4A16", 64),
-    "fp8": ("FP8_DYNAMIC", None),
+    "w8a8": ("W8A8", None, False),
+    "w8a8-keep": ("W8A8", None, True),
+    "w4a16": ("W4A16", 128, False),
+    "w4a16-keep": ("W4A16", 128, True),
+    "w4a16-g64": ("W4A16", 64, False),
+    "w4a16-g64-keep": ("W4A16", 64, True),
+    "fp8": ("FP8_DYNAMIC", None, False),
 }
+KEEP_SHORTCUTS = ["re:.*_shortcut$", "re:.*input_projection$"]
 
 
-def quant_recipe(scheme: str, group: int | None):
+def quant_recipe(scheme: str, group: int | None, keep: bool):
     from compressed_tensors.quantization import preset_name_to_scheme
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
+    ignore = ["lm_head"] + (KEEP_SHORTCUTS if keep else [])
+    if group == 128:
+        # SmolLM2's o_proj reads 576 inputs (slicing does not change it), and so does the
+        # input projection of the tied table: not groups of 128.
+        ignore += ["re:.*o_proj$", "re:.*input_projection$"]
+    ignore = list(dict.fromkeys(ignore))
     if scheme == "FP8_DYNAMIC":
-        return [QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])]
+        return [QuantizationModifier(targets="Linear", scheme=scheme, ignore=ignore)]
     preset = preset_name_to_scheme(scheme, ["Linear"])
     if group is not None:
         preset.weights.group_size = group
-    # SmolLM2's o_proj reads 576 inputs (slicing does not change it): not groups of 128.
-    ignore = ["lm_head", "re:.*o_proj$"] if group == 128 else ["lm_head"]
     return [GPTQModifier(config_groups={"group_0": preset}, ignore=ignore)]
 
 
@@ -106,6 +116,8 @@ def write_table(rows: list[dict]) -> None:
         "| model | quantization | perplexity | vs unquantized | weights MiB |",
         "|---|---|---|---|---|",
     ]
+    models = ["dense", "sliced", "sliced-hadamard"]
+    rows = sorted(rows, key=lambda r: (models.index(r["model"]), list(SCHEMES).index(r["scheme"])))
     for r in rows:
         ref = base.get(r["model"])
         vs = f"{r['ppl'] / ref:.3f}" if ref else ""
@@ -114,7 +126,8 @@ def write_table(rows: list[dict]) -> None:
     (RESULTS / "quantized.md").write_text(
         "SmolLM2-135M, WikiText-2 protocol (64x512 calibration, 32x1024 evaluation). Produced by "
         "`python benchmarks/quantized.py`. Sliced = SP 0.25, SB 0.05 dynamic; "
-        "sliced-hadamard adds `hadamard: true`.\n\n" + "\n".join(lines) + "\n"
+        "sliced-hadamard adds `hadamard: true`; `-keep`: shortcut matrices ignored by the "
+        "quantizer (model dtype), otherwise quantized with the rest.\n\n" + "\n".join(lines) + "\n"
     )
 
 
@@ -126,15 +139,20 @@ def main() -> None:
         "--rows",
         nargs="*",
         default=[
+            "dense:none",
             "sliced:none",
-            "sliced:w8a8",
             "dense:w8a8",
-            "sliced:w4a16",
+            "sliced:w8a8",
+            "sliced:w8a8-keep",
             "dense:w4a16-g64",
+            "sliced:w4a16-g64",
+            "sliced:w4a16-g64-keep",
+            "sliced:w4a16",
             "sliced:fp8",
             "sliced-hadamard:none",
             "sliced-hadamard:w8a8",
-            "sliced-hadamard:w4a16",
+            "sliced-hadamard:w4a16-g64",
+            "sliced-hadamard:fp8",
         ],
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)

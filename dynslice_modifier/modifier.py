@@ -21,14 +21,18 @@ from dynslice_modifier.distributed import is_distributed, shared_across_ranks, s
 from dynslice_modifier.errors import AllocationError, CalibrationError
 from dynslice_modifier.quantization import (
     check_dims_fit,
+    check_input_projection,
     check_order,
     check_unsliced_inputs,
     fit_round_to,
+    is_quantizer,
+    quantized_shortcuts,
     recipe_modifiers,
     required_multiple,
 )
 from dynslice_modifier.slicer import (
     RotateAndSlice,
+    SlicingResult,
     convert_to_sliced,
     count_parameters,
     embeddings_tied,
@@ -225,8 +229,12 @@ class DynamicSliceModifier(Modifier):
             for layer in adapter.layers(model)
             for linear in adapter.attn_inputs(layer) + adapter.mlp_inputs(layer)
         }
-        readers = {name for name, module in model.named_modules() if id(module) in reader_ids}
+        module_names = {id(module): name for name, module in model.named_modules()}
+        layer_names = [module_names[id(layer)] for layer in adapter.layers(model)]
+        readers = {name for key, name in module_names.items() if key in reader_ids}
         check_unsliced_inputs(model, readers, others)
+        if embeddings_tied(model) and not self.untie_embeddings:
+            check_input_projection(f"{layer_names[0]}.input_projection", hidden, others)
         explicit = (
             check_explicit_dims(self.layer_dims, hidden, num_layers) if self.layer_dims else None
         )
@@ -360,7 +368,13 @@ class DynamicSliceModifier(Modifier):
             "profitable_only": self.profitable_only,
             "whole_layers": [i for i, w in enumerate(whole) if w],
         }
-        convert_to_sliced(model, adapter, result, provenance)
+        convert_to_sliced(
+            model,
+            adapter,
+            result,
+            provenance,
+            quantizable_shortcuts=self._shortcuts_quantized(result, layer_names, others),
+        )
         sliced_params = count_parameters(model)
         model.config.slicing["parameters"] = {"dense": dense_params, "sliced": sliced_params}
         mean_slice = 1.0 - sum(dims) / (len(dims) * hidden)
@@ -401,6 +415,31 @@ class DynamicSliceModifier(Modifier):
             in_place=in_place,
             whole=whole,
         )
+
+    @staticmethod
+    def _shortcuts_quantized(
+        result: SlicingResult, layer_names: list[str], others: list[Modifier]
+    ) -> bool:
+        """Whether the quantizers later in the recipe take the shortcut matrices."""
+        names = []
+        if result.input_projection is not None:
+            names.append(f"{layer_names[0]}.input_projection")
+        for idx, prefix in enumerate(layer_names):
+            if result.attn_shortcuts[idx] is not None:
+                names.append(f"{prefix}.attn_shortcut")
+            if result.mlp_shortcuts[idx] is not None:
+                names.append(f"{prefix}.mlp_shortcut")
+        taken = quantized_shortcuts(names, others)
+        if taken:
+            who = ", ".join(sorted(set(taken.values())))
+            logger.info(
+                f"{len(taken)} of {len(names)} shortcut matrices will be quantized by {who} "
+                "(its targets match them); to keep them in model dtype add "
+                "'re:.*_shortcut$' and 're:.*input_projection$' to its ignore list"
+            )
+        elif names and any(is_quantizer(m) for m in others):
+            logger.info(f"The {len(names)} shortcut matrices stay in model dtype (ignored)")
+        return bool(taken)
 
     def _heldout(self, inputs: LayerInputs, hidden: int) -> frozenset[int]:
         """The batches ``auto`` holds out; checked before any pass is spent."""

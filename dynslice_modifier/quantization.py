@@ -4,6 +4,9 @@ Group-wise weight schemes (W4A16: groups of 128 along the input dimension) need 
 linear that reads the residual stream to have an input width that is a multiple of the
 group size. Checking this here, before any calibration, turns a crash deep inside GPTQ into
 an early, precise error, or into automatic rounding.
+
+Shortcut matrices are quantized exactly when a quantizer's targets and ignore list take a
+linear of their name (``targets: Linear`` does): the recipe, not this package, decides.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from compressed_tensors.utils import match_named_modules
+from compressed_tensors.utils import is_match, match_named_modules
 from llmcompressor.modifiers import Modifier
 from torch import nn
 
 from dynslice_modifier.errors import AllocationError
+from dynslice_modifier.modeling.modeling_dynslice import ResidualShortcutLinear
 
 _GROUPED = ("group", "tensor_group")
 
@@ -122,4 +126,47 @@ def check_unsliced_inputs(
                     f"width that is not a multiple of {size} and that slicing does not change: "
                     f"{shown}. Add them to the quantizer's ignore list (e.g. 're:.*o_proj$', "
                     "'lm_head') or choose a group size that divides their width"
+                )
+
+
+def _taken_by(name: str, modifier: Modifier) -> list:
+    """The quantization groups of ``modifier`` that would take a shortcut called ``name``."""
+    probe = ResidualShortcutLinear(1, 1, device="meta")
+    ignore = list(getattr(modifier, "ignore", None) or [])
+    return [
+        group
+        for group in modifier.resolved_config.config_groups.values()
+        if is_match(name, probe, group.targets, ignore)
+    ]
+
+
+def quantized_shortcuts(names: Sequence[str], modifiers: Sequence[Modifier]) -> dict[str, str]:
+    """The shortcut matrices (by module name) the recipe's quantizers take, and which one."""
+    taken: dict[str, str] = {}
+    for modifier in modifiers:
+        if is_quantizer(modifier):
+            for name in names:
+                if name not in taken and _taken_by(name, modifier):
+                    taken[name] = type(modifier).__name__
+    return taken
+
+
+def check_input_projection(name: str, width: int, modifiers: Sequence[Modifier]) -> None:
+    """Layer 0's input projection reads the full tied table: it must fit the groups too.
+
+    Called before calibration for tied models whose layer 0 will be sliced (the only
+    shortcut whose input width is not a rounded, sliced width).
+    """
+    for modifier in modifiers:
+        if not is_quantizer(modifier):
+            continue
+        for group in _taken_by(name, modifier):
+            args = group.weights
+            grouped = args is not None and args.strategy in _GROUPED and args.group_size
+            if grouped and width % int(args.group_size):
+                raise AllocationError(
+                    f"{type(modifier).__name__} uses groups of {args.group_size} and would "
+                    f"quantize {name}, which maps the tied embedding table ({width} wide, "
+                    f"not a multiple of {args.group_size}) into layer 0's basis; add "
+                    "'re:.*input_projection$' to the quantizer's ignore list"
                 )

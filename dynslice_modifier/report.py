@@ -46,7 +46,15 @@ def summary_markdown(checkpoint: str | Path) -> str:
             f"({params['sliced'] / params['dense']:.1%}), shortcuts included"
         )
     if quant:
-        lines.append(f"- quantization: {quant.get('format')} ({quant.get('quant_method')})")
+        shortcuts = (
+            "quantized with the rest, except any in its ignore list"
+            if spec.get("quantizable_shortcuts")
+            else "kept in model dtype"
+        )
+        lines.append(
+            f"- quantization: {quant.get('format')} ({quant.get('quant_method')}); shortcut "
+            f"matrices {shortcuts}"
+        )
     lines.append(f"- size on disk: {directory_size(checkpoint) / 2**20:.1f} MiB")
     lines += [
         "",

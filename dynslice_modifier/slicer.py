@@ -37,10 +37,7 @@ from tqdm.auto import tqdm
 from dynslice_modifier.adapters import ModelAdapter
 from dynslice_modifier.calibration import LayerInputs, check_finite, onloaded, to_device
 from dynslice_modifier.hadamard import block_hadamard
-from dynslice_modifier.modeling.configuration_dynslice import (
-    SLICING_FORMAT_VERSION,
-    DynSliceConfig,
-)
+from dynslice_modifier.modeling.configuration_dynslice import DynSliceConfig, format_version
 from dynslice_modifier.modeling.modeling_dynslice import (
     DynSliceForCausalLM,
     SlicedDecoderLayer,
@@ -336,8 +333,12 @@ def convert_to_sliced(
     adapter: ModelAdapter,
     result: SlicingResult,
     provenance: dict[str, Any],
+    quantizable_shortcuts: bool = False,
 ) -> DynSliceForCausalLM:
     """Turn the rotated model into a ``DynSliceForCausalLM`` in place.
+
+    ``quantizable_shortcuts`` builds the shortcuts as linears, for a recipe whose quantizers
+    take them (see ``quantization.quantized_shortcuts``).
 
     ``oneshot`` saves the very object it handed to the modifiers, so the model is converted
     rather than rebuilt: decoder layers are wrapped, the config replaced and the class
@@ -351,13 +352,14 @@ def convert_to_sliced(
     }
     base["tie_word_embeddings"] = not result.embedding_sliced and embeddings_tied(model)
     spec = {
-        "format_version": SLICING_FORMAT_VERSION,
+        "format_version": format_version(quantizable_shortcuts),
         "attn_dims": result.attn_dims,
         "mlp_dims": result.mlp_dims,
         "attn_shortcuts": [s is not None for s in result.attn_shortcuts],
         "mlp_shortcuts": [s is not None for s in result.mlp_shortcuts],
         "embedding_sliced": result.embedding_sliced,
         "input_projection": result.input_projection is not None,
+        "quantizable_shortcuts": quantizable_shortcuts,
         "layout": adapter.layout,
         **provenance,
     }

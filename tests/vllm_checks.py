@@ -135,7 +135,12 @@ def _require_plugin() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", required=True, help="checkpoint dir")
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="checkpoint dir, optionally DIR=DTYPE to override --dtype for it",
+    )
     parser.add_argument("--prompts", default=json.dumps(PROMPTS_DEFAULT), help="JSON ids")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--max-model-len", type=int, default=256)
@@ -156,13 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     _require_plugin()
 
     report: dict[str, Any] = {}
-    for model in args.model:
+    for spec in args.model:
+        model, _, dtype = spec.partition("=")
         try:
             report[model] = run_model(
                 model,
                 prompts,
                 args.max_tokens,
-                args.dtype,
+                dtype or args.dtype,
                 args.max_model_len,
                 args.tensor_parallel_size,
             )

@@ -16,7 +16,9 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-SLICING_FORMAT_VERSION = 1
+# 2 added ``quantizable_shortcuts``. A checkpoint records the lowest version that reads it
+# (see ``format_version``), so older readers refuse only what they would build wrongly.
+SLICING_FORMAT_VERSION = 2
 
 # Module names inside a pre-norm decoder layer as Llama and the models that copy it write
 # them. Checkpoints record their layout; this is the one the adapters and vLLM build.
@@ -84,8 +86,9 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
         raise SlicingConfigError(f"slicing.layout must name all of {list(_LAYOUT_KEYS)}")
     if spec.get("embedding_sliced") not in (True, False):
         raise SlicingConfigError("slicing.embedding_sliced must be true or false")
-    if spec.get("input_projection", False) not in (True, False):
-        raise SlicingConfigError("slicing.input_projection must be true or false")
+    for key in ("input_projection", "quantizable_shortcuts"):
+        if spec.get(key, False) not in (True, False):
+            raise SlicingConfigError(f"slicing.{key} must be true or false")
     unprojected = not spec["embedding_sliced"] and not has_input_projection(spec)
     if unprojected and spec["attn_dims"][0] != hidden_size:
         raise SlicingConfigError(
@@ -102,6 +105,11 @@ def has_input_projection(spec: dict[str, Any]) -> bool:
     if spec["embedding_sliced"]:
         return False
     return bool(spec.get("input_projection", True))
+
+
+def format_version(quantizable_shortcuts: bool) -> int:
+    """The version a checkpoint is written with: the first one that can read it."""
+    return 2 if quantizable_shortcuts else 1
 
 
 def _require_vllm_plugin() -> None:
@@ -138,6 +146,8 @@ class DynSliceConfig(PretrainedConfig):
       ``attn_dims[0]`` (untied models) or kept in the original basis (tied models), in
       which case layer 0 starts with ``input_projection`` (hidden_size -> attn_dims[0]),
       unless ``input_projection`` is false (layer 0 left whole, in the original basis);
+    - ``quantizable_shortcuts``: whether shortcuts (and the input projection) are linears a
+      quantizer took (``ResidualShortcutLinear``) rather than matrices kept in model dtype;
     - provenance: ``lr_scores``, ``sparsity``, ``slicing_base``, ``round_to``, ``parameters``.
 
     The last layer always writes the residual back in the original basis at full width, so

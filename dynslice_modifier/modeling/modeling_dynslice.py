@@ -74,9 +74,8 @@ class SlicedRMSNorm(nn.Module):
 class ResidualShortcut(nn.Module):
     """Change of basis on the residual stream: ``y = x W^T`` with ``W`` of shape (out, in).
 
-    Deliberately not an ``nn.Linear``: quantization recipes target ``Linear``, and these
-    matrices carry the residual stream itself, where quantization error would accumulate
-    over every later layer; they are small (about d^2 per layer) and stay in model dtype.
+    Not an ``nn.Linear``, so that ``targets: Linear`` leaves it in model dtype: this is the
+    class a checkpoint gets when the recipe's quantizers do not take its shortcuts.
     """
 
     def __init__(self, in_features: int, out_features: int, device=None, dtype=None) -> None:
@@ -91,6 +90,22 @@ class ResidualShortcut(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class ResidualShortcutLinear(nn.Linear):
+    """A shortcut that quantizers may take (``slicing.quantizable_shortcuts``).
+
+    A ``Linear`` (no bias) so that compressed-tensors quantizes it like any linear its
+    targets match, and so that the saved ignore list names the shortcuts a recipe kept in
+    model dtype; vLLM builds the same class name, which its target matching relies on.
+    """
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+
+
+def shortcut_class(spec: dict[str, Any]) -> type[ResidualShortcut | ResidualShortcutLinear]:
+    return ResidualShortcutLinear if spec.get("quantizable_shortcuts") else ResidualShortcut
 
 
 def layer_widths(config: DynSliceConfig, idx: int) -> tuple[int, int, int]:
@@ -123,19 +138,20 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         self.add_module(
             layout["post_attention_norm"], SlicedRMSNorm(mlp_dim, hidden, eps, device, dtype)
         )
+        shortcut = shortcut_class(config.slicing)
         # A tied embedding table stays in the original basis; layer 0 projects it.
         self.input_projection = (
-            ResidualShortcut(config.hidden_size, attn_dim, device, dtype)
+            shortcut(config.hidden_size, attn_dim, device, dtype)
             if layer_idx == 0 and has_input_projection(config.slicing)
             else None
         )
         self.attn_shortcut = (
-            ResidualShortcut(attn_dim, mlp_dim, device, dtype)
+            shortcut(attn_dim, mlp_dim, device, dtype)
             if config.slicing["attn_shortcuts"][layer_idx]
             else None
         )
         self.mlp_shortcut = (
-            ResidualShortcut(mlp_dim, out_dim, device, dtype)
+            shortcut(mlp_dim, out_dim, device, dtype)
             if config.slicing["mlp_shortcuts"][layer_idx]
             else None
         )

@@ -278,18 +278,15 @@ class SlicedMLP(nn.Module):
 
 
 class ResidualShortcut(ReplicatedLinear):
-    """Change of basis on the residual stream (``y = x W^T``), named after the reference.
+    """Change of basis on the residual stream (``y = x W^T``), kept in model dtype.
 
-    Replicated, not split: every tensor-parallel rank holds the full residual stream.
-
-    The class name matters. The reference model uses a non-``Linear`` module so that the
-    usual ``targets: [Linear]`` of llm-compressor leave shortcuts in model dtype, and
-    compressed-tensors then writes them in no ignore list (it lists only modules of a
-    targeted class). vLLM's compressed-tensors matches targets against the class name by
-    substring, so a class called ``*Linear`` would be taken for quantized; under this name
-    a shortcut is quantized exactly when the checkpoint's config targets it (by name,
-    regex or ``ResidualShortcut``) and does not ignore it. A config can still claim more
-    than the checkpoint holds, so ``DynSliceForCausalLM.load_weights`` checks the tensors.
+    Replicated, not split: every tensor-parallel rank holds the full residual stream. The
+    class names match the reference's (``modeling_dynslice``): vLLM's compressed-tensors
+    matches ``targets`` against the class name by substring, so this one is never taken
+    for ``Linear`` (it is built without a quant config anyway: the reference cannot
+    quantize it), while ``ResidualShortcutLinear`` is, exactly as compressed-tensors took
+    the reference's ``nn.Linear`` subclass when it wrote the checkpoint. A config can
+    still claim more than the checkpoint holds, so ``load_weights`` checks the tensors.
     """
 
     @property
@@ -297,7 +294,12 @@ class ResidualShortcut(ReplicatedLinear):
         return not isinstance(self.quant_method, UnquantizedLinearMethod)
 
 
+class ResidualShortcutLinear(ResidualShortcut):
+    """A shortcut of a checkpoint with ``slicing.quantizable_shortcuts``."""
+
+
 def _shortcut(
+    config: DynSliceConfig,
     present: bool,
     in_dim: int,
     out_dim: int,
@@ -306,13 +308,16 @@ def _shortcut(
 ) -> ResidualShortcut | None:
     if not present:
         return None
+    if not config.slicing.get("quantizable_shortcuts", False):
+        return ResidualShortcut(in_dim, out_dim, bias=False, quant_config=None, prefix=prefix)
     # Only compressed-tensors checkpoints (what llm-compressor writes) can hold quantized
-    # shortcuts, and its config says which. Other methods either quantize online (the
-    # reference keeps shortcuts in model dtype: their error would build up along the
-    # residual stream) or come from tools that never saw these modules.
+    # shortcuts, and its config says which. Other methods quantize online, and the
+    # reference keeps shortcuts of such checkpoints in model dtype.
     if quant_config is not None and quant_config.get_name() != "compressed-tensors":
         quant_config = None
-    return ResidualShortcut(in_dim, out_dim, bias=False, quant_config=quant_config, prefix=prefix)
+    return ResidualShortcutLinear(
+        in_dim, out_dim, bias=False, quant_config=quant_config, prefix=prefix
+    )
 
 
 class SlicedDecoderLayer(nn.Module):
@@ -330,6 +335,7 @@ class SlicedDecoderLayer(nn.Module):
         # A tied embedding table stays in the original basis at full width; layer 0 projects
         # it into its own basis first.
         self.input_projection = _shortcut(
+            config,
             idx == 0 and has_input_projection(spec),
             config.hidden_size,
             attn_dim,
@@ -355,10 +361,20 @@ class SlicedDecoderLayer(nn.Module):
             prefix=f"{prefix}.mlp",
         )
         self.attn_shortcut = _shortcut(
-            spec["attn_shortcuts"][idx], attn_dim, mlp_dim, quant_config, f"{prefix}.attn_shortcut"
+            config,
+            spec["attn_shortcuts"][idx],
+            attn_dim,
+            mlp_dim,
+            quant_config,
+            f"{prefix}.attn_shortcut",
         )
         self.mlp_shortcut = _shortcut(
-            spec["mlp_shortcuts"][idx], mlp_dim, out_dim, quant_config, f"{prefix}.mlp_shortcut"
+            config,
+            spec["mlp_shortcuts"][idx],
+            mlp_dim,
+            out_dim,
+            quant_config,
+            f"{prefix}.mlp_shortcut",
         )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -546,6 +562,6 @@ def _check_shortcut_tensors(
                     f"{owner}: the checkpoint holds {held} tensors ({attr}, {tensor.dtype}) "
                     f"but its quantization_config makes this residual shortcut {wants}; "
                     f"make the config's targets / ignore list match (vLLM matches it as a "
-                    f"{ResidualShortcut.__name__!r} module named {owner!r})"
+                    f"{type(layer).__name__!r} module named {owner!r})"
                 )
         yield name, tensor
