@@ -214,7 +214,8 @@ def plot_sizes(rows: list[dict], dense: dict | None, png: Path) -> None:
     groups: dict[str, list[dict]] = {}
     for r in rows:
         label = "auto SB" if r.get("auto") else r["kind"]
-        groups.setdefault(f"{label} ({r['basis']})", []).append(r)
+        rule = ", profitable_only" if r.get("profitable_only") else ""
+        groups.setdefault(f"{label} ({r['basis']}{rule})", []).append(r)
     for label, group in sorted(groups.items()):
         group.sort(key=lambda r: r["params"])
         ax.plot([r["params"] / 1e6 for r in group], [r["ppl"] for r in group], "o-", label=label)

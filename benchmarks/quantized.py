@@ -2,7 +2,7 @@
 
 Every sliced row is one ``oneshot`` with the slicer (SP 0.25, dynamic, the Layer Redundancy
 scores cached by ``perplexity.py``) followed by the quantizer, the one-pass recipe users run;
-a group-wise scheme therefore gets widths rounded to its group size. (The sliced:w8a8-keep and
+a group-wise scheme therefore gets widths rounded to its group size. (The sliced:w8a8 and
 dense:w8a8 rows were made in two passes, slicing then quantizing the saved model, before
 this script switched to one pass; the quantizer calibrates on the sliced model either way,
 and W8A8 has no groups to round to.) Results:
@@ -26,37 +26,31 @@ JSONL = RESULTS / "quantized.jsonl"
 SCORES = RESULTS / "smollm2_lr_scores.json"
 WORK = Path(__file__).resolve().parents[1] / "out" / "bench"
 
-# name -> (scheme, group size, shortcuts kept in model dtype); dense W4A16 needs group 64
-# because 576 % 128 != 0. Without "-keep" the quantizer takes the shortcut matrices too.
+# name -> (scheme, group size, quantize_shortcuts); dense W4A16 needs group 64 because
+# 576 % 128 != 0. "-qs": the quantizer takes the shortcut matrices too (quantize_shortcuts).
 SCHEMES = {
     "none": None,
     "w8a8": ("W8A8", None, False),
-    "w8a8-keep": ("W8A8", None, True),
+    "w8a8-qs": ("W8A8", None, True),
     "w4a16": ("W4A16", 128, False),
-    "w4a16-keep": ("W4A16", 128, True),
     "w4a16-g64": ("W4A16", 64, False),
-    "w4a16-g64-keep": ("W4A16", 64, True),
+    "w4a16-g64-qs": ("W4A16", 64, True),
     "fp8": ("FP8_DYNAMIC", None, False),
 }
-KEEP_SHORTCUTS = ["re:.*_shortcut$", "re:.*input_projection$"]
 
 
-def quant_recipe(scheme: str, group: int | None, keep: bool):
+def quant_recipe(scheme: str, group: int | None):
     from compressed_tensors.quantization import preset_name_to_scheme
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
-    ignore = ["lm_head"] + (KEEP_SHORTCUTS if keep else [])
-    if group == 128:
-        # SmolLM2's o_proj reads 576 inputs (slicing does not change it), and so does the
-        # input projection of the tied table: not groups of 128.
-        ignore += ["re:.*o_proj$", "re:.*input_projection$"]
-    ignore = list(dict.fromkeys(ignore))
     if scheme == "FP8_DYNAMIC":
-        return [QuantizationModifier(targets="Linear", scheme=scheme, ignore=ignore)]
+        return [QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])]
     preset = preset_name_to_scheme(scheme, ["Linear"])
     if group is not None:
         preset.weights.group_size = group
+    # SmolLM2's o_proj reads 576 inputs (slicing does not change it): not groups of 128.
+    ignore = ["lm_head", "re:.*o_proj$"] if group == 128 else ["lm_head"]
     return [GPTQModifier(config_groups={"group_0": preset}, ignore=ignore)]
 
 
@@ -71,7 +65,8 @@ def run_row(row: dict) -> dict:
     from dynslice_modifier.evaluation import perplexity
 
     path, tokenizer, dataset, evaluation = protocol()
-    recipe = [] if SCHEMES[row["scheme"]] is None else quant_recipe(*SCHEMES[row["scheme"]])
+    scheme = SCHEMES[row["scheme"]]
+    recipe = [] if scheme is None else quant_recipe(*scheme[:2])
     if row["model"] != "dense":
         # The Layer Redundancy scores of perplexity.py (same model and calibration data).
         cached = json.loads(SCORES.read_text()) if SCORES.exists() else {}
@@ -81,6 +76,7 @@ def run_row(row: dict) -> dict:
             hadamard=row["model"] == "sliced-hadamard",
             layer_scores=cached.get("scores"),
             profitable_only=False,  # as the perplexity grid's rows
+            quantize_shortcuts=scheme is not None and scheme[2],
         )
         recipe = [slicer, *recipe]
     out = WORK / f"{row['model']}-{row['scheme']}"
@@ -126,8 +122,10 @@ def write_table(rows: list[dict]) -> None:
     (RESULTS / "quantized.md").write_text(
         "SmolLM2-135M, WikiText-2 protocol (64x512 calibration, 32x1024 evaluation). Produced by "
         "`python benchmarks/quantized.py`. Sliced = SP 0.25, SB 0.05 dynamic; "
-        "sliced-hadamard adds `hadamard: true`; `-keep`: shortcut matrices ignored by the "
-        "quantizer (model dtype), otherwise quantized with the rest.\n\n" + "\n".join(lines) + "\n"
+        "sliced-hadamard adds `hadamard: true`. Shortcut matrices stay in model dtype, "
+        "except in `-qs` rows (`quantize_shortcuts: true`: quantized with the rest).\n\n"
+        + "\n".join(lines)
+        + "\n"
     )
 
 
@@ -141,17 +139,19 @@ def main() -> None:
         default=[
             "dense:none",
             "sliced:none",
+            "sliced-hadamard:none",
             "dense:w8a8",
             "sliced:w8a8",
-            "sliced:w8a8-keep",
+            "sliced-hadamard:w8a8",
+            "sliced:w8a8-qs",
+            "sliced-hadamard:w8a8-qs",
             "dense:w4a16-g64",
             "sliced:w4a16-g64",
-            "sliced:w4a16-g64-keep",
+            "sliced-hadamard:w4a16-g64",
+            "sliced:w4a16-g64-qs",
+            "sliced-hadamard:w4a16-g64-qs",
             "sliced:w4a16",
             "sliced:fp8",
-            "sliced-hadamard:none",
-            "sliced-hadamard:w8a8",
-            "sliced-hadamard:w4a16-g64",
             "sliced-hadamard:fp8",
         ],
     )

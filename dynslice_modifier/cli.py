@@ -89,9 +89,6 @@ def quant_modifiers(scheme: str, config: Any) -> list[Any]:
             ignore.append("re:.*o_proj$")
         if config.intermediate_size % 128:
             ignore.append("re:.*down_proj$")
-        if config.hidden_size % 128 and getattr(config, "tie_word_embeddings", False):
-            # Layer 0's projection of the tied table reads hidden_size.
-            ignore.append("re:.*input_projection$")
         if len(ignore) > 1:
             print(f"W4A16 groups of 128 do not fit {ignore[1:]}: kept in full precision")
         return [GPTQModifier(targets="Linear", scheme="W4A16", ignore=ignore)]

@@ -5,8 +5,8 @@ linear that reads the residual stream to have an input width that is a multiple 
 group size. Checking this here, before any calibration, turns a crash deep inside GPTQ into
 an early, precise error, or into automatic rounding.
 
-Shortcut matrices are quantized exactly when a quantizer's targets and ignore list take a
-linear of their name (``targets: Linear`` does): the recipe, not this package, decides.
+With ``quantize_shortcuts``, shortcut matrices are quantized exactly when a quantizer's
+targets and ignore list take a linear of their name (``targets: Linear`` does).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def quantized_shortcuts(names: Sequence[str], modifiers: Sequence[Modifier]) -> 
 def check_input_projection(name: str, width: int, modifiers: Sequence[Modifier]) -> None:
     """Layer 0's input projection reads the full tied table: it must fit the groups too.
 
-    Called before calibration for tied models whose layer 0 will be sliced (the only
+    Called before calibration, with ``quantize_shortcuts``, for tied models (the only
     shortcut whose input width is not a rounded, sliced width).
     """
     for modifier in modifiers:

@@ -12,7 +12,6 @@ from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 from safetensors.torch import load_file
-from torch import nn
 from transformers import AutoModelForCausalLM
 
 from dynslice_modifier import DynamicSliceModifier
@@ -78,14 +77,13 @@ def test_one_pass_writes_a_quantized_sliced_checkpoint(wide_dir, tmp_path, quant
     assert isinstance(reloaded, DynSliceForCausalLM)
     with torch.no_grad():
         assert torch.isfinite(reloaded(IDS).logits).all()
-    # `targets: Linear` takes the shortcut matrices too: they are linears of their own class.
-    assert spec["quantizable_shortcuts"] is True and spec["format_version"] == 2
-    shortcuts = [n for n, m in reloaded.named_modules() if isinstance(m, ResidualShortcutLinear)]
+    # By default `targets: Linear` leaves the shortcut matrices in model dtype.
+    assert spec["quantizable_shortcuts"] is False and spec["format_version"] == 1
+    shortcuts = [m for m in reloaded.modules() if isinstance(m, ResidualShortcut)]
     assert shortcuts
-    saved = saved_tensors(tmp_path / "out")
-    for name in shortcuts:
-        assert saved[f"{name}.weight_scale"].numel() > 1, name
-        assert f"{name}.weight" not in saved or saved[f"{name}.weight"].dtype != torch.float32
+    for shortcut in shortcuts:
+        assert [n for n, _ in shortcut.named_parameters()] == ["weight"]
+        assert shortcut.weight.dtype == torch.float32
 
 
 def saved_tensors(directory) -> dict[str, torch.Tensor]:
@@ -98,13 +96,16 @@ def saved_tensors(directory) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     ("ignore", "kept"),
     [
-        pytest.param(["re:.*_shortcut$", "re:.*input_projection$"], "all", id="all-kept"),
+        pytest.param([], "none", id="all-quantized"),
         pytest.param(["re:.*input_projection$"], "projection", id="projection-kept"),
+        pytest.param(["re:.*_shortcut$", "re:.*input_projection$"], "all", id="all-ignored"),
     ],
 )
-def test_ignored_shortcuts_stay_in_model_dtype(wide_dir, tmp_path, ignore, kept):
+def test_quantize_shortcuts_follows_the_quantizer(wide_dir, tmp_path, ignore, kept):
     # Every layer sliced, so the tied table needs layer 0's input projection.
-    slicer = DynamicSliceModifier(sparsity=0.25, slicing_base=0.1, profitable_only=False)
+    slicer = DynamicSliceModifier(
+        sparsity=0.25, slicing_base=0.1, profitable_only=False, quantize_shortcuts=True
+    )
     gptq = GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head", *ignore])
     model = one_pass(wide_dir, [slicer, gptq], tmp_path / "out")
     with torch.no_grad():
@@ -113,25 +114,24 @@ def test_ignored_shortcuts_stay_in_model_dtype(wide_dir, tmp_path, ignore, kept)
     saved = saved_tensors(tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     modules = dict(reloaded.named_modules())
-    plain = [n for n, m in modules.items() if isinstance(m, (ResidualShortcut, nn.Linear))]
+    names = [n for n in modules if n.endswith(("_shortcut", "input_projection"))]
     projection = "model.layers.0.input_projection"
-    assert projection in modules
+    assert projection in names and len(names) > 2
+    kept_names = {"none": [], "projection": [projection], "all": names}[kept]
     if kept == "all":
-        # Nothing took them: the plain, unquantizable class, readable by older plugins.
+        # Nothing took them: the plain class, readable by plugins older than the flag.
         assert spec["quantizable_shortcuts"] is False and spec["format_version"] == 1
-        kept_names = [n for n, m in modules.items() if isinstance(m, ResidualShortcut)]
-        assert len(kept_names) > 1
     else:
-        # The saved ignore list names the projection, so reloading keeps it unquantized.
-        assert spec["quantizable_shortcuts"] is True
-        assert isinstance(modules[projection], ResidualShortcutLinear)
-        assert "model.layers.0.mlp_shortcut.weight_scale" in saved
-        kept_names = [projection]
-    for name in kept_names:
-        assert name in plain
-        assert (
-            saved[f"{name}.weight"].dtype == torch.float32 and f"{name}.weight_scale" not in saved
-        )
+        # The saved ignore list names the kept ones, so reloading keeps them unquantized.
+        assert spec["quantizable_shortcuts"] is True and spec["format_version"] == 2
+        assert all(isinstance(modules[n], ResidualShortcutLinear) for n in names)
+    for name in names:
+        if name in kept_names:
+            assert saved[f"{name}.weight"].dtype == torch.float32
+            assert f"{name}.weight_scale" not in saved
+        else:
+            assert saved[f"{name}.weight"].dtype == torch.int8
+            assert saved[f"{name}.weight_scale"].numel() == modules[name].out_features
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, expected, atol=1e-4, rtol=1e-4)
 
@@ -140,16 +140,12 @@ def test_group_wise_input_projection_fails_before_calibration(tmp_path):
     # Tied, hidden 320: the projection of the full table reads 320, not groups of 128.
     model_dir = save_tiny(tmp_path / "in", "llama", True, hidden=320, layers=2, head_dim=32)
     gptq = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
-    with pytest.raises(
-        AllocationError, match=r"input_projection.*320.*'re:\.\*input_projection\$'"
-    ):
-        one_pass(model_dir, [DynamicSliceModifier(sparsity=0.25), gptq])
-    gptq = GPTQModifier(
-        targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*input_projection$"]
-    )
-    assert isinstance(
-        one_pass(model_dir, [DynamicSliceModifier(sparsity=0.25), gptq]), DynSliceForCausalLM
-    )
+    fix = r"input_projection.*320.*'re:\.\*input_projection\$'"
+    with pytest.raises(AllocationError, match=fix):
+        one_pass(model_dir, [DynamicSliceModifier(sparsity=0.25, quantize_shortcuts=True), gptq])
+    # Kept in model dtype (the default), the projection needs no groups.
+    model = one_pass(model_dir, [DynamicSliceModifier(sparsity=0.25), gptq])
+    assert isinstance(model, DynSliceForCausalLM)
 
 
 def test_round_to_conflicting_with_group_size_fails_before_calibration(wide_dir):

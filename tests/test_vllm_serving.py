@@ -78,7 +78,8 @@ class Case:
     basis: str  # "sublayer": two shortcuts per layer; "layer": one
     # A GPTQ scheme applied after slicing, as `dynslice compress --quantize w8a8` does.
     quantize: str | None = None
-    # Ignored by the quantizer besides lm_head: these stay in model dtype.
+    # Let the quantizer take the shortcut matrices, except those in `keep`.
+    quantize_shortcuts: bool = False
     keep: tuple[str, ...] = ()
 
 
@@ -93,23 +94,18 @@ CASES = [
     Case("llama-tied-layer", "llama", tied=True, basis="layer"),
     # Sliding window of 16 tokens (tests/tiny.py), exceeded by the longest prompt.
     Case("mistral-untied-sublayer", "mistral", tied=False, basis="sublayer"),
-    # Int8 linears around shortcuts the recipe kept in model dtype (the plain class).
-    Case(
-        "llama-untied-sublayer-w8a8",
-        "llama",
-        tied=False,
-        basis="sublayer",
-        quantize="W8A8",
-        keep=("re:.*_shortcut$",),
-    ),
+    # Int8 linears around shortcuts kept in model dtype (the default).
+    Case("llama-untied-sublayer-w8a8", "llama", tied=False, basis="sublayer", quantize="W8A8"),
     # 4-bit groups of 32 (vLLM's CPU kernel needs widths in multiples of 32), shortcuts
-    # quantized too, except the input projection: the saved ignore list must say so.
+    # quantized too (quantize_shortcuts), except the input projection: the saved ignore
+    # list must say so.
     Case(
         "qwen3-tied-sublayer-w4a16",
         "qwen3",
         tied=True,
         basis="sublayer",
         quantize="W4A16",
+        quantize_shortcuts=True,
         keep=("re:.*input_projection$",),
     ),
 ]
@@ -141,6 +137,7 @@ slice_stage:
       slicing_base: 0.10
       round_to: {32 if case.quantize == "W4A16" else 8}
       basis: {case.basis}
+      quantize_shortcuts: {str(case.quantize_shortcuts).lower()}
 """
     ignore = json.dumps(["lm_head", *case.keep])
     if case.quantize == "W8A8":
@@ -295,6 +292,7 @@ def test_vllm_matches_transformers(
     assert len(set(slicing["attn_dims"] + slicing["mlp_dims"])) > 1, slicing
     if case.basis == "layer":
         assert not any(slicing["attn_shortcuts"]), slicing
+    assert slicing["quantizable_shortcuts"] is case.quantize_shortcuts
 
     got = vllm_results[case.name]
     assert "error" not in got, got["error"]

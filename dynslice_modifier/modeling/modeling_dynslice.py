@@ -74,8 +74,8 @@ class SlicedRMSNorm(nn.Module):
 class ResidualShortcut(nn.Module):
     """Change of basis on the residual stream: ``y = x W^T`` with ``W`` of shape (out, in).
 
-    Not an ``nn.Linear``, so that ``targets: Linear`` leaves it in model dtype: this is the
-    class a checkpoint gets when the recipe's quantizers do not take its shortcuts.
+    Not an ``nn.Linear``, so that ``targets: Linear`` leaves it in model dtype: it carries
+    the residual stream itself, whose quantization error every later layer inherits.
     """
 
     def __init__(self, in_features: int, out_features: int, device=None, dtype=None) -> None:
@@ -93,7 +93,8 @@ class ResidualShortcut(nn.Module):
 
 
 class ResidualShortcutLinear(nn.Linear):
-    """A shortcut that quantizers may take (``slicing.quantizable_shortcuts``).
+    """A shortcut that quantizers may take (``quantize_shortcuts``; saved in the config as
+    ``slicing.quantizable_shortcuts``).
 
     A ``Linear`` (no bias) so that compressed-tensors quantizes it like any linear its
     targets match, and so that the saved ignore list names the shortcuts a recipe kept in
