@@ -34,7 +34,7 @@ MODELS = {
     "dense W4A16 (g64)": (BENCH / "dense-w4a16-g64", "bfloat16"),
     "sliced bf16": (BENCH / "sliced-none", "bfloat16"),
     "sliced W8A8": (BENCH / "sliced-w8a8", "bfloat16"),
-    "sliced W8A8, shortcuts bf16": (BENCH / "sliced-w8a8-keep", "bfloat16"),
+    "sliced W8A8, shortcuts int8": (BENCH / "sliced-w8a8-qs", "bfloat16"),
     "sliced W4A16 (g64)": (BENCH / "sliced-w4a16-g64", "bfloat16"),
 }
 

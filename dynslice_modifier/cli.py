@@ -279,8 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalization", choices=["minmax", "rank"], default="minmax")
     p.add_argument(
         "--hadamard",
-        action="store_true",
-        help="fold block Hadamard rotations into the kept bases (helps quantization)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fold block Hadamard rotations into the kept bases (default; helps quantization)",
     )
     p.add_argument(
         "--untie-embeddings",

@@ -107,7 +107,9 @@ class DynamicSliceModifier(Modifier):
         (one basis per layer from both signals: one shortcut per layer).
     :param hadamard: fold a block Hadamard rotation into every kept basis (free at inference:
         the function is unchanged) so quantizers after the slicer see spread-out, outlier-free
-        channels, in the spirit of QuaRot/SpinQuant.
+        channels, in the spirit of QuaRot/SpinQuant. Default true: PCA packs each layer's
+        energy into its first channels, which quantizers handle worst (SmolLM2 at SP 0.25:
+        GPTQ W4A16 perplexity 57.5 with it against 106.9 without; W8A8 53.6 against 54.5).
     :param target_params: instead of ``sparsity``, the fraction of the model's parameters to
         remove (embedding, head and shortcut matrices included); the SP that meets it is
         solved for after scoring, with ``slicing_base`` (or its default) kept.
@@ -138,7 +140,7 @@ class DynamicSliceModifier(Modifier):
     basis: Literal["sublayer", "layer"] = "sublayer"
     untie_embeddings: bool = False
     target_params: float | None = None
-    hadamard: bool = False
+    hadamard: bool = True
     profitable_only: bool = True
     quantize_shortcuts: bool = False
 
