@@ -204,7 +204,20 @@ def size_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def plot_sizes(rows: list[dict], dense: dict | None, png: Path) -> None:
+def best_dynamic_by_sp(rows: list[dict]) -> list[dict]:
+    """The SP grid's best hand-picked SB per SP: dynamic slicing without profitable_only."""
+    best: dict[float, dict] = {}
+    for r in rows:
+        plain = r["basis"] == "sublayer" and r["normalization"] == "minmax" and not r["untie"]
+        hand_picked = not r.get("auto") and not r.get("profitable_only")
+        if r["kind"] != "dynamic" or not plain or not hand_picked:
+            continue
+        if r["sparsity"] not in best or r["ppl"] < best[r["sparsity"]]["ppl"]:
+            best[r["sparsity"]] = r
+    return list(best.values())
+
+
+def plot_sizes(rows: list[dict], grid: list[dict], dense: dict | None, png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,8 +232,18 @@ def plot_sizes(rows: list[dict], dense: dict | None, png: Path) -> None:
     for label, group in sorted(groups.items()):
         group.sort(key=lambda r: r["params"])
         ax.plot([r["params"] / 1e6 for r in group], [r["ppl"] for r in group], "o-", label=label)
+    if grid:
+        grid = sorted(grid, key=lambda r: r["params"])
+        ax.plot(
+            [r["params"] / 1e6 for r in grid],
+            [r["ppl"] for r in grid],
+            "s--",
+            color="gray",
+            label="dynamic, SP grid, best SB (no profitable_only)",
+        )
     if dense:
         ax.plot([dense["params"] / 1e6], [dense["ppl"]], "k*", ms=12, label="dense")
+        ax.axvline(dense["params"] / 1e6, color="k", lw=0.5, ls=":")
     ax.set_xlabel("parameters (M), shortcuts and tied table included")
     ax.set_ylabel("WikiText-2 perplexity")
     ax.set_title("SmolLM2-135M: perplexity at equal size")
@@ -242,7 +265,7 @@ def write_tables(rows: list[dict]) -> None:
     if by_size:
         text += "\n## Equal size (target_params)\n\n" + "\n".join(size_table(by_size)) + "\n"
         dense = next((r for r in by_sp if r["kind"] == "dense"), None)
-        plot_sizes(by_size, dense, RESULTS / "perplexity_vs_params.png")
+        plot_sizes(by_size, best_dynamic_by_sp(by_sp), dense, RESULTS / "perplexity_vs_params.png")
     (RESULTS / "perplexity.md").write_text(text)
 
 
