@@ -242,8 +242,6 @@ class DynamicSliceModifier(Modifier):
         layer_names = [module_names[id(layer)] for layer in adapter.layers(model)]
         readers = {name for key, name in module_names.items() if key in reader_ids}
         check_unsliced_inputs(model, readers, others)
-        if self.quantize_shortcuts and embeddings_tied(model) and not self.untie_embeddings:
-            check_input_projection(f"{layer_names[0]}.input_projection", hidden, others)
         explicit = (
             check_explicit_dims(self.layer_dims, hidden, num_layers) if self.layer_dims else None
         )
@@ -258,6 +256,8 @@ class DynamicSliceModifier(Modifier):
         layers = adapter.layers(model)
         dense_params = count_parameters(model)
         tied = embeddings_tied(model)
+        if self.quantize_shortcuts and tied and not self.untie_embeddings:
+            check_input_projection(f"{layer_names[0]}.input_projection", hidden, others)
         if tied and self.untie_embeddings:
             model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
 
