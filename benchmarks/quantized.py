@@ -73,7 +73,8 @@ def run_row(row: dict) -> dict:
         slicer = DynamicSliceModifier(
             sparsity=row["sparsity"],
             slicing_base=row["slicing_base"],
-            hadamard=row["model"] == "sliced-hadamard",
+            hadamard="hadamard" in row["model"],
+            align_bases="aligned" in row["model"],
             layer_scores=cached.get("scores"),
             profitable_only=False,  # as the perplexity grid's rows
             quantize_shortcuts=scheme is not None and scheme[2],
@@ -112,7 +113,7 @@ def write_table(rows: list[dict]) -> None:
         "| model | quantization | perplexity | vs unquantized | weights MiB |",
         "|---|---|---|---|---|",
     ]
-    models = ["dense", "sliced", "sliced-hadamard"]
+    models = ["dense", "sliced", "sliced-hadamard", "sliced-aligned", "sliced-hadamard-aligned"]
     rows = sorted(rows, key=lambda r: (models.index(r["model"]), list(SCHEMES).index(r["scheme"])))
     for r in rows:
         ref = base.get(r["model"])
@@ -122,7 +123,8 @@ def write_table(rows: list[dict]) -> None:
     (RESULTS / "quantized.md").write_text(
         "SmolLM2-135M, WikiText-2 protocol (64x512 calibration, 32x1024 evaluation). Produced by "
         "`python benchmarks/quantized.py`. Sliced = SP 0.25, SB 0.05 dynamic; "
-        "sliced-hadamard adds `hadamard: true`. Shortcut matrices stay in model dtype, "
+        "-hadamard rows have `hadamard: true`, -aligned rows `align_bases: true` (both are "
+        "the defaults), the others turn them off. Shortcut matrices stay in model dtype, "
         "except in `-qs` rows (`quantize_shortcuts: true`: quantized with the rest).\n\n"
         + "\n".join(lines)
         + "\n"
@@ -153,6 +155,14 @@ def main() -> None:
             "sliced:w4a16",
             "sliced:fp8",
             "sliced-hadamard:fp8",
+            "sliced-hadamard-aligned:w4a16-g64-qs",
+            "sliced-hadamard-aligned:w8a8-qs",
+            "sliced-hadamard-aligned:w4a16-g64",
+            "sliced-hadamard-aligned:w8a8",
+            "sliced-hadamard-aligned:fp8",
+            "sliced-hadamard-aligned:none",
+            "sliced-aligned:w4a16-g64-qs",
+            "sliced-aligned:w8a8-qs",
         ],
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -42,10 +42,14 @@ class ParameterCounter:
     ask thousands of times.
     """
 
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, basis: str, tied: bool) -> None:
+    def __init__(
+        self, model: nn.Module, adapter: ModelAdapter, basis: str, tied: bool, aligned: bool
+    ) -> None:
         self.hidden = model.config.hidden_size
         self.basis = basis
         self.tied = tied
+        # Aligned bases of full width follow each other exactly: no shortcut between them.
+        self.aligned = aligned
         self.layers: list[_LayerCost] = []
         for layer in adapter.layers(model):
             readers = adapter.attn_inputs(layer) + adapter.mlp_inputs(layer)
@@ -72,6 +76,12 @@ class ParameterCounter:
         hidden, count = self.hidden, len(self.layers)
         whole = list(whole) if whole is not None else [False] * count
         unrotated = [*whole, True]  # the last layer writes back in the original basis
+
+        def same_rotated_basis(idx: int, width: int, out: int) -> bool:
+            # Alignment restarts after the original basis (see slicer._orient).
+            rotated = not (unrotated[idx] or unrotated[idx + 1])
+            return self.aligned and rotated and width == out == hidden
+
         total = 0
         for idx, cost in enumerate(self.layers):
             width = dims[idx]
@@ -81,8 +91,9 @@ class ParameterCounter:
             total += out if cost.down_bias else 0
             total += 2 * width  # the two residual norms keep one scale per kept dim
             if self.basis == "sublayer" and not whole[idx]:
-                total += width * width
-            if not (unrotated[idx] and unrotated[idx + 1]):
+                total += 0 if self.aligned and width == hidden else width * width
+            both_original = unrotated[idx] and unrotated[idx + 1]
+            if not (both_original or same_rotated_basis(idx, width, out)):
                 total += width * out
         if self.tied:
             total += self.vocab * hidden + (0 if whole[0] else hidden * dims[0])

@@ -73,7 +73,7 @@ def _add_data_args(p: argparse.ArgumentParser, samples: int = 64, seq_len: int =
     )
 
 
-def quant_modifiers(scheme: str, config: Any) -> list[Any]:
+def quant_modifiers(scheme: str, config: Any, quantize_shortcuts: bool = False) -> list[Any]:
     """The llm-compressor modifiers for a ``--quantize`` choice."""
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -89,6 +89,9 @@ def quant_modifiers(scheme: str, config: Any) -> list[Any]:
             ignore.append("re:.*o_proj$")
         if config.intermediate_size % 128:
             ignore.append("re:.*down_proj$")
+        if quantize_shortcuts and config.hidden_size % 128:
+            # A tied table's projection into layer 0 reads hidden_size.
+            ignore.append("re:.*input_projection$")
         if len(ignore) > 1:
             print(f"W4A16 groups of 128 do not fit {ignore[1:]}: kept in full precision")
         return [GPTQModifier(targets="Linear", scheme="W4A16", ignore=ignore)]
@@ -159,6 +162,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     else:
         if args.target_params is not None and args.sparsity is not None:
             raise ValueError("give either --sparsity or --target-params, not both")
+        if args.quantize_shortcuts and args.quantize == "none":
+            raise ValueError("--quantize-shortcuts needs a --quantize scheme to apply")
         budget = (
             {"target_params": args.target_params}
             if args.target_params is not None
@@ -171,11 +176,14 @@ def cmd_compress(args: argparse.Namespace) -> None:
             normalization=args.normalization,
             untie_embeddings=args.untie_embeddings,
             hadamard=args.hadamard,
+            align_bases=args.align_bases,
+            quantize_shortcuts=args.quantize_shortcuts,
             **({"round_to": args.round_to} if args.round_to else {}),
         )
         from transformers import AutoConfig
 
-        recipe = [slicer, *quant_modifiers(args.quantize, AutoConfig.from_pretrained(path))]
+        config = AutoConfig.from_pretrained(path)
+        recipe = [slicer, *quant_modifiers(args.quantize, config, args.quantize_shortcuts)]
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     with atomic_directory(output) as scratch:
@@ -284,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fold block Hadamard rotations into the kept bases (default; helps quantization)",
     )
     p.add_argument(
+        "--align-bases",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="align consecutive bases so shortcuts are near the identity and stored as "
+        "their difference from it (default; helps quantized shortcuts)",
+    )
+    p.add_argument(
         "--untie-embeddings",
         action="store_true",
         help="untie a tied head and slice the embedding table",
@@ -293,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=QUANT_SCHEMES,
         default="none",
         help="quantize after slicing in the same oneshot pass",
+    )
+    p.add_argument(
+        "--quantize-shortcuts",
+        action="store_true",
+        help="let --quantize take the shortcut matrices too (smaller and faster; they are "
+        "kept in model dtype by default)",
     )
     p.add_argument(
         "--eval-windows",

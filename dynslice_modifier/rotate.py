@@ -51,3 +51,24 @@ def rotate_embedding(embedding: nn.Embedding, basis: torch.Tensor) -> None:
 def change_of_basis(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Shortcut matrix taking coordinates in ``source`` to coordinates in ``target``."""
     return source.to(torch.float64).T @ target.to(torch.float64)
+
+
+def align_basis(basis: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """``basis`` rotated within its span so that its coordinates follow ``previous``'s.
+
+    Orthogonal Procrustes: the ``R`` minimising ``|basis R - previous E|`` where ``E`` is the
+    rectangular identity, so kept coordinate ``i`` of one basis is matched with coordinate
+    ``i`` of the other. Consecutive residual bases span nearly the same subspace, so their
+    change of basis ``previous^T basis R`` becomes nearly ``E``: a shortcut stored as its
+    difference from ``E`` then holds small numbers that quantize well.
+    """
+    width = basis.shape[1]
+    b, p = basis.to(torch.float64), previous.to(basis.device, torch.float64)
+    target = p[:, :width] if p.shape[1] >= width else nn.functional.pad(p, (0, width - p.shape[1]))
+    u, _, vh = torch.linalg.svd(b.T @ target)
+    return b @ (u @ vh)
+
+
+def identity_part(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """The rectangular identity ``E`` that a delta shortcut adds back (see ``carry``)."""
+    return torch.eye(rows, cols, dtype=like.dtype, device=like.device)

@@ -15,6 +15,11 @@ weight and the head (tied to the embedding or not) is unchanged. With ``basis="l
 attention and MLP of a layer share one basis (from the PCA of both signals), which removes
 the attention shortcut.
 
+Only the span of a kept basis is fixed by the PCA; its rotation within that span is free
+and is chosen for quantization (``_orient``): aligned with the previous basis, so that
+shortcuts are nearly the identity and are stored as their difference from it, and/or
+followed by a block Hadamard rotation that spreads outlier channels.
+
 A layer marked *whole* keeps full width in the original basis (``a = m = hidden``, no
 rotation): no shortcut inside it or towards a whole neighbour. The modifier leaves layers
 whole when slicing them would add more shortcut weights than it removes.
@@ -26,6 +31,7 @@ forward passes of the calibration set (plus an attention-only pass with ``basis=
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,8 +53,10 @@ from dynslice_modifier.modeling.modeling_dynslice import (
 from dynslice_modifier.pca import CovarianceAccumulator, principal_basis
 from dynslice_modifier.redundancy import RedundancyAccumulator
 from dynslice_modifier.rotate import (
+    align_basis,
     change_of_basis,
     fold_scale_into_inputs,
+    identity_part,
     rotate_embedding,
     rotate_inputs,
     rotate_output,
@@ -116,6 +124,8 @@ class SlicingResult:
     mlp_shortcuts: list[torch.Tensor | None]
     input_projection: torch.Tensor | None
     embedding_sliced: bool
+    # Consecutive bases aligned: shortcuts are saved as their difference from the identity.
+    aligned: bool = False
 
 
 class RotateAndSlice:
@@ -130,6 +140,7 @@ class RotateAndSlice:
         basis: Basis = "sublayer",
         keep_tied: bool = True,
         hadamard: bool = False,
+        align: bool = False,
         in_place: bool = True,
         whole: list[bool] | None = None,
     ) -> None:
@@ -144,6 +155,14 @@ class RotateAndSlice:
         self.eps = model.config.rms_norm_eps
         self.tied = keep_tied and embeddings_tied(model)
         self.hadamard = hadamard
+        self.align = align
+        # Aligned bases keep ``E`` as their change of basis only if every Hadamard has the
+        # same blocks: the largest power of two dividing every sliced width.
+        sliced = [d for d, w in zip(dims, self.whole, strict=True) if not w]
+        common = math.gcd(*sliced) if sliced else 1
+        self._hadamard_block = min(common & -common, 256) if align else 256
+        # The previous basis of the chain being aligned, before its Hadamard rotation.
+        self._chain: torch.Tensor | None = None
         # A trial (``in_place=False``) slices a copy of each layer and leaves the model as it
         # was: only the activations it carries, i.e. the sliced model's function, are kept.
         self.in_place = in_place
@@ -167,9 +186,17 @@ class RotateAndSlice:
             )
         kept = eigenvalues[:width].clamp_min(0).sum() / eigenvalues.clamp_min(0).sum()
         logger.debug(f"{where}: keeping {width}/{len(eigenvalues)} dims, {kept:.4%} of energy")
+        return self._orient(vectors[:, :width])
+
+    def _orient(self, basis: torch.Tensor) -> torch.Tensor:
+        """Rotate a kept basis within its span: free for the function, chosen for quantization."""
+        if self.align and self._chain is not None:
+            basis = align_basis(basis, self._chain)
+        self._chain = basis
         if self.hadamard:
-            return vectors[:, :width] @ block_hadamard(width).to(vectors.device)
-        return vectors[:, :width]
+            block = block_hadamard(basis.shape[1], self._hadamard_block)
+            basis = basis @ block.to(basis.device, basis.dtype)
+        return basis
 
     def _finish_writer(self, writer: _Writer, target: torch.Tensor) -> torch.Tensor:
         """Rotate a pending writer into ``target``; return its shortcut matrix."""
@@ -195,6 +222,7 @@ class RotateAndSlice:
         attn_dims, mlp_dims, attn_sc, mlp_sc = [], [], [], []
         pending: _Writer | None = None
         input_projection: torch.Tensor | None = None
+        self._chain = None
         for idx, layer in enumerate(tqdm(layers, desc="Rotate and slice", leave=False)):
             with onloaded(layer, device), torch.no_grad():
                 if not self.in_place:
@@ -205,6 +233,8 @@ class RotateAndSlice:
                 if whole:
                     a_basis = eye
                     self._next_input_cov = None
+                    # The original basis is no PCA basis to follow: the chain restarts.
+                    self._chain = None
                 elif self.basis == "layer":
                     a_basis = self._joint_basis(layer, inputs, idx)
                 else:
@@ -273,6 +303,7 @@ class RotateAndSlice:
             mlp_shortcuts=[_drop_identity(s) for s in mlp_sc],
             input_projection=_drop_identity(input_projection),
             embedding_sliced=not self.tied,
+            aligned=self.align,
         )
 
     def _fold_norms(self, layer: nn.Module, width: int) -> None:
@@ -352,7 +383,7 @@ def convert_to_sliced(
     }
     base["tie_word_embeddings"] = not result.embedding_sliced and embeddings_tied(model)
     spec = {
-        "format_version": format_version(quantizable_shortcuts),
+        "format_version": format_version(quantizable_shortcuts, result.aligned),
         "attn_dims": result.attn_dims,
         "mlp_dims": result.mlp_dims,
         "attn_shortcuts": [s is not None for s in result.attn_shortcuts],
@@ -360,6 +391,7 @@ def convert_to_sliced(
         "embedding_sliced": result.embedding_sliced,
         "input_projection": result.input_projection is not None,
         "quantizable_shortcuts": quantizable_shortcuts,
+        "delta_shortcuts": result.aligned,
         "layout": adapter.layout,
         **provenance,
     }
@@ -381,6 +413,8 @@ def convert_to_sliced(
             ("mlp_shortcut", result.mlp_shortcuts[idx]),
         ):
             if matrix is not None:
+                if result.aligned:
+                    matrix = matrix - identity_part(*matrix.shape, like=matrix)
                 shortcut = getattr(new, name)
                 shortcut.weight = nn.Parameter(
                     matrix.T.contiguous().to(shortcut.weight), requires_grad=False

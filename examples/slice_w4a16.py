@@ -3,8 +3,9 @@
 The slicer sees the group-wise scheme later in the recipe and rounds every kept width to
 a multiple of 128 by itself (576 is not a multiple of 128; sliced widths can be). SmolLM2's
 o_proj reads 9 heads x 64 = 576 inputs, which slicing does not change, so it stays in full
-precision (the slicer would say so before calibrating if it were targeted), as do the
-residual shortcut matrices (quantize_shortcuts is off by default).
+precision (the slicer would say so before calibrating if it were targeted), as does layer 0's
+input projection from the tied 576-wide table. GPTQ takes the residual shortcut matrices
+(quantize_shortcuts): aligned bases keep them near the identity, so 4 bits cost little.
 """
 
 from _common import SAMPLES, SEQ_LEN, smollm2_and_data
@@ -17,10 +18,13 @@ from dynslice_modifier.evaluation import perplexity
 RECIPE = """
 slice_stage:
   slice_modifiers:
-    DynamicSliceModifier: {sparsity: 0.25, slicing_base: 0.05}
+    DynamicSliceModifier: {sparsity: 0.25, slicing_base: 0.05, quantize_shortcuts: true}
 quant_stage:
   quant_modifiers:
-    GPTQModifier: {targets: Linear, scheme: W4A16, ignore: [lm_head, 're:.*o_proj$']}
+    GPTQModifier:
+      targets: Linear
+      scheme: W4A16
+      ignore: [lm_head, 're:.*o_proj$', 're:.*input_projection$']
 """
 
 path, tokenizer, dataset, evaluation = smollm2_and_data()

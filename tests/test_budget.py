@@ -12,14 +12,16 @@ from dynslice_modifier.budget import ParameterCounter
 from dynslice_modifier.slicer import count_parameters
 
 
+@pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("basis", ["sublayer", "layer"])
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_predicted_count_matches_the_sliced_model(tmp_path, arch, tied, basis):
+def test_predicted_count_matches_the_sliced_model(tmp_path, arch, tied, basis, aligned):
     model = tiny_model(arch, tied, layers=4)
-    dims = [56, 40, 48, 32]
-    predicted = ParameterCounter(model, get_adapter(model), basis, tied)(dims)
-    slice_in_memory(model, layer_dims=dims, basis=basis)
+    # Layers 1 and 2 keep full width (64) but are rotated: aligned, they share one basis.
+    dims = [56, 64, 64, 32]
+    predicted = ParameterCounter(model, get_adapter(model), basis, tied, aligned)(dims)
+    slice_in_memory(model, layer_dims=dims, basis=basis, align_bases=aligned)
     assert count_parameters(model) == predicted
     model.save_pretrained(tmp_path)
     from transformers import AutoModelForCausalLM
@@ -73,9 +75,10 @@ def test_target_params_and_sparsity_are_exclusive():
         DynamicSliceModifier(target_params=1.5)
 
 
+@pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("basis", ["sublayer", "layer"])
 @pytest.mark.parametrize("tied", [True, False])
-def test_whole_layers_are_counted_exactly_and_reload(tmp_path, tied, basis):
+def test_whole_layers_are_counted_exactly_and_reload(tmp_path, tied, basis, aligned):
     from transformers import AutoModelForCausalLM
 
     from dynslice_modifier.calibration import capture_layer_inputs
@@ -84,9 +87,11 @@ def test_whole_layers_are_counted_exactly_and_reload(tmp_path, tied, basis):
     model = tiny_model("qwen2", tied, layers=4)
     adapter = get_adapter(model)
     dims, whole = [64, 40, 64, 32], [True, False, True, False]
-    predicted = ParameterCounter(model, adapter, basis, tied)(dims, whole)
+    predicted = ParameterCounter(model, adapter, basis, tied, aligned)(dims, whole)
     inputs = capture_layer_inputs(model, adapter.layers(model)[0], calib_batches())
-    slicer = RotateAndSlice(model, adapter, dims, torch.device("cpu"), basis, whole=whole)
+    slicer = RotateAndSlice(
+        model, adapter, dims, torch.device("cpu"), basis, whole=whole, align=aligned
+    )
     result = slicer.run(inputs)
     # Whole layers need no shortcut inside them, and layer 0 reads the table directly.
     assert result.input_projection is None

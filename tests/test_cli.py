@@ -72,6 +72,8 @@ def test_help_is_complete(command, workdir, capsys):
             "--eval-windows",
             "--untie-embeddings",
             "--hadamard",
+            "--align-bases",
+            "--quantize-shortcuts",
             "--data",
         ):
             assert flag in out
@@ -101,6 +103,18 @@ def test_compress_writes_model_report_and_summary(workdir):
     assert "perplexity (1 x 1024 tokens): dense" in result.stdout
     assert sorted(p.name for p in (workdir / "tiny").iterdir()) == before
     assert not list(workdir.glob(".out.partial-*"))
+
+
+def test_compress_can_quantize_the_shortcuts(workdir, capsys):
+    args = ["compress", "tiny", "out-qs", "--sparsity", "0.25", "--round-to", "8"]
+    args += ["--quantize", "w8a8", "--quantize-shortcuts", "--no-hadamard", *SMALL, *DATA]
+    code, _, err = run_main(*args, cwd=workdir, capsys=capsys)
+    assert code == 0, err
+    config = json.loads((workdir / "out-qs" / "config.json").read_text())
+    assert config["slicing"]["quantizable_shortcuts"] is True
+    assert config["slicing"]["hadamard"] is False
+    ignored = config["quantization_config"]["ignore"]
+    assert not any("shortcut" in name for name in ignored), ignored
 
 
 def test_scores_eval_and_report(workdir, capsys):
@@ -147,6 +161,7 @@ def test_scores_eval_and_report(workdir, capsys):
             ["compress", "tiny", "bad", "--sparsity", "0.2", "--target-params", "0.1"],
             "either --sparsity or --target-params",
         ),
+        (["compress", "tiny", "bad", "--quantize-shortcuts"], "needs a --quantize scheme"),
         (["frobnicate"], "invalid choice"),
     ],
 )

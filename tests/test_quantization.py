@@ -78,7 +78,7 @@ def test_one_pass_writes_a_quantized_sliced_checkpoint(wide_dir, tmp_path, quant
     with torch.no_grad():
         assert torch.isfinite(reloaded(IDS).logits).all()
     # By default `targets: Linear` leaves the shortcut matrices in model dtype.
-    assert spec["quantizable_shortcuts"] is False and spec["format_version"] == 1
+    assert spec["quantizable_shortcuts"] is False and spec["delta_shortcuts"] is True
     shortcuts = [m for m in reloaded.modules() if isinstance(m, ResidualShortcut)]
     assert shortcuts
     for shortcut in shortcuts:
@@ -119,11 +119,11 @@ def test_quantize_shortcuts_follows_the_quantizer(wide_dir, tmp_path, ignore, ke
     assert projection in names and len(names) > 2
     kept_names = {"none": [], "projection": [projection], "all": names}[kept]
     if kept == "all":
-        # Nothing took them: the plain class, readable by plugins older than the flag.
-        assert spec["quantizable_shortcuts"] is False and spec["format_version"] == 1
+        # Nothing took them: the plain class.
+        assert spec["quantizable_shortcuts"] is False
     else:
         # The saved ignore list names the kept ones, so reloading keeps them unquantized.
-        assert spec["quantizable_shortcuts"] is True and spec["format_version"] == 2
+        assert spec["quantizable_shortcuts"] is True
         assert all(isinstance(modules[n], ResidualShortcutLinear) for n in names)
     for name in names:
         if name in kept_names:

@@ -42,6 +42,7 @@ def sliced_config() -> dict:
         (lambda s: s["attn_dims"].pop(), "list of 3 entries"),
         (lambda s: s.pop("mlp_shortcuts"), "mlp_shortcuts"),
         (lambda s: s["attn_shortcuts"].__setitem__(0, "yes"), "true or false"),
+        (lambda s: s.__setitem__("delta_shortcuts", "yes"), "delta_shortcuts"),
         (lambda s: s.pop("layout"), "layout"),
         (lambda s: s.__setitem__("format_version", 99), "upgrade dynslice-modifier"),
         (lambda s: s["attn_dims"].__setitem__(2, 40.5), r"attn_dims\[2\]"),

@@ -69,7 +69,8 @@ def test_sliced_shapes(tied, basis):
         assert mlp.gate_proj.weight.shape[1] == mlp.up_proj.weight.shape[1] == dims[i]
         assert mlp.down_proj.weight.shape[0] == out
         assert layer.mlp_shortcut.weight.shape == (out, dims[i])
-        has_attn_shortcut = basis == "sublayer"
+        # Aligned full-width bases coincide, so an unsliced layer needs no attention shortcut.
+        has_attn_shortcut = basis == "sublayer" and dims[i] < hidden
         assert (layer.attn_shortcut is not None) is has_attn_shortcut
         if has_attn_shortcut:
             assert layer.attn_shortcut.weight.shape == (dims[i], attn_dims[i])
@@ -135,3 +136,32 @@ def test_hadamard_keeps_the_sliced_function_and_spreads_channels():
 
     assert peak_to_mean(spread) < peak_to_mean(plain)
     assert spread.config.slicing["hadamard"] is True
+
+
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_aligned_bases_keep_the_function_and_make_shortcuts_small(hadamard):
+    plain, aligned = tiny_model("llama", True, layers=4), tiny_model("llama", True, layers=4)
+    options = {"layer_dims": [48, 40, 40, 48], "hadamard": hadamard}
+    slice_in_memory(plain, **options, align_bases=False)
+    slice_in_memory(aligned, **options, align_bases=True)
+    with torch.no_grad():
+        torch.testing.assert_close(aligned(IDS).logits, plain(IDS).logits, atol=1e-4, rtol=1e-4)
+    assert plain.config.slicing["delta_shortcuts"] is False
+    assert plain.config.slicing["format_version"] == 1  # readable by plugins before 3
+    assert aligned.config.slicing["delta_shortcuts"] is True
+    assert aligned.config.slicing["format_version"] == 3
+
+    def stored(model):
+        # Shortcuts between sliced bases (not the input projection or the last one, which
+        # map to and from the original basis).
+        layers = model.model.layers
+        return [layers[i].attn_shortcut.weight for i in range(4)] + [
+            layers[i].mlp_shortcut.weight for i in range(3)
+        ]
+
+    for before, after in zip(stored(plain), stored(aligned), strict=True):
+        # The aligned shortcut is E + delta; its delta is small next to the matrix itself.
+        assert after.norm() < 0.5 * before.norm()
+        e = torch.eye(*before.shape)
+        restored = after + e
+        torch.testing.assert_close(restored.norm(), before.norm(), atol=1e-4, rtol=1e-4)

@@ -81,6 +81,8 @@ class Case:
     # Let the quantizer take the shortcut matrices, except those in `keep`.
     quantize_shortcuts: bool = False
     keep: tuple[str, ...] = ()
+    # Aligned bases store shortcuts as their difference from the identity (the default).
+    align_bases: bool = True
 
 
 CASES = [
@@ -92,8 +94,9 @@ CASES = [
     Case("qwen2-untied-layer", "qwen2", tied=False, basis="layer"),
     # Input projection and no attention shortcuts at all.
     Case("llama-tied-layer", "llama", tied=True, basis="layer"),
-    # Sliding window of 16 tokens (tests/tiny.py), exceeded by the longest prompt.
-    Case("mistral-untied-sublayer", "mistral", tied=False, basis="sublayer"),
+    # Sliding window of 16 tokens (tests/tiny.py), exceeded by the longest prompt; plain
+    # shortcut matrices (format 1).
+    Case("mistral-untied-sublayer", "mistral", tied=False, basis="sublayer", align_bases=False),
     # Int8 linears around shortcuts kept in model dtype (the default).
     Case("llama-untied-sublayer-w8a8", "llama", tied=False, basis="sublayer", quantize="W8A8"),
     # 4-bit groups of 32 (vLLM's CPU kernel needs widths in multiples of 32), shortcuts
@@ -138,6 +141,7 @@ slice_stage:
       round_to: {32 if case.quantize == "W4A16" else 8}
       basis: {case.basis}
       quantize_shortcuts: {str(case.quantize_shortcuts).lower()}
+      align_bases: {str(case.align_bases).lower()}
 """
     ignore = json.dumps(["lm_head", *case.keep])
     if case.quantize == "W8A8":
@@ -293,6 +297,7 @@ def test_vllm_matches_transformers(
     if case.basis == "layer":
         assert not any(slicing["attn_shortcuts"]), slicing
     assert slicing["quantizable_shortcuts"] is case.quantize_shortcuts
+    assert slicing["delta_shortcuts"] is case.align_bases
 
     got = vllm_results[case.name]
     assert "error" not in got, got["error"]

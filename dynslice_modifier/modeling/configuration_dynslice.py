@@ -16,9 +16,10 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-# 2 added ``quantizable_shortcuts``. A checkpoint records the lowest version that reads it
-# (see ``format_version``), so older readers refuse only what they would build wrongly.
-SLICING_FORMAT_VERSION = 2
+# 2 added ``quantizable_shortcuts``, 3 ``delta_shortcuts``. A checkpoint records the lowest
+# version that reads it (see ``format_version``), so older readers refuse only what they
+# would build wrongly.
+SLICING_FORMAT_VERSION = 3
 
 # Module names inside a pre-norm decoder layer as Llama and the models that copy it write
 # them. Checkpoints record their layout; this is the one the adapters and vLLM build.
@@ -86,7 +87,7 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
         raise SlicingConfigError(f"slicing.layout must name all of {list(_LAYOUT_KEYS)}")
     if spec.get("embedding_sliced") not in (True, False):
         raise SlicingConfigError("slicing.embedding_sliced must be true or false")
-    for key in ("input_projection", "quantizable_shortcuts"):
+    for key in ("input_projection", "quantizable_shortcuts", "delta_shortcuts"):
         if spec.get(key, False) not in (True, False):
             raise SlicingConfigError(f"slicing.{key} must be true or false")
     unprojected = not spec["embedding_sliced"] and not has_input_projection(spec)
@@ -107,8 +108,10 @@ def has_input_projection(spec: dict[str, Any]) -> bool:
     return bool(spec.get("input_projection", True))
 
 
-def format_version(quantizable_shortcuts: bool) -> int:
+def format_version(quantizable_shortcuts: bool, delta_shortcuts: bool) -> int:
     """The version a checkpoint is written with: the first one that can read it."""
+    if delta_shortcuts:
+        return 3
     return 2 if quantizable_shortcuts else 1
 
 
@@ -148,6 +151,9 @@ class DynSliceConfig(PretrainedConfig):
       unless ``input_projection`` is false (layer 0 left whole, in the original basis);
     - ``quantizable_shortcuts``: whether shortcuts (and the input projection) are linears a
       quantizer took (``ResidualShortcutLinear``) rather than matrices kept in model dtype;
+    - ``delta_shortcuts``: whether shortcut and input-projection weights hold the matrix
+      minus the rectangular identity (the layer adds ``x E`` back), which keeps them small
+      when consecutive bases are aligned;
     - provenance: ``lr_scores``, ``sparsity``, ``slicing_base``, ``round_to``, ``parameters``.
 
     The last layer always writes the residual back in the original basis at full width, so

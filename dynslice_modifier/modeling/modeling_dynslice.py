@@ -7,7 +7,9 @@ changes, all described by ``config.slicing``:
   writes it has fewer output rows (attention internals are untouched);
 - the norms inside decoder layers normalise by the original width; their scales were
   folded into the next linears (the norms keep a per-dim scale, initially ones);
-- a residual connection between two differently rotated bases carries a shortcut matrix.
+- a residual connection between two differently rotated bases carries a shortcut matrix;
+  with ``slicing.delta_shortcuts`` the stored matrix is its difference from the
+  rectangular identity, which the layer adds back (``carry``).
 
 The attention and MLP modules are the base architecture's own, so rotary embeddings, GQA,
 q/k norms, biases, sliding windows and every attention backend keep working. Like the
@@ -105,6 +107,18 @@ class ResidualShortcutLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
 
 
+def carry(hidden_states: torch.Tensor, width: int) -> torch.Tensor:
+    """``x E``: the identity part of a delta shortcut, cutting or zero-padding to ``width``.
+
+    Added outside the shortcut module, so a quantizer that takes the shortcut quantizes only
+    the small difference and never the residual stream it carries.
+    """
+    extra = width - hidden_states.shape[-1]
+    if extra <= 0:
+        return hidden_states[..., :width]
+    return nn.functional.pad(hidden_states, (0, extra))
+
+
 def shortcut_class(spec: dict[str, Any]) -> type[ResidualShortcut | ResidualShortcutLinear]:
     return ResidualShortcutLinear if spec.get("quantizable_shortcuts") else ResidualShortcut
 
@@ -139,6 +153,7 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         self.add_module(
             layout["post_attention_norm"], SlicedRMSNorm(mlp_dim, hidden, eps, device, dtype)
         )
+        self.delta_shortcuts = bool(config.slicing.get("delta_shortcuts", False))
         shortcut = shortcut_class(config.slicing)
         # A tied embedding table stays in the original basis; layer 0 projects it.
         self.input_projection = (
@@ -157,6 +172,10 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             else None
         )
 
+    def _shortcut(self, shortcut: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = shortcut(hidden_states)
+        return out + carry(hidden_states, out.shape[-1]) if self.delta_shortcuts else out
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -169,7 +188,7 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         layout = self.layout
         if self.input_projection is not None:
-            hidden_states = self.input_projection(hidden_states)
+            hidden_states = self._shortcut(self.input_projection, hidden_states)
         residual = hidden_states
         hidden_states = getattr(self, layout["input_norm"])(hidden_states)
         hidden_states, _ = getattr(self, layout["attn"])(
@@ -182,14 +201,14 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             **kwargs,
         )
         if self.attn_shortcut is not None:
-            residual = self.attn_shortcut(residual)
+            residual = self._shortcut(self.attn_shortcut, residual)
         hidden_states = residual + hidden_states
 
         residual = hidden_states
         hidden_states = getattr(self, layout["post_attention_norm"])(hidden_states)
         hidden_states = getattr(self, layout["mlp"])(hidden_states)
         if self.mlp_shortcut is not None:
-            residual = self.mlp_shortcut(residual)
+            residual = self._shortcut(self.mlp_shortcut, residual)
         return residual + hidden_states
 
 

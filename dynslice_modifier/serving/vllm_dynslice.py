@@ -10,7 +10,8 @@ model is its base decoder (Llama, Mistral, Qwen2, Qwen3) where, per layer ``l``:
   biases) are untouched;
 - the two in-layer norms normalise by the *original* ``hidden_size`` and scale per kept dim;
 - a residual connection between two bases carries a shortcut matrix (``attn_shortcut``,
-  ``mlp_shortcut``) when the config says so, otherwise it is the identity;
+  ``mlp_shortcut``) when the config says so, otherwise it is the identity; with
+  ``delta_shortcuts`` the matrix is stored minus the identity, which is added back here;
 - an embedding table left in the original basis (tied models, ``embedding_sliced: false``)
   is projected to layer 0's basis by ``model.layers.0.input_projection``.
 
@@ -68,7 +69,7 @@ from dynslice_modifier.modeling.configuration_dynslice import (
     DynSliceConfig,
     has_input_projection,
 )
-from dynslice_modifier.modeling.modeling_dynslice import layer_widths
+from dynslice_modifier.modeling.modeling_dynslice import carry, layer_widths
 
 SUPPORTED_BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -331,6 +332,7 @@ class SlicedDecoderLayer(nn.Module):
         spec = config.slicing
         attn_dim, mlp_dim, out_dim = layer_widths(config, idx)
         eps = config.rms_norm_eps
+        self.delta_shortcuts = bool(spec.get("delta_shortcuts", False))
 
         # A tied embedding table stays in the original basis at full width; layer 0 projects
         # it into its own basis first.
@@ -377,22 +379,26 @@ class SlicedDecoderLayer(nn.Module):
             f"{prefix}.mlp_shortcut",
         )
 
+    def _shortcut(self, shortcut: ResidualShortcut, hidden_states: torch.Tensor) -> torch.Tensor:
+        out, _ = shortcut(hidden_states)
+        return out + carry(hidden_states, out.shape[-1]) if self.delta_shortcuts else out
+
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         # The residual is carried as one tensor rather than vLLM's (hidden, residual) pair:
         # the shortcut acts on the full residual, so the add cannot be deferred into the
         # next norm the way vLLM's fused add-norm does.
         if self.input_projection is not None:
-            hidden_states, _ = self.input_projection(hidden_states)
+            hidden_states = self._shortcut(self.input_projection, hidden_states)
         residual = hidden_states
         h = self.self_attn(positions, self.input_layernorm(hidden_states))
         if self.attn_shortcut is not None:
-            residual, _ = self.attn_shortcut(residual)
+            residual = self._shortcut(self.attn_shortcut, residual)
         hidden_states = residual + h
 
         residual = hidden_states
         h = self.mlp(self.post_attention_layernorm(hidden_states))
         if self.mlp_shortcut is not None:
-            residual, _ = self.mlp_shortcut(residual)
+            residual = self._shortcut(self.mlp_shortcut, residual)
         return residual + h
 
 
