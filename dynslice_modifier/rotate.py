@@ -61,12 +61,23 @@ def align_basis(basis: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     ``i`` of the other. Consecutive residual bases span nearly the same subspace, so their
     change of basis ``previous^T basis R`` becomes nearly ``E``: a shortcut stored as its
     difference from ``E`` then holds small numbers that quantize well.
+
+    A wider ``basis`` has coordinates with nothing to follow. Any orthonormal completion
+    would do for the function, but SVD picks one at the whim of rounding, which would make
+    the result differ between runs; they are taken as the completion closest to the basis's
+    own trailing (PCA-ordered) coordinates, which is unique.
     """
-    width = basis.shape[1]
     b, p = basis.to(torch.float64), previous.to(basis.device, torch.float64)
-    target = p[:, :width] if p.shape[1] >= width else nn.functional.pad(p, (0, width - p.shape[1]))
-    u, _, vh = torch.linalg.svd(b.T @ target)
-    return b @ (u @ vh)
+    width = b.shape[1]
+    shared = min(width, p.shape[1])
+    u, _, vh = torch.linalg.svd(b.T @ p[:, :shared], full_matrices=False)
+    rotation = u @ vh  # width x shared, orthonormal columns
+    if shared < width:
+        trailing = torch.eye(width, dtype=b.dtype, device=b.device)[:, shared:]
+        rest = trailing - rotation @ rotation[shared:].T  # projected off the followed part
+        u, _, vh = torch.linalg.svd(rest, full_matrices=False)
+        rotation = torch.cat([rotation, u @ vh], dim=1)
+    return b @ rotation
 
 
 def identity_part(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:

@@ -165,3 +165,27 @@ def test_aligned_bases_keep_the_function_and_make_shortcuts_small(hadamard):
         e = torch.eye(*before.shape)
         restored = after + e
         torch.testing.assert_close(restored.norm(), before.norm(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("width", "previous"), [(24, 32), (32, 32), (40, 32)])
+def test_align_basis_is_a_stable_rotation_within_the_span(width, previous):
+    from dynslice_modifier.rotate import align_basis
+
+    gen = torch.Generator().manual_seed(width)
+
+    def orthonormal(cols):
+        return torch.linalg.qr(torch.randn(64, cols, generator=gen, dtype=torch.float64))[0]
+
+    basis, prev = orthonormal(width), orthonormal(previous)
+    aligned = align_basis(basis, prev)
+    torch.testing.assert_close(aligned.T @ aligned, torch.eye(width, dtype=torch.float64))
+    # Same span: projecting onto the original basis changes nothing.
+    torch.testing.assert_close(basis @ (basis.T @ aligned), aligned)
+    # Closer to the rectangular identity than the unaligned change of basis.
+    e = torch.eye(previous, width, dtype=torch.float64)
+    assert (prev.T @ aligned - e).norm() < (prev.T @ basis - e).norm()
+    # Unique, so rounding-level input differences (ranks summing in another order) stay
+    # rounding-level, including the coordinates a wider basis adds.
+    nudged = torch.linalg.qr(basis + 1e-12 * torch.randn(basis.shape, generator=gen).double())[0]
+    nudged = nudged * torch.sign(torch.diagonal(nudged.T @ basis))
+    torch.testing.assert_close(align_basis(nudged, prev), aligned, atol=1e-9, rtol=0)
