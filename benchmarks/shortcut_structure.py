@@ -1,0 +1,92 @@
+"""How far the shortcut matrices of float sliced SmolLM2 checkpoints are from the identity,
+and what round-to-nearest quantization of their stored weights costs, with and without
+``align_bases``.
+
+Reads the float checkpoints ``benchmarks/quantized.py`` writes (``sliced-hadamard-none``:
+unaligned; ``sliced-hadamard-aligned-none``: aligned, stored as ``S - E``). For every
+shortcut between two sliced bases (the input projection and the last layer's shortcut map
+from and to the original basis, so they are left out) it reports ``|S - E| / |S|`` and the
+error of quantizing the *stored* weight, ``|q(W) - W| / |S|``, for int8 per output channel
+(W8A8's weights) and int4 in groups of 16 along the input (W4A16 style; 16 divides every
+width). Results: ``results/shortcut_structure.json`` and ``.md``.
+
+    python benchmarks/shortcut_structure.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from common import RESULTS
+from safetensors.torch import load_file
+
+BENCH = Path(__file__).resolve().parents[1] / "out" / "bench"
+CHECKPOINTS = {"unaligned": "sliced-hadamard-none", "aligned": "sliced-hadamard-aligned-none"}
+
+
+def rtn(weight: torch.Tensor, bits: int, group: int | None) -> torch.Tensor:
+    """Symmetric round-to-nearest, per output row or per group of ``group`` inputs."""
+    rows, cols = weight.shape
+    grouped = weight.reshape(rows, -1, group) if group else weight.reshape(rows, 1, cols)
+    levels = 2 ** (bits - 1) - 1
+    scale = grouped.abs().amax(-1, keepdim=True).clamp_min(1e-12) / levels
+    return ((grouped / scale).round().clamp(-levels - 1, levels) * scale).reshape(rows, cols)
+
+
+def shortcuts(directory: Path) -> tuple[list[torch.Tensor], bool]:
+    """Stored weights (out x in) of the shortcuts between sliced bases, and whether they are
+    deltas."""
+    config = json.loads((directory / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    tensors: dict[str, torch.Tensor] = {}
+    for path in directory.glob("*.safetensors"):
+        tensors.update(load_file(path))
+    names = [f"model.layers.{i}.attn_shortcut.weight" for i in range(layers)]
+    names += [f"model.layers.{i}.mlp_shortcut.weight" for i in range(layers - 1)]
+    stored = [tensors[n].double() for n in names if n in tensors]
+    return stored, bool(config["slicing"].get("delta_shortcuts", False))
+
+
+def measure(directory: Path) -> dict:
+    stored, delta = shortcuts(directory)
+    stats: dict[str, list[float]] = {"dist_from_identity": [], "int8_error": [], "int4_error": []}
+    for weight in stored:
+        identity = torch.eye(*weight.shape, dtype=weight.dtype)
+        full = weight + identity if delta else weight
+        norm = full.norm()
+        stats["dist_from_identity"].append(float((full - identity).norm() / norm))
+        stats["int8_error"].append(float((rtn(weight, 8, None) - weight).norm() / norm))
+        stats["int4_error"].append(float((rtn(weight, 4, 16) - weight).norm() / norm))
+    return {"shortcuts": len(stored), **{k: statistics.mean(v) for k, v in stats.items()}}
+
+
+def main() -> None:
+    rows = {}
+    for name, folder in CHECKPOINTS.items():
+        if not (BENCH / folder / "config.json").exists():
+            raise SystemExit(f"{BENCH / folder} missing: run benchmarks/quantized.py first")
+        rows[name] = measure(BENCH / folder)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "shortcut_structure.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [
+        "| bases | shortcuts | mean ‖S - E‖/‖S‖ | int8 per-channel error | int4 g16 error |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['shortcuts']} | {r['dist_from_identity']:.3f} | "
+            f"{r['int8_error']:.4f} | {r['int4_error']:.4f} |"
+        )
+    (RESULTS / "shortcut_structure.md").write_text(
+        "SmolLM2-135M sliced at SP 0.25 (SB 0.05, Hadamard), float checkpoints of "
+        "benchmarks/quantized.py. Errors: round-to-nearest of the stored weight, relative to "
+        "‖S‖. Produced by `python benchmarks/shortcut_structure.py`.\n\n" + "\n".join(lines) + "\n"
+    )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
