@@ -78,8 +78,3 @@ def align_basis(basis: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         u, _, vh = torch.linalg.svd(rest, full_matrices=False)
         rotation = torch.cat([rotation, u @ vh], dim=1)
     return b @ rotation
-
-
-def identity_part(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-    """The rectangular identity ``E`` that a delta shortcut adds back (see ``carry``)."""
-    return torch.eye(rows, cols, dtype=like.dtype, device=like.device)

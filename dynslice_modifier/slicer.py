@@ -56,7 +56,6 @@ from dynslice_modifier.rotate import (
     align_basis,
     change_of_basis,
     fold_scale_into_inputs,
-    identity_part,
     rotate_embedding,
     rotate_inputs,
     rotate_output,
@@ -414,7 +413,9 @@ def convert_to_sliced(
         ):
             if matrix is not None:
                 if result.aligned:
-                    matrix = matrix - identity_part(*matrix.shape, like=matrix)
+                    matrix = matrix - torch.eye(
+                        *matrix.shape, dtype=matrix.dtype, device=matrix.device
+                    )
                 shortcut = getattr(new, name)
                 shortcut.weight = nn.Parameter(
                     matrix.T.contiguous().to(shortcut.weight), requires_grad=False
