@@ -537,4 +537,14 @@ class DynamicSliceModifier(Modifier):
         pass
 
     def on_finalize(self, state: State, **kwargs: Any) -> bool:
+        # Smoothing modifiers later in the recipe (SmoothQuant, AWQ) fold their scales into
+        # the sliced norms; they have all run by now, and the config goes out with the save.
+        model = state.model
+        unit = model.has_unit_norms()
+        if not unit:
+            logger.info(
+                "A later modifier changed the sliced norms' weights: vLLM will run the "
+                "residual shortcuts as GEMMs of their own (slicing.unit_norms: false)"
+            )
+        model.config.slicing["unit_norms"] = unit
         return True

@@ -391,6 +391,9 @@ def convert_to_sliced(
         "input_projection": result.input_projection is not None,
         "quantizable_shortcuts": quantizable_shortcuts,
         "delta_shortcuts": result.aligned,
+        # Norm scales were folded into the linears; a smoothing modifier later in the
+        # recipe may fold new ones in (DynamicSliceModifier.on_finalize re-checks).
+        "unit_norms": True,
         "layout": adapter.layout,
         **provenance,
     }

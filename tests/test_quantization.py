@@ -79,6 +79,11 @@ def test_one_pass_writes_a_quantized_sliced_checkpoint(wide_dir, tmp_path, quant
         assert torch.isfinite(reloaded(IDS).logits).all()
     # By default `targets: Linear` leaves the shortcut matrices in model dtype.
     assert spec["quantizable_shortcuts"] is False and spec["delta_shortcuts"] is True
+    # SmoothQuant folds its scales into the sliced norms; the config must say so, since
+    # vLLM fuses shortcuts into the next projection only while the norms are ones.
+    smoothed = any(isinstance(q, SmoothQuantModifier) for q in quantizers)
+    assert spec["unit_norms"] is not smoothed
+    assert reloaded.has_unit_norms() is not smoothed
     shortcuts = [m for m in reloaded.modules() if isinstance(m, ResidualShortcut)]
     assert shortcuts
     for shortcut in shortcuts:

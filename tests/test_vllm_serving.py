@@ -38,6 +38,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import calib_dataset, wikitext_like, word_tokenizer
+from safetensors.torch import load_file, save_file
 from tiny import tiny_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -83,6 +84,8 @@ class Case:
     keep: tuple[str, ...] = ()
     # Aligned bases store shortcuts as their difference from the identity (the default).
     align_bases: bool = True
+    # SmoothQuant before the W8A8 quantizer: it folds scales into the sliced norms.
+    smooth: bool = True
 
 
 CASES = [
@@ -97,8 +100,20 @@ CASES = [
     # Sliding window of 16 tokens (tests/tiny.py), exceeded by the longest prompt; plain
     # shortcut matrices (format 1).
     Case("mistral-untied-sublayer", "mistral", tied=False, basis="sublayer", align_bases=False),
-    # Int8 linears around shortcuts kept in model dtype (the default).
+    # Int8 linears around shortcuts kept in model dtype (the default); SmoothQuant changes
+    # the norms, so vLLM keeps every shortcut a GEMM of its own.
     Case("llama-untied-sublayer-w8a8", "llama", tied=False, basis="sublayer", quantize="W8A8"),
+    # The fast path on CPUs: int8 shortcuts and input projection; unit norms, so vLLM runs
+    # each shortcut in one GEMM with q/k/v or gate/up (dynamic per-token int8 activations).
+    Case(
+        "llama-tied-sublayer-w8a8-qs",
+        "llama",
+        tied=True,
+        basis="sublayer",
+        quantize="W8A8",
+        quantize_shortcuts=True,
+        smooth=False,
+    ),
     # 4-bit groups of 32 (vLLM's CPU kernel needs widths in multiples of 32), shortcuts
     # quantized too (quantize_shortcuts), except the input projection: the saved ignore
     # list must say so.
@@ -113,7 +128,7 @@ CASES = [
     ),
 ]
 # The issue's promise: a sliced *and quantized* checkpoint behind `vllm serve`.
-SERVE_CASE = "llama-untied-sublayer-w8a8"
+SERVE_CASE = "llama-tied-sublayer-w8a8-qs"
 
 
 def tiny_base(arch: str, tied: bool, seed: int = 0) -> PreTrainedModel:
@@ -146,10 +161,11 @@ slice_stage:
     ignore = json.dumps(["lm_head", *case.keep])
     if case.quantize == "W8A8":
         # SmoothQuant moves scales into the sliced norms: vLLM must load them.
+        smooth = "SmoothQuantModifier: {smoothing_strength: 0.8}" if case.smooth else ""
         recipe += f"""
 quant_stage:
   quant_modifiers:
-    SmoothQuantModifier: {{smoothing_strength: 0.8}}
+    {smooth}
     GPTQModifier: {{targets: [Linear], scheme: W8A8, ignore: {ignore}}}
 """
     elif case.quantize == "W4A16":
@@ -238,6 +254,7 @@ def require_plugin() -> None:
 
 
 TOO_NEW = "format-version-too-new"
+NORMS_CHANGED = "norms-changed-after-unit-norms"
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +267,13 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     config = json.loads((paths[TOO_NEW] / "config.json").read_text())
     config["slicing"]["format_version"] = SLICING_FORMAT_VERSION + 1
     (paths[TOO_NEW] / "config.json").write_text(json.dumps(config))
+    # A norm weight changed after the config recorded unit norms (as a second oneshot with
+    # SmoothQuant would): vLLM must refuse the fused shortcuts, not serve wrong logits.
+    paths[NORMS_CHANGED] = Path(shutil.copytree(paths[CASES[0].name], root / NORMS_CHANGED))
+    weights = paths[NORMS_CHANGED] / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.layers.1.input_layernorm.weight"] *= 2
+    save_file(tensors, weights, metadata={"format": "pt"})
     return paths
 
 
@@ -298,9 +322,18 @@ def test_vllm_matches_transformers(
         assert not any(slicing["attn_shortcuts"]), slicing
     assert slicing["quantizable_shortcuts"] is case.quantize_shortcuts
     assert slicing["delta_shortcuts"] is case.align_bases
+    smoothed = case.quantize == "W8A8" and case.smooth
+    assert slicing["unit_norms"] is not smoothed
 
     got = vllm_results[case.name]
     assert "error" not in got, got["error"]
+    # vLLM fuses a shortcut into the projection that reads the same residual (one GEMM)
+    # when the norms are ones and both are quantized alike; the input projection has no
+    # such partner.
+    count = sum(slicing["attn_shortcuts"]) + sum(slicing["mlp_shortcuts"])
+    alike = not case.quantize or case.quantize_shortcuts
+    fused = count if slicing["unit_norms"] and alike else 0
+    assert got["shortcuts"].get("FusedShortcut", 0) == fused, got["shortcuts"]
     atol = QUANTIZED_ATOL if case.quantize else LOGPROB_ATOL[got["dtype"]]
     worst = 0.0
     for prompt, ref, out in zip(PROMPTS, hf_reference(path), got["results"], strict=True):
@@ -330,6 +363,12 @@ def test_vllm_matches_transformers(
 def test_newer_slicing_format_is_refused(vllm_results: dict[str, Any]) -> None:
     error = vllm_results[TOO_NEW].get("error", "")
     assert "upgrade dynslice-modifier" in error, vllm_results[TOO_NEW]
+
+
+def test_changed_norms_refuse_fused_shortcuts(vllm_results: dict[str, Any]) -> None:
+    error = vllm_results[NORMS_CHANGED].get("error", "")
+    assert "input_layernorm has a weight other than ones" in error, vllm_results[NORMS_CHANGED]
+    assert "slicing.unit_norms" in error
 
 
 def _max_abs_diff(a: list[float], b: list[float]) -> float:

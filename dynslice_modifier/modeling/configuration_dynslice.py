@@ -87,7 +87,7 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
         raise SlicingConfigError(f"slicing.layout must name all of {list(_LAYOUT_KEYS)}")
     if spec.get("embedding_sliced") not in (True, False):
         raise SlicingConfigError("slicing.embedding_sliced must be true or false")
-    for key in ("input_projection", "quantizable_shortcuts", "delta_shortcuts"):
+    for key in ("input_projection", "quantizable_shortcuts", "delta_shortcuts", "unit_norms"):
         if spec.get(key, False) not in (True, False):
             raise SlicingConfigError(f"slicing.{key} must be true or false")
     unprojected = not spec["embedding_sliced"] and not has_input_projection(spec)
@@ -154,6 +154,9 @@ class DynSliceConfig(PretrainedConfig):
     - ``delta_shortcuts``: whether shortcut and input-projection weights hold the matrix
       minus the rectangular identity (the layer adds ``x E`` back), which keeps them small
       when consecutive bases are aligned;
+    - ``unit_norms``: whether every in-layer norm weight is one (nothing folded a smoothing
+      scale into them), which lets vLLM run each shortcut in one GEMM with the projection
+      that reads the same residual; absent means false;
     - provenance: ``lr_scores``, ``sparsity``, ``slicing_base``, ``round_to``, ``parameters``.
 
     The last layer always writes the residual back in the original basis at full width, so

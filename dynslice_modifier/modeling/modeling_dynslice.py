@@ -282,6 +282,15 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
         reshape_to_slicing(self, config)
         self.post_init()
 
+    def has_unit_norms(self) -> bool:
+        """Whether every in-layer norm weight is one (``slicing.unit_norms``)."""
+        layout = self.config.slicing["layout"]
+        return all(
+            bool(torch.all(getattr(layer, layout[key]).weight == 1))
+            for layer in self.model.layers
+            for key in ("input_norm", "post_attention_norm")
+        )
+
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
 

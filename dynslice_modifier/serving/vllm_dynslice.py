@@ -130,10 +130,13 @@ class SlicedRMSNorm(nn.Module):
         self.hidden_size = hidden_size
         self.variance_epsilon = eps
 
+    def inverse_rms(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-token factor (float32, trailing dim 1) that the norm multiplies by."""
+        variance = x.to(torch.float32).pow(2).sum(dim=-1, keepdim=True) / self.hidden_size
+        return torch.rsqrt(variance + self.variance_epsilon)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.to(torch.float32)
-        variance = x32.pow(2).sum(dim=-1, keepdim=True) / self.hidden_size
-        normed = (x32 * torch.rsqrt(variance + self.variance_epsilon)).to(x.dtype)
+        normed = (x.to(torch.float32) * self.inverse_rms(x)).to(x.dtype)
         return self.weight * normed
 
     def extra_repr(self) -> str:
@@ -231,8 +234,9 @@ class SlicedAttention(nn.Module):
         by_head = x.view(*x.shape[:-1], x.shape[-1] // self.head_dim, self.head_dim)
         return norm(by_head).view(x.shape)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        qkv, _ = self.qkv_proj(hidden_states)
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention from ``qkv``, the output of ``qkv_proj``: the decoder layer applies the
+        projection, possibly fused with its shortcut (``LinearWithShortcut``)."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None and self.k_norm is not None:
             # Qwen3 normalises each head before the rotary embedding.
@@ -272,8 +276,8 @@ class SlicedMLP(nn.Module):
         )
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up, _ = self.gate_up_proj(x)
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The MLP from the output of ``gate_up_proj``, which the decoder layer applies."""
         out, _ = self.down_proj(self.act_fn(gate_up))
         return out
 
@@ -299,6 +303,72 @@ class ResidualShortcutLinear(ResidualShortcut):
     """A shortcut of a checkpoint with ``slicing.quantizable_shortcuts``."""
 
 
+class LinearWithShortcut(MergedColumnParallelLinear):
+    """A sublayer's input projection (``qkv_proj`` or ``gate_up_proj``) with the residual
+    shortcut appended as its last output shard: one GEMM on the residual ``x`` instead of two.
+
+    The projection reads ``norm(x) = x * inverse_rms(x)`` (norm weights all ones) and the
+    shortcut reads ``x``. A per-token factor commutes with the GEMM and with dynamic per-token
+    activation quantization, so the layer runs the GEMM on ``x`` and scales the projection's
+    columns afterwards. The checkpoint keeps separate tensors: the projection's shards load
+    under their usual ids, the shortcut's (through ``FusedShortcut``) as ``"shortcut"``.
+    The class name keeps "Linear": compressed-tensors matches ``targets: Linear`` by it.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        shard_ids: list[str | int],
+        output_sizes: list[int],
+        shortcut_size: int,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ) -> None:
+        super().__init__(
+            input_size=input_size,
+            output_sizes=[*output_sizes, shortcut_size],
+            bias=False,
+            quant_config=quant_config,
+            prefix=prefix,
+        )
+        self.shard_ids = [*shard_ids, "shortcut"]
+        self.shortcut_size = shortcut_size
+
+    def _index(self, shard_id: Any) -> Any:
+        return self.shard_ids.index(shard_id) if isinstance(shard_id, str) else shard_id
+
+    def validate_shard_id(self, shard_id: Any) -> Any:
+        return super().validate_shard_id(self._index(shard_id))
+
+    def weight_loader(self, param: Any, loaded_weight: torch.Tensor, loaded_shard_id: Any = None):
+        super().weight_loader(param, loaded_weight, self._index(loaded_shard_id))
+
+    def weight_loader_v2(
+        self, param: Any, loaded_weight: torch.Tensor, loaded_shard_id: Any = None
+    ):
+        super().weight_loader_v2(param, loaded_weight, self._index(loaded_shard_id))
+
+
+class FusedShortcut(nn.Module):
+    """Stands where a shortcut fused into ``LinearWithShortcut`` was: it loads the
+    checkpoint's shortcut tensors into that layer's last shard and owns no parameters."""
+
+    def __init__(self, fused: LinearWithShortcut, is_quantized: bool) -> None:
+        super().__init__()
+        # A plain list, so the fused layer is not registered (and loaded) twice.
+        self._fused = [fused]
+        self.is_quantized = is_quantized
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self._fused[0].named_parameters())
+        loaded = set()
+        for name, tensor in weights:
+            param = params[name]
+            param.weight_loader(param, tensor, "shortcut")
+            loaded.add(name)
+        return loaded
+
+
 def _shortcut(
     config: DynSliceConfig,
     present: bool,
@@ -319,6 +389,33 @@ def _shortcut(
     return ResidualShortcutLinear(
         in_dim, out_dim, bias=False, quant_config=quant_config, prefix=prefix
     )
+
+
+def _quantization(layer: ReplicatedLinear | MergedColumnParallelLinear) -> Any:
+    """How ``layer`` is quantized, comparable between layers: None when it is not, else
+    compressed-tensors' scheme dict (QuantizationArgs of weights and input activations).
+    Only compressed-tensors quantizes shortcuts (see ``_shortcut``); a layer quantized by
+    another method stands for itself, so it is alike no other."""
+    if isinstance(layer.quant_method, UnquantizedLinearMethod):
+        return None
+    config = layer.quant_config
+    if config is not None and config.get_name() == "compressed-tensors":
+        return config.get_scheme_dict(layer, layer.prefix)
+    return layer
+
+
+def _fusable(projection: MergedColumnParallelLinear, shortcut: ResidualShortcut) -> bool:
+    """Whether the shortcut can share the projection's GEMM (``LinearWithShortcut``).
+
+    Both must be quantized alike (or both not), and activation quantization, if any, must be
+    dynamic per token: that alone is blind to the per-token factor the fusion moves. The
+    caller checks the rest (one tensor-parallel rank, unit norms, no projection bias).
+    """
+    scheme = _quantization(projection)
+    if scheme != _quantization(shortcut):
+        return False
+    activations = None if scheme is None else scheme.get("input_activations")
+    return activations is None or (activations.dynamic is True and activations.strategy == "token")
 
 
 class SlicedDecoderLayer(nn.Module):
@@ -378,28 +475,96 @@ class SlicedDecoderLayer(nn.Module):
             quant_config,
             f"{prefix}.mlp_shortcut",
         )
+        # Fusing moves the norm's per-token factor past the GEMM, which is exact only while
+        # the norm has no per-dim weight to apply first (the config says; load_weights
+        # checks); the shortcut is replicated, so it cannot join a split projection.
+        if spec.get("unit_norms", False) and get_tensor_model_parallel_world_size() == 1:
+            attn = self.self_attn
+            q_size, kv_size = attn.q_size, attn.kv_size
+            self.attn_shortcut = self._fuse(
+                attn, "qkv_proj", ["q", "k", "v"], [q_size, kv_size, kv_size], self.attn_shortcut
+            )
+            inter = config.intermediate_size
+            self.mlp_shortcut = self._fuse(
+                self.mlp, "gate_up_proj", [0, 1], [inter, inter], self.mlp_shortcut
+            )
 
-    def _shortcut(self, shortcut: ResidualShortcut, hidden_states: torch.Tensor) -> torch.Tensor:
-        out, _ = shortcut(hidden_states)
-        return out + carry(hidden_states, out.shape[-1]) if self.delta_shortcuts else out
+    @staticmethod
+    def _fuse(
+        owner: nn.Module,
+        name: str,
+        shard_ids: list[str | int],
+        sizes: list[int],
+        shortcut: ResidualShortcut | None,
+    ) -> ResidualShortcut | FusedShortcut | None:
+        """Replace ``owner.<name>`` by the projection with ``shortcut`` appended, if it can."""
+        projection = getattr(owner, name)
+        if shortcut is None or projection.bias is not None or not _fusable(projection, shortcut):
+            return shortcut
+        fused = LinearWithShortcut(
+            projection.input_size,
+            shard_ids,
+            sizes,
+            shortcut.output_size,
+            projection.quant_config,
+            projection.prefix,
+        )
+        # The fused layer resolves its own quantization (by prefix and class name); it must
+        # come out as the projection's, or the shortcut stays a GEMM of its own.
+        if _quantization(fused) != _quantization(projection):
+            return shortcut
+        setattr(owner, name, fused)
+        return FusedShortcut(fused, shortcut.is_quantized)
+
+    def _read(
+        self,
+        norm: SlicedRMSNorm,
+        projection: MergedColumnParallelLinear,
+        shortcut: ResidualShortcut | FusedShortcut | None,
+        hidden_states: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the sublayer's input projection of norm(x), the residual x in the next basis)."""
+        if isinstance(shortcut, FusedShortcut):
+            both, _ = projection(hidden_states)
+            width = both.shape[-1] - cast(LinearWithShortcut, projection).shortcut_size
+            projected, moved = both.split([width, both.shape[-1] - width], dim=-1)
+            projected = (projected.to(torch.float32) * norm.inverse_rms(hidden_states)).to(
+                hidden_states.dtype
+            )
+        else:
+            projected, _ = projection(norm(hidden_states))
+            if shortcut is None:
+                return projected, hidden_states
+            moved, _ = shortcut(hidden_states)
+        if self.delta_shortcuts:
+            moved = moved + carry(hidden_states, moved.shape[-1])
+        return projected, moved
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         # The residual is carried as one tensor rather than vLLM's (hidden, residual) pair:
         # the shortcut acts on the full residual, so the add cannot be deferred into the
         # next norm the way vLLM's fused add-norm does.
         if self.input_projection is not None:
-            hidden_states = self._shortcut(self.input_projection, hidden_states)
-        residual = hidden_states
-        h = self.self_attn(positions, self.input_layernorm(hidden_states))
-        if self.attn_shortcut is not None:
-            residual = self._shortcut(self.attn_shortcut, residual)
-        hidden_states = residual + h
+            moved, _ = self.input_projection(hidden_states)
+            if self.delta_shortcuts:
+                moved = moved + carry(hidden_states, moved.shape[-1])
+            hidden_states = moved
+        qkv, residual = self._read(
+            self.input_layernorm, self.self_attn.qkv_proj, self.attn_shortcut, hidden_states
+        )
+        hidden_states = residual + self.self_attn(positions, qkv)
+        gate_up, residual = self._read(
+            self.post_attention_layernorm, self.mlp.gate_up_proj, self.mlp_shortcut, hidden_states
+        )
+        return residual + self.mlp(gate_up)
 
-        residual = hidden_states
-        h = self.mlp(self.post_attention_layernorm(hidden_states))
-        if self.mlp_shortcut is not None:
-            residual = self._shortcut(self.mlp_shortcut, residual)
-        return residual + h
+    def fused_norms(self) -> list[tuple[str, SlicedRMSNorm]]:
+        """The norms whose weight the fused GEMMs assume to be ones."""
+        pairs = (
+            ("input_layernorm", self.input_layernorm, self.attn_shortcut),
+            ("post_attention_layernorm", self.post_attention_layernorm, self.mlp_shortcut),
+        )
+        return [(name, norm) for name, norm, sc in pairs if isinstance(sc, FusedShortcut)]
 
 
 @support_torch_compile(
@@ -538,18 +703,31 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         shortcuts = {
             name: module
             for name, module in self.named_modules()
-            if isinstance(module, ResidualShortcut)
+            if isinstance(module, (ResidualShortcut, FusedShortcut))
         }
-        return AutoWeightsLoader(self).load_weights(
+        loaded = AutoWeightsLoader(self).load_weights(
             _check_shortcut_tensors(weights, shortcuts), mapper=self.hf_to_vllm_mapper
         )
+        for name, module in self.named_modules():
+            if isinstance(module, SlicedDecoderLayer):
+                for norm_name, norm in module.fused_norms():
+                    if not bool(torch.all(norm.weight == 1)):
+                        raise ValueError(
+                            f"{name}.{norm_name} has a weight other than ones (a smoothing "
+                            "method such as SmoothQuant changed it after slicing), but the "
+                            "config's slicing.unit_norms is true; set it to false in "
+                            "config.json (oneshot with DynamicSliceModifier in the recipe "
+                            "records it correctly)"
+                        )
+        return loaded
 
 
 _PLAIN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_shortcut_tensors(
-    weights: Iterable[tuple[str, torch.Tensor]], shortcuts: dict[str, ResidualShortcut]
+    weights: Iterable[tuple[str, torch.Tensor]],
+    shortcuts: dict[str, ResidualShortcut | FusedShortcut],
 ) -> Iterable[tuple[str, torch.Tensor]]:
     """Pass weights through, refusing shortcut tensors that disagree with the built layer.
 
