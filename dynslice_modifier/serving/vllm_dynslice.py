@@ -15,6 +15,12 @@ model is its base decoder (Llama, Mistral, Qwen2, Qwen3) where, per layer ``l``:
 - an embedding table left in the original basis (tied models, ``embedding_sliced: false``)
   is projected to layer 0's basis by ``model.layers.0.input_projection``.
 
+A shortcut reads the same residual as the next projection (q/k/v, gate/up), which reads it
+through a norm. When the norms are ones (``slicing.unit_norms``), both are quantized alike
+and there is one tensor-parallel rank, the shortcut becomes one more output shard of that
+projection (``LinearWithShortcut``): one GEMM instead of two, which on a small model is most
+of what a shortcut costs, since each GEMM call has a fixed overhead.
+
 vLLM's Llama/Qwen attention and MLP classes take a single ``hidden_size`` for both their
 input and output (and Qwen2 derives ``head_dim`` from it), so they cannot express a layer
 that reads one width and writes another; the attention and MLP below are therefore written
