@@ -397,6 +397,12 @@ def _shortcut(
     )
 
 
+def count_fused_shortcuts(model: nn.Module) -> int:
+    """Shortcuts that run inside the next projection's GEMM; for ``LLM.apply_model``, which
+    pickles the function by reference, so it lives in an importable module."""
+    return sum(isinstance(module, FusedShortcut) for module in model.modules())
+
+
 def _quantization(layer: ReplicatedLinear | MergedColumnParallelLinear) -> Any:
     """How ``layer`` is quantized, comparable between layers: None when it is not, else
     compressed-tensors' scheme dict (QuantizationArgs of weights and input activations).
