@@ -538,8 +538,8 @@ class SlicedDecoderLayer(nn.Module):
         """(the sublayer's input projection of norm(x), the residual x in the next basis)."""
         if isinstance(shortcut, FusedShortcut):
             both, _ = projection(hidden_states)
-            width = both.shape[-1] - cast(LinearWithShortcut, projection).shortcut_size
-            projected, moved = both.split([width, both.shape[-1] - width], dim=-1)
+            size = cast(LinearWithShortcut, projection).shortcut_size
+            projected, moved = both.split([both.shape[-1] - size, size], dim=-1)
             projected = (projected.to(torch.float32) * norm.inverse_rms(hidden_states)).to(
                 hidden_states.dtype
             )
@@ -548,9 +548,13 @@ class SlicedDecoderLayer(nn.Module):
             if shortcut is None:
                 return projected, hidden_states
             moved, _ = shortcut(hidden_states)
-        if self.delta_shortcuts:
-            moved = moved + carry(hidden_states, moved.shape[-1])
-        return projected, moved
+        return projected, self._add_identity(moved, hidden_states)
+
+    def _add_identity(self, moved: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """A delta shortcut's output plus the ``x E`` its stored matrix leaves out."""
+        if not self.delta_shortcuts:
+            return moved
+        return moved + carry(hidden_states, moved.shape[-1])
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         # The residual is carried as one tensor rather than vLLM's (hidden, residual) pair:
@@ -558,9 +562,7 @@ class SlicedDecoderLayer(nn.Module):
         # next norm the way vLLM's fused add-norm does.
         if self.input_projection is not None:
             moved, _ = self.input_projection(hidden_states)
-            if self.delta_shortcuts:
-                moved = moved + carry(hidden_states, moved.shape[-1])
-            hidden_states = moved
+            hidden_states = self._add_identity(moved, hidden_states)
         qkv, residual = self._read(
             self.input_layernorm, self.self_attn.qkv_proj, self.attn_shortcut, hidden_states
         )
