@@ -26,20 +26,22 @@ JSONL = RESULTS / "quantized.jsonl"
 SCORES = RESULTS / "smollm2_lr_scores.json"
 WORK = Path(__file__).resolve().parents[1] / "out" / "bench"
 
-# name -> (scheme, group size, quantize_shortcuts); dense W4A16 needs group 64 because
-# 576 % 128 != 0. "-qs": the quantizer takes the shortcut matrices too (quantize_shortcuts).
+# name -> (scheme, group size, quantize_shortcuts, quantize the head); dense W4A16 needs
+# group 64 because 576 % 128 != 0. "-qs": the quantizer takes the shortcut matrices too
+# (quantize_shortcuts); "-head": and the head (no `ignore: [lm_head]`; the table is untied).
 SCHEMES = {
     "none": None,
-    "w8a8": ("W8A8", None, False),
-    "w8a8-qs": ("W8A8", None, True),
-    "w4a16": ("W4A16", 128, False),
-    "w4a16-g64": ("W4A16", 64, False),
-    "w4a16-g64-qs": ("W4A16", 64, True),
-    "fp8": ("FP8_DYNAMIC", None, False),
+    "w8a8": ("W8A8", None, False, False),
+    "w8a8-qs": ("W8A8", None, True, False),
+    "w8a8-qs-head": ("W8A8", None, True, True),
+    "w4a16": ("W4A16", 128, False, False),
+    "w4a16-g64": ("W4A16", 64, False, False),
+    "w4a16-g64-qs": ("W4A16", 64, True, False),
+    "fp8": ("FP8_DYNAMIC", None, False, False),
 }
 
 
-def quant_recipe(scheme: str, group: int | None):
+def quant_recipe(scheme: str, group: int | None, head: bool):
     from compressed_tensors.quantization import preset_name_to_scheme
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -50,7 +52,9 @@ def quant_recipe(scheme: str, group: int | None):
     if group is not None:
         preset.weights.group_size = group
     # SmolLM2's o_proj reads 576 inputs (slicing does not change it): not groups of 128.
-    ignore = ["lm_head", "re:.*o_proj$"] if group == 128 else ["lm_head"]
+    ignore = [] if head else ["lm_head"]
+    if group == 128:
+        ignore.append("re:.*o_proj$")
     return [GPTQModifier(config_groups={"group_0": preset}, ignore=ignore)]
 
 
@@ -66,7 +70,7 @@ def run_row(row: dict) -> dict:
 
     path, tokenizer, dataset, evaluation = protocol()
     scheme = SCHEMES[row["scheme"]]
-    recipe = [] if scheme is None else quant_recipe(*scheme[:2])
+    recipe = [] if scheme is None else quant_recipe(scheme[0], scheme[1], scheme[3])
     if row["model"] != "dense":
         # The Layer Redundancy scores of perplexity.py (same model and calibration data).
         cached = json.loads(SCORES.read_text()) if SCORES.exists() else {}
@@ -125,10 +129,15 @@ def write_table(rows: list[dict]) -> None:
         "`python benchmarks/quantized.py`. Sliced = SP 0.25, SB 0.05 dynamic; "
         "-hadamard rows have `hadamard: true`, -aligned rows `align_bases: true` (both are "
         "the defaults), the others turn them off. Shortcut matrices stay in model dtype, "
-        "except in `-qs` rows (`quantize_shortcuts: true`: quantized with the rest).\n\n"
+        "except in `-qs` rows (`quantize_shortcuts: true`: quantized with the rest). The head "
+        "(the tied table) stays unquantized, except in `-head` rows (untied, int8).\n\n"
         + "\n".join(lines)
         + "\n"
     )
+
+
+def key(row: dict) -> tuple[str, str]:
+    return row["model"], row["scheme"]
 
 
 def main() -> None:
@@ -161,14 +170,25 @@ def main() -> None:
             "sliced-hadamard-aligned:w8a8",
             "sliced-hadamard-aligned:w4a16-g64",
             "sliced-hadamard-aligned:fp8",
+            "sliced-hadamard-aligned:w8a8-qs-head",
         ],
+    )
+    parser.add_argument(
+        "--redo",
+        action="store_true",
+        help="re-run the listed rows even if recorded (their old results are replaced); "
+        "for checkpoints that benchmarks/vllm_speed.py needs on a fresh clone",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        append_jsonl(JSONL, run_row(json.loads(args.worker)))
+        result = run_row(json.loads(args.worker))
+        # A re-run replaces the row's old result, only once the new one exists.
+        kept = [r for r in read_jsonl(JSONL) if key(r) != key(result)]
+        JSONL.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        append_jsonl(JSONL, result)
         return
-    done = {(r["model"], r["scheme"]) for r in read_jsonl(JSONL)}
+    done = set() if args.redo else {key(r) for r in read_jsonl(JSONL)}
     for spec in args.rows:
         model, scheme = spec.split(":")
         if (model, scheme) in done:

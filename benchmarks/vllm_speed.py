@@ -36,6 +36,10 @@ MODELS = {
     "sliced bf16": (BENCH / "sliced-hadamard-aligned-none", "bfloat16"),
     "sliced W8A8, shortcuts bf16": (BENCH / "sliced-hadamard-aligned-w8a8", "bfloat16"),
     "sliced W8A8, shortcuts int8": (BENCH / "sliced-hadamard-aligned-w8a8-qs", "bfloat16"),
+    "sliced W8A8, shortcuts + head int8": (
+        BENCH / "sliced-hadamard-aligned-w8a8-qs-head",
+        "bfloat16",
+    ),
     "sliced W4A16 (g64), shortcuts bf16": (
         BENCH / "sliced-hadamard-aligned-w4a16-g64",
         "bfloat16",

@@ -403,6 +403,7 @@ class DynamicSliceModifier(Modifier):
             "mean_slice": mean_slice,
             "dense_parameters": dense_params,
             "sliced_parameters": sliced_params,
+            "embeddings_tied": embeddings_tied(model),
             "seconds": time.perf_counter() - start,
             "lr_seconds": lr_seconds,
         }
@@ -547,4 +548,16 @@ class DynamicSliceModifier(Modifier):
                 "residual shortcuts as GEMMs of their own (slicing.unit_norms: false)"
             )
         model.config.slicing["unit_norms"] = unit
+        if self._summary.get("embeddings_tied") and not embeddings_tied(model):
+            # A quantizer that takes the head unties the shared table first (llm-compressor's
+            # untie_word_embeddings), so the checkpoint stores a second one.
+            head = model.get_output_embeddings().weight.numel()
+            self._summary["embeddings_tied"] = False
+            self._summary["sliced_parameters"] += head
+            model.config.slicing["parameters"]["sliced"] += head
+            logger.info(
+                f"A later modifier untied the embedding table to quantize the head: "
+                f"+{head / 1e6:.2f}M parameters, "
+                f"{self._summary['sliced_parameters'] / 1e6:.2f}M in all"
+            )
         return True

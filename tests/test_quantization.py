@@ -141,6 +141,28 @@ def test_quantize_shortcuts_follows_the_quantizer(wide_dir, tmp_path, ignore, ke
         torch.testing.assert_close(reloaded(IDS).logits, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_quantized_head_unties_the_table_and_is_counted(wide_dir, tmp_path):
+    # `targets: Linear` without `ignore: [lm_head]` takes the head too: llm-compressor
+    # unties the shared table, so the checkpoint holds a second one, which the recorded
+    # parameter count must include.
+    slicer = DynamicSliceModifier(sparsity=0.25, slicing_base=0.1, quantize_shortcuts=True)
+    model = one_pass(wide_dir, [slicer, GPTQModifier(targets="Linear", scheme="W8A8")], tmp_path)
+    with torch.no_grad():
+        expected = model(IDS).logits
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    saved = saved_tensors(tmp_path)
+    assert saved["lm_head.weight"].dtype == torch.int8
+    assert saved["model.embed_tokens.weight"].dtype == torch.float32
+    # Every stored weight (both tables included), scales and zero points aside.
+    weights = sum(t.numel() for n, t in saved.items() if n.endswith(".weight"))
+    assert config["slicing"]["parameters"]["sliced"] == weights
+    assert slicer.summary["sliced_parameters"] == weights
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_group_wise_input_projection_fails_before_calibration(tmp_path):
     # Tied, hidden 320: the projection of the full table reads 320, not groups of 128.
     model_dir = save_tiny(tmp_path / "in", "llama", True, hidden=320, layers=2, head_dim=32)

@@ -86,6 +86,8 @@ class Case:
     align_bases: bool = True
     # SmoothQuant before the W8A8 quantizer: it folds scales into the sliced norms.
     smooth: bool = True
+    # Quantize the head too (no `ignore: [lm_head]`): llm-compressor unties a tied table.
+    quantize_head: bool = False
 
 
 CASES = [
@@ -103,8 +105,9 @@ CASES = [
     # Int8 linears around shortcuts kept in model dtype (the default); SmoothQuant changes
     # the norms, so vLLM keeps every shortcut a GEMM of its own.
     Case("llama-untied-sublayer-w8a8", "llama", tied=False, basis="sublayer", quantize="W8A8"),
-    # The fast path on CPUs: int8 shortcuts and input projection; unit norms, so vLLM runs
-    # each shortcut in one GEMM with q/k/v or gate/up (dynamic per-token int8 activations).
+    # The fast path on CPUs: int8 shortcuts, input projection and head (`targets: Linear`
+    # takes it, the tied table is untied); unit norms, so vLLM runs each shortcut in one GEMM
+    # with q/k/v or gate/up (dynamic per-token int8 activations).
     Case(
         "llama-tied-sublayer-w8a8-qs",
         "llama",
@@ -113,6 +116,7 @@ CASES = [
         quantize="W8A8",
         quantize_shortcuts=True,
         smooth=False,
+        quantize_head=True,
     ),
     # 4-bit groups of 32 (vLLM's CPU kernel needs widths in multiples of 32), shortcuts
     # quantized too (quantize_shortcuts), except the input projection: the saved ignore
@@ -158,7 +162,7 @@ slice_stage:
       quantize_shortcuts: {str(case.quantize_shortcuts).lower()}
       align_bases: {str(case.align_bases).lower()}
 """
-    ignore = json.dumps(["lm_head", *case.keep])
+    ignore = json.dumps([*([] if case.quantize_head else ["lm_head"]), *case.keep])
     if case.quantize == "W8A8":
         # SmoothQuant moves scales into the sliced norms: vLLM must load them.
         smooth = "SmoothQuantModifier: {smoothing_strength: 0.8}" if case.smooth else ""
@@ -334,6 +338,9 @@ def test_vllm_matches_transformers(
     alike = not case.quantize or case.quantize_shortcuts
     fused = count if slicing["unit_norms"] and alike else 0
     assert got["shortcuts"].get("FusedShortcut", 0) == fused, got["shortcuts"]
+    # A quantized head must run quantized in vLLM, not fall back to a bf16 table.
+    head = "CompressedTensorsLinearMethod" if case.quantize_head else "UnquantizedEmbeddingMethod"
+    assert got["lm_head"] == head, got["lm_head"]
     atol = QUANTIZED_ATOL if case.quantize else LOGPROB_ATOL[got["dtype"]]
     worst = 0.0
     for prompt, ref, out in zip(PROMPTS, hf_reference(path), got["results"], strict=True):

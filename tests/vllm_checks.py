@@ -7,9 +7,10 @@ there, not llm-compressor)::
         --prompts '[[5, 6, 7], [9, 10]]' --max-tokens 8
 
 For each model it prints (and writes to ``--out``) ``{"dtype", "startup_s", "generate_s",
-"shortcuts", "results": [{"prompt", "token_ids", "logprobs", "prompt_logprobs"}, ...]}``
-(``shortcuts``: how many shortcut modules of each class the engine built) under the
-model's path, or ``{"error": "..."}`` if vLLM refused it. ``results`` hold the generated
+"shortcuts", "lm_head", "results": [{"prompt", "token_ids", "logprobs", "prompt_logprobs"},
+...]}`` (``shortcuts``: how many shortcut modules of each class the engine built;
+``lm_head``: the class of the head's quantization method) under the model's path, or
+``{"error": "..."}`` if vLLM refused it. ``results`` hold the generated
 token ids, the log-probability of each generated token, and the log-probability of each
 prompt token after the first (teacher forced).
 
@@ -103,27 +104,29 @@ def run_model(
         )
     dtype_used = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
     try:
-        shortcuts: Any = llm.apply_model(_shortcut_kinds)[0]
+        shortcuts, lm_head = llm.apply_model(_built_modules)[0]
     except Exception as err:  # a spawned engine core may refuse to unpickle the function
-        shortcuts = {"error": f"{type(err).__name__}: {err}"}
+        shortcuts = lm_head = {"error": f"{type(err).__name__}: {err}"}
     _shutdown(llm)
     return {
         "dtype": dtype_used,
         "shortcuts": shortcuts,
+        "lm_head": lm_head,
         "startup_s": round(startup_s, 2),
         "generate_s": round(generate_s, 2),
         "results": results,
     }
 
 
-def _shortcut_kinds(model: Any) -> dict[str, int]:
-    """How many shortcut modules of each class vLLM built (fused ones share a GEMM)."""
+def _built_modules(model: Any) -> tuple[dict[str, int], str]:
+    """How many shortcut modules of each class vLLM built (fused ones share a GEMM), and
+    the class of the head's quantization method."""
     kinds: dict[str, int] = {}
     for module in model.modules():
         name = type(module).__name__
         if name in ("ResidualShortcut", "ResidualShortcutLinear", "FusedShortcut"):
             kinds[name] = kinds.get(name, 0) + 1
-    return kinds
+    return kinds, type(model.lm_head.quant_method).__name__
 
 
 def _shutdown(llm: Any) -> None:

@@ -581,6 +581,18 @@ class SlicedDecoderLayer(nn.Module):
         return [(name, norm) for name, norm, sc in pairs if isinstance(sc, FusedShortcut)]
 
 
+class LMHeadLinear(ParallelLMHead):
+    """vLLM's ParallelLMHead under a class name that holds "Linear".
+
+    In the checkpoint's model the head is an ``nn.Linear``, so a recipe with ``targets:
+    Linear`` and no ``ignore: [lm_head]`` quantizes it (llm-compressor unties a tied table
+    to do so). vLLM's compressed-tensors matches ``targets`` against a head's name or, by
+    substring, its class name; under ParallelLMHead's own name such a head would be built
+    unquantized and its ``weight_scale`` refused at load. A head the config ignores is built
+    unquantized as before.
+    """
+
+
 @support_torch_compile(
     dynamic_arg_dims={
         "input_ids": 0,
@@ -681,7 +693,7 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         self.quant_config = quant_config
         self.model = DynSliceModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:
-            lm_head = ParallelLMHead(
+            lm_head = LMHeadLinear(
                 config.vocab_size,
                 config.hidden_size,
                 quant_config=quant_config,
