@@ -73,7 +73,9 @@ def _add_data_args(p: argparse.ArgumentParser, samples: int = 64, seq_len: int =
     )
 
 
-def quant_modifiers(scheme: str, config: Any, quantize_shortcuts: bool = False) -> list[Any]:
+def quant_modifiers(
+    scheme: str, config: Any, quantize_shortcuts: bool = False, quantize_head: bool = False
+) -> list[Any]:
     """The llm-compressor modifiers for a ``--quantize`` choice."""
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -96,7 +98,10 @@ def quant_modifiers(scheme: str, config: Any, quantize_shortcuts: bool = False) 
             print(f"W4A16 groups of 128 do not fit {ignore[1:]}: kept in full precision")
         return [GPTQModifier(targets="Linear", scheme="W4A16", ignore=ignore)]
     if scheme == "w8a8":
-        return [GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
+        # The head is an nn.Linear: without the ignore, `targets: Linear` takes it (and
+        # llm-compressor unties a tied table to quantize it).
+        ignore = [] if quantize_head else ["lm_head"]
+        return [GPTQModifier(targets="Linear", scheme="W8A8", ignore=ignore)]
     if scheme == "fp8":
         return [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])]
     return []
@@ -164,6 +169,11 @@ def cmd_compress(args: argparse.Namespace) -> None:
             raise ValueError("give either --sparsity or --target-params, not both")
         if args.quantize_shortcuts and args.quantize == "none":
             raise ValueError("--quantize-shortcuts needs a --quantize scheme to apply")
+        if args.quantize_head and args.quantize != "w8a8":
+            raise ValueError(
+                "--quantize-head is offered with --quantize w8a8 only (an int8 head, which "
+                f"vLLM's CPU kernels run fast), got --quantize {args.quantize}"
+            )
         budget = (
             {"target_params": args.target_params}
             if args.target_params is not None
@@ -183,7 +193,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(path)
-        recipe = [slicer, *quant_modifiers(args.quantize, config, args.quantize_shortcuts)]
+        quantizers = quant_modifiers(
+            args.quantize, config, args.quantize_shortcuts, args.quantize_head
+        )
+        recipe = [slicer, *quantizers]
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     with atomic_directory(output) as scratch:
@@ -314,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let --quantize take the shortcut matrices too (smaller and faster; they are "
         "kept in model dtype by default)",
+    )
+    p.add_argument(
+        "--quantize-head",
+        action="store_true",
+        help="let --quantize w8a8 take the head too (faster decoding; a tied table is "
+        "untied, so the checkpoint stores a second, int8 one)",
     )
     p.add_argument(
         "--eval-windows",

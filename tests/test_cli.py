@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import save_tiny
+from safetensors.torch import load_file
 
 from dynslice_modifier.cli import main
 from dynslice_modifier.evaluation import DEFAULT_WIKITEXT
@@ -74,6 +76,7 @@ def test_help_is_complete(command, workdir, capsys):
             "--hadamard",
             "--align-bases",
             "--quantize-shortcuts",
+            "--quantize-head",
             "--data",
         ):
             assert flag in out
@@ -105,16 +108,20 @@ def test_compress_writes_model_report_and_summary(workdir):
     assert not list(workdir.glob(".out.partial-*"))
 
 
-def test_compress_can_quantize_the_shortcuts(workdir, capsys):
+def test_compress_can_quantize_the_shortcuts_and_the_head(workdir, capsys):
     args = ["compress", "tiny", "out-qs", "--sparsity", "0.25", "--round-to", "8"]
-    args += ["--quantize", "w8a8", "--quantize-shortcuts", "--no-hadamard", *SMALL, *DATA]
-    code, _, err = run_main(*args, cwd=workdir, capsys=capsys)
+    args += ["--quantize", "w8a8", "--quantize-shortcuts", "--quantize-head", "--no-hadamard"]
+    code, _, err = run_main(*args, *SMALL, *DATA, cwd=workdir, capsys=capsys)
     assert code == 0, err
     config = json.loads((workdir / "out-qs" / "config.json").read_text())
     assert config["slicing"]["quantizable_shortcuts"] is True
     assert config["slicing"]["hadamard"] is False
     ignored = config["quantization_config"]["ignore"]
-    assert not any("shortcut" in name for name in ignored), ignored
+    assert not any("shortcut" in name or "lm_head" in name for name in ignored), ignored
+    assert config["tie_word_embeddings"] is False
+    assert load_file(workdir / "out-qs" / "model.safetensors")["lm_head.weight"].dtype == (
+        torch.int8
+    )
 
 
 def test_scores_eval_and_report(workdir, capsys):
@@ -162,6 +169,10 @@ def test_scores_eval_and_report(workdir, capsys):
             "either --sparsity or --target-params",
         ),
         (["compress", "tiny", "bad", "--quantize-shortcuts"], "needs a --quantize scheme"),
+        (
+            ["compress", "tiny", "bad", "--quantize", "fp8", "--quantize-head"],
+            "--quantize-head is offered with --quantize w8a8 only",
+        ),
         (["frobnicate"], "invalid choice"),
     ],
 )
