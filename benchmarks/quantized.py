@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from common import RESULTS, append_jsonl, protocol, read_jsonl
 
@@ -26,34 +27,41 @@ JSONL = RESULTS / "quantized.jsonl"
 SCORES = RESULTS / "smollm2_lr_scores.json"
 WORK = Path(__file__).resolve().parents[1] / "out" / "bench"
 
-# name -> (scheme, group size, quantize_shortcuts, quantize the head); dense W4A16 needs
-# group 64 because 576 % 128 != 0. "-qs": the quantizer takes the shortcut matrices too
-# (quantize_shortcuts); "-head": and the head (no `ignore: [lm_head]`; the table is untied).
-SCHEMES = {
+
+class Scheme(NamedTuple):
+    preset: str  # compressed-tensors' preset name
+    group: int | None  # weight group size, replacing the preset's
+    shortcuts: bool  # the quantizer takes the shortcut matrices too (quantize_shortcuts)
+    head: bool  # and the head (no `ignore: [lm_head]`; llm-compressor unties the table)
+
+
+# Dense W4A16 needs group 64 because 576 % 128 != 0. "-qs": quantize_shortcuts; "-head": the
+# head is quantized too.
+SCHEMES: dict[str, Scheme | None] = {
     "none": None,
-    "w8a8": ("W8A8", None, False, False),
-    "w8a8-qs": ("W8A8", None, True, False),
-    "w8a8-qs-head": ("W8A8", None, True, True),
-    "w4a16": ("W4A16", 128, False, False),
-    "w4a16-g64": ("W4A16", 64, False, False),
-    "w4a16-g64-qs": ("W4A16", 64, True, False),
-    "fp8": ("FP8_DYNAMIC", None, False, False),
+    "w8a8": Scheme("W8A8", None, False, False),
+    "w8a8-qs": Scheme("W8A8", None, True, False),
+    "w8a8-qs-head": Scheme("W8A8", None, True, True),
+    "w4a16": Scheme("W4A16", 128, False, False),
+    "w4a16-g64": Scheme("W4A16", 64, False, False),
+    "w4a16-g64-qs": Scheme("W4A16", 64, True, False),
+    "fp8": Scheme("FP8_DYNAMIC", None, False, False),
 }
 
 
-def quant_recipe(scheme: str, group: int | None, head: bool):
+def quant_recipe(scheme: Scheme):
     from compressed_tensors.quantization import preset_name_to_scheme
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
-    if scheme == "FP8_DYNAMIC":
-        return [QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])]
-    preset = preset_name_to_scheme(scheme, ["Linear"])
-    if group is not None:
-        preset.weights.group_size = group
+    if scheme.preset == "FP8_DYNAMIC":
+        return [QuantizationModifier(targets="Linear", scheme=scheme.preset, ignore=["lm_head"])]
+    preset = preset_name_to_scheme(scheme.preset, ["Linear"])
+    if scheme.group is not None:
+        preset.weights.group_size = scheme.group
     # SmolLM2's o_proj reads 576 inputs (slicing does not change it): not groups of 128.
-    ignore = [] if head else ["lm_head"]
-    if group == 128:
+    ignore = [] if scheme.head else ["lm_head"]
+    if scheme.group == 128:
         ignore.append("re:.*o_proj$")
     return [GPTQModifier(config_groups={"group_0": preset}, ignore=ignore)]
 
@@ -70,7 +78,7 @@ def run_row(row: dict) -> dict:
 
     path, tokenizer, dataset, evaluation = protocol()
     scheme = SCHEMES[row["scheme"]]
-    recipe = [] if scheme is None else quant_recipe(scheme[0], scheme[1], scheme[3])
+    recipe = [] if scheme is None else quant_recipe(scheme)
     if row["model"] != "dense":
         # The Layer Redundancy scores of perplexity.py (same model and calibration data).
         cached = json.loads(SCORES.read_text()) if SCORES.exists() else {}
@@ -81,7 +89,7 @@ def run_row(row: dict) -> dict:
             align_bases="aligned" in row["model"],
             layer_scores=cached.get("scores"),
             profitable_only=False,  # as the perplexity grid's rows
-            quantize_shortcuts=scheme is not None and scheme[2],
+            quantize_shortcuts=scheme is not None and scheme.shortcuts,
         )
         recipe = [slicer, *recipe]
     out = WORK / f"{row['model']}-{row['scheme']}"
