@@ -29,8 +29,8 @@ WORK = Path(__file__).resolve().parents[1] / "out" / "bench"
 
 
 class Scheme(NamedTuple):
-    preset: str  # compressed-tensors' preset name
-    group: int | None  # weight group size, replacing the preset's
+    preset: str | None  # compressed-tensors' preset name; None: the float model
+    group: int | None  # weight group size, replacing the preset's (float: the widths' step)
     shortcuts: bool  # the quantizer takes the shortcut matrices too (quantize_shortcuts)
     head: bool  # and the head (no `ignore: [lm_head]`; llm-compressor unties the table)
 
@@ -39,7 +39,11 @@ class Scheme(NamedTuple):
 # head is quantized too.
 SCHEMES: dict[str, Scheme | None] = {
     "none": None,
+    # The float model at the widths a group-64 quantizer rounds to: the reference for the
+    # -g64 rows (rounding to 64 keeps wider layers than the default step of 16).
+    "none-g64": Scheme(None, 64, False, False),
     "w8a8": Scheme("W8A8", None, False, False),
+    "w8a8-head": Scheme("W8A8", None, False, True),
     "w8a8-qs": Scheme("W8A8", None, True, False),
     "w8a8-qs-head": Scheme("W8A8", None, True, True),
     "w4a16": Scheme("W4A16", 128, False, False),
@@ -78,10 +82,14 @@ def run_row(row: dict) -> dict:
 
     path, tokenizer, dataset, evaluation = protocol()
     scheme = SCHEMES[row["scheme"]]
-    recipe = [] if scheme is None else quant_recipe(scheme)
+    quantized = scheme is not None and scheme.preset is not None
+    recipe = quant_recipe(scheme) if quantized else []
     if row["model"] != "dense":
         # The Layer Redundancy scores of perplexity.py (same model and calibration data).
         cached = json.loads(SCORES.read_text()) if SCORES.exists() else {}
+        # A float row at a quantizer's widths sets them; a quantized row's come from its
+        # recipe, as for users.
+        widths = {"round_to": scheme.group} if scheme is not None and not quantized else {}
         slicer = DynamicSliceModifier(
             sparsity=row["sparsity"],
             slicing_base=row["slicing_base"],
@@ -89,7 +97,8 @@ def run_row(row: dict) -> dict:
             align_bases="aligned" in row["model"],
             layer_scores=cached.get("scores"),
             profitable_only=False,  # as the perplexity grid's rows
-            quantize_shortcuts=scheme is not None and scheme.shortcuts,
+            quantize_shortcuts=quantized and scheme.shortcuts,
+            **widths,
         )
         recipe = [slicer, *recipe]
     out = WORK / f"{row['model']}-{row['scheme']}"
@@ -120,7 +129,8 @@ def run_row(row: dict) -> dict:
 
 
 def write_table(rows: list[dict]) -> None:
-    base = {r["model"]: r["ppl"] for r in rows if r["scheme"] == "none"}
+    # Each row against the float model of the same widths.
+    base = {(r["model"], r["scheme"]): r["ppl"] for r in rows if "none" in r["scheme"]}
     lines = [
         "| model | quantization | perplexity | vs unquantized | weights MiB |",
         "|---|---|---|---|---|",
@@ -128,9 +138,11 @@ def write_table(rows: list[dict]) -> None:
     models = ["dense", "sliced", "sliced-hadamard", "sliced-aligned", "sliced-hadamard-aligned"]
     rows = sorted(rows, key=lambda r: (models.index(r["model"]), list(SCHEMES).index(r["scheme"])))
     for r in rows:
-        ref = base.get(r["model"])
+        ref = base.get((r["model"], reference(r["model"], r["scheme"])))
         vs = f"{r['ppl'] / ref:.3f}" if ref else ""
-        label = "none (float32)" if r["scheme"] == "none" else r["scheme"]
+        label = {"none": "none (float32)", "none-g64": "none (float32), widths of g64"}.get(
+            r["scheme"], r["scheme"]
+        )
         lines.append(f"| {r['model']} | {label} | {r['ppl']:.2f} | {vs} | {r['mib']} |")
     (RESULTS / "quantized.md").write_text(
         "SmolLM2-135M, WikiText-2 protocol (64x512 calibration, 32x1024 evaluation). Produced by "
@@ -138,10 +150,15 @@ def write_table(rows: list[dict]) -> None:
         "-hadamard rows have `hadamard: true`, -aligned rows `align_bases: true` (both are "
         "the defaults), the others turn them off. Shortcut matrices stay in model dtype, "
         "except in `-qs` rows (`quantize_shortcuts: true`: quantized with the rest). The head "
-        "(the tied table) stays unquantized, except in `-head` rows (untied, int8).\n\n"
-        + "\n".join(lines)
-        + "\n"
+        "(the tied table) stays unquantized, except in `-head` rows (untied, int8). vs "
+        "unquantized: against the float model of the same widths (`none-g64` for the -g64 "
+        "rows, whose widths are multiples of 64).\n\n" + "\n".join(lines) + "\n"
     )
+
+
+def reference(model: str, scheme: str) -> str:
+    """The float row with the widths of ``scheme``'s rows (the dense model has one)."""
+    return "none-g64" if model != "dense" and "-g64" in scheme else "none"
 
 
 def key(row: dict) -> tuple[str, str]:
@@ -160,6 +177,7 @@ def main() -> None:
             "sliced:none",
             "sliced-hadamard:none",
             "dense:w8a8",
+            "dense:w8a8-head",
             "sliced:w8a8",
             "sliced-hadamard:w8a8",
             "sliced:w8a8-qs",
@@ -175,10 +193,12 @@ def main() -> None:
             "sliced-hadamard-aligned:w4a16-g64-qs",
             "sliced-hadamard-aligned:w8a8-qs",
             "sliced-hadamard-aligned:none",
+            "sliced-hadamard-aligned:none-g64",
             "sliced-hadamard-aligned:w8a8",
             "sliced-hadamard-aligned:w4a16-g64",
             "sliced-hadamard-aligned:fp8",
             "sliced-hadamard-aligned:w8a8-qs-head",
+            "sliced-aligned:fp8",
         ],
     )
     parser.add_argument(

