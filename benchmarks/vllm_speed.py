@@ -9,8 +9,8 @@ For every model: start an engine, warm up, then time greedy generation of 128 ne
 at batch 1 and batch 16 (``--repeats`` times each, the median kept); models alternate and
 the whole sweep repeats ``--rounds`` times, so machine noise hits all models alike. Each
 measurement runs in a process of its own, so one engine's failure or leftovers cannot
-touch the next. Results: ``results/vllm_speed.jsonl``
-(one line per measurement, written as it completes) and ``results/vllm_speed.md``.
+touch the next. Results: ``results/vllm_speed.jsonl`` (one line per measurement, written as
+it completes) and ``results/vllm_speed.md``.
 """
 
 from __future__ import annotations
