@@ -95,6 +95,7 @@ def run_row(row: dict) -> dict:
             slicing_base=row["slicing_base"],
             hadamard="hadamard" in row["model"],
             align_bases="aligned" in row["model"],
+            basis="layer" if row["model"].endswith("-layer") else "sublayer",
             layer_scores=cached.get("scores"),
             profitable_only=False,  # as the perplexity grid's rows
             quantize_shortcuts=quantized and scheme.shortcuts,
@@ -135,7 +136,14 @@ def write_table(rows: list[dict]) -> None:
         "| model | quantization | perplexity | vs unquantized | weights MiB |",
         "|---|---|---|---|---|",
     ]
-    models = ["dense", "sliced", "sliced-hadamard", "sliced-aligned", "sliced-hadamard-aligned"]
+    models = [
+        "dense",
+        "sliced",
+        "sliced-hadamard",
+        "sliced-aligned",
+        "sliced-hadamard-aligned",
+        "sliced-hadamard-aligned-layer",
+    ]
     rows = sorted(rows, key=lambda r: (models.index(r["model"]), list(SCHEMES).index(r["scheme"])))
     for r in rows:
         ref = base.get((r["model"], reference(r["model"], r["scheme"])))
