@@ -156,7 +156,8 @@ def write_table(rows: list[dict]) -> None:
         "SmolLM2-135M, WikiText-2 protocol (64x512 calibration, 32x1024 evaluation). Produced by "
         "`python benchmarks/quantized.py`. Sliced = SP 0.25, SB 0.05 dynamic; "
         "-hadamard rows have `hadamard: true`, -aligned rows `align_bases: true` (both are "
-        "the defaults), the others turn them off. Shortcut matrices stay in model dtype, "
+        "the defaults), the others turn them off; -layer rows have `basis: layer`. Shortcut "
+        "matrices stay in model dtype, "
         "except in `-qs` rows (`quantize_shortcuts: true`: quantized with the rest). The head "
         "(the tied table) stays unquantized, except in `-head` rows (untied, int8). vs "
         "unquantized: against the float model of the same widths (`none-g64` for the -g64 "
@@ -207,6 +208,7 @@ def main() -> None:
             "sliced-hadamard-aligned:fp8",
             "sliced-hadamard-aligned:w8a8-qs-head",
             "sliced-aligned:fp8",
+            "sliced-hadamard-aligned-layer:w8a8-qs-head",
         ],
     )
     parser.add_argument(

