@@ -37,8 +37,8 @@ class Scheme(NamedTuple):
 
 # Dense W4A16 needs group 64 because 576 % 128 != 0. "-qs": quantize_shortcuts; "-head": the
 # head is quantized too.
-SCHEMES: dict[str, Scheme | None] = {
-    "none": None,
+SCHEMES: dict[str, Scheme] = {
+    "none": Scheme(None, None, False, False),
     # The float model at the widths a group-64 quantizer rounds to: the reference for the
     # -g64 rows (rounding to 64 keeps wider layers than the default step of 16).
     "none-g64": Scheme(None, 64, False, False),
@@ -82,14 +82,14 @@ def run_row(row: dict) -> dict:
 
     path, tokenizer, dataset, evaluation = protocol()
     scheme = SCHEMES[row["scheme"]]
-    quantized = scheme is not None and scheme.preset is not None
+    quantized = scheme.preset is not None
     recipe = quant_recipe(scheme) if quantized else []
     if row["model"] != "dense":
         # The Layer Redundancy scores of perplexity.py (same model and calibration data).
         cached = json.loads(SCORES.read_text()) if SCORES.exists() else {}
         # A float row at a quantizer's widths sets them; a quantized row's come from its
         # recipe, as for users.
-        widths = {"round_to": scheme.group} if scheme is not None and not quantized else {}
+        widths = {"round_to": scheme.group} if not quantized and scheme.group else {}
         slicer = DynamicSliceModifier(
             sparsity=row["sparsity"],
             slicing_base=row["slicing_base"],
@@ -167,7 +167,7 @@ def write_table(rows: list[dict]) -> None:
 
 def reference(model: str, scheme: str) -> str:
     """The float row with the widths of ``scheme``'s rows (the dense model has one)."""
-    return "none-g64" if model != "dense" and "-g64" in scheme else "none"
+    return "none-g64" if model != "dense" and SCHEMES[scheme].group == 64 else "none"
 
 
 def key(row: dict) -> tuple[str, str]:

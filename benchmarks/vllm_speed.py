@@ -83,6 +83,11 @@ def token_prompts(n: int) -> list[Any]:
     ]
 
 
+def report_row(row: dict) -> None:
+    """A worker's result, in the line ``worker_row`` reads back."""
+    print("ROW " + json.dumps(row), flush=True)
+
+
 def worker_row(cmd: list[str], label: str) -> dict | None:
     """Run one measurement in a process of its own; its ``ROW`` line, or None on failure
     (after printing the tail of its stderr)."""
@@ -145,7 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         path, dtype = MODELS[args.worker]
-        print("ROW " + json.dumps(measure(path, dtype, args.new_tokens, args.repeats)), flush=True)
+        report_row(measure(path, dtype, args.new_tokens, args.repeats))
         return
     jsonl = RESULTS / f"{args.out}.jsonl"
     RESULTS.mkdir(parents=True, exist_ok=True)
