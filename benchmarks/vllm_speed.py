@@ -148,6 +148,10 @@ def main() -> None:
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeats < 1 or args.rounds < 1:
+        parser.error(
+            f"--repeats and --rounds must be at least 1 (got {args.repeats} and {args.rounds})"
+        )
     if args.worker:
         path, dtype = MODELS[args.worker]
         report_row(measure(path, dtype, args.new_tokens, args.repeats))
