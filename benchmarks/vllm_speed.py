@@ -43,6 +43,10 @@ MODELS = {
         BENCH / "sliced-hadamard-aligned-w8a8-qs-head",
         "bfloat16",
     ),
+    "sliced W8A8, shortcuts + sliced head int8": (
+        BENCH / "sliced-hadamard-aligned-sliced-head-w8a8-qs-head",
+        "bfloat16",
+    ),
     "sliced W8A8 (one basis per layer), shortcuts + head int8": (
         BENCH / "sliced-hadamard-aligned-layer-w8a8-qs-head",
         "bfloat16",

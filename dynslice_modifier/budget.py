@@ -43,11 +43,18 @@ class ParameterCounter:
     """
 
     def __init__(
-        self, model: nn.Module, adapter: ModelAdapter, basis: str, tied: bool, aligned: bool
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        basis: str,
+        tied: bool,
+        aligned: bool,
+        slice_head: bool = False,
     ) -> None:
         self.hidden = model.config.hidden_size
         self.basis = basis
         self.tied = tied
+        self.slice_head = slice_head
         # Aligned bases of full width follow each other exactly: no shortcut between them.
         self.aligned = aligned
         self.layers: list[_LayerCost] = []
@@ -67,15 +74,20 @@ class ParameterCounter:
                 )
             )
         self.vocab = adapter.embedding(model).num_embeddings
-        self.head = 0 if tied else _params(model.get_output_embeddings())
-        self.final_norm = _params(model.model.norm)
+        head = model.get_output_embeddings()
+        self.head = 0 if tied else _params(head)
+        self.head_bias = 0 if getattr(head, "bias", None) is None else head.bias.numel()
+        self.final_norm = _params(adapter.final_norm(model))
 
     def __call__(self, dims: Sequence[int], whole: Sequence[bool] | None = None) -> int:
         """``dims[l]``: layer ``l``'s kept width; ``whole[l]``: left at full width in the
         original basis, so no shortcut inside it nor between it and a whole neighbour."""
         hidden, count = self.hidden, len(self.layers)
         whole = list(whole) if whole is not None else [False] * count
-        unrotated = [*whole, True]  # the last layer writes back in the original basis
+        # The last layer writes back in the original basis, or in the head's at its own width.
+        head_sliced = self.slice_head and not whole[-1]
+        final = dims[-1] if head_sliced else hidden
+        unrotated = [*whole, not head_sliced]
 
         def same_rotated_basis(idx: int, width: int, out: int) -> bool:
             # Alignment restarts after the original basis (see slicer._orient).
@@ -85,7 +97,7 @@ class ParameterCounter:
         total = 0
         for idx, cost in enumerate(self.layers):
             width = dims[idx]
-            out = dims[idx + 1] if idx + 1 < count else hidden
+            out = dims[idx + 1] if idx + 1 < count else final
             total += cost.per_width * width + cost.biases + cost.fixed
             total += (width if cost.o_bias else 0) + cost.down_rows * out
             total += out if cost.down_bias else 0
@@ -98,8 +110,11 @@ class ParameterCounter:
         if self.tied:
             total += self.vocab * hidden + (0 if whole[0] else hidden * dims[0])
         else:
-            total += self.vocab * dims[0] + self.head
-        return total + self.final_norm
+            total += self.vocab * dims[0]
+        if head_sliced:
+            # The head, untied from any shared table, and the sliced final norm.
+            return total + self.vocab * final + self.head_bias + final
+        return total + (0 if self.tied else self.head) + self.final_norm
 
 
 def unprofitable_layers(

@@ -188,6 +188,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
             hadamard=args.hadamard,
             align_bases=args.align_bases,
             quantize_shortcuts=args.quantize_shortcuts,
+            slice_head=args.slice_head,
             **({"round_to": args.round_to} if args.round_to else {}),
         )
         from transformers import AutoConfig
@@ -315,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--untie-embeddings",
         action="store_true",
         help="untie a tied head and slice the embedding table",
+    )
+    p.add_argument(
+        "--slice-head",
+        action="store_true",
+        help="slice the head's input too (a tied table is untied for it; pays off with "
+        "--quantize-head or an untied model)",
     )
     p.add_argument(
         "--quantize",

@@ -136,6 +136,14 @@ class DynamicSliceModifier(Modifier):
     :param untie_embeddings: for models with tied embeddings, untie them and slice the
         input table (SliceGPT's way). By default the table stays shared, in the original
         basis, and the model stays tied.
+    :param slice_head: slice the head too (SliceGPT's way): the last layer writes into one
+        more PCA basis, of its own width, and the head reads only those columns, with the
+        final norm's scale folded in. Default false: the last layer writes back at full
+        width in the original basis, so a tied table stays tied. A tied model's head is
+        untied to be sliced (a second table, ``vocab x width``), which pays off when the
+        recipe quantizes the head anyway (llm-compressor unties it for that) or the model
+        is untied to begin with; the head is then the largest single GEMM of a decode step
+        that gets narrower (SmolLM2, W8A8 with an int8 head: see the README's speed table).
     """
 
     sparsity: float = Field(default=0.0)
@@ -153,6 +161,7 @@ class DynamicSliceModifier(Modifier):
     align_bases: bool = True
     profitable_only: bool = True
     quantize_shortcuts: bool = False
+    slice_head: bool = False
 
     _lr_scores: list[float] | None = PrivateAttr(default=None)
     _auto_fraction: float | None = PrivateAttr(default=None)
@@ -325,7 +334,9 @@ class DynamicSliceModifier(Modifier):
                 self.normalization,
             )
 
-        predicted = ParameterCounter(model, adapter, self.basis, keep_tied, self.align_bases)
+        predicted = ParameterCounter(
+            model, adapter, self.basis, keep_tied, self.align_bases, self.slice_head
+        )
 
         def layout(sparsity: float) -> tuple[list[int], list[bool]]:
             dims = allocate(sparsity)
@@ -436,6 +447,7 @@ class DynamicSliceModifier(Modifier):
             align=self.align_bases,
             in_place=in_place,
             whole=whole,
+            slice_head=self.slice_head,
         )
 
     def _shortcuts_quantized(

@@ -11,7 +11,9 @@ already-sliced upstream model computes them. For decoder layer ``l``:
 3. the MLP runs on the sliced input; its output (still unrotated) is the next layer's input.
 
 The last layer writes back to the original basis at full width, so the final norm keeps its
-weight and the head (tied to the embedding or not) is unchanged. With ``basis="layer"`` the
+weight and the head (tied to the embedding or not) is unchanged; with ``slice_head`` it writes
+into one more PCA basis, of the last layer's width, which the head (untied, the final norm's
+scale folded in) reads, as SliceGPT does. With ``basis="layer"`` the
 attention and MLP of a layer share one basis (from the PCA of both signals), which removes
 the attention shortcut.
 
@@ -125,6 +127,8 @@ class SlicingResult:
     embedding_sliced: bool
     # Consecutive bases aligned: shortcuts are saved as their difference from the identity.
     aligned: bool = False
+    # The head's width when it is sliced (``slice_head``); None: full width, original basis.
+    final_dim: int | None = None
 
 
 class RotateAndSlice:
@@ -142,12 +146,15 @@ class RotateAndSlice:
         align: bool = False,
         in_place: bool = True,
         whole: list[bool] | None = None,
+        slice_head: bool = False,
     ) -> None:
         self.model = model
         self.adapter = adapter
         self.dims = dims
         # Whole layers keep full width in the original basis (see budget.unprofitable_layers).
         self.whole = whole or [False] * len(dims)
+        # A whole last layer has nothing narrower to hand the head.
+        self.slice_head = slice_head and not self.whole[-1]
         self.device = device
         self.basis = basis
         self.hidden_size = model.config.hidden_size
@@ -294,7 +301,8 @@ class RotateAndSlice:
                 attn_dims.append(a_basis.shape[1])
                 mlp_dims.append(m_basis.shape[1])
                 if idx == len(layers) - 1:
-                    mlp_sc.append(self._finish_writer(pending, eye))
+                    final = self._final_basis(inputs) if self.slice_head else eye
+                    mlp_sc.append(self._finish_writer(pending, final))
         return SlicingResult(
             attn_dims=attn_dims,
             mlp_dims=mlp_dims,
@@ -303,7 +311,37 @@ class RotateAndSlice:
             input_projection=_drop_identity(input_projection),
             embedding_sliced=not self.tied,
             aligned=self.align,
+            final_dim=self.dims[-1] if self.slice_head else None,
         )
+
+    def _final_basis(self, inputs: LayerInputs) -> torch.Tensor:
+        """The head's basis: PCA of the last layer's output at the last layer's width.
+
+        In place, the final norm's scale is folded into the head (untied from a shared table,
+        which stays in the original basis) and the head rotated and cut. A trial leaves both
+        and projects the carried residual onto the basis instead: the unsliced norm and
+        head applied to ``x F F^T`` compute what the sliced ones do with ``x F``.
+        """
+        basis = self._input_basis(inputs, len(self.dims) - 1, "final norm input (head)")
+        if self.in_place:
+            self._slice_head(basis)
+        else:
+            f32 = basis.float().to(self.device)
+            for b in range(len(inputs)):
+                x = inputs.hidden[b].to(self.device)
+                projected = ((x.float() @ f32) @ f32.T).to(x.dtype)
+                inputs.hidden[b] = projected.to(inputs.hidden[b].device)
+        return basis
+
+    def _slice_head(self, basis: torch.Tensor) -> None:
+        model = self.model
+        head, norm = model.get_output_embeddings(), self.adapter.final_norm(model)
+        with onloaded(head, self.device), onloaded(norm, self.device), torch.no_grad():
+            if head.weight is self.adapter.embedding(model).weight:
+                head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+            fold_scale_into_inputs([head], norm.weight)
+            rotate_inputs([head], basis)
+            self.adapter.set_final_norm(model, self._norm(basis.shape[1], norm.weight))
 
     def _fold_norms(self, layer: nn.Module, width: int) -> None:
         adapter = self.adapter
@@ -313,7 +351,7 @@ class RotateAndSlice:
         setattr(layer, adapter.layout["input_norm"], self._norm(width, scale))
         setattr(layer, adapter.layout["post_attention_norm"], self._norm(width, scale))
 
-    def _input_basis(self, inputs: LayerInputs, idx: int) -> torch.Tensor:
+    def _input_basis(self, inputs: LayerInputs, idx: int, where: str | None = None) -> torch.Tensor:
         """PCA of the layer input; the previous layer already accumulated it."""
         acc = self._next_input_cov
         if acc is None:
@@ -321,7 +359,7 @@ class RotateAndSlice:
             for b in range(len(inputs)):
                 self._accumulate(acc, inputs.hidden[b].to(self.device), inputs, b)
         self._next_input_cov = None
-        return self._pca(acc, self.dims[idx], f"layer {idx} attention input")
+        return self._pca(acc, self.dims[idx], where or f"layer {idx} attention input")
 
     def _joint_basis(self, layer: nn.Module, inputs: LayerInputs, idx: int) -> torch.Tensor:
         """One basis for both sub-layers: PCA of the input and the post-attention signal.
@@ -380,9 +418,12 @@ def convert_to_sliced(
         for k, v in old_config.to_dict().items()
         if k not in ("model_type", "architectures", "auto_map", "quantization_config")
     }
+    # A sliced head was untied by the slicer, so embeddings_tied is false then.
     base["tie_word_embeddings"] = not result.embedding_sliced and embeddings_tied(model)
     spec = {
-        "format_version": format_version(quantizable_shortcuts, result.aligned),
+        "format_version": format_version(
+            quantizable_shortcuts, result.aligned, result.final_dim is not None
+        ),
         "attn_dims": result.attn_dims,
         "mlp_dims": result.mlp_dims,
         "attn_shortcuts": [s is not None for s in result.attn_shortcuts],
@@ -395,6 +436,7 @@ def convert_to_sliced(
         # recipe may fold new ones in (DynamicSliceModifier.on_finalize re-checks).
         "unit_norms": True,
         "layout": adapter.layout,
+        **({"final_dim": result.final_dim} if result.final_dim is not None else {}),
         **provenance,
     }
     config = DynSliceConfig(base_model_type=old_config.model_type, slicing=spec, **base)

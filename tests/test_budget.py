@@ -36,6 +36,40 @@ def test_predicted_count_matches_the_sliced_model(tmp_path, arch, tied, basis, a
         assert ("lm_head.weight" in f.keys()) is not tied  # noqa: SIM118  (one table when tied)
 
 
+@pytest.mark.parametrize("whole_last", [False, True])
+@pytest.mark.parametrize("tied", [True, False])
+def test_predicted_count_with_a_sliced_head(tmp_path, tied, whole_last):
+    model = tiny_model("llama", tied, layers=4)
+    dims = [56, 48, 32, 64 if whole_last else 40]
+    predicted = ParameterCounter(model, get_adapter(model), "sublayer", tied, True, True)
+    whole = [False, False, False, whole_last]
+    from dynslice_modifier.calibration import capture_layer_inputs
+    from dynslice_modifier.slicer import RotateAndSlice, convert_to_sliced
+
+    adapter = get_adapter(model)
+    inputs = capture_layer_inputs(model, adapter.layers(model)[0], calib_batches())
+    slicer = RotateAndSlice(
+        model,
+        adapter,
+        dims,
+        torch.device("cpu"),
+        keep_tied=tied,
+        align=True,
+        whole=whole,
+        slice_head=True,
+    )
+    result = slicer.run(inputs)
+    # A whole last layer has nothing narrower to hand the head: it stays as it was.
+    assert result.final_dim == (None if whole_last else 40)
+    convert_to_sliced(model, adapter, result, {})
+    assert count_parameters(model) == predicted(dims, whole)
+    model.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert sum(p.numel() for p in reloaded.parameters()) == predicted(dims, whole)
+
+
 @pytest.mark.parametrize("target", [0.05, 0.15])
 def test_target_params_is_met_within_one_rounding_step(target):
     model = tiny_model("llama", True, layers=4, hidden=128)

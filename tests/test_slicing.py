@@ -80,6 +80,66 @@ def test_sliced_shapes(tied, basis):
     assert model.model.norm.weight.shape == (hidden,)
 
 
+@pytest.mark.parametrize("hadamard", [False, True])
+@pytest.mark.parametrize("tied", [True, False])
+def test_rotation_only_with_a_sliced_head_is_exact(tied, hadamard):
+    model = tiny_model("llama", tied)
+    with torch.no_grad():
+        reference = model(IDS).logits
+    slice_in_memory(model, sparsity=0.0, slice_head=True, hadamard=hadamard)
+    with torch.no_grad():
+        rotated = model(IDS).logits
+    torch.testing.assert_close(rotated, reference, atol=2e-5, rtol=1e-5)
+    hidden = model.config.hidden_size
+    assert model.config.slicing["final_dim"] == hidden
+    # The head reads a rotated basis, so it can no longer share the original-basis table.
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert not model.config.tie_word_embeddings
+    assert torch.equal(model.model.norm.weight, torch.ones(hidden))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_sliced_head_shapes_and_reload(tmp_path, tied):
+    model = tiny_model("qwen3", tied, layers=4)
+    dims = [56, 48, 32, 40]
+    slice_in_memory(model, layer_dims=dims, slice_head=True)
+    spec = model.config.slicing
+    assert spec["final_dim"] == 40
+    assert spec["format_version"] == 4
+    assert model.lm_head.weight.shape == (128, 40)
+    assert model.model.norm.weight.shape == (40,)
+    last = model.model.layers[-1]
+    assert last.mlp.down_proj.weight.shape[0] == 40
+    assert last.mlp_shortcut.weight.shape == (40, 40)
+    # The embedding is untouched by the head's slicing: shared tables stay full width.
+    assert model.model.embed_tokens.weight.shape[1] == (64 if tied else 56)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not reloaded.config.tie_word_embeddings
+    assert reloaded.lm_head.weight is not reloaded.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, atol=0, rtol=0)
+    assert count_parameters(reloaded) == spec["parameters"]["sliced"]
+
+
+def test_a_sliced_head_is_not_much_worse_than_a_whole_one():
+    """Same widths, same data: slicing the head's input too costs little (its PCA keeps the
+    leading directions of the final residual), not a collapse."""
+    losses = {}
+    for slice_head in (False, True):
+        model = tiny_model("llama", True)
+        with torch.no_grad():
+            reference = torch.log_softmax(model(IDS).logits, -1)
+        slice_in_memory(model, layer_dims=[48, 48, 48], slice_head=slice_head)
+        with torch.no_grad():
+            sliced = torch.log_softmax(model(IDS).logits, -1)
+        losses[slice_head] = float(
+            torch.nn.functional.kl_div(sliced, reference, log_target=True, reduction="batchmean")
+        )
+    assert losses[False] > 0
+    assert 0 < losses[True] < 1.5 * losses[False]
+
+
 def test_slicing_changes_function_but_stays_close():
     model = tiny_model("llama", True)
     with torch.no_grad():

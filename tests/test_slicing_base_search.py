@@ -39,9 +39,10 @@ def sliced_loss(model, batches) -> float:
     return total / count
 
 
+@pytest.mark.parametrize("slice_head", [False, True])
 @pytest.mark.parametrize("basis", ["sublayer", "layer"])
 @pytest.mark.parametrize("tied", [True, False])
-def test_trial_leaves_the_model_and_predicts_the_sliced_loss(tied, basis):
+def test_trial_leaves_the_model_and_predicts_the_sliced_loss(tied, basis, slice_head):
     model = tiny_model("llama", tied)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     adapter = get_adapter(model)
@@ -51,7 +52,9 @@ def test_trial_leaves_the_model_and_predicts_the_sliced_loss(tied, basis):
 
     inputs = capture_layer_inputs(model, layers[0], batches)
     heldout = heldout_batches(len(inputs), 1 / 3)
-    trial = RotateAndSlice(model, adapter, dims, CPU, basis, keep_tied=tied, in_place=False)
+    trial = RotateAndSlice(
+        model, adapter, dims, CPU, basis, keep_tied=tied, in_place=False, slice_head=slice_head
+    )
     trial.run(inputs, heldout)
     predicted = heldout_nll(model, inputs, heldout, CPU)
     after = model.state_dict()
@@ -67,8 +70,9 @@ def test_trial_leaves_the_model_and_predicts_the_sliced_loss(tied, basis):
         next(b for b, ids in zip(batches, order, strict=True) if torch.equal(ids, inputs.ids[i]))
         for i in sorted(heldout)
     ]
-    real = RotateAndSlice(model, adapter, dims, CPU, basis, keep_tied=tied)
+    real = RotateAndSlice(model, adapter, dims, CPU, basis, keep_tied=tied, slice_head=slice_head)
     result = real.run(inputs, heldout)
+    assert result.final_dim == (dims[-1] if slice_head else None)
     convert_to_sliced(model, adapter, result, {"sparsity": 0.2, "slicing_base": 0.1})
     assert sliced_loss(model, held) == pytest.approx(predicted, rel=1e-5)
 

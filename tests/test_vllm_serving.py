@@ -88,6 +88,8 @@ class Case:
     smooth: bool = True
     # Quantize the head too (no `ignore: [lm_head]`): llm-compressor unties a tied table.
     quantize_head: bool = False
+    # The head reads a sliced basis through a sliced final norm (slicing.final_dim).
+    slice_head: bool = False
 
 
 CASES = [
@@ -95,8 +97,8 @@ CASES = [
     Case("llama-untied-sublayer", "llama", tied=False, basis="sublayer"),
     # Tied: the shared table stays whole and layer 0 has an input projection; q/k norms.
     Case("qwen3-tied-sublayer", "qwen3", tied=True, basis="sublayer"),
-    # q/k/v biases; one basis per layer, so no attention shortcuts.
-    Case("qwen2-untied-layer", "qwen2", tied=False, basis="layer"),
+    # q/k/v biases; one basis per layer, so no attention shortcuts; a sliced head.
+    Case("qwen2-untied-layer", "qwen2", tied=False, basis="layer", slice_head=True),
     # Input projection and no attention shortcuts at all.
     Case("llama-tied-layer", "llama", tied=True, basis="layer"),
     # Sliding window of 16 tokens (tests/tiny.py), exceeded by the longest prompt; plain
@@ -105,9 +107,9 @@ CASES = [
     # Int8 linears around shortcuts kept in model dtype (the default); SmoothQuant changes
     # the norms, so vLLM keeps every shortcut a GEMM of its own.
     Case("llama-untied-sublayer-w8a8", "llama", tied=False, basis="sublayer", quantize="W8A8"),
-    # The fast path on CPUs: int8 shortcuts, input projection and head (`targets: Linear`
-    # takes it, the tied table is untied); unit norms, so vLLM runs each shortcut in one GEMM
-    # with q/k/v or gate/up (dynamic per-token int8 activations).
+    # The fast path on CPUs (recipes/slice_w8a8.yaml): int8 shortcuts, input projection and
+    # head, which is sliced (untied from the shared table); unit norms, so vLLM runs each
+    # shortcut in one GEMM with q/k/v or gate/up (dynamic per-token int8 activations).
     Case(
         "llama-tied-sublayer-w8a8-qs",
         "llama",
@@ -117,6 +119,7 @@ CASES = [
         quantize_shortcuts=True,
         smooth=False,
         quantize_head=True,
+        slice_head=True,
     ),
     # 4-bit groups of 32 (vLLM's CPU kernel needs widths in multiples of 32), shortcuts
     # quantized too (quantize_shortcuts), except the input projection: the saved ignore
@@ -161,6 +164,7 @@ slice_stage:
       basis: {case.basis}
       quantize_shortcuts: {str(case.quantize_shortcuts).lower()}
       align_bases: {str(case.align_bases).lower()}
+      slice_head: {str(case.slice_head).lower()}
 """
     ignore = json.dumps([*([] if case.quantize_head else ["lm_head"]), *case.keep])
     if case.quantize == "W8A8":
@@ -328,6 +332,7 @@ def test_vllm_matches_transformers(
     assert slicing["delta_shortcuts"] is case.align_bases
     smoothed = case.quantize == "W8A8" and case.smooth
     assert slicing["unit_norms"] is not smoothed
+    assert ("final_dim" in slicing) is case.slice_head
 
     got = vllm_results[case.name]
     assert "error" not in got, got["error"]

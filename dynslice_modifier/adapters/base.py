@@ -30,6 +30,12 @@ class ModelAdapter:
     def embedding(self, model: nn.Module) -> nn.Embedding:
         return model.model.embed_tokens
 
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.model.norm
+
+    def set_final_norm(self, model: nn.Module, norm: nn.Module) -> None:
+        model.model.norm = norm
+
     def attn(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.layout["attn"])
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-# 2 added ``quantizable_shortcuts``, 3 ``delta_shortcuts``. A checkpoint records the lowest
-# version that reads it (see ``format_version``), so older readers refuse only what they
-# would build wrongly.
-SLICING_FORMAT_VERSION = 3
+# 2 added ``quantizable_shortcuts``, 3 ``delta_shortcuts``, 4 ``final_dim``. A checkpoint
+# records the lowest version that reads it (see ``format_version``), so older readers refuse
+# only what they would build wrongly.
+SLICING_FORMAT_VERSION = 4
 
 # Module names inside a pre-norm decoder layer as Llama and the models that copy it write
 # them. Checkpoints record their layout; this is the one the adapters and vLLM build.
@@ -72,12 +72,20 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
         for i, flag in enumerate(_int_list(spec, key, num_layers)):
             if not isinstance(flag, bool):
                 raise SlicingConfigError(f"slicing.{key}[{i}] must be true or false, got {flag!r}")
+    final = spec.get("final_dim")
+    if final is not None and (
+        isinstance(final, bool) or not isinstance(final, int) or not 0 < final <= hidden_size
+    ):
+        raise SlicingConfigError(
+            f"slicing.final_dim = {final!r}: the head's width must be an integer in "
+            f"[1, hidden_size={hidden_size}] (or absent: full width, original basis)"
+        )
     for i in range(num_layers):
         if not spec["attn_shortcuts"][i] and spec["attn_dims"][i] != spec["mlp_dims"][i]:
             raise SlicingConfigError(
                 f"layer {i}: attn_dims != mlp_dims needs an attention shortcut matrix"
             )
-        out_dim = spec["attn_dims"][i + 1] if i + 1 < num_layers else hidden_size
+        out_dim = spec["attn_dims"][i + 1] if i + 1 < num_layers else final_width(spec, hidden_size)
         if not spec["mlp_shortcuts"][i] and spec["mlp_dims"][i] != out_dim:
             raise SlicingConfigError(
                 f"layer {i}: mlp_dims[{i}] != the next width {out_dim} needs an MLP shortcut"
@@ -108,8 +116,15 @@ def has_input_projection(spec: dict[str, Any]) -> bool:
     return bool(spec.get("input_projection", True))
 
 
-def format_version(quantizable_shortcuts: bool, delta_shortcuts: bool) -> int:
+def final_width(spec: dict[str, Any], hidden_size: int) -> int:
+    """Width of the residual the last layer writes, which the final norm and the head read."""
+    return spec.get("final_dim") or hidden_size
+
+
+def format_version(quantizable_shortcuts: bool, delta_shortcuts: bool, head_sliced: bool) -> int:
     """The version a checkpoint is written with: the first one that can read it."""
+    if head_sliced:
+        return 4
     if delta_shortcuts:
         return 3
     return 2 if quantizable_shortcuts else 1
@@ -154,13 +169,16 @@ class DynSliceConfig(PretrainedConfig):
     - ``delta_shortcuts``: whether shortcut and input-projection weights hold the matrix
       minus the rectangular identity (the layer adds ``x E`` back), which keeps them small
       when consecutive bases are aligned;
+    - ``final_dim``: present when the head is sliced (``slice_head``): the last layer writes
+      the residual in a PCA basis of this width, the final norm is a sliced norm (its scale
+      folded into the head) and the head, never tied, reads ``final_dim`` columns;
     - ``unit_norms``: whether every in-layer norm weight is one (nothing folded a smoothing
       scale into them), which lets vLLM run each shortcut in one GEMM with the projection
       that reads the same residual; absent means false;
     - provenance: ``lr_scores``, ``sparsity``, ``slicing_base``, ``round_to``, ``parameters``.
 
-    The last layer always writes the residual back in the original basis at full width, so
-    the final norm and the head are the base model's own.
+    Without ``final_dim`` the last layer writes the residual back in the original basis at
+    full width, so the final norm and the head (tied or not) are the base model's own.
     """
 
     model_type = "dynslice"

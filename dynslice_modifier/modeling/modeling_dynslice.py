@@ -29,7 +29,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .configuration_dynslice import DynSliceConfig, has_input_projection
+from .configuration_dynslice import DynSliceConfig, final_width, has_input_projection
 
 
 def base_causal_lm_class(base_model_type: str) -> type[PreTrainedModel]:
@@ -126,7 +126,8 @@ def shortcut_class(spec: dict[str, Any]) -> type[ResidualShortcut | ResidualShor
 def layer_widths(config: DynSliceConfig, idx: int) -> tuple[int, int, int]:
     """(attention input, MLP input, layer output) residual widths of decoder layer ``idx``."""
     spec = config.slicing
-    out = spec["attn_dims"][idx + 1] if idx + 1 < config.num_hidden_layers else config.hidden_size
+    last = idx + 1 == config.num_hidden_layers
+    out = final_width(spec, config.hidden_size) if last else spec["attn_dims"][idx + 1]
     return spec["attn_dims"][idx], spec["mlp_dims"][idx], out
 
 
@@ -256,6 +257,13 @@ def reshape_to_slicing(model: PreTrainedModel, config: DynSliceConfig) -> None:
             device=old.weight.device,
             dtype=old.weight.dtype,
         )
+    if spec.get("final_dim"):
+        final = spec["final_dim"]
+        norm = model.model.norm
+        model.model.norm = SlicedRMSNorm(
+            final, config.hidden_size, config.rms_norm_eps, norm.weight.device, norm.weight.dtype
+        )
+        model.lm_head = _resized_linear(model.lm_head, final, model.lm_head.out_features)
 
 
 class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):

@@ -4,10 +4,10 @@ The reference is ``dynslice_modifier.modeling.modeling_dynslice`` (transformers)
 model is its base decoder (Llama, Mistral, Qwen2, Qwen3) where, per layer ``l``:
 
 - the residual stream read by the attention is ``attn_dims[l]`` wide, the one read by the
-  MLP ``mlp_dims[l]`` wide, and the layer writes ``attn_dims[l + 1]`` (``hidden_size`` after
-  the last layer), so ``q/k/v``, ``o_proj``, ``gate/up`` and ``down_proj`` have per-layer
-  input or output widths while the attention internals (heads, GQA, rotary, q/k norms,
-  biases) are untouched;
+  MLP ``mlp_dims[l]`` wide, and the layer writes ``attn_dims[l + 1]`` (after the last layer
+  ``hidden_size``, or ``final_dim`` when the head is sliced), so ``q/k/v``, ``o_proj``,
+  ``gate/up`` and ``down_proj`` have per-layer input or output widths while the attention
+  internals (heads, GQA, rotary, q/k norms, biases) are untouched;
 - the two in-layer norms normalise by the *original* ``hidden_size`` and scale per kept dim;
 - a residual connection between two bases carries a shortcut matrix (``attn_shortcut``,
   ``mlp_shortcut``) when the config says so, otherwise it is the identity; with
@@ -73,6 +73,7 @@ from vllm.sequence import IntermediateTensors
 from dynslice_modifier.modeling.configuration_dynslice import (
     PRE_NORM_LAYOUT,
     DynSliceConfig,
+    final_width,
     has_input_projection,
 )
 from dynslice_modifier.modeling.modeling_dynslice import carry, layer_widths
@@ -631,9 +632,15 @@ class DynSliceModel(nn.Module):
             prefix=f"{prefix}.layers",
         )
         if pp_group.is_last_rank:
-            # The last layer writes back at full width in the original basis, so the final
-            # norm keeps its weight.
-            self.norm: nn.Module = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            # Unless the head is sliced, the last layer writes back at full width in the
+            # original basis, so the final norm keeps its weight; a sliced head reads a
+            # narrower basis through a sliced norm (its scale folded into the head).
+            final = config.slicing.get("final_dim")
+            self.norm: nn.Module = (
+                SlicedRMSNorm(final, config.hidden_size, config.rms_norm_eps)
+                if final
+                else RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            )
         else:
             self.norm = PPMissingLayer()
         # A pipeline stage receives the residual at the width its first layer reads.
@@ -695,7 +702,7 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         if get_pp_group().is_last_rank:
             lm_head = LMHeadLinear(
                 config.vocab_size,
-                config.hidden_size,
+                final_width(config.slicing, config.hidden_size),
                 quant_config=quant_config,
                 prefix=maybe_prefix(prefix, "lm_head"),
             )
