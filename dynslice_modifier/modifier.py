@@ -24,6 +24,7 @@ from dynslice_modifier.quantization import (
     check_input_projection,
     check_order,
     check_unsliced_inputs,
+    compress_shortcuts_as_linears,
     fit_round_to,
     is_quantizer,
     quantized_shortcuts,
@@ -553,6 +554,7 @@ class DynamicSliceModifier(Modifier):
         # Smoothing modifiers later in the recipe (SmoothQuant, AWQ) fold their scales into
         # the sliced norms; they have all run by now, and the config goes out with the save.
         model = state.model
+        compress_shortcuts_as_linears(model)
         unit = model.has_unit_norms()
         if not unit:
             logger.info(

@@ -170,3 +170,23 @@ def check_input_projection(name: str, width: int, modifiers: Sequence[Modifier])
                     f"not a multiple of {args.group_size}) into layer 0's basis; add "
                     "'re:.*input_projection$' to the quantizer's ignore list"
                 )
+
+
+def compress_shortcuts_as_linears(model: nn.Module) -> int:
+    """Give every quantized shortcut the checkpoint format an ``nn.Linear`` would get.
+
+    compressed-tensors picks a module's format by its exact type and knows no subclass of
+    ``nn.Linear``, so a shortcut in a config group of its own (e.g. int8 shortcuts beside
+    4-bit linears) would be written ``dense``: unpacked, and refused by vLLM. A format the
+    recipe set is kept. Returns how many formats were set.
+    """
+    from compressed_tensors.compressors.format import infer_module_format
+
+    count = 0
+    for module in model.modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        shortcut = isinstance(module, ResidualShortcutLinear) and scheme is not None
+        if shortcut and scheme.format is None and scheme.weights is not None:
+            scheme.format = infer_module_format(nn.Linear, scheme)
+            count += 1
+    return count

