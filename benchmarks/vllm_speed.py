@@ -55,6 +55,11 @@ MODELS = {
         BENCH / "sliced-hadamard-aligned-w4a16-g64",
         "bfloat16",
     ),
+    # recipes/slice_w4a16.yaml at groups of 64: MSE scales, int8 shortcuts (W8A8).
+    "sliced W4A16 (g64), shortcuts int8": (
+        BENCH / "sliced-hadamard-aligned-w4a16-g64-mse-qs8",
+        "bfloat16",
+    ),
     "sliced W4A16 (g64), shortcuts 4-bit": (
         BENCH / "sliced-hadamard-aligned-w4a16-g64-qs",
         "bfloat16",

@@ -324,6 +324,12 @@ class DynamicSliceModifier(Modifier):
             self._lr_scores = [float(s) for s in scores]
             logger.info("Layer Redundancy: " + ", ".join(f"{s:.3f}" for s in scores))
         keep_tied = tied and not self.untie_embeddings
+        if keep_tied and self.slice_head:
+            logger.info(
+                "slice_head: the head reads a rotated basis, so it is untied from the shared "
+                "embedding table (a second, narrower table; free only if a quantizer in the "
+                "recipe takes lm_head, which unties it anyway)"
+            )
 
         def allocate(sparsity: float) -> list[int]:
             return allocate_dims(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from compressed_tensors.utils import is_match, match_named_modules
+from compressed_tensors.utils import is_match, match_named_modules, match_targets
 from llmcompressor.modifiers import Modifier
 from torch import nn
 
@@ -130,14 +130,24 @@ def check_unsliced_inputs(
 
 
 def _taken_by(name: str, modifier: Modifier) -> list:
-    """The quantization groups of ``modifier`` that would take a shortcut called ``name``."""
+    """The quantization group of ``modifier`` that takes a shortcut called ``name`` (a list
+    of at most one).
+
+    As compressed-tensors applies it: an exact name beats a regex, which beats a class name
+    such as ``Linear``, so a group that targets shortcuts by regex overrides one that takes
+    every linear.
+    """
     probe = ResidualShortcutLinear(1, 1, device="meta")
     ignore = list(getattr(modifier, "ignore", None) or [])
-    return [
-        group
+    if ignore and is_match(name, probe, ignore):
+        return []
+    by_target = {
+        target: group
         for group in modifier.resolved_config.config_groups.values()
-        if is_match(name, probe, group.targets, ignore)
-    ]
+        for target in group.targets
+    }
+    matched = match_targets(name, probe, by_target)
+    return [by_target[matched[0]]] if matched else []
 
 
 def quantized_shortcuts(names: Sequence[str], modifiers: Sequence[Modifier]) -> dict[str, str]:

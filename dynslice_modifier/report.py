@@ -38,7 +38,8 @@ def summary_markdown(checkpoint: str | Path) -> str:
         f"round_to {spec.get('round_to')}, basis {spec.get('basis')}",
         f"- mean kept width {sum(spec['mlp_dims']) / len(spec['mlp_dims']):.1f} of {hidden}",
         f"- tied embeddings: {config.get('tie_word_embeddings')}; embedding sliced: "
-        f"{spec['embedding_sliced']}",
+        f"{spec['embedding_sliced']}; head reads "
+        f"{spec.get('final_dim') or hidden} of {hidden} (slice_head: {'final_dim' in spec})",
     ]
     if params:
         lines.append(

@@ -5,7 +5,9 @@ a multiple of 128 by itself (576 is not a multiple of 128; sliced widths can be)
 o_proj reads 9 heads x 64 = 576 inputs, which slicing does not change, so it stays in full
 precision (the slicer would say so before calibrating if it were targeted), as does layer 0's
 input projection from the tied 576-wide table. GPTQ takes the residual shortcut matrices
-(quantize_shortcuts): aligned bases keep them near the identity, so 4 bits cost little.
+(quantize_shortcuts) at 4 bits too, for the smallest checkpoint; aligned bases keep them near
+the identity, yet on SmolLM2 that costs ~15% perplexity, so recipes/slice_w4a16.yaml gives
+them a config group of their own at 8 bits instead (README, "Slice + quantize").
 """
 
 from _common import SAMPLES, SEQ_LEN, smollm2_and_data

@@ -173,6 +173,29 @@ def test_group_wise_input_projection_fails_before_calibration(tmp_path):
     # Kept in model dtype (the default), the projection needs no groups.
     model = one_pass(model_dir, [DynamicSliceModifier(sparsity=0.25), gptq])
     assert isinstance(model, DynSliceForCausalLM)
+    # Taken by a group of its own (a regex beats `Linear`, as in compressed-tensors), per
+    # channel at 8 bits: no groups to fit, and written int-quantized, not dense.
+    int8 = {"num_bits": 8, "type": "int", "symmetric": True}
+    mixed = GPTQModifier(
+        ignore=["lm_head"],
+        config_groups={
+            "linears": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128},
+            },
+            "shortcuts": {
+                "targets": ["re:.*_shortcut$", "re:.*input_projection$"],
+                "weights": {**int8, "strategy": "channel"},
+                "input_activations": {**int8, "strategy": "token", "dynamic": True},
+            },
+        },
+    )
+    slicer = DynamicSliceModifier(sparsity=0.25, quantize_shortcuts=True)
+    model = one_pass(model_dir, [slicer, mixed], tmp_path / "mixed")
+    assert isinstance(model.model.layers[0].input_projection, ResidualShortcutLinear)
+    config = json.loads((tmp_path / "mixed" / "config.json").read_text())
+    groups = config["quantization_config"]["config_groups"]
+    assert {g["format"] for g in groups.values()} == {"pack-quantized", "int-quantized"}
 
 
 def test_round_to_conflicting_with_group_size_fails_before_calibration(wide_dir):

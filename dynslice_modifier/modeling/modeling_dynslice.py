@@ -5,8 +5,9 @@ changes, all described by ``config.slicing``:
 
 - every linear that reads the residual stream has fewer input columns, every linear that
   writes it has fewer output rows (attention internals are untouched);
-- the norms inside decoder layers normalise by the original width; their scales were
-  folded into the next linears (the norms keep a per-dim scale, initially ones);
+- the norms inside decoder layers (and the final norm, when ``slicing.final_dim`` says the
+  head is sliced) normalise by the original width; their scales were folded into the next
+  linears (the norms keep a per-dim scale, initially ones);
 - a residual connection between two differently rotated bases carries a shortcut matrix;
   with ``slicing.delta_shortcuts`` the stored matrix is its difference from the
   rectangular identity, which the layer adds back (``carry``).
