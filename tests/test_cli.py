@@ -77,6 +77,7 @@ def test_help_is_complete(command, workdir, capsys):
             "--align-bases",
             "--quantize-shortcuts",
             "--quantize-head",
+            "--slice-head",
             "--data",
         ):
             assert flag in out
@@ -108,20 +109,22 @@ def test_compress_writes_model_report_and_summary(workdir):
     assert not list(workdir.glob(".out.partial-*"))
 
 
-def test_compress_can_quantize_the_shortcuts_and_the_head(workdir, capsys):
+def test_compress_can_quantize_the_shortcuts_and_slice_and_quantize_the_head(workdir, capsys):
     args = ["compress", "tiny", "out-qs", "--sparsity", "0.25", "--round-to", "8"]
     args += ["--quantize", "w8a8", "--quantize-shortcuts", "--quantize-head", "--no-hadamard"]
-    code, _, err = run_main(*args, *SMALL, *DATA, cwd=workdir, capsys=capsys)
+    code, _, err = run_main(*args, "--slice-head", *SMALL, *DATA, cwd=workdir, capsys=capsys)
     assert code == 0, err
     config = json.loads((workdir / "out-qs" / "config.json").read_text())
     assert config["slicing"]["quantizable_shortcuts"] is True
+    # The int8 head reads the last layer's width.
+    final = config["slicing"]["final_dim"]
+    assert final == config["slicing"]["mlp_dims"][-1] < config["hidden_size"]
     assert config["slicing"]["hadamard"] is False
     ignored = config["quantization_config"]["ignore"]
     assert not any("shortcut" in name or "lm_head" in name for name in ignored), ignored
     assert config["tie_word_embeddings"] is False
-    assert load_file(workdir / "out-qs" / "model.safetensors")["lm_head.weight"].dtype == (
-        torch.int8
-    )
+    head = load_file(workdir / "out-qs" / "model.safetensors")["lm_head.weight"]
+    assert head.dtype == torch.int8 and head.shape[1] == final
 
 
 def test_scores_eval_and_report(workdir, capsys):
