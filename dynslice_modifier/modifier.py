@@ -560,7 +560,9 @@ class DynamicSliceModifier(Modifier):
         # Smoothing modifiers later in the recipe (SmoothQuant, AWQ) fold their scales into
         # the sliced norms; they have all run by now, and the config goes out with the save.
         model = state.model
-        compress_shortcuts_as_linears(model)
+        formats = compress_shortcuts_as_linears(model)
+        if formats:
+            logger.debug(f"{formats} quantized shortcuts will be saved in their group's format")
         unit = model.has_unit_norms()
         if not unit:
             logger.info(
