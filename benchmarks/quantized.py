@@ -175,9 +175,10 @@ def write_table(rows: list[dict]) -> None:
         "`python benchmarks/quantized.py`. Sliced = SP 0.25, SB 0.05 dynamic; "
         "-hadamard rows have `hadamard: true`, -aligned rows `align_bases: true` (both are "
         "the defaults), the others turn them off; -layer rows have `basis: layer`, -sliced-head "
-        "rows `slice_head: true`. Shortcut "
-        "matrices stay in model dtype, "
-        "except in `-qs` rows (`quantize_shortcuts: true`: quantized with the rest). The head "
+        "rows `slice_head: true`. Shortcut matrices stay in model dtype, except in `-qs` rows "
+        "(`quantize_shortcuts: true`: quantized with the rest, or in a group of their own at "
+        "int8, W8A8, in `-qs8` rows); `-mse` rows pick weight scales with `observer: mse`. "
+        "The head "
         "(the tied table) stays unquantized, except in `-head` rows (untied, int8). vs "
         "unquantized: against the float model of the same widths (`none-g64` for the -g64 "
         "rows, whose widths are multiples of 64).\n\n" + "\n".join(lines) + "\n"
@@ -230,6 +231,9 @@ def main() -> None:
             "sliced-hadamard-aligned-layer:w8a8-qs-head",
             "sliced-hadamard-aligned-sliced-head:none",
             "sliced-hadamard-aligned-sliced-head:w8a8-qs-head",
+            "sliced-hadamard-aligned:w4a16-g64-mse",
+            "sliced-hadamard-aligned:w4a16-g64-qs-mse",
+            "sliced-hadamard-aligned:w4a16-g64-mse-qs8",
         ],
     )
     parser.add_argument(
