@@ -46,6 +46,9 @@ def sliced_config() -> dict:
         (lambda s: s.pop("layout"), "layout"),
         (lambda s: s.__setitem__("format_version", 99), "upgrade dynslice-modifier"),
         (lambda s: s["attn_dims"].__setitem__(2, 40.5), r"attn_dims\[2\]"),
+        (lambda s: s.__setitem__("final_dim", 0), r"slicing.final_dim = 0.*hidden_size=64"),
+        (lambda s: s.__setitem__("final_dim", 4096), r"slicing.final_dim = 4096"),
+        (lambda s: s.__setitem__("final_dim", True), r"slicing.final_dim = True"),
     ],
 )
 def test_hostile_configs_are_rejected(sliced_config, mutate, message):
