@@ -8,7 +8,10 @@ this script switched to one pass; the quantizer calibrates on the sliced model e
 and W8A8 has no groups to round to.) Results:
 ``results/quantized.jsonl`` and ``results/quantized.md``.
 
-    python benchmarks/quantized.py [--sparsity 0.25 --slicing-base 0.05]
+    python benchmarks/quantized.py [--sparsity 0.25 --slicing-base 0.05] [--rounding nearest]
+
+``--rounding nearest`` slices as before ``rounding: mean`` became the default (each width
+rounded on its own); its checkpoints get a ``-nearest`` suffix.
 """
 
 from __future__ import annotations
@@ -113,13 +116,14 @@ def run_row(row: dict) -> dict:
             align_bases="aligned" in row["model"],
             basis="layer" if row["model"].endswith("-layer") else "sublayer",
             slice_head=row["model"].endswith("-sliced-head"),
+            rounding=row["rounding"],
             layer_scores=cached.get("scores"),
             profitable_only=False,  # as the perplexity grid's rows
             quantize_shortcuts=quantized and scheme.shortcuts,
             **widths,
         )
         recipe = [slicer, *recipe]
-    out = WORK / f"{row['model']}-{row['scheme']}"
+    out = WORK / checkpoint_name(row)
     if not recipe:
         out = Path(path)
         seconds = 0.0
@@ -137,8 +141,12 @@ def run_row(row: dict) -> dict:
         seconds = time.perf_counter() - start
     model = AutoModelForCausalLM.from_pretrained(out)
     size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+    spec = getattr(model.config, "slicing", None)
+    kept = 1.0 if spec is None else sum(spec["mlp_dims"]) / len(spec["mlp_dims"])
+    mean_slice = 1.0 - kept / model.config.hidden_size if spec else 0.0
     return dict(
         row,
+        mean_slice=round(mean_slice, 4),
         ppl=round(perplexity(model, evaluation), 3),
         mib=round(size / 2**20, 1),
         oneshot_s=round(seconds, 1),
@@ -146,12 +154,22 @@ def run_row(row: dict) -> dict:
     )
 
 
+def checkpoint_name(row: dict) -> str:
+    suffix = "-nearest" if row.get("rounding") == "nearest" else ""
+    return f"{row['model']}-{row['scheme']}{suffix}"
+
+
 def write_table(rows: list[dict]) -> None:
     # Each row against the float model of the same widths.
-    base = {(r["model"], r["scheme"]): r["ppl"] for r in rows if "none" in r["scheme"]}
+    base = {
+        (r["model"], r["scheme"], r.get("rounding")): r["ppl"]
+        for r in rows
+        if "none" in r["scheme"]
+    }
     lines = [
-        "| model | quantization | perplexity | vs unquantized | weights MiB |",
-        "|---|---|---|---|---|",
+        "| model | quantization | rounding | mean slice | perplexity | vs unquantized "
+        "| weights MiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     models = [
         "dense",
@@ -162,14 +180,24 @@ def write_table(rows: list[dict]) -> None:
         "sliced-hadamard-aligned-layer",
         "sliced-hadamard-aligned-sliced-head",
     ]
-    rows = sorted(rows, key=lambda r: (models.index(r["model"]), list(SCHEMES).index(r["scheme"])))
+    rows = sorted(
+        rows,
+        key=lambda r: (
+            models.index(r["model"]),
+            r.get("rounding") == "nearest",
+            list(SCHEMES).index(r["scheme"]),
+        ),
+    )
     for r in rows:
-        ref = base.get((r["model"], reference(r["model"], r["scheme"])))
+        ref = base.get((r["model"], reference(r["model"], r["scheme"]), r.get("rounding")))
         vs = f"{r['ppl'] / ref:.3f}" if ref else ""
         label = {"none": "none (float32)", "none-g64": "none (float32), widths of g64"}.get(
             r["scheme"], r["scheme"]
         )
-        lines.append(f"| {r['model']} | {label} | {r['ppl']:.2f} | {vs} | {r['mib']} |")
+        lines.append(
+            f"| {r['model']} | {label} | {r.get('rounding', '-')} | {r['mean_slice']:.3f} | "
+            f"{r['ppl']:.2f} | {vs} | {r['mib']} |"
+        )
     (RESULTS / "quantized.md").write_text(
         "SmolLM2-135M, WikiText-2 protocol (64x512 calibration, 32x1024 evaluation). Produced by "
         "`python benchmarks/quantized.py`. Sliced = SP 0.25, SB 0.05 dynamic; "
@@ -181,7 +209,10 @@ def write_table(rows: list[dict]) -> None:
         "The head "
         "(the tied table) stays unquantized, except in `-head` rows (untied, int8). vs "
         "unquantized: against the float model of the same widths (`none-g64` for the -g64 "
-        "rows, whose widths are multiples of 64).\n\n" + "\n".join(lines) + "\n"
+        "rows, whose widths are multiples of 64). Rounding: how the widths became multiples "
+        "of the step (16, or the group size), `mean` (the default, realised mean slice at SP) "
+        "or `nearest` (`--rounding nearest`: each width on its own, as before `mean` "
+        "existed).\n\n" + "\n".join(lines) + "\n"
     )
 
 
@@ -190,14 +221,20 @@ def reference(model: str, scheme: str) -> str:
     return "none-g64" if model != "dense" and SCHEMES[scheme].group == 64 else "none"
 
 
-def key(row: dict) -> tuple[str, str]:
-    return row["model"], row["scheme"]
+def key(row: dict) -> tuple[str, str, str | None]:
+    return row["model"], row["scheme"], row.get("rounding")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.25)
     parser.add_argument("--slicing-base", type=float, default=0.05)
+    parser.add_argument(
+        "--rounding",
+        default="mean",
+        choices=["mean", "nearest"],
+        help="the slicer's rounding of widths (sliced rows)",
+    )
     parser.add_argument(
         "--rows",
         nargs="*",
@@ -254,14 +291,16 @@ def main() -> None:
     done = set() if args.redo else {key(r) for r in read_jsonl(JSONL)}
     for spec in args.rows:
         model, scheme = spec.split(":")
-        if (model, scheme) in done:
-            continue
         row = {
             "model": model,
             "scheme": scheme,
             "sparsity": args.sparsity,
             "slicing_base": args.slicing_base,
         }
+        if model != "dense":
+            row["rounding"] = args.rounding
+        if key(row) in done:
+            continue
         subprocess.run([sys.executable, __file__, "--worker", json.dumps(row)], check=True)
     write_table(read_jsonl(JSONL))
 

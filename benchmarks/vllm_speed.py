@@ -67,6 +67,24 @@ MODELS = {
 }
 
 
+def checkpoint(name: str, rounding: str) -> tuple[Path, str]:
+    """Path and dtype of MODELS[name]; ``benchmarks/quantized.py --rounding nearest`` writes
+    its sliced checkpoints beside the default ones, with a ``-nearest`` suffix."""
+    path, dtype = MODELS[name]
+    if rounding == "nearest" and path.parent == BENCH and not path.name.startswith("dense"):
+        path = path.with_name(f"{path.name}-nearest")
+    return path, dtype
+
+
+def add_rounding_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rounding",
+        default="mean",
+        choices=["mean", "nearest"],
+        help="which sliced checkpoints of benchmarks/quantized.py (its --rounding)",
+    )
+
+
 def start_engine(path: Path, dtype: str, **extra: Any) -> Any:
     """A vLLM engine with the settings every benchmark here measures under."""
     from vllm import LLM
@@ -155,6 +173,7 @@ def main() -> None:
     parser.add_argument(
         "--out", default="vllm_speed", help="results/<out>.jsonl and .md (for a run of a subset)"
     )
+    add_rounding_argument(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.repeats < 1 or args.rounds < 1:
@@ -162,7 +181,7 @@ def main() -> None:
             f"--repeats and --rounds must be at least 1 (got {args.repeats} and {args.rounds})"
         )
     if args.worker:
-        path, dtype = MODELS[args.worker]
+        path, dtype = checkpoint(args.worker, args.rounding)
         report_row(measure(path, dtype, args.new_tokens, args.repeats))
         return
     jsonl = RESULTS / f"{args.out}.jsonl"
@@ -171,16 +190,16 @@ def main() -> None:
     rows = []
     for round_ in range(args.rounds):
         for name in args.models:
-            path, _ = MODELS[name]
+            path, _ = checkpoint(name, args.rounding)
             if not (path / "config.json").exists():
                 print(f"skip {name}: {path} missing (run benchmarks/quantized.py first)")
                 continue
-            cmd = [sys.executable, __file__, "--worker", name]
+            cmd = [sys.executable, __file__, "--worker", name, "--rounding", args.rounding]
             cmd += ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
             result = worker_row(cmd, f"{name}, round {round_}")
             if result is None:
                 continue
-            row = {"model": name, "round": round_, **result}
+            row = {"model": name, "round": round_, "rounding": args.rounding, **result}
             print(json.dumps(row), flush=True)
             rows.append(row)
             with jsonl.open("a") as f:
@@ -206,7 +225,7 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
         b16 = statistics.median(r["b16_tok_s"] for r in mine)
         rel1 = f"{b1 / base[1]:.2f}x" if base else ""
         rel16 = f"{b16 / base[16]:.2f}x" if base else ""
-        mib = weights_mib(MODELS[name][0])
+        mib = weights_mib(checkpoint(name, args.rounding)[0])
         fused = mine[0]["fused_shortcuts"] if name.startswith("sliced") else "-"
         lines.append(
             f"| {name} | {mib:.1f} | {fused} | {len(mine)} | {b1:.1f} | {rel1} | {b16:.1f} "
@@ -217,8 +236,8 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
         f"prompt, bfloat16 activations; medians of {args.rounds} alternating rounds, each "
         f"the median of {args.repeats} timed generations in one engine. Weights "
         "MiB: the checkpoint's safetensors on disk (dense bf16 is the packaged float32 "
-        "file, served as bfloat16). Sliced: SP 0.25, SB 0.05, Hadamard, aligned bases "
-        "(benchmarks/quantized.py); vLLM runs each shortcut in one GEMM with the projection "
+        "file, served as bfloat16). Sliced: SP 0.25, SB 0.05, Hadamard, aligned bases, "
+        f"{args.rounding} rounding of widths (benchmarks/quantized.py); vLLM runs each shortcut in one GEMM with the projection "
         "that reads the same residual (all of them in the bf16 and quantized-shortcut rows, "
         "none where shortcuts stay bf16 beside quantized linears; the fused shortcuts column "
         "counts them in the running engine). Produced by "

@@ -189,6 +189,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
             align_bases=args.align_bases,
             quantize_shortcuts=args.quantize_shortcuts,
             slice_head=args.slice_head,
+            rounding=args.rounding,
             **({"round_to": args.round_to} if args.round_to else {}),
         )
         from transformers import AutoConfig
@@ -292,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="SB in [0, SP] (default 0.2*SP), or 'auto' to choose it on held-out calibration text",
     )
     p.add_argument("--round-to", type=_positive(int), help="width multiple (default 16)")
+    p.add_argument(
+        "--rounding",
+        choices=("mean", "nearest"),
+        default="mean",
+        help="round widths keeping the mean slice at SP (default), or each to its nearest",
+    )
     p.add_argument(
         "--basis",
         choices=["sublayer", "layer"],

@@ -35,7 +35,8 @@ def summary_markdown(checkpoint: str | Path) -> str:
         f"- base architecture: {config['base_model_type']} ({config['num_hidden_layers']} layers, "
         f"hidden {hidden})",
         f"- sparsity (SP) {spec.get('sparsity')}, slicing base (SB) {spec.get('slicing_base')}, "
-        f"round_to {spec.get('round_to')}, basis {spec.get('basis')}",
+        f"round_to {spec.get('round_to')} ({spec.get('rounding', 'nearest')} rounding), "
+        f"basis {spec.get('basis')}",
         f"- mean kept width {sum(spec['mlp_dims']) / len(spec['mlp_dims']):.1f} of {hidden}",
         f"- tied embeddings: {config.get('tie_word_embeddings')}; embedding sliced: "
         f"{spec['embedding_sliced']}; head reads "

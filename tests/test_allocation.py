@@ -34,9 +34,32 @@ def test_more_redundant_layers_are_sliced_more():
 
 
 def test_rounding_to_multiple_within_one_step():
-    dims = allocate_dims(SMOL_LIKE, 576, 0.25, 0.05, round_to=64)
+    dims = allocate_dims(SMOL_LIKE, 576, 0.25, 0.05, round_to=64, rounding="nearest")
     assert all(d % 64 == 0 and 64 <= d <= 576 for d in dims)
     assert abs(np.mean(dims) - 576 * 0.75) <= 64
+
+
+def test_mean_rounding_keeps_the_budget_that_nearest_misses():
+    # Steps of 64 (a quantizer's group size) are where nearest rounding misses SP most.
+    targets = 576 * (1 - slice_fractions(SMOL_LIKE, 0.25, 0.05, max_slice=1 - 64 / 576))
+    nearest = allocate_dims(SMOL_LIKE, 576, 0.25, 0.05, round_to=64, rounding="nearest")
+    kept = allocate_dims(SMOL_LIKE, 576, 0.25, 0.05, round_to=64)
+    assert 1 - np.mean(nearest) / 576 < 0.22  # realised slice far below SP
+    assert abs(sum(kept) - targets.sum()) <= 64 / 2
+    assert all(d % 64 == 0 and abs(d - t) < 64 for d, t in zip(kept, targets, strict=True))
+    # Layers round down or up, not all the same way.
+    assert {d > t for d, t in zip(kept, targets, strict=True)} == {True, False}
+
+
+def test_mean_rounding_moves_equal_widths_together():
+    assert allocate_dims(SMOL_LIKE, 576, 0.1, 0.1, round_to=16) == [512] * len(SMOL_LIKE)
+    dims = allocate_dims([0.1, 0.5, 0.5, 0.5, 0.9], 100, 0.3, 0.0, round_to=10)
+    assert dims[1] == dims[2] == dims[3]
+
+
+def test_unknown_rounding_is_rejected():
+    with pytest.raises(AllocationError, match="rounding must be 'mean' or 'nearest'"):
+        allocate_dims(SMOL_LIKE, 576, 0.25, 0.05, 16, rounding="up")  # type: ignore[arg-type]
 
 
 def test_clamping_redistributes_and_keeps_mean():
@@ -91,8 +114,9 @@ def test_explicit_dims_are_checked():
     base_share=st.floats(0, 1),
     hidden=st.sampled_from([64, 576, 896, 4096]),
     round_to=st.sampled_from([1, 8, 16, 64]),
+    rounding=st.sampled_from(["mean", "nearest"]),
 )
-def test_allocation_properties(scores, sp, base_share, hidden, round_to):
+def test_allocation_properties(scores, sp, base_share, hidden, round_to, rounding):
     sb = sp * base_share
     max_slice = 1 - round_to / hidden
     if sp > max_slice:
@@ -104,9 +128,15 @@ def test_allocation_properties(scores, sp, base_share, hidden, round_to):
     assert np.all(fractions >= sb - 1e-9) and np.all(fractions <= max_slice + 1e-9)
     order = np.argsort(scores, kind="stable")
     assert np.all(np.diff(fractions[order]) >= -1e-9)
-    dims = allocate_dims(scores, hidden, sp, sb, round_to)
+    dims = np.array(allocate_dims(scores, hidden, sp, sb, round_to, rounding=rounding))
+    targets = hidden * (1 - fractions)
     assert all(d % round_to == 0 and round_to <= d <= hidden for d in dims)
-    assert abs(np.mean(dims) - hidden * (1 - sp)) <= round_to
+    assert np.all(np.abs(dims - targets) < round_to + 1e-6)
+    assert abs(dims.mean() - hidden * (1 - sp)) <= round_to / 2 + 1e-6
+    # A more redundant layer is never kept wider.
+    assert np.all(np.diff(dims[order]) <= 0)
+    if rounding == "mean" and np.unique(targets.round(6)).size == targets.size:
+        assert abs(dims.sum() - targets.sum()) <= round_to / 2 + 1e-6
 
 
 def test_block_hadamard_is_orthogonal_for_any_width():

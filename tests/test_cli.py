@@ -93,6 +93,8 @@ def test_compress_writes_model_report_and_summary(workdir):
         "0.25",
         "--round-to",
         "8",
+        "--rounding",
+        "nearest",
         *SMALL,
         *DATA,
         "--eval-windows",
@@ -101,7 +103,9 @@ def test_compress_writes_model_report_and_summary(workdir):
     )
     out = workdir / "out"
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
-    assert (out / "slicing_report.md").read_text().startswith("# Sliced checkpoint")
+    assert json.loads((out / "config.json").read_text())["slicing"]["rounding"] == "nearest"
+    report = (out / "slicing_report.md").read_text()
+    assert report.startswith("# Sliced checkpoint") and "round_to 8 (nearest rounding)" in report
     assert (out / "slicing_report.png").read_bytes()[:4] == b"\x89PNG"
     assert "parameters:" in result.stdout and "weights on disk" in result.stdout
     assert "perplexity (1 x 1024 tokens): dense" in result.stdout

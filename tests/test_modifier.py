@@ -136,6 +136,25 @@ def test_width_rounding_to_zero(tiny_dir):
         run_oneshot(tiny_dir, recipe)
 
 
+@pytest.mark.parametrize(
+    ("rounding", "dims"), [("mean", [56, 48, 48, 40]), ("nearest", [64, 48, 48, 40])]
+)
+def test_rounding_keeps_the_mean_slice_at_sparsity(tmp_path, rounding, dims):
+    # Nearest rounding of these scores keeps 200 of 4 x 48 dims: a realised slice of 0.219.
+    model_dir = save_tiny(tmp_path / "in", layers=4)
+    recipe = RECIPE.replace("slicing_base: 0.10", "slicing_base: 0.05") + (
+        f"      rounding: {rounding}\n"
+        "      profitable_only: false\n"
+        "      layer_scores: [0.1, 0.6, 0.65, 0.9]\n"
+    )
+    model = run_oneshot(model_dir, recipe)
+    spec = model.config.slicing
+    assert spec["rounding"] == rounding
+    assert spec["mlp_dims"] == dims
+    if rounding == "mean":
+        assert sum(dims) == 4 * 48
+
+
 def test_explicit_dims_and_scores_are_validated(tiny_dir):
     with pytest.raises(AllocationError, match="3 decoder layers"):
         run_oneshot(tiny_dir, [DynamicSliceModifier(layer_dims=[32, 32])])

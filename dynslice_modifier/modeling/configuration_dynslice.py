@@ -175,7 +175,8 @@ class DynSliceConfig(PretrainedConfig):
     - ``unit_norms``: whether every in-layer norm weight is one (nothing folded a smoothing
       scale into them), which lets vLLM run each shortcut in one GEMM with the projection
       that reads the same residual; absent means false;
-    - provenance: ``lr_scores``, ``sparsity``, ``slicing_base``, ``round_to``, ``parameters``.
+    - provenance: ``lr_scores``, ``sparsity``, ``slicing_base``, ``round_to``, ``rounding``,
+      ``parameters``.
 
     Without ``final_dim`` the last layer writes the residual back in the original basis at
     full width, so the final norm and the head (tied or not) are the base model's own.
