@@ -102,10 +102,11 @@ def round_dims(
     ``nearest`` rounds every width on its own, so the realised mean slice can miss SP by
     up to half a step (SmolLM2 at SP 0.25, SB 0.05: 0.241 with steps of 16, 0.215 with 64),
     and dynamic and constant slicing are then compared at different sizes. ``mean`` rounds
-    each width down or up (never further than one step) so that their sum is as close as
-    possible to the unrounded sum: largest remainders go up first (Hamilton's method).
-    Layers with equal targets are rounded together, so constant slicing stays constant,
-    and a more redundant layer never ends up wider than a less redundant one.
+    each width down or up (never further than one step), largest remainders up first
+    (Hamilton's method), so that their sum stays within half a step of the unrounded sum.
+    Layers with equal targets are rounded together, so constant slicing stays constant
+    (the sum can then miss by more), and a more redundant layer never ends up wider than a
+    less redundant one.
     """
     if not 1 <= round_to <= hidden_size:
         raise AllocationError(f"round_to must be in [1, hidden_size={hidden_size}], got {round_to}")
