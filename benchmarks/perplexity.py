@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from common import RESULTS, append_jsonl, peak_rss_mib, protocol, read_jsonl
+from rounding import add_rounding_argument
 
 JSONL = RESULTS / "perplexity.jsonl"
 SCORES = RESULTS / "smollm2_lr_scores.json"
@@ -289,7 +290,7 @@ def main() -> None:
     parser.add_argument("--normalization", default="minmax", choices=["minmax", "rank"])
     parser.add_argument("--untie", action="store_true")
     parser.add_argument("--round-to", type=int, default=16)
-    parser.add_argument("--rounding", default="mean", choices=["mean", "nearest"])
+    add_rounding_argument(parser, "the slicer's rounding of widths (dynamic rows)")
     parser.add_argument(
         "--profitable-only",
         action="store_true",

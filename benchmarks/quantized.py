@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from common import RESULTS, append_jsonl, protocol, read_jsonl
+from rounding import add_rounding_argument, rounded_name
 
 JSONL = RESULTS / "quantized.jsonl"
 SCORES = RESULTS / "smollm2_lr_scores.json"
@@ -142,8 +143,8 @@ def run_row(row: dict) -> dict:
     model = AutoModelForCausalLM.from_pretrained(out)
     size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
     spec = getattr(model.config, "slicing", None)
-    kept = 1.0 if spec is None else sum(spec["mlp_dims"]) / len(spec["mlp_dims"])
-    mean_slice = 1.0 - kept / model.config.hidden_size if spec else 0.0
+    dims = spec["mlp_dims"] if spec else []
+    mean_slice = 1.0 - sum(dims) / (len(dims) * model.config.hidden_size) if dims else 0.0
     return dict(
         row,
         mean_slice=round(mean_slice, 4),
@@ -155,8 +156,7 @@ def run_row(row: dict) -> dict:
 
 
 def checkpoint_name(row: dict) -> str:
-    suffix = "-nearest" if row.get("rounding") == "nearest" else ""
-    return f"{row['model']}-{row['scheme']}{suffix}"
+    return rounded_name(f"{row['model']}-{row['scheme']}", row.get("rounding"))
 
 
 def write_table(rows: list[dict]) -> None:
@@ -229,12 +229,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.25)
     parser.add_argument("--slicing-base", type=float, default=0.05)
-    parser.add_argument(
-        "--rounding",
-        default="mean",
-        choices=["mean", "nearest"],
-        help="the slicer's rounding of widths (sliced rows)",
-    )
+    add_rounding_argument(parser, "the slicer's rounding of widths (sliced rows)")
     parser.add_argument(
         "--rows",
         nargs="*",

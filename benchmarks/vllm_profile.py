@@ -21,9 +21,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from rounding import add_rounding_argument
 from vllm_speed import (
     RESULTS,
-    add_rounding_argument,
+    ROUNDING_HELP,
     checkpoint,
     report_row,
     start_engine,
@@ -98,7 +99,7 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=64)
-    add_rounding_argument(parser)
+    add_rounding_argument(parser, ROUNDING_HELP)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

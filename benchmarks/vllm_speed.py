@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rounding import add_rounding_argument, rounded_name
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BENCH = ROOT / "out" / "bench"
@@ -71,18 +73,12 @@ def checkpoint(name: str, rounding: str) -> tuple[Path, str]:
     """Path and dtype of MODELS[name]; ``benchmarks/quantized.py --rounding nearest`` writes
     its sliced checkpoints beside the default ones, with a ``-nearest`` suffix."""
     path, dtype = MODELS[name]
-    if rounding == "nearest" and path.parent == BENCH and not path.name.startswith("dense"):
-        path = path.with_name(f"{path.name}-nearest")
+    if path.parent == BENCH and not path.name.startswith("dense"):
+        path = path.with_name(rounded_name(path.name, rounding))
     return path, dtype
 
 
-def add_rounding_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--rounding",
-        default="mean",
-        choices=["mean", "nearest"],
-        help="which sliced checkpoints of benchmarks/quantized.py (its --rounding)",
-    )
+ROUNDING_HELP = "which sliced checkpoints of benchmarks/quantized.py (its --rounding)"
 
 
 def start_engine(path: Path, dtype: str, **extra: Any) -> Any:
@@ -173,7 +169,7 @@ def main() -> None:
     parser.add_argument(
         "--out", default="vllm_speed", help="results/<out>.jsonl and .md (for a run of a subset)"
     )
-    add_rounding_argument(parser)
+    add_rounding_argument(parser, ROUNDING_HELP)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.repeats < 1 or args.rounds < 1:

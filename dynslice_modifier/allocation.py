@@ -11,7 +11,7 @@ mean``). SB == SP gives every layer the same width: plain SliceGPT.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -110,7 +110,7 @@ def round_dims(
     """
     if not 1 <= round_to <= hidden_size:
         raise AllocationError(f"round_to must be in [1, hidden_size={hidden_size}], got {round_to}")
-    if rounding not in ("mean", "nearest"):
+    if rounding not in get_args(Rounding):
         raise AllocationError(f"rounding must be 'mean' or 'nearest', got {rounding!r}")
     targets = hidden_size * (1.0 - np.asarray(fractions, dtype=np.float64))
     steps = targets / round_to

@@ -12,7 +12,9 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+from dynslice_modifier.allocation import Rounding
 
 QUANT_SCHEMES = ("none", "w4a16", "w8a8", "fp8")
 
@@ -295,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=_positive(int), help="width multiple (default 16)")
     p.add_argument(
         "--rounding",
-        choices=("mean", "nearest"),
+        choices=get_args(Rounding),
         default="mean",
         help="round widths keeping the mean slice at SP (default), or each to its nearest",
     )

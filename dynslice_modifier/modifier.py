@@ -14,7 +14,12 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from dynslice_modifier.adapters import get_adapter
-from dynslice_modifier.allocation import allocate_dims, check_explicit_dims, check_fractions
+from dynslice_modifier.allocation import (
+    Rounding,
+    allocate_dims,
+    check_explicit_dims,
+    check_fractions,
+)
 from dynslice_modifier.budget import ParameterCounter, solve_sparsity, unprofitable_layers
 from dynslice_modifier.calibration import LayerInputs, capture_layer_inputs
 from dynslice_modifier.distributed import is_distributed, shared_across_ranks, sum_over_ranks
@@ -159,7 +164,7 @@ class DynamicSliceModifier(Modifier):
     auto_fractions: list[float] | None = None
     auto_holdout: float = 0.25
     round_to: int = 16
-    rounding: Literal["mean", "nearest"] = "mean"
+    rounding: Rounding = "mean"
     layer_dims: list[int] | None = None
     layer_scores: list[float] | None = None
     normalization: Literal["minmax", "rank"] = "minmax"

@@ -1,0 +1,20 @@
+"""The benchmarks' ``--rounding``: which of the slicer's rounding modes a run uses, and
+where ``benchmarks/quantized.py`` keeps the checkpoints of each (both environments import
+this, so it stays free of llm-compressor and vLLM)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import get_args
+
+from dynslice_modifier.allocation import Rounding
+
+
+def add_rounding_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--rounding", default="mean", choices=get_args(Rounding), help=help)
+
+
+def rounded_name(name: str, rounding: str | None) -> str:
+    """A sliced checkpoint's directory name: the default (mean) rounding's plain, the
+    ``nearest`` one's beside it with a suffix."""
+    return f"{name}-nearest" if rounding == "nearest" else name
