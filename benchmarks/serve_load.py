@@ -2,7 +2,11 @@
 
 Run with the serving environment::
 
-    .venv-serve/bin/python benchmarks/serve_load.py [--model out/bench/sliced-w8a8]
+    .venv-serve/bin/python benchmarks/serve_load.py [--model CHECKPOINT]
+
+The default checkpoint is the model ``recipes/slice_w8a8.yaml`` builds, as
+``benchmarks/quantized.py`` writes it (``benchmarks/vllm_speed.py`` names it
+"sliced W8A8, shortcuts + sliced head int8").
 
 Starts the OpenAI-compatible server, sends every prompt alone (the sequential reference),
 then ``--rounds`` rounds of ``--concurrency`` simultaneous completion requests (greedy,
@@ -28,8 +32,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from vllm_speed import MODELS, RESULTS, ROOT
+
+RECIPE_MODEL = MODELS["sliced W8A8, shortcuts + sliced head int8"][0]
 
 
 def _post(url: str, payload: dict, timeout: float = 600) -> dict:
@@ -66,7 +71,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT / "out" / "bench" / "sliced-w8a8"))
+    parser.add_argument("--model", default=str(RECIPE_MODEL))
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)
