@@ -19,6 +19,7 @@ import torch
 from common import RESULTS, peak_rss_mib, protocol
 from transformers import AutoModelForCausalLM
 
+from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.adapters import get_adapter
 from dynslice_modifier.allocation import allocate_dims
 from dynslice_modifier.calibration import capture_layer_inputs, onloaded, to_device
@@ -53,10 +54,29 @@ def main() -> None:
     scores = redundancy_scores(adapter, layers, inputs, device)
     lr_s = time.perf_counter() - start
 
-    dims = allocate_dims(scores, model.config.hidden_size, 0.25, 0.05, 16)
+    # The modifier's defaults: its rounding of widths, Hadamard and aligned bases (one more
+    # SVD per basis), so the cost is that of the recipe users run.
+    defaults = DynamicSliceModifier(sparsity=0.25, slicing_base=0.05)
+    dims = allocate_dims(
+        scores,
+        model.config.hidden_size,
+        defaults.sparsity,
+        defaults.slicing_base,
+        defaults.round_to,
+        rounding=defaults.rounding,
+    )
     inputs = capture_layer_inputs(model, layers[0], batches)
     start = time.perf_counter()
-    RotateAndSlice(model, adapter, dims, device).run(inputs)
+    slicer = RotateAndSlice(
+        model,
+        adapter,
+        dims,
+        device,
+        defaults.basis,
+        hadamard=defaults.hadamard,
+        align=defaults.align_bases,
+    )
+    slicer.run(inputs)
     slice_s = time.perf_counter() - start
     # The sliced layers are smaller, so the closing forward runs on an unsliced copy.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -66,6 +86,11 @@ def main() -> None:
 
     result = {
         "calibration": f"{args.n_calib}x512 tokens",
+        "slicer": {
+            "rounding": defaults.rounding,
+            "hadamard": defaults.hadamard,
+            "align_bases": defaults.align_bases,
+        },
         "forward_s": round(forward_s, 1),
         "forward_before_after_s": [round(forward_before, 1), round(forward_after, 1)],
         "lr_pass_s": round(lr_s, 1),
