@@ -178,6 +178,7 @@ def write_table(rows: list[dict]) -> None:
         "sliced-aligned",
         "sliced-hadamard-aligned",
         "sliced-hadamard-aligned-layer",
+        "sliced-aligned-sliced-head",
         "sliced-hadamard-aligned-sliced-head",
     ]
     rows = sorted(
@@ -201,9 +202,10 @@ def write_table(rows: list[dict]) -> None:
     (RESULTS / "quantized.md").write_text(
         "SmolLM2-135M, WikiText-2 protocol (64x512 calibration, 32x1024 evaluation). Produced by "
         "`python benchmarks/quantized.py`. Sliced = SP 0.25, SB 0.05 dynamic; "
-        "-hadamard rows have `hadamard: true`, -aligned rows `align_bases: true` (both are "
-        "the defaults), the others turn them off; -layer rows have `basis: layer`, -sliced-head "
-        "rows `slice_head: true`. Shortcut matrices stay in model dtype, except in `-qs` rows "
+        "-hadamard rows have `hadamard: true`, -aligned rows `align_bases: true`, the others "
+        "turn them off (the defaults: aligned, no Hadamard, so `sliced-aligned` rows); -layer "
+        "rows have `basis: layer`, -sliced-head rows `slice_head: true`. Shortcut matrices "
+        "stay in model dtype, except in `-qs` rows "
         "(`quantize_shortcuts: true`: quantized with the rest, or in a group of their own at "
         "int8, W8A8, in `-qs8` rows); `-mse` rows pick weight scales with `observer: mse`. "
         "The head "
@@ -266,6 +268,17 @@ def main() -> None:
             "sliced-hadamard-aligned:w4a16-g64-mse",
             "sliced-hadamard-aligned:w4a16-g64-qs-mse",
             "sliced-hadamard-aligned:w4a16-g64-mse-qs8",
+            # The defaults since the Hadamard comparison at mean rounding: aligned bases only.
+            "sliced-aligned:none",
+            "sliced-aligned:none-g64",
+            "sliced-aligned:w8a8",
+            "sliced-aligned:w8a8-qs",
+            "sliced-aligned:w4a16-g64-mse",
+            "sliced-aligned:w4a16-g64-qs-mse",
+            "sliced-aligned:w4a16-g64-mse-qs8",
+            "sliced-aligned:fp8",
+            "sliced-aligned-sliced-head:none",
+            "sliced-aligned-sliced-head:w8a8-qs-head",
         ],
     )
     parser.add_argument(

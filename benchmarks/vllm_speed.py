@@ -37,7 +37,9 @@ MODELS = {
     "dense bf16": (SMOLLM2 / "SmolLM2-135M-Instruct", "bfloat16"),
     "dense W8A8": (BENCH / "dense-w8a8", "bfloat16"),
     "dense W4A16 (g64)": (BENCH / "dense-w4a16-g64", "bfloat16"),
-    # Sliced = the defaults of benchmarks/quantized.py's table (Hadamard, aligned bases).
+    # Sliced = benchmarks/quantized.py's Hadamard + aligned checkpoints, the defaults when
+    # these were first measured; Hadamard changes no shape, so the GEMMs are those of
+    # today's default (aligned bases only).
     "sliced bf16": (BENCH / "sliced-hadamard-aligned-none", "bfloat16"),
     "sliced W8A8, shortcuts bf16": (BENCH / "sliced-hadamard-aligned-w8a8", "bfloat16"),
     "sliced W8A8, shortcuts int8": (BENCH / "sliced-hadamard-aligned-w8a8-qs", "bfloat16"),

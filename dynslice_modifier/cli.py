@@ -311,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--hadamard",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="fold block Hadamard rotations into the kept bases (default; helps quantization)",
+        default=False,
+        help="fold block Hadamard rotations into the kept bases (off by default: with "
+        "aligned bases it did not help quantization in the README's table)",
     )
     p.add_argument(
         "--align-bases",

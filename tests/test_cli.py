@@ -115,7 +115,7 @@ def test_compress_writes_model_report_and_summary(workdir):
 
 def test_compress_can_quantize_the_shortcuts_and_slice_and_quantize_the_head(workdir, capsys):
     args = ["compress", "tiny", "out-qs", "--sparsity", "0.25", "--round-to", "8"]
-    args += ["--quantize", "w8a8", "--quantize-shortcuts", "--quantize-head", "--no-hadamard"]
+    args += ["--quantize", "w8a8", "--quantize-shortcuts", "--quantize-head", "--hadamard"]
     code, _, err = run_main(*args, "--slice-head", *SMALL, *DATA, cwd=workdir, capsys=capsys)
     assert code == 0, err
     config = json.loads((workdir / "out-qs" / "config.json").read_text())
@@ -123,7 +123,7 @@ def test_compress_can_quantize_the_shortcuts_and_slice_and_quantize_the_head(wor
     # The int8 head reads the last layer's width.
     final = config["slicing"]["final_dim"]
     assert final == config["slicing"]["mlp_dims"][-1] < config["hidden_size"]
-    assert config["slicing"]["hadamard"] is False
+    assert config["slicing"]["hadamard"] is True
     ignored = config["quantization_config"]["ignore"]
     assert not any("shortcut" in name or "lm_head" in name for name in ignored), ignored
     assert config["tie_word_embeddings"] is False
