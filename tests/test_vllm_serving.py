@@ -374,21 +374,21 @@ def test_vllm_matches_transformers(
     head = "CompressedTensorsLinearMethod" if case.quantize_head else "UnquantizedEmbeddingMethod"
     assert got["lm_head"] == head, got["lm_head"]
     atol = QUANTIZED_ATOL if case.quantize else LOGPROB_ATOL[got["dtype"]]
-    worst = 0.0
+    worst, whole = 0.0, 0
     for prompt, ref, out in zip(PROMPTS, hf_reference(path), got["results"], strict=True):
         assert out["prompt"] == prompt
         where = f"{case.name}, prompt {prompt}"
         diff = _max_abs_diff(out["prompt_logprobs"], ref["prompt_logprobs"])
         assert diff <= atol, f"{where}: prompt log-probs differ by {diff:.2e} (> {atol})"
 
-        assert out["token_ids"][0] == ref["token_ids"][0], (
-            f"{where}: first token {out['token_ids'][0]} != transformers' {ref['token_ids'][0]}"
-        )
         same = 0
         while same < MAX_TOKENS and out["token_ids"][same] == ref["token_ids"][same]:
             same += 1
+        whole += same == MAX_TOKENS
         if same < MAX_TOKENS:
-            # Only a near tie in the reference may send the two engines different ways.
+            # Only a near tie in the reference may send the two engines different ways, at
+            # the first token as at any other: logits that agree within atol can still
+            # order two candidates differently when they are closer than 2 * atol.
             assert ref["margins"][same] <= 2 * atol, (
                 f"{where}: vLLM {out['token_ids']} vs transformers {ref['token_ids']} "
                 f"diverge at step {same} where the top-2 margin is {ref['margins'][same]:.3f}"
@@ -396,7 +396,12 @@ def test_vllm_matches_transformers(
         diff = _max_abs_diff(out["logprobs"][:same], ref["logprobs"][:same])
         assert diff <= atol, f"{where}: generated-token log-probs differ by {diff:.2e}"
         worst = max(worst, diff, _max_abs_diff(out["prompt_logprobs"], ref["prompt_logprobs"]))
-    print(f"\n{case.name}: max |log-prob difference| {worst:.2e} (tolerance {atol})")
+    # Near ties excuse a prompt from some step on, never the whole case.
+    assert whole >= 1, f"{case.name}: no greedy continuation agrees to the end"
+    print(
+        f"\n{case.name}: max |log-prob difference| {worst:.2e} (tolerance {atol}), "
+        f"{whole}/{len(PROMPTS)} greedy continuations equal"
+    )
 
 
 def test_newer_slicing_format_is_refused(vllm_results: dict[str, Any]) -> None:
