@@ -30,7 +30,11 @@ from pathlib import Path
 import torch
 from vllm_speed import RESULTS, checkpoint
 
-from dynslice_modifier.modeling.configuration_dynslice import DynSliceConfig, has_input_projection
+from dynslice_modifier.modeling.configuration_dynslice import (
+    DynSliceConfig,
+    final_width,
+    has_input_projection,
+)
 from dynslice_modifier.modeling.modeling_dynslice import layer_widths
 
 # (name in vllm_speed.MODELS, whether its linears are int8, whether its head is)
@@ -65,7 +69,7 @@ def step_shapes(path: Path) -> tuple[list[tuple[int, int]], tuple[int, int]]:
         mlp_sc = out if spec["mlp_shortcuts"][idx] else 0
         shapes += [(qkv + attn_sc, attn), (mlp, heads * head_dim)]
         shapes += [(2 * inter + mlp_sc, mlp), (out, inter)]
-    return shapes, (config["vocab_size"], layer_widths(sliced, sliced.num_hidden_layers - 1)[2])
+    return shapes, (config["vocab_size"], final_width(spec, hidden))
 
 
 def gemm(n: int, k: int, m: int, int8: bool) -> Callable[[], None]:
