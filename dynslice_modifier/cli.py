@@ -51,6 +51,36 @@ def _slicing_base(text: str) -> float | str:
     return "auto" if text == "auto" else _fraction(text)
 
 
+# DynamicSliceModifier fields that `compress` exposes as flags of the same name. The flags
+# hold no defaults of their own: an unset one is left out, so the modifier applies its
+# default (and can tell an explicit round_to from its own), and --help reads it from there.
+SLICER_FLAGS = (
+    "round_to",
+    "rounding",
+    "basis",
+    "normalization",
+    "hadamard",
+    "align_bases",
+    "untie_embeddings",
+    "slice_head",
+    "quantize_shortcuts",
+)
+
+
+def _slicer_flag(p: argparse.ArgumentParser, field: str, help: str, **kwargs: Any) -> None:
+    """``--<field>`` for ``DynamicSliceModifier.<field>``; --help shows the modifier's default."""
+    from dynslice_modifier.modifier import DynamicSliceModifier
+
+    if field not in SLICER_FLAGS:
+        raise ValueError(f"{field} is not listed in SLICER_FLAGS")
+    default = DynamicSliceModifier.model_fields[field].default
+    if isinstance(default, bool):
+        kwargs["action"] = argparse.BooleanOptionalAction
+        default = "on" if default else "off"
+    flag = "--" + field.replace("_", "-")
+    p.add_argument(flag, default=None, help=f"{help} (default: {default})", **kwargs)
+
+
 def _windows(tokenizer: Any, args: argparse.Namespace):
     from dynslice_modifier.evaluation import split_protocol, wikitext_tokens
 
@@ -156,9 +186,23 @@ def cmd_compress(args: argparse.Namespace) -> None:
     # Slicing and quantizing shrink the weights; rotation alone (SP 0) adds shortcut
     # matrices, hence the margin over the input's size.
     check_free_space(output, int(1.25 * dense_bytes) + 2**20)
-    flags = args.sparsity is not None or args.target_params is not None or args.quantize != "none"
-    if args.recipe and flags:
-        raise ValueError("give either --recipe or --sparsity/--target-params/--quantize, not both")
+    given = [
+        "--" + name.replace("_", "-")
+        for name in ("sparsity", "target_params", "slicing_base", *SLICER_FLAGS)
+        if getattr(args, name) is not None
+    ]
+    given += [
+        flag
+        for flag, on in (
+            ("--quantize", args.quantize != "none"),
+            ("--quantize-head", args.quantize_head),
+        )
+        if on
+    ]
+    if args.recipe and given:
+        raise ValueError(
+            f"--recipe sets the whole recipe; drop {' '.join(given)} or put them in the recipe"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     calib, evaluation = _windows(tokenizer, args)
     dataset = Dataset.from_dict(
@@ -184,21 +228,13 @@ def cmd_compress(args: argparse.Namespace) -> None:
         slicer = DynamicSliceModifier(
             **budget,
             slicing_base=args.slicing_base,
-            basis=args.basis,
-            normalization=args.normalization,
-            untie_embeddings=args.untie_embeddings,
-            hadamard=args.hadamard,
-            align_bases=args.align_bases,
-            quantize_shortcuts=args.quantize_shortcuts,
-            slice_head=args.slice_head,
-            rounding=args.rounding,
-            **({"round_to": args.round_to} if args.round_to else {}),
+            **{f: getattr(args, f) for f in SLICER_FLAGS if getattr(args, f) is not None},
         )
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(path)
         quantizers = quant_modifiers(
-            args.quantize, config, args.quantize_shortcuts, args.quantize_head
+            args.quantize, config, slicer.quantize_shortcuts, args.quantize_head
         )
         recipe = [slicer, *quantizers]
     torch.manual_seed(args.seed)
@@ -294,43 +330,44 @@ def build_parser() -> argparse.ArgumentParser:
         type=_slicing_base,
         help="SB in [0, SP] (default 0.2*SP), or 'auto' to choose it on held-out calibration text",
     )
-    p.add_argument("--round-to", type=_positive(int), help="width multiple (default 16)")
-    p.add_argument(
-        "--rounding",
+    _slicer_flag(
+        p,
+        "round_to",
+        "width multiple; left unset, it rises to what --quantize's kernels need",
+        type=_positive(int),
+    )
+    _slicer_flag(
+        p,
+        "rounding",
+        "round widths keeping the mean slice at SP, or each to its nearest",
         choices=get_args(Rounding),
-        default="mean",
-        help="round widths keeping the mean slice at SP (default), or each to its nearest",
     )
-    p.add_argument(
-        "--basis",
+    _slicer_flag(
+        p,
+        "basis",
+        "PCA basis per sub-layer (SliceGPT) or per layer (fewer shortcuts)",
         choices=["sublayer", "layer"],
-        default="sublayer",
-        help="PCA basis per sub-layer (SliceGPT) or per layer (fewer shortcuts)",
     )
-    p.add_argument("--normalization", choices=["minmax", "rank"], default="minmax")
-    p.add_argument(
-        "--hadamard",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="fold block Hadamard rotations into the kept bases (off by default: with "
-        "aligned bases it did not help quantization in the README's table)",
+    _slicer_flag(
+        p, "normalization", "how LR scores are spread over [0, 1]", choices=["minmax", "rank"]
     )
-    p.add_argument(
-        "--align-bases",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="align consecutive bases so shortcuts are near the identity and stored as "
-        "their difference from it (default; helps quantized shortcuts)",
+    _slicer_flag(
+        p,
+        "hadamard",
+        "fold block Hadamard rotations into the kept bases (with aligned bases it did not "
+        "help quantization in the README's table)",
     )
-    p.add_argument(
-        "--untie-embeddings",
-        action="store_true",
-        help="untie a tied head and slice the embedding table",
+    _slicer_flag(
+        p,
+        "align_bases",
+        "align consecutive bases so shortcuts are near the identity and stored as their "
+        "difference from it (helps quantized shortcuts)",
     )
-    p.add_argument(
-        "--slice-head",
-        action="store_true",
-        help="slice the head's input too (a tied table is untied for it; pays off with "
+    _slicer_flag(p, "untie_embeddings", "untie a tied head and slice the embedding table")
+    _slicer_flag(
+        p,
+        "slice_head",
+        "slice the head's input too (a tied table is untied for it; pays off with "
         "--quantize-head or an untied model)",
     )
     p.add_argument(
@@ -339,11 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="quantize after slicing in the same oneshot pass",
     )
-    p.add_argument(
-        "--quantize-shortcuts",
-        action="store_true",
-        help="let --quantize take the shortcut matrices too (smaller and faster; they are "
-        "kept in model dtype by default)",
+    _slicer_flag(
+        p,
+        "quantize_shortcuts",
+        "let --quantize take the shortcut matrices too (smaller and faster; off, they stay "
+        "in model dtype)",
     )
     p.add_argument(
         "--quantize-head",

@@ -13,7 +13,7 @@ import torch
 from conftest import save_tiny
 from safetensors.torch import load_file
 
-from dynslice_modifier.cli import main
+from dynslice_modifier.cli import SLICER_FLAGS, build_parser, main
 from dynslice_modifier.evaluation import DEFAULT_WIKITEXT
 
 DATA = ["--data", str(DEFAULT_WIKITEXT)]
@@ -81,6 +81,22 @@ def test_help_is_complete(command, workdir, capsys):
             "--data",
         ):
             assert flag in out
+
+
+def test_slicer_flags_take_their_defaults_from_the_modifier():
+    from dynslice_modifier import DynamicSliceModifier
+
+    parser = build_parser()
+    compress = parser._subparsers._group_actions[0].choices["compress"]
+    actions = {a.dest: a for a in compress._actions}
+    for field in SLICER_FLAGS:
+        default = DynamicSliceModifier.model_fields[field].default
+        shown = ("on" if default else "off") if isinstance(default, bool) else default
+        # Unset flags are left out of the modifier's arguments, so it applies its own default.
+        assert actions[field].default is None, field
+        assert actions[field].help.endswith(f"(default: {shown})"), actions[field].help
+    args = parser.parse_args(["compress", "m", "o", "--no-align-bases", "--round-to", "32"])
+    assert args.align_bases is False and args.round_to == 32 and args.hadamard is None
 
 
 def test_compress_writes_model_report_and_summary(workdir):
@@ -179,6 +195,10 @@ def test_scores_eval_and_report(workdir, capsys):
         (
             ["compress", "tiny", "bad", "--quantize", "fp8", "--quantize-head"],
             "--quantize-head is offered with --quantize w8a8 only",
+        ),
+        (
+            ["compress", "tiny", "bad", "--recipe", "r.yaml", "--hadamard", "--round-to", "8"],
+            "drop --round-to --hadamard or put them in the recipe",
         ),
         (["frobnicate"], "invalid choice"),
     ],
