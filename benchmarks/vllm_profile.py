@@ -21,11 +21,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rounding import add_rounding_argument
 from vllm_speed import (
     RESULTS,
-    ROUNDING_HELP,
+    add_checkpoint_arguments,
     checkpoint,
+    checkpoint_flags,
     report_row,
     start_engine,
     token_prompts,
@@ -99,16 +99,16 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=64)
-    add_rounding_argument(parser, ROUNDING_HELP)
+    add_checkpoint_arguments(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        path, dtype = checkpoint(args.worker, args.rounding)
+        path, dtype = checkpoint(args.worker, args.rounding, args.hadamard)
         report_row(profile(path, dtype, args.batch, args.steps))
         return
     rows = {}
     for name in args.models:
-        cmd = [sys.executable, __file__, "--worker", name, "--rounding", args.rounding]
+        cmd = [sys.executable, __file__, "--worker", name, *checkpoint_flags(args)]
         cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
         row = worker_row(cmd, name)
         if row is None:

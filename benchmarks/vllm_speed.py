@@ -37,50 +37,66 @@ MODELS = {
     "dense bf16": (SMOLLM2 / "SmolLM2-135M-Instruct", "bfloat16"),
     "dense W8A8": (BENCH / "dense-w8a8", "bfloat16"),
     "dense W4A16 (g64)": (BENCH / "dense-w4a16-g64", "bfloat16"),
-    # Sliced = benchmarks/quantized.py's Hadamard + aligned checkpoints, the defaults when
-    # these were first measured; Hadamard changes no shape, so the GEMMs are those of
-    # today's default (aligned bases only).
-    "sliced bf16": (BENCH / "sliced-hadamard-aligned-none", "bfloat16"),
-    "sliced W8A8, shortcuts bf16": (BENCH / "sliced-hadamard-aligned-w8a8", "bfloat16"),
-    "sliced W8A8, shortcuts int8": (BENCH / "sliced-hadamard-aligned-w8a8-qs", "bfloat16"),
+    # Sliced = benchmarks/quantized.py's aligned checkpoints, today's defaults; --hadamard
+    # takes its Hadamard variants instead (same shapes), which the earlier results measured.
+    "sliced bf16": (BENCH / "sliced-aligned-none", "bfloat16"),
+    "sliced W8A8, shortcuts bf16": (BENCH / "sliced-aligned-w8a8", "bfloat16"),
+    "sliced W8A8, shortcuts int8": (BENCH / "sliced-aligned-w8a8-qs", "bfloat16"),
     "sliced W8A8, shortcuts + head int8": (
-        BENCH / "sliced-hadamard-aligned-w8a8-qs-head",
+        BENCH / "sliced-aligned-w8a8-qs-head",
         "bfloat16",
     ),
     "sliced W8A8, shortcuts + sliced head int8": (
-        BENCH / "sliced-hadamard-aligned-sliced-head-w8a8-qs-head",
+        BENCH / "sliced-aligned-sliced-head-w8a8-qs-head",
         "bfloat16",
     ),
     "sliced W8A8 (one basis per layer), shortcuts + head int8": (
-        BENCH / "sliced-hadamard-aligned-layer-w8a8-qs-head",
+        BENCH / "sliced-aligned-layer-w8a8-qs-head",
         "bfloat16",
     ),
     "sliced W4A16 (g64), shortcuts bf16": (
-        BENCH / "sliced-hadamard-aligned-w4a16-g64",
+        BENCH / "sliced-aligned-w4a16-g64",
         "bfloat16",
     ),
     # recipes/slice_w4a16.yaml at groups of 64: MSE scales, int8 shortcuts (W8A8).
     "sliced W4A16 (g64), shortcuts int8": (
-        BENCH / "sliced-hadamard-aligned-w4a16-g64-mse-qs8",
+        BENCH / "sliced-aligned-w4a16-g64-mse-qs8",
         "bfloat16",
     ),
     "sliced W4A16 (g64), shortcuts 4-bit": (
-        BENCH / "sliced-hadamard-aligned-w4a16-g64-qs",
+        BENCH / "sliced-aligned-w4a16-g64-qs",
         "bfloat16",
     ),
 }
 
 
-def checkpoint(name: str, rounding: str) -> tuple[Path, str]:
-    """Path and dtype of MODELS[name]; ``benchmarks/quantized.py --rounding nearest`` writes
-    its sliced checkpoints beside the default ones, with a ``-nearest`` suffix."""
+ROUNDING_HELP = "which sliced checkpoints of benchmarks/quantized.py (its --rounding)"
+
+
+def checkpoint(name: str, rounding: str, hadamard: bool = False) -> tuple[Path, str]:
+    """Path and dtype of MODELS[name]; ``benchmarks/quantized.py`` writes its Hadamard
+    variants as ``sliced-hadamard-...`` and its ``--rounding nearest`` checkpoints with a
+    ``-nearest`` suffix, beside the default ones."""
     path, dtype = MODELS[name]
-    if path.parent == BENCH and not path.name.startswith("dense"):
-        path = path.with_name(rounded_name(path.name, rounding))
+    if path.parent == BENCH and path.name.startswith("sliced-"):
+        name_ = path.name.replace("sliced-", "sliced-hadamard-", 1) if hadamard else path.name
+        path = path.with_name(rounded_name(name_, rounding))
     return path, dtype
 
 
-ROUNDING_HELP = "which sliced checkpoints of benchmarks/quantized.py (its --rounding)"
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which of benchmarks/quantized.py's sliced checkpoints a run measures."""
+    add_rounding_argument(parser, ROUNDING_HELP)
+    parser.add_argument(
+        "--hadamard",
+        action="store_true",
+        help="the checkpoints sliced with Hadamard rotations (the earlier results' models)",
+    )
+
+
+def checkpoint_flags(args: argparse.Namespace) -> list[str]:
+    """The options of add_checkpoint_arguments, for a worker's command line."""
+    return ["--rounding", args.rounding, *(["--hadamard"] if args.hadamard else [])]
 
 
 def start_engine(path: Path, dtype: str, **extra: Any) -> Any:
@@ -171,7 +187,7 @@ def main() -> None:
     parser.add_argument(
         "--out", default="vllm_speed", help="results/<out>.jsonl and .md (for a run of a subset)"
     )
-    add_rounding_argument(parser, ROUNDING_HELP)
+    add_checkpoint_arguments(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.repeats < 1 or args.rounds < 1:
@@ -179,7 +195,7 @@ def main() -> None:
             f"--repeats and --rounds must be at least 1 (got {args.repeats} and {args.rounds})"
         )
     if args.worker:
-        path, dtype = checkpoint(args.worker, args.rounding)
+        path, dtype = checkpoint(args.worker, args.rounding, args.hadamard)
         report_row(measure(path, dtype, args.new_tokens, args.repeats))
         return
     jsonl = RESULTS / f"{args.out}.jsonl"
@@ -188,16 +204,22 @@ def main() -> None:
     rows = []
     for round_ in range(args.rounds):
         for name in args.models:
-            path, _ = checkpoint(name, args.rounding)
+            path, _ = checkpoint(name, args.rounding, args.hadamard)
             if not (path / "config.json").exists():
                 print(f"skip {name}: {path} missing (run benchmarks/quantized.py first)")
                 continue
-            cmd = [sys.executable, __file__, "--worker", name, "--rounding", args.rounding]
+            cmd = [sys.executable, __file__, "--worker", name, *checkpoint_flags(args)]
             cmd += ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
             result = worker_row(cmd, f"{name}, round {round_}")
             if result is None:
                 continue
-            row = {"model": name, "round": round_, "rounding": args.rounding, **result}
+            row = {
+                "model": name,
+                "round": round_,
+                "rounding": args.rounding,
+                "hadamard": args.hadamard,
+            }
+            row |= result
             print(json.dumps(row), flush=True)
             rows.append(row)
             with jsonl.open("a") as f:
@@ -223,7 +245,7 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
         b16 = statistics.median(r["b16_tok_s"] for r in mine)
         rel1 = f"{b1 / base[1]:.2f}x" if base else ""
         rel16 = f"{b16 / base[16]:.2f}x" if base else ""
-        mib = weights_mib(checkpoint(name, args.rounding)[0])
+        mib = weights_mib(checkpoint(name, args.rounding, args.hadamard)[0])
         fused = mine[0]["fused_shortcuts"] if name.startswith("sliced") else "-"
         lines.append(
             f"| {name} | {mib:.1f} | {fused} | {len(mine)} | {b1:.1f} | {rel1} | {b16:.1f} "
@@ -234,7 +256,8 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
         f"prompt, bfloat16 activations; medians of {args.rounds} alternating rounds, each "
         f"the median of {args.repeats} timed generations in one engine. Weights "
         "MiB: the checkpoint's safetensors on disk (dense bf16 is the packaged float32 "
-        "file, served as bfloat16). Sliced: SP 0.25, SB 0.05, Hadamard, aligned bases, "
+        "file, served as bfloat16). Sliced: SP 0.25, SB 0.05, "
+        f"{'Hadamard, ' if args.hadamard else ''}aligned bases, "
         f"{args.rounding} rounding of widths (benchmarks/quantized.py); vLLM runs each "
         "shortcut in one GEMM with the projection "
         "that reads the same residual (all of them in the bf16 and quantized-shortcut rows, "
