@@ -187,6 +187,12 @@ def main() -> None:
     parser.add_argument(
         "--out", default="vllm_speed", help="results/<out>.jsonl and .md (for a run of a subset)"
     )
+    parser.add_argument(
+        "--all-cores",
+        action="store_true",
+        help="bind the model's threads to every core (vLLM on CPU keeps one for its engine "
+        "process by default)",
+    )
     add_checkpoint_arguments(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -194,6 +200,10 @@ def main() -> None:
         parser.error(
             f"--repeats and --rounds must be at least 1 (got {args.repeats} and {args.rounds})"
         )
+    if args.all_cores:
+        # The engine's scheduler then shares the cores with the model's threads.
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}"
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     if args.worker:
         path, dtype = checkpoint(args.worker, args.rounding, args.hadamard)
         report_row(measure(path, dtype, args.new_tokens, args.repeats))
@@ -218,6 +228,7 @@ def main() -> None:
                 "round": round_,
                 "rounding": args.rounding,
                 "hadamard": args.hadamard,
+                "all_cores": args.all_cores,
             }
             row |= result
             print(json.dumps(row), flush=True)
@@ -251,8 +262,14 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
             f"| {name} | {mib:.1f} | {fused} | {len(mine)} | {b1:.1f} | {rel1} | {b16:.1f} "
             f"| {rel16} |"
         )
+    cores = (
+        "the model's threads on both (--all-cores)"
+        if args.all_cores
+        else "the model on one, vLLM's engine on the other (its default)"
+    )
     (RESULTS / f"{args.out}.md").write_text(
-        f"vllm-cpu 0.32 on 2 CPU cores; greedy, {args.new_tokens} new tokens after a 32-token "
+        f"vllm-cpu 0.32 on 2 CPU cores, {cores}; greedy, {args.new_tokens} new tokens after "
+        "a 32-token "
         f"prompt, bfloat16 activations; medians of {args.rounds} alternating rounds, each "
         f"the median of {args.repeats} timed generations in one engine. Weights "
         "MiB: the checkpoint's safetensors on disk (dense bf16 is the packaged float32 "
