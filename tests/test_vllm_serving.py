@@ -246,19 +246,21 @@ def _greedy(model: PreTrainedModel, prompt: list[int]) -> dict[str, Any]:
     ids = list(prompt)
     logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
     prompt_lp = logprobs[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1))
-    tokens, token_lp, margins = [], [], []
+    tokens, token_lp, margins, runners_up = [], [], [], []
     for _ in range(MAX_TOKENS):
         top2 = logprobs[-1].topk(2)
         token = int(top2.indices[0])
         tokens.append(token)
         token_lp.append(float(top2.values[0]))
         margins.append(float(top2.values[0] - top2.values[1]))
+        runners_up.append((int(top2.indices[1]), float(top2.values[1])))
         ids.append(token)
         logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
     return {
         "token_ids": tokens,
         "logprobs": token_lp,
         "margins": margins,
+        "runners_up": runners_up,
         "prompt_logprobs": prompt_lp.squeeze(1).tolist(),
     }
 
@@ -392,6 +394,16 @@ def test_vllm_matches_transformers(
             assert ref["margins"][same] <= 2 * atol, (
                 f"{where}: vLLM {out['token_ids']} vs transformers {ref['token_ids']} "
                 f"diverge at step {same} where the top-2 margin is {ref['margins'][same]:.3f}"
+            )
+            # And vLLM must have taken the reference's runner-up, at its log-prob.
+            runner_up, runner_up_lp = ref["runners_up"][same]
+            assert out["token_ids"][same] == runner_up, (
+                f"{where}: at step {same} vLLM chose {out['token_ids'][same]}, neither of "
+                f"the reference's top two ({ref['token_ids'][same]}, {runner_up})"
+            )
+            diff = abs(out["logprobs"][same] - runner_up_lp)
+            assert diff <= atol, (
+                f"{where}: vLLM's log-prob of the runner-up differs by {diff:.2e} (> {atol})"
             )
         diff = _max_abs_diff(out["logprobs"][:same], ref["logprobs"][:same])
         assert diff <= atol, f"{where}: generated-token log-probs differ by {diff:.2e}"
