@@ -238,6 +238,24 @@ def main() -> None:
     write_table(rows, args)
 
 
+def round_ratios(rows: list[dict]) -> list[str]:
+    """Each model against dense bf16 of the same round: the two ran minutes apart, so these
+    ratios carry less of the machine's drift than the ratio of two medians."""
+    dense = {r["round"]: r for r in rows if r["model"] == "dense bf16"}
+    lines = []
+    for name in MODELS:
+        mine = [r for r in rows if r["model"] == name and r["round"] in dense]
+        if name == "dense bf16" or not mine:
+            continue
+        parts = []
+        for b in (1, 16):
+            ratios = [r[f"b{b}_tok_s"] / dense[r["round"]][f"b{b}_tok_s"] for r in mine]
+            each = ", ".join(f"{x:.2f}" for x in ratios)
+            parts.append(f"batch {b}: {each} (median {statistics.median(ratios):.2f}x)")
+        lines.append(f"- {name}, round by round against dense bf16: " + "; ".join(parts))
+    return ["", *lines] if lines else []
+
+
 def write_table(rows: list[dict], args: argparse.Namespace) -> None:
     dense = [r for r in rows if r["model"] == "dense bf16"]
     base = (
@@ -262,6 +280,7 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
             f"| {name} | {mib:.1f} | {fused} | {len(mine)} | {b1:.1f} | {rel1} | {b16:.1f} "
             f"| {rel16} |"
         )
+    lines += round_ratios(rows)
     cores = (
         "the model's threads on both (--all-cores)"
         if args.all_cores
