@@ -67,6 +67,11 @@ SLICER_FLAGS = (
 )
 
 
+def _flag(field: str) -> str:
+    """The command-line flag of an argument's ``dest``."""
+    return "--" + field.replace("_", "-")
+
+
 def _slicer_flag(p: argparse.ArgumentParser, field: str, help: str, **kwargs: Any) -> None:
     """``--<field>`` for ``DynamicSliceModifier.<field>``; --help shows the modifier's default."""
     from dynslice_modifier.modifier import DynamicSliceModifier
@@ -77,8 +82,7 @@ def _slicer_flag(p: argparse.ArgumentParser, field: str, help: str, **kwargs: An
     if isinstance(default, bool):
         kwargs["action"] = argparse.BooleanOptionalAction
         default = "on" if default else "off"
-    flag = "--" + field.replace("_", "-")
-    p.add_argument(flag, default=None, help=f"{help} (default: {default})", **kwargs)
+    p.add_argument(_flag(field), default=None, help=f"{help} (default: {default})", **kwargs)
 
 
 def _windows(tokenizer: Any, args: argparse.Namespace):
@@ -187,18 +191,14 @@ def cmd_compress(args: argparse.Namespace) -> None:
     # matrices, hence the margin over the input's size.
     check_free_space(output, int(1.25 * dense_bytes) + 2**20)
     given = [
-        "--" + name.replace("_", "-")
+        _flag(name)
         for name in ("sparsity", "target_params", "slicing_base", *SLICER_FLAGS)
         if getattr(args, name) is not None
     ]
-    given += [
-        flag
-        for flag, on in (
-            ("--quantize", args.quantize != "none"),
-            ("--quantize-head", args.quantize_head),
-        )
-        if on
-    ]
+    if args.quantize != "none":
+        given.append("--quantize")
+    if args.quantize_head:
+        given.append("--quantize-head")
     if args.recipe and given:
         raise ValueError(
             f"--recipe sets the whole recipe; drop {' '.join(given)} or put them in the recipe"
