@@ -1,0 +1,48 @@
+"""The arithmetic behind figures the README quotes from benchmarks/ (no measurement)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from gemm_scaling import goal_gap
+from vllm_speed import round_ratios
+
+
+def _steps(gemm_ms: float, outside_ms: float) -> dict[str, float]:
+    return {"b16_gemm_ms": gemm_ms, "b16_step_ms": gemm_ms + outside_ms}
+
+
+def test_goal_gap_recovers_the_share_and_the_speedup_that_reaches_the_goal():
+    outside = 30.0
+    dense, sliced = _steps(20.0, outside), _steps(10.0, outside)
+    gap = goal_gap(dense, sliced, 16, goal=1.5)
+    assert gap["gemm_speedup"] == 2.0 and gap["step_speedup"] == 1.25
+    assert gap["gemm_share"] == pytest.approx(10.0 / 40.0, abs=0.01)
+    # GEMMs that much faster than dense's, with the same outside time, give the goal exactly.
+    faster = _steps(20.0 / gap["gemm_speedup_needed"], outside)
+    assert dense["b16_step_ms"] / faster["b16_step_ms"] == pytest.approx(1.5, abs=0.005)
+    assert gap["fewer_macs_needed"] == pytest.approx(1 - 2.0 / gap["gemm_speedup_needed"], 1e-2)
+
+
+def test_goal_gap_is_silent_when_the_goal_is_met_or_the_ratios_do_not_fit():
+    assert goal_gap(_steps(30.0, 5.0), _steps(10.0, 5.0), 16, goal=1.5) is None  # met
+    # Steps faster than the GEMMs alone can explain: outside time cannot be equal.
+    assert goal_gap(_steps(12.0, 30.0), _steps(10.0, 20.0), 16, goal=1.5) is None
+
+
+def test_round_ratios_pair_each_model_with_dense_bf16_of_its_round():
+    rows = [
+        {"model": "dense bf16", "round": 0, "b1_tok_s": 10.0, "b16_tok_s": 100.0},
+        {"model": "dense bf16", "round": 1, "b1_tok_s": 20.0, "b16_tok_s": 200.0},
+        {"model": "dense W8A8", "round": 0, "b1_tok_s": 15.0, "b16_tok_s": 120.0},
+        {"model": "dense W8A8", "round": 1, "b1_tok_s": 26.0, "b16_tok_s": 280.0},
+    ]
+    (line,) = [x for x in round_ratios(rows) if x]
+    assert line.startswith("- dense W8A8, round by round against dense bf16:")
+    assert "batch 1: 1.50, 1.30 (median 1.40x)" in line
+    assert "batch 16: 1.20, 1.40 (median 1.30x)" in line
