@@ -115,7 +115,7 @@ def run_row(row: dict) -> dict:
             slicing_base=row["slicing_base"],
             hadamard="hadamard" in row["model"],
             align_bases="aligned" in row["model"],
-            basis="layer" if row["model"].endswith("-layer") else "sublayer",
+            basis="layer" if "-layer" in row["model"] else "sublayer",
             slice_head=row["model"].endswith("-sliced-head"),
             rounding=row["rounding"],
             layer_scores=cached.get("scores"),
@@ -180,6 +180,7 @@ def write_table(rows: list[dict]) -> None:
         "sliced-hadamard-aligned-layer",
         "sliced-aligned-sliced-head",
         "sliced-hadamard-aligned-sliced-head",
+        "sliced-aligned-layer-sliced-head",
     ]
     rows = sorted(
         rows,
@@ -279,6 +280,8 @@ def main() -> None:
             "sliced-aligned:fp8",
             "sliced-aligned-sliced-head:none",
             "sliced-aligned-sliced-head:w8a8-qs-head",
+            "sliced-aligned-layer-sliced-head:none",
+            "sliced-aligned-layer-sliced-head:w8a8-qs-head",
         ],
     )
     parser.add_argument(

@@ -54,6 +54,10 @@ MODELS = {
         BENCH / "sliced-aligned-layer-w8a8-qs-head",
         "bfloat16",
     ),
+    "sliced W8A8 (one basis per layer), shortcuts + sliced head int8": (
+        BENCH / "sliced-aligned-layer-sliced-head-w8a8-qs-head",
+        "bfloat16",
+    ),
     "sliced W4A16 (g64), shortcuts bf16": (
         BENCH / "sliced-aligned-w4a16-g64",
         "bfloat16",

@@ -155,7 +155,8 @@ class DynamicSliceModifier(Modifier):
         more PCA basis, of its own width, and the head reads only those columns, with the
         final norm's scale folded in. Default false: the last layer writes back at full
         width in the original basis, so a tied table stays tied. A tied model's head is
-        untied to be sliced (a second table, ``vocab x width``), which pays off when the
+        untied to be sliced (a second table, ``vocab x width``), and its embedding table,
+        no longer shared, is sliced as with ``untie_embeddings``. This pays off when the
         recipe quantizes the head anyway (llm-compressor unties it for that) or the model
         is untied to begin with; the head is then the largest single GEMM of a decode step
         that gets narrower (SmolLM2, W8A8 with an int8 head: see the README's speed table).
@@ -291,9 +292,13 @@ class DynamicSliceModifier(Modifier):
         layers = adapter.layers(model)
         dense_params = count_parameters(model)
         tied = embeddings_tied(model)
-        if self.quantize_shortcuts and tied and not self.untie_embeddings:
+        # A sliced head reads a basis of its own, so it cannot share the table; the table,
+        # left alone, is then rotated into layer 0's basis like an untied one (narrower, and
+        # no input projection to run).
+        keep_tied = tied and not (self.untie_embeddings or self.slice_head)
+        if self.quantize_shortcuts and keep_tied:
             check_input_projection(f"{layer_names[0]}.input_projection", hidden, others)
-        if tied and self.untie_embeddings:
+        if tied and not keep_tied:
             model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
 
         inputs = capture_layer_inputs(model, layers[0], state.data.calib)
@@ -338,12 +343,11 @@ class DynamicSliceModifier(Modifier):
         if scores is not None:
             self._lr_scores = [float(s) for s in scores]
             logger.info("Layer Redundancy: " + ", ".join(f"{s:.3f}" for s in scores))
-        keep_tied = tied and not self.untie_embeddings
-        if keep_tied and self.slice_head:
+        if tied and self.slice_head and not self.untie_embeddings:
             logger.info(
                 "slice_head: the head reads a rotated basis, so it is untied from the shared "
                 "embedding table (a second, narrower table; free only if a quantizer in the "
-                "recipe takes lm_head, which unties it anyway)"
+                "recipe takes lm_head, which unties it anyway), and the table is sliced too"
             )
 
         def allocate(sparsity: float) -> list[int]:

@@ -111,8 +111,11 @@ def test_sliced_head_shapes_and_reload(tmp_path, tied):
     last = model.model.layers[-1]
     assert last.mlp.down_proj.weight.shape[0] == 40
     assert last.mlp_shortcut.weight.shape == (40, 40)
-    # The embedding is untouched by the head's slicing: shared tables stay full width.
-    assert model.model.embed_tokens.weight.shape[1] == (64 if tied else 56)
+    # A head of its own frees the table: it is sliced to layer 0's width, so layer 0 needs
+    # no input projection.
+    assert model.model.embed_tokens.weight.shape[1] == 56
+    assert model.model.layers[0].input_projection is None
+    assert not spec["input_projection"]
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert not reloaded.config.tie_word_embeddings

@@ -109,9 +109,10 @@ CASES = [
     # Int8 linears around shortcuts kept in model dtype (the default); SmoothQuant changes
     # the norms, so vLLM keeps every shortcut a GEMM of its own.
     Case("llama-untied-sublayer-w8a8", "llama", tied=False, basis="sublayer", quantize="W8A8"),
-    # The fast path on CPUs (recipes/slice_w8a8.yaml): int8 shortcuts, input projection and
-    # head, which is sliced (untied from the shared table); unit norms, so vLLM runs each
-    # shortcut in one GEMM with q/k/v or gate/up (dynamic per-token int8 activations).
+    # The fast path on CPUs (recipes/slice_w8a8.yaml): int8 shortcuts and head, which is
+    # sliced (untied from the shared table, so the table is sliced too: no input
+    # projection); unit norms, so vLLM runs each shortcut in one GEMM with q/k/v or gate/up
+    # (dynamic per-token int8 activations).
     Case(
         "llama-tied-sublayer-w8a8-qs",
         "llama",
