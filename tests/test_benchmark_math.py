@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from gemm_scaling import goal_gap
-from vllm_speed import round_ratios
+from vllm_speed import cpu_description, round_ratios
 
 
 def _steps(gemm_ms: float, outside_ms: float) -> dict[str, float]:
@@ -46,3 +46,15 @@ def test_round_ratios_pair_each_model_with_dense_bf16_of_its_round():
     assert line.startswith("- dense W8A8, round by round against dense bf16:")
     assert "batch 1: 1.50, 1.30 (median 1.40x)" in line
     assert "batch 16: 1.20, 1.40 (median 1.30x)" in line
+
+
+def test_cpu_description_names_the_model_and_the_kernels_extensions():
+    info = (
+        "processor\t: 0\nmodel name\t: AMD EPYC 9R14\n"
+        "flags\t\t: fpu sse2 avx512f avx512_vnni avx512_bf16\n"
+    )
+    text = cpu_description(info)
+    assert "(AMD EPYC 9R14; avx512_bf16, avx512_vnni)" in text
+    assert cpu_description("flags : sse2\n").endswith(
+        "(unknown CPU; none of avx512_bf16/avx512_vnni/amx_bf16/amx_int8)"
+    )

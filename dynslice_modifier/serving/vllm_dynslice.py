@@ -316,8 +316,10 @@ class LinearWithShortcut(MergedColumnParallelLinear):
 
     The projection reads ``norm(x) = x * inverse_rms(x)`` (norm weights all ones) and the
     shortcut reads ``x``. A per-token factor commutes with the GEMM and with dynamic per-token
-    activation quantization, so the layer runs the GEMM on ``x`` and scales the projection's
-    columns afterwards. The checkpoint keeps separate tensors: the projection's shards load
+    activation quantization, so the layer runs the GEMM on ``norm(x)`` and multiplies the
+    shortcut's columns by ``rms(x)`` afterwards: they are as many as the residual is wide,
+    fewer than the projection's (q/k/v, or twice the MLP's intermediate size), which is where
+    the factor went before. The checkpoint keeps separate tensors: the projection's shards load
     under their usual ids, the shortcut's (through ``FusedShortcut``) as ``"shortcut"``.
     The class name keeps "Linear": compressed-tensors matches ``targets: Linear`` by it.
     """
@@ -538,10 +540,10 @@ class SlicedDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(the sublayer's input projection of norm(x), the residual x in the next basis)."""
         if isinstance(shortcut, FusedShortcut):
-            both, _ = projection(hidden_states)
+            both, _ = projection(norm(hidden_states))
             size = cast(LinearWithShortcut, projection).shortcut_size
             projected, moved = both.split([both.shape[-1] - size, size], dim=-1)
-            projected = (projected.to(torch.float32) * norm.inverse_rms(hidden_states)).to(
+            moved = (moved.to(torch.float32) / norm.inverse_rms(hidden_states)).to(
                 hidden_states.dtype
             )
         else:
