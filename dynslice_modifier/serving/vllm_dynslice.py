@@ -312,15 +312,16 @@ class ResidualShortcutLinear(ResidualShortcut):
 
 class LinearWithShortcut(MergedColumnParallelLinear):
     """A sublayer's input projection (``qkv_proj`` or ``gate_up_proj``) with the residual
-    shortcut appended as its last output shard: one GEMM on the residual ``x`` instead of two.
+    shortcut appended as its last output shard: one GEMM instead of two.
 
     The projection reads ``norm(x) = x * inverse_rms(x)`` (norm weights all ones) and the
     shortcut reads ``x``. A per-token factor commutes with the GEMM and with dynamic per-token
     activation quantization, so the layer runs the GEMM on ``norm(x)`` and multiplies the
-    shortcut's columns by ``rms(x)`` afterwards: they are as many as the residual is wide,
-    fewer than the projection's (q/k/v, or twice the MLP's intermediate size), which is where
-    the factor went before. The checkpoint keeps separate tensors: the projection's shards load
-    under their usual ids, the shortcut's (through ``FusedShortcut``) as ``"shortcut"``.
+    shortcut's columns by ``rms(x)`` afterwards: those are as many as the residual is wide,
+    fewer than the projection's (q/k/v, or twice the MLP's intermediate size), and the
+    projection then reads exactly what the unfused path gives it. The checkpoint keeps
+    separate tensors: the projection's shards load under their usual ids, the shortcut's
+    (through ``FusedShortcut``) as ``"shortcut"``.
     The class name keeps "Linear": compressed-tensors matches ``targets: Linear`` by it.
     """
 
