@@ -69,10 +69,11 @@ def measure(directory: Path) -> dict:
         identity = torch.eye(*weight.shape, dtype=weight.dtype)
         full = weight + identity if delta else weight
         norm = full.norm()
-        stats["dist_from_identity"].append(float((full - identity).norm() / norm))
+        difference = weight if delta else full - identity
+        stats["dist_from_identity"].append(float(difference.norm() / norm))
         stats["int8_error"].append(float((rtn(weight, 8, None) - weight).norm() / norm))
         stats["int4_error"].append(float((rtn(weight, 4, 16) - weight).norm() / norm))
-        singular = torch.linalg.svdvals(full - identity)
+        singular = torch.linalg.svdvals(difference)
         energy = (singular**2).cumsum(0) / (singular**2).sum()
         ranks.append(int((energy < 0.99).sum()) + 1)
         stats["rank_residual"].append(float(singular[RANK:].norm() / norm))

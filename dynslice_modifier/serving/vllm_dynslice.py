@@ -142,9 +142,12 @@ class SlicedRMSNorm(nn.Module):
         variance = x.to(torch.float32).pow(2).sum(dim=-1, keepdim=True) / self.hidden_size
         return torch.rsqrt(variance + self.variance_epsilon)
 
+    def scale(self, x: torch.Tensor, inverse_rms: torch.Tensor) -> torch.Tensor:
+        """The norm of ``x`` given its ``inverse_rms``, for callers that need the factor too."""
+        return self.weight * (x.to(torch.float32) * inverse_rms).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = (x.to(torch.float32) * self.inverse_rms(x)).to(x.dtype)
-        return self.weight * normed
+        return self.scale(x, self.inverse_rms(x))
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, hidden_size={self.hidden_size}, eps={self.variance_epsilon}"
@@ -541,12 +544,11 @@ class SlicedDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(the sublayer's input projection of norm(x), the residual x in the next basis)."""
         if isinstance(shortcut, FusedShortcut):
-            both, _ = projection(norm(hidden_states))
+            inverse_rms = norm.inverse_rms(hidden_states)
+            both, _ = projection(norm.scale(hidden_states, inverse_rms))
             size = cast(LinearWithShortcut, projection).shortcut_size
             projected, moved = both.split([both.shape[-1] - size, size], dim=-1)
-            moved = (moved.to(torch.float32) / norm.inverse_rms(hidden_states)).to(
-                hidden_states.dtype
-            )
+            moved = (moved.to(torch.float32) / inverse_rms).to(hidden_states.dtype)
         else:
             projected, _ = projection(norm(hidden_states))
             if shortcut is None:
