@@ -107,6 +107,8 @@ def main() -> None:
     add_checkpoint_arguments(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1 (got {args.rounds})")
     if args.worker:
         path, dtype = checkpoint(args.worker, args.rounding, args.hadamard)
         report_row(profile(path, dtype, args.batch, args.steps))
