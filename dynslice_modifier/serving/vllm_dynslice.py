@@ -68,6 +68,7 @@ from vllm.model_executor.models.utils import (
     make_layers,
     maybe_prefix,
 )
+from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from dynslice_modifier.modeling.configuration_dynslice import (
@@ -77,6 +78,7 @@ from dynslice_modifier.modeling.configuration_dynslice import (
     has_input_projection,
 )
 from dynslice_modifier.modeling.modeling_dynslice import carry, layer_widths
+from dynslice_modifier.serving.cpu_kernels import check_cpu_kernels
 
 SUPPORTED_BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -720,6 +722,8 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         else:
             self.lm_head = PPMissingLayer()
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+        if current_platform.is_cpu():
+            check_cpu_kernels(self)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
