@@ -28,11 +28,11 @@ from vllm_speed import (
     RESULTS,
     add_checkpoint_arguments,
     checkpoint,
-    checkpoint_flags,
     cpu_description,
     report_row,
     start_engine,
     token_prompts,
+    worker_command,
     worker_row,
 )
 
@@ -116,7 +116,9 @@ def main() -> None:
     rounds: dict[str, list[dict]] = {name: [] for name in args.models}
     for r in range(args.rounds):
         for name in args.models:
-            cmd = [sys.executable, __file__, "--worker", name, *checkpoint_flags(args)]
+            cmd = worker_command(__file__, name, args)
+            if cmd is None:
+                sys.exit(f"profiling {name} needs its checkpoint")
             cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
             row = worker_row(cmd, name)
             if row is None:

@@ -104,16 +104,28 @@ def checkpoint_flags(args: argparse.Namespace) -> list[str]:
     return ["--rounding", args.rounding, *(["--hadamard"] if args.hadamard else [])]
 
 
-def start_engine(path: Path, dtype: str, **extra: Any) -> Any:
+def worker_command(script: str, name: str, args: argparse.Namespace) -> list[str] | None:
+    """The command that measures MODELS[name] with ``script`` in a process of its own, or
+    None (said on stdout) when benchmarks/quantized.py has not written the checkpoint."""
+    path, _ = checkpoint(name, args.rounding, args.hadamard)
+    if not (path / "config.json").exists():
+        print(f"skip {name}: {path} missing (run benchmarks/quantized.py first)")
+        return None
+    return [sys.executable, script, "--worker", name, *checkpoint_flags(args)]
+
+
+def start_engine(
+    path: Path, dtype: str, max_model_len: int = 512, max_num_seqs: int = 16, **extra: Any
+) -> Any:
     """A vLLM engine with the settings every benchmark here measures under."""
     from vllm import LLM
 
     return LLM(
         model=str(path),
         dtype=dtype,
-        max_model_len=512,
+        max_model_len=max_model_len,
         gpu_memory_utilization=0.3,
-        max_num_seqs=16,
+        max_num_seqs=max_num_seqs,
         seed=0,
         **extra,
     )
@@ -219,11 +231,9 @@ def main() -> None:
     rows = []
     for round_ in range(args.rounds):
         for name in args.models:
-            path, _ = checkpoint(name, args.rounding, args.hadamard)
-            if not (path / "config.json").exists():
-                print(f"skip {name}: {path} missing (run benchmarks/quantized.py first)")
+            cmd = worker_command(__file__, name, args)
+            if cmd is None:
                 continue
-            cmd = [sys.executable, __file__, "--worker", name, *checkpoint_flags(args)]
             cmd += ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
             result = worker_row(cmd, f"{name}, round {round_}")
             if result is None:
