@@ -57,17 +57,17 @@ def int8_gemm_error() -> float:
     """
     from vllm import _custom_ops as ops
 
+    # float32 throughout: vLLM builds the model under the served dtype as torch's default.
+    f32 = torch.float32
     generator = torch.Generator().manual_seed(0)
     tokens, k, n = 16, 576, 256
-    weight = torch.randn(n, k, generator=generator)
+    weight = torch.randn(n, k, generator=generator, dtype=f32)
     weight_scale = weight.abs().amax(dim=1, keepdim=True) / 127
     weight_q = torch.round(weight / weight_scale).clamp(-127, 127).to(torch.int8)
-    x = torch.randn(tokens, k, generator=generator)
+    x = torch.randn(tokens, k, generator=generator, dtype=f32)
     x_q, x_scale, _ = ops.onednn_scaled_int8_quant(x, None, None, True)
-    handler = ops.create_onednn_scaled_mm(
-        weight_q.t(), weight_scale.view(-1), torch.float32, True, False
-    )
-    out = torch.empty(tokens, n)
+    handler = ops.create_onednn_scaled_mm(weight_q.t(), weight_scale.view(-1), f32, True, False)
+    out = torch.empty(tokens, n, dtype=f32)
     ops.onednn_scaled_mm(handler, x_q, out, x_scale, None, None, None)
     exact = (x_q.double() * x_scale.double().view(-1, 1)) @ (
         weight_q.double() * weight_scale.double()
