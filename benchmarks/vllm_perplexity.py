@@ -28,6 +28,7 @@ from pathlib import Path
 
 from vllm_speed import (
     BENCH,
+    MODELS,
     RESULTS,
     ROOT,
     add_checkpoint_arguments,
@@ -119,7 +120,14 @@ def write_table(rows: list[dict], out: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=DEFAULT_MODELS, help="vllm_speed MODELS")
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=DEFAULT_MODELS,
+        choices=list(MODELS),
+        metavar="MODEL",
+        help=f"names in vllm_speed's MODELS: {', '.join(MODELS)}",
+    )
     parser.add_argument(
         "--dtype",
         default="float32",
@@ -137,6 +145,8 @@ def main() -> None:
     add_checkpoint_arguments(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.n_eval < 1:
+        parser.error(f"--n-eval must be at least 1 (got {args.n_eval})")
     if args.worker:
         path, _ = checkpoint(args.worker, args.rounding, args.hadamard)
         report_row(measure(path, args.dtype, args.n_eval, args.exact_kernels))
