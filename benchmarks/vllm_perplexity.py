@@ -28,10 +28,10 @@ from pathlib import Path
 
 from vllm_speed import (
     BENCH,
-    MODELS,
     RESULTS,
     ROOT,
     add_checkpoint_arguments,
+    add_models_argument,
     checkpoint,
     cpu_description,
     report_row,
@@ -120,14 +120,7 @@ def write_table(rows: list[dict], out: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--models",
-        nargs="*",
-        default=DEFAULT_MODELS,
-        choices=list(MODELS),
-        metavar="MODEL",
-        help=f"names in vllm_speed's MODELS: {', '.join(MODELS)}",
-    )
+    add_models_argument(parser, DEFAULT_MODELS)
     parser.add_argument(
         "--dtype",
         default="float32",

@@ -27,6 +27,7 @@ from pathlib import Path
 from vllm_speed import (
     RESULTS,
     add_checkpoint_arguments,
+    add_models_argument,
     checkpoint,
     cpu_description,
     report_row,
@@ -98,9 +99,7 @@ def _ms(text: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--models", nargs="*", default=["dense bf16", "sliced W8A8, shortcuts int8"]
-    )
+    add_models_argument(parser, ["dense bf16", "sliced W8A8, shortcuts int8"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per model")

@@ -109,6 +109,19 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_models_argument(parser: argparse.ArgumentParser, default: list[str]) -> None:
+    """``--models``: names in MODELS, checked when the command line is read (a wrong name
+    would otherwise fail only inside a worker)."""
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=default,
+        choices=list(MODELS),
+        metavar="NAME",
+        help=f"names in vllm_speed's MODELS: {', '.join(MODELS)}",
+    )
+
+
 def checkpoint_flags(args: argparse.Namespace) -> list[str]:
     """The options of add_checkpoint_arguments, for a worker's command line."""
     return ["--rounding", args.rounding, *(["--hadamard"] if args.hadamard else [])]
@@ -210,14 +223,7 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="timed generations per batch size per engine"
     )
-    parser.add_argument(
-        "--models",
-        nargs="*",
-        default=list(MODELS),
-        choices=list(MODELS),
-        metavar="NAME",
-        help=f"names in MODELS: {', '.join(MODELS)}",
-    )
+    add_models_argument(parser, list(MODELS))
     parser.add_argument(
         "--baselines",
         nargs="+",
