@@ -136,7 +136,6 @@ def main() -> None:
     )
     parser.add_argument("--out", default="vllm_perplexity", help="results/<out>.jsonl and .md")
     add_checkpoint_arguments(parser)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.n_eval < 1:
         parser.error(f"--n-eval must be at least 1 (got {args.n_eval})")

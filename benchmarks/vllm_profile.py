@@ -104,7 +104,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per model")
     add_checkpoint_arguments(parser)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1 (got {args.rounds})")

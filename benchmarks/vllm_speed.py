@@ -100,13 +100,15 @@ def checkpoint(name: str, rounding: str, hadamard: bool = False) -> tuple[Path, 
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    """Which of benchmarks/quantized.py's sliced checkpoints a run measures."""
+    """Which of benchmarks/quantized.py's sliced checkpoints a run measures, and the hidden
+    ``--worker`` through which worker_command hands one model to a process of its own."""
     add_rounding_argument(parser, ROUNDING_HELP)
     parser.add_argument(
         "--hadamard",
         action="store_true",
         help="the checkpoints sliced with Hadamard rotations (the earlier results' models)",
     )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
 
 
 def add_models_argument(parser: argparse.ArgumentParser, default: list[str]) -> None:
@@ -249,7 +251,6 @@ def main() -> None:
         "process by default)",
     )
     add_checkpoint_arguments(parser)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.worker and not args.tables_only:
         missing = [name for name in args.baselines if name not in args.models]
