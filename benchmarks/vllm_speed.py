@@ -37,8 +37,9 @@ BENCH = ROOT / "out" / "bench"
 SMOLLM2 = Path(os.environ.get("DYNSLICE_CACHE", Path.home() / ".cache" / "dynslice"))
 MODELS = {
     "dense bf16": (SMOLLM2 / "SmolLM2-135M-Instruct", "bfloat16"),
-    # On a CPU without avx512_bf16, bfloat16 GEMMs are emulated and float32 is the fast
-    # float dtype, so the float32 rows are the baselines a user there would compare with.
+    # On a CPU without AVX-512, bfloat16 is emulated and float32 is the fast float dtype
+    # (serving/cpu_kernels.py), so the float32 rows are the baselines a user there would
+    # compare with.
     "dense float32": (SMOLLM2 / "SmolLM2-135M-Instruct", "float32"),
     "dense W8A8": (BENCH / "dense-w8a8", "bfloat16"),
     "dense W8A8, float32 activations": (BENCH / "dense-w8a8", "float32"),
@@ -270,7 +271,13 @@ def main() -> None:
         return
     jsonl = RESULTS / f"{args.out}.jsonl"
     if args.tables_only:
-        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line]
+        text = jsonl.read_text() if jsonl.exists() else ""
+        rows = [json.loads(line) for line in text.splitlines() if line]
+        if not rows:
+            parser.error(
+                f"--tables-only reads the measurements of an earlier run, and {jsonl} has "
+                "none: run without --tables-only first (with the same --out)"
+            )
         write_table(rows, args)
         return
     RESULTS.mkdir(parents=True, exist_ok=True)

