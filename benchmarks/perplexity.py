@@ -97,9 +97,10 @@ def run_row(row: dict) -> dict:
         model = AutoModelForCausalLM.from_pretrained(path)
         out.update(oneshot_s=0.0, lr_s=0.0, mean_slice=0.0)
     else:
-        scores = None
-        if row["kind"] == "dynamic" and SCORES.exists():
-            cached = json.loads(SCORES.read_text())
+        scores, lr_s = None, 0.0
+        cached = json.loads(SCORES.read_text()) if SCORES.exists() else {}
+        # The scores depend on the calibration set, so they are reused only for its size.
+        if row["kind"] == "dynamic" and cached.get("n_calib") == row["n_calib"]:
             scores, lr_s = cached["scores"], cached["seconds"]
         if "target_params" in row:
             budget = {"target_params": row["target_params"], "slicing_base": row["slicing_base"]}
@@ -127,7 +128,11 @@ def run_row(row: dict) -> dict:
         oneshot_s = time.perf_counter() - start
         if scores is None and modifier.lr_scores is not None:
             lr_s = modifier.summary["lr_seconds"]
-            SCORES.write_text(json.dumps({"scores": modifier.lr_scores, "seconds": lr_s}))
+            SCORES.write_text(
+                json.dumps(
+                    {"scores": modifier.lr_scores, "seconds": lr_s, "n_calib": row["n_calib"]}
+                )
+            )
             oneshot_s -= lr_s  # reported in its own column
         spec = model.config.slicing
         out.update(

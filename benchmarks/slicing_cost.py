@@ -54,8 +54,8 @@ def main() -> None:
     scores = redundancy_scores(adapter, layers, inputs, device)
     lr_s = time.perf_counter() - start
 
-    # The modifier's defaults: its rounding of widths, Hadamard and aligned bases (one more
-    # SVD per basis), so the cost is that of the recipe users run.
+    # The modifier's defaults: its rounding of widths and aligned bases (one more SVD per
+    # basis), so the cost is that of the recipe users run.
     defaults = DynamicSliceModifier(sparsity=0.25, slicing_base=0.05)
     dims = allocate_dims(
         scores,

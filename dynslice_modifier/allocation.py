@@ -96,8 +96,10 @@ def slice_fractions(
 def round_dims(
     hidden_size: int, fractions: np.ndarray, round_to: int, rounding: Rounding = "mean"
 ) -> list[int]:
-    """Kept widths, each a multiple of ``round_to`` in [round_to, hidden_size] (or, with
-    ``nearest``, hidden_size itself when that is the nearest).
+    """Kept widths, each a multiple of ``round_to`` in [round_to, hidden_size].
+
+    A quantizer's group size may not divide hidden_size (SmolLM2: 576 with groups of 128),
+    so the widest allowed width is the largest multiple below it, not hidden_size itself.
 
     ``nearest`` rounds every width on its own, so the realised mean slice can miss SP by
     up to half a step (SmolLM2 at SP 0.25, SB 0.05: 0.241 with steps of 16, 0.215 with 64),
@@ -114,19 +116,20 @@ def round_dims(
         raise AllocationError(f"rounding must be 'mean' or 'nearest', got {rounding!r}")
     targets = hidden_size * (1.0 - np.asarray(fractions, dtype=np.float64))
     steps = targets / round_to
+    widest = hidden_size - hidden_size % round_to
     if rounding == "nearest":
-        dims = np.floor(steps + 0.5) * round_to
+        dims = np.minimum(np.floor(steps + 0.5) * round_to, widest)
     else:
         # The tolerance keeps a width that is a whole number of steps up to float error
         # from being floored one step short.
-        dims = _keep_sum(targets, np.floor(steps + 1e-9) * round_to, round_to, hidden_size)
+        dims = _keep_sum(targets, np.floor(steps + 1e-9) * round_to, round_to, widest)
     for layer, dim in enumerate(dims):
         if dim <= 0:
             raise AllocationError(
                 f"layer {layer}: kept width {targets[layer]:.1f} rounds to 0 with "
                 f"round_to={round_to}; lower sparsity or round_to"
             )
-    return [min(int(d), hidden_size) for d in dims]
+    return [int(d) for d in dims]
 
 
 def _keep_sum(targets: np.ndarray, floors: np.ndarray, step: int, cap: int) -> np.ndarray:
@@ -146,7 +149,6 @@ def _keep_sum(targets: np.ndarray, floors: np.ndarray, step: int, cap: int) -> n
     held: set[float] = set()
     for layers in groups.values():
         floor = float(floors[layers[0]])
-        # Never up to a width that is not a multiple of the step (hidden_size may not be).
         raise_by = np.where(dims[layers] + step <= cap, step, 0)
         total = float(dims.sum())
         if floor not in held and abs(total + raise_by.sum() - goal) <= abs(total - goal):

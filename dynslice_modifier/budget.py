@@ -152,8 +152,9 @@ def solve_sparsity(
 ) -> float:
     """Smallest SP whose model has at most ``(1 - target_fraction) * dense`` parameters.
 
-    ``count(sp)`` must return the parameter count after allocating and rounding for ``sp``;
-    it is monotone up to rounding, so bisection is followed by a local check.
+    ``count(sp)`` must return the parameter count after allocating and rounding for ``sp``.
+    Rounding makes it a step function of ``sp``, monotone only nearly, so bisection returns
+    an SP whose count meets the budget (the upper end always does), not always the smallest.
     """
     if not 0.0 < target_fraction < 1.0:
         raise AllocationError(f"target_params must be in (0, 1), got {target_fraction}")

@@ -68,9 +68,13 @@ def capture_layer_inputs(
     model: nn.Module,
     first_layer: nn.Module,
     dataloader: Iterable[dict[str, Any]],
-    offload_device: torch.device | str = "cpu",
 ) -> LayerInputs:
-    """Run the model up to ``first_layer`` on every batch and keep what it would receive."""
+    """Run the model up to ``first_layer`` on every batch and keep what it would receive.
+
+    Kept on the CPU: the accelerator holds one decoder layer at a time, not the activations
+    of every calibration batch.
+    """
+    offload_device = "cpu"
     cache = LayerInputs()
     device = _model_device(model)
 

@@ -30,6 +30,12 @@ def _model_path(name: str) -> Path:
     return path
 
 
+def _weights_bytes(directory: Path) -> int:
+    """Bytes of a checkpoint's weight files, in either format transformers saves."""
+    files = [*directory.glob("*.safetensors"), *directory.glob("pytorch_model*.bin")]
+    return sum(f.stat().st_size for f in files)
+
+
 def _positive(kind: type) -> Any:
     def parse(text: str) -> Any:
         value = kind(text)
@@ -89,8 +95,8 @@ def _windows(tokenizer: Any, args: argparse.Namespace):
     from dynslice_modifier.evaluation import split_protocol, wikitext_tokens
 
     tokens = wikitext_tokens(tokenizer, args.data)
-    n_eval = getattr(args, "eval_windows", 0) or getattr(args, "windows", 0) or 0
-    return split_protocol(tokens, args.samples, args.seq_len, max(n_eval, 0))
+    n_eval = getattr(args, "eval_windows", None) or getattr(args, "windows", 0)
+    return split_protocol(tokens, args.samples, args.seq_len, n_eval)
 
 
 def _add_data_args(p: argparse.ArgumentParser, samples: int = 64, seq_len: int = 512) -> None:
@@ -186,7 +192,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     path = _model_path(args.model)
     output = Path(args.output)
     check_target(output, [path])
-    dense_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    dense_bytes = _weights_bytes(path)
     # Slicing and quantizing shrink the weights; rotation alone (SP 0) adds shortcut
     # matrices, hence the margin over the input's size.
     check_free_space(output, int(1.25 * dense_bytes) + 2**20)
@@ -203,6 +209,17 @@ def cmd_compress(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--recipe sets the whole recipe; drop {' '.join(given)} or put them in the recipe"
         )
+    if args.recipe:
+        from llmcompressor.recipe import Recipe
+
+        if not any(
+            isinstance(m, DynamicSliceModifier)
+            for m in Recipe.create_instance(args.recipe).modifiers
+        ):
+            raise ValueError(
+                f"--recipe {args.recipe} has no DynamicSliceModifier, so compress would not "
+                "slice; add a slice stage before its quantizers (see recipes/slice_w8a8.yaml)"
+            )
     tokenizer = AutoTokenizer.from_pretrained(path)
     calib, evaluation = _windows(tokenizer, args)
     dataset = Dataset.from_dict(
@@ -250,14 +267,14 @@ def cmd_compress(args: argparse.Namespace) -> None:
             max_seq_length=calib.shape[1],
             shuffle_calibration_samples=False,
         )
-        write_report(scratch)
+        write_report(scratch, name=output.name)
     seconds = time.perf_counter() - start
     print(summary_markdown(output))
-    sliced_bytes = sum(f.stat().st_size for f in output.glob("*.safetensors"))
+    sliced_bytes = _weights_bytes(output)
+    ratio = f" ({sliced_bytes / dense_bytes:.1%})" if dense_bytes else ""
     print(
-        f"weights on disk: {dense_bytes / 2**20:.1f} MiB -> {sliced_bytes / 2**20:.1f} MiB "
-        f"({sliced_bytes / dense_bytes:.1%}); "
-        f"whole directory {directory_size(output) / 2**20:.1f} MiB"
+        f"weights on disk: {dense_bytes / 2**20:.1f} MiB -> {sliced_bytes / 2**20:.1f} MiB"
+        f"{ratio}; whole directory {directory_size(output) / 2**20:.1f} MiB"
     )
     print(
         f"compression took {seconds:.0f} s; report: {output / 'slicing_report.md'}, "
@@ -390,8 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--eval-windows",
-        type=int,
-        default=0,
+        type=_positive(int),
         help="evaluate perplexity before/after on this many 1024-token windows",
     )
     p.add_argument("--seed", type=int, default=0)

@@ -22,7 +22,9 @@ def load_slicing(checkpoint: str | Path) -> dict[str, Any]:
     return config
 
 
-def summary_markdown(checkpoint: str | Path) -> str:
+def summary_markdown(checkpoint: str | Path, name: str | None = None) -> str:
+    """The report's text; ``name`` titles it when the directory is not yet where it will
+    live (``compress`` writes it into a scratch directory that is renamed afterwards)."""
     config = load_slicing(checkpoint)
     spec = config["slicing"]
     hidden = config["hidden_size"]
@@ -30,7 +32,7 @@ def summary_markdown(checkpoint: str | Path) -> str:
     params = spec.get("parameters", {})
     quant = config.get("quantization_config")
     lines = [
-        f"# Sliced checkpoint: {Path(checkpoint).name}",
+        f"# Sliced checkpoint: {name or Path(checkpoint).name}",
         "",
         f"- base architecture: {config['base_model_type']} ({config['num_hidden_layers']} layers, "
         f"hidden {hidden})",
@@ -122,8 +124,10 @@ def plot_slicing(checkpoint: str | Path, png: str | Path) -> Path:
     return png
 
 
-def write_report(checkpoint: str | Path, out_dir: str | Path | None = None) -> tuple[Path, Path]:
+def write_report(
+    checkpoint: str | Path, out_dir: str | Path | None = None, name: str | None = None
+) -> tuple[Path, Path]:
     out = Path(out_dir or checkpoint)
     md = out / "slicing_report.md"
-    md.write_text(summary_markdown(checkpoint))
+    md.write_text(summary_markdown(checkpoint, name))
     return md, plot_slicing(checkpoint, out / "slicing_report.png")

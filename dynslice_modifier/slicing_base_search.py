@@ -20,6 +20,7 @@ from loguru import logger
 from torch import nn
 from tqdm.auto import tqdm
 
+from dynslice_modifier.adapters import ModelAdapter
 from dynslice_modifier.calibration import LayerInputs, onloaded
 from dynslice_modifier.distributed import sum_over_ranks
 from dynslice_modifier.errors import CalibrationError
@@ -51,10 +52,14 @@ def heldout_batches(count: int, fraction: float) -> frozenset[int]:
 
 @torch.no_grad()
 def heldout_nll(
-    model: nn.Module, inputs: LayerInputs, heldout: Iterable[int], device: torch.device
+    model: nn.Module,
+    adapter: ModelAdapter,
+    inputs: LayerInputs,
+    heldout: Iterable[int],
+    device: torch.device,
 ) -> float:
     """Mean next-token loss of the held-out batches from their final residual stream."""
-    norm, head = model.model.norm, model.get_output_embeddings()
+    norm, head = adapter.final_norm(model), model.get_output_embeddings()
     total, tokens = 0.0, 0
     with onloaded(norm, device), onloaded(head, device):
         for b in sorted(heldout):

@@ -39,6 +39,14 @@ def test_rounding_to_multiple_within_one_step():
     assert abs(np.mean(dims) - 576 * 0.75) <= 64
 
 
+@pytest.mark.parametrize("rounding", ["mean", "nearest"])
+def test_a_group_that_does_not_divide_hidden_size_caps_the_width(rounding):
+    # SB 0 leaves the least redundant layer unsliced; 576 is not a multiple of 128, so a
+    # GPTQ group of 128 needs it at 512.
+    dims = allocate_dims(SMOL_LIKE, 576, 0.25, 0.0, round_to=128, rounding=rounding)
+    assert max(dims) == 512 and all(d % 128 == 0 for d in dims)
+
+
 def test_mean_rounding_keeps_the_budget_that_nearest_misses():
     # Steps of 64 (a quantizer's group size) are where nearest rounding misses SP most.
     targets = 576 * (1 - slice_fractions(SMOL_LIKE, 0.25, 0.05, max_slice=1 - 64 / 576))
@@ -112,7 +120,8 @@ def test_explicit_dims_are_checked():
     scores=st.lists(st.floats(-1, 1, allow_nan=False), min_size=1, max_size=40),
     sp=st.floats(0, 0.9),
     base_share=st.floats(0, 1),
-    hidden=st.sampled_from([64, 576, 896, 4096]),
+    # 600 is not a multiple of 16 or 64: the widest width is then below hidden_size.
+    hidden=st.sampled_from([64, 576, 600, 896, 4096]),
     round_to=st.sampled_from([1, 8, 16, 64]),
     rounding=st.sampled_from(["mean", "nearest"]),
 )
@@ -132,7 +141,9 @@ def test_allocation_properties(scores, sp, base_share, hidden, round_to, roundin
     targets = hidden * (1 - fractions)
     assert all(d % round_to == 0 and round_to <= d <= hidden for d in dims)
     assert np.all(np.abs(dims - targets) < round_to + 1e-6)
-    assert abs(dims.mean() - hidden * (1 - sp)) <= round_to / 2 + 1e-6
+    # Widths cannot reach past the widest multiple, hidden % round_to below hidden_size.
+    slack = max(round_to / 2, hidden % round_to)
+    assert abs(dims.mean() - hidden * (1 - sp)) <= slack + 1e-6
     # A more redundant layer is never kept wider.
     assert np.all(np.diff(dims[order]) <= 0)
     if rounding == "mean" and np.unique(targets.round(6)).size == targets.size:

@@ -39,6 +39,10 @@ def dynslice(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedP
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     save_tiny(root / "tiny", "llama", True)
+    (root / "quantize_only.yaml").write_text(
+        "quant_stage:\n  quant_modifiers:\n"
+        "    QuantizationModifier: {targets: Linear, scheme: FP8_DYNAMIC}\n"
+    )
     return root
 
 
@@ -121,7 +125,9 @@ def test_compress_writes_model_report_and_summary(workdir):
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
     assert json.loads((out / "config.json").read_text())["slicing"]["rounding"] == "nearest"
     report = (out / "slicing_report.md").read_text()
-    assert report.startswith("# Sliced checkpoint") and "round_to 8 (nearest rounding)" in report
+    # Titled with the output's name, not the scratch directory it was written in.
+    assert report.startswith("# Sliced checkpoint: out\n")
+    assert "round_to 8 (nearest rounding)" in report
     assert (out / "slicing_report.png").read_bytes()[:4] == b"\x89PNG"
     assert "parameters:" in result.stdout and "weights on disk" in result.stdout
     assert "perplexity (1 x 1024 tokens): dense" in result.stdout
@@ -200,6 +206,11 @@ def test_scores_eval_and_report(workdir, capsys):
             ["compress", "tiny", "bad", "--recipe", "r.yaml", "--hadamard", "--round-to", "8"],
             "drop --round-to --hadamard or put them in the recipe",
         ),
+        (
+            ["compress", "tiny", "bad", "--recipe", "quantize_only.yaml"],
+            "has no DynamicSliceModifier",
+        ),
+        (["compress", "tiny", "bad", "--eval-windows", "0"], "must be > 0"),
         (["frobnicate"], "invalid choice"),
     ],
 )

@@ -114,6 +114,14 @@ torch.save(m(ids).logits.detach(), {str(tmp_path / "logits.pt")!r})
         ({"sparsity": 0.2, "round_to": 0}, "round_to must be a positive integer"),
         ({"sparsity": 0.2, "rounding": "up"}, r"rounding[\s\S]*'mean' or 'nearest'"),
         ({"sparsity": 0.2, "typo_option": 1}, "typo_option"),
+        ({"target_params": 0.2, "slicing_base": -0.1}, "slicing_base must be in"),
+        (
+            {"sparsity": 0.2, "slicing_base": "auto", "auto_fractions": []},
+            "auto_fractions is empty",
+        ),
+        ({"layer_dims": [32, 32], "slicing_base": "auto"}, "would be ignored"),
+        ({"layer_dims": [32, 32], "sparsity": 0.25}, r"sparsity would be ignored"),
+        ({"layer_dims": [32, 32], "target_params": 0.1}, "target_params would be ignored"),
     ],
 )
 def test_bad_options_rejected_when_the_recipe_is_built(options, match):

@@ -250,3 +250,18 @@ def test_unsliced_input_width_that_breaks_groups_fails_early(tmp_path):
         GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*o_proj$"]),
     ]
     assert isinstance(one_pass(model_dir, recipe), DynSliceForCausalLM)
+
+
+def test_a_sliced_head_may_take_groups_that_do_not_divide_hidden_size(tmp_path):
+    # Hidden 320 is not a multiple of 128, but a sliced head reads the last layer's width,
+    # which is rounded to the group like every sliced width.
+    model_dir = save_tiny(tmp_path / "in", "llama", True, hidden=320, layers=2, head_dim=64)
+    recipe = [
+        DynamicSliceModifier(sparsity=0.25, slice_head=True),
+        GPTQModifier(targets="Linear", scheme="W4A16"),
+    ]
+    model = one_pass(model_dir, recipe)
+    assert model.lm_head.in_features in (128, 256)
+    recipe = [DynamicSliceModifier(sparsity=0.25), GPTQModifier(targets="Linear", scheme="W4A16")]
+    with pytest.raises(AllocationError, match=r"lm_head \(320\)"):
+        one_pass(model_dir, recipe)

@@ -56,7 +56,7 @@ def test_trial_leaves_the_model_and_predicts_the_sliced_loss(tied, basis, slice_
         model, adapter, dims, CPU, basis, keep_tied=tied, in_place=False, slice_head=slice_head
     )
     trial.run(inputs, heldout)
-    predicted = heldout_nll(model, inputs, heldout, CPU)
+    predicted = heldout_nll(model, adapter, inputs, heldout, CPU)
     after = model.state_dict()
     assert after.keys() == before.keys()
     for name, tensor in before.items():
