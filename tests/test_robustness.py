@@ -31,7 +31,11 @@ def test_same_calibration_set_gives_byte_identical_checkpoints(tiny_dir, tmp_pat
 def sliced_config() -> dict:
     model = tiny_model("llama", True, layers=3)
     slice_in_memory(model, layer_dims=[48, 32, 40])
-    return model.config.to_dict()
+    config = model.config.to_dict()
+    # Explicit widths record the slice they realise, not the unused sparsity field.
+    assert config["slicing"]["sparsity"] == pytest.approx(1 - 120 / 192)
+    assert config["slicing"]["slicing_base"] is None
+    return config
 
 
 @pytest.mark.parametrize(
@@ -49,6 +53,9 @@ def sliced_config() -> dict:
         (lambda s: s.__setitem__("final_dim", 0), r"slicing.final_dim = 0.*hidden_size=64"),
         (lambda s: s.__setitem__("final_dim", 4096), r"slicing.final_dim = 4096"),
         (lambda s: s.__setitem__("final_dim", True), r"slicing.final_dim = True"),
+        # The fixture's model is tied: a sliced head or table cannot share its weight.
+        (lambda s: s.__setitem__("final_dim", 48), r"tie_word_embeddings is true.*final_dim"),
+        (lambda s: s.__setitem__("embedding_sliced", True), r"set tie_word_embeddings to false"),
     ],
 )
 def test_hostile_configs_are_rejected(sliced_config, mutate, message):

@@ -299,6 +299,7 @@ def require_plugin() -> None:
 
 TOO_NEW = "format-version-too-new"
 NORMS_CHANGED = "norms-changed-after-unit-norms"
+SHORTCUT_MISSING = "shortcut-tensor-missing"
 
 
 @pytest.fixture(scope="module")
@@ -317,6 +318,13 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     weights = paths[NORMS_CHANGED] / "model.safetensors"
     tensors = load_file(weights)
     tensors["model.layers.1.input_layernorm.weight"] *= 2
+    save_file(tensors, weights, metadata={"format": "pt"})
+    # A shortcut the config declares but the file lacks: fused into gate_up_proj, vLLM's own
+    # check counts that projection loaded with its two shards, so only the plugin can tell.
+    paths[SHORTCUT_MISSING] = Path(shutil.copytree(paths[CASES[0].name], root / SHORTCUT_MISSING))
+    weights = paths[SHORTCUT_MISSING] / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors["model.layers.1.mlp_shortcut.weight"]
     save_file(tensors, weights, metadata={"format": "pt"})
     for copy, case_name in VLLM_KERNELS.items():
         paths[copy] = Path(shutil.copytree(paths[case_name], root / copy))
@@ -467,6 +475,12 @@ def test_changed_norms_refuse_fused_shortcuts(vllm_results: dict[str, Any]) -> N
     error = vllm_results[NORMS_CHANGED].get("error", "")
     assert "input_layernorm has a weight other than ones" in error, vllm_results[NORMS_CHANGED]
     assert "slicing.unit_norms" in error
+
+
+def test_missing_shortcut_tensor_is_refused(vllm_results: dict[str, Any]) -> None:
+    error = vllm_results[SHORTCUT_MISSING].get("error", "")
+    assert "no tensors for 1 residual shortcuts" in error, vllm_results[SHORTCUT_MISSING]
+    assert "model.layers.1.mlp_shortcut" in error
 
 
 def _max_abs_diff(a: list[float], b: list[float]) -> float:

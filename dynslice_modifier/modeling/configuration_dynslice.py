@@ -145,8 +145,8 @@ def _require_vllm_plugin() -> None:
         raise ImportError(
             "this checkpoint was sliced by dynslice-modifier and vLLM serves it through the "
             "dynslice plugin, which is not installed in this environment: "
-            "pip install 'dynslice-modifier[serve]' (or pip install --no-deps "
-            "dynslice-modifier next to an existing vLLM)"
+            "pip install 'dynslice-modifier[serve]' into it (the plugin alone: it keeps this "
+            "vLLM and needs no llm-compressor)"
         )
 
 
@@ -193,7 +193,16 @@ class DynSliceConfig(PretrainedConfig):
         _require_vllm_plugin()
         self.base_model_type = base_model_type
         self.slicing = slicing
+        # transformers reads a missing key as untied; vLLM's layers read the attribute.
+        kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
     def check_slicing(self) -> None:
         validate_slicing(self.slicing, self.hidden_size, self.num_hidden_layers)
+        sliced = [key for key in ("embedding_sliced", "final_dim") if self.slicing.get(key)]
+        if self.tie_word_embeddings and sliced:
+            raise SlicingConfigError(
+                f"tie_word_embeddings is true, but slicing.{' and slicing.'.join(sliced)} say "
+                "the table and the head were sliced apart, so they are different matrices; "
+                "set tie_word_embeddings to false in config.json"
+            )

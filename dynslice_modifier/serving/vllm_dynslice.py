@@ -13,7 +13,8 @@ model is its base decoder (Llama, Mistral, Qwen2, Qwen3) where, per layer ``l``:
   ``mlp_shortcut``) when the config says so, otherwise it is the identity; with
   ``delta_shortcuts`` the matrix is stored minus the identity, which is added back here;
 - an embedding table left in the original basis (tied models, ``embedding_sliced: false``)
-  is projected to layer 0's basis by ``model.layers.0.input_projection``.
+  is projected to layer 0's basis by ``model.layers.0.input_projection``, unless layer 0
+  was left whole (``input_projection: false``).
 
 A shortcut reads the same residual as the next projection (q/k/v, gate/up), which reads it
 through a norm. When the norms are ones (``slicing.unit_norms``), both are quantized alike
@@ -114,7 +115,7 @@ def _check_supported(config: DynSliceConfig) -> None:
 
 def _embedding_width(config: DynSliceConfig) -> int:
     # A sliced table is rotated and cut to layer 0's width; an unsliced one (tied models)
-    # is the original and layer 0's input_projection maps it.
+    # is the original, which layer 0's input_projection maps, or reads whole.
     if config.slicing["embedding_sliced"]:
         if config.tie_word_embeddings:
             raise ValueError("a sliced embedding table cannot be tied to the full-width lm_head")
@@ -193,9 +194,10 @@ class SlicedAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
 
         attention_bias = bool(getattr(config, "attention_bias", False))
-        # Qwen2 always has q/k/v biases; Llama/Mistral put attention_bias on o_proj as well.
+        # Qwen2 always has q/k/v biases and never an o_proj one; Llama and Qwen3 put
+        # attention_bias on all four (Mistral's config has none).
         qkv_bias = True if base == "qwen2" else attention_bias
-        o_bias = attention_bias if base in ("llama", "mistral") else False
+        o_bias = attention_bias if base != "qwen2" else False
 
         self.qkv_proj = QKVParallelLinear(
             hidden_size=in_dim,
@@ -748,9 +750,21 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
             for name, module in self.named_modules()
             if isinstance(module, (ResidualShortcut, FusedShortcut))
         }
+        seen: set[str] = set()
         loaded = AutoWeightsLoader(self).load_weights(
-            _check_shortcut_tensors(weights, shortcuts), mapper=self.hf_to_vllm_mapper
+            _check_shortcut_tensors(weights, shortcuts, seen), mapper=self.hf_to_vllm_mapper
         )
+        # vLLM counts a fused projection loaded once its own shards are, and skips the check
+        # for quantized models, so a shortcut missing from the file would serve whatever
+        # memory its rows held.
+        missing = sorted(set(shortcuts) - seen)
+        if missing:
+            raise ValueError(
+                f"the checkpoint has no tensors for {len(missing)} residual shortcuts that its "
+                f"config declares ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+                "slicing.attn_shortcuts / mlp_shortcuts in config.json must match the saved "
+                "weights: re-save the sliced model, or restore the missing tensors"
+            )
         for name, module in self.named_modules():
             if isinstance(module, SlicedDecoderLayer):
                 for norm_name, norm in module.fused_norms():
@@ -771,8 +785,10 @@ _PLAIN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _check_shortcut_tensors(
     weights: Iterable[tuple[str, torch.Tensor]],
     shortcuts: dict[str, ResidualShortcut | FusedShortcut],
+    seen: set[str],
 ) -> Iterable[tuple[str, torch.Tensor]]:
-    """Pass weights through, refusing shortcut tensors that disagree with the built layer.
+    """Pass weights through, refusing shortcut tensors that disagree with the built layer;
+    ``seen`` collects the shortcuts that had tensors.
 
     Without this, a plain float shortcut loaded into a layer built as quantized is cast
     into its integer weight and served as garbage with no error (and a quantized one sent
@@ -782,6 +798,7 @@ def _check_shortcut_tensors(
         owner, _, attr = name.rpartition(".")
         layer = shortcuts.get(owner)
         if layer is not None:
+            seen.add(owner)
             plain = attr == "weight" and tensor.dtype in _PLAIN_DTYPES
             if layer.is_quantized == plain:
                 held, wants = ("unquantized", "quantized") if plain else ("quantized", "plain")
