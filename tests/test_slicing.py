@@ -41,6 +41,19 @@ def test_rotation_only_is_exact(arch, tied, basis, hadamard):
         assert model.config.tie_word_embeddings
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_rotation_only_is_exact_with_attention_biases(arch):
+    # o_proj's bias is added to the residual, so it is rotated with o_proj's output.
+    model = tiny_model(arch, True, attention_bias=True)
+    assert model.model.layers[0].self_attn.o_proj.bias is not None
+    with torch.no_grad():
+        reference = model(IDS).logits
+    slice_in_memory(model, sparsity=0.0)
+    with torch.no_grad():
+        rotated = model(IDS).logits
+    torch.testing.assert_close(rotated, reference, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("basis", ["sublayer", "layer"])
 @pytest.mark.parametrize("tied", [True, False])
 def test_sliced_shapes(tied, basis):

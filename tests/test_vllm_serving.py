@@ -95,13 +95,16 @@ class Case:
     slice_head: bool = False
     # The shortcuts in a config group of their own: "W8A8" (mixed precision).
     shortcut_scheme: str | None = None
+    # Biases on q/k/v and o_proj (Llama and Qwen3 put attention_bias on all four).
+    attention_bias: bool = False
 
 
 CASES = [
     # Untied: the embedding is rotated and cut to layer 0's width.
     Case("llama-untied-sublayer", "llama", tied=False, basis="sublayer"),
-    # Tied: the shared table stays whole and layer 0 has an input projection; q/k norms.
-    Case("qwen3-tied-sublayer", "qwen3", tied=True, basis="sublayer"),
+    # Tied: the shared table stays whole and layer 0 has an input projection; q/k norms;
+    # attention biases, o_proj's rotated with the residual it writes.
+    Case("qwen3-tied-sublayer", "qwen3", tied=True, basis="sublayer", attention_bias=True),
     # q/k/v biases; one basis per layer, so no attention shortcuts; a sliced head.
     Case("qwen2-untied-layer", "qwen2", tied=False, basis="layer", slice_head=True),
     # Input projection and no attention shortcuts at all.
@@ -163,13 +166,13 @@ VLLM_KERNELS_W4A16 = "qwen3-tied-sublayer-w4a16-vllm-kernels"
 VLLM_KERNELS[VLLM_KERNELS_W4A16] = "qwen3-tied-sublayer-w4a16"
 
 
-def tiny_base(arch: str, tied: bool, seed: int = 0) -> PreTrainedModel:
+def tiny_base(arch: str, tied: bool, seed: int = 0, **overrides: Any) -> PreTrainedModel:
     """A random 3-layer model vLLM's CPU attention accepts (it needs head_dim >= 32).
 
     A larger init than the default 0.02 makes next-token distributions peaked, so greedy
     choices are not decided by rounding noise.
     """
-    return tiny_model(arch, tied, seed=seed, head_dim=32, initializer_range=0.1)
+    return tiny_model(arch, tied, seed=seed, head_dim=32, initializer_range=0.1, **overrides)
 
 
 def build_sliced(root: Path, case: Case) -> Path:
@@ -177,7 +180,8 @@ def build_sliced(root: Path, case: Case) -> Path:
     from llmcompressor.core import reset_session
 
     src, out = root / f"{case.name}-dense", root / case.name
-    tiny_base(case.arch, case.tied).save_pretrained(src)
+    bias = {"attention_bias": True} if case.attention_bias else {}
+    tiny_base(case.arch, case.tied, **bias).save_pretrained(src)
     word_tokenizer().save_pretrained(src)
     recipe = f"""
 slice_stage:
@@ -396,8 +400,9 @@ def test_vllm_matches_transformers(
     assert "error" not in got, got["error"]
     # vLLM fuses a shortcut into the projection that reads the same residual (one GEMM)
     # when the norms are ones and both are quantized alike; the input projection has no
-    # such partner.
-    count = sum(slicing["attn_shortcuts"]) + sum(slicing["mlp_shortcuts"])
+    # such partner, and a q/k/v projection with a bias keeps its shortcut a GEMM apart.
+    biased_qkv = case.arch == "qwen2" or case.attention_bias
+    count = (0 if biased_qkv else sum(slicing["attn_shortcuts"])) + sum(slicing["mlp_shortcuts"])
     alike = not case.quantize or (case.quantize_shortcuts and not case.shortcut_scheme)
     fused = count if slicing["unit_norms"] and alike else 0
     assert got["shortcuts"].get("FusedShortcut", 0) == fused, got["shortcuts"]

@@ -32,6 +32,7 @@ def tiny_model(
     hidden: int = 64,
     head_dim: int | None = None,
     initializer_range: float = 0.02,
+    **overrides,
 ):
     config_cls, model_cls, extra = ARCHS[arch]
     config = config_cls(
@@ -46,7 +47,7 @@ def tiny_model(
         tie_word_embeddings=tied,
         rms_norm_eps=1e-6,
         initializer_range=initializer_range,
-        **extra,
+        **(extra | overrides),
     )
     torch.manual_seed(seed)
     model = model_cls(config).eval()
