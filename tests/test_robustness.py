@@ -109,3 +109,20 @@ def test_vllm_without_the_plugin_names_the_fix(sliced_config, monkeypatch):
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
     with pytest.raises(ImportError, match=r"pip install 'dynslice-modifier\[serve\]'"):
         DynSliceConfig.from_dict(sliced_config)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("base_model_type", "gemma", "vLLM serving of sliced 'gemma' models is not implemented"),
+        ("hidden_act", "gelu", "unsupported hidden_act 'gelu'"),
+    ],
+)
+def test_vllm_front_end_check_names_what_it_cannot_serve(sliced_config, key, value, message):
+    # Runs while vLLM builds its config (serving/__init__.py), before any engine worker.
+    from dynslice_modifier.serving.support import check_servable
+
+    check_servable(DynSliceConfig.from_dict(sliced_config))
+    config = copy.deepcopy(sliced_config) | {key: value}
+    with pytest.raises(ValueError, match=message):
+        check_servable(DynSliceConfig.from_dict(config))

@@ -29,14 +29,15 @@ def register() -> None:
 
 
 def _register_config_check() -> None:
-    """Validate ``config.slicing`` while vLLM builds its config, in the calling process.
+    """Check the config (``support.check_servable``) while vLLM builds it, in the calling
+    process.
 
     The model class checks it too, but that runs in the engine core's worker, where a bad
     checkpoint surfaces as "Engine core initialization failed" with the cause buried in the
     worker's log. Checking here makes ``LLM(...)`` / ``vllm serve`` fail at once with our
-    message (e.g. "upgrade dynslice-modifier"). ``MODELS_CONFIG_MAP`` is vLLM's own hook for
-    per-architecture config checks; it is internal, so if it moves we keep only the
-    model-side check rather than break serving.
+    message (e.g. "upgrade dynslice-modifier", an unsupported base architecture).
+    ``MODELS_CONFIG_MAP`` is vLLM's own hook for per-architecture config checks; it is
+    internal, so if it moves we keep only the model-side check rather than break serving.
     """
     try:
         from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
@@ -46,10 +47,12 @@ def _register_config_check() -> None:
     class DynSliceConfigCheck(VerifyAndUpdateConfig):
         @staticmethod
         def verify_and_update_model_config(model_config: object) -> None:
+            from dynslice_modifier.serving.support import check_servable
+
             hf_config = getattr(model_config, "hf_config", None)
-            check = getattr(hf_config, "check_slicing", None)
-            if callable(check):
-                check()
+            # Duck-typed: with trust_remote_code the class is the checkpoint's own copy.
+            if callable(getattr(hf_config, "check_slicing", None)):
+                check_servable(hf_config)
 
     MODELS_CONFIG_MAP.setdefault(MODEL_ARCHITECTURE, DynSliceConfigCheck)
 

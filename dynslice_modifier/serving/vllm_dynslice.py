@@ -73,19 +73,13 @@ from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from dynslice_modifier.modeling.configuration_dynslice import (
-    PRE_NORM_LAYOUT,
     DynSliceConfig,
     final_width,
     has_input_projection,
 )
 from dynslice_modifier.modeling.modeling_dynslice import carry, layer_widths
 from dynslice_modifier.serving.cpu_kernels import check_cpu_dtype, check_cpu_kernels
-
-SUPPORTED_BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-# Module names this file builds; checkpoint keys follow slicing.layout, so a checkpoint
-# with any other layout would load into the wrong modules.
-_EXPECTED_LAYOUT = PRE_NORM_LAYOUT
+from dynslice_modifier.serving.support import check_servable
 
 
 def _dynslice_config(vllm_config: VllmConfig) -> DynSliceConfig:
@@ -98,27 +92,10 @@ def _dynslice_config(vllm_config: VllmConfig) -> DynSliceConfig:
     return cast(DynSliceConfig, config)
 
 
-def _check_supported(config: DynSliceConfig) -> None:
-    # Validates widths, shortcuts and format_version ("upgrade dynslice-modifier").
-    config.check_slicing()
-    if config.base_model_type not in SUPPORTED_BASE_MODEL_TYPES:
-        raise ValueError(
-            f"vLLM serving of sliced {config.base_model_type!r} models is not implemented "
-            f"(supported: {', '.join(SUPPORTED_BASE_MODEL_TYPES)})"
-        )
-    layout = config.slicing["layout"]
-    if any(layout.get(k) != v for k, v in _EXPECTED_LAYOUT.items()):
-        raise ValueError(f"unsupported slicing.layout {layout!r}; expected {_EXPECTED_LAYOUT}")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"unsupported hidden_act {config.hidden_act!r}: only silu is")
-
-
 def _embedding_width(config: DynSliceConfig) -> int:
     # A sliced table is rotated and cut to layer 0's width; an unsliced one (tied models)
     # is the original, which layer 0's input_projection maps, or reads whole.
     if config.slicing["embedding_sliced"]:
-        if config.tie_word_embeddings:
-            raise ValueError("a sliced embedding table cannot be tied to the full-width lm_head")
         return config.slicing["attn_dims"][0]
     return config.hidden_size
 
@@ -615,7 +592,7 @@ class DynSliceModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config = _dynslice_config(vllm_config)
-        _check_supported(config)
+        check_servable(config)
         quant_config = vllm_config.quant_config
         self.config = config
         self.quant_config = quant_config

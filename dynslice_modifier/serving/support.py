@@ -1,0 +1,29 @@
+"""What the vLLM model file can serve, checked without importing vLLM.
+
+The front end runs this while vLLM builds its config (``serving/__init__.py``), so a
+checkpoint the model file cannot build fails there with this message, before an engine
+worker starts; the model file runs it again when it is built.
+"""
+
+from __future__ import annotations
+
+from dynslice_modifier.modeling.configuration_dynslice import PRE_NORM_LAYOUT, DynSliceConfig
+
+SUPPORTED_BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def check_servable(config: DynSliceConfig) -> None:
+    # Widths, shortcuts, ties and format_version ("upgrade dynslice-modifier").
+    config.check_slicing()
+    if config.base_model_type not in SUPPORTED_BASE_MODEL_TYPES:
+        raise ValueError(
+            f"vLLM serving of sliced {config.base_model_type!r} models is not implemented "
+            f"(supported: {', '.join(SUPPORTED_BASE_MODEL_TYPES)})"
+        )
+    # The model file builds these module names; checkpoint keys follow slicing.layout, so a
+    # checkpoint with any other layout would load into the wrong modules.
+    layout = config.slicing["layout"]
+    if any(layout.get(k) != v for k, v in PRE_NORM_LAYOUT.items()):
+        raise ValueError(f"unsupported slicing.layout {layout!r}; expected {PRE_NORM_LAYOUT}")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {config.hidden_act!r}: only silu is")
