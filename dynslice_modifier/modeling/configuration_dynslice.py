@@ -40,7 +40,8 @@ class SlicingConfigError(ValueError):
     """A sliced-model config is missing a key or holds an impossible value."""
 
 
-def _int_list(spec: dict[str, Any], key: str, length: int) -> list[int]:
+def _layer_list(spec: dict[str, Any], key: str, length: int) -> list[Any]:
+    """``slicing[key]``, one unchecked entry per decoder layer; the caller checks each."""
     values = spec.get(key)
     if not isinstance(values, list) or len(values) != length:
         raise SlicingConfigError(
@@ -62,14 +63,14 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
             "pip install -U dynslice-modifier"
         )
     for key in ("attn_dims", "mlp_dims"):
-        for i, dim in enumerate(_int_list(spec, key, num_layers)):
+        for i, dim in enumerate(_layer_list(spec, key, num_layers)):
             if isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= hidden_size:
                 raise SlicingConfigError(
                     f"slicing.{key}[{i}] = {dim!r}: each dim must be an integer in "
                     f"[1, hidden_size={hidden_size}]"
                 )
     for key in ("attn_shortcuts", "mlp_shortcuts"):
-        for i, flag in enumerate(_int_list(spec, key, num_layers)):
+        for i, flag in enumerate(_layer_list(spec, key, num_layers)):
             if not isinstance(flag, bool):
                 raise SlicingConfigError(f"slicing.{key}[{i}] must be true or false, got {flag!r}")
     final = spec.get("final_dim")
