@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         "hadamard",
         "fold block Hadamard rotations into the kept bases (with aligned bases it did not "
-        "help quantization in the README's table)",
+        "help quantization in benchmarks/README.md)",
     )
     _slicer_flag(
         p,

