@@ -14,6 +14,7 @@ from dynslice_modifier.evaluation import split_protocol, wikitext_tokens
 from dynslice_modifier.smollm2 import smollm2_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+LR_SCORES = RESULTS / "smollm2_lr_scores.json"
 
 
 def protocol(n_calib: int = 64, calib_len: int = 512, n_eval: int = 32):
@@ -43,3 +44,16 @@ def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def cached_lr_scores(n_calib: int) -> tuple[list[float], float] | None:
+    """SmolLM2's Layer Redundancy scores and the seconds they took, if a run on this many
+    calibration windows saved them (the scores depend on the calibration set)."""
+    cached = json.loads(LR_SCORES.read_text()) if LR_SCORES.exists() else {}
+    if cached.get("n_calib") != n_calib:
+        return None
+    return cached["scores"], cached["seconds"]
+
+
+def save_lr_scores(scores: list[float], seconds: float, n_calib: int) -> None:
+    LR_SCORES.write_text(json.dumps({"scores": scores, "seconds": seconds, "n_calib": n_calib}))

@@ -25,11 +25,18 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, append_jsonl, peak_rss_mib, protocol, read_jsonl
+from common import (
+    RESULTS,
+    append_jsonl,
+    cached_lr_scores,
+    peak_rss_mib,
+    protocol,
+    read_jsonl,
+    save_lr_scores,
+)
 from rounding import add_rounding_argument
 
 JSONL = RESULTS / "perplexity.jsonl"
-SCORES = RESULTS / "smollm2_lr_scores.json"
 
 GRID = (
     ["dense"]
@@ -98,10 +105,9 @@ def run_row(row: dict) -> dict:
         out.update(oneshot_s=0.0, lr_s=0.0, mean_slice=0.0)
     else:
         scores, lr_s = None, 0.0
-        cached = json.loads(SCORES.read_text()) if SCORES.exists() else {}
-        # The scores depend on the calibration set, so they are reused only for its size.
-        if row["kind"] == "dynamic" and cached.get("n_calib") == row["n_calib"]:
-            scores, lr_s = cached["scores"], cached["seconds"]
+        cached = cached_lr_scores(row["n_calib"]) if row["kind"] == "dynamic" else None
+        if cached is not None:
+            scores, lr_s = cached
         if "target_params" in row:
             budget = {"target_params": row["target_params"], "slicing_base": row["slicing_base"]}
         else:
@@ -128,11 +134,7 @@ def run_row(row: dict) -> dict:
         oneshot_s = time.perf_counter() - start
         if scores is None and modifier.lr_scores is not None:
             lr_s = modifier.summary["lr_seconds"]
-            SCORES.write_text(
-                json.dumps(
-                    {"scores": modifier.lr_scores, "seconds": lr_s, "n_calib": row["n_calib"]}
-                )
-            )
+            save_lr_scores(modifier.lr_scores, lr_s, row["n_calib"])
             oneshot_s -= lr_s  # reported in its own column
         spec = model.config.slicing
         out.update(

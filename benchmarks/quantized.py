@@ -24,11 +24,10 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from common import RESULTS, append_jsonl, protocol, read_jsonl
+from common import RESULTS, append_jsonl, cached_lr_scores, protocol, read_jsonl
 from rounding import add_rounding_argument, rounded_name
 
 JSONL = RESULTS / "quantized.jsonl"
-SCORES = RESULTS / "smollm2_lr_scores.json"
 WORK = Path(__file__).resolve().parents[1] / "out" / "bench"
 
 
@@ -106,7 +105,7 @@ def run_row(row: dict) -> dict:
     recipe = quant_recipe(scheme) if quantized else []
     if row["model"] != "dense":
         # The Layer Redundancy scores of perplexity.py (same model and calibration data).
-        cached = json.loads(SCORES.read_text()) if SCORES.exists() else {}
+        cached = cached_lr_scores(len(dataset))
         # A float row at a quantizer's widths sets them; a quantized row's come from its
         # recipe, as for users.
         widths = {"round_to": scheme.group} if not quantized and scheme.group else {}
@@ -118,7 +117,7 @@ def run_row(row: dict) -> dict:
             basis="layer" if "-layer" in row["model"] else "sublayer",
             slice_head=row["model"].endswith("-sliced-head"),
             rounding=row["rounding"],
-            layer_scores=cached.get("scores"),
+            layer_scores=cached[0] if cached else None,
             profitable_only=False,  # as the perplexity grid's rows
             quantize_shortcuts=quantized and scheme.shortcuts,
             **widths,
