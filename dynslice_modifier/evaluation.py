@@ -58,13 +58,13 @@ def split_protocol(
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, eval_windows: torch.Tensor, batch_size: int = 1) -> float:
-    """exp(mean token NLL) over every predicted token of every window."""
+def perplexity(model: torch.nn.Module, eval_windows: torch.Tensor) -> float:
+    """exp(mean token NLL) over every predicted token of every window, one window at a time."""
     model.eval()
     device = model.get_input_embeddings().weight.device
     nll, count = 0.0, 0
-    for start in tqdm(range(0, len(eval_windows), batch_size), desc="Perplexity", leave=False):
-        ids = eval_windows[start : start + batch_size].to(device)
+    for window in tqdm(eval_windows, desc="Perplexity", leave=False):
+        ids = window[None].to(device)
         logits = model(input_ids=ids, use_cache=False).logits.float()
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"

@@ -13,19 +13,19 @@ from __future__ import annotations
 import torch
 
 
-def sylvester(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def sylvester(n: int) -> torch.Tensor:
     """Orthonormal Hadamard matrix of size ``n`` (a power of two)."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"Sylvester Hadamard needs a power of two, got {n}")
-    h = torch.ones(1, 1, dtype=dtype)
+    h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h / h.shape[0] ** 0.5
 
 
-def block_hadamard(width: int, max_block: int = 256, dtype: torch.dtype = torch.float64):
-    """Block-diagonal orthonormal Hadamard of size ``width``."""
+def block_hadamard(width: int, max_block: int = 256) -> torch.Tensor:
+    """Block-diagonal orthonormal Hadamard of size ``width``, in float64."""
     block = 1
     while block * 2 <= max_block and width % (block * 2) == 0:
         block *= 2
-    return torch.block_diag(*[sylvester(block, dtype)] * (width // block))
+    return torch.block_diag(*[sylvester(block)] * (width // block))

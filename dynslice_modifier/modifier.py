@@ -43,6 +43,7 @@ from dynslice_modifier.slicer import (
     count_parameters,
     embeddings_tied,
     redundancy_scores,
+    untie_head,
 )
 from dynslice_modifier.slicing_base_search import (
     DEFAULT_FRACTIONS,
@@ -330,9 +331,8 @@ class DynamicSliceModifier(Modifier):
         keep_tied = tied and not (self.untie_embeddings or self.slice_head)
         if self.quantize_shortcuts and keep_tied:
             check_input_projection(f"{layer_names[0]}.input_projection", hidden, others)
-        if tied and not keep_tied:
-            head = model.get_output_embeddings()
-            head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        if not keep_tied:
+            untie_head(model)
 
         inputs = capture_layer_inputs(model, layers[0], state.data.calib)
         duplicated = shared_across_ranks(inputs.keys)

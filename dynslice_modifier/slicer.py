@@ -82,6 +82,13 @@ def embeddings_tied(model: nn.Module) -> bool:
     return head is not None and head.weight is model.get_input_embeddings().weight
 
 
+def untie_head(model: nn.Module) -> None:
+    """Give a head that shares the embedding table a copy of its own, to rotate apart."""
+    if embeddings_tied(model):
+        head = model.get_output_embeddings()
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+
+
 def redundancy_scores(
     adapter: ModelAdapter,
     layers: nn.ModuleList,
@@ -337,8 +344,7 @@ class RotateAndSlice:
         model = self.model
         head, norm = model.get_output_embeddings(), self.adapter.final_norm(model)
         with onloaded(head, self.device), onloaded(norm, self.device), torch.no_grad():
-            if head.weight is self.adapter.embedding(model).weight:
-                head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+            untie_head(model)
             fold_scale_into_inputs([head], norm.weight)
             rotate_inputs([head], basis)
             self.adapter.set_final_norm(model, self._norm(basis.shape[1], norm.weight))

@@ -26,9 +26,12 @@ def _package_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def smollm2_path(cache_dir: Path | None = None) -> Path:
-    """Directory of a float32 SmolLM2-135M checkpoint with its tokenizer, built once."""
-    target = Path(cache_dir or DEFAULT_CACHE) / "SmolLM2-135M-Instruct"
+def smollm2_path() -> Path:
+    """Directory of a float32 SmolLM2-135M checkpoint with its tokenizer, built once.
+
+    The cache lives under ``$DYNSLICE_CACHE`` (default ``~/.cache/dynslice``).
+    """
+    target = DEFAULT_CACHE / "SmolLM2-135M-Instruct"
     if (target / "model.safetensors").exists():
         return target
     import torch
