@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from compressed_tensors.offload import disable_onloading
 from loguru import logger
 from torch import nn
 from tqdm.auto import tqdm
@@ -66,27 +67,36 @@ from dynslice_modifier.rotate import (
 Basis = Literal["sublayer", "layer"]
 
 
+# Parameters are compared as stored: under compressed-tensors offloading (a model loaded
+# with a device_map, or any model once llm-compressor's pipelines set an onload device)
+# every read of an offloaded weight returns a fresh onloaded copy, so a tied head and
+# embedding are one tensor only with onloading disabled.
+
+
 def count_parameters(model: nn.Module) -> int:
     """Every parameter once (a tied head and embedding are one table)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
+    with disable_onloading():
+        unique = {id(p): p.numel() for p in model.parameters()}
+    return sum(unique.values())
 
 
 def embeddings_tied(model: nn.Module) -> bool:
     head = model.get_output_embeddings()
-    return head is not None and head.weight is model.get_input_embeddings().weight
+    if head is None:
+        return False
+    with disable_onloading():
+        return head.weight is model.get_input_embeddings().weight
 
 
 def untie_head(model: nn.Module) -> None:
     """Give a head that shares the embedding table a copy of its own, to rotate apart."""
     if embeddings_tied(model):
         head = model.get_output_embeddings()
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        own = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        # Deleted first: an offload cache would otherwise write a same-shaped value into
+        # the shared storage, and the table would stay tied.
+        delattr(head, "weight")
+        head.register_parameter("weight", own)
 
 
 def redundancy_scores(

@@ -12,14 +12,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from compressed_tensors.offload import set_onload_device
 from conftest import calib_dataset, save_tiny
 from llmcompressor import oneshot
 from llmcompressor.recipe import Recipe
+from tiny import tiny_model
 from transformers import AutoModelForCausalLM
 
 from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.errors import AllocationError, CalibrationError, UnsupportedModelError
 from dynslice_modifier.modeling import DynSliceForCausalLM
+from dynslice_modifier.slicer import count_parameters, embeddings_tied
 
 RECIPE = """
 slice_stage:
@@ -30,6 +33,13 @@ slice_stage:
       round_to: 8
 """
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+DISK_TABLES = {
+    "model.embed_tokens": "disk",
+    "model.layers": "cpu",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "disk",
+}
 
 
 def digest(path: Path) -> dict[str, str]:
@@ -82,6 +92,40 @@ def test_oneshot_writes_a_reloadable_checkpoint_and_leaves_input_alone(tiny_dir,
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.25])
+def test_an_offloaded_tied_model_is_sliced_like_a_loaded_one(tiny_dir, tmp_path, sparsity):
+    # A device_map model reaches the modifier under compressed-tensors offloading, where
+    # every read of a weight returns a fresh copy: the shared table must still be seen as
+    # one (or, at sparsity 0, rotating the embedding rotated the head with it).
+    offload = {"device_map": DISK_TABLES, "offload_folder": str(tmp_path / "offload")}
+    results = []
+    for kwargs in ({}, offload):
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir, **kwargs)
+        recipe = DynamicSliceModifier(sparsity=sparsity, round_to=8, profitable_only=False)
+        sliced = oneshot(
+            model=model, recipe=[recipe], dataset=calib_dataset(), num_calibration_samples=16
+        )
+        with torch.no_grad():
+            results.append((sliced(IDS).logits, sliced.config.slicing["parameters"]))
+    (plain, plain_params), (offloaded, offloaded_params) = results
+    assert offloaded_params == plain_params
+    torch.testing.assert_close(offloaded, plain)
+    if sparsity == 0:
+        dense = AutoModelForCausalLM.from_pretrained(tiny_dir)
+        with torch.no_grad():
+            torch.testing.assert_close(offloaded, dense(IDS).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_tied_tables_stay_one_table_once_an_onload_device_is_set():
+    # llm-compressor's pipelines set the accelerator as onload device before the later
+    # modifiers run; "meta" stands in for it (each read is then a new tensor too).
+    model = tiny_model("llama", tied=True)
+    dense = count_parameters(model)
+    set_onload_device(model, torch.device("meta"))
+    assert embeddings_tied(model)
+    assert count_parameters(model) == dense
 
 
 def test_checkpoint_loads_with_trust_remote_code_without_the_package(tiny_dir, tmp_path):
