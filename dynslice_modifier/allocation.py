@@ -20,6 +20,9 @@ from dynslice_modifier.errors import AllocationError
 Normalization = Literal["minmax", "rank"]
 Rounding = Literal["mean", "nearest"]
 
+# Widths in multiples of 16 keep vectorised GEMM kernels on their fast paths.
+DEFAULT_ROUND_TO = 16
+
 
 def check_fractions(sparsity: float, slicing_base: float) -> None:
     if not 0.0 <= sparsity < 1.0:

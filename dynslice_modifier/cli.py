@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, get_args
 
-from dynslice_modifier.allocation import Rounding
+from dynslice_modifier.allocation import DEFAULT_ROUND_TO, Rounding
 
 QUANT_SCHEMES = ("none", "w4a16", "w8a8", "fp8")
 
@@ -78,13 +78,18 @@ def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def _slicer_flag(p: argparse.ArgumentParser, field: str, help: str, **kwargs: Any) -> None:
-    """``--<field>`` for ``DynamicSliceModifier.<field>``; --help shows the modifier's default."""
+def _slicer_flag(
+    p: argparse.ArgumentParser, field: str, help: str, unset: str | None = None, **kwargs: Any
+) -> None:
+    """``--<field>`` for ``DynamicSliceModifier.<field>``; --help shows the modifier's default
+    (``unset`` says what a default of None means)."""
     from dynslice_modifier.modifier import DynamicSliceModifier
 
     if field not in SLICER_FLAGS:
         raise ValueError(f"{field} is not listed in SLICER_FLAGS")
     default = DynamicSliceModifier.model_fields[field].default
+    if default is None:
+        default = unset
     if isinstance(default, bool):
         kwargs["action"] = argparse.BooleanOptionalAction
         default = "on" if default else "off"
@@ -350,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     _slicer_flag(
         p,
         "round_to",
-        "width multiple; left unset, it rises to what --quantize's kernels need",
+        "width multiple",
+        unset=f"{DEFAULT_ROUND_TO}, raised to what --quantize's kernels need",
         type=_positive(int),
     )
     _slicer_flag(

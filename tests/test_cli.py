@@ -96,6 +96,8 @@ def test_slicer_flags_take_their_defaults_from_the_modifier():
     for field in SLICER_FLAGS:
         default = DynamicSliceModifier.model_fields[field].default
         shown = ("on" if default else "off") if isinstance(default, bool) else default
+        if default is None:  # round_to: what unset means
+            shown = "16, raised to what --quantize's kernels need"
         # Unset flags are left out of the modifier's arguments, so it applies its own default.
         assert actions[field].default is None, field
         assert actions[field].help.endswith(f"(default: {shown})"), actions[field].help

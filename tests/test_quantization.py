@@ -11,6 +11,7 @@ from llmcompressor import oneshot
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+from llmcompressor.recipe import Recipe
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -18,6 +19,7 @@ from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.errors import AllocationError
 from dynslice_modifier.modeling import DynSliceForCausalLM
 from dynslice_modifier.modeling.modeling_dynslice import ResidualShortcut, ResidualShortcutLinear
+from dynslice_modifier.quantization import required_multiple
 
 IDS = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
 
@@ -198,12 +200,32 @@ def test_group_wise_input_projection_fails_before_calibration(tmp_path):
     assert {g["format"] for g in groups.values()} == {"pack-quantized", "int-quantized"}
 
 
-def test_round_to_conflicting_with_group_size_fails_before_calibration(wide_dir):
+@pytest.mark.parametrize(
+    ("scheme", "multiple"),
+    [("W4A16", 128), ("W8A8", 16), ("W8A16", 128), ("FP8_DYNAMIC", None), ("FP8", None)],
+)
+def test_what_each_scheme_needs_of_a_width(scheme, multiple):
+    # int8 activations and weights go through vLLM's CUDA CUTLASS GEMM, which needs 16-byte
+    # rows; FP8 is padded by vLLM itself; group-wise schemes need whole groups.
+    need = required_multiple([QuantizationModifier(targets="Linear", scheme=scheme)])
+    assert (need and need[0]) == multiple
+
+
+@pytest.mark.parametrize(
+    ("round_to", "scheme", "message"),
+    [
+        (16, "W4A16", r"round_to=16 conflicts with GPTQModifier \(group_size 128\)"),
+        (8, "W8A8", r"round_to=8 conflicts with GPTQModifier \(int8 W8A8"),
+    ],
+)
+def test_round_to_conflicting_with_the_scheme_fails_before_calibration(
+    wide_dir, round_to, scheme, message
+):
     recipe = [
-        DynamicSliceModifier(sparsity=0.25, round_to=16),
-        GPTQModifier(targets="Linear", scheme="W4A16"),
+        DynamicSliceModifier(sparsity=0.25, round_to=round_to),
+        GPTQModifier(targets="Linear", scheme=scheme),
     ]
-    with pytest.raises(AllocationError, match=r"round_to=16 conflicts with GPTQModifier"):
+    with pytest.raises(AllocationError, match=message):
         one_pass(wide_dir, recipe)
 
 
@@ -234,6 +256,19 @@ quant_stage:
     one_pass(wide_dir, recipe, tmp_path / "out")
     saved = (tmp_path / "out" / "recipe.yaml").read_text()
     assert "DynamicSliceModifier" in saved and "GPTQModifier" in saved
+    # The saved recipe runs again (it lists every field, defaults included) to the same
+    # architecture.
+    one_pass(wide_dir, saved, tmp_path / "again")
+    first, again = (
+        json.loads((tmp_path / name / "config.json").read_text()) for name in ("out", "again")
+    )
+    assert again["slicing"] == first["slicing"]
+
+
+def test_saved_target_params_recipe_rebuilds():
+    # The saved recipe writes the default sparsity 0.0 beside target_params.
+    saved = Recipe.create_instance([DynamicSliceModifier(target_params=0.2)]).yaml()
+    assert Recipe.create_instance(saved).modifiers[0].target_params == 0.2
 
 
 def test_unsliced_input_width_that_breaks_groups_fails_early(tmp_path):

@@ -158,6 +158,9 @@ CASES = [
 ]
 # The promise: a sliced *and quantized* checkpoint behind `vllm serve`.
 SERVE_CASE = "llama-tied-sublayer-w8a8-qs"
+# The finest steps each scheme allows (quantization.required_multiple): finer steps give the
+# tiny models more distinct widths to get wrong.
+ROUND_TO = {None: 8, "W8A8": 16, "W4A16": 32}
 # Copies of quantized cases that vllm_checks.py serves with vLLM's own kernels, never the
 # exact stand-ins of reference_kernels.py: what `vllm serve` runs, and what a user gets on a
 # CPU where vLLM's kernel is missing (4-bit on its AVX2 build) or inexact (int8 without VNNI).
@@ -189,7 +192,7 @@ slice_stage:
     DynamicSliceModifier:
       sparsity: 0.25
       slicing_base: 0.10
-      round_to: {32 if case.quantize == "W4A16" else 8}
+      round_to: {ROUND_TO[case.quantize]}
       basis: {case.basis}
       quantize_shortcuts: {str(case.quantize_shortcuts).lower()}
       align_bases: {str(case.align_bases).lower()}
