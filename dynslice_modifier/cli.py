@@ -338,7 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="slice (and optionally quantize) into an output dir")
     p.add_argument("model", help="model directory, or 'smollm2'")
-    p.add_argument("output", help="output directory (written atomically; input never touched)")
+    p.add_argument(
+        "output",
+        help="output directory: new, empty or an earlier result (written atomically; input "
+        "never touched)",
+    )
     p.add_argument("--recipe", help="llm-compressor YAML recipe (instead of the flags below)")
     p.add_argument("--sparsity", type=_fraction, help="SP, mean fraction sliced (default 0.25)")
     p.add_argument(

@@ -1,12 +1,14 @@
 """Write a model directory so that it is either complete or absent.
 
 Everything is written to a hidden temporary directory beside the target and renamed into
-place at the end; a previous result at the target survives a failed or interrupted run.
+place at the end; a previous result at the target survives a failed or interrupted run. Only
+an empty directory or an earlier sliced checkpoint is ever replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -16,7 +18,7 @@ from pathlib import Path
 
 
 def check_target(target: Path, inputs: list[Path]) -> None:
-    """Refuse to write over or into a model we are reading."""
+    """Refuse to write over or into a model we are reading, or over what is not ours."""
     target = target.resolve()
     for source in inputs:
         source = source.resolve()
@@ -25,6 +27,40 @@ def check_target(target: Path, inputs: list[Path]) -> None:
                 f"output directory {target} overlaps the input model {source}; "
                 "choose a separate output directory (the input is never modified)"
             )
+    check_replaceable(target)
+
+
+def check_replaceable(target: Path) -> None:
+    """The target is replaced whole, deleting what it holds: only an empty directory or
+    an earlier sliced checkpoint may be there."""
+    target = target.resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise ValueError(
+            f"output directory {target} is the current directory or holds it; it would be "
+            "replaced whole: name a new directory for the output"
+        )
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise ValueError(
+            f"output path {target} exists and is not a directory; name a new directory for "
+            "the output or remove it yourself"
+        )
+    if any(target.iterdir()) and not is_sliced_checkpoint(target):
+        raise ValueError(
+            f"output directory {target} is not empty and is not a sliced checkpoint of an "
+            "earlier run; it would be replaced whole, deleting what it holds: name a new "
+            "directory for the output or remove it yourself"
+        )
+
+
+def is_sliced_checkpoint(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == "dynslice"
 
 
 def check_free_space(target: Path, needed: int) -> None:
@@ -45,6 +81,7 @@ def check_free_space(target: Path, needed: int) -> None:
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a scratch directory that becomes ``target`` only if the block succeeds."""
     target = Path(target).resolve()
+    check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_scratch(target)
     scratch = Path(

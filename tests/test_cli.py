@@ -138,7 +138,7 @@ def test_compress_writes_model_report_and_summary(workdir):
 
 
 def test_compress_can_quantize_the_shortcuts_and_slice_and_quantize_the_head(workdir, capsys):
-    args = ["compress", "tiny", "out-qs", "--sparsity", "0.25", "--round-to", "8"]
+    args = ["compress", "tiny", "out-qs", "--sparsity", "0.25", "--round-to", "16"]
     args += ["--quantize", "w8a8", "--quantize-shortcuts", "--quantize-head", "--hadamard"]
     code, _, err = run_main(*args, "--slice-head", *SMALL, *DATA, cwd=workdir, capsys=capsys)
     assert code == 0, err
@@ -222,6 +222,29 @@ def test_bad_arguments_fail_clearly(args, message, workdir, capsys):
     assert code != 0
     assert message in err
     assert not (workdir / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("notes", "is not empty and is not a sliced checkpoint"),
+        ("results.csv", "exists and is not a directory"),
+        (".", "is the current directory or holds it"),
+        ("..", "is the current directory or holds it"),
+    ],
+)
+def test_compress_replaces_only_an_earlier_result(output, message, workdir, capsys):
+    # The output is replaced whole; anything else at that path would be deleted with it.
+    here = workdir / "up" / "here"
+    (here / "notes").mkdir(parents=True, exist_ok=True)
+    (here / "notes" / "thesis.tex").write_text("keep me")
+    (here / "results.csv").write_text("a,b\n")
+    before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+    tiny = str(workdir / "tiny")
+    code, _, err = run_main("compress", tiny, output, *SMALL, *DATA, cwd=here, capsys=capsys)
+    assert code != 0 and message in err, err
+    assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
+    assert (here / "notes" / "thesis.tex").read_text() == "keep me"
 
 
 def test_too_little_disk_fails_before_calibration(workdir, capsys, monkeypatch):
