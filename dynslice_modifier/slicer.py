@@ -90,13 +90,18 @@ def embeddings_tied(model: nn.Module) -> bool:
 
 def untie_head(model: nn.Module) -> None:
     """Give a head that shares the embedding table a copy of its own, to rotate apart."""
-    if embeddings_tied(model):
-        head = model.get_output_embeddings()
-        own = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        # Deleted first: an offload cache would otherwise write a same-shaped value into
-        # the shared storage, and the table would stay tied.
-        delattr(head, "weight")
-        head.register_parameter("weight", own)
+    if not embeddings_tied(model):
+        return
+    modules = (model.get_input_embeddings(), model.get_output_embeddings())
+    copies = [nn.Parameter(m.weight.detach().clone(), requires_grad=False) for m in modules]
+    # Each entry is deleted before its copy is registered: an offload cache writes a value of
+    # the same shape into the storage the two share, and the table would stay tied. Deleted
+    # with onloading off, which leaves that storage (a file, for disk offload) alone: with
+    # it on, the first deletion removes it and the second finds nothing.
+    for module, own in zip(modules, copies, strict=True):
+        with disable_onloading():
+            delattr(module, "weight")
+        module.register_parameter("weight", own)
 
 
 def redundancy_scores(
