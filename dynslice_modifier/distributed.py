@@ -15,10 +15,25 @@ def is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def collective_device() -> torch.device:
+    """Where the process group reduces: NCCL (llm-compressor's group on GPUs) takes
+    accelerator tensors only, gloo takes CPU tensors."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks in place (and return it)."""
-    if is_distributed():
+    if not is_distributed():
+        return tensor
+    device = collective_device()
+    if tensor.device.type == device.type:
         torch.distributed.all_reduce(tensor)
+    else:
+        moved = tensor.to(device)
+        torch.distributed.all_reduce(moved)
+        tensor.copy_(moved)
     return tensor
 
 
@@ -26,7 +41,7 @@ def sum_over_ranks(*values: float) -> list[float]:
     """Python numbers summed over ranks, in float64."""
     if not is_distributed():
         return list(values)
-    both = all_reduce_sum(torch.tensor(values, dtype=torch.float64))
+    both = all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=collective_device()))
     return [float(v) for v in both]
 
 

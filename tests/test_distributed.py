@@ -98,3 +98,15 @@ def test_disk_offloaded_model_slices_like_a_loaded_one(model_dir, tmp_path, opti
     ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(offloaded(ids).logits, loaded(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_nccl_reductions_run_on_the_accelerator(monkeypatch):
+    # On GPUs llm-compressor's process group is NCCL alone, which cannot reduce the CPU
+    # tensors that hold token counts and loss sums.
+    from dynslice_modifier import distributed
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *_: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert distributed.collective_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *_: "gloo")
+    assert distributed.collective_device() == torch.device("cpu")
