@@ -122,26 +122,45 @@ def unprofitable_layers(
 ) -> list[bool]:
     """Layers to leave whole: those whose slicing adds more shortcut weights than it removes.
 
-    Greedy on the exact count ``count(dims, whole)``: keep marking the sliced layer whose
-    return to full width (unrotated) lowers the total the most, until none does. Shortcuts
-    couple neighbours, so one layer's verdict can change once the next is whole.
+    Greedy on the exact count ``count(dims, whole)``: keep taking the move that lowers the
+    total the most, until none does. A move returns one sliced layer to full width
+    (unrotated), or leaves whole a full-width layer that is only rotated, or a run of them:
+    rotated neighbours of one basis need no shortcut between them, so such a run may pay
+    only as a whole, and a full-width layer computes the same rotated or not, so these are
+    taken when they merely break even. Shortcuts couple neighbours, so one layer's verdict
+    can change once the next is whole.
     """
     dims = list(dims)
     whole = [False] * len(dims)
     current = count(dims, whole)
     while True:
         best, best_count = None, current
-        for idx, width in enumerate(dims):
-            if whole[idx] or width >= hidden:
-                continue
-            trial_dims = [hidden if i == idx else d for i, d in enumerate(dims)]
-            trial_whole = [True if i == idx else w for i, w in enumerate(whole)]
+        for move in _moves(dims, whole, hidden):
+            trial_dims = [hidden if i in move else d for i, d in enumerate(dims)]
+            trial_whole = [w or i in move for i, w in enumerate(whole)]
             trial = count(trial_dims, trial_whole)
-            if trial < best_count:
-                best, best_count = idx, trial
+            full_width = all(dims[i] >= hidden for i in move)
+            if trial < best_count or (best is None and full_width and trial == current):
+                best, best_count = move, trial
         if best is None:
             return whole
-        dims[best], whole[best], current = hidden, True, best_count
+        for idx in best:
+            dims[idx], whole[idx] = hidden, True
+        current = best_count
+
+
+def _moves(dims: list[int], whole: list[bool], hidden: int) -> list[tuple[int, ...]]:
+    """Each layer not yet whole, and each maximal run of full-width ones."""
+    moves = [(idx,) for idx in range(len(dims)) if not whole[idx]]
+    run: list[int] = []
+    for idx in [*range(len(dims)), None]:
+        if idx is not None and not whole[idx] and dims[idx] >= hidden:
+            run.append(idx)
+            continue
+        if len(run) > 1:
+            moves.append(tuple(run))
+        run = []
+    return moves
 
 
 def solve_sparsity(

@@ -491,6 +491,13 @@ class DynamicSliceModifier(Modifier):
             f"{sliced_params / 1e6:.2f}M ({sliced_params / dense_params:.1%} of dense), "
             f"{self._summary['seconds']:.1f}s"
         )
+        if sliced_params > dense_params:
+            logger.warning(
+                f"The sliced model is larger than the dense one ({sliced_params:,} against "
+                f"{dense_params:,} parameters): its shortcut matrices outweigh what slicing "
+                "removes. Raise sparsity, use basis: layer (one shortcut per layer), or keep "
+                "profitable_only on"
+            )
         return True
 
     def _slicer(

@@ -8,7 +8,7 @@ from test_slicing import IDS, slice_in_memory
 from tiny import calib_batches, tiny_model
 
 from dynslice_modifier.adapters import get_adapter
-from dynslice_modifier.budget import ParameterCounter
+from dynslice_modifier.budget import ParameterCounter, unprofitable_layers
 from dynslice_modifier.slicer import count_parameters
 
 
@@ -173,3 +173,24 @@ def test_no_whole_layers_when_full_width_breaks_the_rounding():
     slice_in_memory(model, sparsity=0.125, slicing_base=0.125, round_to=28)
     assert model.config.slicing["whole_layers"] == []
     assert model.config.slicing["attn_dims"] == [56, 56, 56]
+
+
+@pytest.mark.parametrize(
+    ("dims", "whole"),
+    [
+        # Rotated at full width, the three share one basis and need no shortcut, but the tied
+        # table needs a 64 x 64 input projection: only all three whole are back at dense size.
+        ([64, 64, 64], [True, True, True]),
+        # A full-width layer 0 of a tied model pays for its input projection alone.
+        ([64, 48, 48], [True, False, False]),
+    ],
+)
+def test_full_width_layers_are_left_whole_when_that_is_smaller(dims, whole):
+    model = tiny_model("llama", True, layers=3)
+    counter = ParameterCounter(model, get_adapter(model), "sublayer", True, True)
+    found = unprofitable_layers(dims, 64, counter)
+    assert found == whole
+    widths = [64 if w else d for d, w in zip(dims, whole, strict=True)]
+    assert counter(widths, found) < counter(dims, [False] * 3)
+    if all(whole):
+        assert counter(widths, found) == count_parameters(model)
