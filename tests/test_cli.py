@@ -247,6 +247,17 @@ def test_compress_replaces_only_an_earlier_result(output, message, workdir, caps
     assert (here / "notes" / "thesis.tex").read_text() == "keep me"
 
 
+def test_model_without_a_tokenizer_is_named(workdir, capsys):
+    bare = workdir / "bare"
+    bare.mkdir(exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((workdir / "tiny" / name).read_bytes())
+    code, _, err = run_main("compress", "bare", "bad", *SMALL, *DATA, cwd=workdir, capsys=capsys)
+    assert code != 0 and "no usable tokenizer in bare" in err, err
+    assert "copy its files (tokenizer.json, tokenizer_config.json)" in err
+    assert not (workdir / "bad").exists()
+
+
 def test_too_little_disk_fails_before_calibration(workdir, capsys, monkeypatch):
     import shutil
 

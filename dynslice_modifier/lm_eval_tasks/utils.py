@@ -14,7 +14,6 @@ environment variable ``DYNSLICE_WIKITEXT``, else ``../shared/data`` beside the r
 from __future__ import annotations
 
 import itertools
-import os
 import re
 from typing import Any
 
@@ -28,7 +27,7 @@ def _read_pages(wikitext_path: str | None, split: str) -> list[str]:
     # Imported here so the task files stay loadable by lm-eval from any working directory.
     from dynslice_modifier.evaluation import wikitext_path as resolve
 
-    path = resolve(wikitext_path or os.environ.get("DYNSLICE_WIKITEXT"))
+    path = resolve(wikitext_path)
     if split not in ("eval", "all"):
         raise ValueError(f"split must be 'eval' or 'all', got {split!r}")
     text = path.read_text(encoding="utf-8")
