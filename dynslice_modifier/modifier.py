@@ -294,6 +294,14 @@ class DynamicSliceModifier(Modifier):
             raise AllocationError(f"round_to={round_to} exceeds hidden_size={hidden}")
         if requirement is not None and round_to != (self.round_to or DEFAULT_ROUND_TO):
             logger.info(f"Rounding widths to multiples of {round_to} for {requirement[1]}")
+        least_slice = (hidden % round_to) / hidden
+        if self.layer_dims is None and self.target_params is None and self.sparsity < least_slice:
+            logger.warning(
+                f"hidden_size {hidden} is not a multiple of round_to {round_to}: a sliced "
+                f"layer keeps at most {hidden - hidden % round_to} dims ({least_slice:.1%} "
+                f"sliced, more than sparsity {self.sparsity}); layers whose slice cannot pay "
+                "stay whole (profitable_only), the others lose at least that much"
+            )
         if self.layer_scores is not None and len(self.layer_scores) != num_layers:
             raise AllocationError(
                 f"layer_scores has {len(self.layer_scores)} entries but the model has "

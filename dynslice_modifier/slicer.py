@@ -443,7 +443,10 @@ def convert_to_sliced(
     base["tie_word_embeddings"] = not result.embedding_sliced and embeddings_tied(model)
     spec = {
         "format_version": format_version(
-            quantizable_shortcuts, result.aligned, result.final_dim is not None
+            quantizable_shortcuts,
+            result.aligned,
+            result.final_dim is not None,
+            projection_dropped=not result.embedding_sliced and result.input_projection is None,
         ),
         "attn_dims": result.attn_dims,
         "mlp_dims": result.mlp_dims,

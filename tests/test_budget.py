@@ -132,6 +132,9 @@ def test_whole_layers_are_counted_exactly_and_reload(tmp_path, tied, basis, alig
     assert result.attn_shortcuts[0] is None and result.attn_shortcuts[2] is None
     convert_to_sliced(model, adapter, result, {"sparsity": 0.2, "slicing_base": 0.0})
     assert count_parameters(model) == predicted
+    # A tied table with no input projection needs a reader that knows input_projection.
+    floor = 3 if aligned else 2 if tied else 1
+    assert model.config.slicing["format_version"] == floor
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert sum(p.numel() for p in reloaded.parameters()) == predicted
@@ -194,3 +197,22 @@ def test_full_width_layers_are_left_whole_when_that_is_smaller(dims, whole):
     assert counter(widths, found) < counter(dims, [False] * 3)
     if all(whole):
         assert counter(widths, found) == count_parameters(model)
+
+
+def test_sizes_that_miss_the_request_are_warned_of():
+    from loguru import logger
+
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
+    try:
+        # Slices that cannot pay for their shortcuts, kept (see above).
+        bigger = tiny_model("llama", True, layers=3)
+        options = {"sparsity": 0.125, "slicing_base": 0.125, "round_to": 8}
+        slice_in_memory(bigger, **options, profitable_only=False)
+        # 64 is not a multiple of 24: a sliced layer keeps at most 48 dims, 25% sliced.
+        coarse = tiny_model("llama", True, layers=3)
+        slice_in_memory(coarse, sparsity=0.05, slicing_base=0.05, round_to=24)
+    finally:
+        logger.remove(sink)
+    assert sum("larger than the dense one" in m for m in messages) == 1, messages
+    assert sum("hidden_size 64 is not a multiple of round_to 24" in m for m in messages) == 1

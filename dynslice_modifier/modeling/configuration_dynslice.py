@@ -122,13 +122,23 @@ def final_width(spec: dict[str, Any], hidden_size: int) -> int:
     return spec.get("final_dim") or hidden_size
 
 
-def format_version(quantizable_shortcuts: bool, delta_shortcuts: bool, head_sliced: bool) -> int:
-    """The version a checkpoint is written with: the first one that can read it."""
+def format_version(
+    quantizable_shortcuts: bool,
+    delta_shortcuts: bool,
+    head_sliced: bool,
+    projection_dropped: bool = False,
+) -> int:
+    """The version a checkpoint is written with: the first one that can read it.
+
+    ``projection_dropped``: a tied table read without an input projection (layer 0 left
+    whole), which ``input_projection: false`` says; readers older than format 2 would
+    build the projection anyway and serve it uninitialised.
+    """
     if head_sliced:
         return 4
     if delta_shortcuts:
         return 3
-    return 2 if quantizable_shortcuts else 1
+    return 2 if quantizable_shortcuts or projection_dropped else 1
 
 
 def _require_vllm_plugin() -> None:
