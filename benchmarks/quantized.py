@@ -1,6 +1,6 @@
 """Perplexity and size of dense / sliced SmolLM2-135M with and without quantization.
 
-Every sliced row is one ``oneshot`` with the slicer (SP 0.25, dynamic, the Layer Redundancy
+Every sliced row is one ``oneshot`` with the slicer (SP 0.25, SB 0.05, the Layer Redundancy
 scores cached by ``perplexity.py``) followed by the quantizer, the one-pass recipe users run;
 a group-wise scheme therefore gets widths rounded to its group size. (The sliced:w8a8 and
 dense:w8a8 rows were made in two passes, slicing then quantizing the saved model, before
@@ -8,7 +8,10 @@ this script switched to one pass; the quantizer calibrates on the sliced model e
 and W8A8 has no groups to round to.) Results:
 ``results/quantized.jsonl`` and ``results/quantized.md``.
 
-    python benchmarks/quantized.py [--sparsity 0.25 --slicing-base 0.05] [--rounding nearest]
+    python benchmarks/quantized.py [--rounding nearest]
+
+SP and SB are fixed: rows, checkpoint names and the table are keyed by model, scheme and
+rounding only.
 
 ``--rounding nearest`` slices as before ``rounding: mean`` became the default (each width
 rounded on its own); its checkpoints get a ``-nearest`` suffix.
@@ -28,6 +31,7 @@ from common import RESULTS, append_jsonl, cached_lr_scores, protocol, read_jsonl
 from rounding import add_rounding_argument, rounded_name
 
 JSONL = RESULTS / "quantized.jsonl"
+SPARSITY, SLICING_BASE = 0.25, 0.05
 WORK = Path(__file__).resolve().parents[1] / "out" / "bench"
 
 
@@ -176,6 +180,7 @@ def write_table(rows: list[dict]) -> None:
         "sliced-hadamard",
         "sliced-aligned",
         "sliced-hadamard-aligned",
+        "sliced-aligned-layer",
         "sliced-hadamard-aligned-layer",
         "sliced-aligned-sliced-head",
         "sliced-hadamard-aligned-sliced-head",
@@ -229,8 +234,6 @@ def key(row: dict) -> tuple[str, str, str | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sparsity", type=float, default=0.25)
-    parser.add_argument("--slicing-base", type=float, default=0.05)
     add_rounding_argument(parser, "the slicer's rounding of widths (sliced rows)")
     parser.add_argument(
         "--rows",
@@ -304,8 +307,8 @@ def main() -> None:
         row = {
             "model": model,
             "scheme": scheme,
-            "sparsity": args.sparsity,
-            "slicing_base": args.slicing_base,
+            "sparsity": SPARSITY,
+            "slicing_base": SLICING_BASE,
         }
         if model != "dense":
             row["rounding"] = args.rounding

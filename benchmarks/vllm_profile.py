@@ -8,7 +8,10 @@ checkpoints (names as in ``benchmarks/vllm_speed.py``)::
 For every model, in a process of its own: start an engine with vLLM's torch profiler, warm
 up, profile the greedy generation of ``--steps`` tokens, and sum the worker's operator
 self-times per forward, grouped into the linears (the GEMM of every projection, shortcut and
-head), attention (with the KV-cache write) and the compiled elementwise code. The models
+head), attention (with the KV-cache write) and the compiled elementwise code. The profiler's
+table sums each operator over the whole generation, so the group times are averages over
+every forward, the prefill included, while the decode step is timed over decode forwards
+only: the groups can add up to a little more than a step. The models
 alternate over ``--rounds`` rounds and each figure is the median over them: one profile per
 model can catch the machine in a slow moment. Results:
 ``results/vllm_profile_b<batch>.json`` (every round) and ``.md`` (the medians).
