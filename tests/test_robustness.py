@@ -7,10 +7,11 @@ import hashlib
 import json
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_modifier import RECIPE, run_oneshot
-from test_slicing import slice_in_memory
+from test_slicing import IDS, slice_in_memory
 from tiny import tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -56,6 +57,19 @@ def sliced_config() -> dict:
         # The fixture's model is tied: a sliced head or table cannot share its weight.
         (lambda s: s.__setitem__("final_dim", 48), r"tie_word_embeddings is true.*final_dim"),
         (lambda s: s.__setitem__("embedding_sliced", True), r"set tie_word_embeddings to false"),
+        # Widths 48, 32, 40: every change of width needs its shortcut matrix.
+        (
+            lambda s: s.update(attn_shortcuts=[True, False, True], attn_dims=[48, 40, 40]),
+            r"layer 1: attn_dims != mlp_dims needs an attention shortcut",
+        ),
+        (
+            lambda s: s["mlp_shortcuts"].__setitem__(1, False),
+            r"layer 1: mlp_dims\[1\] != the next width 40 needs an MLP shortcut",
+        ),
+        (
+            lambda s: s.__setitem__("input_projection", False),
+            r"input_projection is false.*attn_dims\[0\] = 48 != 64",
+        ),
     ],
 )
 def test_hostile_configs_are_rejected(sliced_config, mutate, message):
@@ -98,6 +112,8 @@ def test_fuzzed_configs_either_build_or_fail_clearly(sliced_config, key, index, 
     spec = model.config.slicing
     hidden = model.config.hidden_size
     assert all(isinstance(d, int) and 0 < d <= hidden for d in spec["attn_dims"] + spec["mlp_dims"])
+    with torch.no_grad():
+        assert model(IDS).logits.shape == (*IDS.shape, model.config.vocab_size)
 
 
 def test_vllm_without_the_plugin_names_the_fix(sliced_config, monkeypatch):
