@@ -55,6 +55,8 @@ from dynslice_modifier.slicing_base_search import (
 
 __all__ = ["DynamicSliceModifier"]
 
+AUTO_HOLDOUT = 0.25
+
 
 class DynamicSliceModifier(Modifier):
     """
@@ -171,7 +173,7 @@ class DynamicSliceModifier(Modifier):
     sparsity: float = Field(default=0.0)
     slicing_base: float | Literal["auto"] | None = None
     auto_fractions: list[float] | None = None
-    auto_holdout: float = 0.25
+    auto_holdout: float = AUTO_HOLDOUT
     round_to: int | None = None
     rounding: Rounding = "mean"
     layer_dims: list[int] | None = None
@@ -224,6 +226,18 @@ class DynamicSliceModifier(Modifier):
                 )
         if self.slicing_base == "auto":
             self._check_auto()
+        elif self.auto_fractions is not None or self.auto_holdout != AUTO_HOLDOUT:
+            raise ValueError(
+                "auto_fractions and auto_holdout tune slicing_base: auto; set slicing_base "
+                "to auto or drop them"
+            )
+        if self.layer_dims is not None and self.round_to is not None:
+            off = [d for d in self.layer_dims if d % self.round_to]
+            if off:
+                raise ValueError(
+                    f"layer_dims {off} are not multiples of round_to {self.round_to}; fix "
+                    "them or drop round_to"
+                )
         if self.target_params is not None:
             if not 0.0 < self.target_params < 1.0:
                 raise ValueError(f"target_params must be in (0, 1), got {self.target_params}")
