@@ -144,9 +144,11 @@ class DynamicSliceModifier(Modifier):
         solved for after scoring, with ``slicing_base`` (or its default) kept.
     :param profitable_only: leave a layer whole (full width, in the original basis, so no
         shortcut inside it) when slicing it would add more shortcut weights than it removes,
-        judged on the exact parameter count of the result. Explicit ``layer_dims`` are never
-        changed, and no layer is left whole when ``hidden_size`` is not a multiple of the
-        (effective) ``round_to``. Default true.
+        judged on the exact parameter count of the result; a full-width layer that is only
+        rotated is left whole too when that is no larger. Explicit ``layer_dims`` are never
+        changed, ``sparsity: 0`` (the rotation alone) leaves every layer rotated, and no layer
+        is left whole when ``hidden_size`` is not a multiple of the (effective)
+        ``round_to``. Default true.
     :param quantize_shortcuts: let quantizers later in the recipe take the shortcut matrices
         (and layer 0's input projection): they are then built as linears, which their
         ``targets``/``ignore`` match like any other (``targets: Linear`` takes them all).
@@ -429,7 +431,9 @@ class DynamicSliceModifier(Modifier):
             dims = allocate(sparsity)
             # A whole layer is hidden_size wide, which must also be a multiple of round_to
             # (a group-wise quantizer later in the recipe could not take it otherwise).
-            if not self.profitable_only or hidden % round_to:
+            # Sparsity 0 asks for the rotation alone (with hadamard, to spread outliers):
+            # no layer is left out of it.
+            if not self.profitable_only or hidden % round_to or sparsity == 0.0:
                 return dims, [False] * num_layers
             whole = unprofitable_layers(dims, hidden, predicted)
             return [hidden if w else d for d, w in zip(dims, whole, strict=True)], whole

@@ -22,17 +22,17 @@ def _set_weight(module: nn.Linear | nn.Embedding, weight: torch.Tensor) -> None:
         module.embedding_dim = weight.shape[1]
 
 
-def fold_scale_into_inputs(linears: list[nn.Linear], scale: torch.Tensor) -> None:
-    """``norm(x) * scale`` feeding ``W`` equals ``norm(x)`` feeding ``W diag(scale)``."""
+def rotate_inputs(
+    linears: list[nn.Linear], basis: torch.Tensor, scale: torch.Tensor | None = None
+) -> None:
+    """Make ``linears`` read coordinates in ``basis``, folding in the scale of the norm that
+    feeds them: ``norm(x) * scale`` feeding ``W`` equals ``norm(x)`` feeding
+    ``W diag(scale)``. One product, so the weights are rounded to their dtype once."""
     for linear in linears:
-        w = linear.weight.to(torch.float64) * scale.to(linear.weight.device, torch.float64)
-        _set_weight(linear, w)
-
-
-def rotate_inputs(linears: list[nn.Linear], basis: torch.Tensor) -> None:
-    for linear in linears:
-        w = linear.weight.to(torch.float64) @ basis.to(linear.weight.device, torch.float64)
-        _set_weight(linear, w)
+        w = linear.weight.to(torch.float64)
+        if scale is not None:
+            w = w * scale.to(w.device, torch.float64)
+        _set_weight(linear, w @ basis.to(w.device, torch.float64))
 
 
 def rotate_output(linear: nn.Linear, basis: torch.Tensor) -> None:

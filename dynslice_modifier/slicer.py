@@ -58,7 +58,6 @@ from dynslice_modifier.redundancy import RedundancyAccumulator
 from dynslice_modifier.rotate import (
     align_basis,
     change_of_basis,
-    fold_scale_into_inputs,
     rotate_embedding,
     rotate_inputs,
     rotate_output,
@@ -255,7 +254,7 @@ class RotateAndSlice:
             with onloaded(layer, device), torch.no_grad():
                 if not self.in_place:
                     layer = copy.deepcopy(layer)
-                self._fold_norms(layer, self.dims[idx])
+                attn_scale, mlp_scale = self._unit_norms(layer, self.dims[idx])
                 attn_inputs = adapter.attn_inputs(layer)
                 whole = self.whole[idx]
                 if whole:
@@ -264,7 +263,7 @@ class RotateAndSlice:
                     # The original basis is no PCA basis to follow: the chain restarts.
                     self._chain = None
                 elif self.basis == "layer":
-                    a_basis = self._joint_basis(layer, inputs, idx)
+                    a_basis = self._joint_basis(layer, inputs, idx, attn_scale)
                 else:
                     a_basis = self._input_basis(inputs, idx)
                 if pending is not None:
@@ -274,7 +273,7 @@ class RotateAndSlice:
                     input_projection = change_of_basis(eye, a_basis)
                 elif self.in_place:
                     rotate_embedding(adapter.embedding(self.model), a_basis)
-                rotate_inputs(attn_inputs, a_basis)
+                rotate_inputs(attn_inputs, a_basis, attn_scale)
 
                 # Activations are projected in float32; covariances and weights use float64.
                 a32 = a_basis.float()
@@ -304,7 +303,7 @@ class RotateAndSlice:
                     m_basis = self._pca(mid_acc, self.dims[idx], f"layer {idx} MLP input")
                     attn_sc.append(change_of_basis(a_basis, m_basis))
                 rotate_output(adapter.attn_output(layer), m_basis)
-                rotate_inputs(adapter.mlp_inputs(layer), m_basis)
+                rotate_inputs(adapter.mlp_inputs(layer), m_basis, mlp_scale)
                 m32 = m_basis.float()
 
                 out_acc = CovarianceAccumulator(self.hidden_size, device)
@@ -360,17 +359,19 @@ class RotateAndSlice:
         head, norm = model.get_output_embeddings(), self.adapter.final_norm(model)
         with onloaded(head, self.device), onloaded(norm, self.device), torch.no_grad():
             untie_head(model)
-            fold_scale_into_inputs([head], norm.weight)
-            rotate_inputs([head], basis)
+            rotate_inputs([head], basis, norm.weight)
             self.adapter.set_final_norm(model, self._norm(basis.shape[1], norm.weight))
 
-    def _fold_norms(self, layer: nn.Module, width: int) -> None:
+    def _unit_norms(self, layer: nn.Module, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace the layer's two residual norms by scale-free ones of ``width``; their
+        scales are returned, to be folded into the linears that read them as those are
+        rotated."""
         adapter = self.adapter
-        scale = adapter.input_norm(layer).weight
-        fold_scale_into_inputs(adapter.attn_inputs(layer), scale)
-        fold_scale_into_inputs(adapter.mlp_inputs(layer), adapter.post_attention_norm(layer).weight)
-        setattr(layer, adapter.layout["input_norm"], self._norm(width, scale))
-        setattr(layer, adapter.layout["post_attention_norm"], self._norm(width, scale))
+        attn_scale = adapter.input_norm(layer).weight
+        mlp_scale = adapter.post_attention_norm(layer).weight
+        setattr(layer, adapter.layout["input_norm"], self._norm(width, attn_scale))
+        setattr(layer, adapter.layout["post_attention_norm"], self._norm(width, attn_scale))
+        return attn_scale, mlp_scale
 
     def _input_basis(self, inputs: LayerInputs, idx: int, where: str | None = None) -> torch.Tensor:
         """PCA of the layer input; the previous layer already accumulated it."""
@@ -382,11 +383,13 @@ class RotateAndSlice:
         self._next_input_cov = None
         return self._pca(acc, self.dims[idx], where or f"layer {idx} attention input")
 
-    def _joint_basis(self, layer: nn.Module, inputs: LayerInputs, idx: int) -> torch.Tensor:
+    def _joint_basis(
+        self, layer: nn.Module, inputs: LayerInputs, idx: int, attn_scale: torch.Tensor
+    ) -> torch.Tensor:
         """One basis for both sub-layers: PCA of the input and the post-attention signal.
 
-        The post-attention signal is estimated with the unsliced attention (its inputs have
-        their norm scale folded in but are not rotated yet).
+        The post-attention signal is estimated with the unsliced attention (its inputs are
+        not rotated yet, and the norm before it, already replaced, had ``attn_scale``).
         """
         acc = CovarianceAccumulator(self.hidden_size, self.device)
         attn = self.adapter.attn(layer)
@@ -394,8 +397,8 @@ class RotateAndSlice:
             if b in self._heldout:
                 continue
             x = inputs.hidden[b].to(self.device)
-            # Full width here, so the plain normalisation (the norm's own scale is still ones).
-            normed = rms_normalize(x, self.hidden_size, self.eps)
+            # Full width here, so the plain normalisation, scaled as the original norm did.
+            normed = rms_normalize(x, self.hidden_size, self.eps) * attn_scale.to(x.dtype)
             attn_out, _ = attn(hidden_states=normed, **to_device(inputs.kwargs[b], self.device))
             self._accumulate(acc, x, inputs, b)
             self._accumulate(acc, x + attn_out, inputs, b)
