@@ -317,7 +317,6 @@ def _perplexity(path: Path, evaluation: Any) -> float:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-
     from dynslice_modifier.evaluation import wikitext_tokens, windows
 
     path = _model_path(args.model)
