@@ -1,8 +1,9 @@
 """Perplexity of SmolLM2 checkpoints as vLLM serves them, against transformers' figures.
 
 Run with the serving environment, after ``benchmarks/quantized.py`` has written the
-checkpoints under ``out/bench`` (its figures, from transformers in float32, are the
-reference)::
+checkpoints under ``out/bench``; the reference is transformers' float32 perplexity of the
+same checkpoint on the same windows, measured in the same run (the checkpoint on disk may
+not be the one a committed row of ``results/quantized.jsonl`` was measured on)::
 
     .venv-serve/bin/python benchmarks/vllm_perplexity.py
 
@@ -78,8 +79,11 @@ def measure(path: Path, dtype: str, n_eval: int, exact_kernels: bool) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    stand_ins = use_exact_kernels() if exact_kernels else {}
+    # A float checkpoint runs none of the quantized kernels the stand-ins replace.
+    quantized = "quantization_config" in json.loads((path / "config.json").read_text())
+    stand_ins = use_exact_kernels() if exact_kernels and quantized else {}
     windows = eval_windows(path, n_eval)
+    reference = transformers_ppl(path, windows)
     llm = start_engine(path, dtype, max_model_len=EVAL_LEN + 1, max_num_seqs=4)
     params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params)
@@ -89,20 +93,36 @@ def measure(path: Path, dtype: str, n_eval: int, exact_kernels: bool) -> dict:
         for step, token in zip(out.prompt_logprobs[1:], window[1:], strict=True):
             nll -= step[token].logprob
             count += 1
-    return {"ppl": round(math.exp(nll / count), 3), "tokens": count, "stand_ins": stand_ins}
+    return {
+        "ppl": round(math.exp(nll / count), 3),
+        "tokens": count,
+        "stand_ins": stand_ins,
+        "reference_ppl": reference,
+    }
 
 
-def reference_ppl(path: Path) -> float | None:
-    """transformers' float32 perplexity of this checkpoint (results/quantized.jsonl)."""
-    jsonl = RESULTS / "quantized.jsonl"
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    found = [r["ppl"] for r in rows if Path(r["path"]).name == path.name]
-    return found[-1] if found else None
+def transformers_ppl(path: Path, windows: list[list[int]]) -> float:
+    """The checkpoint's perplexity in transformers, float32 (fake-quantized activations for
+    W8A8, as llm-compressor scores it), on the same windows."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import dynslice_modifier.modeling  # noqa: F401  registers the sliced architecture
+    from dynslice_modifier.evaluation import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ppl = round(perplexity(model, torch.tensor(windows)), 3)
+    del model
+    return ppl
 
 
 def write_table(rows: list[dict], out: str) -> None:
-    stand_ins = rows[0]["stand_ins"]
-    kernels = f"exact stand-ins for {stand_ins}" if stand_ins else "vLLM's own kernels"
+    stand_ins = {kind: why for r in rows for kind, why in r["stand_ins"].items()}
+    kernels = (
+        f"exact stand-ins for the quantized models' {stand_ins}"
+        if stand_ins
+        else "vLLM's own kernels"
+    )
     lines = [
         f"vLLM at {rows[0]['dtype']} with {kernels}, {rows[0]['tokens']} scored tokens per "
         f"model; {rows[0]['cpu']}.",
@@ -154,8 +174,7 @@ def main() -> None:
         if result is None:
             continue
         row = {"model": name, "dtype": args.dtype, "cpu": cpu_description()}
-        path, _ = checkpoint(name, args.rounding, args.hadamard)
-        row |= result | {"reference_ppl": reference_ppl(path)}
+        row |= result
         print(json.dumps(row), flush=True)
         rows.append(row)
     if not rows:
