@@ -8,7 +8,6 @@ an empty directory or an earlier sliced checkpoint is ever replaced.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -56,11 +55,14 @@ def check_replaceable(target: Path) -> None:
 
 
 def is_sliced_checkpoint(path: Path) -> bool:
+    # report imports this module, so its reader of sliced configs is imported here.
+    from dynslice_modifier.report import load_slicing
+
     try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+        load_slicing(path)
+    except (OSError, ValueError, AttributeError):  # AttributeError: JSON that is no object
         return False
-    return isinstance(config, dict) and config.get("model_type") == "dynslice"
+    return True
 
 
 def check_free_space(target: Path, needed: int) -> None:
