@@ -1,9 +1,10 @@
 """Layer-by-layer execution over cached calibration activations.
 
 The model's front end runs once to capture what the first decoder layer receives (hidden
-states plus rotary embeddings and attention masks); after that each decoder layer is moved
-to the compute device on its own, applied to every cached batch, and moved back. Memory is
-one layer plus the activations, as in llm-compressor's sequential pipeline.
+states plus rotary embeddings and attention masks, one mask per attention type); after that
+each decoder layer is moved to the compute device on its own, applied to every cached
+batch, and moved back. Memory is one layer plus the activations, as in llm-compressor's
+sequential pipeline.
 """
 
 from __future__ import annotations
@@ -44,9 +45,21 @@ class LayerInputs:
     ids: list[torch.Tensor] = field(default_factory=list)
     # Content key of every batch, what the batch order is sorted by.
     keys: list[bytes] = field(default_factory=list)
+    # transformers hands each decoder layer the mask of its attention type
+    # (``config.layer_types``: sliding-window layers among full ones); ``kwargs`` hold the
+    # first layer's, these the other types', one mapping per batch.
+    layer_types: list[str] | None = None
+    type_masks: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.hidden)
+
+    def layer_kwargs(self, b: int, idx: int, device: torch.device | str) -> dict[str, Any]:
+        """What decoder layer ``idx`` receives besides the hidden states, for batch ``b``."""
+        kwargs = self.kwargs[b]
+        if self.layer_types is not None and self.layer_types[idx] in self.type_masks[b]:
+            kwargs = {**kwargs, "attention_mask": self.type_masks[b][self.layer_types[idx]]}
+        return to_device(kwargs, device)
 
     @property
     def tokens(self) -> int:
@@ -77,12 +90,19 @@ def capture_layer_inputs(
     offload_device = "cpu"
     cache = LayerInputs()
     device = _model_device(model)
+    layer_types = getattr(model.config, "layer_types", None) or None
+    other_types = sorted(set(layer_types) - {layer_types[0]}) if layer_types else []
+    grabbed: dict[str, Any] = {}
 
     def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        cache.hidden.append(hidden.detach().to(offload_device))
-        cache.kwargs.append(to_device({k: kwargs.get(k) for k in _LAYER_KWARGS}, offload_device))
+        grabbed["hidden"] = args[0] if args else kwargs["hidden_states"]
+        grabbed["kwargs"] = {k: kwargs.get(k) for k in _LAYER_KWARGS}
         raise _StopForward
+
+    def front(input_ids: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
+        with contextlib.suppress(_StopForward):
+            model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        return to_device(grabbed.pop("kwargs"), offload_device)
 
     keys: list[bytes] = []
     handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
@@ -102,8 +122,14 @@ def capture_layer_inputs(
                     mask = None if mask is None else torch.as_tensor(mask).unsqueeze(0)
                 if mask is not None:
                     mask = torch.as_tensor(mask).to(device)
-                with contextlib.suppress(_StopForward):
-                    model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
+                input_ids = input_ids.to(device)
+                cache.kwargs.append(front(input_ids, mask))
+                cache.hidden.append(grabbed.pop("hidden").detach().to(offload_device))
+                type_masks = {}
+                for kind in other_types:
+                    with _first_layer_typed(model.config, kind):
+                        type_masks[kind] = front(input_ids, mask)["attention_mask"]
+                cache.type_masks.append(type_masks)
                 cache.masks.append(None if mask is None else mask.bool().to(offload_device))
                 cache.ids.append(input_ids.to(offload_device))
                 keys.append(_batch_key(input_ids, mask))
@@ -124,7 +150,26 @@ def capture_layer_inputs(
         masks=[cache.masks[i] for i in order],
         ids=[cache.ids[i] for i in order],
         keys=[keys[i] for i in order],
+        layer_types=list(layer_types) if other_types else None,
+        type_masks=[cache.type_masks[i] for i in order],
     )
+
+
+@contextlib.contextmanager
+def _first_layer_typed(config: Any, kind: str) -> Iterator[None]:
+    """Mark the first layer as of attention type ``kind`` for one front-end pass.
+
+    transformers builds each type's mask in the model's forward and hands the layers theirs
+    by ``config.layer_types``; replaying the front end with the first entry changed makes
+    the hook on the first layer receive that type's mask, built exactly as the real layers
+    get it, without running any decoder layer.
+    """
+    saved = config.layer_types
+    config.layer_types = [kind, *saved[1:]]
+    try:
+        yield
+    finally:
+        config.layer_types = saved
 
 
 def _batch_key(input_ids: torch.Tensor, mask: torch.Tensor | None) -> bytes:

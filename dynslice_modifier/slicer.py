@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dynslice_modifier.adapters import ModelAdapter
-from dynslice_modifier.calibration import LayerInputs, check_finite, onloaded, to_device
+from dynslice_modifier.calibration import LayerInputs, check_finite, onloaded
 from dynslice_modifier.hadamard import block_hadamard
 from dynslice_modifier.modeling.configuration_dynslice import DynSliceConfig, format_version
 from dynslice_modifier.modeling.modeling_dynslice import (
@@ -119,7 +119,7 @@ def redundancy_scores(
         with onloaded(layer, device), torch.no_grad():
             for b in range(len(inputs)):
                 x = inputs.hidden[b].to(device)
-                y = layer(x, **to_device(inputs.kwargs[b], device))
+                y = layer(x, **inputs.layer_kwargs(b, idx, device))
                 y = y[0] if isinstance(y, tuple) else y
                 check_finite(y, f"decoder layer {idx} output")
                 mask = inputs.masks[b]
@@ -285,7 +285,7 @@ class RotateAndSlice:
                 )
                 for b in range(len(inputs)):
                     x = inputs.hidden[b].to(device)
-                    kwargs = to_device(inputs.kwargs[b], device)
+                    kwargs = inputs.layer_kwargs(b, idx, device)
                     xs = x.float() @ a32
                     attn_out, _ = adapter.attn(layer)(
                         hidden_states=adapter.input_norm(layer)(xs.to(x.dtype)), **kwargs
@@ -399,7 +399,7 @@ class RotateAndSlice:
             x = inputs.hidden[b].to(self.device)
             # Full width here, so the plain normalisation, scaled as the original norm did.
             normed = rms_normalize(x, self.hidden_size, self.eps) * attn_scale.to(x.dtype)
-            attn_out, _ = attn(hidden_states=normed, **to_device(inputs.kwargs[b], self.device))
+            attn_out, _ = attn(hidden_states=normed, **inputs.layer_kwargs(b, idx, self.device))
             self._accumulate(acc, x, inputs, b)
             self._accumulate(acc, x + attn_out, inputs, b)
         self._next_input_cov = None

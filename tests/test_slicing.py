@@ -197,6 +197,44 @@ def test_redundancy_scores_are_recorded():
     assert dims[scores.index(max(scores))] == min(dims)
 
 
+def test_redundancy_scores_match_the_models_own_forward_with_sliding_window_layers():
+    from dynslice_modifier.adapters import get_adapter
+    from dynslice_modifier.calibration import capture_layer_inputs
+    from dynslice_modifier.redundancy import RedundancyAccumulator
+    from dynslice_modifier.slicer import redundancy_scores
+
+    # Layer 0 full attention, the rest sliding: each type has its own mask.
+    model = tiny_model(
+        "qwen2", True, use_sliding_window=True, sliding_window=4, max_window_layers=1
+    )
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    batches = calib_batches()
+    expected = [RedundancyAccumulator() for _ in layers]
+    mask = None
+
+    def record(idx):
+        def hook(_module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            expected[idx].add(hidden, output[0] if isinstance(output, tuple) else output, mask)
+
+        return hook
+
+    handles = [
+        layer.register_forward_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)
+    ]
+    with torch.no_grad():
+        for batch in batches:
+            mask = batch["attention_mask"].bool()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for handle in handles:
+        handle.remove()
+
+    inputs = capture_layer_inputs(model, layers[0], batches)
+    scores = redundancy_scores(adapter, layers, inputs, torch.device("cpu"))
+    assert scores == pytest.approx([acc.score for acc in expected], abs=1e-6)
+
+
 def test_hadamard_keeps_the_sliced_function_and_spreads_channels():
     plain, spread = tiny_model("llama", True), tiny_model("llama", True)
     options = {"sparsity": 0.25, "slicing_base": 0.1, "round_to": 8, "profitable_only": False}
