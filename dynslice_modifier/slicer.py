@@ -306,7 +306,13 @@ class RotateAndSlice:
                 rotate_inputs(adapter.mlp_inputs(layer), m_basis, mlp_scale)
                 m32 = m_basis.float()
 
-                out_acc = CovarianceAccumulator(self.hidden_size, device)
+                # The output's covariance is the next PCA's input: the next layer's (unless
+                # it has its own joint basis or stays whole) or the head's.
+                last = idx == len(layers) - 1
+                feeds_pca = (
+                    self.slice_head if last else self.basis != "layer" and not self.whole[idx + 1]
+                )
+                out_acc = CovarianceAccumulator(self.hidden_size, device) if feeds_pca else None
                 for b in range(len(inputs)):
                     mid = inputs.hidden[b].to(device)
                     ms = mid.float() @ m32
@@ -315,13 +321,14 @@ class RotateAndSlice:
                     )
                     out = (ms @ m32.T + mlp_out.float()).to(mid.dtype)
                     check_finite(out, f"decoder layer {idx} output")
-                    self._accumulate(out_acc, out, inputs, b)
+                    if out_acc is not None:
+                        self._accumulate(out_acc, out, inputs, b)
                     inputs.hidden[b] = out.to(inputs.hidden[b].device)
                 self._next_input_cov = out_acc
                 pending = _Writer(adapter.mlp_output(layer), m_basis)
                 attn_dims.append(a_basis.shape[1])
                 mlp_dims.append(m_basis.shape[1])
-                if idx == len(layers) - 1:
+                if last:
                     final = self._final_basis(inputs) if self.slice_head else eye
                     mlp_sc.append(self._finish_writer(pending, final))
         return SlicingResult(
