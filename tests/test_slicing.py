@@ -186,6 +186,40 @@ def test_save_reload_equal_logits_and_generate(tmp_path, tied):
     assert reloaded.config.tie_word_embeddings is tied
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_hidden_states_and_cache_after_reload(tmp_path, tied):
+    model = tiny_model("llama", tied)
+    slice_in_memory(model, sparsity=0.25, slicing_base=0.05, round_to=8, slice_head=True)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config.use_cache is True
+    spec = reloaded.config.slicing
+    with torch.no_grad():
+        out = reloaded(IDS, output_hidden_states=True)
+    # The embedding output, then each layer's residual in its own width; the last is the
+    # final norm's output, as in the base models.
+    widths = [reloaded.model.embed_tokens.embedding_dim, *spec["attn_dims"][1:]]
+    widths.append(spec["final_dim"])
+    assert [h.shape[-1] for h in out.hidden_states] == widths
+    torch.testing.assert_close(reloaded.lm_head(out.hidden_states[-1]), out.logits, atol=0, rtol=0)
+    assert out.past_key_values is not None
+
+
+def test_reload_refuses_a_checkpoint_without_its_shortcuts(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model("llama", False)
+    slice_in_memory(model, sparsity=0.25, slicing_base=0.05, round_to=8)
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(weights)
+    shortcut = next(name for name in tensors if "_shortcut." in name)
+    del tensors[shortcut]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"no tensors for {shortcut}"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
 def test_redundancy_scores_are_recorded():
     model = tiny_model("mistral", True, layers=4)
     modifier = slice_in_memory(model, sparsity=0.25, slicing_base=0.05, round_to=8)

@@ -206,7 +206,11 @@ class DynSliceConfig(PretrainedConfig):
         self.slicing = slicing
         # transformers reads a missing key as untied; vLLM's layers read the attribute.
         kwargs.setdefault("tie_word_embeddings", False)
+        # PretrainedConfig drops generation keys its subclass does not declare, and the base
+        # architectures' configs declare this one (the model's forward reads it).
+        use_cache = kwargs.pop("use_cache", True)
         super().__init__(**kwargs)
+        self.use_cache = use_cache
 
     def check_slicing(self) -> None:
         validate_slicing(self.slicing, self.hidden_size, self.num_hidden_layers)

@@ -132,6 +132,21 @@ def layer_widths(config: DynSliceConfig, idx: int) -> tuple[int, int, int]:
     return spec["attn_dims"][idx], spec["mlp_dims"][idx], out
 
 
+def _record_hidden_states(layer: nn.Module) -> None:
+    """Report the layer's output for ``output_hidden_states``.
+
+    transformers 5 collects hidden states with hooks it puts on the base architecture's
+    decoder-layer class, which this layer replaces, so it gets the same hook here (each
+    state is the residual in its layer's basis and width). transformers 4 collects them in
+    the model's own loop over the layers and has no such hook.
+    """
+    try:
+        from transformers.utils.output_capturing import install_output_capuring_hook
+    except ImportError:
+        return
+    install_output_capuring_hook(layer, "hidden_states", 0)
+
+
 class SlicedDecoderLayer(GradientCheckpointingLayer):
     """A pre-norm decoder layer whose residual stream changes basis and width.
 
@@ -173,6 +188,7 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             if config.slicing["mlp_shortcuts"][layer_idx]
             else None
         )
+        _record_hidden_states(self)
 
     def _shortcut(self, shortcut: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
         out = shortcut(hidden_states)
@@ -267,6 +283,10 @@ def reshape_to_slicing(model: PreTrainedModel, config: DynSliceConfig) -> None:
         model.lm_head = _resized_linear(model.lm_head, final, model.lm_head.out_features)
 
 
+# Parameter names of the residual-stream changes of basis (``SlicedDecoderLayer``).
+_SHORTCUT_KEYS = (".attn_shortcut.", ".mlp_shortcut.", ".input_projection.")
+
+
 class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
     """Causal LM whose residual stream is sliced per layer (see ``DynSliceConfig``)."""
 
@@ -290,6 +310,26 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = base.lm_head
         reshape_to_slicing(self, config)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.from_pretrained``, refusing a checkpoint that lacks shortcut
+        tensors its config declares: transformers would only warn and leave them as
+        uninitialised memory (no initialisation can stand in for a change of basis)."""
+        wants_info = kwargs.get("output_loading_info", False)
+        kwargs["output_loading_info"] = True
+        model, info = super().from_pretrained(*args, **kwargs)
+        missing = sorted(
+            key for key in info["missing_keys"] if any(part in key for part in _SHORTCUT_KEYS)
+        )
+        if missing:
+            raise ValueError(
+                f"the checkpoint has no tensors for {', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''} ({len(missing)} in all), which its "
+                "config declares (slicing.attn_shortcuts / mlp_shortcuts / input_projection); "
+                "re-save the sliced model, or restore the missing tensors"
+            )
+        return (model, info) if wants_info else model
 
     def has_unit_norms(self) -> bool:
         """Whether every in-layer norm weight is one (``slicing.unit_norms``)."""
