@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,9 +87,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_scratch(target)
-    scratch = Path(
-        tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent)
-    )
+    scratch = Path(tempfile.mkdtemp(prefix=_scratch_prefix(target, "partial"), dir=target.parent))
     # mkdtemp makes a private (0700) directory; the result should look like any other.
     umask = os.umask(0)
     os.umask(umask)
@@ -100,7 +99,9 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         raise
     previous = None
     if target.exists():
-        previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.previous-", dir=target.parent))
+        previous = Path(
+            tempfile.mkdtemp(prefix=_scratch_prefix(target, "previous"), dir=target.parent)
+        )
         previous.rmdir()
         os.replace(target, previous)
     os.replace(scratch, target)
@@ -108,23 +109,42 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(previous, ignore_errors=True)
 
 
-def _remove_dead_scratch(target: Path) -> None:
-    """Delete scratch directories that killed runs (SIGKILL, power loss) left for ``target``.
+def _scratch_prefix(target: Path, kind: str) -> str:
+    # Host and PID of the writer: on a shared filesystem only this host can tell whether
+    # the PID is alive.
+    return f".{target.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
 
-    Their names carry the writer's PID; one whose process is gone is garbage. A live PID
-    (a concurrent run, or a reused PID) keeps its directory.
+
+def _remove_dead_scratch(target: Path) -> None:
+    """Clear what killed runs (SIGKILL, power loss) on this host left beside ``target``.
+
+    A dead writer's ``partial`` directory is garbage. Its ``previous`` directory is the
+    last finished output, moved aside to be replaced: put back if nothing replaced it,
+    else deleted. A live PID (a concurrent run, or a reused PID) and another host's
+    directories are left alone.
     """
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.partial-(\d+)-")
-    for candidate in target.parent.iterdir():
+    pattern = re.compile(
+        rf"\.{re.escape(target.name)}\.(partial|previous)-{re.escape(socket.gethostname())}"
+        r"-(\d+)-[^-]*$"
+    )
+    for candidate in sorted(target.parent.iterdir()):
         match = pattern.match(candidate.name)
-        if match is None or not candidate.is_dir():
+        if match is None or not candidate.is_dir() or _alive(int(match.group(2))):
             continue
-        try:
-            os.kill(int(match.group(1)), 0)
-        except ProcessLookupError:
+        if match.group(1) == "previous" and not target.exists():
+            os.replace(candidate, target)
+        else:
             shutil.rmtree(candidate, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, owned by someone else
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # owned by someone else
+    return True
 
 
 def directory_size(path: str | Path) -> int:

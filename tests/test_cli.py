@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -245,6 +246,31 @@ def test_compress_replaces_only_an_earlier_result(output, message, workdir, caps
     assert code != 0 and message in err, err
     assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
     assert (here / "notes" / "thesis.tex").read_text() == "keep me"
+
+
+def test_next_run_clears_what_a_killed_one_left(tmp_path):
+    from dynslice_modifier.output import atomic_directory
+
+    # A PID that was alive and is gone, as a run killed with SIGKILL leaves it.
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    host = socket.gethostname()
+    target = tmp_path / "out"
+    torn = tmp_path / f".out.partial-{host}-{child.pid}-abc123"
+    # Killed between moving the finished output aside and moving the new one in.
+    stranded = tmp_path / f".out.previous-{host}-{child.pid}-def456"
+    elsewhere = tmp_path / f".out.partial-another-host-{child.pid}-ghi789"
+    for path in (torn, stranded, elsewhere):
+        path.mkdir()
+    (stranded / "config.json").write_text('{"model_type": "dynslice"}')
+
+    with pytest.raises(RuntimeError), atomic_directory(target):
+        raise RuntimeError("this run fails too")
+    # The stranded output is back where it was, the dead scratch is gone, and another
+    # host's directory, whose PID means nothing here, is left alone.
+    assert (target / "config.json").read_text() == '{"model_type": "dynslice"}'
+    assert not torn.exists() and not stranded.exists()
+    assert elsewhere.exists()
 
 
 def test_model_without_a_tokenizer_is_named(workdir, capsys):
