@@ -59,6 +59,15 @@ def normalize_scores(scores: Sequence[float], method: Normalization = "minmax") 
     raise AllocationError(f"normalization must be 'minmax' or 'rank', got {method!r}")
 
 
+def check_sparsity_fits(sparsity: float, max_slice: float) -> None:
+    """Every layer keeps at least one rounding step: ``max_slice = 1 - round_to / hidden``."""
+    if sparsity > max_slice:
+        raise AllocationError(
+            f"sparsity {sparsity} leaves less than one rounding step per layer "
+            f"(at most {max_slice:.4f} can be sliced); lower sparsity or round_to"
+        )
+
+
 def slice_fractions(
     scores: Sequence[float],
     sparsity: float,
@@ -68,11 +77,7 @@ def slice_fractions(
 ) -> np.ndarray:
     """Per-layer slice fractions with mean ``sparsity``, each in [slicing_base, max_slice]."""
     check_fractions(sparsity, slicing_base)
-    if sparsity > max_slice:
-        raise AllocationError(
-            f"sparsity {sparsity} leaves less than one rounding step per layer "
-            f"(at most {max_slice:.4f} can be sliced); lower sparsity or round_to"
-        )
+    check_sparsity_fits(sparsity, max_slice)
     weights = normalize_scores(scores, normalization)
     if weights.sum() == 0.0:
         weights = np.ones_like(weights)

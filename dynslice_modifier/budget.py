@@ -163,6 +163,23 @@ def _moves(dims: list[int], whole: list[bool], hidden: int) -> list[tuple[int, .
     return moves
 
 
+def check_target_reachable(
+    target_fraction: float, dense_params: int, least: int, max_sparsity: float
+) -> float:
+    """The parameter budget of ``target_params``, if the smallest model (``least``
+    parameters, at ``max_sparsity``: every layer one rounding step wide) fits it."""
+    if not 0.0 < target_fraction < 1.0:
+        raise AllocationError(f"target_params must be in (0, 1), got {target_fraction}")
+    budget = (1.0 - target_fraction) * dense_params
+    if least > budget:
+        raise AllocationError(
+            f"removing {target_fraction:.0%} of the parameters needs more than the maximum "
+            f"sparsity {max_sparsity:.3f}; lower target_params (the embedding, head and "
+            "shortcuts are not sliced away)"
+        )
+    return budget
+
+
 def solve_sparsity(
     target_fraction: float,
     dense_params: int,
@@ -175,15 +192,9 @@ def solve_sparsity(
     Rounding makes it a step function of ``sp``, monotone only nearly, so bisection returns
     an SP whose count meets the budget (the upper end always does), not always the smallest.
     """
-    if not 0.0 < target_fraction < 1.0:
-        raise AllocationError(f"target_params must be in (0, 1), got {target_fraction}")
-    budget = (1.0 - target_fraction) * dense_params
-    if count(max_sparsity) > budget:
-        raise AllocationError(
-            f"removing {target_fraction:.0%} of the parameters needs more than the maximum "
-            f"sparsity {max_sparsity:.3f}; lower target_params (the embedding, head and "
-            "shortcuts are not sliced away)"
-        )
+    budget = check_target_reachable(
+        target_fraction, dense_params, count(max_sparsity), max_sparsity
+    )
     lo, hi = 0.0, max_sparsity
     for _ in range(40):
         mid = (lo + hi) / 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,7 +109,8 @@ def capture_layer_inputs(
     try:
         with torch.no_grad():
             for batch in tqdm(dataloader, desc="Capturing calibration inputs", leave=False):
-                if not isinstance(batch, dict) or "input_ids" not in batch:
+                # A Mapping, not only a dict: padding collators yield BatchEncoding.
+                if not isinstance(batch, Mapping) or "input_ids" not in batch:
                     raise CalibrationError(
                         "calibration batches must be mappings with 'input_ids' (as "
                         "llm-compressor's dataloader yields); got "

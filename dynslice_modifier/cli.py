@@ -66,6 +66,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
 def _slicing_base(text: str) -> float | str:
     return "auto" if text == "auto" else _fraction(text)
 
@@ -357,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=_fraction, help="SP, mean fraction sliced (default 0.25)")
     p.add_argument(
         "--target-params",
-        type=_fraction,
+        type=_share,
         help="instead of --sparsity: fraction of all parameters to remove (shortcuts, "
         "embedding and head included); SP is solved for",
     )
@@ -455,8 +462,22 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_in_cli_terms(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+# The library's errors name oneshot's arguments; these are the flags that set them here.
+_CLI_TERMS = {
+    "batch size 1 in oneshot gives one batch per sample": "--samples: one batch per window",
+    "num_calibration_samples": "--samples",
+    "max_seq_length": "--seq-len",
+}
+
+
+def _in_cli_terms(message: str) -> str:
+    for term, flag in _CLI_TERMS.items():
+        message = message.replace(term, flag)
+    return message
 
 
 if __name__ == "__main__":

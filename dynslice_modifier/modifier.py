@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -20,8 +21,14 @@ from dynslice_modifier.allocation import (
     allocate_dims,
     check_explicit_dims,
     check_fractions,
+    check_sparsity_fits,
 )
-from dynslice_modifier.budget import ParameterCounter, solve_sparsity, unprofitable_layers
+from dynslice_modifier.budget import (
+    ParameterCounter,
+    check_target_reachable,
+    solve_sparsity,
+    unprofitable_layers,
+)
 from dynslice_modifier.calibration import LayerInputs, capture_layer_inputs
 from dynslice_modifier.distributed import is_distributed, shared_across_ranks, sum_over_ranks
 from dynslice_modifier.errors import AllocationError, CalibrationError
@@ -90,8 +97,11 @@ class DynamicSliceModifier(Modifier):
               and keep the one with the lowest held-out calibration loss
             - allocate per-layer widths
             - rotate-and-slice pass, then conversion to ``DynSliceForCausalLM``
-        - on_finalize
-            - nothing to undo: the sliced model is the result
+        - on_finalize (after every later modifier, before the save)
+            - record in ``config.slicing`` whether the sliced norms are still ones (a
+              smoothing modifier may have folded scales into them), have quantized
+              shortcuts saved in their group's format, and count a head that a quantizer
+              untied from the embedding table
 
     :param sparsity: SP, the mean fraction of residual-stream dimensions removed over
         layers, in [0, 1). 0 rotates without slicing (the model's function is unchanged).
@@ -199,6 +209,15 @@ class DynamicSliceModifier(Modifier):
     def _check_sparsity(cls, value: float) -> float:
         if not 0.0 <= value < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {value}")
+        return value
+
+    @field_validator("layer_scores")
+    @classmethod
+    def _check_layer_scores(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or not all(math.isfinite(v) for v in value)):
+            raise ValueError(
+                f"layer_scores must hold one finite number per decoder layer, got {value}"
+            )
         return value
 
     @field_validator("round_to")
@@ -310,13 +329,29 @@ class DynamicSliceModifier(Modifier):
             raise AllocationError(f"round_to={round_to} exceeds hidden_size={hidden}")
         if requirement is not None and round_to != (self.round_to or DEFAULT_ROUND_TO):
             logger.info(f"Rounding widths to multiples of {round_to} for {requirement[1]}")
+        elif requirement is None and self.round_to is None:
+            logger.info(
+                f"No quantizer follows in this run: widths are multiples of {round_to}. To "
+                "quantize in a later stage or oneshot, set round_to to its group size (128 "
+                "for W4A16) here"
+            )
         least_slice = (hidden % round_to) / hidden
-        if self.layer_dims is None and self.target_params is None and self.sparsity < least_slice:
+        by_sparsity = self.layer_dims is None and self.target_params is None
+        if by_sparsity and self.sparsity < least_slice:
+            # Whole layers would be hidden_size wide, not a multiple of round_to either.
+            kept = hidden - hidden % round_to
+            if self.sparsity == 0.0:
+                raise AllocationError(
+                    f"sparsity 0 asks for the rotation alone, but hidden_size {hidden} is not "
+                    f"a multiple of round_to {round_to}, so every layer would keep at most "
+                    f"{kept} dims ({least_slice:.1%} sliced); use a round_to that divides "
+                    f"{hidden} (a smaller quantization group size), or sparsity >= "
+                    f"{least_slice:.4f} to slice"
+                )
             logger.warning(
-                f"hidden_size {hidden} is not a multiple of round_to {round_to}: a sliced "
-                f"layer keeps at most {hidden - hidden % round_to} dims ({least_slice:.1%} "
-                f"sliced, more than sparsity {self.sparsity}); layers whose slice cannot pay "
-                "stay whole (profitable_only), the others lose at least that much"
+                f"hidden_size {hidden} is not a multiple of round_to {round_to}: every layer "
+                f"keeps at most {kept} dims ({least_slice:.1%} sliced, more than sparsity "
+                f"{self.sparsity})"
             )
         if self.layer_scores is not None and len(self.layer_scores) != num_layers:
             raise AllocationError(
@@ -357,8 +392,32 @@ class DynamicSliceModifier(Modifier):
         keep_tied = tied and not (self.untie_embeddings or self.slice_head)
         if self.quantize_shortcuts and keep_tied:
             check_input_projection(f"{layer_names[0]}.input_projection", hidden, others)
-        if not keep_tied:
-            untie_head(model)
+        predicted = ParameterCounter(
+            model, adapter, self.basis, keep_tied, self.align_bases, self.slice_head
+        )
+
+        def leave_whole(dims: list[int], sparsity: float) -> tuple[list[int], list[bool]]:
+            # A whole layer is hidden_size wide, which must also be a multiple of round_to
+            # (a group-wise quantizer later in the recipe could not take it otherwise).
+            # Sparsity 0 asks for the rotation alone (with hadamard, to spread outliers):
+            # no layer is left out of it.
+            if not self.profitable_only or hidden % round_to or sparsity == 0.0:
+                return dims, [False] * num_layers
+            whole = unprofitable_layers(dims, hidden, predicted)
+            return [hidden if w else d for d, w in zip(dims, whole, strict=True)], whole
+
+        # What cannot fit at any scores fails here, before a calibration pass is spent: at
+        # the maximum sparsity every layer is one rounding step wide, whatever its score.
+        max_sparsity = 1.0 - round_to / hidden
+        if explicit is None and self.target_params is not None:
+            check_target_reachable(
+                self.target_params,
+                dense_params,
+                predicted(*leave_whole([round_to] * num_layers, max_sparsity)),
+                max_sparsity,
+            )
+        elif explicit is None:
+            check_sparsity_fits(self.sparsity, max_sparsity)
 
         inputs = capture_layer_inputs(model, layers[0], state.data.calib)
         duplicated = shared_across_ranks(inputs.keys)
@@ -423,20 +482,8 @@ class DynamicSliceModifier(Modifier):
                 self.rounding,
             )
 
-        predicted = ParameterCounter(
-            model, adapter, self.basis, keep_tied, self.align_bases, self.slice_head
-        )
-
         def layout(sparsity: float) -> tuple[list[int], list[bool]]:
-            dims = allocate(sparsity)
-            # A whole layer is hidden_size wide, which must also be a multiple of round_to
-            # (a group-wise quantizer later in the recipe could not take it otherwise).
-            # Sparsity 0 asks for the rotation alone (with hadamard, to spread outliers):
-            # no layer is left out of it.
-            if not self.profitable_only or hidden % round_to or sparsity == 0.0:
-                return dims, [False] * num_layers
-            whole = unprofitable_layers(dims, hidden, predicted)
-            return [hidden if w else d for d, w in zip(dims, whole, strict=True)], whole
+            return leave_whole(allocate(sparsity), sparsity)
 
         def plan() -> tuple[float, list[int], list[bool]]:
             if self.target_params is None:
@@ -445,7 +492,7 @@ class DynamicSliceModifier(Modifier):
                 self.target_params,
                 dense_params,
                 lambda sp: predicted(*layout(sp)),
-                max_sparsity=1.0 - round_to / hidden,
+                max_sparsity=max_sparsity,
             )
             return sparsity, *layout(sparsity)
 
@@ -473,6 +520,10 @@ class DynamicSliceModifier(Modifier):
         )
         logger.info(f"Kept residual widths: {dims}")
 
+        # Untied only now, when the model is about to change: every check above may still
+        # refuse the run and leave the caller's model as it came.
+        if not keep_tied:
+            untie_head(model)
         slicer = self._slicer(model, adapter, dims, whole, device, keep_tied)
         if consumed:
             inputs = capture_layer_inputs(model, layers[0], state.data.calib)

@@ -41,7 +41,14 @@ def recipe_modifiers() -> list[Modifier]:
 
 
 def check_order(modifiers: Sequence[Modifier], slicer: Modifier) -> None:
-    """A quantizer before the slicer would calibrate weights the slicer then rewrites."""
+    """A quantizer before the slicer would calibrate weights the slicer then rewrites, and
+    a second slicer would find a sliced model."""
+    slicers = [m for m in modifiers if type(m) is type(slicer)]
+    if len(slicers) > 1:
+        raise AllocationError(
+            f"the recipe holds {len(slicers)} DynamicSliceModifiers; the model is sliced "
+            "once, so keep one (its sparsity or target_params sets the whole reduction)"
+        )
     for modifier in modifiers:
         if modifier is slicer:
             return

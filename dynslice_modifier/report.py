@@ -128,6 +128,7 @@ def write_report(
     checkpoint: str | Path, out_dir: str | Path | None = None, name: str | None = None
 ) -> tuple[Path, Path]:
     out = Path(out_dir or checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
     md = out / "slicing_report.md"
     md.write_text(summary_markdown(checkpoint, name))
     return md, plot_slicing(checkpoint, out / "slicing_report.png")

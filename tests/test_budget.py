@@ -216,3 +216,14 @@ def test_sizes_that_miss_the_request_are_warned_of():
         logger.remove(sink)
     assert sum("larger than the dense one" in m for m in messages) == 1, messages
     assert sum("hidden_size 64 is not a multiple of round_to 24" in m for m in messages) == 1
+    assert coarse.config.slicing["mlp_dims"] == [48, 48, 48]
+
+
+def test_rotation_alone_is_refused_where_widths_cannot_stay_whole():
+    from dynslice_modifier.errors import AllocationError
+
+    model = tiny_model("llama", True, layers=3)
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    with pytest.raises(AllocationError, match="sparsity 0 asks for the rotation alone"):
+        slice_in_memory(model, sparsity=0.0, round_to=24)
+    assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())

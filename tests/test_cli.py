@@ -181,10 +181,12 @@ def test_scores_eval_and_report(workdir, capsys):
     assert code == 0, err
     code, out, _ = run_main("eval", "out2", "--windows", "1", *DATA, cwd=workdir, capsys=capsys)
     assert code == 0 and float(out.rsplit(":", 1)[1]) > 1.0
-    code, out, _ = run_main("report", "out2", "--out", str(workdir), cwd=workdir, capsys=capsys)
+    code, out, _ = run_main(
+        "report", "out2", "--out", str(workdir / "new" / "dir"), cwd=workdir, capsys=capsys
+    )
     assert code == 0 and "| layer | LR score |" in out
     assert "`slicing_base: auto` search" in out and "| yes |" in out
-    assert (workdir / "slicing_report.png").exists()
+    assert (workdir / "new" / "dir" / "slicing_report.png").exists()
 
 
 @pytest.mark.parametrize(
@@ -214,11 +216,19 @@ def test_scores_eval_and_report(workdir, capsys):
             "has no DynamicSliceModifier",
         ),
         (["compress", "tiny", "bad", "--eval-windows", "0"], "must be > 0"),
+        (["compress", "tiny", "bad", "--target-params", "0"], "must be in (0, 1), got 0"),
+        # The library's message, in the CLI's flags.
+        (
+            ["compress", "tiny", "bad", "--samples", "1", "--seq-len", "16"],
+            "raise --samples or --seq-len",
+        ),
         (["frobnicate"], "invalid choice"),
     ],
 )
 def test_bad_arguments_fail_clearly(args, message, workdir, capsys):
     extra = [*SMALL, *DATA] if args[0] == "compress" else []
+    if "--samples" in args:
+        extra = DATA
     code, _, err = run_main(*args, *extra, cwd=workdir, capsys=capsys)
     assert code != 0
     assert message in err

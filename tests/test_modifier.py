@@ -16,7 +16,7 @@ from compressed_tensors.offload import set_onload_device
 from conftest import calib_dataset, save_tiny
 from llmcompressor import oneshot
 from llmcompressor.recipe import Recipe
-from tiny import tiny_model
+from tiny import calib_batches, tiny_model
 from transformers import AutoModelForCausalLM
 
 from dynslice_modifier import DynamicSliceModifier
@@ -169,11 +169,46 @@ torch.save(m(ids).logits.detach(), {str(tmp_path / "logits.pt")!r})
         ({"layer_dims": [32, 28], "round_to": 8}, r"layer_dims \[28\] are not multiples"),
         ({"sparsity": 0.2, "auto_holdout": 0.5}, "tune slicing_base: auto"),
         ({"sparsity": 0.2, "slicing_base": 0.1, "auto_fractions": [0.5]}, "tune slicing_base"),
+        ({"sparsity": 0.2, "layer_scores": []}, "one finite number per decoder layer"),
+        ({"sparsity": 0.2, "layer_scores": [0.5, float("nan")]}, "one finite number"),
     ],
 )
 def test_bad_options_rejected_when_the_recipe_is_built(options, match):
     with pytest.raises(ValueError, match=match):
         DynamicSliceModifier(**options)
+
+
+def test_padded_batches_from_the_padding_collator_slice_like_single_samples(tiny_dir):
+    # llm-compressor's padding collator yields BatchEncoding (a Mapping, not a dict), with
+    # the padding masked out of every statistic.
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(5)
+    lengths = [32, 20, 27, 16, 31, 24, 18, 29]
+    dataset = Dataset.from_dict(
+        {"input_ids": [torch.randint(4, 128, (n,), generator=g).tolist() for n in lengths]}
+    )
+    slicings = []
+    for batching in ({}, {"batch_size": 4, "data_collator": "padding"}):
+        model = run_oneshot(
+            tiny_dir, RECIPE, dataset=dataset, num_calibration_samples=8, **batching
+        )
+        slicings.append(model.config.slicing)
+    assert slicings[1]["mlp_dims"] == slicings[0]["mlp_dims"]
+    assert slicings[1]["lr_scores"] == pytest.approx(slicings[0]["lr_scores"], abs=1e-6)
+
+
+def test_a_sliced_model_or_a_second_slicer_is_refused(tiny_dir, tmp_path):
+    out = tmp_path / "sliced"
+    run_oneshot(tiny_dir, RECIPE, out)
+    with pytest.raises(UnsupportedModelError, match=r"already sliced.*quantization modifiers"):
+        run_oneshot(out, RECIPE)
+    two = [
+        DynamicSliceModifier(sparsity=0.2, round_to=8),
+        DynamicSliceModifier(sparsity=0.1, round_to=8),
+    ]
+    with pytest.raises(AllocationError, match="holds 2 DynamicSliceModifiers"):
+        run_oneshot(tiny_dir, two)
 
 
 def test_no_calibration_data(tiny_dir):
@@ -186,10 +221,47 @@ def test_too_few_calibration_tokens(tiny_dir):
         run_oneshot(tiny_dir, RECIPE, dataset=calib_dataset(n=2, seq=16), num_calibration_samples=2)
 
 
+def test_a_refused_run_leaves_a_tied_model_tied():
+    # slice_head unties the head to rotate it apart; a run refused before any layer is
+    # sliced must hand the caller's model back as it came.
+    model = tiny_model("llama", tied=True)
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    modifier = DynamicSliceModifier(sparsity=0.25, slice_head=True)
+    state = SimpleNamespace(model=model, data=SimpleNamespace(calib=calib_batches(n=1, seq=16)))
+    with pytest.raises(CalibrationError, match="at least as many tokens as dimensions"):
+        modifier.on_initialize(state)
+    assert embeddings_tied(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+
+
 def test_width_rounding_to_zero(tiny_dir):
     recipe = [DynamicSliceModifier(sparsity=0.9, slicing_base=0.9, round_to=32)]
     with pytest.raises(AllocationError, match="lower sparsity or round_to"):
         run_oneshot(tiny_dir, recipe)
+
+
+class _Untouchable:
+    """Calibration data that fails the test if anything reads it."""
+
+    def __iter__(self):
+        raise AssertionError("calibration data was read before the options were checked")
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"sparsity": 0.9, "slicing_base": 0.1, "round_to": 16}, "less than one rounding step"),
+        ({"sparsity": 0.9, "slicing_base": "auto", "round_to": 16}, "less than one rounding"),
+        ({"target_params": 0.9, "round_to": 16}, "needs more than the maximum sparsity 0.750"),
+    ],
+)
+def test_sizes_no_scores_can_reach_fail_before_calibration(options, match):
+    model = tiny_model("llama", tied=True)
+    state = SimpleNamespace(model=model, data=SimpleNamespace(calib=_Untouchable()))
+    with pytest.raises(AllocationError, match=match):
+        DynamicSliceModifier(**options).on_initialize(state)
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,8 @@ def sliced_config() -> dict:
         (lambda s: s.__setitem__("delta_shortcuts", "yes"), "delta_shortcuts"),
         (lambda s: s.pop("layout"), "layout"),
         (lambda s: s.__setitem__("format_version", 99), "upgrade dynslice-modifier"),
+        (lambda s: s.pop("format_version"), "is None, not a version number"),
+        (lambda s: s.__setitem__("format_version", True), "is True, not a version number"),
         (lambda s: s["attn_dims"].__setitem__(2, 40.5), r"attn_dims\[2\]"),
         (lambda s: s.__setitem__("final_dim", 0), r"slicing.final_dim = 0.*hidden_size=64"),
         (lambda s: s.__setitem__("final_dim", 4096), r"slicing.final_dim = 4096"),

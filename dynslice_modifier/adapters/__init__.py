@@ -31,6 +31,12 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     supported = ", ".join(
         f"{a.model_type} ({'/'.join(a.architectures)})" for a in ADAPTERS.values()
     )
+    if model_type == "dynslice":
+        raise UnsupportedModelError(
+            f"this model is already sliced ({architecture}); slicing it again would need its "
+            "dense original. To quantize it, run oneshot with the quantization modifiers "
+            "alone (no DynamicSliceModifier in the recipe)"
+        )
     adapter = ADAPTERS.get(model_type)
     if adapter is None or architecture not in adapter.architectures:
         why = (

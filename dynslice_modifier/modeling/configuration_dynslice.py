@@ -56,7 +56,13 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
     if not isinstance(spec, dict):
         raise SlicingConfigError(f"config.slicing must be a mapping, got {type(spec).__name__}")
     version = spec.get("format_version")
-    if not isinstance(version, int) or version > SLICING_FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise SlicingConfigError(
+            f"slicing.format_version is {version!r}, not a version number (1 and up): "
+            "config.json was edited or not written by dynslice-modifier; re-save the sliced "
+            "model"
+        )
+    if version > SLICING_FORMAT_VERSION:
         raise SlicingConfigError(
             f"slicing.format_version {version!r} is not supported by this code "
             f"(it reads up to {SLICING_FORMAT_VERSION}); upgrade dynslice-modifier: "

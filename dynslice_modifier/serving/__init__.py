@@ -50,7 +50,8 @@ def _register_config_check() -> None:
             from dynslice_modifier.serving.support import check_servable
 
             hf_config = getattr(model_config, "hf_config", None)
-            # Duck-typed: with trust_remote_code the class is the checkpoint's own copy.
+            # Duck-typed: a config class loaded from the checkpoint's own file (remote
+            # code) is not ours, though it has the same method.
             if callable(getattr(hf_config, "check_slicing", None)):
                 check_servable(hf_config)
 
