@@ -383,6 +383,12 @@ class DynamicSliceModifier(Modifier):
                 "num_calibration_samples, max_seq_length) to oneshot"
             )
         device = get_main_device()
+        if device.type == "mps":
+            logger.warning(
+                "MPS has no float64, which the PCA and the rotations need: slicing runs on "
+                "the CPU (quantizers later in the recipe still use MPS)"
+            )
+            device = torch.device("cpu")
         layers = adapter.layers(model)
         dense_params = count_parameters(model)
         tied = embeddings_tied(model)

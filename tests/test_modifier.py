@@ -211,6 +211,18 @@ def test_a_sliced_model_or_a_second_slicer_is_refused(tiny_dir, tmp_path):
         run_oneshot(tiny_dir, two)
 
 
+def test_slicing_on_a_mac_runs_on_the_cpu(monkeypatch):
+    # llm-compressor picks MPS where it exists; MPS has no float64. Here any use of the
+    # "mps" device would fail, so the run only passes if the slicer stays on the CPU.
+    from dynslice_modifier import modifier as modifier_module
+
+    monkeypatch.setattr(modifier_module, "get_main_device", lambda: torch.device("mps"))
+    model = tiny_model("llama", tied=True)
+    state = SimpleNamespace(model=model, data=SimpleNamespace(calib=calib_batches()))
+    assert DynamicSliceModifier(sparsity=0.25, round_to=8).on_initialize(state)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
 def test_no_calibration_data(tiny_dir):
     with pytest.raises(CalibrationError, match="needs calibration data"):
         oneshot(model=str(tiny_dir), recipe=RECIPE)

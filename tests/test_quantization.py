@@ -205,11 +205,11 @@ def test_group_wise_input_projection_fails_before_calibration(tmp_path):
 
 @pytest.mark.parametrize(
     ("scheme", "multiple"),
-    [("W4A16", 128), ("W8A8", 16), ("W8A16", 128), ("FP8_DYNAMIC", None), ("FP8", None)],
+    [("W4A16", 128), ("W8A8", 16), ("W8A16", 128), ("FP8_DYNAMIC", 16), ("FP8", 16)],
 )
 def test_what_each_scheme_needs_of_a_width(scheme, multiple):
-    # int8 activations and weights go through vLLM's CUDA CUTLASS GEMM, which needs 16-byte
-    # rows; FP8 is padded by vLLM itself; group-wise schemes need whole groups.
+    # 8-bit activations and weights (int8, FP8) go through vLLM's CUDA CUTLASS GEMMs, which
+    # take 16-aligned operands; group-wise schemes (W8A16's preset too) need whole groups.
     need = required_multiple([QuantizationModifier(targets="Linear", scheme=scheme)])
     assert (need and need[0]) == multiple
 
@@ -218,7 +218,7 @@ def test_what_each_scheme_needs_of_a_width(scheme, multiple):
     ("round_to", "scheme", "message"),
     [
         (16, "W4A16", r"round_to=16 conflicts with GPTQModifier \(group_size 128\)"),
-        (8, "W8A8", r"round_to=8 conflicts with GPTQModifier \(int8 W8A8"),
+        (8, "W8A8", r"round_to=8 conflicts with GPTQModifier \(int8 GEMM"),
     ],
 )
 def test_round_to_conflicting_with_the_scheme_fails_before_calibration(

