@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import torch
 from compressed_tensors.offload import disable_onloading
+from compressed_tensors.offload.cache import OffloadCache
 from loguru import logger
 from torch import nn
 from tqdm.auto import tqdm
@@ -101,6 +102,32 @@ def untie_head(model: nn.Module) -> None:
         with disable_onloading():
             delattr(module, "weight")
         module.register_parameter("weight", own)
+
+
+def plain_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` in plain memory, for a trial to rotate and throw away.
+
+    ``copy.deepcopy`` of a module offloaded by compressed-tensors copies the stand-ins of
+    its weights, which the disk cache's index (keyed by the originals) does not know; so
+    the offloaded modules lend the copy their onloaded weights and plain ``forward``.
+    """
+    offloaded = [m for m in module.modules() if isinstance(m._parameters, OffloadCache)]
+    saved = [(m, m._parameters, m._buffers, dict(m.__dict__)) for m in offloaded]
+    try:
+        for m in offloaded:
+            m._parameters = {
+                name: None if p is None else nn.Parameter(p, requires_grad=False)
+                for name, p in m._parameters.items()
+            }
+            m._buffers = dict(m._buffers.items())
+            # The offload wrapper's forward is an instance attribute over the class's own.
+            m.__dict__.pop("forward", None)
+            m.__dict__.pop("_original_forward_func", None)
+        return copy.deepcopy(module)
+    finally:
+        for m, parameters, buffers, attributes in saved:
+            m.__dict__.update(attributes)
+            m._parameters, m._buffers = parameters, buffers
 
 
 def redundancy_scores(
@@ -253,7 +280,7 @@ class RotateAndSlice:
         for idx, layer in enumerate(tqdm(layers, desc="Rotate and slice", leave=False)):
             with onloaded(layer, device), torch.no_grad():
                 if not self.in_place:
-                    layer = copy.deepcopy(layer)
+                    layer = plain_copy(layer)
                 attn_scale, mlp_scale = self._unit_norms(layer, self.dims[idx])
                 attn_inputs = adapter.attn_inputs(layer)
                 whole = self.whole[idx]

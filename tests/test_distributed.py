@@ -67,11 +67,15 @@ def test_identical_datasets_on_every_rank_are_reported(model_dir, tmp_path):
     assert "dataset.shard(world_size, rank, contiguous=True)" in log
 
 
-@pytest.mark.parametrize("options", [FIXED, {**FIXED, "slice_head": True}], ids=["", "head"])
+@pytest.mark.parametrize(
+    "options",
+    [FIXED, {**FIXED, "slice_head": True}, {**FIXED, "slicing_base": "auto"}],
+    ids=["", "head", "auto"],
+)
 def test_disk_offloaded_model_slices_like_a_loaded_one(model_dir, tmp_path, options):
     """A model accelerate offloaded to disk (every weight on the meta device) goes through
     oneshot, onloaded one layer at a time (and the head, when it is sliced), to the same
-    checkpoint as one loaded in memory."""
+    checkpoint as one loaded in memory; ``auto``'s trials slice copies of offloaded layers."""
     from llmcompressor import oneshot
     from llmcompressor.core import reset_session
     from transformers import AutoModelForCausalLM
