@@ -141,7 +141,9 @@ class DynamicSliceModifier(Modifier):
         bases (the default) it wins nothing on SmolLM2 at SP 0.25 (GPTQ W4A16 with MSE
         scales 64.4 with it against 63.9 without, W8A8 55.65 against 55.69, FP8 58.8
         against 57.0). Without aligned bases every PCA basis packs its layer's energy into
-        its first channels, and there it matters (W4A16 57.5 with it against 106.9).
+        its first channels, and there it matters (W4A16 57.5 with it against 106.9). With
+        aligned bases every layer takes the same blocks, the largest power of two (up to
+        256) dividing every sliced width; below 16 the modifier warns.
     :param align_bases: rotate each kept basis within its span to line up with the basis
         before it (orthogonal Procrustes; free at inference), so every shortcut matrix is
         nearly the identity, and store shortcuts as their difference from the identity
@@ -531,6 +533,14 @@ class DynamicSliceModifier(Modifier):
         if not keep_tied:
             untie_head(model)
         slicer = self._slicer(model, adapter, dims, whole, device, keep_tied)
+        if self.hadamard and slicer.hadamard_block < 16:
+            logger.warning(
+                "hadamard with aligned bases: every basis takes the same Hadamard blocks, "
+                "the largest power of two dividing every sliced width, here "
+                f"{slicer.hadamard_block}, so outliers are spread over "
+                f"{slicer.hadamard_block} channels at most (1: not at all). Use widths in "
+                "multiples of 16 or more (round_to), or align_bases: false"
+            )
         if consumed:
             inputs = capture_layer_inputs(model, layers[0], state.data.calib)
         result = slicer.run(inputs)

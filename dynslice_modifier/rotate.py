@@ -9,8 +9,23 @@ float64 and cast back to the layer's dtype once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+# Rows (or columns) per float64 product: a vocabulary-sized table or a wide projection is
+# never copied whole in float64 on the compute device.
+_BLOCK = 4096
+
+
+def _in_float64(
+    weight: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor], dim: int = 0
+) -> torch.Tensor:
+    """``product`` of ``weight`` in float64, one block along ``dim`` at a time, each block
+    rounded back to the weight's dtype once."""
+    blocks = weight.split(_BLOCK, dim=dim)
+    return torch.cat([product(b.to(torch.float64)).to(weight.dtype) for b in blocks], dim=dim)
 
 
 def _set_weight(module: nn.Linear | nn.Embedding, weight: torch.Tensor) -> None:
@@ -29,15 +44,17 @@ def rotate_inputs(
     feeds them: ``norm(x) * scale`` feeding ``W`` equals ``norm(x)`` feeding
     ``W diag(scale)``. One product, so the weights are rounded to their dtype once."""
     for linear in linears:
-        w = linear.weight.to(torch.float64)
-        if scale is not None:
-            w = w * scale.to(w.device, torch.float64)
-        _set_weight(linear, w @ basis.to(w.device, torch.float64))
+        q = basis.to(linear.weight.device, torch.float64)
+        if scale is None:
+            _set_weight(linear, _in_float64(linear.weight, lambda w, q=q: w @ q))
+        else:
+            s = scale.to(linear.weight.device, torch.float64)
+            _set_weight(linear, _in_float64(linear.weight, lambda w, s=s, q=q: (w * s) @ q))
 
 
 def rotate_output(linear: nn.Linear, basis: torch.Tensor) -> None:
     q = basis.to(linear.weight.device, torch.float64)
-    _set_weight(linear, q.T @ linear.weight.to(torch.float64))
+    _set_weight(linear, _in_float64(linear.weight, lambda w: q.T @ w, dim=1))
     if linear.bias is not None:
         bias = linear.bias.to(torch.float64) @ q
         linear.bias = nn.Parameter(bias.to(linear.bias.dtype), requires_grad=False)
@@ -45,7 +62,7 @@ def rotate_output(linear: nn.Linear, basis: torch.Tensor) -> None:
 
 def rotate_embedding(embedding: nn.Embedding, basis: torch.Tensor) -> None:
     q = basis.to(embedding.weight.device, torch.float64)
-    _set_weight(embedding, embedding.weight.to(torch.float64) @ q)
+    _set_weight(embedding, _in_float64(embedding.weight, lambda w: w @ q))
 
 
 def change_of_basis(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -214,7 +214,7 @@ class RotateAndSlice:
         # same blocks: the largest power of two dividing every sliced width.
         sliced = [d for d, w in zip(dims, self.whole, strict=True) if not w]
         common = math.gcd(*sliced) if sliced else 1
-        self._hadamard_block = min(common & -common, 256) if align else 256
+        self.hadamard_block = min(common & -common, 256) if align else 256
         # The previous basis of the chain being aligned, before its Hadamard rotation.
         self._chain: torch.Tensor | None = None
         # A trial (``in_place=False``) slices a copy of each layer and leaves the model as it
@@ -248,14 +248,14 @@ class RotateAndSlice:
             basis = align_basis(basis, self._chain)
         self._chain = basis
         if self.hadamard:
-            block = block_hadamard(basis.shape[1], self._hadamard_block)
+            block = block_hadamard(basis.shape[1], self.hadamard_block)
             basis = basis @ block.to(basis.device, basis.dtype)
         return basis
 
     def _finish_writer(self, writer: _Writer, target: torch.Tensor) -> torch.Tensor:
         """Rotate a pending writer into ``target``; return its shortcut matrix."""
         rotate_output(writer.output, target)
-        return change_of_basis(writer.source_basis, target)
+        return _kept(change_of_basis(writer.source_basis, target))
 
     def _accumulate(
         self, acc: CovarianceAccumulator, hidden: torch.Tensor, inputs: LayerInputs, b: int
@@ -297,7 +297,7 @@ class RotateAndSlice:
                     mlp_sc.append(self._finish_writer(pending, a_basis))
                 elif self.tied:
                     # The shared table stays in the original basis; layer 0 projects it.
-                    input_projection = change_of_basis(eye, a_basis)
+                    input_projection = _kept(change_of_basis(eye, a_basis))
                 elif self.in_place:
                     rotate_embedding(adapter.embedding(self.model), a_basis)
                 rotate_inputs(attn_inputs, a_basis, attn_scale)
@@ -328,7 +328,7 @@ class RotateAndSlice:
                     attn_sc.append(None)
                 else:
                     m_basis = self._pca(mid_acc, self.dims[idx], f"layer {idx} MLP input")
-                    attn_sc.append(change_of_basis(a_basis, m_basis))
+                    attn_sc.append(_kept(change_of_basis(a_basis, m_basis)))
                 rotate_output(adapter.attn_output(layer), m_basis)
                 rotate_inputs(adapter.mlp_inputs(layer), m_basis, mlp_scale)
                 m32 = m_basis.float()
@@ -445,11 +445,17 @@ def _mask(inputs: LayerInputs, b: int, device: torch.device) -> torch.Tensor | N
     return None if mask is None else mask.to(device)
 
 
+def _kept(shortcut: torch.Tensor) -> torch.Tensor:
+    # Every layer's shortcuts wait for the conversion at the end (float64, width^2 each):
+    # in host memory, not on the accelerator, which holds one layer at a time.
+    return shortcut.cpu()
+
+
 def _drop_identity(matrix: torch.Tensor | None) -> torch.Tensor | None:
     """A square shortcut equal to the identity costs parameters and does nothing."""
     if matrix is not None and matrix.shape[0] == matrix.shape[1]:
         eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-        if torch.allclose(matrix, eye, atol=1e-10):
+        if torch.allclose(matrix, eye, rtol=0.0, atol=1e-10):
             return None
     return matrix
 

@@ -219,6 +219,22 @@ def test_sizes_that_miss_the_request_are_warned_of():
     assert coarse.config.slicing["mlp_dims"] == [48, 48, 48]
 
 
+def test_hadamard_with_aligned_bases_warns_when_its_blocks_are_small():
+    from loguru import logger
+
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
+    try:
+        for dims in ([48, 48, 48], [47, 48, 48]):
+            model = tiny_model("llama", True, layers=3)
+            slice_in_memory(model, layer_dims=dims, hadamard=True)
+    finally:
+        logger.remove(sink)
+    # 48 = 16 x 3: blocks of 16; with 47 among the widths no block but 1 divides them all.
+    warned = [m for m in messages if "the same Hadamard blocks" in m]
+    assert len(warned) == 1 and "here 1," in warned[0], messages
+
+
 def test_rotation_alone_is_refused_where_widths_cannot_stay_whole():
     from dynslice_modifier.errors import AllocationError
 

@@ -220,6 +220,33 @@ def test_reload_refuses_a_checkpoint_without_its_shortcuts(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
+def test_rotations_in_blocks_equal_one_product(monkeypatch):
+    # Products are taken a block of rows (or columns) at a time so that no vocabulary-sized
+    # float64 copy is made; blocks of 3 here stand in for blocks of 4096 on real models.
+    from torch import nn
+
+    from dynslice_modifier import rotate
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))[0][:, :5]
+    scale = torch.rand(8, generator=g) + 0.5
+    reader, writer = nn.Linear(8, 10, bias=False), nn.Linear(10, 8)
+    table = nn.Embedding(10, 8)
+    w_in, w_out, b_out, w_table = (
+        t.detach().double() for t in (reader.weight, writer.weight, writer.bias, table.weight)
+    )
+    monkeypatch.setattr(rotate, "_BLOCK", 3)
+    rotate.rotate_inputs([reader], basis, scale)
+    rotate.rotate_output(writer, basis)
+    rotate.rotate_embedding(table, basis)
+    expected_in = ((w_in * scale.double()) @ basis).float()
+    torch.testing.assert_close(reader.weight, expected_in, atol=0, rtol=0)
+    torch.testing.assert_close(writer.weight, (basis.T @ w_out).float(), atol=0, rtol=0)
+    torch.testing.assert_close(writer.bias, (b_out @ basis).float(), atol=0, rtol=0)
+    torch.testing.assert_close(table.weight, (w_table @ basis).float(), atol=0, rtol=0)
+    assert reader.in_features == writer.out_features == table.embedding_dim == 5
+
+
 def test_redundancy_scores_are_recorded():
     model = tiny_model("mistral", True, layers=4)
     modifier = slice_in_memory(model, sparsity=0.25, slicing_base=0.05, round_to=8)
