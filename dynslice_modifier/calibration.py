@@ -102,7 +102,7 @@ def capture_layer_inputs(
     def front(input_ids: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
         with contextlib.suppress(_StopForward):
             model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-        return to_device(grabbed.pop("kwargs"), offload_device)
+        return grabbed.pop("kwargs")
 
     keys: list[bytes] = []
     handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
@@ -124,12 +124,13 @@ def capture_layer_inputs(
                 if mask is not None:
                     mask = torch.as_tensor(mask).to(device)
                 input_ids = input_ids.to(device)
-                cache.kwargs.append(front(input_ids, mask))
+                cache.kwargs.append(to_device(front(input_ids, mask), offload_device))
                 cache.hidden.append(grabbed.pop("hidden").detach().to(offload_device))
                 type_masks = {}
                 for kind in other_types:
                     with _first_layer_typed(model.config, kind):
-                        type_masks[kind] = front(input_ids, mask)["attention_mask"]
+                        kind_mask = front(input_ids, mask)["attention_mask"]
+                        type_masks[kind] = to_device(kind_mask, offload_device)
                 cache.type_masks.append(type_masks)
                 cache.masks.append(None if mask is None else mask.bool().to(offload_device))
                 cache.ids.append(input_ids.to(offload_device))
