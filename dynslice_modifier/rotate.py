@@ -83,15 +83,26 @@ def align_basis(basis: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     would do for the function, but SVD picks one at the whim of rounding, which would make
     the result differ between runs; they are taken as the completion closest to the basis's
     own trailing (PCA-ordered) coordinates, which is unique.
+
+    The completion is sought inside the complement of the followed part, not by projecting
+    the trailing coordinates onto it: where the two spans share a direction the projection
+    loses rank, and SVD would fill the gap with vectors that need not be orthogonal to the
+    followed part, so the result would not be a rotation.
     """
     b, p = basis.to(torch.float64), previous.to(basis.device, torch.float64)
     width = b.shape[1]
     shared = min(width, p.shape[1])
-    u, _, vh = torch.linalg.svd(b.T @ p[:, :shared], full_matrices=False)
-    rotation = u @ vh  # width x shared, orthonormal columns
+    rotation = _polar(b.T @ p[:, :shared])  # width x shared, orthonormal columns
     if shared < width:
-        trailing = torch.eye(width, dtype=b.dtype, device=b.device)[:, shared:]
-        rest = trailing - rotation @ rotation[shared:].T  # projected off the followed part
-        u, _, vh = torch.linalg.svd(rest, full_matrices=False)
-        rotation = torch.cat([rotation, u @ vh], dim=1)
+        eye = torch.eye(width, dtype=b.dtype, device=b.device)
+        # Eigenvalues of this projector are 0 (shared times) then 1, in ascending order.
+        complement = torch.linalg.eigh(eye - rotation @ rotation.T).eigenvectors[:, shared:]
+        closest = complement @ _polar(complement[shared:].T)  # nearest to eye[:, shared:]
+        rotation = torch.cat([rotation, closest], dim=1)
     return b @ rotation
+
+
+def _polar(matrix: torch.Tensor) -> torch.Tensor:
+    """The matrix with orthonormal columns nearest to ``matrix`` (orthogonal Procrustes)."""
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u @ vh

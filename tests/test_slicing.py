@@ -364,3 +364,16 @@ def test_align_basis_is_a_stable_rotation_within_the_span(width, previous):
     nudged = torch.linalg.qr(basis + 1e-12 * torch.randn(basis.shape, generator=gen).double())[0]
     nudged = nudged * torch.sign(torch.diagonal(nudged.T @ basis))
     torch.testing.assert_close(align_basis(nudged, prev), aligned, atol=1e-9, rtol=0)
+
+
+def test_align_basis_stays_a_rotation_where_followed_and_trailing_coordinates_meet():
+    from dynslice_modifier.rotate import align_basis
+
+    # The previous basis keeps the new basis's first and last direction, so the coordinate
+    # that follows it is also one of the trailing coordinates the completion starts from.
+    gen = torch.Generator().manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(16, 4, generator=gen, dtype=torch.float64))[0]
+    aligned = align_basis(basis, basis[:, [0, 3]])
+    torch.testing.assert_close(aligned.T @ aligned, torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(basis @ (basis.T @ aligned), aligned)
+    torch.testing.assert_close(aligned[:, :2], basis[:, [0, 3]])
