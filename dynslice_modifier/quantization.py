@@ -68,6 +68,16 @@ def _8bit_gemm(weights: QuantizationArgs | None, inputs: QuantizationArgs | None
     return kind if weights.type == inputs.type else None
 
 
+def _whole_groups(modifier: Modifier) -> str:
+    """Why a group size binds even when the modifier bypasses divisibility checks."""
+    if not getattr(modifier, "bypass_divisibility_checks", False):
+        return ""
+    return (
+        "; bypass_divisibility_checks cannot lift this, since llm-compressor's observers "
+        "split weights into whole groups and fail on a partial one"
+    )
+
+
 def required_multiple(modifiers: Sequence[Modifier]) -> tuple[int, str] | None:
     """Least common multiple of what the recipe's schemes need of a width, and who asks.
 
@@ -85,7 +95,7 @@ def required_multiple(modifiers: Sequence[Modifier]) -> tuple[int, str] | None:
             for args in (group.weights, group.input_activations):
                 if args is not None and args.strategy in _GROUPED and args.group_size:
                     multiple = math.lcm(multiple, int(args.group_size))
-                    names.append(f"{name} (group_size {args.group_size})")
+                    names.append(f"{name} (group_size {args.group_size}{_whole_groups(modifier)})")
             kind = _8bit_gemm(group.weights, group.input_activations)
             if kind is not None:
                 multiple = math.lcm(multiple, GEMM_8BIT_ALIGNMENT)
@@ -154,6 +164,7 @@ def check_unsliced_inputs(
                     f"width that is not a multiple of {size} and that slicing does not change: "
                     f"{shown}. Add them to the quantizer's ignore list (e.g. 're:.*o_proj$', "
                     "'lm_head') or choose a group size that divides their width"
+                    f"{_whole_groups(modifier)}"
                 )
 
 

@@ -283,6 +283,12 @@ def test_unsliced_input_width_that_breaks_groups_fails_early(tmp_path):
     ]
     with pytest.raises(AllocationError, match=r"o_proj \(192\).*ignore list"):
         one_pass(model_dir, recipe)
+    # llm-compressor's own switch does not help: its observers take whole groups only.
+    recipe[1] = GPTQModifier(
+        targets="Linear", scheme="W4A16", ignore=["lm_head"], bypass_divisibility_checks=True
+    )
+    with pytest.raises(AllocationError, match=r"o_proj \(192\).*observers .* whole groups"):
+        one_pass(model_dir, recipe)
     recipe = [
         DynamicSliceModifier(sparsity=0.25),
         GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*o_proj$"]),
