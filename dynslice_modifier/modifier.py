@@ -92,7 +92,8 @@ class DynamicSliceModifier(Modifier):
         - on_initialize
             - capture calibration inputs of the first decoder layer
             - Layer Redundancy pass over the unmodified model (one layer on the device
-              at a time) unless ``layer_scores`` or ``layer_dims`` are given
+              at a time) unless ``layer_scores`` or ``layer_dims`` are given, or
+              slicing is constant (SB == SP), where scores change nothing
             - with ``slicing_base: auto``, slice copies of the layers once per candidate SB
               and keep the one with the lowest held-out calibration loss
             - allocate per-layer widths
@@ -105,7 +106,8 @@ class DynamicSliceModifier(Modifier):
 
     :param sparsity: SP, the mean fraction of residual-stream dimensions removed over
         layers, in [0, 1). 0 rotates without slicing (the model's function is unchanged).
-    :param slicing_base: SB, the fraction every layer loses at least, in [0, sparsity].
+    :param slicing_base: SB, the fraction every layer loses at least, in [0, sparsity]
+        (with ``target_params``: in [0, 1], capped at the SP solved for).
         The rest of the budget is shared in proportion to each layer's normalised
         redundancy. ``slicing_base == sparsity`` is plain (constant) SliceGPT. Defaults
         to ``0.2 * sparsity``. ``auto`` holds out the last ``auto_holdout`` of the
