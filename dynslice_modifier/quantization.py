@@ -40,9 +40,21 @@ def recipe_modifiers() -> list[Modifier]:
     return list(getattr(recipe, "modifiers", None) or [])
 
 
+# Modifiers that rotate the whole residual stream with one matrix of the original width;
+# the sliced stream has a width per layer and shortcuts between bases, which they do not
+# know. hadamard: true is the slicer's own way to spread outliers.
+_WHOLE_STREAM_ROTATIONS = ("SpinQuantModifier",)
+
+
 def check_order(modifiers: Sequence[Modifier], slicer: Modifier) -> None:
-    """A quantizer before the slicer would calibrate weights the slicer then rewrites, and
-    a second slicer would find a sliced model."""
+    """The slicer comes first and alone, with nothing after it that assumes one residual
+    width.
+
+    Every modifier's ``on_initialize`` runs before any calibration, in recipe order, so one
+    placed before the slicer has resolved the dense model's modules: a quantizer would
+    calibrate weights the slicer then rewrites, and a smoothing modifier such as
+    SmoothQuant would hook norms the slicer replaces and silently smooth nothing.
+    """
     slicers = [m for m in modifiers if type(m) is type(slicer)]
     if len(slicers) > 1:
         raise AllocationError(
@@ -50,14 +62,20 @@ def check_order(modifiers: Sequence[Modifier], slicer: Modifier) -> None:
             "once, so keep one (its sparsity or target_params sets the whole reduction)"
         )
     for modifier in modifiers:
-        if modifier is slicer:
-            return
-        if is_quantizer(modifier):
+        name = type(modifier).__name__
+        if name in _WHOLE_STREAM_ROTATIONS:
             raise AllocationError(
-                f"{type(modifier).__name__} comes before DynamicSliceModifier in the recipe; "
-                "slicing rewrites every weight, so put the slicer first (its own stage "
-                "before the quantization stage)"
+                f"{name} rotates the residual stream as one hidden_size-wide vector, which a "
+                "sliced model no longer has (each layer has its own width); drop it and set "
+                "hadamard: true on DynamicSliceModifier, which folds a Hadamard rotation "
+                "into every kept basis"
             )
+    if any(m is slicer for m in modifiers) and modifiers[0] is not slicer:
+        raise AllocationError(
+            f"{type(modifiers[0]).__name__} comes before DynamicSliceModifier in the recipe; "
+            "slicing replaces every norm and rewrites every weight, which that modifier has "
+            "already resolved, so put the slicer first (its own stage before the others)"
+        )
 
 
 def _8bit_gemm(weights: QuantizationArgs | None, inputs: QuantizationArgs | None) -> str | None:

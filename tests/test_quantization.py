@@ -241,9 +241,31 @@ def test_explicit_dims_must_fit_the_group_size(wide_dir):
         one_pass(wide_dir, recipe)
 
 
-def test_quantizer_before_the_slicer_is_an_error(wide_dir):
-    recipe = [GPTQModifier(targets="Linear", scheme="W8A8"), DynamicSliceModifier(sparsity=0.25)]
+@pytest.mark.parametrize(
+    "before",
+    [
+        pytest.param(lambda: GPTQModifier(targets="Linear", scheme="W8A8"), id="quantizer"),
+        # It would hook the norms the slicer replaces and smooth nothing, silently.
+        pytest.param(lambda: SmoothQuantModifier(smoothing_strength=0.8), id="smoothquant"),
+    ],
+)
+def test_a_modifier_before_the_slicer_is_an_error(wide_dir, before):
+    recipe = [before(), DynamicSliceModifier(sparsity=0.25)]
     with pytest.raises(AllocationError, match="comes before DynamicSliceModifier"):
+        one_pass(wide_dir, recipe)
+
+
+def test_spinquant_after_the_slicer_is_refused_before_calibration(wide_dir, monkeypatch):
+    from llmcompressor.modifiers.transform import SpinQuantModifier
+
+    import dynslice_modifier.modifier
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration started")
+
+    monkeypatch.setattr(dynslice_modifier.modifier, "capture_layer_inputs", no_calibration)
+    recipe = [DynamicSliceModifier(sparsity=0.25), SpinQuantModifier(rotations=["R1", "R2"])]
+    with pytest.raises(AllocationError, match=r"SpinQuantModifier rotates .* hadamard: true"):
         one_pass(wide_dir, recipe)
 
 
