@@ -33,6 +33,7 @@ forward passes of the calibration set (plus an attention-only pass with ``basis=
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -509,10 +510,7 @@ def convert_to_sliced(
     config = DynSliceConfig(base_model_type=old_config.model_type, slicing=spec, **base)
     config.check_slicing()
     config._attn_implementation = old_config._attn_implementation
-    spec["source_model"] = old_config._name_or_path
-    # llm-compressor's save re-writes config.json from the file at _name_or_path (the
-    # unsliced model's); an empty path makes it keep the sliced config it just wrote.
-    config._name_or_path = ""
+    spec["source_model"] = config._name_or_path = old_config._name_or_path
 
     layers = adapter.layers(model)
     for idx in range(len(layers)):
@@ -536,4 +534,34 @@ def convert_to_sliced(
     model.config = config
     model.model.config = config
     model.__class__ = DynSliceForCausalLM
+    _keep_sliced_config_on_save(model)
     return model
+
+
+def _keep_sliced_config_on_save(model: nn.Module) -> None:
+    """Have ``model.save_pretrained`` write the sliced config, not the source model's.
+
+    llm-compressor's save (the wrapper ``oneshot`` puts on the instance) re-writes
+    config.json from the file at ``config._name_or_path``, the unsliced model's; the path is
+    blanked for the save alone, since a later ``oneshot`` on the returned model reads its
+    processor and config from it.
+    """
+    from llmcompressor.transformers.compression.compressed_tensors_utils import (
+        modify_save_pretrained,
+    )
+
+    # A no-op under oneshot, which wrapped it first; elsewhere the wrapper would otherwise
+    # come later, over this one, and re-write the config.
+    modify_save_pretrained(model)
+    save = model.save_pretrained
+
+    @functools.wraps(save)  # keeps llm-compressor's mark, so it does not wrap this again
+    def save_sliced(*args: Any, **kwargs: Any) -> Any:
+        source = model.config._name_or_path
+        model.config._name_or_path = ""
+        try:
+            return save(*args, **kwargs)
+        finally:
+            model.config._name_or_path = source
+
+    model.save_pretrained = save_sliced

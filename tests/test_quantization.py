@@ -290,6 +290,31 @@ quant_stage:
     assert again["slicing"] == first["slicing"]
 
 
+def test_the_returned_sliced_model_takes_a_second_oneshot(wide_dir, tmp_path):
+    # llm-compressor's habit of chaining oneshot calls on the model object: the second call
+    # reads the processor and config from the model's source path, while the save must
+    # still write the sliced config.
+    from llmcompressor.core import reset_session
+
+    sliced = one_pass(wide_dir, [DynamicSliceModifier(sparsity=0.25, round_to=128)])
+    expected = sliced(IDS).logits
+    reset_session()
+    oneshot(
+        model=sliced,
+        recipe=[GPTQModifier(targets="Linear", scheme="W8A8")],
+        dataset=calib_dataset(n=16, seq=64),
+        num_calibration_samples=16,
+        max_seq_length=64,
+        output_dir=str(tmp_path / "out"),
+    )
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "dynslice"
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.config.slicing["attn_dims"] == sliced.config.slicing["attn_dims"]
+    torch.testing.assert_close(reloaded(IDS).logits, expected, atol=0.1, rtol=0)
+
+
 def test_saved_target_params_recipe_rebuilds():
     # The saved recipe writes the default sparsity 0.0 beside target_params.
     saved = Recipe.create_instance([DynamicSliceModifier(target_params=0.2)]).yaml()

@@ -166,7 +166,89 @@ def test_slicing_changes_function_but_stays_close():
         sliced = torch.log_softmax(model(IDS).logits, -1)
     assert not torch.allclose(sliced, reference, atol=1e-4)
     kl = torch.nn.functional.kl_div(sliced, reference, log_target=True, reduction="batchmean")
-    assert 0 < kl < 1.0
+    assert 0 < kl < 0.2  # measured 0.05; a uniform output scores 0.45
+
+
+@pytest.mark.parametrize("basis", ["sublayer", "layer"])
+def test_sliced_model_is_the_dense_one_with_every_residual_read_projected(basis):
+    """An independent reference for the whole algorithm, PCA included.
+
+    The sliced model computes the dense model with the residual stream, wherever a sublayer
+    reads it, projected onto the leading eigenvectors of the uncentred, padding-masked
+    covariance of the stream there, as the already-projected upstream computes it. Built
+    here with hooks on the dense model and a PCA of its own; a slicer that kept other
+    directions, counted padding or read the unsliced upstream would not match it.
+    """
+    dense = tiny_model("llama", True)
+    model = tiny_model("llama", True)
+    slice_in_memory(
+        model, layer_dims=[48, 32, 48], basis=basis, align_bases=False, profitable_only=False
+    )
+    spec = model.config.slicing
+    layers = dense.model.layers
+    # Reading points: layer i's attention input is 2i, its MLP input 2i + 1. One PCA per
+    # point, or with basis "layer" one per layer from both points' signals, the MLP's taken
+    # as the layer's unsliced attention computes it.
+    widths = [w for i in range(len(layers)) for w in (spec["attn_dims"][i], spec["mlp_dims"][i])]
+    pairs = [[2 * i, 2 * i + 1] for i in range(len(layers))]
+    groups = pairs if basis == "layer" else [[point] for pair in pairs for point in pair]
+    projections: dict[int, torch.Tensor] = {}
+    capturing: set[int] = set()
+    captured: list[torch.Tensor] = []
+    layer_input: dict[int, torch.Tensor] = {}
+
+    def at(point: int, stream: torch.Tensor) -> torch.Tensor:
+        if point in projections:
+            return stream @ projections[point]
+        if point in capturing:
+            captured.append(stream)
+        return stream
+
+    def before_layer(i):
+        def hook(module, args, kwargs):
+            stream = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+            layer_input[i] = at(2 * i, stream)
+            return (layer_input[i], *args[1:]), kwargs
+
+        return hook
+
+    def after_attention(i):
+        def hook(module, args, output):
+            read = at(2 * i + 1, layer_input[i] + output[0])
+            return (read - layer_input[i], *output[1:])
+
+        return hook
+
+    handles = [
+        h
+        for i, layer in enumerate(layers)
+        for h in (
+            layer.register_forward_pre_hook(before_layer(i), with_kwargs=True),
+            layer.self_attn.register_forward_hook(after_attention(i)),
+        )
+    ]
+    try:
+        with torch.no_grad():
+            for group in groups:
+                capturing.clear()
+                capturing.update(group)
+                covariance = torch.zeros(64, 64, dtype=torch.float64)
+                for batch in calib_batches():
+                    captured.clear()
+                    dense(**batch)
+                    for stream in captured:
+                        kept = stream[batch["attention_mask"].bool()].double()
+                        covariance += kept.T @ kept
+                leading = torch.linalg.eigh(covariance).eigenvectors[:, 64 - widths[group[0]] :]
+                projections.update(dict.fromkeys(group, (leading @ leading.T).float()))
+            reference = dense(IDS).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad():
+        sliced = model(IDS).logits
+    assert (sliced - dense(IDS).logits).abs().max() > 0.01  # slicing changed the function
+    torch.testing.assert_close(sliced, reference, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("tied", [True, False])
