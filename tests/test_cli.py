@@ -301,12 +301,12 @@ def test_model_without_a_tokenizer_is_named(workdir, capsys):
 def test_too_little_disk_fails_before_calibration(workdir, capsys, monkeypatch):
     import shutil
 
-    from dynslice_modifier import calibration
+    import dynslice_modifier.modifier
 
     def no_calibration(*_args, **_kwargs):
         raise AssertionError("calibration started despite the disk check")
 
-    monkeypatch.setattr(calibration, "capture_layer_inputs", no_calibration)
+    monkeypatch.setattr(dynslice_modifier.modifier, "capture_layer_inputs", no_calibration)
     usage = shutil.disk_usage(workdir)
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=1024))
     code, _, err = run_main("compress", "tiny", "bad", *SMALL, *DATA, cwd=workdir, capsys=capsys)

@@ -188,14 +188,18 @@ def test_padded_batches_from_the_padding_collator_slice_like_single_samples(tiny
     dataset = Dataset.from_dict(
         {"input_ids": [torch.randint(4, 128, (n,), generator=g).tolist() for n in lengths]}
     )
-    slicings = []
+    slicings, logits = [], []
     for batching in ({}, {"batch_size": 4, "data_collator": "padding"}):
         model = run_oneshot(
             tiny_dir, RECIPE, dataset=dataset, num_calibration_samples=8, **batching
         )
         slicings.append(model.config.slicing)
+        with torch.no_grad():
+            logits.append(model(IDS).logits)
     assert slicings[1]["mlp_dims"] == slicings[0]["mlp_dims"]
     assert slicings[1]["lr_scores"] == pytest.approx(slicings[0]["lr_scores"], abs=1e-6)
+    # The PCA too: padded tokens counted in a covariance would move the bases.
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
 
 
 def test_a_sliced_model_or_a_second_slicer_is_refused(tiny_dir, tmp_path):

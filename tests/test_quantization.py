@@ -77,6 +77,15 @@ def test_one_pass_writes_a_quantized_sliced_checkpoint(wide_dir, tmp_path, quant
         assert spec["round_to"] == 128 and all(d % 128 == 0 for d in spec["mlp_dims"])
     else:
         assert spec["round_to"] == 16
+    # The sliced linears are stored quantized, not only declared so.
+    stored = saved_tensors(tmp_path / "out")
+    q_proj = "model.layers.1.self_attn.q_proj"
+    if "W4A16" in repr(quantizers):
+        assert stored[f"{q_proj}.weight_packed"].dtype == torch.int32
+    else:
+        kind = torch.float8_e4m3fn if "FP8" in repr(quantizers) else torch.int8
+        assert stored[f"{q_proj}.weight"].dtype == kind
+    assert f"{q_proj}.weight_scale" in stored
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert isinstance(reloaded, DynSliceForCausalLM)
     # The checkpoint computes what the calibrated model did (a saving bug would not).

@@ -23,16 +23,21 @@ def slice_in_memory(model, **options) -> DynamicSliceModifier:
     return modifier
 
 
+# Aligned bases at SP 0 all become one basis, so the model is one global rotation with no
+# shortcut inside; unaligned, every residual connection crosses a shortcut.
+@pytest.mark.parametrize("align_bases", [True, False])
 @pytest.mark.parametrize("hadamard", [False, True])
 @pytest.mark.parametrize("basis", ["sublayer", "layer"])
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_rotation_only_is_exact(arch, tied, basis, hadamard):
+def test_rotation_only_is_exact(arch, tied, basis, hadamard, align_bases):
     model = tiny_model(arch, tied)
     with torch.no_grad():
         reference = model(IDS).logits
-    slice_in_memory(model, sparsity=0.0, basis=basis, hadamard=hadamard)
+    slice_in_memory(model, sparsity=0.0, basis=basis, hadamard=hadamard, align_bases=align_bases)
     assert isinstance(model, DynSliceForCausalLM)
+    if not align_bases:
+        assert any(model.config.slicing["mlp_shortcuts"])
     with torch.no_grad():
         rotated = model(IDS).logits
     torch.testing.assert_close(rotated, reference, atol=2e-5, rtol=1e-5)

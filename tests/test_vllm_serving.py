@@ -53,6 +53,10 @@ SERVE_BIN = ROOT / ".venv-serve" / "bin"
 SERVE_PYTHON = SERVE_BIN / "python"
 CHECKS = Path(__file__).resolve().parent / "vllm_checks.py"
 
+if not SERVE_PYTHON.exists() and os.environ.get("CI"):
+    # CI builds it (scripts/test.sh); a silent skip there would pass without serving tests.
+    raise RuntimeError(f"CI is set but there is no vLLM serving environment at {SERVE_BIN.parent}")
+
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.skipif(
