@@ -104,6 +104,36 @@ def test_auto_picks_the_lowest_heldout_loss_and_records_the_search():
     assert all(math.isfinite(t["heldout_nll"]) for t in search)
     assert model.config.slicing["slicing_base"] == chosen[0]["slicing_base"]
     assert model.config.slicing["lr_scores"] == modifier.lr_scores
+    # The search leaves no trace in the real pass: the model is the one the chosen SB
+    # builds when given outright (which test_slicing's reference pins to all the data).
+    explicit = tiny_model("qwen2", True)
+    given = DynamicSliceModifier(sparsity=0.25, slicing_base=chosen[0]["slicing_base"], round_to=4)
+    given.on_initialize(SimpleNamespace(model=explicit, data=state.data))
+    assert explicit.config.slicing["attn_dims"] == model.config.slicing["attn_dims"]
+    for (name, tensor), (_, same) in zip(
+        model.state_dict().items(), explicit.state_dict().items(), strict=True
+    ):
+        assert torch.equal(tensor, same), name
+
+
+def test_a_trial_fits_its_bases_without_the_heldout_batches():
+    model = tiny_model("llama", True)
+    adapter = get_adapter(model)
+    batches = calib_batches(n=6)
+    heldout = heldout_batches(len(batches), 1 / 3)
+
+    def trial_shortcuts(noise: bool) -> list[torch.Tensor]:
+        inputs = capture_layer_inputs(model, adapter.layers(model)[0], batches)
+        if noise:
+            for b in heldout:
+                inputs.hidden[b] = 10 * torch.randn_like(inputs.hidden[b])
+        trial = RotateAndSlice(model, adapter, [48, 40, 56], CPU, "sublayer", in_place=False)
+        result = trial.run(inputs, heldout)
+        return [s for s in result.attn_shortcuts + result.mlp_shortcuts if s is not None]
+
+    # The shortcuts are products of consecutive bases, so they change with any basis.
+    for clean, noisy in zip(trial_shortcuts(False), trial_shortcuts(True), strict=True):
+        torch.testing.assert_close(noisy, clean, atol=0, rtol=0)
 
 
 def test_auto_with_a_parameter_target_solves_sparsity_per_candidate():
