@@ -335,10 +335,34 @@ def test_rotations_in_blocks_equal_one_product(monkeypatch):
 
 
 def test_redundancy_scores_are_recorded():
+    # The paper's score, computed here by hand: the mean over real tokens of the cosine
+    # between each decoder layer's own input and output.
+    dense = tiny_model("mistral", True, layers=4)
+    sums, tokens, real = torch.zeros(4, dtype=torch.float64), 0, None
+
+    def record(i):
+        def hook(_module, args, kwargs, output):
+            a = (args[0] if args else kwargs["hidden_states"])[real].double()
+            b = (output[0] if isinstance(output, tuple) else output)[real].double()
+            sums[i] += ((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).sum()
+
+        return hook
+
+    handles = [
+        layer.register_forward_hook(record(i), with_kwargs=True)
+        for i, layer in enumerate(dense.model.layers)
+    ]
+    with torch.no_grad():
+        for batch in calib_batches():
+            real = batch["attention_mask"].bool()
+            tokens += int(real.sum())
+            dense(**batch)
+    for handle in handles:
+        handle.remove()
     model = tiny_model("mistral", True, layers=4)
     modifier = slice_in_memory(model, sparsity=0.25, slicing_base=0.05, round_to=8)
     scores = modifier.lr_scores
-    assert len(scores) == 4 and all(-1 <= s <= 1 for s in scores)
+    assert scores == pytest.approx((sums / tokens).tolist(), abs=1e-6)
     assert model.config.slicing["lr_scores"] == scores
     dims = model.config.slicing["mlp_dims"]
     # The most redundant layer keeps the fewest dims.
@@ -464,3 +488,50 @@ def test_align_basis_stays_a_rotation_where_followed_and_trailing_coordinates_me
     torch.testing.assert_close(aligned.T @ aligned, torch.eye(4, dtype=torch.float64))
     torch.testing.assert_close(basis @ (basis.T @ aligned), aligned)
     torch.testing.assert_close(aligned[:, :2], basis[:, [0, 3]])
+
+
+@pytest.mark.parametrize("normalization", ["minmax", "rank"])
+def test_widths_follow_the_allocation_of_the_recorded_scores(normalization):
+    from dynslice_modifier.allocation import allocate_dims
+
+    model = tiny_model("llama", True, layers=6)
+    modifier = slice_in_memory(
+        model,
+        sparsity=0.3,
+        slicing_base=0.05,
+        round_to=4,
+        normalization=normalization,
+        profitable_only=False,
+    )
+    expected = allocate_dims(modifier.lr_scores, 64, 0.3, 0.05, 4, normalization)
+    assert model.config.slicing["attn_dims"] == expected
+    assert model.config.slicing["normalization"] == normalization
+
+
+def test_constant_slicing_skips_the_redundancy_pass():
+    model = tiny_model("llama", True)
+    modifier = slice_in_memory(model, sparsity=0.25, slicing_base=0.25, profitable_only=False)
+    assert modifier.lr_scores is None
+    assert model.config.slicing["attn_dims"] == [48] * 3
+
+
+def test_untie_embeddings_slices_the_table_into_layer_0s_basis(tmp_path):
+    model = tiny_model("llama", True)
+    with torch.no_grad():
+        reference = model(IDS).logits
+    slice_in_memory(model, sparsity=0.0, untie_embeddings=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, reference, atol=2e-5, rtol=1e-5)
+
+    model = tiny_model("llama", True)
+    slice_in_memory(model, layer_dims=[48, 32, 48], untie_embeddings=True, profitable_only=False)
+    spec = model.config.slicing
+    assert not model.config.tie_word_embeddings
+    assert model.model.embed_tokens.weight.shape == (128, 48)
+    assert model.lm_head.weight.shape == (128, 64)
+    assert model.model.layers[0].input_projection is None
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, atol=0, rtol=0)
+    assert count_parameters(reloaded) == spec["parameters"]["sliced"]
