@@ -44,15 +44,21 @@ def test_dense_is_a_real_model(smollm2):
     assert 10 < smollm2[4] < 40  # 23.6 on the full protocol
 
 
-def test_dynamic_slicing_gives_a_usable_model_that_reloads(smollm2, tmp_path):
+@pytest.fixture(scope="module")
+def dynamic(smollm2, tmp_path_factory):
     modifier = DynamicSliceModifier(sparsity=0.25, slicing_base=0.05)
-    model = run(smollm2, modifier, str(tmp_path / "out"))
+    out = tmp_path_factory.mktemp("dynamic") / "out"
+    model = run(smollm2, modifier, str(out))
+    return modifier, model, out, perplexity(model, smollm2[3])
+
+
+def test_dynamic_slicing_gives_a_usable_model_that_reloads(smollm2, dynamic):
+    modifier, model, out, ppl = dynamic
     evaluation, dense = smollm2[3], smollm2[4]
-    ppl = perplexity(model, evaluation)
     assert math.isfinite(ppl) and dense < ppl < 1000  # vocabulary is 49152
     scores = modifier.lr_scores
     assert len(scores) == 30 and scores[0] < 0.5 < min(scores[1:])  # layer 0 rewrites the embedding
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
     ids = evaluation[:1, :64]
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
@@ -61,8 +67,12 @@ def test_dynamic_slicing_gives_a_usable_model_that_reloads(smollm2, tmp_path):
     assert params < 0.95 * modifier.summary["dense_parameters"]
 
 
-def test_constant_slicing_gives_a_usable_model(smollm2):
+def test_dynamic_slicing_beats_constant_slicing(smollm2, dynamic):
+    # The paper's claim, on a real model: the same SP, allocated by Layer Redundancy,
+    # loses less than SliceGPT's constant width (full protocol: 55.4 against 69.0).
     model = run(smollm2, DynamicSliceModifier(sparsity=0.25, slicing_base=0.25))
     assert model.config.slicing["mlp_dims"] == [432] * 30
-    ppl = perplexity(model, smollm2[3])
-    assert math.isfinite(ppl) and smollm2[4] < ppl < 1000
+    constant = perplexity(model, smollm2[3])
+    assert math.isfinite(constant) and smollm2[4] < constant < 1000
+    print(f"SmolLM2, SP 0.25, test budget: dynamic {dynamic[3]:.2f}, constant {constant:.2f}")
+    assert dynamic[3] < 0.95 * constant
