@@ -24,6 +24,49 @@ def test_shipped_recipes_parse(recipe):
     assert modifiers[0].sparsity == 0.25
 
 
+# What each shipped recipe writes, on a tiny model wide enough for groups of 128: the
+# compressed-tensors formats of its config groups, and whether the head is quantized.
+RECIPE_RUNS = {
+    "dynamic_slice.yaml": (set(), False),
+    "slice_fp8.yaml": ({"float-quantized"}, False),
+    "slice_w4a16.yaml": ({"pack-quantized", "int-quantized"}, False),
+    "slice_w8a8.yaml": ({"int-quantized"}, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_RUNS))
+def test_shipped_recipes_run_and_reload(name, tmp_path):
+    import json
+
+    import torch
+    from conftest import calib_dataset, save_tiny
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    model_dir = save_tiny(tmp_path / "in", "llama", True, hidden=256, layers=2, head_dim=64)
+    model = oneshot(
+        model=str(model_dir),
+        recipe=str(ROOT / "recipes" / name),
+        dataset=calib_dataset(n=16, seq=64),
+        num_calibration_samples=16,
+        max_seq_length=64,
+        output_dir=str(tmp_path / "out"),
+    )
+    ids = torch.arange(4, 20)[None]
+    with torch.no_grad():
+        expected = model(ids).logits
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "dynslice"
+    formats, head_quantized = RECIPE_RUNS[name]
+    groups = config.get("quantization_config", {}).get("config_groups", {})
+    assert {group["format"] for group in groups.values()} == formats
+    if formats:
+        assert ("lm_head" in config["quantization_config"]["ignore"]) is not head_quantized
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.real_model
 @pytest.mark.parametrize(
     ("script", "expect"),
