@@ -98,7 +98,8 @@ class DynamicSliceModifier(Modifier):
               and keep the one with the lowest held-out calibration loss
             - allocate per-layer widths
             - rotate-and-slice pass, then conversion to ``DynSliceForCausalLM``
-        - on_finalize (after every later modifier, before the save)
+        - on_finalize (every modifier has calibrated by then; the first to finalize, before
+          the save)
             - record in ``config.slicing`` whether the sliced norms are still ones (a
               smoothing modifier may have folded scales into them), have quantized
               shortcuts saved in their group's format, and count a head that a quantizer
