@@ -93,7 +93,8 @@ class DynamicSliceModifier(Modifier):
             - capture calibration inputs of the first decoder layer
             - Layer Redundancy pass over the unmodified model (one layer on the device
               at a time) unless ``layer_scores`` or ``layer_dims`` are given, or
-              slicing is constant (SB == SP), where scores change nothing
+              slicing is constant (SB == SP without ``target_params``), where scores
+              change nothing
             - with ``slicing_base: auto``, slice copies of the layers once per candidate SB
               and keep the one with the lowest held-out calibration loss
             - allocate per-layer widths

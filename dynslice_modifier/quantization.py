@@ -50,10 +50,10 @@ def check_order(modifiers: Sequence[Modifier], slicer: Modifier) -> None:
     """The slicer comes first and alone, with nothing after it that assumes one residual
     width.
 
-    Every modifier's ``on_initialize`` runs before any calibration, in recipe order, so one
-    placed before the slicer has resolved the dense model's modules: a quantizer would
-    calibrate weights the slicer then rewrites, and a smoothing modifier such as
-    SmoothQuant would hook norms the slicer replaces and silently smooth nothing.
+    Every modifier's ``on_initialize`` runs before any calibration, in recipe order, and
+    most resolve the model's modules there: before the slicer, a quantizer would calibrate
+    weights the slicer then rewrites, and SmoothQuant or AWQ would hook norms the slicer
+    replaces and silently smooth nothing. The slicer is therefore always first.
     """
     slicers = [m for m in modifiers if type(m) is type(slicer)]
     if len(slicers) > 1:
@@ -61,6 +61,8 @@ def check_order(modifiers: Sequence[Modifier], slicer: Modifier) -> None:
             f"the recipe holds {len(slicers)} DynamicSliceModifiers; the model is sliced "
             "once, so keep one (its sparsity or target_params sets the whole reduction)"
         )
+    if not any(m is slicer for m in modifiers):
+        return  # not this run's recipe (the modifier was initialised outside oneshot)
     for modifier in modifiers:
         name = type(modifier).__name__
         if name in _WHOLE_STREAM_ROTATIONS:
@@ -70,7 +72,7 @@ def check_order(modifiers: Sequence[Modifier], slicer: Modifier) -> None:
                 "hadamard: true on DynamicSliceModifier, which folds a Hadamard rotation "
                 "into every kept basis"
             )
-    if any(m is slicer for m in modifiers) and modifiers[0] is not slicer:
+    if modifiers[0] is not slicer:
         raise AllocationError(
             f"{type(modifiers[0]).__name__} comes before DynamicSliceModifier in the recipe; "
             "slicing replaces every norm and rewrites every weight, which that modifier has "

@@ -82,7 +82,8 @@ def align_basis(basis: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     A wider ``basis`` has coordinates with nothing to follow. Any orthonormal completion
     would do for the function, but SVD picks one at the whim of rounding, which would make
     the result differ between runs; they are taken as the completion closest to the basis's
-    own trailing (PCA-ordered) coordinates, which is unique.
+    own trailing (PCA-ordered) coordinates, which is unique unless a trailing coordinate
+    lies in the followed part (then still a rotation, chosen by rounding).
 
     The completion is sought inside the complement of the followed part, not by projecting
     the trailing coordinates onto it: where the two spans share a direction the projection

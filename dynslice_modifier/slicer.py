@@ -544,16 +544,13 @@ def _keep_sliced_config_on_save(model: nn.Module) -> None:
     llm-compressor's save (the wrapper ``oneshot`` puts on the instance) re-writes
     config.json from the file at ``config._name_or_path``, the unsliced model's; the path is
     blanked for the save alone, since a later ``oneshot`` on the returned model reads its
-    processor and config from it.
+    processor and config from it. Without that wrapper (the modifier run outside
+    ``oneshot``) transformers' own save writes the sliced config, and the model keeps no
+    closure that would stop it from being pickled.
     """
-    from llmcompressor.transformers.compression.compressed_tensors_utils import (
-        modify_save_pretrained,
-    )
-
-    # A no-op under oneshot, which wrapped it first; elsewhere the wrapper would otherwise
-    # come later, over this one, and re-write the config.
-    modify_save_pretrained(model)
     save = model.save_pretrained
+    if not getattr(save, "_overridden", False):
+        return
 
     @functools.wraps(save)  # keeps llm-compressor's mark, so it does not wrap this again
     def save_sliced(*args: Any, **kwargs: Any) -> Any:

@@ -535,3 +535,20 @@ def test_untie_embeddings_slices_the_table_into_layer_0s_basis(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, atol=0, rtol=0)
     assert count_parameters(reloaded) == spec["parameters"]["sliced"]
+
+
+def test_a_sliced_model_pickles_and_deep_copies():
+    import copy
+    import pickle
+
+    model = tiny_model("llama", True)
+    slice_in_memory(model, layer_dims=[48, 32, 48])
+    clone = pickle.loads(pickle.dumps(model))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for other in (clone, twin):
+            torch.testing.assert_close(other(IDS).logits, model(IDS).logits, atol=0, rtol=0)
+            # Each copy reports its own layers' states (the hook is not pickled, but put
+            # back), once per layer.
+            states = other(IDS, output_hidden_states=True).hidden_states
+            assert [s.shape[-1] for s in states] == [64, 32, 48, 64]

@@ -132,8 +132,8 @@ def layer_widths(config: DynSliceConfig, idx: int) -> tuple[int, int, int]:
     return spec["attn_dims"][idx], spec["mlp_dims"][idx], out
 
 
-def _record_hidden_states(layer: nn.Module) -> None:
-    """Report the layer's output for ``output_hidden_states``.
+def _record_hidden_states(layer: nn.Module) -> int | None:
+    """Report the layer's output for ``output_hidden_states``; returns the hook's id.
 
     transformers 5 collects hidden states with hooks it puts on the base architecture's
     decoder-layer class, which this layer replaces, so it gets the same hook here (each
@@ -143,8 +143,10 @@ def _record_hidden_states(layer: nn.Module) -> None:
     try:
         from transformers.utils.output_capturing import install_output_capuring_hook
     except ImportError:
-        return
+        return None
+    before = set(layer._forward_hooks)
     install_output_capuring_hook(layer, "hidden_states", 0)
+    return next(iter(set(layer._forward_hooks) - before))
 
 
 class SlicedDecoderLayer(GradientCheckpointingLayer):
@@ -188,7 +190,19 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             if config.slicing["mlp_shortcuts"][layer_idx]
             else None
         )
-        _record_hidden_states(self)
+        self._capturing_hook = _record_hidden_states(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # transformers' capturing hook is a local function, which pickle cannot take (a
+        # model pickled whole, torch.save(model)); the copy gets a hook of its own.
+        state = self.__dict__.copy()
+        state["_forward_hooks"] = self._forward_hooks.copy()
+        state["_forward_hooks"].pop(self._capturing_hook, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._capturing_hook = _record_hidden_states(self)
 
     def _shortcut(self, shortcut: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
         out = shortcut(hidden_states)
