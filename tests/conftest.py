@@ -64,6 +64,17 @@ def tiny_dir(tmp_path: Path) -> Path:
     return save_tiny(tmp_path / "tiny-llama")
 
 
+@pytest.fixture
+def no_calibration(monkeypatch):
+    """Fail the test if the slicer starts calibrating: for errors promised before it."""
+    import dynslice_modifier.modifier
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("calibration started")
+
+    monkeypatch.setattr(dynslice_modifier.modifier, "capture_layer_inputs", forbidden)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_session():
     """llm-compressor keeps a global session; each test starts from a clean one."""

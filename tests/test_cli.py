@@ -310,15 +310,9 @@ def test_model_without_a_tokenizer_is_named(workdir, capsys):
     assert not (workdir / "bad").exists()
 
 
-def test_too_little_disk_fails_before_calibration(workdir, capsys, monkeypatch):
+def test_too_little_disk_fails_before_calibration(workdir, capsys, monkeypatch, no_calibration):
     import shutil
 
-    import dynslice_modifier.modifier
-
-    def no_calibration(*_args, **_kwargs):
-        raise AssertionError("calibration started despite the disk check")
-
-    monkeypatch.setattr(dynslice_modifier.modifier, "capture_layer_inputs", no_calibration)
     usage = shutil.disk_usage(workdir)
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=1024))
     code, _, err = run_main("compress", "tiny", "bad", *SMALL, *DATA, cwd=workdir, capsys=capsys)

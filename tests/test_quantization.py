@@ -264,15 +264,9 @@ def test_a_modifier_before_the_slicer_is_an_error(wide_dir, before):
         one_pass(wide_dir, recipe)
 
 
-def test_spinquant_after_the_slicer_is_refused_before_calibration(wide_dir, monkeypatch):
+def test_spinquant_after_the_slicer_is_refused_before_calibration(wide_dir, no_calibration):
     from llmcompressor.modifiers.transform import SpinQuantModifier
 
-    import dynslice_modifier.modifier
-
-    def no_calibration(*args, **kwargs):
-        raise AssertionError("calibration started")
-
-    monkeypatch.setattr(dynslice_modifier.modifier, "capture_layer_inputs", no_calibration)
     recipe = [DynamicSliceModifier(sparsity=0.25), SpinQuantModifier(rotations=["R1", "R2"])]
     with pytest.raises(AllocationError, match=r"SpinQuantModifier rotates .* hadamard: true"):
         one_pass(wide_dir, recipe)
