@@ -146,7 +146,8 @@ def _record_hidden_states(layer: nn.Module) -> int | None:
         return None
     before = set(layer._forward_hooks)
     install_output_capuring_hook(layer, "hidden_states", 0)
-    return next(iter(set(layer._forward_hooks) - before))
+    # None if a transformers version adds no hook here: nothing to leave out of a pickle.
+    return next(iter(set(layer._forward_hooks) - before), None)
 
 
 class SlicedDecoderLayer(GradientCheckpointingLayer):
