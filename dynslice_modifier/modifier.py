@@ -32,6 +32,7 @@ from dynslice_modifier.budget import (
 from dynslice_modifier.calibration import LayerInputs, capture_layer_inputs
 from dynslice_modifier.distributed import is_distributed, shared_across_ranks, sum_over_ranks
 from dynslice_modifier.errors import AllocationError, CalibrationError
+from dynslice_modifier.modeling.configuration_dynslice import INPUT_PROJECTION, SHORTCUTS
 from dynslice_modifier.quantization import (
     check_dims_fit,
     check_input_projection,
@@ -43,6 +44,7 @@ from dynslice_modifier.quantization import (
     quantized_shortcuts,
     recipe_modifiers,
     required_multiple,
+    shortcut_probe,
 )
 from dynslice_modifier.slicer import (
     RotateAndSlice,
@@ -329,7 +331,8 @@ class DynamicSliceModifier(Modifier):
         hidden, num_layers = config.hidden_size, config.num_hidden_layers
         others = recipe_modifiers()
         check_order(others, self)
-        requirement = required_multiple(others)
+        reads, writes = self._sliced_linears(model, adapter)
+        requirement = required_multiple(others, reads, writes)
         round_to = fit_round_to(self.round_to, requirement, hidden)
         if round_to > hidden:
             raise AllocationError(f"round_to={round_to} exceeds hidden_size={hidden}")
@@ -364,18 +367,9 @@ class DynamicSliceModifier(Modifier):
                 f"layer_scores has {len(self.layer_scores)} entries but the model has "
                 f"{num_layers} decoder layers"
             )
-        reader_ids = {
-            id(linear)
-            for layer in adapter.layers(model)
-            for linear in adapter.attn_inputs(layer) + adapter.mlp_inputs(layer)
-        }
-        if self.slice_head:
-            # A sliced head reads the last layer's width, which is rounded with the others.
-            reader_ids.add(id(model.get_output_embeddings()))
         module_names = {id(module): name for name, module in model.named_modules()}
         layer_names = [module_names[id(layer)] for layer in adapter.layers(model)]
-        readers = {name for key, name in module_names.items() if key in reader_ids}
-        check_unsliced_inputs(model, readers, others)
+        check_unsliced_inputs(model, set(reads), others)
         explicit = (
             check_explicit_dims(self.layer_dims, hidden, num_layers)
             if self.layer_dims is not None
@@ -403,7 +397,7 @@ class DynamicSliceModifier(Modifier):
         # no input projection to run).
         keep_tied = tied and not (self.untie_embeddings or self.slice_head)
         if self.quantize_shortcuts and keep_tied:
-            check_input_projection(f"{layer_names[0]}.input_projection", hidden, others)
+            check_input_projection(f"{layer_names[0]}.{INPUT_PROJECTION}", hidden, others)
         predicted = ParameterCounter(
             model, adapter, self.basis, keep_tied, self.align_bases, self.slice_head
         )
@@ -597,6 +591,37 @@ class DynamicSliceModifier(Modifier):
             )
         return True
 
+    def _sliced_linears(
+        self, model: torch.nn.Module, adapter: Any
+    ) -> tuple[dict[str, torch.nn.Module], dict[str, torch.nn.Module]]:
+        """The linears (by name) whose input width slicing sets, and those whose output
+        width it sets: what the recipe's quantizers may ask to be rounded.
+
+        With ``quantize_shortcuts`` the shortcuts, built only after calibration, are stood
+        for by a probe of their type under their future names. Layer 0's input projection
+        reads the full table, so it only writes a sliced width.
+        """
+        reads: dict[str, torch.nn.Module] = {}
+        writes: dict[str, torch.nn.Module] = {}
+        names = {id(module): name for name, module in model.named_modules()}
+        probe = shortcut_probe()
+        for layer in adapter.layers(model):
+            for linear in adapter.attn_inputs(layer) + adapter.mlp_inputs(layer):
+                reads[names[id(linear)]] = linear
+            for linear in (adapter.attn_output(layer), adapter.mlp_output(layer)):
+                writes[names[id(linear)]] = linear
+            if self.quantize_shortcuts:
+                for shortcut in SHORTCUTS:
+                    reads[f"{names[id(layer)]}.{shortcut}"] = probe
+                    writes[f"{names[id(layer)]}.{shortcut}"] = probe
+        if self.quantize_shortcuts:
+            writes[f"{names[id(adapter.layers(model)[0])]}.{INPUT_PROJECTION}"] = probe
+        if self.slice_head:
+            # A sliced head reads the last layer's width, which is rounded with the others.
+            head = model.get_output_embeddings()
+            reads[names[id(head)]] = head
+        return reads, writes
+
     def _slicer(
         self,
         model: torch.nn.Module,
@@ -625,14 +650,11 @@ class DynamicSliceModifier(Modifier):
         self, result: SlicingResult, layer_names: list[str], others: list[Modifier]
     ) -> bool:
         """Whether the quantizers later in the recipe take the shortcut matrices."""
-        names = []
-        if result.input_projection is not None:
-            names.append(f"{layer_names[0]}.input_projection")
-        for idx, prefix in enumerate(layer_names):
-            if result.attn_shortcuts[idx] is not None:
-                names.append(f"{prefix}.attn_shortcut")
-            if result.mlp_shortcuts[idx] is not None:
-                names.append(f"{prefix}.mlp_shortcut")
+        names = [
+            f"{prefix}.{name}"
+            for idx, prefix in enumerate(layer_names)
+            for name, _ in result.changes_of_basis(idx)
+        ]
         quantizers = [m for m in others if is_quantizer(m)]
         if not self.quantize_shortcuts:
             if names and quantizers:

@@ -13,9 +13,9 @@ targets and ignore list take a linear of their name (``targets: Linear`` does).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from compressed_tensors.utils import is_match, match_named_modules, match_targets
 from llmcompressor.modifiers import Modifier
 from torch import nn
@@ -98,26 +98,37 @@ def _whole_groups(modifier: Modifier) -> str:
     )
 
 
-def required_multiple(modifiers: Sequence[Modifier]) -> tuple[int, str] | None:
+def required_multiple(
+    modifiers: Sequence[Modifier],
+    reads: Mapping[str, nn.Module],
+    writes: Mapping[str, nn.Module],
+) -> tuple[int, str] | None:
     """Least common multiple of what the recipe's schemes need of a width, and who asks.
 
-    Group-wise schemes need multiples of their group. 8-bit weight+activation GEMMs (int8
-    W8A8, FP8) need multiples of 16 on GPUs: vLLM's CUTLASS kernels take 16-aligned
-    operands only; for other widths int8 falls back to a slower Triton kernel and FP8 is
-    zero-padded on every forward, or fails where plain ``torch._scaled_mm`` serves it.
+    ``reads`` are the linears (by name) whose input width slicing sets, ``writes`` those
+    whose output width it sets; a config group that takes none of them asks nothing (e.g.
+    groups of 128 on ``down_proj`` alone, whose input is the MLP width). Group-wise schemes
+    need the inputs they read to be multiples of their group. 8-bit weight+activation GEMMs
+    (int8 W8A8, FP8) need both operand widths to be multiples of 16 on GPUs: vLLM's CUTLASS
+    kernels take 16-aligned operands only; for other widths int8 falls back to a slower
+    Triton kernel and FP8 is zero-padded on every forward, or fails where plain
+    ``torch._scaled_mm`` serves it.
     """
     multiple, names = 1, []
     for modifier in modifiers:
         if not is_quantizer(modifier):
             continue
         name = type(modifier).__name__
+        reading = _groups_taking(reads, modifier)
+        writing = _groups_taking(writes, modifier)
         for group in modifier.resolved_config.config_groups.values():
             for args in (group.weights, group.input_activations):
-                if args is not None and args.strategy in _GROUPED and args.group_size:
+                grouped = args is not None and args.strategy in _GROUPED and args.group_size
+                if grouped and id(group) in reading:
                     multiple = math.lcm(multiple, int(args.group_size))
                     names.append(f"{name} (group_size {args.group_size}{_whole_groups(modifier)})")
             kind = _8bit_gemm(group.weights, group.input_activations)
-            if kind is not None:
+            if kind is not None and id(group) in reading | writing:
                 multiple = math.lcm(multiple, GEMM_8BIT_ALIGNMENT)
                 names.append(f"{name} ({kind} GEMM: vLLM's CUDA kernels take multiples of 16)")
     return (multiple, ", ".join(dict.fromkeys(names))) if multiple > 1 else None
@@ -188,34 +199,44 @@ def check_unsliced_inputs(
                 )
 
 
-def _taken_by(name: str, modifier: Modifier) -> list:
-    """The quantization group of ``modifier`` that takes a shortcut called ``name`` (a list
-    of at most one).
+def _group_of(name: str, module: nn.Module, modifier: Modifier) -> QuantizationScheme | None:
+    """The config group of ``modifier`` that takes ``module`` (called ``name``), if any.
 
     As compressed-tensors applies it: an exact name beats a regex, which beats a class name
     such as ``Linear``, so a group that targets shortcuts by regex overrides one that takes
     every linear.
     """
-    probe = ResidualShortcutLinear(1, 1, device="meta")
     ignore = list(getattr(modifier, "ignore", None) or [])
-    if ignore and is_match(name, probe, ignore):
-        return []
+    if ignore and is_match(name, module, ignore):
+        return None
     by_target = {
         target: group
         for group in modifier.resolved_config.config_groups.values()
         for target in group.targets
     }
-    matched = match_targets(name, probe, by_target)
-    return [by_target[matched[0]]] if matched else []
+    matched = match_targets(name, module, by_target)
+    return by_target[matched[0]] if matched else None
+
+
+def _groups_taking(modules: Mapping[str, nn.Module], modifier: Modifier) -> set[int]:
+    """The ids of ``modifier``'s config groups that take any of ``modules``."""
+    groups = (_group_of(name, module, modifier) for name, module in modules.items())
+    return {id(group) for group in groups if group is not None}
+
+
+def shortcut_probe() -> nn.Module:
+    """A module of a shortcut's type, for matching shortcut names before they exist."""
+    return ResidualShortcutLinear(1, 1, device="meta")
 
 
 def quantized_shortcuts(names: Sequence[str], modifiers: Sequence[Modifier]) -> dict[str, str]:
     """The shortcut matrices (by module name) the recipe's quantizers take, and which one."""
     taken: dict[str, str] = {}
+    probe = shortcut_probe()
     for modifier in modifiers:
         if is_quantizer(modifier):
             for name in names:
-                if name not in taken and _taken_by(name, modifier):
+                if name not in taken and _group_of(name, probe, modifier) is not None:
                     taken[name] = type(modifier).__name__
     return taken
 
@@ -229,16 +250,16 @@ def check_input_projection(name: str, width: int, modifiers: Sequence[Modifier])
     for modifier in modifiers:
         if not is_quantizer(modifier):
             continue
-        for group in _taken_by(name, modifier):
-            args = group.weights
-            grouped = args is not None and args.strategy in _GROUPED and args.group_size
-            if grouped and width % int(args.group_size):
-                raise AllocationError(
-                    f"{type(modifier).__name__} uses groups of {args.group_size} and would "
-                    f"quantize {name}, which maps the tied embedding table ({width} wide, "
-                    f"not a multiple of {args.group_size}) into layer 0's basis; add "
-                    "'re:.*input_projection$' to the quantizer's ignore list"
-                )
+        group = _group_of(name, shortcut_probe(), modifier)
+        args = group.weights if group is not None else None
+        grouped = args is not None and args.strategy in _GROUPED and args.group_size
+        if grouped and width % int(args.group_size):
+            raise AllocationError(
+                f"{type(modifier).__name__} uses groups of {args.group_size} and would "
+                f"quantize {name}, which maps the tied embedding table ({width} wide, "
+                f"not a multiple of {args.group_size}) into layer 0's basis; add "
+                "'re:.*input_projection$' to the quantizer's ignore list"
+            )
 
 
 def compress_shortcuts_as_linears(model: nn.Module) -> int:

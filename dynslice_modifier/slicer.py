@@ -48,7 +48,12 @@ from tqdm.auto import tqdm
 from dynslice_modifier.adapters import ModelAdapter
 from dynslice_modifier.calibration import LayerInputs, check_finite, onloaded
 from dynslice_modifier.hadamard import block_hadamard
-from dynslice_modifier.modeling.configuration_dynslice import DynSliceConfig, format_version
+from dynslice_modifier.modeling.configuration_dynslice import (
+    INPUT_PROJECTION,
+    SHORTCUTS,
+    DynSliceConfig,
+    format_version,
+)
 from dynslice_modifier.modeling.modeling_dynslice import (
     DynSliceForCausalLM,
     SlicedDecoderLayer,
@@ -178,6 +183,14 @@ class SlicingResult:
     aligned: bool = False
     # The head's width when it is sliced (``slice_head``); None: full width, original basis.
     final_dim: int | None = None
+
+    def changes_of_basis(self, idx: int) -> list[tuple[str, torch.Tensor]]:
+        """(module name, matrix) of every shortcut decoder layer ``idx`` carries."""
+        named = [
+            (INPUT_PROJECTION, self.input_projection if idx == 0 else None),
+            *zip(SHORTCUTS, (self.attn_shortcuts[idx], self.mlp_shortcuts[idx]), strict=True),
+        ]
+        return [(name, matrix) for name, matrix in named if matrix is not None]
 
 
 class RotateAndSlice:
@@ -516,20 +529,13 @@ def convert_to_sliced(
     for idx in range(len(layers)):
         old = layers[idx]
         new = SlicedDecoderLayer(config, idx, adapter.attn(old), adapter.mlp(old))
-        for name, matrix in (
-            ("input_projection", result.input_projection if idx == 0 else None),
-            ("attn_shortcut", result.attn_shortcuts[idx]),
-            ("mlp_shortcut", result.mlp_shortcuts[idx]),
-        ):
-            if matrix is not None:
-                if result.aligned:
-                    matrix = matrix - torch.eye(
-                        *matrix.shape, dtype=matrix.dtype, device=matrix.device
-                    )
-                shortcut = getattr(new, name)
-                shortcut.weight = nn.Parameter(
-                    matrix.T.contiguous().to(shortcut.weight), requires_grad=False
-                )
+        for name, matrix in result.changes_of_basis(idx):
+            if result.aligned:
+                matrix = matrix - torch.eye(*matrix.shape, dtype=matrix.dtype, device=matrix.device)
+            shortcut = getattr(new, name)
+            shortcut.weight = nn.Parameter(
+                matrix.T.contiguous().to(shortcut.weight), requires_grad=False
+            )
         layers[idx] = new
     model.config = config
     model.model.config = config

@@ -13,13 +13,14 @@ from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 from llmcompressor.recipe import Recipe
 from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.errors import AllocationError
 from dynslice_modifier.modeling import DynSliceForCausalLM
 from dynslice_modifier.modeling.modeling_dynslice import ResidualShortcut, ResidualShortcutLinear
-from dynslice_modifier.quantization import required_multiple
+from dynslice_modifier.quantization import required_multiple, shortcut_probe
 
 IDS = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
 
@@ -212,6 +213,12 @@ def test_group_wise_input_projection_fails_before_calibration(tmp_path):
     assert {g["format"] for g in groups.values()} == {"pack-quantized", "int-quantized"}
 
 
+# Residual readers and writers of one decoder layer, as the slicer names them.
+READS = {f"model.layers.0.{n}": nn.Linear(8, 8) for n in ("self_attn.q_proj", "mlp.up_proj")}
+WRITES = {f"model.layers.0.{n}": nn.Linear(8, 8) for n in ("self_attn.o_proj", "mlp.down_proj")}
+SHORTCUT = "re:.*_shortcut$"
+
+
 @pytest.mark.parametrize(
     ("scheme", "multiple"),
     [("W4A16", 128), ("W8A8", 16), ("W8A16", 128), ("FP8_DYNAMIC", 16), ("FP8", 16)],
@@ -219,8 +226,43 @@ def test_group_wise_input_projection_fails_before_calibration(tmp_path):
 def test_what_each_scheme_needs_of_a_width(scheme, multiple):
     # 8-bit activations and weights (int8, FP8) go through vLLM's CUDA CUTLASS GEMMs, which
     # take 16-aligned operands; group-wise schemes (W8A16's preset too) need whole groups.
-    need = required_multiple([QuantizationModifier(targets="Linear", scheme=scheme)])
+    need = required_multiple([QuantizationModifier(targets="Linear", scheme=scheme)], READS, WRITES)
     assert (need and need[0]) == multiple
+
+
+@pytest.mark.parametrize(
+    ("targets", "ignore", "multiple"),
+    [
+        # Groups run along a linear's input: down_proj reads the MLP width, not the residual.
+        (["re:.*down_proj$"], [], {"W4A16": None, "W8A8": 16}),
+        (["Linear"], ["re:.*q_proj$", "re:.*up_proj$", SHORTCUT], {"W4A16": None, "W8A8": 16}),
+        (["Linear"], ["re:.*proj$", SHORTCUT], {"W4A16": None, "W8A8": None}),
+        # targets: Linear takes the shortcuts (a Linear subclass) too.
+        (["Linear"], ["re:.*proj$"], {"W4A16": 128, "W8A8": 16}),
+        (["re:.*q_proj$"], [], {"W4A16": 128, "W8A8": 16}),
+        # Quantized shortcuts read a sliced width (here stood for by their probe).
+        ([SHORTCUT], [], {"W4A16": 128, "W8A8": 16}),
+    ],
+)
+def test_only_groups_that_touch_a_sliced_width_bind(targets, ignore, multiple):
+    reads = {**READS, "model.layers.0.attn_shortcut": shortcut_probe()}
+    for scheme in ("W4A16", "W8A8"):
+        quantizer = QuantizationModifier(targets=targets, scheme=scheme, ignore=ignore)
+        need = required_multiple([quantizer], reads, WRITES)
+        assert (need and need[0]) == multiple[scheme], scheme
+
+
+def test_a_group_wise_scheme_off_the_residual_leaves_fine_widths(wide_dir, tmp_path):
+    # Groups of 128 on down_proj alone (its input, the MLP width, is 512) must not round
+    # the residual widths to 128: at SP 0.25 of 256 that would give 128 or 256, not 192.
+    recipe = [
+        DynamicSliceModifier(sparsity=0.25, slicing_base=0.25, profitable_only=False),
+        GPTQModifier(targets=["re:.*down_proj$"], scheme="W4A16"),
+    ]
+    model = one_pass(wide_dir, recipe, tmp_path / "out")
+    assert model.config.slicing["attn_dims"] == [192, 192]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert isinstance(reloaded, DynSliceForCausalLM)
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,11 @@ PRE_NORM_LAYOUT: dict[str, Any] = {
 }
 _LAYOUT_KEYS = tuple(PRE_NORM_LAYOUT)
 
+# Module names, inside a sliced decoder layer, of the residual stream's changes of basis:
+# around attention and around the MLP, and layer 0's projection of the tied table.
+SHORTCUTS = ("attn_shortcut", "mlp_shortcut")
+INPUT_PROJECTION = "input_projection"
+
 
 class SlicingConfigError(ValueError):
     """A sliced-model config is missing a key or holds an impossible value."""

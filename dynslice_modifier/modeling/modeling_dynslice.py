@@ -30,7 +30,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .configuration_dynslice import DynSliceConfig, final_width, has_input_projection
+from .configuration_dynslice import (
+    INPUT_PROJECTION,
+    SHORTCUTS,
+    DynSliceConfig,
+    final_width,
+    has_input_projection,
+)
 
 
 def base_causal_lm_class(base_model_type: str) -> type[PreTrainedModel]:
@@ -299,7 +305,7 @@ def reshape_to_slicing(model: PreTrainedModel, config: DynSliceConfig) -> None:
 
 
 # Parameter names of the residual-stream changes of basis (``SlicedDecoderLayer``).
-_SHORTCUT_KEYS = (".attn_shortcut.", ".mlp_shortcut.", ".input_projection.")
+_SHORTCUT_KEYS = tuple(f".{name}." for name in (*SHORTCUTS, INPUT_PROJECTION))
 
 
 class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
