@@ -20,12 +20,23 @@ _BLOCK = 4096
 
 
 def _in_float64(
-    weight: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor], dim: int = 0
+    weight: torch.Tensor,
+    product: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    dim: int = 0,
 ) -> torch.Tensor:
-    """``product`` of ``weight`` in float64, one block along ``dim`` at a time, each block
-    rounded back to the weight's dtype once."""
+    """``product`` of ``weight`` in float64 on ``device``, one block along ``dim`` at a time,
+    each block rounded back to the weight's dtype once and returned to its device.
+
+    ``device`` is the basis's, the compute device: a weight that stays in host memory (the
+    embedding table, or the previous layer's output projection, rotated once the next
+    layer's basis is known) is still multiplied there, a block at a time.
+    """
     blocks = weight.split(_BLOCK, dim=dim)
-    return torch.cat([product(b.to(torch.float64)).to(weight.dtype) for b in blocks], dim=dim)
+    return torch.cat(
+        [product(b.to(device, torch.float64)).to(weight.device, weight.dtype) for b in blocks],
+        dim=dim,
+    )
 
 
 def _set_weight(module: nn.Linear | nn.Embedding, weight: torch.Tensor) -> None:
@@ -43,26 +54,28 @@ def rotate_inputs(
     """Make ``linears`` read coordinates in ``basis``, folding in the scale of the norm that
     feeds them: ``norm(x) * scale`` feeding ``W`` equals ``norm(x)`` feeding
     ``W diag(scale)``. One product, so the weights are rounded to their dtype once."""
+    q = basis.to(torch.float64)
     for linear in linears:
-        q = basis.to(linear.weight.device, torch.float64)
         if scale is None:
-            _set_weight(linear, _in_float64(linear.weight, lambda w, q=q: w @ q))
+            _set_weight(linear, _in_float64(linear.weight, lambda w: w @ q, q.device))
         else:
-            s = scale.to(linear.weight.device, torch.float64)
-            _set_weight(linear, _in_float64(linear.weight, lambda w, s=s, q=q: (w * s) @ q))
+            s = scale.to(q.device, torch.float64)
+            _set_weight(linear, _in_float64(linear.weight, lambda w, s=s: (w * s) @ q, q.device))
 
 
 def rotate_output(linear: nn.Linear, basis: torch.Tensor) -> None:
-    q = basis.to(linear.weight.device, torch.float64)
-    _set_weight(linear, _in_float64(linear.weight, lambda w: q.T @ w, dim=1))
+    q = basis.to(torch.float64)
+    _set_weight(linear, _in_float64(linear.weight, lambda w: q.T @ w, q.device, dim=1))
     if linear.bias is not None:
-        bias = linear.bias.to(torch.float64) @ q
-        linear.bias = nn.Parameter(bias.to(linear.bias.dtype), requires_grad=False)
+        bias = linear.bias.to(q.device, torch.float64) @ q
+        linear.bias = nn.Parameter(
+            bias.to(linear.bias.device, linear.bias.dtype), requires_grad=False
+        )
 
 
 def rotate_embedding(embedding: nn.Embedding, basis: torch.Tensor) -> None:
-    q = basis.to(embedding.weight.device, torch.float64)
-    _set_weight(embedding, _in_float64(embedding.weight, lambda w: w @ q))
+    q = basis.to(torch.float64)
+    _set_weight(embedding, _in_float64(embedding.weight, lambda w: w @ q, q.device))
 
 
 def change_of_basis(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

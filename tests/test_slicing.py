@@ -334,6 +334,37 @@ def test_rotations_in_blocks_equal_one_product(monkeypatch):
     assert reader.in_features == writer.out_features == table.embedding_dim == 5
 
 
+def test_rotation_products_run_where_the_basis_is():
+    # A model kept in host memory is sliced with bases on the accelerator; the previous
+    # layer's output projection and the embedding table are rotated after their layer has
+    # gone back to the host, and must still be multiplied on the accelerator ("meta" stands
+    # in for it: the product runs, and only the copy of its result back to the host fails).
+    from torch import nn
+    from torch.overrides import TorchFunctionMode
+
+    from dynslice_modifier import rotate
+
+    class Products(TorchFunctionMode):
+        devices: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("matmul", "__matmul__"):
+                self.devices += [a.device.type for a in args]
+            return func(*args, **(kwargs or {}))
+
+    basis = torch.eye(8, 5, dtype=torch.float64, device="meta")
+    rotations = [
+        lambda: rotate.rotate_inputs([nn.Linear(8, 10)], basis, torch.ones(8)),
+        lambda: rotate.rotate_output(nn.Linear(10, 8), basis),
+        lambda: rotate.rotate_embedding(nn.Embedding(10, 8), basis),
+    ]
+    for rotation in rotations:
+        with Products() as products, pytest.raises(NotImplementedError, match="meta"):
+            rotation()
+        assert products.devices and set(products.devices) == {"meta"}
+        products.devices = []
+
+
 def test_redundancy_scores_are_recorded():
     # The paper's score, computed here by hand: the mean over real tokens of the cosine
     # between each decoder layer's own input and output.
