@@ -1,11 +1,12 @@
 """One oneshot run, single-process or as one rank of ``torchrun`` (gloo, CPU).
 
-    python tests/distributed_oneshot.py MODEL_DIR OUT_DIR MODIFIER_JSON [--shard]
+    python tests/distributed_oneshot.py MODEL_DIR OUT_DIR MODIFIER_JSON [--shard] [--fail-rank R]
 
 Under torchrun every rank writes ``OUT_DIR.rank{R}.json`` with the slicing spec it computed
 (only rank 0's model is saved), so a test can check that the ranks agreed. ``--shard`` gives
 each rank its own contiguous shard of the calibration set, the workaround for llm-compressor
-0.14 handing every rank the same samples.
+0.14 handing every rank the same samples. ``--fail-rank R`` makes rank R alone find
+non-finite activations in the first layer, as a rank whose shard holds a bad sample would.
 """
 
 from __future__ import annotations
@@ -23,12 +24,22 @@ from conftest import calib_dataset
 from llmcompressor import oneshot
 
 from dynslice_modifier import DynamicSliceModifier
+from dynslice_modifier.errors import CalibrationError
 
 
 def main() -> None:
     model_dir, out_dir, options = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
     if "RANK" in os.environ:
         dist.init_process_group("gloo")
+    if "--fail-rank" in sys.argv:
+        failing = int(sys.argv[sys.argv.index("--fail-rank") + 1])
+        if dist.is_initialized() and dist.get_rank() == failing:
+            import dynslice_modifier.slicer
+
+            def non_finite(tensor, where):
+                raise CalibrationError(f"non-finite activations at {where} (rank {failing})")
+
+            dynslice_modifier.slicer.check_finite = non_finite
     data = calib_dataset()
     if "--shard" in sys.argv and dist.is_initialized():
         data = data.shard(dist.get_world_size(), dist.get_rank(), contiguous=True)

@@ -20,7 +20,9 @@ SCRIPT = Path(__file__).resolve().parent / "distributed_oneshot.py"
 FIXED = {"sparsity": 0.25, "slicing_base": 0.1, "round_to": 8, "profitable_only": False}
 
 
-def run(model_dir: Path, out: Path, options: dict, ranks: int, *extra: str) -> str:
+def launch(
+    model_dir: Path, out: Path, options: dict, ranks: int, *extra: str
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     launcher = [sys.executable]
     if ranks > 1:
@@ -30,7 +32,11 @@ def run(model_dir: Path, out: Path, options: dict, ranks: int, *extra: str) -> s
         launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks)]
         launcher += ["--master-addr", "127.0.0.1", "--master-port", str(port)]
     cmd = [*launcher, str(SCRIPT), str(model_dir), str(out), json.dumps(options), *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def run(model_dir: Path, out: Path, options: dict, ranks: int, *extra: str) -> str:
+    proc = launch(model_dir, out, options, ranks, *extra)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout + proc.stderr
 
@@ -60,6 +66,16 @@ def test_ranks_agree_on_the_auto_slicing_base(model_dir, tmp_path):
     specs = [json.loads((tmp_path / f"auto.rank{r}.json").read_text()) for r in (0, 1)]
     assert specs[0]["slicing_base_search"] == specs[1]["slicing_base_search"]
     assert specs[0]["attn_dims"] == specs[1]["attn_dims"]
+
+
+def test_an_error_on_one_rank_ends_every_rank(model_dir, tmp_path):
+    # The other rank is waiting in a collective when one raises; torchrun's agent must end
+    # the run with that rank's error, and no rank may save anything.
+    proc = launch(model_dir, tmp_path / "fails", FIXED, 2, "--shard", "--fail-rank", "1")
+    assert proc.returncode != 0
+    assert "CalibrationError: non-finite activations at decoder layer 0" in proc.stderr
+    assert "(rank 1)" in proc.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_identical_datasets_on_every_rank_are_reported(model_dir, tmp_path):
