@@ -105,6 +105,7 @@ def capture_layer_inputs(
         return grabbed.pop("kwargs")
 
     keys: list[bytes] = []
+    vocab = model.get_input_embeddings().num_embeddings
     handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
@@ -123,6 +124,7 @@ def capture_layer_inputs(
                     mask = None if mask is None else torch.as_tensor(mask).unsqueeze(0)
                 if mask is not None:
                     mask = torch.as_tensor(mask).to(device)
+                _check_token_ids(input_ids, vocab)
                 input_ids = input_ids.to(device)
                 cache.kwargs.append(to_device(front(input_ids, mask), offload_device))
                 cache.hidden.append(grabbed.pop("hidden").detach().to(offload_device))
@@ -193,6 +195,20 @@ def onloaded(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
         yield module
     finally:
         module.to(home)
+
+
+def _check_token_ids(input_ids: torch.Tensor, vocab: int) -> None:
+    """Ids outside the embedding table mean text tokenized for another model; the
+    embedding would fail with a bare "index out of range"."""
+    if input_ids.numel() == 0:
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab:
+        raise CalibrationError(
+            f"calibration token ids run from {low} to {high}, but the model's embedding "
+            f"table has {vocab} rows: the data was tokenized for another model; tokenize "
+            "it with the model's own tokenizer"
+        )
 
 
 def check_finite(tensor: torch.Tensor, where: str) -> None:

@@ -14,7 +14,7 @@ from llmcompressor.utils.dev import get_main_device
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from dynslice_modifier.adapters import get_adapter
+from dynslice_modifier.adapters import get_adapter, mark_partly_sliced
 from dynslice_modifier.allocation import (
     DEFAULT_ROUND_TO,
     Rounding,
@@ -528,42 +528,52 @@ class DynamicSliceModifier(Modifier):
 
         # Untied only now, when the model is about to change: every check above may still
         # refuse the run and leave the caller's model as it came.
-        if not keep_tied:
-            untie_head(model)
-        slicer = self._slicer(model, adapter, dims, whole, device, keep_tied)
-        if self.hadamard and slicer.hadamard_block < 16:
-            logger.warning(
-                "hadamard with aligned bases: every basis takes the same Hadamard blocks, "
-                "the largest power of two dividing every sliced width, here "
-                f"{slicer.hadamard_block}, so outliers are spread over "
-                f"{slicer.hadamard_block} channels at most (1: not at all). Use widths in "
-                "multiples of 16 or more (round_to), or align_bases: false"
+        try:
+            if not keep_tied:
+                untie_head(model)
+            slicer = self._slicer(model, adapter, dims, whole, device, keep_tied)
+            if self.hadamard and slicer.hadamard_block < 16:
+                logger.warning(
+                    "hadamard with aligned bases: every basis takes the same Hadamard blocks, "
+                    "the largest power of two dividing every sliced width, here "
+                    f"{slicer.hadamard_block}, so outliers are spread over "
+                    f"{slicer.hadamard_block} channels at most (1: not at all). Use widths in "
+                    "multiples of 16 or more (round_to), or align_bases: false"
+                )
+            if consumed:
+                inputs = capture_layer_inputs(model, layers[0], state.data.calib)
+            result = slicer.run(inputs)
+            provenance = {
+                "lr_scores": self._lr_scores,
+                "sparsity": sparsity,
+                "slicing_base": None if explicit else self._slicing_base_for(sparsity),
+                "target_params": self.target_params,
+                "round_to": round_to,
+                "rounding": self.rounding,
+                "normalization": self.normalization,
+                "basis": self.basis,
+                "hadamard": self.hadamard,
+                "align_bases": self.align_bases,
+                "slicing_base_search": search,
+                "profitable_only": self.profitable_only,
+                "whole_layers": [i for i, w in enumerate(whole) if w],
+            }
+            convert_to_sliced(
+                model,
+                adapter,
+                result,
+                provenance,
+                quantizable_shortcuts=self._shortcuts_quantized(result, layer_names, others),
             )
-        if consumed:
-            inputs = capture_layer_inputs(model, layers[0], state.data.calib)
-        result = slicer.run(inputs)
-        provenance = {
-            "lr_scores": self._lr_scores,
-            "sparsity": sparsity,
-            "slicing_base": None if explicit else self._slicing_base_for(sparsity),
-            "target_params": self.target_params,
-            "round_to": round_to,
-            "rounding": self.rounding,
-            "normalization": self.normalization,
-            "basis": self.basis,
-            "hadamard": self.hadamard,
-            "align_bases": self.align_bases,
-            "slicing_base_search": search,
-            "profitable_only": self.profitable_only,
-            "whole_layers": [i for i, w in enumerate(whole) if w],
-        }
-        convert_to_sliced(
-            model,
-            adapter,
-            result,
-            provenance,
-            quantizable_shortcuts=self._shortcuts_quantized(result, layer_names, others),
-        )
+        except BaseException as err:
+            # Layers up to the failing one are rotated and cut in place; the object keeps
+            # its dense class and config, so nothing may take it for the model it was.
+            mark_partly_sliced(model)
+            err.add_note(
+                "DynamicSliceModifier had already rotated and sliced part of this model "
+                "object in place; load the model again from disk before retrying"
+            )
+            raise
         sliced_params = count_parameters(model)
         model.config.slicing["parameters"] = {"dense": dense_params, "sliced": sliced_params}
         mean_slice = 1.0 - sum(dims) / (len(dims) * hidden)

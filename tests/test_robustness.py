@@ -1,4 +1,4 @@
-"""Reproducibility and hostile sliced-model configs."""
+"""Reproducibility, hostile sliced-model configs, and runs that fail on bad input."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import calib_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_modifier import RECIPE, run_oneshot
@@ -176,3 +177,58 @@ def test_a_quantized_checkpoint_in_float32_is_refused_on_gpus():
         check_accelerator_dtype("compressed-tensors", "float32")
     check_accelerator_dtype("compressed-tensors", "bfloat16")
     check_accelerator_dtype(None, "float32")
+
+
+def test_a_failed_slicing_run_marks_the_model_object_it_changed(tiny_dir, monkeypatch):
+    # Constant slicing skips the redundancy pass, so the failure comes after layer 0 was
+    # rotated and cut in place: the object must not pass for the dense model it was.
+    from llmcompressor import oneshot
+    from llmcompressor.core import reset_session
+
+    import dynslice_modifier.slicer
+    from dynslice_modifier import DynamicSliceModifier
+    from dynslice_modifier.errors import CalibrationError, UnsupportedModelError
+
+    check = dynslice_modifier.slicer.check_finite
+
+    def overflow_in_layer_1(tensor, where):
+        if "decoder layer 1" in where:
+            raise CalibrationError(f"non-finite activations at {where}")
+        check(tensor, where)
+
+    monkeypatch.setattr(dynslice_modifier.slicer, "check_finite", overflow_in_layer_1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    recipe = [DynamicSliceModifier(sparsity=0.25, slicing_base=0.25, round_to=8)]
+    kwargs = {"dataset": calib_dataset(), "num_calibration_samples": 16, "max_seq_length": 32}
+    with pytest.raises(CalibrationError) as failed:
+        oneshot(model=model, recipe=recipe, **kwargs)
+    assert "load the model again from disk" in "\n".join(failed.value.__notes__)
+    assert model.model.layers[0].self_attn.q_proj.in_features < 64  # it did change
+    monkeypatch.setattr(dynslice_modifier.slicer, "check_finite", check)
+    reset_session()
+    recipe = [DynamicSliceModifier(sparsity=0.25, slicing_base=0.25, round_to=8)]
+    with pytest.raises(UnsupportedModelError, match="partly rotated and sliced in place"):
+        oneshot(model=model, recipe=recipe, **kwargs)
+
+
+def test_token_ids_outside_the_table_name_the_tokenizer(tiny_dir):
+    from datasets import Dataset
+
+    from dynslice_modifier.errors import CalibrationError
+
+    ids = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(0))
+    ids[3, 5] = 5000  # a tokenizer with a larger vocabulary than the model's 128 rows
+    data = Dataset.from_dict({"input_ids": ids.tolist()})
+    with pytest.raises(CalibrationError, match=r"run from \d+ to 5000.*tokenized for another"):
+        run_oneshot(tiny_dir, RECIPE, dataset=data)
+
+
+def test_a_checkpoint_that_is_no_causal_lm_is_refused(tiny_dir, no_calibration):
+    # transformers would load it as LlamaForCausalLM with a randomly initialised head.
+    from dynslice_modifier.errors import UnsupportedModelError
+
+    config = json.loads((tiny_dir / "config.json").read_text())
+    config["architectures"] = ["LlamaForSequenceClassification"]
+    (tiny_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="is a LlamaForSequenceClassification, not"):
+        run_oneshot(tiny_dir, RECIPE)

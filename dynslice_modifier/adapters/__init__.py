@@ -24,10 +24,24 @@ UNSOUND: dict[str, str] = {
 }
 
 
+# Set on a model object a failed slicing run changed in place (see ``mark_partly_sliced``).
+_PARTLY_SLICED = "_dynslice_partly_sliced"
+
+
+def mark_partly_sliced(model: nn.Module) -> None:
+    """Record that a failed run left ``model`` partly rotated and sliced in place."""
+    setattr(model, _PARTLY_SLICED, True)
+
+
 def get_adapter(model: nn.Module) -> ModelAdapter:
     """The adapter for ``model``, or an error naming the architecture and the supported ones."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     architecture = type(model).__name__
+    if getattr(model, _PARTLY_SLICED, False):
+        raise UnsupportedModelError(
+            f"this {architecture} object was partly rotated and sliced in place by a slicing "
+            "run that failed; load the model again from disk and run on that"
+        )
     supported = ", ".join(
         f"{a.model_type} ({'/'.join(a.architectures)})" for a in ADAPTERS.values()
     )
@@ -48,8 +62,17 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
             f"DynamicSliceModifier does not support {architecture} (model_type "
             f"{model_type!r}){why}. Supported architectures: {supported}."
         )
+    # transformers loads any Llama checkpoint as LlamaForCausalLM, dropping a classifier's
+    # head and initialising a random one: the checkpoint's own class says what it was.
+    saved = list(getattr(model.config, "architectures", None) or [])
+    if saved and not set(saved) & set(adapter.architectures):
+        raise UnsupportedModelError(
+            f"the checkpoint is a {saved[0]}, not a causal language model: loaded as "
+            f"{architecture}, its head would be randomly initialised. Slice a causal-LM "
+            f"checkpoint ({'/'.join(adapter.architectures)})"
+        )
     adapter.check(model)
     return adapter
 
 
-__all__ = ["ADAPTERS", "PRE_NORM_LAYOUT", "ModelAdapter", "get_adapter"]
+__all__ = ["ADAPTERS", "PRE_NORM_LAYOUT", "ModelAdapter", "get_adapter", "mark_partly_sliced"]
