@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, get_args
@@ -459,11 +461,21 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     import dynslice_modifier  # noqa: F401  registers the architecture (and the modifier)
 
+    # SIGTERM (timeout, Slurm, docker stop) and SIGHUP would end the process without
+    # unwinding, leaving a finished-looking scratch checkpoint beside the output; as an
+    # exit they run the same cleanup as an error or Ctrl-C.
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _exit_on_signal)
     try:
         args.func(args)
     except (ValueError, OSError) as err:
         print(f"error: {_in_cli_terms(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 # The library's errors name oneshot's arguments; these are the flags that set them here.

@@ -32,8 +32,26 @@ def check_target(target: Path, inputs: list[Path]) -> None:
 
 def check_replaceable(target: Path) -> None:
     """The target is replaced whole, deleting what it holds: only an empty directory or
-    an earlier sliced checkpoint may be there."""
+    an earlier sliced checkpoint may be there, and it is written beside itself first, then
+    renamed into place."""
+    if Path(target).is_symlink() and not Path(target).exists():
+        raise ValueError(
+            f"output path {target} is a symbolic link to nothing ({os.readlink(target)}); "
+            "name a real directory for the output, or create the link's target first"
+        )
     target = target.resolve()
+    if os.path.ismount(target):
+        raise ValueError(
+            f"output directory {target} is a mount point, which cannot be replaced by a "
+            "rename (the output is written beside it and renamed into place): name a new "
+            f"directory inside it, e.g. {target / 'model'}"
+        )
+    writable = _existing_ancestor(target.parent)
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"cannot write the output beside {target}: {writable} is not writable (the output "
+            "is written there first and renamed into place); choose another output directory"
+        )
     cwd = Path.cwd().resolve()
     if target == cwd or target in cwd.parents:
         raise ValueError(
@@ -68,9 +86,7 @@ def is_sliced_checkpoint(path: Path) -> bool:
 
 def check_free_space(target: Path, needed: int) -> None:
     """Fail before any calibration if the output cannot fit beside ``target``."""
-    parent = Path(target).resolve().parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = _existing_ancestor(Path(target).resolve().parent)
     free = shutil.disk_usage(parent).free
     if free < needed:
         raise OSError(
@@ -78,6 +94,12 @@ def check_free_space(target: Path, needed: int) -> None:
             f"beside {target}, {free / 2**20:.0f} MiB free on {parent}; free space or choose "
             "another output directory"
         )
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 @contextlib.contextmanager
@@ -92,19 +114,21 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     umask = os.umask(0)
     os.umask(umask)
     scratch.chmod(0o777 & ~umask)
+    previous = None
     try:
         yield scratch
+        if target.exists():
+            previous = Path(
+                tempfile.mkdtemp(prefix=_scratch_prefix(target, "previous"), dir=target.parent)
+            )
+            previous.rmdir()
+            os.replace(target, previous)
+        os.replace(scratch, target)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
+        if previous is not None and previous.exists() and not target.exists():
+            os.replace(previous, target)
         raise
-    previous = None
-    if target.exists():
-        previous = Path(
-            tempfile.mkdtemp(prefix=_scratch_prefix(target, "previous"), dir=target.parent)
-        )
-        previous.rmdir()
-        os.replace(target, previous)
-    os.replace(scratch, target)
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
 

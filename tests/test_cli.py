@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -299,6 +300,45 @@ def test_next_run_clears_what_a_killed_one_left(tmp_path):
     assert elsewhere.exists()
 
 
+def test_outputs_that_cannot_be_renamed_into_place_are_refused(tmp_path, monkeypatch):
+    from dynslice_modifier import output
+
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone" / "out")
+    with pytest.raises(ValueError, match="symbolic link to nothing"):
+        output.check_replaceable(link)
+    mounted = tmp_path / "volume"
+    mounted.mkdir()
+    monkeypatch.setattr(output.os.path, "ismount", lambda path: Path(path) == mounted)
+    with pytest.raises(ValueError, match=r"is a mount point.*volume/model"):
+        output.check_replaceable(mounted)
+    monkeypatch.setattr(output.os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(ValueError, match=f"{tmp_path} is not writable"):
+        output.check_replaceable(tmp_path / "new" / "out")
+    assert not (tmp_path / "gone").exists() and not (tmp_path / "new").exists()
+
+
+def test_a_failed_rename_leaves_the_previous_output_and_no_scratch(tmp_path, monkeypatch):
+    from dynslice_modifier import output
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "config.json").write_text('{"model_type": "dynslice"}')
+    rename = os.replace
+
+    def busy(source, destination):
+        # The finished output is moved aside; moving the new one in fails.
+        if Path(source).name.startswith(".out.partial-"):
+            raise OSError(16, "Device or resource busy")
+        rename(source, destination)
+
+    monkeypatch.setattr(output.os, "replace", busy)
+    with pytest.raises(OSError, match="busy"), output.atomic_directory(target) as scratch:
+        (scratch / "config.json").write_text('{"model_type": "dynslice", "new": true}')
+    assert (target / "config.json").read_text() == '{"model_type": "dynslice"}'
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_model_without_a_tokenizer_is_named(workdir, capsys):
     bare = workdir / "bare"
     bare.mkdir(exist_ok=True)
@@ -322,13 +362,18 @@ def test_too_little_disk_fails_before_calibration(workdir, capsys, monkeypatch, 
 
 # A compress run in a child process that dies mid-save: `save_pretrained` writes part of
 # the weights file and the process is SIGKILLed (no cleanup handler can run), or raises
-# inside a decoder layer's forward during calibration.
+# inside a decoder layer's forward during calibration, or is sent SIGTERM (what timeout,
+# Slurm and docker stop send) once the model is written.
 _DIE = """
 import os, signal, sys
 from transformers import modeling_utils
 from dynslice_modifier import cli
 mode = sys.argv[1]
-if mode == "kill-mid-save":
+if mode == "term-at-report":
+    # Everything but the report is written: the scratch directory looks finished.
+    from dynslice_modifier import report
+    report.write_report = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM)
+elif mode == "kill-mid-save":
     def half_write(tensors, filename, *args, **kwargs):
         with open(filename, "wb") as f:
             f.write(bytes(1024))
@@ -343,7 +388,7 @@ cli.main(sys.argv[2:])
 """
 
 
-@pytest.mark.parametrize("mode", ["kill-mid-save", "raise-in-layer"])
+@pytest.mark.parametrize("mode", ["kill-mid-save", "raise-in-layer", "term-at-report"])
 def test_interrupted_compress_leaves_previous_output_intact(workdir, mode):
     args = ["compress", "tiny", "kept", "--sparsity", "0.25", "--round-to", "8", *SMALL, *DATA]
     if not (workdir / "kept" / "config.json").exists():
@@ -368,6 +413,9 @@ def test_interrupted_compress_leaves_previous_output_intact(workdir, mode):
         assert len(leftovers) == 1 and (leftovers[0] / "model.safetensors").stat().st_size == 1024
         dynslice(*args, cwd=workdir)
         assert not list(workdir.glob(".kept.partial-*"))
+    elif mode == "term-at-report":
+        assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+        assert not leftovers  # removed as on an exception
     else:
         assert result.returncode != 0 and "injected failure" in result.stderr
         assert not leftovers  # removed on the exception
