@@ -12,7 +12,7 @@ from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 from llmcompressor.recipe import Recipe
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -154,6 +154,13 @@ def test_quantize_shortcuts_follows_the_quantizer(wide_dir, tmp_path, ignore, ke
             assert saved[f"{name}.weight_scale"].numel() == modules[name].out_features
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, expected, atol=1e-4, rtol=1e-4)
+    if kept == "none":
+        # An int8 shortcut without its weight: refused by name, not left to transformers'
+        # initialisation (which cannot fill integers with random numbers).
+        del saved[f"{names[-1]}.weight"]
+        save_file(saved, tmp_path / "out" / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=f"no tensors for {names[-1]} "):
+            AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 
 
 def test_quantized_head_unties_the_table_and_is_counted(wide_dir, tmp_path):

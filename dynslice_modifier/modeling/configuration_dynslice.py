@@ -118,6 +118,16 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
         )
 
 
+def declared_shortcuts(spec: dict[str, Any]) -> list[str]:
+    """The changes of basis the config declares, named under the decoder layers (e.g.
+    ``"3.mlp_shortcut"``): the modules a checkpoint must hold tensors for."""
+    names = [f"0.{INPUT_PROJECTION}"] if has_input_projection(spec) else []
+    flags = zip(spec["attn_shortcuts"], spec["mlp_shortcuts"], strict=True)
+    for idx, declared in enumerate(flags):
+        names += [f"{idx}.{name}" for name, on in zip(SHORTCUTS, declared, strict=True) if on]
+    return names
+
+
 def has_input_projection(spec: dict[str, Any]) -> bool:
     """Layer 0 maps the unsliced table into its basis, unless it is itself unrotated.
 

@@ -21,6 +21,9 @@ each checkpoint for ``trust_remote_code=True``.
 from __future__ import annotations
 
 import importlib
+import json
+import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -34,6 +37,7 @@ from .configuration_dynslice import (
     INPUT_PROJECTION,
     SHORTCUTS,
     DynSliceConfig,
+    declared_shortcuts,
     final_width,
     has_input_projection,
 )
@@ -308,6 +312,39 @@ def reshape_to_slicing(model: PreTrainedModel, config: DynSliceConfig) -> None:
 _SHORTCUT_KEYS = tuple(f".{name}." for name in (*SHORTCUTS, INPUT_PROJECTION))
 
 
+def _stored_tensor_names(path: Any) -> set[str] | None:
+    """The tensor names of a local safetensors checkpoint; None for anything else."""
+    if path is None or not os.path.isdir(path):
+        return None
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            return set(json.load(f)["weight_map"])
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(single, "pt") as tensors:
+        return set(tensors.keys())
+
+
+def _is_weight(name: str) -> bool:
+    # compressed-tensors stores a packed 4-bit weight as weight_packed.
+    return name.endswith((".weight", ".weight_packed"))
+
+
+def _refuse_missing(names: Iterable[str]) -> None:
+    missing = sorted(names)
+    if missing:
+        raise ValueError(
+            f"the checkpoint has no tensors for {', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''} ({len(missing)} in all), which its "
+            "config declares (slicing.attn_shortcuts / mlp_shortcuts / input_projection); "
+            "re-save the sliced model, or restore the missing tensors"
+        )
+
+
 class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
     """Causal LM whose residual stream is sliced per layer (see ``DynSliceConfig``)."""
 
@@ -336,20 +373,30 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         """``PreTrainedModel.from_pretrained``, refusing a checkpoint that lacks shortcut
         tensors its config declares: transformers would only warn and leave them as
-        uninitialised memory (no initialisation can stand in for a change of basis)."""
+        uninitialised memory (no initialisation can stand in for a change of basis).
+
+        A local checkpoint's weights are checked before loading: a quantized shortcut
+        without its weight would otherwise fail inside transformers' initialisation, which
+        cannot fill integers with random numbers.
+        """
+        path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        config = kwargs.get("config")
+        stored = _stored_tensor_names(path)
+        if stored is not None:
+            if not isinstance(config, DynSliceConfig):
+                config = DynSliceConfig.from_pretrained(path)
+            weights = {name.rpartition(".")[0] for name in stored if _is_weight(name)}
+            _refuse_missing(
+                f"model.layers.{name}"
+                for name in declared_shortcuts(config.slicing)
+                if f"model.layers.{name}" not in weights
+            )
         wants_info = kwargs.get("output_loading_info", False)
         kwargs["output_loading_info"] = True
         model, info = super().from_pretrained(*args, **kwargs)
-        missing = sorted(
+        _refuse_missing(
             key for key in info["missing_keys"] if any(part in key for part in _SHORTCUT_KEYS)
         )
-        if missing:
-            raise ValueError(
-                f"the checkpoint has no tensors for {', '.join(missing[:3])}"
-                f"{', ...' if len(missing) > 3 else ''} ({len(missing)} in all), which its "
-                "config declares (slicing.attn_shortcuts / mlp_shortcuts / input_projection); "
-                "re-save the sliced model, or restore the missing tensors"
-            )
         return (model, info) if wants_info else model
 
     def has_unit_norms(self) -> bool:
