@@ -537,9 +537,9 @@ def test_cpu_kernel_gaps_are_reported(vllm_results: dict[str, Any]) -> None:
 
 def test_streamed_weight_updates_are_taken(vllm_results: dict[str, Any]) -> None:
     """vLLM's weight transfer for RL sends one tensor per ``load_weights`` call once the
-    model is loaded: the plugin must take such partial loads (its check for shortcuts
-    missing from the checkpoint is for the first load), and still refuse a norm that a
-    fused shortcut assumes to be ones."""
+    model is loaded, or started on dummy weights: the plugin must take such partial loads
+    (its check for shortcuts missing from the checkpoint is for the first load), and still
+    refuse a norm that a fused shortcut assumes to be ones, before writing it."""
     unquantized = [case.name for case in CASES if not case.quantize]
     assert unquantized
     for name in unquantized:
@@ -548,8 +548,12 @@ def test_streamed_weight_updates_are_taken(vllm_results: dict[str, Any]) -> None
         assert resent is not None and "error" not in resent, (name, resent)
         assert resent["tensors"] > 0
         assert resent["results"] == got["results"], name
+        # An engine started on dummy weights takes them too: its first call is an update.
+        assert resent["into_dummy"] == resent["tensors"], (name, resent)
         if got["shortcuts"].get("FusedShortcut", 0):
-            assert "has a weight other than ones" in resent["changed_norm"], (name, resent)
+            changed = resent["changed_norm"]
+            assert "has a weight other than ones" in changed["outcome"], (name, resent)
+            assert changed["kept"], "a refused norm was written into the model anyway"
         else:
             assert resent["changed_norm"] is None, (name, resent)
     assert all(vllm_results[c.name]["resent"] is None for c in CASES if c.quantize)
@@ -608,6 +612,49 @@ def test_front_end_checks_the_config_before_any_worker(
     assert "unsupported hidden_act 'gelu'" in result.stdout
 
 
+_GPU_FLOAT32 = """
+import sys
+from types import SimpleNamespace
+import torch
+from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+from vllm.platforms import current_platform
+import dynslice_modifier.serving as serving
+
+serving.register()
+check = MODELS_CONFIG_MAP[serving.MODEL_ARCHITECTURE]
+for gpu in (False, True):
+    current_platform.is_cpu = lambda gpu=gpu: not gpu
+    for quantization in (None, "compressed-tensors"):
+        model_config = SimpleNamespace(quantization=quantization, dtype=torch.float32)
+        try:
+            check.verify_and_update_config(SimpleNamespace(model_config=model_config))
+        except ValueError as err:
+            print("gpu" if gpu else "cpu", quantization, "refused:", err)
+        else:
+            print("gpu" if gpu else "cpu", quantization, "accepted")
+"""
+
+
+def test_front_end_refuses_a_quantized_checkpoint_in_float32_on_a_gpu() -> None:
+    """vLLM's quantized GEMMs on GPUs return 16-bit outputs only; the front end must say
+    so, not an engine worker after the model is built. A CPU stands in for the GPU by
+    patching vLLM's platform."""
+    require_plugin()
+    result = subprocess.run(
+        [str(SERVE_PYTHON), "-c", _GPU_FLOAT32],
+        capture_output=True,
+        text=True,
+        timeout=CHECKS_TIMEOUT_S,
+        env=serve_env(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("cpu", "gpu"))]
+    accepted = ["cpu None accepted", "cpu compressed-tensors accepted", "gpu None accepted"]
+    assert lines[:3] == accepted, lines
+    assert lines[3].startswith("gpu compressed-tensors refused:"), lines
+    assert "--dtype bfloat16" in lines[3]
+
+
 _FUSABLE = """
 from types import SimpleNamespace
 from compressed_tensors.quantization import preset_name_to_scheme
@@ -627,14 +674,19 @@ def layer(preset):
 
 for preset in ("W8A8", "FP8_DYNAMIC", "W4A16", "NVFP4A16", "FP8"):
     print(preset, vllm_dynslice._fusable(layer(preset), layer(preset)))
+# FP8 weights with one scale per tensor, activations dynamic per token.
+per_tensor = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
+per_tensor.weights.strategy = "tensor"
+fp8_tensor = SimpleNamespace(quant_method=object(), quant_config=Config(per_tensor), prefix="p")
+print("FP8_TENSOR_DYNAMIC", vllm_dynslice._fusable(fp8_tensor, fp8_tensor))
 """
 
 
 def test_shortcut_fusion_follows_the_scheme() -> None:
     """A shortcut shares its projection's GEMM only where the fused layer computes both
     exactly: dynamic per-token activations (the per-token factor the fusion moves), and
-    no global scale (NVFP4's is shared by q/k/v and by gate/up, not with the shortcut, and
-    vLLM keeps one per fused layer)."""
+    no scale that vLLM shares across a fused layer's shards (NVFP4's global scale, FP8
+    per-tensor weight scales: vLLM keeps the largest, coarse for a small delta shortcut)."""
     require_plugin()
     result = subprocess.run(
         [str(SERVE_PYTHON), "-c", _FUSABLE],
@@ -651,6 +703,7 @@ def test_shortcut_fusion_follows_the_scheme() -> None:
         "W4A16": "True",
         "NVFP4A16": "False",
         "FP8": "False",
+        "FP8_TENSOR_DYNAMIC": "False",
     }
 
 

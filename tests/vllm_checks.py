@@ -13,8 +13,9 @@ class the engine built; ``lm_head``: the class of the head's quantization method
 ``activations``: how many MLP activation inputs there were and how many had rows that are
 not packed; ``stand_ins``: the kinds of quantized GEMM served by ``reference_kernels.py``
 instead of vLLM's own, and why; ``resent``, with ``--resend-weights``: how many norm weights
-were sent back one at a time into an unquantized model, the results generated after that
-and what a changed norm got, or None for a quantized model) under the model's path, or
+were sent back one at a time into an unquantized model, the results generated after that,
+what a changed norm got, and what sending them into a dummy-loaded engine gave (a count,
+or the error), or None for a quantized model) under the model's path, or
 ``{"error": "..."}`` if vLLM refused it. ``results`` hold the generated token ids, the
 log-probability of each generated token, and the log-probability of each prompt token
 after the first (teacher forced).
@@ -68,8 +69,8 @@ def run_model(
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    start = time.perf_counter()
-    llm = LLM(
+    engine = functools.partial(
+        LLM,
         model=model,
         dtype=dtype,
         enforce_eager=True,
@@ -82,6 +83,8 @@ def run_model(
         seed=0,
         tensor_parallel_size=tensor_parallel_size,
     )
+    start = time.perf_counter()
+    llm = engine()
     startup_s = time.perf_counter() - start
     params = SamplingParams(
         temperature=0.0,
@@ -117,6 +120,14 @@ def run_model(
     except Exception as err:  # a spawned engine core may refuse to unpickle the function
         shortcuts = lm_head = activations = {"error": f"{type(err).__name__}: {err}"}
     _shutdown(llm)
+    if resent is not None and "tensors" in resent:
+        # RL's setup: an engine started on dummy weights, the trainer's sent one at a time.
+        dummy = engine(load_format="dummy")
+        try:
+            resent["into_dummy"] = dummy.apply_model(functools.partial(_resend_norms, model))[0]
+        except Exception as err:
+            resent["into_dummy"] = f"{type(err).__name__}: {err}"
+        _shutdown(dummy)
     return {
         "dtype": dtype_used,
         "shortcuts": shortcuts,
@@ -177,19 +188,22 @@ def _resend_norms(model_dir: str, model: Any) -> int | None:
     return sent
 
 
-def _send_a_changed_norm(model: Any) -> str | None:
-    """Update one norm that a fused shortcut assumes to be ones; the error it raises, or
-    "accepted". None where no shortcut is fused. Leaves the model wrong: run it last."""
+def _send_a_changed_norm(model: Any) -> dict[str, Any] | None:
+    """Update one norm that a fused shortcut assumes to be ones: the error it raises (or
+    "accepted") and whether the norm kept its weight. None where no shortcut is fused."""
     for name, module in model.named_modules():
         norms = getattr(module, "fused_norms", None)
         if norms is None or not norms():
             continue
         norm_name, norm = norms()[0]
+        before = norm.weight.detach().clone()
         try:
-            model.load_weights([(f"{name}.{norm_name}.weight", norm.weight.detach() * 2)])
+            model.load_weights([(f"{name}.{norm_name}.weight", before * 2)])
         except ValueError as err:
-            return str(err)
-        return "accepted"
+            outcome = str(err)
+        else:
+            outcome = "accepted"
+        return {"outcome": outcome, "kept": bool(norm.weight.equal(before))}
     return None
 
 

@@ -8,6 +8,8 @@ vLLM, and vLLM itself resolves the model class lazily from the string given belo
 
 from __future__ import annotations
 
+from typing import Any
+
 MODEL_ARCHITECTURE = "DynSliceForCausalLM"
 _MODEL_CLASS_PATH = "dynslice_modifier.serving.vllm_dynslice:DynSliceForCausalLM"
 
@@ -35,7 +37,8 @@ def _register_config_check() -> None:
     The model class checks it too, but that runs in the engine core's worker, where a bad
     checkpoint surfaces as "Engine core initialization failed" with the cause buried in the
     worker's log. Checking here makes ``LLM(...)`` / ``vllm serve`` fail at once with our
-    message (e.g. "upgrade dynslice-modifier", an unsupported base architecture).
+    message (e.g. "upgrade dynslice-modifier", an unsupported base architecture, a
+    quantized checkpoint in float32 on a GPU).
     ``MODELS_CONFIG_MAP`` is vLLM's own hook for per-architecture config checks; it is
     internal, so if it moves we keep only the model-side check rather than break serving.
     """
@@ -45,6 +48,17 @@ def _register_config_check() -> None:
         return
 
     class DynSliceConfigCheck(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_config(vllm_config: Any) -> None:
+            from vllm.platforms import current_platform
+
+            from dynslice_modifier.serving.support import check_accelerator_dtype
+
+            if not current_platform.is_cpu():
+                model_config = vllm_config.model_config
+                dtype = str(model_config.dtype).removeprefix("torch.")
+                check_accelerator_dtype(model_config.quantization, dtype)
+
         @staticmethod
         def verify_and_update_model_config(model_config: object) -> None:
             from dynslice_modifier.serving.support import check_servable

@@ -422,6 +422,11 @@ def _fusable(projection: MergedColumnParallelLinear, shortcut: ResidualShortcut)
         # NVFP4's global scale is shared within q/k/v and within gate/up, not with the
         # shortcut, and vLLM keeps one per fused layer (the largest): no shard may differ.
         return False
+    if weights is not None and weights.type == "float" and weights.strategy == "tensor":
+        # FP8 per-tensor weights: vLLM requantizes every shard of a fused layer to the
+        # largest shard's scale, which costs a small (delta) shortcut most of its precision;
+        # int8 per-tensor is unaffected (vLLM turns it into per-channel scales exactly).
+        return False
     activations = None if scheme is None else scheme.get("input_activations")
     return activations is None or (activations.dynamic is True and activations.strategy == "token")
 
@@ -710,7 +715,9 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         else:
             self.lm_head = PPMissingLayer()
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
-        self._loaded = False
+        # A dummy-loaded engine (RL: the trainer sends every weight later) never calls
+        # load_weights before its updates, which must not be taken for a first, whole load.
+        self._loaded = vllm_config.load_config.load_format == "dummy"
         dtype = vllm_config.model_config.dtype
         if current_platform.is_cpu():
             check_cpu_kernels(self)
@@ -741,10 +748,15 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
             for name, module in self.named_modules()
             if isinstance(module, (ResidualShortcut, FusedShortcut))
         }
+        fused_norms = {
+            f"{name}.{norm_name}.weight"
+            for name, module in self.named_modules()
+            if isinstance(module, SlicedDecoderLayer)
+            for norm_name, _ in module.fused_norms()
+        }
         seen: set[str] = set()
-        loaded = AutoWeightsLoader(self).load_weights(
-            _check_shortcut_tensors(weights, shortcuts, seen), mapper=self.hf_to_vllm_mapper
-        )
+        checked = _check_fused_norms(_check_shortcut_tensors(weights, shortcuts, seen), fused_norms)
+        loaded = AutoWeightsLoader(self).load_weights(checked, mapper=self.hf_to_vllm_mapper)
         # vLLM counts a fused projection loaded once its own shards are, and skips the check
         # for quantized models, so a shortcut missing from the file would serve whatever
         # memory its rows held. Only the first load must be whole: later calls are weight
@@ -755,24 +767,29 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
             raise ValueError(
                 f"the checkpoint has no tensors for {len(missing)} residual shortcuts that its "
                 f"config declares ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
-                "slicing.attn_shortcuts / mlp_shortcuts in config.json must match the saved "
+                "config.json's slicing (attn_shortcuts / mlp_shortcuts; input_projection and "
+                "embedding_sliced for layer 0's input projection) must match the saved "
                 "weights: re-save the sliced model, or restore the missing tensors"
             )
-        for name, module in self.named_modules():
-            if isinstance(module, SlicedDecoderLayer):
-                for norm_name, norm in module.fused_norms():
-                    if f"{name}.{norm_name}.weight" not in loaded:
-                        continue
-                    if not bool(torch.all(norm.weight == 1)):
-                        raise ValueError(
-                            f"{name}.{norm_name} has a weight other than ones (a smoothing "
-                            "method such as SmoothQuant changed it after slicing), but the "
-                            "config's slicing.unit_norms is true; set it to false in "
-                            "config.json (oneshot with DynamicSliceModifier in the recipe "
-                            "records it correctly)"
-                        )
         self._loaded = True
         return loaded
+
+
+def _check_fused_norms(
+    weights: Iterable[tuple[str, torch.Tensor]], fused_norms: set[str]
+) -> Iterable[tuple[str, torch.Tensor]]:
+    """Pass weights through, refusing a norm weight other than ones where a fused GEMM
+    assumes ones, before it is written: a caller that catches the error (a weight update)
+    keeps serving the model it had."""
+    for name, tensor in weights:
+        if name in fused_norms and not bool(torch.all(tensor == 1)):
+            raise ValueError(
+                f"{name.removesuffix('.weight')} has a weight other than ones (a smoothing "
+                "method such as SmoothQuant changed it after slicing), but the config's "
+                "slicing.unit_norms is true; set it to false in config.json (oneshot with "
+                "DynamicSliceModifier in the recipe records it correctly)"
+            )
+        yield name, tensor
 
 
 _PLAIN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
