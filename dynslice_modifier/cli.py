@@ -236,12 +236,14 @@ def cmd_compress(args: argparse.Namespace) -> None:
             f"--recipe sets the whole recipe; drop {' '.join(given)} or put them in the recipe"
         )
     if args.recipe:
+        import yaml
         from llmcompressor.recipe import Recipe
 
-        if not any(
-            isinstance(m, DynamicSliceModifier)
-            for m in Recipe.create_instance(args.recipe).modifiers
-        ):
+        try:
+            modifiers = Recipe.create_instance(args.recipe).modifiers
+        except yaml.YAMLError as err:
+            raise ValueError(f"--recipe {args.recipe} is not valid YAML: {err}") from None
+        if not any(isinstance(m, DynamicSliceModifier) for m in modifiers):
             raise ValueError(
                 f"--recipe {args.recipe} has no DynamicSliceModifier, so compress would not "
                 "slice; add a slice stage before its quantizers (see recipes/slice_w8a8.yaml)"

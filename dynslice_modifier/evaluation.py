@@ -41,7 +41,10 @@ def wikitext_path(path: str | Path | None = None) -> Path:
 
 
 def wikitext_tokens(tokenizer, path: str | Path | None = None) -> list[int]:
-    text = wikitext_path(path).read_text(encoding="utf-8")
+    source = wikitext_path(path)
+    if source.is_dir():
+        raise ValueError(f"{source} is a directory; point to a text file (e.g. wiki.test.raw)")
+    text = source.read_text(encoding="utf-8")
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -49,7 +52,10 @@ def windows(tokens: list[int], count: int, length: int) -> torch.Tensor:
     """The first ``count`` non-overlapping windows of ``length`` tokens."""
     available = len(tokens) // length
     if count > available:
-        raise ValueError(f"asked for {count} windows of {length} tokens; only {available} fit")
+        raise ValueError(
+            f"asked for {count} windows of {length} tokens; only {available} fit in the "
+            f"{len(tokens)} tokens of the text: give a longer text, or fewer or shorter windows"
+        )
     return torch.tensor(tokens[: count * length], dtype=torch.long).view(count, length)
 
 

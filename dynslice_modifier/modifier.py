@@ -335,7 +335,11 @@ class DynamicSliceModifier(Modifier):
         requirement = required_multiple(others, reads, writes)
         round_to = fit_round_to(self.round_to, requirement, hidden)
         if round_to > hidden:
-            raise AllocationError(f"round_to={round_to} exceeds hidden_size={hidden}")
+            raise AllocationError(
+                f"round_to={round_to} exceeds hidden_size={hidden}: every width is a multiple "
+                f"of round_to; set round_to to at most {hidden} (a divisor of it keeps whole "
+                "layers possible)"
+            )
         if requirement is not None and round_to != (self.round_to or DEFAULT_ROUND_TO):
             logger.info(f"Rounding widths to multiples of {round_to} for {requirement[1]}")
         elif requirement is None and self.round_to is None:
@@ -439,9 +443,10 @@ class DynamicSliceModifier(Modifier):
         (tokens,) = sum_over_ranks(inputs.tokens)
         if tokens < hidden:
             raise CalibrationError(
-                f"{int(tokens)} calibration tokens but hidden_size is {hidden}: PCA needs at "
-                "least as many tokens as dimensions; raise num_calibration_samples or "
-                "max_seq_length"
+                f"{int(tokens)} calibration tokens (padding excluded) but hidden_size is "
+                f"{hidden}: PCA needs at least as many tokens as dimensions; raise "
+                "num_calibration_samples or max_seq_length"
+                + ("" if tokens else ", and check that the attention masks are not all zero")
             )
         logger.info(
             f"DynamicSliceModifier: {len(inputs)} calibration batches, {inputs.tokens} tokens"

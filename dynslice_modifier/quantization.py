@@ -147,7 +147,9 @@ def fit_round_to(round_to: int | None, requirement: tuple[int, str] | None, hidd
     step = math.lcm(round_to or DEFAULT_ROUND_TO, multiple)
     if step > hidden:
         raise AllocationError(
-            f"{who} needs widths that are multiples of {multiple}, but hidden_size is {hidden}"
+            f"{who} needs widths that are multiples of {multiple}, but hidden_size is "
+            f"{hidden}: choose a scheme whose group size divides {hidden} (group_size in a "
+            "recipe's config_groups) or one without groups, such as W8A8"
         )
     return step
 

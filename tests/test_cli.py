@@ -45,6 +45,8 @@ def workdir(tmp_path_factory) -> Path:
         "quant_stage:\n  quant_modifiers:\n"
         "    QuantizationModifier: {targets: Linear, scheme: FP8_DYNAMIC}\n"
     )
+    (root / "broken.yaml").write_text("slice_stage: [unclosed\n")
+    (root / "short.txt").write_text(" = T = \n\n t5 t6 t7 \n")
     return root
 
 
@@ -232,6 +234,9 @@ def test_scores_eval_and_report(workdir, capsys):
             ["compress", "tiny", "bad", "--recipe", "quantize_only.yaml"],
             "has no DynamicSliceModifier",
         ),
+        (["compress", "tiny", "bad", "--recipe", "broken.yaml"], "broken.yaml is not valid YAML"),
+        (["compress", "tiny", "bad", "--round-to", "128"], "set round_to to at most 64"),
+        (["compress", "tiny", "bad", "--quantize", "w4a16"], "or one without groups, such as W8A8"),
         (["compress", "tiny", "bad", "--eval-windows", "0"], "must be > 0"),
         (["compress", "tiny", "bad", "--target-params", "0"], "must be in (0, 1), got 0"),
         # The library's message, in the CLI's flags.
@@ -249,6 +254,18 @@ def test_bad_arguments_fail_clearly(args, message, workdir, capsys):
     code, _, err = run_main(*args, *extra, cwd=workdir, capsys=capsys)
     assert code != 0
     assert message in err
+    assert not (workdir / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [("short.txt", "give a longer text, or fewer or shorter windows"), (".", "is a directory")],
+)
+def test_unusable_text_names_the_fix(data, message, workdir, capsys):
+    code, _, err = run_main(
+        "compress", "tiny", "bad", *SMALL, "--data", data, cwd=workdir, capsys=capsys
+    )
+    assert code != 0 and message in err, err
     assert not (workdir / "bad").exists()
 
 

@@ -48,8 +48,9 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     if model_type == "dynslice":
         raise UnsupportedModelError(
             f"this model is already sliced ({architecture}); slicing it again would need its "
-            "dense original. To quantize it, run oneshot with the quantization modifiers "
-            "alone (no DynamicSliceModifier in the recipe)"
+            "dense original. To quantize it, run llm-compressor's oneshot on it with the "
+            "quantization modifiers alone (no DynamicSliceModifier in the recipe; `dynslice "
+            "compress` always slices)"
         )
     adapter = ADAPTERS.get(model_type)
     if adapter is None or architecture not in adapter.architectures:

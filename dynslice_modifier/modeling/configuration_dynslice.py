@@ -59,7 +59,10 @@ def _layer_list(spec: dict[str, Any], key: str, length: int) -> list[Any]:
 def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
     """Reject a ``slicing`` section that would build a wrong or unloadable model."""
     if not isinstance(spec, dict):
-        raise SlicingConfigError(f"config.slicing must be a mapping, got {type(spec).__name__}")
+        raise SlicingConfigError(
+            f"config.slicing must be a mapping, got {type(spec).__name__}: config.json was "
+            "edited or not written by dynslice-modifier; re-save the sliced model"
+        )
     version = spec.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise SlicingConfigError(
