@@ -292,9 +292,11 @@ class RotateAndSlice:
         input_projection: torch.Tensor | None = None
         self._chain = None
         for idx, layer in enumerate(tqdm(layers, desc="Rotate and slice", leave=False)):
+            if not self.in_place:
+                # Copied where it lives (an offloaded layer lends its onloaded weights), so
+                # the compute device holds the copy alone, not the original beside it.
+                layer = plain_copy(layer)
             with onloaded(layer, device), torch.no_grad():
-                if not self.in_place:
-                    layer = plain_copy(layer)
                 attn_scale, mlp_scale = self._unit_norms(layer, self.dims[idx])
                 attn_inputs = adapter.attn_inputs(layer)
                 whole = self.whole[idx]

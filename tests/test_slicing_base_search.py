@@ -136,6 +136,27 @@ def test_a_trial_fits_its_bases_without_the_heldout_batches():
         torch.testing.assert_close(noisy, clean, atol=0, rtol=0)
 
 
+def test_a_trial_moves_only_its_copies_to_the_compute_device(monkeypatch):
+    # A layer kept in host memory is copied there; onloading the original as well would
+    # hold two copies of every layer on the accelerator.
+    import dynslice_modifier.slicer
+
+    model = tiny_model("llama", True)
+    adapter = get_adapter(model)
+    originals = {id(m) for layer in adapter.layers(model) for m in layer.modules()}
+    onloaded, moved = dynslice_modifier.slicer.onloaded, []
+
+    def record(module, device):
+        moved.append(id(module))
+        return onloaded(module, device)
+
+    monkeypatch.setattr(dynslice_modifier.slicer, "onloaded", record)
+    inputs = capture_layer_inputs(model, adapter.layers(model)[0], calib_batches())
+    RotateAndSlice(model, adapter, [48, 40, 56], CPU, "sublayer", in_place=False).run(inputs)
+    assert len(moved) == len(adapter.layers(model))
+    assert not originals & set(moved)
+
+
 def test_auto_with_a_parameter_target_solves_sparsity_per_candidate():
     model = tiny_model("llama", False)
     # Nearest rounding makes each candidate's widths, and so its solved SP, differ; mean
