@@ -537,13 +537,26 @@ class DynamicSliceModifier(Modifier):
             if not keep_tied:
                 untie_head(model)
             slicer = self._slicer(model, adapter, dims, whole, device, keep_tied)
-            if self.hadamard and slicer.hadamard_block < 16:
+            block = slicer.smallest_hadamard_block
+            if self.hadamard and block < 16:
+                how = (
+                    "with aligned bases every basis takes the same Hadamard blocks, the "
+                    "largest power of two dividing every sliced width"
+                    if self.align_bases
+                    else "each basis takes Hadamard blocks of the largest power of two "
+                    "dividing its width"
+                )
                 logger.warning(
-                    "hadamard with aligned bases: every basis takes the same Hadamard blocks, "
-                    "the largest power of two dividing every sliced width, here "
-                    f"{slicer.hadamard_block}, so outliers are spread over "
-                    f"{slicer.hadamard_block} channels at most (1: not at all). Use widths in "
-                    "multiples of 16 or more (round_to), or align_bases: false"
+                    f"hadamard: {how}; the smallest here is {block}, so outliers are spread "
+                    f"over {block} channels at most there (1: not at all). Use widths in "
+                    "multiples of 16 or more (round_to)"
+                    + (", or align_bases: false" if self.align_bases else "")
+                )
+            if self.hadamard and any(whole):
+                logger.warning(
+                    f"hadamard: layers {[i for i, w in enumerate(whole) if w]} are left whole "
+                    "in the original basis (profitable_only), so no Hadamard rotation spreads "
+                    "their outliers; set profitable_only: false to rotate them too"
                 )
             if consumed:
                 inputs = capture_layer_inputs(model, layers[0], state.data.calib)

@@ -228,7 +228,12 @@ class RotateAndSlice:
         # same blocks: the largest power of two dividing every sliced width.
         sliced = [d for d, w in zip(dims, self.whole, strict=True) if not w]
         common = math.gcd(*sliced) if sliced else 1
-        self.hadamard_block = min(common & -common, 256) if align else 256
+        self.hadamard_block = min(common & -common, 256) if align and sliced else 256
+        # The smallest block any kept basis gets: unaligned, each takes the largest power
+        # of two dividing its own width.
+        self.smallest_hadamard_block = (
+            self.hadamard_block if align else min((min(d & -d, 256) for d in sliced), default=256)
+        )
         # The previous basis of the chain being aligned, before its Hadamard rotation.
         self._chain: torch.Tensor | None = None
         # A trial (``in_place=False``) slices a copy of each layer and leaves the model as it

@@ -82,6 +82,13 @@ def heldout_nll(
     total, tokens = sum_over_ranks(total, tokens)
     if tokens == 0:
         raise CalibrationError("the held-out calibration batches contain no predicted tokens")
+    if not math.isfinite(total):
+        # min() would take a NaN loss for the best one, whatever the others are.
+        raise CalibrationError(
+            "the held-out loss of a slicing_base candidate is not finite (the head "
+            "overflows); calibrate in float32 or bfloat16 rather than float16, or give "
+            "slicing_base explicitly"
+        )
     return total / tokens
 
 

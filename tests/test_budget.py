@@ -219,20 +219,29 @@ def test_sizes_that_miss_the_request_are_warned_of():
     assert coarse.config.slicing["mlp_dims"] == [48, 48, 48]
 
 
-def test_hadamard_with_aligned_bases_warns_when_its_blocks_are_small():
+def test_hadamard_warns_where_it_spreads_little_or_nothing():
     from loguru import logger
 
     messages: list[str] = []
     sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
     try:
-        for dims in ([48, 48, 48], [47, 48, 48]):
+        for dims, align in (([48, 48, 48], True), ([47, 48, 48], True), ([47, 48, 48], False)):
             model = tiny_model("llama", True, layers=3)
-            slice_in_memory(model, layer_dims=dims, hadamard=True)
+            slice_in_memory(model, layer_dims=dims, hadamard=True, align_bases=align)
+        # Layers left whole stay in the original basis, without a Hadamard rotation.
+        model = tiny_model("llama", True, layers=4)
+        slice_in_memory(model, sparsity=0.2, slicing_base=0.0, basis="layer", hadamard=True)
     finally:
         logger.remove(sink)
-    # 48 = 16 x 3: blocks of 16; with 47 among the widths no block but 1 divides them all.
-    warned = [m for m in messages if "the same Hadamard blocks" in m]
-    assert len(warned) == 1 and "here 1," in warned[0], messages
+    # 48 = 16 x 3: blocks of 16; with 47 among the widths no block but 1 divides them all
+    # (aligned), or divides 47 itself (unaligned).
+    small = [m for m in messages if "the smallest here is 1," in m]
+    assert len(small) == 2, messages
+    assert "the same Hadamard blocks" in small[0] and "dividing its width" in small[1]
+    whole = model.config.slicing["whole_layers"]
+    assert whole, "the case must leave a layer whole"
+    warned = [m for m in messages if "no Hadamard rotation spreads" in m]
+    assert len(warned) == 1 and f"layers {whole}" in warned[0], messages
 
 
 def test_rotation_alone_is_refused_where_widths_cannot_stay_whole():

@@ -202,3 +202,14 @@ def test_auto_needs_enough_calibration(batches, message):
     state = SimpleNamespace(model=tiny_model(), data=SimpleNamespace(calib=batches))
     with pytest.raises(CalibrationError, match=message):
         DynamicSliceModifier(sparsity=0.25, slicing_base="auto").on_initialize(state)
+
+
+def test_a_non_finite_heldout_loss_is_an_error_not_a_winner():
+    # min() over (loss, -fraction) would pick a NaN loss whatever the other candidates
+    # scored; a head that overflows (float16) gives one.
+    model = tiny_model("llama", True)
+    adapter = get_adapter(model)
+    inputs = capture_layer_inputs(model, adapter.layers(model)[0], calib_batches())
+    inputs.hidden[1] = torch.full_like(inputs.hidden[1], float("inf"))
+    with pytest.raises(CalibrationError, match=r"held-out loss .* is not finite"):
+        heldout_nll(model, adapter, inputs, [1], CPU)
