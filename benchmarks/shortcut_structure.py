@@ -27,6 +27,8 @@ import torch
 from common import RESULTS
 from safetensors.torch import load_file
 
+from dynslice_modifier.modeling.configuration_dynslice import delta_shortcuts
+
 BENCH = Path(__file__).resolve().parents[1] / "out" / "bench"
 CHECKPOINTS = {
     "unaligned, Hadamard": "sliced-hadamard-none",
@@ -46,26 +48,31 @@ def rtn(weight: torch.Tensor, bits: int, group: int | None) -> torch.Tensor:
     return ((grouped / scale).round().clamp(-levels - 1, levels) * scale).reshape(rows, cols)
 
 
-def shortcuts(directory: Path) -> tuple[list[torch.Tensor], bool]:
-    """Stored weights (out x in) of the shortcuts between sliced bases, and whether they are
-    deltas."""
+def shortcuts(directory: Path) -> list[tuple[torch.Tensor, bool]]:
+    """Stored weights (out x in) of the shortcuts between sliced bases, each with whether it
+    is stored as a delta."""
     config = json.loads((directory / "config.json").read_text())
     layers = config["num_hidden_layers"]
+    deltas = delta_shortcuts(config["slicing"])
     tensors: dict[str, torch.Tensor] = {}
     for path in directory.glob("*.safetensors"):
         tensors.update(load_file(path))
-    names = [f"model.layers.{i}.attn_shortcut.weight" for i in range(layers)]
-    names += [f"model.layers.{i}.mlp_shortcut.weight" for i in range(layers - 1)]
-    stored = [tensors[n].double() for n in names if n in tensors]
-    return stored, bool(config["slicing"].get("delta_shortcuts", False))
+    names = [f"{i}.attn_shortcut" for i in range(layers)]
+    names += [f"{i}.mlp_shortcut" for i in range(layers - 1)]
+    return [
+        (tensors[f"model.layers.{n}.weight"].double(), n in deltas)
+        for n in names
+        if f"model.layers.{n}.weight" in tensors
+    ]
 
 
 def measure(directory: Path) -> dict:
-    stored, delta = shortcuts(directory)
+    found = shortcuts(directory)
+    stored = [weight for weight, _ in found]
     keys = ("dist_from_identity", "int8_error", "int4_error", "rank_residual")
     stats: dict[str, list[float]] = {key: [] for key in keys}
     ranks = []
-    for weight in stored:
+    for weight, delta in found:
         identity = torch.eye(*weight.shape, dtype=weight.dtype)
         full = weight + identity if delta else weight
         norm = full.norm()

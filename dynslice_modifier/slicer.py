@@ -52,6 +52,7 @@ from dynslice_modifier.modeling.configuration_dynslice import (
     INPUT_PROJECTION,
     SHORTCUTS,
     DynSliceConfig,
+    delta_shortcuts,
     format_version,
 )
 from dynslice_modifier.modeling.modeling_dynslice import (
@@ -183,6 +184,28 @@ class SlicingResult:
     aligned: bool = False
     # The head's width when it is sliced (``slice_head``); None: full width, original basis.
     final_dim: int | None = None
+
+    def stored_as_delta(self) -> bool | list[str]:
+        """Which shortcuts to store as their difference from the identity (the
+        ``slicing.delta_shortcuts`` value): true for all, false for none, else their names.
+
+        Within an aligned chain a shortcut is nearly the identity, and its difference is
+        small; one that joins a basis no alignment reaches (the original basis at the
+        embedding, a whole layer or a full-width head) is a general rotation, whose
+        difference from the identity is larger than itself (about sqrt(2) times).
+        """
+        if not self.aligned:
+            return False
+        smaller = {
+            f"{idx}.{name}": bool(
+                torch.linalg.norm(matrix - _identity_like(matrix)) < torch.linalg.norm(matrix)
+            )
+            for idx in range(len(self.attn_dims))
+            for name, matrix in self.changes_of_basis(idx)
+        }
+        if all(smaller.values()):
+            return True
+        return [name for name, delta in smaller.items() if delta] or False
 
     def changes_of_basis(self, idx: int) -> list[tuple[str, torch.Tensor]]:
         """(module name, matrix) of every shortcut decoder layer ``idx`` carries."""
@@ -472,12 +495,16 @@ def _kept(shortcut: torch.Tensor) -> torch.Tensor:
     return shortcut.cpu()
 
 
+def _identity_like(matrix: torch.Tensor) -> torch.Tensor:
+    """The (rectangular) identity of ``matrix``'s shape, dtype and device."""
+    return torch.eye(*matrix.shape, dtype=matrix.dtype, device=matrix.device)
+
+
 def _drop_identity(matrix: torch.Tensor | None) -> torch.Tensor | None:
     """A square shortcut equal to the identity costs parameters and does nothing."""
-    if matrix is not None and matrix.shape[0] == matrix.shape[1]:
-        eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-        if torch.allclose(matrix, eye, rtol=0.0, atol=1e-10):
-            return None
+    square = matrix is not None and matrix.shape[0] == matrix.shape[1]
+    if square and torch.allclose(matrix, _identity_like(matrix), rtol=0.0, atol=1e-10):
+        return None
     return matrix
 
 
@@ -505,10 +532,11 @@ def convert_to_sliced(
     }
     # A sliced head was untied by the slicer, so embeddings_tied is false then.
     base["tie_word_embeddings"] = not result.embedding_sliced and embeddings_tied(model)
+    deltas = result.stored_as_delta()
     spec = {
         "format_version": format_version(
             quantizable_shortcuts,
-            result.aligned,
+            deltas,
             result.final_dim is not None,
             projection_dropped=not result.embedding_sliced and result.input_projection is None,
         ),
@@ -519,7 +547,7 @@ def convert_to_sliced(
         "embedding_sliced": result.embedding_sliced,
         "input_projection": result.input_projection is not None,
         "quantizable_shortcuts": quantizable_shortcuts,
-        "delta_shortcuts": result.aligned,
+        "delta_shortcuts": deltas,
         # Norm scales were folded into the linears; a smoothing modifier later in the
         # recipe may fold new ones in (DynamicSliceModifier.on_finalize re-checks).
         "unit_norms": True,
@@ -532,13 +560,14 @@ def convert_to_sliced(
     config._attn_implementation = old_config._attn_implementation
     spec["source_model"] = config._name_or_path = old_config._name_or_path
 
+    stored_as_delta = delta_shortcuts(spec)
     layers = adapter.layers(model)
     for idx in range(len(layers)):
         old = layers[idx]
         new = SlicedDecoderLayer(config, idx, adapter.attn(old), adapter.mlp(old))
         for name, matrix in result.changes_of_basis(idx):
-            if result.aligned:
-                matrix = matrix - torch.eye(*matrix.shape, dtype=matrix.dtype, device=matrix.device)
+            if f"{idx}.{name}" in stored_as_delta:
+                matrix = matrix - _identity_like(matrix)
             shortcut = getattr(new, name)
             shortcut.weight = nn.Parameter(
                 matrix.T.contiguous().to(shortcut.weight), requires_grad=False

@@ -9,6 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import torch
+from boundary_shortcuts import errors
 from gemm_scaling import goal_gap
 from vllm_speed import cpu_description, round_ratios, speed_table
 
@@ -96,3 +98,15 @@ def test_cpu_description_names_the_model_and_the_kernels_extensions():
     assert cpu_description("flags : sse2\n").endswith(
         "(unknown CPU; none of avx2/avx512f/avx512_bf16/avx512_vnni/amx_bf16/amx_int8)"
     )
+
+
+def test_a_rotation_quantizes_better_whole_and_a_near_identity_as_its_delta():
+    g = torch.Generator().manual_seed(0)
+    rotation = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))[0]
+    whole = errors(rotation[:48])  # a general rotation cut to 48 rows: a boundary shortcut
+    assert whole["delta_over_matrix"] == pytest.approx(2**0.5, rel=0.1)
+    assert whole["int8_whole"] < whole["int8_delta"]
+    near = torch.eye(48, 64, dtype=torch.float64) + 1e-3 * torch.randn(48, 64, generator=g)
+    interior = errors(near.double())
+    assert interior["delta_over_matrix"] < 0.1
+    assert interior["int8_delta"] < interior["int8_whole"]

@@ -93,7 +93,7 @@ def test_one_pass_writes_a_quantized_sliced_checkpoint(wide_dir, tmp_path, quant
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, expected, atol=1e-4, rtol=1e-4)
     # By default `targets: Linear` leaves the shortcut matrices in model dtype.
-    assert spec["quantizable_shortcuts"] is False and spec["delta_shortcuts"] is True
+    assert spec["quantizable_shortcuts"] is False and spec["delta_shortcuts"]
     # SmoothQuant folds its scales into the sliced norms; the config must say so, since
     # vLLM fuses shortcuts into the next projection only while the norms are ones.
     smoothed = any(isinstance(q, SmoothQuantModifier) for q in quantizers)

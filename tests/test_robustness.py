@@ -70,6 +70,10 @@ def sliced_config() -> dict:
         (lambda s: s.pop("mlp_shortcuts"), "mlp_shortcuts"),
         (lambda s: s["attn_shortcuts"].__setitem__(0, "yes"), "true or false"),
         (lambda s: s.__setitem__("delta_shortcuts", "yes"), "delta_shortcuts"),
+        (
+            lambda s: s.__setitem__("delta_shortcuts", ["9.attn_shortcut"]),
+            r"does not declare: \['9.attn_shortcut'\]",
+        ),
         (lambda s: s.pop("layout"), "layout"),
         (lambda s: s.__setitem__("format_version", 99), "upgrade dynslice-modifier"),
         (lambda s: s.pop("format_version"), "is None, not a version number"),

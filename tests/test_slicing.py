@@ -273,6 +273,40 @@ def test_save_reload_equal_logits_and_generate(tmp_path, tied):
     assert reloaded.config.tie_word_embeddings is tied
 
 
+def test_a_model_built_from_its_config_starts_from_identity_shortcuts_and_returns_tuples():
+    # from_config: no weights to load, so each shortcut must pass the residual through
+    # (the stored matrix: the identity, or zeros where it is stored as a delta), not
+    # whatever memory it was given.
+    from dynslice_modifier.modeling.configuration_dynslice import delta_shortcuts
+
+    model = tiny_model("llama", True, layers=4)
+    slice_in_memory(model, layer_dims=[48, 40, 40, 48])
+    fresh = AutoModelForCausalLM.from_config(model.config)
+    deltas = delta_shortcuts(fresh.config.slicing)
+    assert deltas and len(deltas) < 8  # both kinds: the boundaries are stored whole
+    for idx, layer in enumerate(fresh.model.layers):
+        for name in ("input_projection", "attn_shortcut", "mlp_shortcut"):
+            shortcut = getattr(layer, name)
+            if shortcut is None:
+                continue
+            identity = torch.eye(*shortcut.weight.shape)
+            expected = 0 * identity if f"{idx}.{name}" in deltas else identity
+            torch.testing.assert_close(shortcut.weight, expected, atol=0, rtol=0)
+    with torch.no_grad():
+        outputs = model(IDS, labels=IDS, return_dict=False)
+        assert isinstance(outputs, tuple)
+        torch.testing.assert_close(outputs[1], model(IDS).logits, atol=0, rtol=0)
+
+
+def test_a_config_without_base_settings_names_the_fix():
+    from transformers import AutoConfig
+
+    from dynslice_modifier.modeling import SlicingConfigError
+
+    with pytest.raises(SlicingConfigError, match=r"no hidden_size.*load one with from_pretrained"):
+        AutoModelForCausalLM.from_config(AutoConfig.for_model("dynslice"))
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_hidden_states_and_cache_after_reload(tmp_path, tied):
     model = tiny_model("llama", tied)
@@ -465,8 +499,15 @@ def test_aligned_bases_keep_the_function_and_make_shortcuts_small(hadamard):
         torch.testing.assert_close(aligned(IDS).logits, plain(IDS).logits, atol=1e-4, rtol=1e-4)
     assert plain.config.slicing["delta_shortcuts"] is False
     assert plain.config.slicing["format_version"] == 1  # readable by plugins before 3
-    assert aligned.config.slicing["delta_shortcuts"] is True
-    assert aligned.config.slicing["format_version"] == 3
+    # The input projection and the last shortcut join the original basis, which no
+    # alignment reaches: general rotations, stored whole (a delta would be larger).
+    interior = [f"{i}.attn_shortcut" for i in range(4)] + [f"{i}.mlp_shortcut" for i in range(3)]
+    assert sorted(aligned.config.slicing["delta_shortcuts"]) == sorted(interior)
+    assert aligned.config.slicing["format_version"] == 5
+    layers = aligned.model.layers
+    for whole in (layers[0].input_projection.weight, layers[3].mlp_shortcut.weight):
+        # A rotation cut to 48 dims: norm sqrt(48) as stored, about sqrt(96) as a delta.
+        assert whole.norm() == pytest.approx(48**0.5, rel=1e-4)
 
     def stored(model):
         # Shortcuts between sliced bases (not the input projection or the last one, which

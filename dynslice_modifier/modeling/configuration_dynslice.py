@@ -16,10 +16,11 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-# 2 added ``quantizable_shortcuts``, 3 ``delta_shortcuts``, 4 ``final_dim``. A checkpoint
-# records the lowest version that reads it (see ``format_version``), so older readers refuse
-# only what they would build wrongly.
-SLICING_FORMAT_VERSION = 4
+# 2 added ``quantizable_shortcuts``, 3 ``delta_shortcuts``, 4 ``final_dim``, 5
+# ``delta_shortcuts`` as a list (some shortcuts stored whole). A checkpoint records the lowest
+# version that reads it (see ``format_version``), so older readers refuse only what they would
+# build wrongly.
+SLICING_FORMAT_VERSION = 5
 
 # Module names inside a pre-norm decoder layer as Llama and the models that copy it write
 # them. Checkpoints record their layout; this is the one the adapters and vLLM build.
@@ -110,9 +111,20 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
         raise SlicingConfigError(f"slicing.layout must name all of {list(_LAYOUT_KEYS)}")
     if spec.get("embedding_sliced") not in (True, False):
         raise SlicingConfigError("slicing.embedding_sliced must be true or false")
-    for key in ("input_projection", "quantizable_shortcuts", "delta_shortcuts", "unit_norms"):
+    for key in ("input_projection", "quantizable_shortcuts", "unit_norms"):
         if spec.get(key, False) not in (True, False):
             raise SlicingConfigError(f"slicing.{key} must be true or false")
+    deltas = spec.get("delta_shortcuts", False)
+    if isinstance(deltas, list):
+        unknown = [name for name in deltas if name not in declared_shortcuts(spec)]
+        if unknown:
+            raise SlicingConfigError(
+                f"slicing.delta_shortcuts names shortcuts the config does not declare: {unknown}"
+            )
+    elif deltas not in (True, False):
+        raise SlicingConfigError(
+            "slicing.delta_shortcuts must be true, false or a list of shortcut names"
+        )
     unprojected = not spec["embedding_sliced"] and not has_input_projection(spec)
     if unprojected and spec["attn_dims"][0] != hidden_size:
         raise SlicingConfigError(
@@ -129,6 +141,14 @@ def declared_shortcuts(spec: dict[str, Any]) -> list[str]:
     for idx, declared in enumerate(flags):
         names += [f"{idx}.{name}" for name, on in zip(SHORTCUTS, declared, strict=True) if on]
     return names
+
+
+def delta_shortcuts(spec: dict[str, Any]) -> set[str]:
+    """The declared shortcuts (``declared_shortcuts`` names) stored minus the identity."""
+    deltas = spec.get("delta_shortcuts", False)
+    if isinstance(deltas, list):
+        return set(deltas)
+    return set(declared_shortcuts(spec)) if deltas else set()
 
 
 def has_input_projection(spec: dict[str, Any]) -> bool:
@@ -148,7 +168,7 @@ def final_width(spec: dict[str, Any], hidden_size: int) -> int:
 
 def format_version(
     quantizable_shortcuts: bool,
-    delta_shortcuts: bool,
+    delta_shortcuts: bool | list[str],
     head_sliced: bool,
     projection_dropped: bool = False,
 ) -> int:
@@ -158,6 +178,8 @@ def format_version(
     whole), which ``input_projection: false`` says; readers older than format 2 would
     build the projection anyway and serve it uninitialised.
     """
+    if isinstance(delta_shortcuts, list):
+        return 5
     if head_sliced:
         return 4
     if delta_shortcuts:
@@ -203,7 +225,9 @@ class DynSliceConfig(PretrainedConfig):
       quantizer took (``ResidualShortcutLinear``) rather than matrices kept in model dtype;
     - ``delta_shortcuts``: whether shortcut and input-projection weights hold the matrix
       minus the rectangular identity (the layer adds ``x E`` back), which keeps them small
-      when consecutive bases are aligned;
+      when consecutive bases are aligned; a list names the ones that do (as
+      ``"3.mlp_shortcut"``), where the others join a basis no alignment reaches (the
+      original one, at the embedding, a whole layer or a full-width head);
     - ``final_dim``: present when the head is sliced (``slice_head``): the last layer writes
       the residual in a PCA basis of this width, the final norm is a sliced norm (its scale
       folded into the head) and the head, never tied, reads ``final_dim`` columns;
@@ -237,6 +261,13 @@ class DynSliceConfig(PretrainedConfig):
         self.use_cache = use_cache
 
     def check_slicing(self) -> None:
+        missing = [k for k in ("hidden_size", "num_hidden_layers") if not hasattr(self, k)]
+        if missing:
+            raise SlicingConfigError(
+                f"this DynSliceConfig has no {' or '.join(missing)}: a sliced config carries "
+                "its base model's settings and a slicing section, as a sliced checkpoint's "
+                "config.json does; load one with from_pretrained"
+            )
         validate_slicing(self.slicing, self.hidden_size, self.num_hidden_layers)
         sliced = [key for key in ("embedding_sliced", "final_dim") if self.slicing.get(key)]
         if self.tie_word_embeddings and sliced:

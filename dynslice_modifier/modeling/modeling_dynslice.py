@@ -9,13 +9,13 @@ changes, all described by ``config.slicing``:
   head is sliced) normalise by the original width; their scales were folded into the next
   linears (the norms keep a per-dim scale, initially ones);
 - a residual connection between two differently rotated bases carries a shortcut matrix;
-  with ``slicing.delta_shortcuts`` the stored matrix is its difference from the
-  rectangular identity, which the layer adds back (``carry``).
+  one that ``slicing.delta_shortcuts`` names (every one, when it is true) is stored as its
+  difference from the rectangular identity, which the layer adds back (``carry``).
 
 The attention and MLP modules are the base architecture's own, so rotary embeddings, GQA,
 q/k norms, biases, sliding windows and every attention backend keep working. Like the
-configuration file, this file imports only torch and transformers so it can be shipped with
-each checkpoint for ``trust_remote_code=True``.
+configuration file, this file imports only torch and transformers (and safetensors, which
+transformers needs) so it can be shipped with each checkpoint for ``trust_remote_code=True``.
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils import can_return_tuple
 
 from .configuration_dynslice import (
     INPUT_PROJECTION,
     SHORTCUTS,
     DynSliceConfig,
     declared_shortcuts,
+    delta_shortcuts,
     final_width,
     has_input_projection,
 )
@@ -183,7 +185,11 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         self.add_module(
             layout["post_attention_norm"], SlicedRMSNorm(mlp_dim, hidden, eps, device, dtype)
         )
-        self.delta_shortcuts = bool(config.slicing.get("delta_shortcuts", False))
+        self.deltas = {
+            name.partition(".")[2]
+            for name in delta_shortcuts(config.slicing)
+            if name.startswith(f"{layer_idx}.")
+        }
         shortcut = shortcut_class(config.slicing)
         # A tied embedding table stays in the original basis; layer 0 projects it.
         self.input_projection = (
@@ -201,7 +207,21 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             if config.slicing["mlp_shortcuts"][layer_idx]
             else None
         )
+        self._start_as_identity()
         self._capturing_hook = _record_hidden_states(self)
+
+    @torch.no_grad()
+    def _start_as_identity(self) -> None:
+        """A layer built fresh (not loaded) passes its residual through each shortcut
+        unchanged, rather than through uninitialised memory; transformers then leaves the
+        shortcuts alone. A model built on ``meta`` to be loaded has nothing to fill."""
+        for name in (INPUT_PROJECTION, *SHORTCUTS):
+            shortcut = getattr(self, name)
+            if shortcut is None or shortcut.weight.is_meta:
+                continue
+            identity = torch.eye(*shortcut.weight.shape, dtype=shortcut.weight.dtype)
+            shortcut.weight.copy_(torch.zeros_like(identity) if name in self.deltas else identity)
+            shortcut._is_hf_initialized = True
 
     def __getstate__(self) -> dict[str, Any]:
         # transformers' capturing hook is a local function, which pickle cannot take (a
@@ -215,9 +235,9 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         super().__setstate__(state)
         self._capturing_hook = _record_hidden_states(self)
 
-    def _shortcut(self, shortcut: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-        out = shortcut(hidden_states)
-        return out + carry(hidden_states, out.shape[-1]) if self.delta_shortcuts else out
+    def _shortcut(self, name: str, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = getattr(self, name)(hidden_states)
+        return out + carry(hidden_states, out.shape[-1]) if name in self.deltas else out
 
     def forward(
         self,
@@ -231,7 +251,7 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         layout = self.layout
         if self.input_projection is not None:
-            hidden_states = self._shortcut(self.input_projection, hidden_states)
+            hidden_states = self._shortcut(INPUT_PROJECTION, hidden_states)
         residual = hidden_states
         hidden_states = getattr(self, layout["input_norm"])(hidden_states)
         hidden_states, _ = getattr(self, layout["attn"])(
@@ -244,14 +264,14 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             **kwargs,
         )
         if self.attn_shortcut is not None:
-            residual = self._shortcut(self.attn_shortcut, residual)
+            residual = self._shortcut("attn_shortcut", residual)
         hidden_states = residual + hidden_states
 
         residual = hidden_states
         hidden_states = getattr(self, layout["post_attention_norm"])(hidden_states)
         hidden_states = getattr(self, layout["mlp"])(hidden_states)
         if self.mlp_shortcut is not None:
-            residual = self._shortcut(self.mlp_shortcut, residual)
+            residual = self._shortcut("mlp_shortcut", residual)
         return residual + hidden_states
 
 
@@ -414,6 +434,9 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.model.embed_tokens = value
 
+    # return_dict=False: the base model's output becomes a tuple, as in transformers' own
+    # causal LMs.
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

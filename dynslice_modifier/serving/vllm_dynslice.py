@@ -10,8 +10,9 @@ model is its base decoder (Llama, Mistral, Qwen2, Qwen3) where, per layer ``l``:
   internals (heads, GQA, rotary, q/k norms, biases) are untouched;
 - the two in-layer norms normalise by the *original* ``hidden_size`` and scale per kept dim;
 - a residual connection between two bases carries a shortcut matrix (``attn_shortcut``,
-  ``mlp_shortcut``) when the config says so, otherwise it is the identity; with
-  ``delta_shortcuts`` the matrix is stored minus the identity, which is added back here;
+  ``mlp_shortcut``) when the config says so, otherwise it is the identity; one that
+  ``delta_shortcuts`` names (every one, when it is true) is stored minus the identity,
+  which is added back here;
 - an embedding table left in the original basis (tied models, ``embedding_sliced: false``)
   is projected to layer 0's basis by ``model.layers.0.input_projection``, unless layer 0
   was left whole (``input_projection: false``).
@@ -73,7 +74,9 @@ from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from dynslice_modifier.modeling.configuration_dynslice import (
+    INPUT_PROJECTION,
     DynSliceConfig,
+    delta_shortcuts,
     final_width,
     has_input_projection,
 )
@@ -442,7 +445,9 @@ class SlicedDecoderLayer(nn.Module):
         spec = config.slicing
         attn_dim, mlp_dim, out_dim = layer_widths(config, idx)
         eps = config.rms_norm_eps
-        self.delta_shortcuts = bool(spec.get("delta_shortcuts", False))
+        self.deltas = {
+            name.partition(".")[2] for name in delta_shortcuts(spec) if name.startswith(f"{idx}.")
+        }
 
         # A tied embedding table stays in the original basis at full width; layer 0 projects
         # it into its own basis first.
@@ -533,10 +538,12 @@ class SlicedDecoderLayer(nn.Module):
         self,
         norm: SlicedRMSNorm,
         projection: MergedColumnParallelLinear,
-        shortcut: ResidualShortcut | FusedShortcut | None,
+        name: str,
         hidden_states: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the sublayer's input projection of norm(x), the residual x in the next basis)."""
+        """(the sublayer's input projection of norm(x), the residual x in the next basis
+        through the shortcut called ``name``)."""
+        shortcut = getattr(self, name)
         if isinstance(shortcut, FusedShortcut):
             inverse_rms = norm.inverse_rms(hidden_states)
             both, _ = projection(norm.scale(hidden_states, inverse_rms))
@@ -548,11 +555,13 @@ class SlicedDecoderLayer(nn.Module):
             if shortcut is None:
                 return projected, hidden_states
             moved, _ = shortcut(hidden_states)
-        return projected, self._add_identity(moved, hidden_states)
+        return projected, self._add_identity(name, moved, hidden_states)
 
-    def _add_identity(self, moved: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def _add_identity(
+        self, name: str, moved: torch.Tensor, hidden_states: torch.Tensor
+    ) -> torch.Tensor:
         """A delta shortcut's output plus the ``x E`` its stored matrix leaves out."""
-        if not self.delta_shortcuts:
+        if name not in self.deltas:
             return moved
         return moved + carry(hidden_states, moved.shape[-1])
 
@@ -562,13 +571,13 @@ class SlicedDecoderLayer(nn.Module):
         # next norm the way vLLM's fused add-norm does.
         if self.input_projection is not None:
             moved, _ = self.input_projection(hidden_states)
-            hidden_states = self._add_identity(moved, hidden_states)
+            hidden_states = self._add_identity(INPUT_PROJECTION, moved, hidden_states)
         qkv, residual = self._read(
-            self.input_layernorm, self.self_attn.qkv_proj, self.attn_shortcut, hidden_states
+            self.input_layernorm, self.self_attn.qkv_proj, "attn_shortcut", hidden_states
         )
         hidden_states = residual + self.self_attn(positions, qkv)
         gate_up, residual = self._read(
-            self.post_attention_layernorm, self.mlp.gate_up_proj, self.mlp_shortcut, hidden_states
+            self.post_attention_layernorm, self.mlp.gate_up_proj, "mlp_shortcut", hidden_states
         )
         return residual + self.mlp(gate_up)
 
