@@ -32,6 +32,7 @@ forward passes of the calibration set (plus an attention-only pass with ``basis=
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -196,10 +197,9 @@ class SlicingResult:
         """
         if not self.aligned:
             return False
+        # |S - E|^2 = |S|^2 - 2 tr(S E^T) + rank(E) < |S|^2, without forming S - E.
         smaller = {
-            f"{idx}.{name}": bool(
-                torch.linalg.norm(matrix - _identity_like(matrix)) < torch.linalg.norm(matrix)
-            )
+            f"{idx}.{name}": 2 * float(matrix.diagonal().sum()) > min(matrix.shape)
             for idx in range(len(self.attn_dims))
             for name, matrix in self.changes_of_basis(idx)
         }
@@ -320,11 +320,15 @@ class RotateAndSlice:
         input_projection: torch.Tensor | None = None
         self._chain = None
         for idx, layer in enumerate(tqdm(layers, desc="Rotate and slice", leave=False)):
-            if not self.in_place:
+            if self.in_place:
+                place = onloaded(layer, device)
+            else:
                 # Copied where it lives (an offloaded layer lends its onloaded weights), so
-                # the compute device holds the copy alone, not the original beside it.
-                layer = plain_copy(layer)
-            with onloaded(layer, device), torch.no_grad():
+                # the compute device holds the copy alone, not the original beside it; the
+                # copy is thrown away, never moved back.
+                layer = plain_copy(layer).to(device)
+                place = contextlib.nullcontext(layer)
+            with place, torch.no_grad():
                 attn_scale, mlp_scale = self._unit_norms(layer, self.dims[idx])
                 attn_inputs = adapter.attn_inputs(layer)
                 whole = self.whole[idx]
@@ -560,13 +564,13 @@ def convert_to_sliced(
     config._attn_implementation = old_config._attn_implementation
     spec["source_model"] = config._name_or_path = old_config._name_or_path
 
-    stored_as_delta = delta_shortcuts(spec)
+    as_delta = delta_shortcuts(spec)
     layers = adapter.layers(model)
     for idx in range(len(layers)):
         old = layers[idx]
         new = SlicedDecoderLayer(config, idx, adapter.attn(old), adapter.mlp(old))
         for name, matrix in result.changes_of_basis(idx):
-            if f"{idx}.{name}" in stored_as_delta:
+            if f"{idx}.{name}" in as_delta:
                 matrix = matrix - _identity_like(matrix)
             shortcut = getattr(new, name)
             shortcut.weight = nn.Parameter(

@@ -132,8 +132,14 @@ def test_whole_layers_are_counted_exactly_and_reload(tmp_path, tied, basis, alig
     assert result.attn_shortcuts[0] is None and result.attn_shortcuts[2] is None
     convert_to_sliced(model, adapter, result, {"sparsity": 0.2, "slicing_base": 0.0})
     assert count_parameters(model) == predicted
-    # A tied table with no input projection needs a reader that knows input_projection.
-    floor = 3 if aligned else 2 if tied else 1
+    # Every shortcut between layers touches a whole layer's original basis, which no
+    # alignment reaches, so only those inside a sliced layer (sublayer bases) are deltas.
+    deltas = model.config.slicing["delta_shortcuts"]
+    inside = aligned and basis == "sublayer"
+    assert deltas == (["1.attn_shortcut", "3.attn_shortcut"] if inside else False)
+    # A list of deltas needs format 5; a tied table with no input projection, a reader
+    # that knows input_projection.
+    floor = 5 if inside else 2 if tied else 1
     assert model.config.slicing["format_version"] == floor
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)

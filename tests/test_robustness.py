@@ -100,11 +100,18 @@ def sliced_config() -> dict:
         ),
     ],
 )
-def test_hostile_configs_are_rejected(sliced_config, mutate, message):
+def test_hostile_configs_are_rejected(sliced_config, mutate, message, tmp_path):
+    from safetensors.torch import save_file
+
     config = copy.deepcopy(sliced_config)
     mutate(config["slicing"])
     with pytest.raises(SlicingConfigError, match=message):
         DynSliceForCausalLM(DynSliceConfig.from_dict(config))
+    # Loading checks the config before it reads the weights' names against it.
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SlicingConfigError, match=message):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
 def test_missing_slicing_section(sliced_config, tmp_path):

@@ -379,7 +379,9 @@ def test_rotation_products_run_where_the_basis_is():
     from dynslice_modifier import rotate
 
     class Products(TorchFunctionMode):
-        devices: list[str] = []
+        def __init__(self) -> None:
+            super().__init__()
+            self.devices: list[str] = []
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
             if getattr(func, "__name__", "") in ("matmul", "__matmul__"):
@@ -396,7 +398,6 @@ def test_rotation_products_run_where_the_basis_is():
         with Products() as products, pytest.raises(NotImplementedError, match="meta"):
             rotation()
         assert products.devices and set(products.devices) == {"meta"}
-        products.devices = []
 
 
 def test_redundancy_scores_are_recorded():

@@ -116,10 +116,17 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
             raise SlicingConfigError(f"slicing.{key} must be true or false")
     deltas = spec.get("delta_shortcuts", False)
     if isinstance(deltas, list):
-        unknown = [name for name in deltas if name not in declared_shortcuts(spec)]
+        declared = set(declared_shortcuts(spec))
+        unknown = [name for name in deltas if name not in declared]
         if unknown:
             raise SlicingConfigError(
                 f"slicing.delta_shortcuts names shortcuts the config does not declare: {unknown}"
+            )
+        if version < 5:
+            # Readers of formats 3 and 4 take any list for true: every shortcut a delta.
+            raise SlicingConfigError(
+                f"slicing.delta_shortcuts is a list, which format {version} cannot say; "
+                "config.json was edited: set format_version to 5, or re-save the sliced model"
             )
     elif deltas not in (True, False):
         raise SlicingConfigError(
@@ -151,6 +158,12 @@ def delta_shortcuts(spec: dict[str, Any]) -> set[str]:
     return set(declared_shortcuts(spec)) if deltas else set()
 
 
+def layer_deltas(spec: dict[str, Any], layer_idx: int) -> set[str]:
+    """The shortcuts of decoder layer ``layer_idx`` stored as deltas, by module name."""
+    prefix = f"{layer_idx}."
+    return {name.removeprefix(prefix) for name in delta_shortcuts(spec) if name.startswith(prefix)}
+
+
 def has_input_projection(spec: dict[str, Any]) -> bool:
     """Layer 0 maps the unsliced table into its basis, unless it is itself unrotated.
 
@@ -168,7 +181,7 @@ def final_width(spec: dict[str, Any], hidden_size: int) -> int:
 
 def format_version(
     quantizable_shortcuts: bool,
-    delta_shortcuts: bool | list[str],
+    deltas: bool | list[str],
     head_sliced: bool,
     projection_dropped: bool = False,
 ) -> int:
@@ -178,11 +191,11 @@ def format_version(
     whole), which ``input_projection: false`` says; readers older than format 2 would
     build the projection anyway and serve it uninitialised.
     """
-    if isinstance(delta_shortcuts, list):
+    if isinstance(deltas, list):
         return 5
     if head_sliced:
         return 4
-    if delta_shortcuts:
+    if deltas:
         return 3
     return 2 if quantizable_shortcuts or projection_dropped else 1
 

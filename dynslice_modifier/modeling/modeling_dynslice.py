@@ -39,9 +39,9 @@ from .configuration_dynslice import (
     SHORTCUTS,
     DynSliceConfig,
     declared_shortcuts,
-    delta_shortcuts,
     final_width,
     has_input_projection,
+    layer_deltas,
 )
 
 
@@ -185,11 +185,7 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         self.add_module(
             layout["post_attention_norm"], SlicedRMSNorm(mlp_dim, hidden, eps, device, dtype)
         )
-        self.deltas = {
-            name.partition(".")[2]
-            for name in delta_shortcuts(config.slicing)
-            if name.startswith(f"{layer_idx}.")
-        }
+        self.deltas = layer_deltas(config.slicing, layer_idx)
         shortcut = shortcut_class(config.slicing)
         # A tied embedding table stays in the original basis; layer 0 projects it.
         self.input_projection = (
@@ -219,8 +215,9 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             shortcut = getattr(self, name)
             if shortcut is None or shortcut.weight.is_meta:
                 continue
-            identity = torch.eye(*shortcut.weight.shape, dtype=shortcut.weight.dtype)
-            shortcut.weight.copy_(torch.zeros_like(identity) if name in self.deltas else identity)
+            shortcut.weight.zero_()
+            if name not in self.deltas:
+                shortcut.weight.diagonal().fill_(1)
             shortcut._is_hf_initialized = True
 
     def __getstate__(self) -> dict[str, Any]:
@@ -405,6 +402,7 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
         if stored is not None:
             if not isinstance(config, DynSliceConfig):
                 config = DynSliceConfig.from_pretrained(path)
+            config.check_slicing()
             weights = {name.rpartition(".")[0] for name in stored if _is_weight(name)}
             _refuse_missing(
                 f"model.layers.{name}"

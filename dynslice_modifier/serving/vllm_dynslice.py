@@ -76,9 +76,9 @@ from vllm.sequence import IntermediateTensors
 from dynslice_modifier.modeling.configuration_dynslice import (
     INPUT_PROJECTION,
     DynSliceConfig,
-    delta_shortcuts,
     final_width,
     has_input_projection,
+    layer_deltas,
 )
 from dynslice_modifier.modeling.modeling_dynslice import carry, layer_widths
 from dynslice_modifier.serving.cpu_kernels import check_cpu_dtype, check_cpu_kernels
@@ -445,9 +445,7 @@ class SlicedDecoderLayer(nn.Module):
         spec = config.slicing
         attn_dim, mlp_dim, out_dim = layer_widths(config, idx)
         eps = config.rms_norm_eps
-        self.deltas = {
-            name.partition(".")[2] for name in delta_shortcuts(spec) if name.startswith(f"{idx}.")
-        }
+        self.deltas = layer_deltas(spec, idx)
 
         # A tied embedding table stays in the original basis at full width; layer 0 projects
         # it into its own basis first.
