@@ -612,6 +612,20 @@ def test_front_end_checks_the_config_before_any_worker(
     assert "unsupported hidden_act 'gelu'" in result.stdout
 
 
+def _serve_python(script: str) -> str:
+    """Run ``script`` with the serving environment's interpreter; its standard output."""
+    require_plugin()
+    result = subprocess.run(
+        [str(SERVE_PYTHON), "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=CHECKS_TIMEOUT_S,
+        env=serve_env(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 _GPU_FLOAT32 = """
 import sys
 from types import SimpleNamespace
@@ -639,16 +653,8 @@ def test_front_end_refuses_a_quantized_checkpoint_in_float32_on_a_gpu() -> None:
     """vLLM's quantized GEMMs on GPUs return 16-bit outputs only; the front end must say
     so, not an engine worker after the model is built. A CPU stands in for the GPU by
     patching vLLM's platform."""
-    require_plugin()
-    result = subprocess.run(
-        [str(SERVE_PYTHON), "-c", _GPU_FLOAT32],
-        capture_output=True,
-        text=True,
-        timeout=CHECKS_TIMEOUT_S,
-        env=serve_env(),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith(("cpu", "gpu"))]
+    output = _serve_python(_GPU_FLOAT32)
+    lines = [line for line in output.splitlines() if line.startswith(("cpu", "gpu"))]
     accepted = ["cpu None accepted", "cpu compressed-tensors accepted", "gpu None accepted"]
     assert lines[:3] == accepted, lines
     assert lines[3].startswith("gpu compressed-tensors refused:"), lines
@@ -687,16 +693,7 @@ def test_shortcut_fusion_follows_the_scheme() -> None:
     exactly: dynamic per-token activations (the per-token factor the fusion moves), and
     no scale that vLLM shares across a fused layer's shards (NVFP4's global scale, FP8
     per-tensor weight scales: vLLM keeps the largest, coarse for a small delta shortcut)."""
-    require_plugin()
-    result = subprocess.run(
-        [str(SERVE_PYTHON), "-c", _FUSABLE],
-        capture_output=True,
-        text=True,
-        timeout=CHECKS_TIMEOUT_S,
-        env=serve_env(),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    fusable = dict(line.split() for line in result.stdout.splitlines() if line.strip())
+    fusable = dict(line.split() for line in _serve_python(_FUSABLE).splitlines() if line.strip())
     assert fusable == {
         "W8A8": "True",
         "FP8_DYNAMIC": "True",
