@@ -331,7 +331,8 @@ class DynamicSliceModifier(Modifier):
         hidden, num_layers = config.hidden_size, config.num_hidden_layers
         others = recipe_modifiers()
         check_order(others, self)
-        reads, writes = self._sliced_linears(model, adapter)
+        module_names = {id(module): name for name, module in model.named_modules()}
+        reads, writes = self._sliced_linears(model, adapter, module_names)
         requirement = required_multiple(others, reads, writes)
         round_to = fit_round_to(self.round_to, requirement, hidden)
         if round_to > hidden:
@@ -371,7 +372,6 @@ class DynamicSliceModifier(Modifier):
                 f"layer_scores has {len(self.layer_scores)} entries but the model has "
                 f"{num_layers} decoder layers"
             )
-        module_names = {id(module): name for name, module in model.named_modules()}
         layer_names = [module_names[id(layer)] for layer in adapter.layers(model)]
         check_unsliced_inputs(model, set(reads), others)
         explicit = (
@@ -620,7 +620,7 @@ class DynamicSliceModifier(Modifier):
         return True
 
     def _sliced_linears(
-        self, model: torch.nn.Module, adapter: Any
+        self, model: torch.nn.Module, adapter: Any, names: dict[int, str]
     ) -> tuple[dict[str, torch.nn.Module], dict[str, torch.nn.Module]]:
         """The linears (by name) whose input width slicing sets, and those whose output
         width it sets: what the recipe's quantizers may ask to be rounded.
@@ -631,7 +631,6 @@ class DynamicSliceModifier(Modifier):
         """
         reads: dict[str, torch.nn.Module] = {}
         writes: dict[str, torch.nn.Module] = {}
-        names = {id(module): name for name, module in model.named_modules()}
         probe = shortcut_probe()
         for layer in adapter.layers(model):
             for linear in adapter.attn_inputs(layer) + adapter.mlp_inputs(layer):

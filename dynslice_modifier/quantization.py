@@ -88,6 +88,13 @@ def _8bit_gemm(weights: QuantizationArgs | None, inputs: QuantizationArgs | None
     return kind if weights.type == inputs.type else None
 
 
+def _group_size(args: QuantizationArgs | None) -> int:
+    """The group size of a group-wise scheme; 0 for any other (or none)."""
+    if args is None or args.strategy not in _GROUPED or not args.group_size:
+        return 0
+    return int(args.group_size)
+
+
 def _whole_groups(modifier: Modifier) -> str:
     """Why a group size binds even when the modifier bypasses divisibility checks."""
     if not getattr(modifier, "bypass_divisibility_checks", False):
@@ -123,10 +130,10 @@ def required_multiple(
         writing = _groups_taking(writes, modifier)
         for group in modifier.resolved_config.config_groups.values():
             for args in (group.weights, group.input_activations):
-                grouped = args is not None and args.strategy in _GROUPED and args.group_size
-                if grouped and id(group) in reading:
-                    multiple = math.lcm(multiple, int(args.group_size))
-                    names.append(f"{name} (group_size {args.group_size}{_whole_groups(modifier)})")
+                size = _group_size(args)
+                if size and id(group) in reading:
+                    multiple = math.lcm(multiple, size)
+                    names.append(f"{name} (group_size {size}{_whole_groups(modifier)})")
             kind = _8bit_gemm(group.weights, group.input_activations)
             if kind is not None and id(group) in reading | writing:
                 multiple = math.lcm(multiple, GEMM_8BIT_ALIGNMENT)
@@ -179,10 +186,9 @@ def check_unsliced_inputs(
             continue
         ignore = list(getattr(modifier, "ignore", None) or [])
         for group in modifier.resolved_config.config_groups.values():
-            args = group.weights
-            if args is None or args.strategy not in _GROUPED or not args.group_size:
+            size = _group_size(group.weights)
+            if not size:
                 continue
-            size = int(args.group_size)
             bad = [
                 f"{name} ({module.in_features})"
                 for name, module in match_named_modules(model, group.targets, ignore)
@@ -253,13 +259,12 @@ def check_input_projection(name: str, width: int, modifiers: Sequence[Modifier])
         if not is_quantizer(modifier):
             continue
         group = _group_of(name, shortcut_probe(), modifier)
-        args = group.weights if group is not None else None
-        grouped = args is not None and args.strategy in _GROUPED and args.group_size
-        if grouped and width % int(args.group_size):
+        size = _group_size(group.weights if group is not None else None)
+        if size and width % size:
             raise AllocationError(
-                f"{type(modifier).__name__} uses groups of {args.group_size} and would "
+                f"{type(modifier).__name__} uses groups of {size} and would "
                 f"quantize {name}, which maps the tied embedding table ({width} wide, "
-                f"not a multiple of {args.group_size}) into layer 0's basis; add "
+                f"not a multiple of {size}) into layer 0's basis; add "
                 "'re:.*input_projection$' to the quantizer's ignore list"
             )
 
