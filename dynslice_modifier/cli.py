@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import signal
 import sys
 import threading
@@ -27,6 +29,13 @@ def _model_path(name: str) -> Path:
 
         return smollm2_path()
     path = Path(name)
+    if not path.exists() and re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", name):
+        # Looks like a Hub id (org/name), which from_pretrained would fetch; the commands
+        # here read, and compress writes beside, a local directory only.
+        raise FileNotFoundError(
+            f"{name} does not exist; models are not downloaded: if it is a Hugging Face Hub "
+            f"id, download it first (hf download {name} --local-dir DIR) and pass DIR"
+        )
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{name} is not a model directory (no config.json)")
     return path
@@ -51,9 +60,18 @@ def _weights_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
+# argparse turns a parser's ValueError into "invalid <function name> value"; the parsers
+# below raise ArgumentTypeError, whose message it shows as it is.
+
+
 def _positive(kind: type) -> Any:
     def parse(text: str) -> Any:
-        value = kind(text)
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be {'an integer' if kind is int else 'a number'} > 0, got {text!r}"
+            ) from None
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
@@ -61,38 +79,68 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+
+
+def _percent_hint(value: float) -> str:
+    """What a fraction given as a percentage (25 for 0.25) most likely meant."""
+    return f" (a fraction: {value / 100:g} for {value:g}%)" if 1.0 <= value <= 100.0 else ""
+
+
 def _fraction(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}{_percent_hint(value)}")
     return value
 
 
 def _share(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}{_percent_hint(value)}")
     return value
 
 
 def _slicing_base(text: str) -> float | str:
-    return "auto" if text == "auto" else _fraction(text)
+    if text.lower() == "auto":
+        return "auto"
+    # [0, 1] and not [0, SP]: SB 1.0 with --target-params is constant slicing (capped at the
+    # SP solved for); the modifier checks SB against the sparsity it ends up with.
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 <= value <= 1.0:
+        hint = _percent_hint(value) if value is not None and value > 1.0 else ""
+        raise argparse.ArgumentTypeError(f"a fraction in [0, 1] or 'auto', got {text}{hint}")
+    return value
 
 
-# DynamicSliceModifier fields that `compress` exposes as flags of the same name. The flags
-# hold no defaults of their own: an unset one is left out, so the modifier applies its
-# default (and can tell an explicit round_to from its own), and --help reads it from there.
-SLICER_FLAGS = (
-    "round_to",
-    "rounding",
-    "basis",
-    "normalization",
-    "hadamard",
-    "align_bases",
-    "untie_embeddings",
-    "slice_head",
-    "quantize_shortcuts",
-)
+# DynamicSliceModifier fields that `compress` exposes as flags of the same name, with the
+# modifier's defaults, which --help shows. The flags hold no defaults of their own: an unset
+# one is left out, so the modifier applies its default (and can tell an explicit round_to
+# from its own). The defaults are written out rather than read from the modifier because
+# importing it imports llm-compressor, which the [serve] and [eval] environments lack and
+# which --help should not wait for; a test holds them to the modifier's.
+SLICER_FLAGS: dict[str, Any] = {
+    "round_to": None,
+    "rounding": "mean",
+    "basis": "sublayer",
+    "normalization": "minmax",
+    "hadamard": False,
+    "align_bases": True,
+    "profitable_only": True,
+    "untie_embeddings": False,
+    "slice_head": False,
+    "quantize_shortcuts": False,
+}
+
+# The modifier's fields that only a recipe sets (every other one is a flag).
+RECIPE_ONLY = ("layer_dims", "layer_scores", "auto_fractions", "auto_holdout")
 
 
 def _flag(field: str) -> str:
@@ -105,11 +153,9 @@ def _slicer_flag(
 ) -> None:
     """``--<field>`` for ``DynamicSliceModifier.<field>``; --help shows the modifier's default
     (``unset`` says what a default of None means)."""
-    from dynslice_modifier.modifier import DynamicSliceModifier
-
     if field not in SLICER_FLAGS:
         raise ValueError(f"{field} is not listed in SLICER_FLAGS")
-    default = DynamicSliceModifier.model_fields[field].default
+    default = SLICER_FLAGS[field]
     if default is None:
         default = unset
     if isinstance(default, bool):
@@ -176,6 +222,18 @@ def quant_modifiers(
     return []
 
 
+def _check_writable(flag: str, target: str) -> None:
+    """Refuse an output file that could not be written, before the work that fills it."""
+    path = Path(target)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {target} is a directory; give a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{flag} {target}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"{flag} {target} is not writable")
+
+
 def cmd_scores(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM
@@ -185,6 +243,8 @@ def cmd_scores(args: argparse.Namespace) -> None:
     from dynslice_modifier.slicer import redundancy_scores
 
     path = _model_path(args.model)
+    if args.json:
+        _check_writable("--json", args.json)
     tokenizer = _tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     adapter = get_adapter(model)
@@ -201,7 +261,24 @@ def cmd_scores(args: argparse.Namespace) -> None:
         print(f"scores written to {args.json} (use as layer_scores in a recipe)")
 
 
+class MissingExtraError(Exception):
+    """A command needs an optional dependency group that this environment lacks."""
+
+
+def _require_compression_stack() -> None:
+    # The [serve] and [eval] environments have no llm-compressor (its compressed-tensors pin
+    # differs from vLLM's); name the extra instead of failing on the import.
+    try:
+        import llmcompressor  # noqa: F401
+    except ImportError as err:
+        raise MissingExtraError(
+            f'compress needs llm-compressor ({err}): pip install "dynslice-modifier[compress]"'
+            ' (from a clone: pip install -e ".[compress]")'
+        ) from None
+
+
 def cmd_compress(args: argparse.Namespace) -> None:
+    _require_compression_stack()
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -337,9 +414,25 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"perplexity of {path} on {args.windows} x {args.window_len} tokens: {ppl:.3f}")
 
 
+def _model_type(checkpoint: str) -> str | None:
+    """``model_type`` of a checkpoint's config; None where there is no readable one (the
+    report then names what is wrong)."""
+    try:
+        return json.loads((Path(checkpoint) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from dynslice_modifier.report import summary_markdown, write_report
 
+    model_type = _model_type(args.checkpoint)
+    if model_type not in (None, "dynslice"):
+        raise ValueError(
+            f"{args.checkpoint} is not a sliced checkpoint (model_type {model_type!r}); slice "
+            f"it first with: dynslice compress {args.checkpoint} OUTPUT (which writes the "
+            "report into OUTPUT)"
+        )
     md, png = write_report(args.checkpoint, args.out)
     print(summary_markdown(args.checkpoint))
     print(f"wrote {md} and {png}")
@@ -357,7 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the scores to this JSON file")
     p.set_defaults(func=cmd_scores)
 
-    p = sub.add_parser("compress", help="slice (and optionally quantize) into an output dir")
+    p = sub.add_parser(
+        "compress",
+        help="slice (and optionally quantize) into an output dir",
+        epilog="Set only in a --recipe: " + ", ".join(RECIPE_ONLY) + " (see the modifier's "
+        "docstring; dynslice scores --json writes layer_scores).",
+    )
     p.add_argument("model", help="model directory, or 'smollm2'")
     p.add_argument(
         "output",
@@ -375,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--slicing-base",
         type=_slicing_base,
-        help="SB in [0, SP] (default 0.2*SP), or 'auto' to choose it on held-out calibration text",
+        help="SB in [0, SP] (default 0.2*SP; with --target-params in [0, 1], capped at the SP "
+        "solved for), or 'auto' to choose it on held-out calibration text",
     )
     _slicer_flag(
         p,
@@ -411,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
         "align consecutive bases so shortcuts are near the identity and stored as their "
         "difference from it (helps quantized shortcuts)",
     )
+    _slicer_flag(
+        p,
+        "profitable_only",
+        "leave a layer whole (full width, no shortcut) where slicing it would add more "
+        "shortcut weights than it removes",
+    )
     _slicer_flag(p, "untie_embeddings", "untie a tied head and slice the embedding table")
     _slicer_flag(
         p,
@@ -422,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantize",
         choices=QUANT_SCHEMES,
         default="none",
-        help="quantize after slicing in the same oneshot pass",
+        help="quantize after slicing in the same oneshot pass (default: none)",
     )
     _slicer_flag(
         p,
@@ -441,19 +546,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(int),
         help="evaluate perplexity before/after on this many 1024-token windows",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="torch seed set before compressing (default 0)"
+    )
     _add_data_args(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", help="perplexity on the evaluation half of the text")
     p.add_argument("model", help="model directory (sliced, quantized or dense), or 'smollm2'")
     p.add_argument("--data", help="raw text file (default: ../shared WikiText-2 test file)")
-    p.add_argument("--windows", type=_positive(int), default=32)
-    p.add_argument("--window-len", type=_positive(int), default=1024)
+    p.add_argument(
+        "--windows", type=_positive(int), default=32, help="evaluation windows (default 32)"
+    )
+    p.add_argument(
+        "--window-len", type=_positive(int), default=1024, help="tokens per window (default 1024)"
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="Markdown table and PNG plot for a sliced checkpoint")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="sliced checkpoint directory (written by compress)")
     p.add_argument("--out", help="directory for the report files (default: the checkpoint)")
     p.set_defaults(func=cmd_report)
     return parser
@@ -469,10 +580,12 @@ def main(argv: list[str] | None = None) -> None:
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _exit_on_signal)
+    # With flags the slicer's settings came from them; a recipe's errors name its own fields.
+    flags = args.command == "compress" and not args.recipe
     try:
         args.func(args)
-    except (ValueError, OSError) as err:
-        print(f"error: {_in_cli_terms(str(err))}", file=sys.stderr)
+    except (ValueError, OSError, MissingExtraError) as err:
+        print(f"error: {_in_cli_terms(_message(err), slicer_flags=flags)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -488,9 +601,54 @@ _CLI_TERMS = {
 }
 
 
-def _in_cli_terms(message: str) -> str:
+def _message(err: Exception) -> str:
+    """The error's own words: a pydantic ValidationError (the modifier's validators) without
+    its header, error type and documentation link."""
+    pydantic = sys.modules.get("pydantic")
+    if pydantic is None or not isinstance(err, pydantic.ValidationError):
+        return str(err)
+    messages = []
+    for error in err.errors():
+        if error["type"] == "value_error":
+            # A validator's own message, which names its field.
+            messages.append(error["msg"].removeprefix("Value error, "))
+        else:
+            where = ".".join(str(part) for part in error["loc"]) or "value"
+            messages.append(f"{where} ({error['msg']}, got {error['input']!r})")
+    return "; ".join(messages)
+
+
+def _slicer_terms() -> list[tuple[re.Pattern[str], Any]]:
+    """The modifier's field names, as errors write them, to the flags that set them."""
+    fields = ("sparsity", "target_params", "slicing_base", *SLICER_FLAGS)
+    terms: list[tuple[re.Pattern[str], Any]] = []
+    for field in fields:
+        # Not inside a longer name (effective_slicing_base, --slicing-base) or a value shown
+        # as field=value ("round_to=128 exceeds hidden_size=64").
+        name = rf"(?<![\w-]){field}(?![\w=-])"
+        if isinstance(SLICER_FLAGS.get(field), bool):
+            terms.append(
+                (
+                    re.compile(rf"{name}: (true|false)\b", re.IGNORECASE),
+                    lambda m, field=field: _flag(
+                        field if m[1].lower() == "true" else "no_" + field
+                    ),
+                )
+            )
+        # The recipe's "field: value" ("basis: layer", "slicing_base: auto").
+        terms.append((re.compile(rf"{name}: (?=[a-z0-9.'\"])"), _flag(field) + " "))
+        # Everywhere else only names no sentence uses as a word (sparsity is, as the flag).
+        if "_" in field or field == "sparsity":
+            terms.append((re.compile(name), _flag(field)))
+    return terms
+
+
+def _in_cli_terms(message: str, slicer_flags: bool = False) -> str:
     for term, flag in _CLI_TERMS.items():
         message = message.replace(term, flag)
+    if slicer_flags:
+        for pattern, flag in _slicer_terms():
+            message = pattern.sub(flag, message)
     return message
 
 

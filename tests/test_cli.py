@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import torch
 from conftest import save_tiny
 from safetensors.torch import load_file
 
-from dynslice_modifier.cli import SLICER_FLAGS, build_parser, main
+from dynslice_modifier.cli import RECIPE_ONLY, SLICER_FLAGS, _in_cli_terms, build_parser, main
 from dynslice_modifier.evaluation import DEFAULT_WIKITEXT
 
 DATA = ["--data", str(DEFAULT_WIKITEXT)]
@@ -46,6 +47,10 @@ def workdir(tmp_path_factory) -> Path:
         "    QuantizationModifier: {targets: Linear, scheme: FP8_DYNAMIC}\n"
     )
     (root / "broken.yaml").write_text("slice_stage: [unclosed\n")
+    (root / "sb_over_sp.yaml").write_text(
+        "slice_stage:\n  slice_modifiers:\n"
+        "    DynamicSliceModifier: {sparsity: 0.2, slicing_base: 0.3}\n"
+    )
     (root / "short.txt").write_text(" = T = \n\n t5 t6 t7 \n")
     return root
 
@@ -86,19 +91,52 @@ def test_help_is_complete(command, workdir, capsys):
             "--quantize-shortcuts",
             "--quantize-head",
             "--slice-head",
+            "--profitable-only",
+            "--no-profitable-only",
             "--data",
         ):
             assert flag in out
+        # The fields no flag sets are named, so a reader knows to write a recipe for them.
+        for field in RECIPE_ONLY:
+            assert field in out
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    return build_parser()._subparsers._group_actions[0].choices
+
+
+def test_every_option_has_help_and_shows_its_default():
+    for name, parser in _subparsers().items():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.dest} has no help"
+            if action.default not in (None, False):
+                assert f"default {action.default}" in action.help or (
+                    f"default: {action.default}" in action.help
+                ), f"{name} {action.dest}: {action.help}"
+
+
+def test_every_slicer_field_is_a_flag_or_named_recipe_only():
+    from llmcompressor.modifiers import Modifier
+
+    from dynslice_modifier import DynamicSliceModifier
+
+    own = set(DynamicSliceModifier.model_fields) - set(Modifier.model_fields)
+    flags = {"sparsity", "target_params", "slicing_base", *SLICER_FLAGS}
+    assert not flags & set(RECIPE_ONLY)
+    assert own == flags | set(RECIPE_ONLY)
 
 
 def test_slicer_flags_take_their_defaults_from_the_modifier():
     from dynslice_modifier import DynamicSliceModifier
 
     parser = build_parser()
-    compress = parser._subparsers._group_actions[0].choices["compress"]
-    actions = {a.dest: a for a in compress._actions}
+    actions = {a.dest: a for a in _subparsers()["compress"]._actions}
     for field in SLICER_FLAGS:
         default = DynamicSliceModifier.model_fields[field].default
+        # Written out in the CLI, so that --help needs no llm-compressor.
+        assert SLICER_FLAGS[field] == default, field
         shown = ("on" if default else "off") if isinstance(default, bool) else default
         if default is None:  # round_to: what unset means
             shown = "16, raised to what --quantize's kernels need"
@@ -107,6 +145,92 @@ def test_slicer_flags_take_their_defaults_from_the_modifier():
         assert actions[field].help.endswith(f"(default: {shown})"), actions[field].help
     args = parser.parse_args(["compress", "m", "o", "--no-align-bases", "--round-to", "32"])
     assert args.align_bases is False and args.round_to == 32 and args.hadamard is None
+    args = parser.parse_args(["compress", "m", "o", "--no-profitable-only"])
+    assert args.profitable_only is False
+
+
+# The CLI as the [serve] and [eval] environments run it: without llm-compressor.
+_WITHOUT_LLMCOMPRESSOR = """
+import contextlib, io, json, sys
+sys.modules["llmcompressor"] = None  # any import of it raises ImportError
+from dynslice_modifier.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+    results.append([code, out.getvalue(), err.getvalue()])
+assert "dynslice_modifier.modifier" not in sys.modules
+print(json.dumps(results))
+"""
+
+
+def test_help_works_and_compress_names_its_extra_without_llm_compressor(workdir):
+    commands = [["--help"], ["eval", "--help"], ["report", "--help"], ["compress", "--help"]]
+    commands.append(["compress", "tiny", "bad", *SMALL, *DATA])
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_LLMCOMPRESSOR, json.dumps(commands)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.splitlines()[-1])
+    assert len(results) == len(commands)
+    for (code, out, err), command in zip(results[:-1], commands[:-1], strict=True):
+        assert code == 0 and "usage: dynslice" in out, (command, err)
+    assert "--profitable-only" in results[3][1]
+    code, _, err = results[-1]
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("error: compress needs llm-compressor")
+    assert 'pip install "dynslice-modifier[compress]"' in err and err.count("\n") == 1
+    assert not (workdir / "bad").exists()
+
+
+def test_slicing_base_takes_auto_in_any_case_and_fractions_up_to_one():
+    parser = build_parser()
+    compress = ["compress", "model", "output", "--slicing-base"]
+    for text in ("auto", "AUTO", "Auto"):
+        assert parser.parse_args([*compress, text]).slicing_base == "auto"
+    args = parser.parse_args([*compress, "1", "--target-params", "0.1"])
+    assert args.slicing_base == 1.0
+
+
+def test_constant_slicing_with_target_params_is_left_to_the_modifier(
+    workdir, capsys, no_calibration
+):
+    # SB 1.0 is capped at the SP solved for: constant slicing, which the modifier accepts.
+    args = ["compress", "tiny", "bad", "--target-params", "0.1", "--slicing-base", "1.0"]
+    with pytest.raises(AssertionError, match="calibration started"):
+        run_main(*args, *SMALL, *DATA, cwd=workdir, capsys=capsys)
+    assert not (workdir / "bad").exists()
+
+
+def test_library_errors_are_put_in_flag_terms():
+    def flags(message: str) -> str:
+        return _in_cli_terms(message, slicer_flags=True)
+
+    assert flags("slicing_base: auto needs sparsity > 0 (or target_params)") == (
+        "--slicing-base auto needs --sparsity > 0 (or --target-params)"
+    )
+    assert flags("round_to=128 exceeds hidden_size=64; set round_to to at most 64") == (
+        "round_to=128 exceeds hidden_size=64; set --round-to to at most 64"
+    )
+    assert flags("set basis: layer, align_bases: false, hadamard: true") == (
+        "set --basis layer, --no-align-bases, --hadamard"
+    )
+    # Words that only contain a field's name, or are the field's name as a plain word.
+    untouched = "effective_slicing_base, the basis of hadamard rotations, --round-to, rounding"
+    assert flags(untouched) == untouched
+    # A recipe's errors keep the recipe's names.
+    assert _in_cli_terms("set round_to to at most 64") == "set round_to to at most 64"
 
 
 def test_compress_writes_model_report_and_summary(workdir):
@@ -215,8 +339,34 @@ def test_scores_eval_and_report(workdir, capsys):
         (["compress", "tiny", "bad", "--samples", "0"], "must be > 0"),
         (["compress", "tiny", "tiny/sub"], "overlaps the input model"),
         (["compress", "nowhere", "bad"], "not a model directory"),
-        (["compress", "tiny", "bad", "--sparsity", "0.2", "--slicing-base", "0.3"], "slicing_base"),
-        (["report", "tiny"], "not a sliced checkpoint"),
+        # The modifier's check, in flags and without pydantic's wrapping.
+        (
+            ["compress", "tiny", "bad", "--sparsity", "0.2", "--slicing-base", "0.3"],
+            "error: --slicing-base must be in [0, sparsity=0.2], got 0.3 (--slicing-base ==",
+        ),
+        # A recipe's error names the recipe's field.
+        (
+            ["compress", "tiny", "bad", "--recipe", "sb_over_sp.yaml"],
+            "error: slicing_base must be in [0, sparsity=0.2], got 0.3",
+        ),
+        (["compress", "tiny", "bad", "--sparsity", "25"], "got 25 (a fraction: 0.25 for 25%)"),
+        (["compress", "tiny", "bad", "--target-params", "10"], "(a fraction: 0.1 for 10%)"),
+        (["compress", "tiny", "bad", "--slicing-base", "5"], "(a fraction: 0.05 for 5%)"),
+        (
+            ["compress", "tiny", "bad", "--slicing-base", "half"],
+            "--slicing-base: a fraction in [0, 1] or 'auto', got half",
+        ),
+        (["compress", "tiny", "bad", "--sparsity", "a"], "--sparsity: must be a number, got 'a'"),
+        (
+            ["compress", "HuggingFaceTB/SmolLM2-135M", "bad"],
+            "models are not downloaded: if it is a Hugging Face Hub id, download it first "
+            "(hf download HuggingFaceTB/SmolLM2-135M --local-dir DIR) and pass DIR",
+        ),
+        (
+            ["report", "tiny"],
+            "not a sliced checkpoint (model_type 'llama'); slice it first with: dynslice "
+            "compress tiny OUTPUT",
+        ),
         (
             ["compress", "tiny", "bad", "--sparsity", "0.2", "--target-params", "0.1"],
             "either --sparsity or --target-params",
@@ -235,7 +385,7 @@ def test_scores_eval_and_report(workdir, capsys):
             "has no DynamicSliceModifier",
         ),
         (["compress", "tiny", "bad", "--recipe", "broken.yaml"], "broken.yaml is not valid YAML"),
-        (["compress", "tiny", "bad", "--round-to", "128"], "set round_to to at most 64"),
+        (["compress", "tiny", "bad", "--round-to", "128"], "set --round-to to at most 64"),
         (["compress", "tiny", "bad", "--quantize", "w4a16"], "or one without groups, such as W8A8"),
         (["compress", "tiny", "bad", "--eval-windows", "0"], "must be > 0"),
         (["compress", "tiny", "bad", "--target-params", "0"], "must be in (0, 1), got 0"),
@@ -253,8 +403,24 @@ def test_bad_arguments_fail_clearly(args, message, workdir, capsys):
         extra = DATA
     code, _, err = run_main(*args, *extra, cwd=workdir, capsys=capsys)
     assert code != 0
-    assert message in err
+    assert message in err, err
+    # No function names (argparse's "invalid _fraction value") or pydantic boilerplate.
+    assert "invalid _" not in err and "pydantic" not in err and "validation error" not in err
     assert not (workdir / "bad").exists()
+
+
+def test_scores_checks_its_json_path_before_scoring(workdir, capsys, monkeypatch):
+    import dynslice_modifier.calibration
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("scoring started")
+
+    monkeypatch.setattr(dynslice_modifier.calibration, "capture_layer_inputs", forbidden)
+    args = ["scores", "tiny", *SMALL, *DATA, "--json"]
+    code, _, err = run_main(*args, "missing/s.json", cwd=workdir, capsys=capsys)
+    assert code == 2 and "--json missing/s.json: directory missing does not exist" in err, err
+    code, _, err = run_main(*args, ".", cwd=workdir, capsys=capsys)
+    assert code == 2 and "--json . is a directory" in err, err
 
 
 @pytest.mark.parametrize(
