@@ -167,6 +167,7 @@ def test_vllm_without_the_plugin_names_the_fix(sliced_config, monkeypatch):
     [
         ("base_model_type", "gemma", "vLLM serving of sliced 'gemma' models is not implemented"),
         ("hidden_act", "gelu", "unsupported hidden_act 'gelu'"),
+        ("dual_chunk_attention_config", {"chunk_size": 8192}, "dual_chunk_attention_config"),
     ],
 )
 def test_vllm_front_end_check_names_what_it_cannot_serve(sliced_config, key, value, message):
@@ -177,6 +178,15 @@ def test_vllm_front_end_check_names_what_it_cannot_serve(sliced_config, key, val
     config = copy.deepcopy(sliced_config) | {key: value}
     with pytest.raises(ValueError, match=message):
         check_servable(DynSliceConfig.from_dict(config))
+
+
+def test_vllm_serves_every_architecture_the_slicer_supports():
+    # An adapter added without the serving side would slice and save, and vLLM would then
+    # refuse the checkpoint.
+    from dynslice_modifier.adapters import ADAPTERS
+    from dynslice_modifier.serving.support import SUPPORTED_BASE_MODEL_TYPES
+
+    assert set(SUPPORTED_BASE_MODEL_TYPES) == set(ADAPTERS)
 
 
 def test_a_quantized_checkpoint_in_float32_is_refused_on_gpus():

@@ -12,15 +12,31 @@ ADAPTERS: dict[str, ModelAdapter] = {
     a.model_type: a for a in (llama.ADAPTER, mistral.ADAPTER, qwen2.ADAPTER, qwen3.ADAPTER)
 }
 
-# Architectures users ask about whose structure makes SliceGPT's rotation unsound.
-UNSOUND: dict[str, str] = {
-    "gemma": "Gemma scales by (1 + weight)",
-    "gemma2": "Gemma 2 has norms after attention and MLP (sandwich norms)",
-    "gemma3": "Gemma 3 has norms after attention and MLP (sandwich norms)",
-    "gemma3_text": "Gemma 3 has norms after attention and MLP (sandwich norms)",
-    "olmo2": "OLMo 2 normalises after attention and MLP instead of before",
-    "phi": "Phi uses LayerNorm with parallel attention/MLP",
-    "gpt2": "GPT-2 uses LayerNorm with biases",
+# Architectures users ask about, and why they are refused: either SliceGPT's rotation cannot
+# absorb their structure, or it could and the adapter is not written.
+NOT_SUPPORTED: dict[str, str] = {
+    "gemma": "Gemma's norms scale by (1 + weight) and its embeddings by sqrt(hidden_size); "
+    "both could be folded, but no adapter does it yet",
+    **dict.fromkeys(
+        ("gemma2", "gemma3", "gemma3_text", "olmo2"),
+        "it normalises the attention and MLP outputs before adding them to the residual "
+        "stream, with per-channel weights no rotation of that stream can absorb",
+    ),
+    **dict.fromkeys(
+        ("phi", "gpt2"),
+        "it uses LayerNorm, whose mean subtraction would have to be folded into every "
+        "linear writing the residual stream (SliceGPT does so for OPT and Phi-2); not "
+        "implemented here",
+    ),
+    "phi3": "Phi-3 fuses q/k/v and gate/up into one linear each; an adapter would need a "
+    "layout for fused linears, not written yet",
+    **dict.fromkeys(
+        ("mixtral", "qwen2_moe", "qwen3_moe"),
+        "in a mixture of experts the router and every expert read the residual stream; not "
+        "implemented",
+    ),
+    "granite": "Granite scales the embeddings, the residual branches and the logits by "
+    "multipliers; not implemented",
 }
 
 
@@ -54,14 +70,12 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         )
     adapter = ADAPTERS.get(model_type)
     if adapter is None or architecture not in adapter.architectures:
-        why = (
-            f": {UNSOUND[model_type]}, which rotation cannot absorb"
-            if model_type in UNSOUND
-            else ""
-        )
+        why = f": {NOT_SUPPORTED[model_type]}" if model_type in NOT_SUPPORTED else ""
         raise UnsupportedModelError(
             f"DynamicSliceModifier does not support {architecture} (model_type "
-            f"{model_type!r}){why}. Supported architectures: {supported}."
+            f"{model_type!r}){why}. Supported architectures: {supported}. A pre-norm "
+            "architecture with separate linears is added as one adapter module in "
+            "dynslice_modifier/adapters/ (see mistral.py)"
         )
     # transformers loads any Llama checkpoint as LlamaForCausalLM, dropping a classifier's
     # head and initialising a random one: the checkpoint's own class says what it was.

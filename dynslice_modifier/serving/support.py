@@ -27,6 +27,13 @@ def check_servable(config: DynSliceConfig) -> None:
         raise ValueError(f"unsupported slicing.layout {layout!r}; expected {PRE_NORM_LAYOUT}")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {config.hidden_act!r}: only silu is")
+    if getattr(config, "dual_chunk_attention_config", None):
+        # vLLM's own Qwen2 passes it to its rotary embedding and attention (the 1M-context
+        # checkpoints); served without it, long prompts would attend differently.
+        raise ValueError(
+            "dual_chunk_attention_config (dual-chunk attention for long contexts) is not "
+            "implemented by the sliced model file; serve the dense model for it"
+        )
 
 
 def check_accelerator_dtype(quantization: str | None, dtype: str) -> None:
