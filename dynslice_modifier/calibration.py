@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from compressed_tensors.offload import align_modules
+from compressed_tensors.offload.cache import OffloadCache
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -53,6 +55,12 @@ class LayerInputs:
 
     def __len__(self) -> int:
         return len(self.hidden)
+
+    def release(self) -> None:
+        """Drop the activations once a pass has spent them, before the next capture: two
+        sets at once would double the host memory they take."""
+        for held in (self.hidden, self.kwargs, self.masks, self.ids, self.keys, self.type_masks):
+            held.clear()
 
     def layer_kwargs(self, b: int, idx: int, device: torch.device | str) -> dict[str, Any]:
         """What decoder layer ``idx`` receives besides the hidden states, for batch ``b``."""
@@ -185,7 +193,20 @@ def _batch_key(input_ids: torch.Tensor, mask: torch.Tensor | None) -> bytes:
 
 @contextlib.contextmanager
 def onloaded(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    """Keep ``module`` on ``device`` for the duration, then return it where it was."""
+    """Keep ``module`` on ``device`` for the duration, then return it where it was.
+
+    A module offloaded by compressed-tensors (a ``device_map`` model, or llm-compressor's
+    sequential onloading) fetches its weights anew at every access: every calibration batch
+    would copy the whole layer again. It is kept onloaded instead, and onloaded to
+    ``device`` even where its own onload device is another one (a multi-GPU device map),
+    so every tensor of the computation is on one device. Weights assigned meanwhile go to
+    its offload device as usual.
+    """
+    offloaded = [m for m in module.modules() if isinstance(m._parameters, OffloadCache)]
+    if offloaded:
+        with align_modules(offloaded, device):
+            yield module
+        return
     home = next(module.parameters()).device
     if home == device:
         yield module

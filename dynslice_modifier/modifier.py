@@ -12,7 +12,7 @@ from llmcompressor.core import State
 from llmcompressor.modifiers import Modifier
 from llmcompressor.utils.dev import get_main_device
 from loguru import logger
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import PrivateAttr, field_validator, model_validator
 
 from dynslice_modifier.adapters import get_adapter, mark_partly_sliced
 from dynslice_modifier.allocation import (
@@ -87,7 +87,6 @@ class DynamicSliceModifier(Modifier):
         DynamicSliceModifier:
           sparsity: 0.25
           slicing_base: 0.05   # or "auto": chosen on held-out calibration text
-          round_to: 16
     ```
 
     Lifecycle:
@@ -101,6 +100,8 @@ class DynamicSliceModifier(Modifier):
               and keep the one with the lowest held-out calibration loss
             - allocate per-layer widths
             - rotate-and-slice pass, then conversion to ``DynSliceForCausalLM``
+        - on_start, on_event, on_end: nothing (llm-compressor's defaults); the model is
+          sliced before any later modifier calibrates, so there is no per-batch work
         - on_finalize (every modifier has calibrated by then; the first to finalize, before
           the save)
             - record in ``config.slicing`` whether the sliced norms are still ones (a
@@ -109,7 +110,8 @@ class DynamicSliceModifier(Modifier):
               untied from the embedding table
 
     :param sparsity: SP, the mean fraction of residual-stream dimensions removed over
-        layers, in [0, 1). 0 rotates without slicing (the model's function is unchanged).
+        layers, in [0, 1). 0 (the default) rotates without slicing (the model's function is
+        unchanged).
     :param slicing_base: SB, the fraction every layer loses at least, in [0, sparsity]
         (with ``target_params``: in [0, 1], capped at the SP solved for).
         The rest of the budget is shared in proportion to each layer's normalised
@@ -136,9 +138,9 @@ class DynamicSliceModifier(Modifier):
         ``slicing_base`` and ``layer_scores``.
     :param layer_scores: explicit redundancy score per decoder layer (e.g. from an earlier
         run); skips the redundancy pass.
-    :param normalization: how scores become shares: ``minmax`` (the paper's) or ``rank``
-        (robust to one outlier layer).
-    :param basis: ``sublayer`` (SliceGPT: one PCA basis for the attention input and one
+    :param normalization: how scores become shares: ``minmax`` (the paper's, default) or
+        ``rank`` (robust to one outlier layer).
+    :param basis: ``sublayer`` (default; SliceGPT: one PCA basis for the attention input and one
         for the MLP input of every layer, two shortcut matrices per layer) or ``layer``
         (one basis per layer from both signals: one shortcut per layer).
     :param hadamard: fold a block Hadamard rotation into every kept basis (free at inference:
@@ -155,8 +157,9 @@ class DynamicSliceModifier(Modifier):
         nearly the identity, and store shortcuts as their difference from the identity
         (the layer adds the identity part back). Exact in float; what it buys is that a
         quantizer taking the shortcuts sees small numbers (see ``quantize_shortcuts``).
-        Older plugins refuse such checkpoints with an upgrade message (slicing format 3).
-        Default true.
+        The shortcuts into and out of the original basis (a layer left whole, a head read
+        at full width) are general rotations, stored whole. Older plugins refuse such
+        checkpoints with an upgrade message (slicing format 5). Default true.
     :param target_params: instead of ``sparsity``, the fraction of the model's parameters to
         remove (embedding, head and shortcut matrices included); the SP that meets it is
         solved for after scoring, with ``slicing_base`` (or its default) kept.
@@ -190,7 +193,7 @@ class DynamicSliceModifier(Modifier):
         speed in vLLM").
     """
 
-    sparsity: float = Field(default=0.0)
+    sparsity: float = 0.0
     slicing_base: float | Literal["auto"] | None = None
     auto_fractions: list[float] | None = None
     auto_holdout: float = AUTO_HOLDOUT
@@ -467,8 +470,9 @@ class DynamicSliceModifier(Modifier):
         consumed = False  # whether a pass has already run the captured activations through
         if explicit is None and scores is None and not constant:
             lr_start = time.perf_counter()
-            scores = redundancy_scores(adapter, layers, inputs, device)
+            scores = redundancy_scores(adapter, layers, inputs, device, skip=heldout)
             lr_seconds = time.perf_counter() - lr_start
+            inputs.release()
             consumed = True
         elif constant and scores is None:
             logger.info("slicing_base == sparsity: constant slicing, Layer Redundancy not needed")
@@ -759,15 +763,6 @@ class DynamicSliceModifier(Modifier):
             }
             for t in trials
         ]
-
-    def on_start(self, state: State, event: Any, **kwargs: Any) -> None:
-        pass
-
-    def on_update(self, state: State, event: Any, **kwargs: Any) -> None:
-        pass
-
-    def on_end(self, state: State, event: Any, **kwargs: Any) -> None:
-        pass
 
     def on_finalize(self, state: State, **kwargs: Any) -> bool:
         # Smoothing modifiers later in the recipe (SmoothQuant, AWQ) fold their scales into

@@ -41,7 +41,10 @@ def _in_float64(
 
 def _set_weight(module: nn.Linear | nn.Embedding, weight: torch.Tensor) -> None:
     old = module.weight
-    module.weight = nn.Parameter(weight.to(dtype=old.dtype, device=old.device), requires_grad=False)
+    # Trainable as before: a model sliced in memory may go on to recovery fine-tuning.
+    module.weight = nn.Parameter(
+        weight.detach().to(dtype=old.dtype, device=old.device), requires_grad=old.requires_grad
+    )
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = weight.shape
     else:
@@ -69,7 +72,8 @@ def rotate_output(linear: nn.Linear, basis: torch.Tensor) -> None:
     if linear.bias is not None:
         bias = linear.bias.to(q.device, torch.float64) @ q
         linear.bias = nn.Parameter(
-            bias.to(linear.bias.device, linear.bias.dtype), requires_grad=False
+            bias.detach().to(linear.bias.device, linear.bias.dtype),
+            requires_grad=linear.bias.requires_grad,
         )
 
 

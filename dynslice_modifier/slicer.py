@@ -40,7 +40,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from compressed_tensors.offload import disable_onloading
+from compressed_tensors.offload import (
+    disable_onloading,
+    get_cache_init_kwargs,
+    offload_module,
+)
 from compressed_tensors.offload.cache import OffloadCache
 from loguru import logger
 from torch import nn
@@ -101,7 +105,10 @@ def untie_head(model: nn.Module) -> None:
     if not embeddings_tied(model):
         return
     modules = (model.get_input_embeddings(), model.get_output_embeddings())
-    copies = [nn.Parameter(m.weight.detach().clone(), requires_grad=False) for m in modules]
+    copies = [
+        nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
+        for m in modules
+    ]
     # Each entry is deleted before its copy is registered: an offload cache writes a value of
     # the same shape into the storage the two share, and the table would stay tied. Deleted
     # with onloading off, which leaves that storage (a file, for disk offload) alone: with
@@ -143,8 +150,11 @@ def redundancy_scores(
     layers: nn.ModuleList,
     inputs: LayerInputs,
     device: torch.device,
+    skip: frozenset[int] = frozenset(),
 ) -> list[float]:
-    """Layer Redundancy of every decoder layer of the unmodified model.
+    """Layer Redundancy of every decoder layer of the unmodified model, from the batches not
+    in ``skip`` (``slicing_base: auto`` scores the widths on held-out batches, which must
+    not have shaped them).
 
     Consumes ``inputs``: on return it holds the last layer's outputs.
     """
@@ -153,6 +163,8 @@ def redundancy_scores(
         acc = RedundancyAccumulator()
         with onloaded(layer, device), torch.no_grad():
             for b in range(len(inputs)):
+                if b in skip:
+                    continue
                 x = inputs.hidden[b].to(device)
                 y = layer(x, **inputs.layer_kwargs(b, idx, device))
                 y = y[0] if isinstance(y, tuple) else y
@@ -347,7 +359,9 @@ class RotateAndSlice:
                     # The shared table stays in the original basis; layer 0 projects it.
                     input_projection = _kept(change_of_basis(eye, a_basis))
                 elif self.in_place:
-                    rotate_embedding(adapter.embedding(self.model), a_basis)
+                    embedding = adapter.embedding(self.model)
+                    with onloaded(embedding, device):
+                        rotate_embedding(embedding, a_basis)
                 rotate_inputs(attn_inputs, a_basis, attn_scale)
 
                 # Activations are projected in float32; covariances and weights use float64.
@@ -568,20 +582,49 @@ def convert_to_sliced(
     layers = adapter.layers(model)
     for idx in range(len(layers)):
         old = layers[idx]
-        new = SlicedDecoderLayer(config, idx, adapter.attn(old), adapter.mlp(old))
+        attn = adapter.attn(old)
+        offload = _offload_settings(adapter.attn_inputs(old)[0])
+        device = None if offload is None else _storage_device(offload)
+        new = SlicedDecoderLayer(config, idx, attn, adapter.mlp(old), device=device)
+        # What the layer adds trains as its own weights do (recovery fine-tuning, or none).
+        trainable = any(p.requires_grad for p in attn.parameters())
+        for norm in ("input_norm", "post_attention_norm"):
+            getattr(new, adapter.layout[norm]).weight.requires_grad_(trainable)
         for name, matrix in result.changes_of_basis(idx):
             if f"{idx}.{name}" in as_delta:
                 matrix = matrix - _identity_like(matrix)
             shortcut = getattr(new, name)
             shortcut.weight = nn.Parameter(
-                matrix.T.contiguous().to(shortcut.weight), requires_grad=False
+                matrix.T.contiguous().to(shortcut.weight), requires_grad=trainable
             )
+        if offload is not None:
+            # As the rest of the layer: a module left plain would be taken by the pipeline's
+            # onloading for one living on the accelerator, and stay there.
+            for module in new.modules():
+                owns = next(module.parameters(recurse=False), None) is not None
+                if owns and not isinstance(module._parameters, OffloadCache):
+                    offload_module(module, **offload)
+        if (wrapper := _offload_settings(old)) is not None:
+            offload_module(new, **wrapper)
         layers[idx] = new
     model.config = config
     model.model.config = config
     model.__class__ = DynSliceForCausalLM
     _keep_sliced_config_on_save(model)
     return model
+
+
+def _offload_settings(module: nn.Module) -> dict[str, Any] | None:
+    """How compressed-tensors offloads ``module`` (None: it does not)."""
+    if not isinstance(module._parameters, OffloadCache):
+        return None
+    return get_cache_init_kwargs(module)
+
+
+def _storage_device(offload: dict[str, Any]) -> torch.device:
+    # A disk cache writes what it is given from host memory.
+    device = offload["offload_device"]
+    return torch.device("cpu") if device == "disk" else torch.device(device)
 
 
 def _keep_sliced_config_on_save(model: nn.Module) -> None:

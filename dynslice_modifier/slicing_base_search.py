@@ -6,7 +6,7 @@ deterministic) is held out; for every candidate SB the model is sliced *on copie
 layers* with the PCA fitted on the rest, the held-out batches are carried through the sliced
 layers, and their next-token loss is read off the final norm and head. The candidate with the
 lowest loss wins; the real slicing pass then uses the whole calibration set. One Layer
-Redundancy pass serves every candidate.
+Redundancy pass, on the batches not held out, serves every candidate.
 """
 
 from __future__ import annotations

@@ -59,6 +59,78 @@ def test_rotation_only_is_exact_with_attention_biases(arch):
     torch.testing.assert_close(rotated, reference, atol=2e-5, rtol=1e-5)
 
 
+# Config fields each architecture's attention or MLP reads: the sliced model, in memory and
+# reloaded, must keep every one (the default tiny models set none of them).
+VARIANTS = {
+    "llama-biases-head_dim-llama3-rope": (
+        "llama",
+        dict(
+            attention_bias=True,
+            mlp_bias=True,
+            head_dim=24,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
+    "mistral-sliding-window": ("mistral", dict(sliding_window=8, head_dim=8)),
+    "qwen2-sliding-layers": (
+        "qwen2",
+        dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    ),
+    "qwen3-biases-sliding-layers-yarn": (
+        "qwen3",
+        dict(
+            attention_bias=True,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=1,
+            head_dim=32,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 8,
+            },
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_rotation_only_is_exact_for_each_architectures_config_fields(variant, tmp_path):
+    arch, fields = VARIANTS[variant]
+    model = tiny_model(arch, False, **fields)
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = model(ids).logits
+    slice_in_memory(model, sparsity=0.0)
+    with torch.no_grad():
+        rotated = model(ids).logits
+    torch.testing.assert_close(rotated, reference, atol=2e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits
+    torch.testing.assert_close(reloaded, rotated, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_model_sliced_in_memory_trains_as_it_did(tied, trainable):
+    # SliceGPT's recovery fine-tuning continues from the sliced model; frozen rotated weights
+    # would silently not train.
+    model = tiny_model("llama", tied).requires_grad_(trainable)
+    slice_in_memory(model, sparsity=0.25, round_to=8, profitable_only=False)
+    frozen = [n for n, p in model.named_parameters() if p.requires_grad is not trainable]
+    assert not frozen
+    assert model.model.layers[1].attn_shortcut is not None
+
+
 @pytest.mark.parametrize("basis", ["sublayer", "layer"])
 @pytest.mark.parametrize("tied", [True, False])
 def test_sliced_shapes(tied, basis):

@@ -13,7 +13,7 @@ from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.adapters import get_adapter
 from dynslice_modifier.calibration import capture_layer_inputs
 from dynslice_modifier.errors import CalibrationError
-from dynslice_modifier.slicer import RotateAndSlice, convert_to_sliced
+from dynslice_modifier.slicer import RotateAndSlice, convert_to_sliced, redundancy_scores
 from dynslice_modifier.slicing_base_search import heldout_batches, heldout_nll
 
 CPU = torch.device("cpu")
@@ -134,6 +134,22 @@ def test_a_trial_fits_its_bases_without_the_heldout_batches():
     # The shortcuts are products of consecutive bases, so they change with any basis.
     for clean, noisy in zip(trial_shortcuts(False), trial_shortcuts(True), strict=True):
         torch.testing.assert_close(noisy, clean, atol=0, rtol=0)
+
+
+def test_auto_scores_layer_redundancy_without_the_heldout_batches():
+    # The held-out batches judge the widths, so they must not have shaped them: scores
+    # that ignore noise in place of the held-out activations are the ones auto used.
+    model = tiny_model("llama", True)
+    batches = calib_batches(n=8)
+    adapter = get_adapter(model)
+    inputs = capture_layer_inputs(model, adapter.layers(model)[0], batches)
+    heldout = heldout_batches(len(inputs), 0.25)
+    for b in heldout:
+        inputs.hidden[b] = 10 * torch.randn_like(inputs.hidden[b])
+    expected = redundancy_scores(adapter, adapter.layers(model), inputs, CPU, skip=heldout)
+    modifier = DynamicSliceModifier(sparsity=0.25, slicing_base="auto", round_to=4)
+    assert modifier.on_initialize(SimpleNamespace(model=model, data=SimpleNamespace(calib=batches)))
+    assert modifier.lr_scores == pytest.approx(expected, rel=1e-12)
 
 
 def test_a_trial_moves_only_its_copies_to_the_compute_device(monkeypatch):

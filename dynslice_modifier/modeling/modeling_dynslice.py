@@ -170,15 +170,28 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
     ``mlp_shortcut``.
     """
 
-    def __init__(self, config: DynSliceConfig, layer_idx: int, attn: nn.Module, mlp: nn.Module):
+    def __init__(
+        self,
+        config: DynSliceConfig,
+        layer_idx: int,
+        attn: nn.Module,
+        mlp: nn.Module,
+        device: torch.device | None = None,
+    ):
         super().__init__()
         layout = config.slicing["layout"]
         self.layout = layout
         self.layer_idx = layer_idx
+        # Releases of transformers that pick each layer's mask (sliding window or full) by
+        # its decoder layer's ``attention_type`` rather than by ``config.layer_types``.
+        if getattr(config, "layer_types", None):
+            self.attention_type = config.layer_types[layer_idx]
         attn_dim, mlp_dim, out_dim = layer_widths(config, layer_idx)
         eps, hidden = config.rms_norm_eps, config.hidden_size
-        device = next(attn.parameters()).device
         dtype = next(attn.parameters()).dtype
+        # The norms and shortcuts go where the attention's weights are (``device``: where
+        # an offloaded attention stores them, rather than where it fetches them to).
+        device = device or next(attn.parameters()).device
         self.add_module(layout["attn"], attn)
         self.add_module(layout["mlp"], mlp)
         self.add_module(layout["input_norm"], SlicedRMSNorm(attn_dim, hidden, eps, device, dtype))

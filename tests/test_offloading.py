@@ -1,0 +1,104 @@
+"""Models offloaded by compressed-tensors (a ``device_map`` load, llm-compressor's sequential
+onloading): each layer is fetched once per pass, onto the compute device, and what the slicer
+adds is offloaded like the rest."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from compressed_tensors.offload import get_offloaded_device, set_onload_device
+from compressed_tensors.offload.cache import OffloadCache
+from compressed_tensors.offload.cache.cpu import CPUCache
+from tiny import calib_batches, tiny_model
+
+from dynslice_modifier.adapters import get_adapter
+from dynslice_modifier.calibration import capture_layer_inputs
+from dynslice_modifier.slicer import RotateAndSlice, convert_to_sliced, redundancy_scores
+
+CPU, META = torch.device("cpu"), torch.device("meta")
+DIMS = [48, 40, 56]
+
+
+@pytest.fixture
+def onloads(monkeypatch) -> collections.Counter:
+    """Every tensor fetched from an offload cache, counted by the cache's onload."""
+    counts: collections.Counter = collections.Counter()
+    fetch = CPUCache.onload
+
+    def counted(self, tensor):
+        counts["tensors"] += 1
+        return fetch(self, tensor)
+
+    monkeypatch.setattr(CPUCache, "onload", counted)
+    return counts
+
+
+def passes(batches: int, onloads: collections.Counter) -> tuple[int, int]:
+    """Tensors fetched by the Layer Redundancy pass and by the slicing pass."""
+    model = tiny_model("llama", tied=False)
+    adapter = get_adapter(model)
+    data = calib_batches(n=batches)
+    set_onload_device(model, CPU)
+    counts = []
+    for run in (
+        lambda inputs: redundancy_scores(adapter, adapter.layers(model), inputs, CPU),
+        lambda inputs: RotateAndSlice(model, adapter, DIMS, CPU).run(inputs),
+    ):
+        inputs = capture_layer_inputs(model, adapter.layers(model)[0], data)
+        onloads.clear()
+        run(inputs)
+        counts.append(onloads["tensors"])
+    return counts[0], counts[1]
+
+
+def test_an_offloaded_layer_is_fetched_once_per_pass_not_once_per_batch(onloads):
+    # Fetched at every access, an offloaded layer would cross from host (or disk) to the
+    # accelerator once per calibration batch: the model as many times as there are batches.
+    few, many = passes(2, onloads), passes(8, onloads)
+    assert few[0] > 0 and few[1] > 0
+    assert many == few
+
+
+def test_layers_onloaded_elsewhere_compute_on_the_compute_device():
+    # A multi-GPU device map onloads each layer to its own GPU, while the slicer computes on
+    # one; "meta" stands in for the other GPU: any weight read there would have no values.
+    model = tiny_model("llama", tied=False)
+    adapter = get_adapter(model)
+    data = calib_batches()
+    inputs = capture_layer_inputs(model, adapter.layers(model)[0], data)
+    expected = redundancy_scores(adapter, adapter.layers(model), inputs, CPU)
+    inputs = capture_layer_inputs(model, adapter.layers(model)[0], data)
+    set_onload_device(model, META)
+    assert redundancy_scores(adapter, adapter.layers(model), inputs, CPU) == pytest.approx(
+        expected, rel=1e-12
+    )
+
+
+def test_the_sliced_model_keeps_its_new_weights_where_the_layers_store_theirs():
+    # Built where an offloaded layer fetches its weights (the accelerator), the shortcuts of
+    # every layer would stay there through the rest of the recipe; "meta" stands in for it.
+    data = calib_batches()
+    logits = []
+    for offloaded in (False, True):
+        model = tiny_model("llama", tied=False)
+        adapter = get_adapter(model)
+        inputs = capture_layer_inputs(model, adapter.layers(model)[0], data)
+        if offloaded:
+            set_onload_device(model, CPU)
+        result = RotateAndSlice(model, adapter, DIMS, CPU).run(inputs)
+        if offloaded:
+            for module in model.modules():
+                if isinstance(module._parameters, OffloadCache):
+                    module._parameters.onload_device = module._buffers.onload_device = META
+        convert_to_sliced(model, adapter, result, {})
+        if offloaded:
+            for name, module in model.named_modules():
+                if next(module.parameters(recurse=False), None) is not None:
+                    assert isinstance(module._parameters, OffloadCache), name
+                    assert get_offloaded_device(module) == CPU, name
+            set_onload_device(model, CPU)
+        with torch.no_grad():
+            logits.append(model(data[0]["input_ids"]).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
