@@ -57,7 +57,6 @@ from dynslice_modifier.modeling.configuration_dynslice import (
     INPUT_PROJECTION,
     SHORTCUTS,
     DynSliceConfig,
-    delta_shortcuts,
     format_version,
 )
 from dynslice_modifier.modeling.modeling_dynslice import (
@@ -185,13 +184,21 @@ class _Writer:
     source_basis: torch.Tensor  # basis its residual shortcut reads from
 
 
+@dataclass(frozen=True)
+class Shortcut:
+    """A change of basis ``S`` (input width x output width) as its layer will store it."""
+
+    matrix: torch.Tensor  # S, or S - E (E the rectangular identity) where ``delta``
+    delta: bool
+
+
 @dataclass
 class SlicingResult:
     attn_dims: list[int]
     mlp_dims: list[int]
-    attn_shortcuts: list[torch.Tensor | None]
-    mlp_shortcuts: list[torch.Tensor | None]
-    input_projection: torch.Tensor | None
+    attn_shortcuts: list[Shortcut | None]
+    mlp_shortcuts: list[Shortcut | None]
+    input_projection: Shortcut | None
     embedding_sliced: bool
     # Consecutive bases aligned: shortcuts are saved as their difference from the identity.
     aligned: bool = False
@@ -199,33 +206,26 @@ class SlicingResult:
     final_dim: int | None = None
 
     def stored_as_delta(self) -> bool | list[str]:
-        """Which shortcuts to store as their difference from the identity (the
-        ``slicing.delta_shortcuts`` value): true for all, false for none, else their names.
-
-        Within an aligned chain a shortcut is nearly the identity, and its difference is
-        small; one that joins a basis no alignment reaches (the original basis at the
-        embedding, a whole layer or a full-width head) is a general rotation, whose
-        difference from the identity is larger than itself (about sqrt(2) times).
-        """
+        """Which shortcuts are stored as their difference from the identity (the
+        ``slicing.delta_shortcuts`` value): true for all, false for none, else their names."""
         if not self.aligned:
             return False
-        # |S - E|^2 = |S|^2 - 2 tr(S E^T) + rank(E) < |S|^2, without forming S - E.
-        smaller = {
-            f"{idx}.{name}": 2 * float(matrix.diagonal().sum()) > min(matrix.shape)
+        delta = {
+            f"{idx}.{name}": shortcut.delta
             for idx in range(len(self.attn_dims))
-            for name, matrix in self.changes_of_basis(idx)
+            for name, shortcut in self.changes_of_basis(idx)
         }
-        if all(smaller.values()):
+        if all(delta.values()):
             return True
-        return [name for name, delta in smaller.items() if delta] or False
+        return [name for name, stored in delta.items() if stored] or False
 
-    def changes_of_basis(self, idx: int) -> list[tuple[str, torch.Tensor]]:
+    def changes_of_basis(self, idx: int) -> list[tuple[str, Shortcut]]:
         """(module name, matrix) of every shortcut decoder layer ``idx`` carries."""
         named = [
             (INPUT_PROJECTION, self.input_projection if idx == 0 else None),
             *zip(SHORTCUTS, (self.attn_shortcuts[idx], self.mlp_shortcuts[idx]), strict=True),
         ]
-        return [(name, matrix) for name, matrix in named if matrix is not None]
+        return [(name, shortcut) for name, shortcut in named if shortcut is not None]
 
 
 class RotateAndSlice:
@@ -259,6 +259,8 @@ class RotateAndSlice:
         self.tied = keep_tied and embeddings_tied(model)
         self.hadamard = hadamard
         self.align = align
+        # What the shortcuts are kept in until the conversion casts them to it anyway.
+        self.dtype = model.dtype
         # Aligned bases keep ``E`` as their change of basis only if every Hadamard has the
         # same blocks: the largest power of two dividing every sliced width.
         sliced = [d for d, w in zip(dims, self.whole, strict=True) if not w]
@@ -306,10 +308,32 @@ class RotateAndSlice:
             basis = basis @ block.to(basis.device, basis.dtype)
         return basis
 
-    def _finish_writer(self, writer: _Writer, target: torch.Tensor) -> torch.Tensor:
-        """Rotate a pending writer into ``target``; return its shortcut matrix."""
+    def _finish_writer(self, writer: _Writer, target: torch.Tensor) -> Shortcut | None:
+        """Rotate a pending writer into ``target``; return its shortcut."""
         rotate_output(writer.output, target)
-        return _kept(change_of_basis(writer.source_basis, target))
+        return self._keep(change_of_basis(writer.source_basis, target))
+
+    def _keep(self, matrix: torch.Tensor) -> Shortcut | None:
+        """The change of basis ``matrix`` (float64) as its layer will store it, held in host
+        memory until the conversion: every layer's wait there, in the model's dtype rather
+        than float64 (a quarter of the memory for a 16-bit model), and formed in float64
+        first, so the stored values are those rounded once.
+
+        A square identity costs parameters and does nothing: none is kept. With aligned
+        bases a shortcut within the aligned chain is nearly the identity and is stored as
+        its small difference from it; one that joins a basis no alignment reaches (the
+        original basis at the embedding, a whole layer or a full-width head) is a general
+        rotation, whose difference from the identity is larger than itself (about sqrt(2)
+        times), and is stored whole.
+        """
+        eye = _identity_like(matrix)
+        square = matrix.shape[0] == matrix.shape[1]
+        if square and torch.allclose(matrix, eye, rtol=0.0, atol=1e-10):
+            return None
+        # |S - E|^2 = |S|^2 - 2 tr(S E^T) + rank(E) < |S|^2.
+        delta = self.align and 2 * float(matrix.diagonal().sum()) > min(matrix.shape)
+        stored = matrix - eye if delta else matrix
+        return Shortcut(stored.to(self.dtype).cpu(), delta)
 
     def _accumulate(
         self, acc: CovarianceAccumulator, hidden: torch.Tensor, inputs: LayerInputs, b: int
@@ -357,7 +381,7 @@ class RotateAndSlice:
                     mlp_sc.append(self._finish_writer(pending, a_basis))
                 elif self.tied:
                     # The shared table stays in the original basis; layer 0 projects it.
-                    input_projection = _kept(change_of_basis(eye, a_basis))
+                    input_projection = self._keep(change_of_basis(eye, a_basis))
                 elif self.in_place:
                     embedding = adapter.embedding(self.model)
                     with onloaded(embedding, device):
@@ -390,7 +414,7 @@ class RotateAndSlice:
                     attn_sc.append(None)
                 else:
                     m_basis = self._pca(mid_acc, self.dims[idx], f"layer {idx} MLP input")
-                    attn_sc.append(_kept(change_of_basis(a_basis, m_basis)))
+                    attn_sc.append(self._keep(change_of_basis(a_basis, m_basis)))
                 rotate_output(adapter.attn_output(layer), m_basis)
                 rotate_inputs(adapter.mlp_inputs(layer), m_basis, mlp_scale)
                 m32 = m_basis.float()
@@ -423,9 +447,9 @@ class RotateAndSlice:
         return SlicingResult(
             attn_dims=attn_dims,
             mlp_dims=mlp_dims,
-            attn_shortcuts=[_drop_identity(s) for s in attn_sc],
-            mlp_shortcuts=[_drop_identity(s) for s in mlp_sc],
-            input_projection=_drop_identity(input_projection),
+            attn_shortcuts=attn_sc,
+            mlp_shortcuts=mlp_sc,
+            input_projection=input_projection,
             embedding_sliced=not self.tied,
             aligned=self.align,
             final_dim=self.dims[-1] if self.slice_head else None,
@@ -507,23 +531,9 @@ def _mask(inputs: LayerInputs, b: int, device: torch.device) -> torch.Tensor | N
     return None if mask is None else mask.to(device)
 
 
-def _kept(shortcut: torch.Tensor) -> torch.Tensor:
-    # Every layer's shortcuts wait for the conversion at the end (float64, width^2 each):
-    # in host memory, not on the accelerator, which holds one layer at a time.
-    return shortcut.cpu()
-
-
 def _identity_like(matrix: torch.Tensor) -> torch.Tensor:
     """The (rectangular) identity of ``matrix``'s shape, dtype and device."""
     return torch.eye(*matrix.shape, dtype=matrix.dtype, device=matrix.device)
-
-
-def _drop_identity(matrix: torch.Tensor | None) -> torch.Tensor | None:
-    """A square shortcut equal to the identity costs parameters and does nothing."""
-    square = matrix is not None and matrix.shape[0] == matrix.shape[1]
-    if square and torch.allclose(matrix, _identity_like(matrix), rtol=0.0, atol=1e-10):
-        return None
-    return matrix
 
 
 def convert_to_sliced(
@@ -578,7 +588,6 @@ def convert_to_sliced(
     config._attn_implementation = old_config._attn_implementation
     spec["source_model"] = config._name_or_path = old_config._name_or_path
 
-    as_delta = delta_shortcuts(spec)
     layers = adapter.layers(model)
     for idx in range(len(layers)):
         old = layers[idx]
@@ -590,12 +599,10 @@ def convert_to_sliced(
         trainable = any(p.requires_grad for p in attn.parameters())
         for norm in ("input_norm", "post_attention_norm"):
             getattr(new, adapter.layout[norm]).weight.requires_grad_(trainable)
-        for name, matrix in result.changes_of_basis(idx):
-            if f"{idx}.{name}" in as_delta:
-                matrix = matrix - _identity_like(matrix)
+        for name, kept in result.changes_of_basis(idx):
             shortcut = getattr(new, name)
             shortcut.weight = nn.Parameter(
-                matrix.T.contiguous().to(shortcut.weight), requires_grad=trainable
+                kept.matrix.T.contiguous().to(shortcut.weight), requires_grad=trainable
             )
         if offload is not None:
             # As the rest of the layer: a module left plain would be taken by the pipeline's

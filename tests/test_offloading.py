@@ -1,6 +1,7 @@
-"""Models offloaded by compressed-tensors (a ``device_map`` load, llm-compressor's sequential
-onloading): each layer is fetched once per pass, onto the compute device, and what the slicer
-adds is offloaded like the rest."""
+"""Big models: a layer offloaded by compressed-tensors (a ``device_map`` load,
+llm-compressor's sequential onloading) is fetched once per pass, onto the compute device; what
+the slicer adds is offloaded like the rest; shortcuts wait in host memory in the model's
+dtype."""
 
 from __future__ import annotations
 
@@ -102,3 +103,15 @@ def test_the_sliced_model_keeps_its_new_weights_where_the_layers_store_theirs():
         with torch.no_grad():
             logits.append(model(data[0]["input_ids"]).logits)
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
+
+
+def test_shortcuts_wait_for_the_conversion_in_host_memory_in_the_models_dtype():
+    # Every layer's shortcuts are held until the model is converted; in float64 they would
+    # take four times what a 16-bit model stores of them.
+    model = tiny_model("llama", tied=False).to(torch.bfloat16)
+    adapter = get_adapter(model)
+    inputs = capture_layer_inputs(model, adapter.layers(model)[0], calib_batches())
+    result = RotateAndSlice(model, adapter, DIMS, CPU, align=True).run(inputs)
+    kept = [s for idx in range(len(DIMS)) for _, s in result.changes_of_basis(idx)]
+    assert kept
+    assert all(s.matrix.dtype == torch.bfloat16 and s.matrix.device == CPU for s in kept)

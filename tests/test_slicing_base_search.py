@@ -129,7 +129,7 @@ def test_a_trial_fits_its_bases_without_the_heldout_batches():
                 inputs.hidden[b] = 10 * torch.randn_like(inputs.hidden[b])
         trial = RotateAndSlice(model, adapter, [48, 40, 56], CPU, "sublayer", in_place=False)
         result = trial.run(inputs, heldout)
-        return [s for s in result.attn_shortcuts + result.mlp_shortcuts if s is not None]
+        return [s.matrix for s in result.attn_shortcuts + result.mlp_shortcuts if s is not None]
 
     # The shortcuts are products of consecutive bases, so they change with any basis.
     for clean, noisy in zip(trial_shortcuts(False), trial_shortcuts(True), strict=True):
