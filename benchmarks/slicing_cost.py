@@ -23,7 +23,8 @@ from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.adapters import get_adapter
 from dynslice_modifier.allocation import allocate_dims
 from dynslice_modifier.calibration import capture_layer_inputs, onloaded, to_device
-from dynslice_modifier.slicer import RotateAndSlice, redundancy_scores
+from dynslice_modifier.redundancy import redundancy_scores
+from dynslice_modifier.slicer import RotateAndSlice
 
 
 def main() -> None:

@@ -56,6 +56,11 @@ class LayerInputs:
     def __len__(self) -> int:
         return len(self.hidden)
 
+    def mask(self, b: int, device: torch.device) -> torch.Tensor | None:
+        """Batch ``b``'s attention mask on ``device`` (None: no padding)."""
+        mask = self.masks[b]
+        return None if mask is None else mask.to(device)
+
     def release(self) -> None:
         """Drop the activations once a pass has spent them, before the next capture: two
         sets at once would double the host memory they take."""

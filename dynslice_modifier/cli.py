@@ -240,7 +240,7 @@ def cmd_scores(args: argparse.Namespace) -> None:
 
     from dynslice_modifier.adapters import get_adapter
     from dynslice_modifier.calibration import capture_layer_inputs
-    from dynslice_modifier.slicer import redundancy_scores
+    from dynslice_modifier.redundancy import redundancy_scores
 
     path = _model_path(args.model)
     if args.json:
@@ -282,8 +282,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
+    from transformers import AutoConfig
 
     from dynslice_modifier import DynamicSliceModifier
+    from dynslice_modifier.adapters import adapter_for
     from dynslice_modifier.output import (
         atomic_directory,
         check_free_space,
@@ -293,6 +295,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from dynslice_modifier.report import summary_markdown, write_report
 
     path = _model_path(args.model)
+    # An architecture the slicer cannot take is refused from its config, before the
+    # weights are loaded (minutes for a large model) and before any data is tokenized.
+    adapter_for(AutoConfig.from_pretrained(path))
     output = Path(args.output)
     check_target(output, [path])
     dense_bytes = _weights_bytes(path)
@@ -352,8 +357,6 @@ def cmd_compress(args: argparse.Namespace) -> None:
             slicing_base=args.slicing_base,
             **{f: getattr(args, f) for f in SLICER_FLAGS if getattr(args, f) is not None},
         )
-        from transformers import AutoConfig
-
         config = AutoConfig.from_pretrained(path)
         quantizers = quant_modifiers(
             args.quantize, config, slicer.quantize_shortcuts, args.quantize_head

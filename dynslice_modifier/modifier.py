@@ -46,13 +46,13 @@ from dynslice_modifier.quantization import (
     required_multiple,
     shortcut_probe,
 )
+from dynslice_modifier.redundancy import redundancy_scores
 from dynslice_modifier.slicer import (
     RotateAndSlice,
     SlicingResult,
     convert_to_sliced,
     count_parameters,
     embeddings_tied,
-    redundancy_scores,
     untie_head,
 )
 from dynslice_modifier.slicing_base_search import (

@@ -9,7 +9,11 @@ sliced harder.
 from __future__ import annotations
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
+from dynslice_modifier.adapters import ModelAdapter
+from dynslice_modifier.calibration import LayerInputs, check_finite, onloaded
 from dynslice_modifier.distributed import sum_over_ranks
 
 
@@ -38,3 +42,34 @@ class RedundancyAccumulator:
     @property
     def score(self) -> float:
         return self.total / max(self.tokens, 1)
+
+
+def redundancy_scores(
+    adapter: ModelAdapter,
+    layers: nn.ModuleList,
+    inputs: LayerInputs,
+    device: torch.device,
+    skip: frozenset[int] = frozenset(),
+) -> list[float]:
+    """Layer Redundancy of every decoder layer of the unmodified model, from the batches not
+    in ``skip`` (``slicing_base: auto`` scores the widths on held-out batches, which must
+    not have shaped them).
+
+    Consumes ``inputs``: on return it holds the last layer's outputs.
+    """
+    scores = []
+    for idx, layer in enumerate(tqdm(layers, desc="Layer redundancy", leave=False)):
+        acc = RedundancyAccumulator()
+        with onloaded(layer, device), torch.no_grad():
+            for b in range(len(inputs)):
+                if b in skip:
+                    continue
+                x = inputs.hidden[b].to(device)
+                y = layer(x, **inputs.layer_kwargs(b, idx, device))
+                y = y[0] if isinstance(y, tuple) else y
+                check_finite(y, f"decoder layer {idx} output")
+                acc.add(x, y, inputs.mask(b, device))
+                inputs.hidden[b] = y.to(inputs.hidden[b].device)
+        acc.all_reduce()
+        scores.append(acc.score)
+    return scores

@@ -1,4 +1,4 @@
-"""The two calibration passes: Layer Redundancy, then rotate-and-slice.
+"""The rotate-and-slice pass (after the Layer Redundancy pass of ``redundancy.py``).
 
 Activations are kept in the model's *original* coordinates (full hidden size) as the
 already-sliced upstream model computes them. For decoder layer ``l``:
@@ -26,7 +26,7 @@ A layer marked *whole* keeps full width in the original basis (``a = m = hidden`
 rotation): no shortcut inside it or towards a whole neighbour. The modifier leaves layers
 whole when slicing them would add more shortcut weights than it removes.
 
-Each layer is run once per pass; the redundancy pass is one more, so slicing costs two
+Each layer is run once per pass; with the redundancy pass, slicing costs two
 forward passes of the calibration set (plus an attention-only pass with ``basis="layer"``).
 """
 
@@ -66,7 +66,6 @@ from dynslice_modifier.modeling.modeling_dynslice import (
     rms_normalize,
 )
 from dynslice_modifier.pca import CovarianceAccumulator, principal_basis
-from dynslice_modifier.redundancy import RedundancyAccumulator
 from dynslice_modifier.rotate import (
     align_basis,
     change_of_basis,
@@ -142,38 +141,6 @@ def plain_copy(module: nn.Module) -> nn.Module:
         for m, parameters, buffers, attributes in saved:
             m.__dict__.update(attributes)
             m._parameters, m._buffers = parameters, buffers
-
-
-def redundancy_scores(
-    adapter: ModelAdapter,
-    layers: nn.ModuleList,
-    inputs: LayerInputs,
-    device: torch.device,
-    skip: frozenset[int] = frozenset(),
-) -> list[float]:
-    """Layer Redundancy of every decoder layer of the unmodified model, from the batches not
-    in ``skip`` (``slicing_base: auto`` scores the widths on held-out batches, which must
-    not have shaped them).
-
-    Consumes ``inputs``: on return it holds the last layer's outputs.
-    """
-    scores = []
-    for idx, layer in enumerate(tqdm(layers, desc="Layer redundancy", leave=False)):
-        acc = RedundancyAccumulator()
-        with onloaded(layer, device), torch.no_grad():
-            for b in range(len(inputs)):
-                if b in skip:
-                    continue
-                x = inputs.hidden[b].to(device)
-                y = layer(x, **inputs.layer_kwargs(b, idx, device))
-                y = y[0] if isinstance(y, tuple) else y
-                check_finite(y, f"decoder layer {idx} output")
-                mask = inputs.masks[b]
-                acc.add(x, y, None if mask is None else mask.to(device))
-                inputs.hidden[b] = y.to(inputs.hidden[b].device)
-        acc.all_reduce()
-        scores.append(acc.score)
-    return scores
 
 
 @dataclass
@@ -339,7 +306,7 @@ class RotateAndSlice:
         self, acc: CovarianceAccumulator, hidden: torch.Tensor, inputs: LayerInputs, b: int
     ) -> None:
         if b not in self._heldout:
-            acc.add(hidden, _mask(inputs, b, self.device))
+            acc.add(hidden, inputs.mask(b, self.device))
 
     def run(self, inputs: LayerInputs, heldout: frozenset[int] = frozenset()) -> SlicingResult:
         """Slice every layer; batches in ``heldout`` are carried but not used by the PCA.
@@ -490,7 +457,7 @@ class RotateAndSlice:
         attn_scale = adapter.input_norm(layer).weight
         mlp_scale = adapter.post_attention_norm(layer).weight
         setattr(layer, adapter.layout["input_norm"], self._norm(width, attn_scale))
-        setattr(layer, adapter.layout["post_attention_norm"], self._norm(width, attn_scale))
+        setattr(layer, adapter.layout["post_attention_norm"], self._norm(width, mlp_scale))
         return attn_scale, mlp_scale
 
     def _input_basis(self, inputs: LayerInputs, idx: int, where: str | None = None) -> torch.Tensor:
@@ -524,11 +491,6 @@ class RotateAndSlice:
             self._accumulate(acc, x + attn_out, inputs, b)
         self._next_input_cov = None
         return self._pca(acc, self.dims[idx], f"layer {idx} (attention and MLP inputs)")
-
-
-def _mask(inputs: LayerInputs, b: int, device: torch.device) -> torch.Tensor | None:
-    mask = inputs.masks[b]
-    return None if mask is None else mask.to(device)
 
 
 def _identity_like(matrix: torch.Tensor) -> torch.Tensor:

@@ -65,10 +65,9 @@ def heldout_nll(
         for b in sorted(heldout):
             logits = head(norm(inputs.hidden[b].to(device))).float()
             ids = inputs.ids[b].to(device)
-            mask = inputs.masks[b]
+            keep = inputs.mask(b, device)
             labels = ids[:, 1:].clone()
-            if mask is not None:
-                keep = mask.to(device)
+            if keep is not None:
                 labels[~(keep[:, 1:] & keep[:, :-1])] = -100
             loss = nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]),

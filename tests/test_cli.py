@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -602,3 +603,27 @@ def test_interrupted_compress_leaves_previous_output_intact(workdir, mode):
     else:
         assert result.returncode != 0 and "injected failure" in result.stderr
         assert not leftovers  # removed on the exception
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, r"\(1 \+ weight\)"),
+        (
+            {"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]},
+            "not a causal language model",
+        ),
+    ],
+)
+def test_compress_refuses_an_architecture_from_its_config_alone(config, message, tmp_path, capsys):
+    # No weights and no tokenizer: the refusal comes before either would be read (loading a
+    # large model's weights takes minutes).
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config))
+    code, _, err = run_main(
+        "compress", str(model), str(tmp_path / "out"), cwd=tmp_path, capsys=capsys
+    )
+    assert code == 2
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()

@@ -510,8 +510,7 @@ def test_redundancy_scores_are_recorded():
 def test_redundancy_scores_match_the_models_own_forward_with_sliding_window_layers():
     from dynslice_modifier.adapters import get_adapter
     from dynslice_modifier.calibration import capture_layer_inputs
-    from dynslice_modifier.redundancy import RedundancyAccumulator
-    from dynslice_modifier.slicer import redundancy_scores
+    from dynslice_modifier.redundancy import RedundancyAccumulator, redundancy_scores
 
     # Layer 0 full attention, the rest sliding: each type has its own mask.
     model = tiny_model(

@@ -1,6 +1,10 @@
-"""Architecture adapters. Supporting a new architecture is adding one module here."""
+"""Architecture adapters. Slicing a new pre-norm architecture is adding one module here
+(serving it in vLLM also takes its ``model_type`` in ``serving/support.py``, and its attention's
+differences from Llama's in ``serving/vllm_dynslice.py``)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 
@@ -51,43 +55,61 @@ def mark_partly_sliced(model: nn.Module) -> None:
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
     """The adapter for ``model``, or an error naming the architecture and the supported ones."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    architecture = type(model).__name__
     if getattr(model, _PARTLY_SLICED, False):
         raise UnsupportedModelError(
-            f"this {architecture} object was partly rotated and sliced in place by a slicing "
-            "run that failed; load the model again from disk and run on that"
+            f"this {type(model).__name__} object was partly rotated and sliced in place by a "
+            "slicing run that failed; load the model again from disk and run on that"
         )
+    adapter = adapter_for(getattr(model, "config", None), type(model).__name__)
+    adapter.check(model)
+    return adapter
+
+
+def adapter_for(config: Any, architecture: str | None = None) -> ModelAdapter:
+    """The adapter for a model of ``config`` loaded as class ``architecture``, or an error
+    naming the architecture and the supported ones.
+
+    Without ``architecture`` (the class transformers' causal-LM auto class would pick), from
+    the config alone: a command line refuses a checkpoint before loading it.
+    """
+    model_type = getattr(config, "model_type", None)
+    saved = list(getattr(config, "architectures", None) or [])
     supported = ", ".join(
         f"{a.model_type} ({'/'.join(a.architectures)})" for a in ADAPTERS.values()
     )
     if model_type == "dynslice":
         raise UnsupportedModelError(
-            f"this model is already sliced ({architecture}); slicing it again would need its "
-            "dense original. To quantize it, run llm-compressor's oneshot on it with the "
-            "quantization modifiers alone (no DynamicSliceModifier in the recipe; `dynslice "
-            "compress` always slices)"
+            f"this model is already sliced ({architecture or 'DynSliceForCausalLM'}); slicing "
+            "it again would need its dense original. To quantize it, run llm-compressor's "
+            "oneshot on it with the quantization modifiers alone (no DynamicSliceModifier in "
+            "the recipe; `dynslice compress` always slices)"
         )
     adapter = ADAPTERS.get(model_type)
-    if adapter is None or architecture not in adapter.architectures:
+    if adapter is None or (architecture is not None and architecture not in adapter.architectures):
+        name = architecture or (saved[0] if saved else "this model")
         why = f": {NOT_SUPPORTED[model_type]}" if model_type in NOT_SUPPORTED else ""
         raise UnsupportedModelError(
-            f"DynamicSliceModifier does not support {architecture} (model_type "
+            f"DynamicSliceModifier does not support {name} (model_type "
             f"{model_type!r}){why}. Supported architectures: {supported}. A pre-norm "
             "architecture with separate linears is added as one adapter module in "
             "dynslice_modifier/adapters/ (see mistral.py)"
         )
     # transformers loads any Llama checkpoint as LlamaForCausalLM, dropping a classifier's
     # head and initialising a random one: the checkpoint's own class says what it was.
-    saved = list(getattr(model.config, "architectures", None) or [])
     if saved and not set(saved) & set(adapter.architectures):
         raise UnsupportedModelError(
             f"the checkpoint is a {saved[0]}, not a causal language model: loaded as "
-            f"{architecture}, its head would be randomly initialised. Slice a causal-LM "
-            f"checkpoint ({'/'.join(adapter.architectures)})"
+            f"{architecture or adapter.architectures[0]}, its head would be randomly "
+            f"initialised. Slice a causal-LM checkpoint ({'/'.join(adapter.architectures)})"
         )
-    adapter.check(model)
     return adapter
 
 
-__all__ = ["ADAPTERS", "PRE_NORM_LAYOUT", "ModelAdapter", "get_adapter", "mark_partly_sliced"]
+__all__ = [
+    "ADAPTERS",
+    "PRE_NORM_LAYOUT",
+    "ModelAdapter",
+    "adapter_for",
+    "get_adapter",
+    "mark_partly_sliced",
+]
