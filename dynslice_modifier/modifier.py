@@ -337,39 +337,7 @@ class DynamicSliceModifier(Modifier):
         module_names = {id(module): name for name, module in model.named_modules()}
         reads, writes = self._sliced_linears(model, adapter, module_names)
         requirement = required_multiple(others, reads, writes)
-        round_to = fit_round_to(self.round_to, requirement, hidden)
-        if round_to > hidden:
-            raise AllocationError(
-                f"round_to={round_to} exceeds hidden_size={hidden}: every width is a multiple "
-                f"of round_to; set round_to to at most {hidden} (a divisor of it keeps whole "
-                "layers possible)"
-            )
-        if requirement is not None and round_to != (self.round_to or DEFAULT_ROUND_TO):
-            logger.info(f"Rounding widths to multiples of {round_to} for {requirement[1]}")
-        elif requirement is None and self.round_to is None:
-            logger.info(
-                f"No quantizer follows in this run: widths are multiples of {round_to}. To "
-                "quantize in a later stage or oneshot, set round_to to its group size (128 "
-                "for W4A16) here"
-            )
-        least_slice = (hidden % round_to) / hidden
-        by_sparsity = self.layer_dims is None and self.target_params is None
-        if by_sparsity and self.sparsity < least_slice:
-            # Whole layers would be hidden_size wide, not a multiple of round_to either.
-            kept = hidden - hidden % round_to
-            if self.sparsity == 0.0:
-                raise AllocationError(
-                    f"sparsity 0 asks for the rotation alone, but hidden_size {hidden} is not "
-                    f"a multiple of round_to {round_to}, so every layer would keep at most "
-                    f"{kept} dims ({least_slice:.1%} sliced); use a round_to that divides "
-                    f"{hidden} (a smaller quantization group size), or sparsity >= "
-                    f"{least_slice:.4f} to slice"
-                )
-            logger.warning(
-                f"hidden_size {hidden} is not a multiple of round_to {round_to}: every layer "
-                f"keeps at most {kept} dims ({least_slice:.1%} sliced, more than sparsity "
-                f"{self.sparsity})"
-            )
+        round_to = self._round_to(requirement, hidden)
         if self.layer_scores is not None and len(self.layer_scores) != num_layers:
             raise AllocationError(
                 f"layer_scores has {len(self.layer_scores)} entries but the model has "
@@ -432,30 +400,7 @@ class DynamicSliceModifier(Modifier):
         elif explicit is None:
             check_sparsity_fits(self.sparsity, max_sparsity)
 
-        inputs = capture_layer_inputs(model, layers[0], state.data.calib)
-        duplicated = shared_across_ranks(inputs.keys)
-        if duplicated:
-            logger.warning(
-                f"{duplicated} of this rank's {len(inputs)} calibration batches are also on "
-                "another rank, so part of the data is counted twice and part is never seen. "
-                "llm-compressor 0.14 splits an identical dataset across ranks with sampler "
-                "indices into the unsplit dataset; give each rank its own shard instead: "
-                "dataset.shard(world_size, rank, contiguous=True)"
-            )
-        # The PCA sees every rank's tokens (see distributed.py).
-        (tokens,) = sum_over_ranks(inputs.tokens)
-        if tokens < hidden:
-            raise CalibrationError(
-                f"{int(tokens)} calibration tokens (padding excluded) but hidden_size is "
-                f"{hidden}: PCA needs at least as many tokens as dimensions; raise "
-                "num_calibration_samples or max_seq_length"
-                + ("" if tokens else ", and check that the attention masks are not all zero")
-            )
-        logger.info(
-            f"DynamicSliceModifier: {len(inputs)} calibration batches, {inputs.tokens} tokens"
-            f"{f' ({int(tokens)} on all ranks)' if is_distributed() else ''}, {num_layers} "
-            f"layers, compute device {device}"
-        )
+        inputs = self._capture(model, layers[0], state.data.calib, hidden, device)
 
         scores = self.layer_scores
         auto = self.slicing_base == "auto"
@@ -541,27 +486,8 @@ class DynamicSliceModifier(Modifier):
             if not keep_tied:
                 untie_head(model)
             slicer = self._slicer(model, adapter, dims, whole, device, keep_tied)
-            block = slicer.smallest_hadamard_block
-            if self.hadamard and block < 16:
-                how = (
-                    "with aligned bases every basis takes the same Hadamard blocks, the "
-                    "largest power of two dividing every sliced width"
-                    if self.align_bases
-                    else "each basis takes Hadamard blocks of the largest power of two "
-                    "dividing its width"
-                )
-                logger.warning(
-                    f"hadamard: {how}; the smallest here is {block}, so outliers are spread "
-                    f"over {block} channels at most there (1: not at all). Use widths in "
-                    "multiples of 16 or more (round_to)"
-                    + (", or align_bases: false" if self.align_bases else "")
-                )
-            if self.hadamard and any(whole):
-                logger.warning(
-                    f"hadamard: layers {[i for i, w in enumerate(whole) if w]} are left whole "
-                    "in the original basis (profitable_only), so no Hadamard rotation spreads "
-                    "their outliers; set profitable_only: false to rotate them too"
-                )
+            if self.hadamard:
+                self._warn_hadamard(slicer.smallest_hadamard_block, whole)
             if consumed:
                 inputs = capture_layer_inputs(model, layers[0], state.data.calib)
             result = slicer.run(inputs)
@@ -622,6 +548,104 @@ class DynamicSliceModifier(Modifier):
                 "profitable_only on"
             )
         return True
+
+    def _round_to(self, requirement: tuple[int, str] | None, hidden: int) -> int:
+        """The step every width is a multiple of: ``round_to``, or raised to what the
+        recipe's quantizers need; refused where no slicing could honour it."""
+        round_to = fit_round_to(self.round_to, requirement, hidden)
+        if round_to > hidden:
+            raise AllocationError(
+                f"round_to={round_to} exceeds hidden_size={hidden}: every width is a multiple "
+                f"of round_to; set round_to to at most {hidden} (a divisor of it keeps whole "
+                "layers possible)"
+            )
+        if requirement is not None and round_to != (self.round_to or DEFAULT_ROUND_TO):
+            logger.info(f"Rounding widths to multiples of {round_to} for {requirement[1]}")
+        elif requirement is None and self.round_to is None:
+            logger.info(
+                f"No quantizer follows in this run: widths are multiples of {round_to}. To "
+                "quantize in a later stage or oneshot, set round_to to its group size (128 "
+                "for W4A16) here"
+            )
+        least_slice = (hidden % round_to) / hidden
+        by_sparsity = self.layer_dims is None and self.target_params is None
+        if by_sparsity and self.sparsity < least_slice:
+            # Whole layers would be hidden_size wide, not a multiple of round_to either.
+            kept = hidden - hidden % round_to
+            if self.sparsity == 0.0:
+                raise AllocationError(
+                    f"sparsity 0 asks for the rotation alone, but hidden_size {hidden} is not "
+                    f"a multiple of round_to {round_to}, so every layer would keep at most "
+                    f"{kept} dims ({least_slice:.1%} sliced); use a round_to that divides "
+                    f"{hidden} (a smaller quantization group size), or sparsity >= "
+                    f"{least_slice:.4f} to slice"
+                )
+            logger.warning(
+                f"hidden_size {hidden} is not a multiple of round_to {round_to}: every layer "
+                f"keeps at most {kept} dims ({least_slice:.1%} sliced, more than sparsity "
+                f"{self.sparsity})"
+            )
+        return round_to
+
+    def _capture(
+        self,
+        model: torch.nn.Module,
+        first_layer: torch.nn.Module,
+        calib: Any,
+        hidden: int,
+        device: torch.device,
+    ) -> LayerInputs:
+        """What the first decoder layer receives for every calibration batch; refused where
+        the PCA would have fewer tokens than dimensions."""
+        num_layers = model.config.num_hidden_layers
+        inputs = capture_layer_inputs(model, first_layer, calib)
+        duplicated = shared_across_ranks(inputs.keys)
+        if duplicated:
+            logger.warning(
+                f"{duplicated} of this rank's {len(inputs)} calibration batches are also on "
+                "another rank, so part of the data is counted twice and part is never seen. "
+                "llm-compressor 0.14 splits an identical dataset across ranks with sampler "
+                "indices into the unsplit dataset; give each rank its own shard instead: "
+                "dataset.shard(world_size, rank, contiguous=True)"
+            )
+        # The PCA sees every rank's tokens (see distributed.py).
+        (tokens,) = sum_over_ranks(inputs.tokens)
+        if tokens < hidden:
+            raise CalibrationError(
+                f"{int(tokens)} calibration tokens (padding excluded) but hidden_size is "
+                f"{hidden}: PCA needs at least as many tokens as dimensions; raise "
+                "num_calibration_samples or max_seq_length"
+                + ("" if tokens else ", and check that the attention masks are not all zero")
+            )
+        logger.info(
+            f"DynamicSliceModifier: {len(inputs)} calibration batches, {inputs.tokens} tokens"
+            f"{f' ({int(tokens)} on all ranks)' if is_distributed() else ''}, {num_layers} "
+            f"layers, compute device {device}"
+        )
+        return inputs
+
+    def _warn_hadamard(self, block: int, whole: list[bool]) -> None:
+        """Where the Hadamard rotation spreads outliers over few channels, or none."""
+        if block < 16:
+            how = (
+                "with aligned bases every basis takes the same Hadamard blocks, the "
+                "largest power of two dividing every sliced width"
+                if self.align_bases
+                else "each basis takes Hadamard blocks of the largest power of two "
+                "dividing its width"
+            )
+            logger.warning(
+                f"hadamard: {how}; the smallest here is {block}, so outliers are spread "
+                f"over {block} channels at most there (1: not at all). Use widths in "
+                "multiples of 16 or more (round_to)"
+                + (", or align_bases: false" if self.align_bases else "")
+            )
+        if any(whole):
+            logger.warning(
+                f"hadamard: layers {[i for i, w in enumerate(whole) if w]} are left whole "
+                "in the original basis (profitable_only), so no Hadamard rotation spreads "
+                "their outliers; set profitable_only: false to rotate them too"
+            )
 
     def _sliced_linears(
         self, model: torch.nn.Module, adapter: Any, names: dict[int, str]
