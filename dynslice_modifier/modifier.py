@@ -176,8 +176,8 @@ class DynamicSliceModifier(Modifier):
         Default false: they stay in model dtype, the most accurate choice, since they carry
         the residual stream. With ``align_bases`` the quantizer sees only their small
         difference from the identity, so taking them is cheap (SmolLM2 at SP 0.25: GPTQ W8A8
-        perplexity 55.91 against 55.69 kept, 14% smaller; under W4A16, int8 shortcuts 63.96
-        against 63.89, 17% smaller, 4-bit ones 69.77, 19% smaller).
+        perplexity 55.72 against 55.69 kept, 14% smaller; under W4A16, int8 shortcuts 63.70
+        against 63.89, 17% smaller, 4-bit ones 63.51, 19% smaller).
     :param untie_embeddings: for models with tied embeddings, untie them and slice the
         input table (SliceGPT's way). By default the table stays shared, in the original
         basis, and the model stays tied.

@@ -5,10 +5,10 @@ a multiple of 128 by itself (576 is not a multiple of 128; sliced widths can be)
 o_proj reads 9 heads x 64 = 576 inputs, which slicing does not change, so it stays in full
 precision (the slicer would say so before calibrating if it were targeted), as does layer 0's
 input projection from the tied 576-wide table. GPTQ takes the residual shortcut matrices
-(quantize_shortcuts) at 4 bits too, for the smallest checkpoint; aligned bases keep them near
-the identity, yet on SmolLM2 (groups of 64, MSE scales) that costs +17.1% perplexity against
-the float model of the same widths, +7.3% with 8-bit shortcuts, so recipes/slice_w4a16.yaml
-gives them a config group of their own at 8 bits instead (benchmarks/README.md, "Slice + quantize").
+(quantize_shortcuts) at 4 bits too, for the smallest checkpoint: aligned bases keep them near
+the identity, and on SmolLM2 (groups of 64, MSE scales) that costs +6.6% perplexity against
+the float model of the same widths, +6.9% with 8-bit shortcuts, which recipes/slice_w4a16.yaml
+gives a config group of their own (benchmarks/README.md, "Slice + quantize").
 """
 
 from _common import SAMPLES, SEQ_LEN, smollm2_and_data
