@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from compressed_tensors.offload import align_modules
+from compressed_tensors.offload import align_modules, disable_onloading
 from compressed_tensors.offload.cache import OffloadCache
 from torch import nn
 from tqdm.auto import tqdm
@@ -221,6 +221,14 @@ def onloaded(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
         yield module
     finally:
         module.to(home)
+
+
+def stored_parameters(module: nn.Module) -> list[torch.Tensor]:
+    """``module``'s parameters as stored, for their dtype and ``requires_grad``: an
+    offloaded module's are read without fetching them (a fetched copy is made under
+    ``no_grad``, so it never requires grad)."""
+    with disable_onloading():
+        return list(module.parameters())
 
 
 def _check_token_ids(input_ids: torch.Tensor, vocab: int) -> None:

@@ -159,7 +159,8 @@ class DynamicSliceModifier(Modifier):
         quantizer taking the shortcuts sees small numbers (see ``quantize_shortcuts``).
         The shortcuts into and out of the original basis (a layer left whole, a head read
         at full width) are general rotations, stored whole. Older plugins refuse such
-        checkpoints with an upgrade message (slicing format 5). Default true.
+        checkpoints with an upgrade message (slicing format 3, or 5 where some are stored
+        whole). Default true.
     :param target_params: instead of ``sparsity``, the fraction of the model's parameters to
         remove (embedding, head and shortcut matrices included); the SP that meets it is
         solved for after scoring, with ``slicing_base`` (or its default) kept.

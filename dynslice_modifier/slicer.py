@@ -51,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dynslice_modifier.adapters import ModelAdapter
-from dynslice_modifier.calibration import LayerInputs, check_finite, onloaded
+from dynslice_modifier.calibration import LayerInputs, check_finite, onloaded, stored_parameters
 from dynslice_modifier.hadamard import block_hadamard
 from dynslice_modifier.modeling.configuration_dynslice import (
     INPUT_PROJECTION,
@@ -104,7 +104,7 @@ def untie_head(model: nn.Module) -> None:
         return
     modules = (model.get_input_embeddings(), model.get_output_embeddings())
     copies = [
-        nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
+        nn.Parameter(m.weight.detach().clone(), requires_grad=stored_parameters(m)[0].requires_grad)
         for m in modules
     ]
     # Each entry is deleted before its copy is registered: an offload cache writes a value of
@@ -226,8 +226,10 @@ class RotateAndSlice:
         self.tied = keep_tied and embeddings_tied(model)
         self.hadamard = hadamard
         self.align = align
-        # What the shortcuts are kept in until the conversion casts them to it anyway.
-        self.dtype = model.dtype
+        # What the shortcuts are kept in until the conversion casts them to it anyway: the
+        # layers' dtype (float32 should they differ).
+        dtypes = {p.dtype for layer in adapter.layers(model) for p in stored_parameters(layer)}
+        self.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         # Aligned bases keep ``E`` as their change of basis only if every Hadamard has the
         # same blocks: the largest power of two dividing every sliced width.
         sliced = [d for d, w in zip(dims, self.whole, strict=True) if not w]
@@ -351,7 +353,10 @@ class RotateAndSlice:
                     input_projection = self._keep(change_of_basis(eye, a_basis))
                 elif self.in_place:
                     embedding = adapter.embedding(self.model)
-                    with onloaded(embedding, device):
+                    # Fetched once if offloaded; a table in host memory stays there, and
+                    # goes to the accelerator a block at a time for its product.
+                    offloaded = isinstance(embedding._parameters, OffloadCache)
+                    with onloaded(embedding, device) if offloaded else contextlib.nullcontext():
                         rotate_embedding(embedding, a_basis)
                 rotate_inputs(attn_inputs, a_basis, attn_scale)
 
@@ -558,7 +563,7 @@ def convert_to_sliced(
         device = None if offload is None else _storage_device(offload)
         new = SlicedDecoderLayer(config, idx, attn, adapter.mlp(old), device=device)
         # What the layer adds trains as its own weights do (recovery fine-tuning, or none).
-        trainable = any(p.requires_grad for p in attn.parameters())
+        trainable = any(p.requires_grad for p in stored_parameters(attn))
         for norm in ("input_norm", "post_attention_norm"):
             getattr(new, adapter.layout[norm]).weight.requires_grad_(trainable)
         for name, kept in result.changes_of_basis(idx):

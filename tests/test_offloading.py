@@ -9,7 +9,7 @@ import collections
 
 import pytest
 import torch
-from compressed_tensors.offload import get_offloaded_device, set_onload_device
+from compressed_tensors.offload import disable_onloading, get_offloaded_device, set_onload_device
 from compressed_tensors.offload.cache import OffloadCache
 from compressed_tensors.offload.cache.cpu import CPUCache
 from tiny import calib_batches, tiny_model
@@ -100,6 +100,9 @@ def test_the_sliced_model_keeps_its_new_weights_where_the_layers_store_theirs():
                 if next(module.parameters(recurse=False), None) is not None:
                     assert isinstance(module._parameters, OffloadCache), name
                     assert get_offloaded_device(module) == CPU, name
+            # Trainable as stored: a fetched copy never requires grad.
+            with disable_onloading():
+                assert all(p.requires_grad for p in model.parameters())
             set_onload_device(model, CPU)
         with torch.no_grad():
             logits.append(model(data[0]["input_ids"]).logits)
@@ -116,3 +119,23 @@ def test_shortcuts_wait_for_the_conversion_in_host_memory_in_the_models_dtype():
     kept = [s for idx in range(len(DIMS)) for _, s in result.changes_of_basis(idx)]
     assert kept
     assert all(s.matrix.dtype == torch.bfloat16 and s.matrix.device == CPU for s in kept)
+
+
+def test_a_table_in_host_memory_goes_to_the_compute_device_a_block_at_a_time(monkeypatch):
+    # Moved whole, the accelerator would hold the table and its rotated copy beside a layer.
+    import dynslice_modifier.slicer
+
+    model = tiny_model("llama", tied=False)
+    adapter = get_adapter(model)
+    fetch, moved = dynslice_modifier.slicer.onloaded, []
+
+    def record(module, device):
+        moved.append(module)
+        return fetch(module, device)
+
+    monkeypatch.setattr(dynslice_modifier.slicer, "onloaded", record)
+    inputs = capture_layer_inputs(model, adapter.layers(model)[0], calib_batches())
+    before = adapter.embedding(model).weight.clone()
+    RotateAndSlice(model, adapter, DIMS, CPU).run(inputs)
+    assert not any(module is adapter.embedding(model) for module in moved)
+    assert adapter.embedding(model).weight.shape[1] == DIMS[0] < before.shape[1]
