@@ -567,7 +567,7 @@ def test_aligned_bases_keep_the_function_and_make_shortcuts_small(hadamard):
     layers = aligned.model.layers
     for whole in (layers[0].input_projection.weight, layers[3].mlp_shortcut.weight):
         # A rotation cut to 48 dims: norm sqrt(48) as stored, about sqrt(96) as a delta.
-        assert whole.norm() == pytest.approx(48**0.5, rel=1e-4)
+        assert float(whole.norm()) == pytest.approx(48**0.5, rel=1e-4)
 
     def stored(model):
         # Shortcuts between sliced bases (not the input projection or the last one, which
