@@ -284,7 +284,7 @@ class RotateAndSlice:
 
     def _keep(self, matrix: torch.Tensor) -> Shortcut | None:
         """The change of basis ``matrix`` (float64) as its layer will store it, held in host
-        memory until the conversion: every layer's wait there, in the model's dtype rather
+        memory until the conversion: every layer's wait there, in the layers' dtype rather
         than float64 (a quarter of the memory for a 16-bit model), and formed in float64
         first, so the stored values are those rounded once.
 
