@@ -207,7 +207,7 @@ def onloaded(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
     so every tensor of the computation is on one device. Weights assigned meanwhile go to
     its offload device as usual.
     """
-    offloaded = [m for m in module.modules() if isinstance(m._parameters, OffloadCache)]
+    offloaded = offloaded_modules(module)
     if offloaded:
         with align_modules(offloaded, device):
             yield module
@@ -221,6 +221,22 @@ def onloaded(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
         yield module
     finally:
         module.to(home)
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """Whether compressed-tensors offloads ``module``'s own parameters."""
+    return isinstance(module._parameters, OffloadCache)
+
+
+def offloaded_modules(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if is_offloaded(m)]
+
+
+def trainable(module: nn.Module, name: str = "weight") -> bool:
+    """Whether ``module``'s parameter ``name`` requires grad as stored (see
+    ``stored_parameters``)."""
+    with disable_onloading():
+        return getattr(module, name).requires_grad
 
 
 def stored_parameters(module: nn.Module) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dynslice_modifier.calibration import stored_parameters
+from dynslice_modifier.calibration import trainable
 
 # Rows (or columns) per float64 product: a vocabulary-sized table or a wide projection is
 # never copied whole in float64 on the compute device.
@@ -44,9 +44,8 @@ def _in_float64(
 def _set_weight(module: nn.Linear | nn.Embedding, weight: torch.Tensor) -> None:
     old = module.weight
     # Trainable as before: a model sliced in memory may go on to recovery fine-tuning.
-    trainable = stored_parameters(module)[0].requires_grad
     module.weight = nn.Parameter(
-        weight.detach().to(dtype=old.dtype, device=old.device), requires_grad=trainable
+        weight.detach().to(dtype=old.dtype, device=old.device), requires_grad=trainable(module)
     )
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = weight.shape
@@ -74,9 +73,9 @@ def rotate_output(linear: nn.Linear, basis: torch.Tensor) -> None:
     _set_weight(linear, _in_float64(linear.weight, lambda w: q.T @ w, q.device, dim=1))
     if linear.bias is not None:
         bias = linear.bias.to(q.device, torch.float64) @ q
-        trainable = any(p.requires_grad for p in stored_parameters(linear))
         linear.bias = nn.Parameter(
-            bias.detach().to(linear.bias.device, linear.bias.dtype), requires_grad=trainable
+            bias.detach().to(linear.bias.device, linear.bias.dtype),
+            requires_grad=trainable(linear, "bias"),
         )
 
 

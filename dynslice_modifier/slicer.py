@@ -45,13 +45,20 @@ from compressed_tensors.offload import (
     get_cache_init_kwargs,
     offload_module,
 )
-from compressed_tensors.offload.cache import OffloadCache
 from loguru import logger
 from torch import nn
 from tqdm.auto import tqdm
 
 from dynslice_modifier.adapters import ModelAdapter
-from dynslice_modifier.calibration import LayerInputs, check_finite, onloaded, stored_parameters
+from dynslice_modifier.calibration import (
+    LayerInputs,
+    check_finite,
+    is_offloaded,
+    offloaded_modules,
+    onloaded,
+    stored_parameters,
+    trainable,
+)
 from dynslice_modifier.hadamard import block_hadamard
 from dynslice_modifier.modeling.configuration_dynslice import (
     INPUT_PROJECTION,
@@ -103,10 +110,7 @@ def untie_head(model: nn.Module) -> None:
     if not embeddings_tied(model):
         return
     modules = (model.get_input_embeddings(), model.get_output_embeddings())
-    copies = [
-        nn.Parameter(m.weight.detach().clone(), requires_grad=stored_parameters(m)[0].requires_grad)
-        for m in modules
-    ]
+    copies = [nn.Parameter(m.weight.detach().clone(), requires_grad=trainable(m)) for m in modules]
     # Each entry is deleted before its copy is registered: an offload cache writes a value of
     # the same shape into the storage the two share, and the table would stay tied. Deleted
     # with onloading off, which leaves that storage (a file, for disk offload) alone: with
@@ -124,7 +128,7 @@ def plain_copy(module: nn.Module) -> nn.Module:
     its weights, which the disk cache's index (keyed by the originals) does not know; so
     the offloaded modules lend the copy their onloaded weights and plain ``forward``.
     """
-    offloaded = [m for m in module.modules() if isinstance(m._parameters, OffloadCache)]
+    offloaded = offloaded_modules(module)
     saved = [(m, m._parameters, m._buffers, dict(m.__dict__)) for m in offloaded]
     try:
         for m in offloaded:
@@ -355,8 +359,8 @@ class RotateAndSlice:
                     embedding = adapter.embedding(self.model)
                     # Fetched once if offloaded; a table in host memory stays there, and
                     # goes to the accelerator a block at a time for its product.
-                    offloaded = isinstance(embedding._parameters, OffloadCache)
-                    with onloaded(embedding, device) if offloaded else contextlib.nullcontext():
+                    fetched_once = is_offloaded(embedding)
+                    with onloaded(embedding, device) if fetched_once else contextlib.nullcontext():
                         rotate_embedding(embedding, a_basis)
                 rotate_inputs(attn_inputs, a_basis, attn_scale)
 
@@ -563,20 +567,20 @@ def convert_to_sliced(
         device = None if offload is None else _storage_device(offload)
         new = SlicedDecoderLayer(config, idx, attn, adapter.mlp(old), device=device)
         # What the layer adds trains as its own weights do (recovery fine-tuning, or none).
-        trainable = any(p.requires_grad for p in stored_parameters(attn))
+        trains = any(p.requires_grad for p in stored_parameters(attn))
         for norm in ("input_norm", "post_attention_norm"):
-            getattr(new, adapter.layout[norm]).weight.requires_grad_(trainable)
+            getattr(new, adapter.layout[norm]).weight.requires_grad_(trains)
         for name, kept in result.changes_of_basis(idx):
             shortcut = getattr(new, name)
             shortcut.weight = nn.Parameter(
-                kept.matrix.T.contiguous().to(shortcut.weight), requires_grad=trainable
+                kept.matrix.T.contiguous().to(shortcut.weight), requires_grad=trains
             )
         if offload is not None:
             # As the rest of the layer: a module left plain would be taken by the pipeline's
             # onloading for one living on the accelerator, and stay there.
             for module in new.modules():
                 owns = next(module.parameters(recurse=False), None) is not None
-                if owns and not isinstance(module._parameters, OffloadCache):
+                if owns and not is_offloaded(module):
                     offload_module(module, **offload)
         if (wrapper := _offload_settings(old)) is not None:
             offload_module(new, **wrapper)
@@ -590,7 +594,7 @@ def convert_to_sliced(
 
 def _offload_settings(module: nn.Module) -> dict[str, Any] | None:
     """How compressed-tensors offloads ``module`` (None: it does not)."""
-    if not isinstance(module._parameters, OffloadCache):
+    if not is_offloaded(module):
         return None
     return get_cache_init_kwargs(module)
 
