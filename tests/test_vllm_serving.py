@@ -430,6 +430,14 @@ def vllm_results(checkpoints: dict[str, Path]) -> dict[str, Any]:
 CHECKS_LOG = "output of vllm_checks.py"
 
 
+def test_every_architecture_the_slicer_supports_has_an_agreement_case():
+    # The model file serves whatever an adapter describes (its attention's biases and
+    # head norms included); only an agreement case shows the description is right.
+    from dynslice_modifier.adapters import ADAPTERS
+
+    assert {case.arch for case in CASES} == set(ADAPTERS)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_vllm_matches_transformers(
     case: Case, checkpoints: dict[str, Path], vllm_results: dict[str, Any]

@@ -1,6 +1,6 @@
-"""Architecture adapters. Slicing a new pre-norm architecture is adding one module here
-(serving it in vLLM also takes its ``model_type`` in ``serving/support.py``, and its attention's
-differences from Llama's in ``serving/vllm_dynslice.py``)."""
+"""Architecture adapters. Slicing and serving a new pre-norm architecture is adding one module
+here: its layout for the slicer, and for the vLLM model file how its attention differs from
+Llama's (``ModelAdapter.fixed_attention_biases``, ``head_norms``)."""
 
 from __future__ import annotations
 

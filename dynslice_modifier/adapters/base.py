@@ -23,6 +23,21 @@ class ModelAdapter:
     model_type: str
     architectures: tuple[str, ...]
     layout: dict[str, Any] = field(default_factory=lambda: dict(PRE_NORM_LAYOUT))
+    # How the attention differs from Llama's, for the vLLM model file. The slicer needs
+    # neither: biases on q/k/v and per-head norms sit where no rotation of the residual
+    # stream reaches (q/k/v biases add to outputs; o_proj's bias is rotated with it).
+    # ``fixed_attention_biases``: (q/k/v, o_proj) whatever the config says; unset, the
+    # config's ``attention_bias`` puts a bias on all four or none.
+    fixed_attention_biases: tuple[bool, bool] | None = None
+    # An RMSNorm over each head of q and of k, before the rotary embedding.
+    head_norms: bool = False
+
+    def attention_biases(self, config: Any) -> tuple[bool, bool]:
+        """Whether (q/k/v, o_proj) have biases in a model of ``config``."""
+        if self.fixed_attention_biases is not None:
+            return self.fixed_attention_biases
+        bias = bool(getattr(config, "attention_bias", False))
+        return bias, bias
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers

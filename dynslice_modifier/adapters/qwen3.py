@@ -2,4 +2,4 @@
 
 from dynslice_modifier.adapters.base import ModelAdapter
 
-ADAPTER = ModelAdapter(model_type="qwen3", architectures=("Qwen3ForCausalLM",))
+ADAPTER = ModelAdapter(model_type="qwen3", architectures=("Qwen3ForCausalLM",), head_norms=True)

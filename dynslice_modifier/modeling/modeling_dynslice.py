@@ -53,23 +53,30 @@ def base_causal_lm_class(base_model_type: str) -> type[PreTrainedModel]:
     return getattr(importlib.import_module("transformers"), name)
 
 
-def rms_normalize(hidden_states: torch.Tensor, hidden_size: int, eps: float) -> torch.Tensor:
-    """RMS normalisation by the *original* hidden size, whatever the current width.
+def inverse_rms(hidden_states: torch.Tensor, hidden_size: int, eps: float) -> torch.Tensor:
+    """The per-token factor (float32, trailing dim 1) of RMS normalisation by the *original*
+    hidden size, whatever the current width.
 
     Dividing by the original width rather than the sliced one keeps activations at the
-    scale the next linears were trained for; with no slicing it is exactly RMSNorm.
+    scale the next linears were trained for; with no slicing it is exactly RMSNorm's.
     """
-    dtype = hidden_states.dtype
-    x = hidden_states.to(torch.float32)
-    variance = x.pow(2).sum(-1, keepdim=True) / hidden_size
-    return (x * torch.rsqrt(variance + eps)).to(dtype)
+    variance = hidden_states.to(torch.float32).pow(2).sum(-1, keepdim=True) / hidden_size
+    return torch.rsqrt(variance + eps)
+
+
+def rms_normalize(hidden_states: torch.Tensor, hidden_size: int, eps: float) -> torch.Tensor:
+    """RMS normalisation by the original hidden size (see ``inverse_rms``), in float32."""
+    factor = inverse_rms(hidden_states, hidden_size, eps)
+    return (hidden_states.to(torch.float32) * factor).to(hidden_states.dtype)
 
 
 class SlicedRMSNorm(nn.Module):
     """RMSNorm over a sliced residual: normalise by the original width, scale per kept dim.
 
     Slicing folds the original scale into the next linears, so ``weight`` starts as ones;
-    it is kept so that smoothing methods (SmoothQuant, AWQ) have a scale to fold into.
+    it is kept so that smoothing methods (SmoothQuant, AWQ) have a scale to fold into. The
+    vLLM model file uses this class too, and its two steps: a shortcut fused into the next
+    projection needs the per-token factor on its own.
     """
 
     def __init__(self, width: int, hidden_size: int, eps: float, device=None, dtype=None):
@@ -78,9 +85,15 @@ class SlicedRMSNorm(nn.Module):
         self.hidden_size = hidden_size
         self.variance_epsilon = eps
 
+    def inverse_rms(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return inverse_rms(hidden_states, self.hidden_size, self.variance_epsilon)
+
+    def scale(self, hidden_states: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """The norm of ``hidden_states`` given its ``inverse_rms``."""
+        return self.weight * (hidden_states.to(torch.float32) * factor).to(hidden_states.dtype)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        normed = rms_normalize(hidden_states, self.hidden_size, self.variance_epsilon)
-        return self.weight * normed
+        return self.scale(hidden_states, self.inverse_rms(hidden_states))
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, hidden_size={self.hidden_size}, eps={self.variance_epsilon}"

@@ -7,9 +7,11 @@ worker starts; the model file runs it again when it is built.
 
 from __future__ import annotations
 
+from dynslice_modifier.adapters import ADAPTERS
 from dynslice_modifier.modeling.configuration_dynslice import PRE_NORM_LAYOUT, DynSliceConfig
 
-SUPPORTED_BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# The model file builds any architecture an adapter describes.
+SUPPORTED_BASE_MODEL_TYPES = tuple(ADAPTERS)
 
 
 def check_servable(config: DynSliceConfig) -> None:

@@ -27,9 +27,10 @@ vLLM's Llama/Qwen attention and MLP classes take a single ``hidden_size`` for bo
 input and output (and Qwen2 derives ``head_dim`` from it), so they cannot express a layer
 that reads one width and writes another; the attention and MLP below are therefore written
 out, using vLLM's parallel linears (quantization, tensor parallelism), ``Attention`` (KV
-cache, backends), ``get_rope`` and ``RMSNorm`` exactly as the base architectures do.
-Checkpoint names are the base model's, plus ``model.layers.N.{attn,mlp}_shortcut.weight`` and
-``model.layers.0.input_projection.weight``.
+cache, backends), ``get_rope`` and ``RMSNorm`` exactly as the base architectures do; what
+an architecture's attention does differently (biases, per-head q/k norms) its adapter says
+(``dynslice_modifier.adapters``). Checkpoint names are the base model's, plus
+``model.layers.N.{attn,mlp}_shortcut.weight`` and ``model.layers.0.input_projection.weight``.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ from vllm.model_executor.models.utils import (
 from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
+from dynslice_modifier.adapters import ADAPTERS
 from dynslice_modifier.modeling.configuration_dynslice import (
     INPUT_PROJECTION,
     DynSliceConfig,
@@ -80,7 +82,7 @@ from dynslice_modifier.modeling.configuration_dynslice import (
     has_input_projection,
     layer_deltas,
 )
-from dynslice_modifier.modeling.modeling_dynslice import carry, layer_widths
+from dynslice_modifier.modeling.modeling_dynslice import SlicedRMSNorm, carry, layer_widths
 from dynslice_modifier.serving.cpu_kernels import check_cpu_dtype, check_cpu_kernels
 from dynslice_modifier.serving.support import check_accelerator_dtype, check_servable
 
@@ -103,39 +105,6 @@ def _embedding_width(config: DynSliceConfig) -> int:
     return config.hidden_size
 
 
-class SlicedRMSNorm(nn.Module):
-    """``weight * x * rsqrt(sum(x^2) / hidden_size + eps)`` over a residual narrower than
-    hidden_size.
-
-    vLLM's RMSNorm divides by the width of its input; the checkpoint's scales were folded
-    into the next linears assuming the original width, so the divisor here is fixed. The
-    per-dim ``weight`` (ones after slicing; changed by smoothing methods such as SmoothQuant)
-    is loaded like any norm weight. Computed in float32 like the reference; under
-    torch.compile inductor fuses it.
-    """
-
-    def __init__(self, width: int, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(width))
-        self.hidden_size = hidden_size
-        self.variance_epsilon = eps
-
-    def inverse_rms(self, x: torch.Tensor) -> torch.Tensor:
-        """The per-token factor (float32, trailing dim 1) that the norm multiplies by."""
-        variance = x.to(torch.float32).pow(2).sum(dim=-1, keepdim=True) / self.hidden_size
-        return torch.rsqrt(variance + self.variance_epsilon)
-
-    def scale(self, x: torch.Tensor, inverse_rms: torch.Tensor) -> torch.Tensor:
-        """The norm of ``x`` given its ``inverse_rms``, for callers that need the factor too."""
-        return self.weight * (x.to(torch.float32) * inverse_rms).to(x.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale(x, self.inverse_rms(x))
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.numel()}, hidden_size={self.hidden_size}, eps={self.variance_epsilon}"
-
-
 class SlicedAttention(nn.Module):
     """The base architecture's attention, reading ``in_dim`` and writing ``out_dim``."""
 
@@ -149,7 +118,7 @@ class SlicedAttention(nn.Module):
         prefix: str,
     ) -> None:
         super().__init__()
-        base = config.base_model_type
+        adapter = ADAPTERS[config.base_model_type]
         tp_size = get_tensor_model_parallel_world_size()
         self.total_num_heads = config.num_attention_heads
         self.total_num_kv_heads = getattr(config, "num_key_value_heads", self.total_num_heads)
@@ -173,11 +142,7 @@ class SlicedAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
 
-        attention_bias = bool(getattr(config, "attention_bias", False))
-        # Qwen2 always has q/k/v biases and never an o_proj one; Llama and Qwen3 put
-        # attention_bias on all four (Mistral's config has none).
-        qkv_bias = True if base == "qwen2" else attention_bias
-        o_bias = attention_bias if base != "qwen2" else False
+        qkv_bias, o_bias = adapter.attention_biases(config)
 
         self.qkv_proj = QKVParallelLinear(
             hidden_size=in_dim,
@@ -197,7 +162,7 @@ class SlicedAttention(nn.Module):
         )
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
-        if base == "qwen3":
+        if adapter.head_norms:
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
@@ -233,7 +198,6 @@ class SlicedAttention(nn.Module):
         projection, possibly fused with its shortcut (``LinearWithShortcut``)."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None and self.k_norm is not None:
-            # Qwen3 normalises each head before the rotary embedding.
             q = self._head_norm(self.q_norm, q)
             k = self._head_norm(self.k_norm, k)
         q, k = self.rotary_emb(positions, q, k)
