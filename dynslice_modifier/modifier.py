@@ -30,6 +30,7 @@ from dynslice_modifier.budget import (
     unprofitable_layers,
 )
 from dynslice_modifier.calibration import LayerInputs, capture_layer_inputs
+from dynslice_modifier.conversion import convert_to_sliced
 from dynslice_modifier.distributed import is_distributed, shared_across_ranks, sum_over_ranks
 from dynslice_modifier.errors import AllocationError, CalibrationError
 from dynslice_modifier.modeling.configuration_dynslice import INPUT_PROJECTION, SHORTCUTS
@@ -50,7 +51,6 @@ from dynslice_modifier.redundancy import redundancy_scores
 from dynslice_modifier.slicer import (
     RotateAndSlice,
     SlicingResult,
-    convert_to_sliced,
     count_parameters,
     embeddings_tied,
     untie_head,

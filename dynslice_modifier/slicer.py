@@ -1,4 +1,5 @@
-"""The rotate-and-slice pass (after the Layer Redundancy pass of ``redundancy.py``).
+"""The rotate-and-slice pass (after the Layer Redundancy pass of ``redundancy.py``; the
+result becomes a ``DynSliceForCausalLM`` in ``conversion.py``).
 
 Activations are kept in the model's *original* coordinates (full hidden size) as the
 already-sliced upstream model computes them. For decoder layer ``l``:
@@ -34,17 +35,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from compressed_tensors.offload import (
-    disable_onloading,
-    get_cache_init_kwargs,
-    offload_module,
-)
+from compressed_tensors.offload import disable_onloading
 from loguru import logger
 from torch import nn
 from tqdm.auto import tqdm
@@ -60,18 +56,8 @@ from dynslice_modifier.calibration import (
     trainable,
 )
 from dynslice_modifier.hadamard import block_hadamard
-from dynslice_modifier.modeling.configuration_dynslice import (
-    INPUT_PROJECTION,
-    SHORTCUTS,
-    DynSliceConfig,
-    format_version,
-)
-from dynslice_modifier.modeling.modeling_dynslice import (
-    DynSliceForCausalLM,
-    SlicedDecoderLayer,
-    SlicedRMSNorm,
-    rms_normalize,
-)
+from dynslice_modifier.modeling.configuration_dynslice import INPUT_PROJECTION, SHORTCUTS
+from dynslice_modifier.modeling.modeling_dynslice import SlicedRMSNorm, rms_normalize
 from dynslice_modifier.pca import CovarianceAccumulator, principal_basis
 from dynslice_modifier.rotate import (
     align_basis,
@@ -505,127 +491,3 @@ class RotateAndSlice:
 def _identity_like(matrix: torch.Tensor) -> torch.Tensor:
     """The (rectangular) identity of ``matrix``'s shape, dtype and device."""
     return torch.eye(*matrix.shape, dtype=matrix.dtype, device=matrix.device)
-
-
-def convert_to_sliced(
-    model: nn.Module,
-    adapter: ModelAdapter,
-    result: SlicingResult,
-    provenance: dict[str, Any],
-    quantizable_shortcuts: bool = False,
-) -> DynSliceForCausalLM:
-    """Turn the rotated model into a ``DynSliceForCausalLM`` in place.
-
-    ``quantizable_shortcuts`` builds the shortcuts as linears, for a recipe whose quantizers
-    take them (see ``quantization.quantized_shortcuts``).
-
-    ``oneshot`` saves the very object it handed to the modifiers, so the model is converted
-    rather than rebuilt: decoder layers are wrapped, the config replaced and the class
-    switched; no weight is copied.
-    """
-    old_config = model.config
-    base = {
-        k: v
-        for k, v in old_config.to_dict().items()
-        if k not in ("model_type", "architectures", "auto_map", "quantization_config")
-    }
-    # A sliced head was untied by the slicer, so embeddings_tied is false then.
-    base["tie_word_embeddings"] = not result.embedding_sliced and embeddings_tied(model)
-    deltas = result.stored_as_delta()
-    spec = {
-        "format_version": format_version(
-            quantizable_shortcuts,
-            deltas,
-            result.final_dim is not None,
-            projection_dropped=not result.embedding_sliced and result.input_projection is None,
-        ),
-        "attn_dims": result.attn_dims,
-        "mlp_dims": result.mlp_dims,
-        "attn_shortcuts": [s is not None for s in result.attn_shortcuts],
-        "mlp_shortcuts": [s is not None for s in result.mlp_shortcuts],
-        "embedding_sliced": result.embedding_sliced,
-        "input_projection": result.input_projection is not None,
-        "quantizable_shortcuts": quantizable_shortcuts,
-        "delta_shortcuts": deltas,
-        # Norm scales were folded into the linears; a smoothing modifier later in the
-        # recipe may fold new ones in (DynamicSliceModifier.on_finalize re-checks).
-        "unit_norms": True,
-        "layout": adapter.layout,
-        **({"final_dim": result.final_dim} if result.final_dim is not None else {}),
-        **provenance,
-    }
-    config = DynSliceConfig(base_model_type=old_config.model_type, slicing=spec, **base)
-    config.check_slicing()
-    config._attn_implementation = old_config._attn_implementation
-    spec["source_model"] = config._name_or_path = old_config._name_or_path
-
-    layers = adapter.layers(model)
-    for idx in range(len(layers)):
-        old = layers[idx]
-        attn = adapter.attn(old)
-        offload = _offload_settings(adapter.attn_inputs(old)[0])
-        device = None if offload is None else _storage_device(offload)
-        new = SlicedDecoderLayer(config, idx, attn, adapter.mlp(old), device=device)
-        # What the layer adds trains as its own weights do (recovery fine-tuning, or none).
-        trains = any(p.requires_grad for p in stored_parameters(attn))
-        for norm in ("input_norm", "post_attention_norm"):
-            getattr(new, adapter.layout[norm]).weight.requires_grad_(trains)
-        for name, kept in result.changes_of_basis(idx):
-            shortcut = getattr(new, name)
-            shortcut.weight = nn.Parameter(
-                kept.matrix.T.contiguous().to(shortcut.weight), requires_grad=trains
-            )
-        if offload is not None:
-            # As the rest of the layer: a module left plain would be taken by the pipeline's
-            # onloading for one living on the accelerator, and stay there.
-            for module in new.modules():
-                owns = next(module.parameters(recurse=False), None) is not None
-                if owns and not is_offloaded(module):
-                    offload_module(module, **offload)
-        if (wrapper := _offload_settings(old)) is not None:
-            offload_module(new, **wrapper)
-        layers[idx] = new
-    model.config = config
-    model.model.config = config
-    model.__class__ = DynSliceForCausalLM
-    _keep_sliced_config_on_save(model)
-    return model
-
-
-def _offload_settings(module: nn.Module) -> dict[str, Any] | None:
-    """How compressed-tensors offloads ``module`` (None: it does not)."""
-    if not is_offloaded(module):
-        return None
-    return get_cache_init_kwargs(module)
-
-
-def _storage_device(offload: dict[str, Any]) -> torch.device:
-    # A disk cache writes what it is given from host memory.
-    device = offload["offload_device"]
-    return torch.device("cpu") if device == "disk" else torch.device(device)
-
-
-def _keep_sliced_config_on_save(model: nn.Module) -> None:
-    """Have ``model.save_pretrained`` write the sliced config, not the source model's.
-
-    llm-compressor's save (the wrapper ``oneshot`` puts on the instance) re-writes
-    config.json from the file at ``config._name_or_path``, the unsliced model's; the path is
-    blanked for the save alone, since a later ``oneshot`` on the returned model reads its
-    processor and config from it. Without that wrapper (the modifier run outside
-    ``oneshot``) transformers' own save writes the sliced config, and the model keeps no
-    closure that would stop it from being pickled.
-    """
-    save = model.save_pretrained
-    if not getattr(save, "_overridden", False):
-        return
-
-    @functools.wraps(save)  # keeps llm-compressor's mark, so it does not wrap this again
-    def save_sliced(*args: Any, **kwargs: Any) -> Any:
-        source = model.config._name_or_path
-        model.config._name_or_path = ""
-        try:
-            return save(*args, **kwargs)
-        finally:
-            model.config._name_or_path = source
-
-    model.save_pretrained = save_sliced

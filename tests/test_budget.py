@@ -44,7 +44,8 @@ def test_predicted_count_with_a_sliced_head(tmp_path, tied, whole_last):
     predicted = ParameterCounter(model, get_adapter(model), "sublayer", tied, True, True)
     whole = [False, False, False, whole_last]
     from dynslice_modifier.calibration import capture_layer_inputs
-    from dynslice_modifier.slicer import RotateAndSlice, convert_to_sliced
+    from dynslice_modifier.conversion import convert_to_sliced
+    from dynslice_modifier.slicer import RotateAndSlice
 
     adapter = get_adapter(model)
     inputs = capture_layer_inputs(model, adapter.layers(model)[0], calib_batches())
@@ -116,7 +117,8 @@ def test_whole_layers_are_counted_exactly_and_reload(tmp_path, tied, basis, alig
     from transformers import AutoModelForCausalLM
 
     from dynslice_modifier.calibration import capture_layer_inputs
-    from dynslice_modifier.slicer import RotateAndSlice, convert_to_sliced
+    from dynslice_modifier.conversion import convert_to_sliced
+    from dynslice_modifier.slicer import RotateAndSlice
 
     model = tiny_model("qwen2", tied, layers=4)
     adapter = get_adapter(model)

@@ -16,8 +16,9 @@ from tiny import calib_batches, tiny_model
 
 from dynslice_modifier.adapters import get_adapter
 from dynslice_modifier.calibration import capture_layer_inputs
+from dynslice_modifier.conversion import convert_to_sliced
 from dynslice_modifier.redundancy import redundancy_scores
-from dynslice_modifier.slicer import RotateAndSlice, convert_to_sliced
+from dynslice_modifier.slicer import RotateAndSlice
 
 CPU, META = torch.device("cpu"), torch.device("meta")
 DIMS = [48, 40, 56]

@@ -12,9 +12,10 @@ from tiny import calib_batches, tiny_model
 from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.adapters import get_adapter
 from dynslice_modifier.calibration import capture_layer_inputs
+from dynslice_modifier.conversion import convert_to_sliced
 from dynslice_modifier.errors import CalibrationError
 from dynslice_modifier.redundancy import redundancy_scores
-from dynslice_modifier.slicer import RotateAndSlice, convert_to_sliced
+from dynslice_modifier.slicer import RotateAndSlice
 from dynslice_modifier.slicing_base_search import heldout_batches, heldout_nll
 
 CPU = torch.device("cpu")
