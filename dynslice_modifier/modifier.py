@@ -213,6 +213,7 @@ class DynamicSliceModifier(Modifier):
     slice_head: bool = False
 
     _lr_scores: list[float] | None = PrivateAttr(default=None)
+    # The fraction of SP that `slicing_base: auto` chose (set once its search ends).
     _auto_fraction: float | None = PrivateAttr(default=None)
     _summary: dict[str, Any] = PrivateAttr(default_factory=dict)
 
@@ -308,11 +309,14 @@ class DynamicSliceModifier(Modifier):
     def effective_slicing_base(self) -> float:
         return self._slicing_base_for(self.sparsity)
 
-    def _slicing_base_for(self, sparsity: float) -> float:
+    def _slicing_base_for(self, sparsity: float, auto_fraction: float | None = None) -> float:
+        """SB at ``sparsity``; with ``auto``, ``auto_fraction`` of it (a candidate of the
+        search), else the fraction the search chose."""
         if self.slicing_base == "auto":
-            if self._auto_fraction is None:
+            fraction = self._auto_fraction if auto_fraction is None else auto_fraction
+            if fraction is None:
                 raise AttributeError("slicing_base is 'auto' and has not been searched yet")
-            return self._auto_fraction * sparsity
+            return fraction * sparsity
         if self.slicing_base is None:
             return 0.2 * sparsity
         return min(self.slicing_base, sparsity) if self.target_params else self.slicing_base
@@ -432,30 +436,29 @@ class DynamicSliceModifier(Modifier):
                 "recipe takes lm_head, which unties it anyway), and the table is sliced too"
             )
 
-        def allocate(sparsity: float) -> list[int]:
-            return allocate_dims(
+        def layout(sparsity: float, auto_fraction: float | None) -> tuple[list[int], list[bool]]:
+            dims = allocate_dims(
                 scores or [1.0] * num_layers,
                 hidden,
                 sparsity,
-                self._slicing_base_for(sparsity),
+                self._slicing_base_for(sparsity, auto_fraction),
                 round_to,
                 self.normalization,
                 self.rounding,
             )
+            return leave_whole(dims, sparsity)
 
-        def layout(sparsity: float) -> tuple[list[int], list[bool]]:
-            return leave_whole(allocate(sparsity), sparsity)
-
-        def plan() -> tuple[float, list[int], list[bool]]:
+        def plan(auto_fraction: float | None = None) -> tuple[float, list[int], list[bool]]:
+            """(SP, widths, whole layers); ``auto_fraction``: a candidate SB of the search."""
             if self.target_params is None:
-                return self.sparsity, *layout(self.sparsity)
+                return self.sparsity, *layout(self.sparsity, auto_fraction)
             sparsity = solve_sparsity(
                 self.target_params,
                 dense_params,
-                lambda sp: predicted(*layout(sp)),
+                lambda sp: predicted(*layout(sp, auto_fraction)),
                 max_sparsity=max_sparsity,
             )
-            return sparsity, *layout(sparsity)
+            return sparsity, *layout(sparsity, auto_fraction)
 
         search: list[dict[str, Any]] | None = None
         if auto:
@@ -758,16 +761,15 @@ class DynamicSliceModifier(Modifier):
         adapter: Any,
         device: torch.device,
         keep_tied: bool,
-        plan: Callable[[], tuple[float, list[int], list[bool]]],
+        plan: Callable[[float], tuple[float, list[int], list[bool]]],
         heldout: frozenset[int],
     ) -> list[dict[str, Any]]:
         model = state.model
         layers = adapter.layers(model)
 
         def plan_fraction(fraction: float) -> tuple[float, float, list[int], list[bool]]:
-            self._auto_fraction = fraction
-            sparsity, dims, whole = plan()
-            return sparsity, self._slicing_base_for(sparsity), dims, whole
+            sparsity, dims, whole = plan(fraction)
+            return sparsity, self._slicing_base_for(sparsity, fraction), dims, whole
 
         def trial(dims: list[int], whole: list[bool]) -> float:
             inputs = capture_layer_inputs(model, layers[0], state.data.calib)
