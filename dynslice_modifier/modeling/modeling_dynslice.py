@@ -66,8 +66,9 @@ def inverse_rms(hidden_states: torch.Tensor, hidden_size: int, eps: float) -> to
 
 def rms_normalize(hidden_states: torch.Tensor, hidden_size: int, eps: float) -> torch.Tensor:
     """RMS normalisation by the original hidden size (see ``inverse_rms``), in float32."""
-    factor = inverse_rms(hidden_states, hidden_size, eps)
-    return (hidden_states.to(torch.float32) * factor).to(hidden_states.dtype)
+    # Cast once: inverse_rms's own cast of a float32 tensor is free.
+    x = hidden_states.to(torch.float32)
+    return (x * inverse_rms(x, hidden_size, eps)).to(hidden_states.dtype)
 
 
 class SlicedRMSNorm(nn.Module):
@@ -93,7 +94,8 @@ class SlicedRMSNorm(nn.Module):
         return self.weight * (hidden_states.to(torch.float32) * factor).to(hidden_states.dtype)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.scale(hidden_states, self.inverse_rms(hidden_states))
+        # The same as scale(x, inverse_rms(x)), with x cast to float32 once.
+        return self.weight * rms_normalize(hidden_states, self.hidden_size, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, hidden_size={self.hidden_size}, eps={self.variance_epsilon}"
