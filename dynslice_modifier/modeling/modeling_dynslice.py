@@ -40,7 +40,6 @@ from .configuration_dynslice import (
     DynSliceConfig,
     declared_shortcuts,
     final_width,
-    has_input_projection,
     layer_deltas,
 )
 
@@ -159,6 +158,20 @@ def layer_widths(config: DynSliceConfig, idx: int) -> tuple[int, int, int]:
     return spec["attn_dims"][idx], spec["mlp_dims"][idx], out
 
 
+def layer_shortcuts(config: DynSliceConfig, idx: int) -> dict[str, tuple[int, int]]:
+    """(input width, output width) of each shortcut decoder layer ``idx`` declares, by module
+    name: the one description of them that this layer and vLLM's both build from."""
+    attn_dim, mlp_dim, out_dim = layer_widths(config, idx)
+    shapes = {
+        # A tied embedding table stays in the original basis; layer 0 projects it.
+        INPUT_PROJECTION: (config.hidden_size, attn_dim),
+        "attn_shortcut": (attn_dim, mlp_dim),
+        "mlp_shortcut": (mlp_dim, out_dim),
+    }
+    declared = set(declared_shortcuts(config.slicing))
+    return {name: shape for name, shape in shapes.items() if f"{idx}.{name}" in declared}
+
+
 def _record_hidden_states(layer: nn.Module) -> int | None:
     """Report the layer's output for ``output_hidden_states``; returns the hook's id.
 
@@ -201,7 +214,7 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         # its decoder layer's ``attention_type`` rather than by ``config.layer_types``.
         if getattr(config, "layer_types", None):
             self.attention_type = config.layer_types[layer_idx]
-        attn_dim, mlp_dim, out_dim = layer_widths(config, layer_idx)
+        attn_dim, mlp_dim, _ = layer_widths(config, layer_idx)
         eps, hidden = config.rms_norm_eps, config.hidden_size
         dtype = next(attn.parameters()).dtype
         # The norms and shortcuts go where the attention's weights are (``device``: where
@@ -215,22 +228,10 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         )
         self.deltas = layer_deltas(config.slicing, layer_idx)
         shortcut = shortcut_class(config.slicing)
-        # A tied embedding table stays in the original basis; layer 0 projects it.
-        self.input_projection = (
-            shortcut(config.hidden_size, attn_dim, device, dtype)
-            if layer_idx == 0 and has_input_projection(config.slicing)
-            else None
-        )
-        self.attn_shortcut = (
-            shortcut(attn_dim, mlp_dim, device, dtype)
-            if config.slicing["attn_shortcuts"][layer_idx]
-            else None
-        )
-        self.mlp_shortcut = (
-            shortcut(mlp_dim, out_dim, device, dtype)
-            if config.slicing["mlp_shortcuts"][layer_idx]
-            else None
-        )
+        shapes = layer_shortcuts(config, layer_idx)
+        for name in (INPUT_PROJECTION, *SHORTCUTS):
+            shape = shapes.get(name)
+            setattr(self, name, shortcut(*shape, device, dtype) if shape else None)
         self._start_as_identity()
         self._capturing_hook = _record_hidden_states(self)
 

@@ -77,12 +77,17 @@ from vllm.sequence import IntermediateTensors
 from dynslice_modifier.adapters import ADAPTERS
 from dynslice_modifier.modeling.configuration_dynslice import (
     INPUT_PROJECTION,
+    SHORTCUTS,
     DynSliceConfig,
     final_width,
-    has_input_projection,
     layer_deltas,
 )
-from dynslice_modifier.modeling.modeling_dynslice import SlicedRMSNorm, carry, layer_widths
+from dynslice_modifier.modeling.modeling_dynslice import (
+    SlicedRMSNorm,
+    carry,
+    layer_shortcuts,
+    layer_widths,
+)
 from dynslice_modifier.serving.cpu_kernels import check_cpu_dtype, check_cpu_kernels
 from dynslice_modifier.serving.support import check_accelerator_dtype, check_servable
 
@@ -335,14 +340,13 @@ class FusedShortcut(nn.Module):
 
 def _shortcut(
     config: DynSliceConfig,
-    present: bool,
-    in_dim: int,
-    out_dim: int,
+    shape: tuple[int, int] | None,
     quant_config: QuantizationConfig | None,
     prefix: str,
 ) -> ResidualShortcut | None:
-    if not present:
+    if shape is None:
         return None
+    in_dim, out_dim = shape
     if not config.slicing.get("quantizable_shortcuts", False):
         return ResidualShortcut(in_dim, out_dim, bias=False, quant_config=None, prefix=prefix)
     # Only compressed-tensors checkpoints (what llm-compressor writes) can hold quantized
@@ -411,16 +415,6 @@ class SlicedDecoderLayer(nn.Module):
         eps = config.rms_norm_eps
         self.deltas = layer_deltas(spec, idx)
 
-        # A tied embedding table stays in the original basis at full width; layer 0 projects
-        # it into its own basis first.
-        self.input_projection = _shortcut(
-            config,
-            idx == 0 and has_input_projection(spec),
-            config.hidden_size,
-            attn_dim,
-            quant_config,
-            f"{prefix}.input_projection",
-        )
         self.input_layernorm = SlicedRMSNorm(attn_dim, config.hidden_size, eps)
         self.self_attn = SlicedAttention(
             config,
@@ -439,22 +433,10 @@ class SlicedDecoderLayer(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.mlp",
         )
-        self.attn_shortcut = _shortcut(
-            config,
-            spec["attn_shortcuts"][idx],
-            attn_dim,
-            mlp_dim,
-            quant_config,
-            f"{prefix}.attn_shortcut",
-        )
-        self.mlp_shortcut = _shortcut(
-            config,
-            spec["mlp_shortcuts"][idx],
-            mlp_dim,
-            out_dim,
-            quant_config,
-            f"{prefix}.mlp_shortcut",
-        )
+        shapes = layer_shortcuts(config, idx)
+        for name in (INPUT_PROJECTION, *SHORTCUTS):
+            shortcut = _shortcut(config, shapes.get(name), quant_config, f"{prefix}.{name}")
+            setattr(self, name, shortcut)
         # Fusing moves the norm's per-token factor past the GEMM, which is exact only while
         # the norm has no per-dim weight to apply first (the config says; load_weights
         # checks); the shortcut is replicated, so it cannot join a split projection.
