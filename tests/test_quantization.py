@@ -342,17 +342,19 @@ quant_stage:
     assert again["slicing"] == first["slicing"]
 
 
-def test_the_returned_sliced_model_takes_a_second_oneshot(wide_dir, tmp_path):
+@pytest.mark.parametrize("via", ["model object", "saved directory"])
+def test_a_sliced_model_takes_a_second_oneshot(wide_dir, tmp_path, via):
     # llm-compressor's habit of chaining oneshot calls on the model object: the second call
     # reads the processor and config from the model's source path, while the save must
-    # still write the sliced config.
+    # still write the sliced config. Or the sliced checkpoint is quantized in a later run.
     from llmcompressor.core import reset_session
 
-    sliced = one_pass(wide_dir, [DynamicSliceModifier(sparsity=0.25, round_to=128)])
+    sliced_dir = tmp_path / "sliced"
+    sliced = one_pass(wide_dir, [DynamicSliceModifier(sparsity=0.25, round_to=128)], sliced_dir)
     expected = sliced(IDS).logits
     reset_session()
     oneshot(
-        model=sliced,
+        model=sliced if via == "model object" else str(sliced_dir),
         recipe=[GPTQModifier(targets="Linear", scheme="W8A8")],
         dataset=calib_dataset(n=16, seq=64),
         num_calibration_samples=16,
@@ -365,6 +367,10 @@ def test_the_returned_sliced_model_takes_a_second_oneshot(wide_dir, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert reloaded.config.slicing["attn_dims"] == sliced.config.slicing["attn_dims"]
     torch.testing.assert_close(reloaded(IDS).logits, expected, atol=0.1, rtol=0)
+    if via == "saved directory":
+        # llm-compressor appends the run's stage to the directory's recipe (README).
+        saved = (tmp_path / "out" / "recipe.yaml").read_text()
+        assert "DynamicSliceModifier" in saved and "GPTQModifier" in saved
 
 
 def test_saved_target_params_recipe_rebuilds():
