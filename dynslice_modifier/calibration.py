@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from compressed_tensors.offload import align_modules, disable_onloading
+from compressed_tensors.offload import (
+    align_modules,
+    disable_onloading,
+    get_cache_init_kwargs,
+    offload_module,
+)
 from compressed_tensors.offload.cache import OffloadCache
 from torch import nn
 from tqdm.auto import tqdm
@@ -230,6 +235,30 @@ def is_offloaded(module: nn.Module) -> bool:
 
 def offloaded_modules(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if is_offloaded(m)]
+
+
+def offload_settings(module: nn.Module) -> dict[str, Any] | None:
+    """How compressed-tensors offloads ``module`` (None: it does not)."""
+    if not is_offloaded(module):
+        return None
+    return get_cache_init_kwargs(module)
+
+
+def storage_device(offload: dict[str, Any]) -> torch.device:
+    """Where to build a module that will be offloaded with ``offload``."""
+    # A disk cache writes what it is given from host memory.
+    device = offload["offload_device"]
+    return torch.device("cpu") if device == "disk" else torch.device(device)
+
+
+def offload_new_parts(module: nn.Module, offload: dict[str, Any]) -> None:
+    """Offload what ``module`` holds that is not yet offloaded, as ``offload`` says: a
+    module left plain would be taken by the pipeline's onloading for one living on the
+    accelerator, and stay there."""
+    for part in module.modules():
+        owns = next(part.parameters(recurse=False), None) is not None
+        if owns and not is_offloaded(part):
+            offload_module(part, **offload)
 
 
 def trainable(module: nn.Module, name: str = "weight") -> bool:

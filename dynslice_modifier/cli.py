@@ -438,7 +438,10 @@ def cmd_report(args: argparse.Namespace) -> None:
         )
     md, png = write_report(args.checkpoint, args.out)
     print(summary_markdown(args.checkpoint))
-    print(f"wrote {md} and {png}")
+    if png is None:
+        print(f"wrote {md}; no plot: matplotlib is not installed (pip install matplotlib)")
+    else:
+        print(f"wrote {md} and {png}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,12 +12,16 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
-from compressed_tensors.offload import get_cache_init_kwargs, offload_module
+from compressed_tensors.offload import offload_module
 from torch import nn
 
 from dynslice_modifier.adapters import ModelAdapter
-from dynslice_modifier.calibration import is_offloaded, stored_parameters
+from dynslice_modifier.calibration import (
+    offload_new_parts,
+    offload_settings,
+    storage_device,
+    stored_parameters,
+)
 from dynslice_modifier.modeling.configuration_dynslice import DynSliceConfig, format_version
 from dynslice_modifier.modeling.modeling_dynslice import DynSliceForCausalLM, SlicedDecoderLayer
 from dynslice_modifier.slicer import SlicingResult, embeddings_tied
@@ -79,8 +83,8 @@ def convert_to_sliced(
     for idx in range(len(layers)):
         old = layers[idx]
         attn = adapter.attn(old)
-        offload = _offload_settings(adapter.attn_inputs(old)[0])
-        device = None if offload is None else _storage_device(offload)
+        offload = offload_settings(adapter.attn_inputs(old)[0])
+        device = None if offload is None else storage_device(offload)
         new = SlicedDecoderLayer(config, idx, attn, adapter.mlp(old), device=device)
         # What the layer adds trains as its own weights do (recovery fine-tuning, or none).
         trains = any(p.requires_grad for p in stored_parameters(attn))
@@ -92,13 +96,8 @@ def convert_to_sliced(
                 kept.matrix.T.contiguous().to(shortcut.weight), requires_grad=trains
             )
         if offload is not None:
-            # As the rest of the layer: a module left plain would be taken by the pipeline's
-            # onloading for one living on the accelerator, and stay there.
-            for module in new.modules():
-                owns = next(module.parameters(recurse=False), None) is not None
-                if owns and not is_offloaded(module):
-                    offload_module(module, **offload)
-        if (wrapper := _offload_settings(old)) is not None:
+            offload_new_parts(new, offload)  # as the rest of the layer
+        if (wrapper := offload_settings(old)) is not None:
             offload_module(new, **wrapper)
         layers[idx] = new
     model.config = config
@@ -106,19 +105,6 @@ def convert_to_sliced(
     model.__class__ = DynSliceForCausalLM
     _keep_sliced_config_on_save(model)
     return model
-
-
-def _offload_settings(module: nn.Module) -> dict[str, Any] | None:
-    """How compressed-tensors offloads ``module`` (None: it does not)."""
-    if not is_offloaded(module):
-        return None
-    return get_cache_init_kwargs(module)
-
-
-def _storage_device(offload: dict[str, Any]) -> torch.device:
-    # A disk cache writes what it is given from host memory.
-    device = offload["offload_device"]
-    return torch.device("cpu") if device == "disk" else torch.device(device)
 
 
 def _keep_sliced_config_on_save(model: nn.Module) -> None:

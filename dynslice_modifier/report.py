@@ -126,9 +126,23 @@ def plot_slicing(checkpoint: str | Path, png: str | Path) -> Path:
 
 def write_report(
     checkpoint: str | Path, out_dir: str | Path | None = None, name: str | None = None
-) -> tuple[Path, Path]:
+) -> tuple[Path, Path | None]:
+    """``slicing_report.md`` and, where matplotlib is installed (the ``compress`` extra),
+    ``slicing_report.png``; None for the plot where it is not."""
+    # Read first: a checkpoint that is not one fails before any directory is made.
+    summary = summary_markdown(checkpoint, name)
     out = Path(out_dir or checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "slicing_report.md"
-    md.write_text(summary_markdown(checkpoint, name))
+    md.write_text(summary)
+    if not _has_matplotlib():
+        return md, None
     return md, plot_slicing(checkpoint, out / "slicing_report.png")
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True

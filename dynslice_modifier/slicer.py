@@ -50,8 +50,11 @@ from dynslice_modifier.calibration import (
     LayerInputs,
     check_finite,
     is_offloaded,
+    offload_new_parts,
+    offload_settings,
     offloaded_modules,
     onloaded,
+    storage_device,
     stored_parameters,
     trainable,
 )
@@ -172,7 +175,9 @@ class SlicingResult:
             for idx in range(len(self.attn_dims))
             for name, shortcut in self.changes_of_basis(idx)
         }
-        if all(delta.values()):
+        # No shortcut at all (every layer left whole) is no delta either: "true" would
+        # need a newer plugin to read what is the dense model's layout.
+        if delta and all(delta.values()):
             return True
         return [name for name, stored in delta.items() if stored] or False
 
@@ -439,10 +444,18 @@ class RotateAndSlice:
     def _slice_head(self, basis: torch.Tensor) -> None:
         model = self.model
         head, norm = model.get_output_embeddings(), self.adapter.final_norm(model)
+        # The new norm goes where the old one is stored, offloaded as it is: built where the
+        # computation onloads it (the accelerator), it would stay there, away from the model.
+        offload = offload_settings(norm)
+        home = stored_parameters(norm)[0].device if offload is None else storage_device(offload)
         with onloaded(head, self.device), onloaded(norm, self.device), torch.no_grad():
             untie_head(model)
             rotate_inputs([head], basis, norm.weight)
-            self.adapter.set_final_norm(model, self._norm(basis.shape[1], norm.weight))
+            width, dtype = basis.shape[1], norm.weight.dtype
+        sliced = SlicedRMSNorm(width, self.hidden_size, self.eps, home, dtype)
+        if offload is not None:
+            offload_new_parts(sliced, offload)
+        self.adapter.set_final_norm(model, sliced)
 
     def _unit_norms(self, layer: nn.Module, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Replace the layer's two residual norms by scale-free ones of ``width``; their

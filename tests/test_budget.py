@@ -161,6 +161,10 @@ def test_slices_that_cannot_pay_for_their_shortcuts_are_not_made():
     slice_in_memory(model, sparsity=0.125, slicing_base=0.125, round_to=8)
     assert model.config.slicing["whole_layers"] == [0, 1, 2]
     assert count_parameters(model) == dense
+    # No shortcut, so none stored as a delta: a reader that knows input_projection (the
+    # tied table read directly) serves it, with no need for one that knows deltas.
+    assert model.config.slicing["delta_shortcuts"] is False
+    assert model.config.slicing["format_version"] == 2
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, reference, atol=2e-5, rtol=1e-5)
     # Without the rule the same recipe makes the model larger than dense.

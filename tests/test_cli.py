@@ -153,7 +153,8 @@ def test_slicer_flags_take_their_defaults_from_the_modifier():
 # The CLI as the [serve] and [eval] environments run it: without llm-compressor.
 _WITHOUT_LLMCOMPRESSOR = """
 import contextlib, io, json, sys
-sys.modules["llmcompressor"] = None  # any import of it raises ImportError
+# As in .venv-serve: any import of these raises ImportError.
+sys.modules["llmcompressor"] = sys.modules["matplotlib"] = None
 from dynslice_modifier.cli import main
 results = []
 for argv in json.loads(sys.argv[1]):
@@ -170,9 +171,9 @@ print(json.dumps(results))
 """
 
 
-def test_help_works_and_compress_names_its_extra_without_llm_compressor(workdir):
-    commands = [["--help"], ["eval", "--help"], ["report", "--help"], ["compress", "--help"]]
-    commands.append(["compress", "tiny", "bad", *SMALL, *DATA])
+def without_compression_stack(workdir: Path, commands: list[list[str]]) -> list[list]:
+    """(exit code, stdout, stderr) of each command, run where neither llm-compressor nor
+    matplotlib can be imported."""
     env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-c", _WITHOUT_LLMCOMPRESSOR, json.dumps(commands)],
@@ -185,6 +186,13 @@ def test_help_works_and_compress_names_its_extra_without_llm_compressor(workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.splitlines()[-1])
     assert len(results) == len(commands)
+    return results
+
+
+def test_help_works_and_compress_names_its_extra_without_llm_compressor(workdir):
+    commands = [["--help"], ["eval", "--help"], ["report", "--help"], ["compress", "--help"]]
+    commands.append(["compress", "tiny", "bad", *SMALL, *DATA])
+    results = without_compression_stack(workdir, commands)
     for (code, out, err), command in zip(results[:-1], commands[:-1], strict=True):
         assert code == 0 and "usage: dynslice" in out, (command, err)
     assert "--profitable-only" in results[3][1]
@@ -331,6 +339,16 @@ def test_scores_eval_and_report(workdir, capsys):
     assert code == 0 and "| layer | LR score |" in out
     assert "`slicing_base: auto` search" in out and "| yes |" in out
     assert (workdir / "new" / "dir" / "slicing_report.png").exists()
+    # As in .venv-serve (no matplotlib there): the summary, without the plot. A path that
+    # is no checkpoint is refused before any directory is made for it.
+    commands = [["report", "out2", "--out", "plain"], ["report", "no/such/checkpoint"]]
+    (code, out, err), (bad_code, _, bad_err) = without_compression_stack(workdir, commands)
+    assert code == 0, err
+    assert "| layer | LR score |" in out and "matplotlib is not installed" in out
+    assert (workdir / "plain" / "slicing_report.md").exists()
+    assert not (workdir / "plain" / "slicing_report.png").exists()
+    assert bad_code == 2 and "Traceback" not in bad_err and "no/such/checkpoint" in bad_err
+    assert not (workdir / "no").exists()
 
 
 @pytest.mark.parametrize(

@@ -79,9 +79,11 @@ def test_layers_onloaded_elsewhere_compute_on_the_compute_device():
     )
 
 
-def test_the_sliced_model_keeps_its_new_weights_where_the_layers_store_theirs():
+@pytest.mark.parametrize("slice_head", [False, True])
+def test_the_sliced_model_keeps_its_new_weights_where_the_layers_store_theirs(slice_head):
     # Built where an offloaded layer fetches its weights (the accelerator), the shortcuts of
-    # every layer would stay there through the rest of the recipe; "meta" stands in for it.
+    # every layer (and a sliced head's new final norm) would stay there through the rest of
+    # the recipe; "meta" stands in for it.
     data = calib_batches()
     logits = []
     for offloaded in (False, True):
@@ -90,7 +92,8 @@ def test_the_sliced_model_keeps_its_new_weights_where_the_layers_store_theirs():
         inputs = capture_layer_inputs(model, adapter.layers(model)[0], data)
         if offloaded:
             set_onload_device(model, CPU)
-        result = RotateAndSlice(model, adapter, DIMS, CPU).run(inputs)
+        result = RotateAndSlice(model, adapter, DIMS, CPU, slice_head=slice_head).run(inputs)
+        assert (result.final_dim is not None) == slice_head
         if offloaded:
             for module in model.modules():
                 if isinstance(module._parameters, OffloadCache):
