@@ -38,6 +38,7 @@ from dynslice_modifier.quantization import (
     check_dims_fit,
     check_input_projection,
     check_order,
+    check_sequential_targets,
     check_unsliced_inputs,
     compress_shortcuts_as_linears,
     fit_round_to,
@@ -339,6 +340,11 @@ class DynamicSliceModifier(Modifier):
         hidden, num_layers = config.hidden_size, config.num_hidden_layers
         others = recipe_modifiers()
         check_order(others, self)
+        check_sequential_targets(
+            kwargs.get("sequential_targets"),
+            type(adapter.layers(model)[0]).__name__,
+            followed=any(m is not self for m in others),
+        )
         module_names = {id(module): name for name, module in model.named_modules()}
         reads, writes = self._sliced_linears(model, adapter, module_names)
         requirement = required_multiple(others, reads, writes)

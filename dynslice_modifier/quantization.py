@@ -80,6 +80,23 @@ def check_order(modifiers: Sequence[Modifier], slicer: Modifier) -> None:
         )
 
 
+def check_sequential_targets(
+    targets: str | Sequence[str] | None, layer_class: str, followed: bool
+) -> None:
+    """An explicit ``sequential_targets`` may not name the decoder-layer class that slicing
+    replaces (by ``SlicedDecoderLayer``): matching nothing once sliced, it would have
+    llm-compressor's sequential pipeline calibrate the quantizers that follow the slicer
+    (``followed``) on the whole model in one piece, all of it onloaded at once."""
+    names = [targets] if isinstance(targets, str) else list(targets or [])
+    if followed and layer_class in names:
+        raise AllocationError(
+            f"sequential_targets names {layer_class}, which slicing replaces by "
+            "SlicedDecoderLayer, so it would match nothing and the quantizers would calibrate "
+            "the whole model in one piece; pass sequential_targets=['SlicedDecoderLayer'], or "
+            "leave it unset (the sliced model's decoder layers are the default)"
+        )
+
+
 def _8bit_gemm(weights: QuantizationArgs | None, inputs: QuantizationArgs | None) -> str | None:
     """``int8`` or ``fp8`` when weights and activations are both of that 8-bit type."""
     if weights is None or inputs is None or weights.num_bits != 8 or inputs.num_bits != 8:

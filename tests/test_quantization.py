@@ -321,6 +321,36 @@ def test_spinquant_after_the_slicer_is_refused_before_calibration(wide_dir, no_c
         one_pass(wide_dir, recipe)
 
 
+def test_sequential_targets_naming_the_replaced_layer_class_fail_before_calibration(
+    wide_dir, no_calibration
+):
+    # Matching nothing once sliced, they would have GPTQ calibrate the whole model at once.
+    recipe = [DynamicSliceModifier(sparsity=0.25), GPTQModifier(targets="Linear", scheme="W8A8")]
+    with pytest.raises(AllocationError, match=r"Qwen3DecoderLayer, which slicing replaces"):
+        oneshot(
+            model=str(wide_dir),
+            recipe=recipe,
+            dataset=calib_dataset(n=16, seq=64),
+            num_calibration_samples=16,
+            max_seq_length=64,
+            sequential_targets=["Qwen3DecoderLayer"],
+        )
+
+
+def test_sequential_targets_may_name_the_sliced_layer_class(wide_dir):
+    recipe = [DynamicSliceModifier(sparsity=0.25), GPTQModifier(targets="Linear", scheme="W8A8")]
+    model = oneshot(
+        model=str(wide_dir),
+        recipe=recipe,
+        dataset=calib_dataset(n=16, seq=64),
+        num_calibration_samples=16,
+        max_seq_length=64,
+        sequential_targets=["SlicedDecoderLayer"],
+    )
+    assert isinstance(model, DynSliceForCausalLM)
+    assert model.model.layers[0].self_attn.q_proj.weight_scale is not None
+
+
 def test_yaml_two_stage_recipe(wide_dir, tmp_path):
     recipe = """
 slice_stage:
