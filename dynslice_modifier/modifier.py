@@ -468,6 +468,9 @@ class DynamicSliceModifier(Modifier):
 
         search: list[dict[str, Any]] | None = None
         if auto:
+            # Every trial captures activations of its own; given layer_scores, the first
+            # capture is still held and would sit beside them, doubling host memory.
+            inputs.release()
             search = self._search_slicing_base(state, adapter, device, keep_tied, plan, heldout)
             consumed = True
         if explicit:

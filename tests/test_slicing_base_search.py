@@ -118,6 +118,29 @@ def test_auto_picks_the_lowest_heldout_loss_and_records_the_search():
         assert torch.equal(tensor, same), name
 
 
+def test_auto_with_given_scores_holds_one_set_of_activations_at_a_time(monkeypatch):
+    # Given layer_scores, no Layer Redundancy pass spends the first capture; held through
+    # the search, it would sit beside every trial's own and double host memory.
+    import dynslice_modifier.modifier
+
+    capture, captured = dynslice_modifier.modifier.capture_layer_inputs, []
+
+    def recorded(*args, **kwargs):
+        assert all(len(earlier.hidden) == 0 for earlier in captured[:1])
+        captured.append(capture(*args, **kwargs))
+        return captured[-1]
+
+    monkeypatch.setattr(dynslice_modifier.modifier, "capture_layer_inputs", recorded)
+    model = tiny_model("llama", True)
+    modifier = DynamicSliceModifier(
+        sparsity=0.25, slicing_base="auto", round_to=4, layer_scores=[0.9, 0.5, 0.7]
+    )
+    state = SimpleNamespace(model=model, data=SimpleNamespace(calib=calib_batches(n=8)))
+    assert modifier.on_initialize(state)
+    assert len(captured) > 2  # the first, one per trial, and the real pass
+    assert model.config.slicing["lr_scores"] == [0.9, 0.5, 0.7]
+
+
 def test_a_trial_fits_its_bases_without_the_heldout_batches():
     model = tiny_model("llama", True)
     adapter = get_adapter(model)
