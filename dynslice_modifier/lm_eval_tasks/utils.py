@@ -4,7 +4,11 @@ The text is the raw WikiText-2 test file of the shared protocol. Documents are i
 articles (split at top-level `` = Title = `` headings, as lm-eval's document-level
 WikiText is). ``split: eval`` (the default) keeps the articles that start in the second half
 of the file, which is where the project's protocol evaluates; the first half is the
-calibration pool, so evaluating on it would score text the slicer has seen.
+calibration pool, so evaluating on it would score text the slicer has seen. The file is
+halved by characters, since a task has no tokenizer; the protocol halves the token stream,
+whose middle lies 0.8% of the text earlier with SmolLM2's tokenizer, and calibration reads
+only the start of its half (64 x 512 of 150,974 tokens by default), so no article scored here
+was calibrated on.
 
 Options come from lm-eval's ``--metadata`` (JSON): ``wikitext_path`` (default: the
 environment variable ``DYNSLICE_WIKITEXT``, else ``../shared/data`` beside the repository) and
