@@ -44,7 +44,9 @@ def smollm2_path() -> Path:
     config = gguf.config.to_dict()
     config.pop("quantization_config", None)
     model = LlamaForCausalLM(LlamaConfig.from_dict(config)).to(torch.float32)
-    model.load_state_dict(gguf.state_dict(), strict=False)
+    # Strict: a key the GGUF loader named differently would leave that weight at random
+    # initialisation, cached from then on as "SmolLM2".
+    model.load_state_dict(gguf.state_dict())
     model.tie_weights()
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename, so an interrupted build never looks finished.
