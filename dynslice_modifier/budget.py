@@ -82,85 +82,94 @@ class ParameterCounter:
     def __call__(self, dims: Sequence[int], whole: Sequence[bool] | None = None) -> int:
         """``dims[l]``: layer ``l``'s kept width; ``whole[l]``: left at full width in the
         original basis, so no shortcut inside it nor between it and a whole neighbour."""
-        hidden, count = self.hidden, len(self.layers)
+        count = len(self.layers)
         whole = list(whole) if whole is not None else [False] * count
-        # The last layer writes back in the original basis, or in the head's at its own width.
-        head_sliced = self.slice_head and not whole[-1]
-        final = dims[-1] if head_sliced else hidden
-        unrotated = [*whole, not head_sliced]
+        total = self._table(dims[0], whole[0]) + self._head(dims[-1], whole[-1])
+        for idx in range(count - 1):
+            total += self._layer(idx, dims[idx], dims[idx + 1], whole[idx], whole[idx + 1])
+        return total + self._last_layer(dims[-1], whole[-1])
 
-        def same_rotated_basis(idx: int, width: int, out: int) -> bool:
-            # Alignment restarts after the original basis (see slicer._orient).
-            rotated = not (unrotated[idx] or unrotated[idx + 1])
-            return self.aligned and rotated and width == out == hidden
+    def whole_layers(self, dims: Sequence[int]) -> list[bool]:
+        """The layers to leave whole (full width, original basis) for the smallest model.
 
-        total = 0
-        for idx, cost in enumerate(self.layers):
-            width = dims[idx]
-            out = dims[idx + 1] if idx + 1 < count else final
-            total += cost.per_width * width + cost.biases + cost.fixed
-            total += (width if cost.o_bias else 0) + cost.down_rows * out
-            total += out if cost.down_bias else 0
-            total += 2 * width  # the two residual norms keep one scale per kept dim
-            if self.basis == "sublayer" and not whole[idx]:
-                total += 0 if self.aligned and width == hidden else width * width
-            both_original = unrotated[idx] and unrotated[idx + 1]
-            if not (both_original or same_rotated_basis(idx, width, out)):
-                total += width * out
+        A whole layer needs no shortcut inside it nor between it and a whole neighbour and,
+        as layer 0 of a tied model, no input projection; a slice that cannot pay for its
+        shortcuts is better not made. A run of full-width rotated layers, which share one
+        basis, may pay only as a whole, and one layer's verdict can change with the next's,
+        so the choice is made exactly, over all of them at once: each layer's count depends
+        only on its own choice and the next layer's, so dynamic programming along the layers
+        finds the minimum. Of equal counts, the one with more whole layers wins: the same
+        size, and more of the original function.
+        """
+        hidden, count = self.hidden, len(self.layers)
+
+        def width(idx: int, whole: bool) -> int:
+            return hidden if whole else dims[idx]
+
+        # For each choice at layer idx: ((parameters of layers idx.., -whole layers), choices).
+        Best = tuple[tuple[int, int], list[bool]]
+        after: dict[bool, Best] = {}
+        for idx in reversed(range(count)):
+            current: dict[bool, Best] = {}
+            for here in (False, True):
+                own = width(idx, here)
+                if idx + 1 == count:
+                    cost = self._last_layer(own, here) + self._head(own, here)
+                    current[here] = ((cost, -here), [here])
+                    continue
+                current[here] = min(
+                    (
+                        (rest + self._layer(idx, own, width(idx + 1, nxt), here, nxt), n - here),
+                        [here, *choices],
+                    )
+                    for nxt, ((rest, n), choices) in after.items()
+                )
+            after = current
+        _, choices = min(
+            ((rest + self._table(width(0, here), here), n), choices)
+            for here, ((rest, n), choices) in after.items()
+        )
+        return choices
+
+    def _layer(self, idx: int, width: int, out: int, whole: bool, next_original: bool) -> int:
+        """Decoder layer ``idx`` reading ``width`` dims and writing ``out``; ``whole``: it
+        stays in the original basis, ``next_original``: so does what reads its output."""
+        cost, hidden = self.layers[idx], self.hidden
+        total = cost.per_width * width + cost.biases + cost.fixed
+        total += (width if cost.o_bias else 0) + cost.down_rows * out
+        total += out if cost.down_bias else 0
+        total += 2 * width  # the two residual norms keep one scale per kept dim
+        if self.basis == "sublayer" and not whole:
+            total += 0 if self.aligned and width == hidden else width * width
+        if whole and next_original:
+            return total
+        # Aligned bases of full width follow each other exactly; alignment restarts after
+        # the original basis (see slicer._orient).
+        if self.aligned and not (whole or next_original) and width == out == hidden:
+            return total
+        return total + width * out  # the residual's change of basis
+
+    def _last_layer(self, width: int, whole: bool) -> int:
+        """The last layer writes in the original basis, or in a sliced head's at its width."""
+        head_sliced = self._head_sliced(whole)
+        out = width if head_sliced else self.hidden
+        return self._layer(len(self.layers) - 1, width, out, whole, not head_sliced)
+
+    def _head_sliced(self, last_whole: bool) -> bool:
+        return self.slice_head and not last_whole
+
+    def _table(self, width: int, whole: bool) -> int:
+        """The embedding table, and a tied one's input projection into layer 0's basis."""
         if self.tied:
-            total += self.vocab * hidden + (0 if whole[0] else hidden * dims[0])
-        else:
-            total += self.vocab * dims[0]
-        if head_sliced:
+            return self.vocab * self.hidden + (0 if whole else self.hidden * width)
+        return self.vocab * width
+
+    def _head(self, width: int, last_whole: bool) -> int:
+        """The head and the final norm."""
+        if self._head_sliced(last_whole):
             # The head, untied from any shared table, and the sliced final norm.
-            return total + self.vocab * final + self.head_bias + final
-        return total + (0 if self.tied else self.head) + self.final_norm
-
-
-def unprofitable_layers(
-    dims: Sequence[int], hidden: int, count: Callable[[list[int], list[bool]], int]
-) -> list[bool]:
-    """Layers to leave whole: those whose slicing adds more shortcut weights than it removes.
-
-    Greedy on the exact count ``count(dims, whole)``: keep taking the move that lowers the
-    total the most, until none does. A move returns one sliced layer to full width
-    (unrotated), or leaves whole a full-width layer that is only rotated, or a run of them:
-    rotated neighbours of one basis need no shortcut between them, so such a run may pay
-    only as a whole, and a full-width layer computes the same rotated or not, so these are
-    taken when they merely break even. Shortcuts couple neighbours, so one layer's verdict
-    can change once the next is whole.
-    """
-    dims = list(dims)
-    whole = [False] * len(dims)
-    current = count(dims, whole)
-    while True:
-        best, best_count = None, current
-        for move in _moves(dims, whole, hidden):
-            trial_dims = [hidden if i in move else d for i, d in enumerate(dims)]
-            trial_whole = [w or i in move for i, w in enumerate(whole)]
-            trial = count(trial_dims, trial_whole)
-            full_width = all(dims[i] >= hidden for i in move)
-            if trial < best_count or (best is None and full_width and trial == current):
-                best, best_count = move, trial
-        if best is None:
-            return whole
-        for idx in best:
-            dims[idx], whole[idx] = hidden, True
-        current = best_count
-
-
-def _moves(dims: list[int], whole: list[bool], hidden: int) -> list[tuple[int, ...]]:
-    """Each layer not yet whole, and each maximal run of full-width ones."""
-    moves = [(idx,) for idx in range(len(dims)) if not whole[idx]]
-    run: list[int] = []
-    for idx in [*range(len(dims)), None]:
-        if idx is not None and not whole[idx] and dims[idx] >= hidden:
-            run.append(idx)
-            continue
-        if len(run) > 1:
-            moves.append(tuple(run))
-        run = []
-    return moves
+            return self.vocab * width + self.head_bias + width
+        return (0 if self.tied else self.head) + self.final_norm
 
 
 def check_target_reachable(

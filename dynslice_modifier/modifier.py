@@ -27,7 +27,6 @@ from dynslice_modifier.budget import (
     ParameterCounter,
     check_target_reachable,
     solve_sparsity,
-    unprofitable_layers,
 )
 from dynslice_modifier.calibration import LayerInputs, capture_layer_inputs
 from dynslice_modifier.conversion import convert_to_sliced
@@ -395,7 +394,7 @@ class DynamicSliceModifier(Modifier):
             # no layer is left out of it.
             if not self.profitable_only or hidden % round_to or sparsity == 0.0:
                 return dims, [False] * num_layers
-            whole = unprofitable_layers(dims, hidden, predicted)
+            whole = predicted.whole_layers(dims)
             return [hidden if w else d for d, w in zip(dims, whole, strict=True)], whole
 
         # What cannot fit at any scores fails here, before a calibration pass is spent: at

@@ -210,7 +210,7 @@ class RotateAndSlice:
         self.model = model
         self.adapter = adapter
         self.dims = dims
-        # Whole layers keep full width in the original basis (see budget.unprofitable_layers).
+        # Whole layers keep full width in the original basis (see ParameterCounter.whole_layers).
         self.whole = whole or [False] * len(dims)
         # A whole last layer has nothing narrower to hand the head.
         self.slice_head = slice_head and not self.whole[-1]

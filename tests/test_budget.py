@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from test_slicing import IDS, slice_in_memory
 from tiny import calib_batches, tiny_model
 
 from dynslice_modifier.adapters import get_adapter
-from dynslice_modifier.budget import ParameterCounter, unprofitable_layers
+from dynslice_modifier.budget import ParameterCounter
 from dynslice_modifier.slicer import count_parameters
 
 
@@ -203,12 +205,45 @@ def test_no_whole_layers_when_full_width_breaks_the_rounding():
 def test_full_width_layers_are_left_whole_when_that_is_smaller(dims, whole):
     model = tiny_model("llama", True, layers=3)
     counter = ParameterCounter(model, get_adapter(model), "sublayer", True, True)
-    found = unprofitable_layers(dims, 64, counter)
+    found = counter.whole_layers(dims)
     assert found == whole
     widths = [64 if w else d for d, w in zip(dims, whole, strict=True)]
     assert counter(widths, found) < counter(dims, [False] * 3)
     if all(whole):
         assert counter(widths, found) == count_parameters(model)
+
+
+@pytest.mark.parametrize("slice_head", [False, True])
+@pytest.mark.parametrize(
+    ("basis", "aligned"), [("sublayer", True), ("sublayer", False), ("layer", True)]
+)
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_whole_layers_chosen_give_the_smallest_model_of_all_choices(
+    tied, basis, aligned, slice_head
+):
+    # Against every one of the 2^6 choices, for widths drawn around the break-even point.
+    model = tiny_model("qwen2", tied, layers=6)
+    counter = ParameterCounter(model, get_adapter(model), basis, tied, aligned, slice_head)
+    generator = torch.Generator().manual_seed(0)
+    drawn = [(8 * torch.randint(3, 9, (6,), generator=generator)).tolist() for _ in range(12)]
+    # Where taking the single best move at a time stops 1% short of the minimum (tied,
+    # unaligned sublayer bases, sliced head): no layer pays alone, the last three together.
+    drawn.append([64, 40, 32, 56, 56, 48])
+    verdicts = set()
+    for dims in drawn:
+
+        def size(whole: tuple[bool, ...], dims: list[int] = dims) -> int:
+            return counter([64 if w else d for d, w in zip(dims, whole, strict=True)], whole)
+
+        choices = list(itertools.product([False, True], repeat=6))
+        smallest = min(size(whole) for whole in choices)
+        found = tuple(counter.whole_layers(dims))
+        assert size(found) == smallest, dims
+        # Of the smallest, one with the most whole layers: more of the original function.
+        most = max(sum(whole) for whole in choices if size(whole) == smallest)
+        assert sum(found) == most, dims
+        verdicts.update(found)
+    assert verdicts == {False, True}  # the widths make both verdicts
 
 
 def test_sizes_that_miss_the_request_are_warned_of():
