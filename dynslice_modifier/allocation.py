@@ -118,8 +118,7 @@ def round_dims(
     (the sum can then miss by more), and a more redundant layer never ends up wider than a
     less redundant one.
     """
-    if not 1 <= round_to <= hidden_size:
-        raise AllocationError(f"round_to must be in [1, hidden_size={hidden_size}], got {round_to}")
+    _check_round_to(round_to, hidden_size)
     if rounding not in get_args(Rounding):
         raise AllocationError(f"rounding must be 'mean' or 'nearest', got {rounding!r}")
     targets = hidden_size * (1.0 - np.asarray(fractions, dtype=np.float64))
@@ -166,6 +165,11 @@ def _keep_sum(targets: np.ndarray, floors: np.ndarray, step: int, cap: int) -> n
     return dims
 
 
+def _check_round_to(round_to: int, hidden_size: int) -> None:
+    if not 1 <= round_to <= hidden_size:
+        raise AllocationError(f"round_to must be in [1, hidden_size={hidden_size}], got {round_to}")
+
+
 def allocate_dims(
     scores: Sequence[float],
     hidden_size: int,
@@ -177,8 +181,7 @@ def allocate_dims(
 ) -> list[int]:
     """Residual width of every layer. The realised mean slice is within half a step of SP;
     with ``mean`` rounding the *sum* of widths is, unless equal widths move together."""
-    if not 1 <= round_to <= hidden_size:
-        raise AllocationError(f"round_to must be in [1, hidden_size={hidden_size}], got {round_to}")
+    _check_round_to(round_to, hidden_size)
     max_slice = 1.0 - round_to / hidden_size
     fractions = slice_fractions(scores, sparsity, slicing_base, max_slice, normalization)
     return round_dims(hidden_size, fractions, round_to, rounding)
