@@ -31,7 +31,7 @@ def wide_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("wide") / "in", "qwen3", True, hidden=256, layers=2)
 
 
-def one_pass(model_dir, recipe, out=None):
+def one_pass(model_dir, recipe, out=None, **options):
     return oneshot(
         model=str(model_dir),
         recipe=recipe,
@@ -39,6 +39,7 @@ def one_pass(model_dir, recipe, out=None):
         num_calibration_samples=16,
         max_seq_length=64,
         output_dir=None if out is None else str(out),
+        **options,
     )
 
 
@@ -327,26 +328,12 @@ def test_sequential_targets_naming_the_replaced_layer_class_fail_before_calibrat
     # Matching nothing once sliced, they would have GPTQ calibrate the whole model at once.
     recipe = [DynamicSliceModifier(sparsity=0.25), GPTQModifier(targets="Linear", scheme="W8A8")]
     with pytest.raises(AllocationError, match=r"Qwen3DecoderLayer, which slicing replaces"):
-        oneshot(
-            model=str(wide_dir),
-            recipe=recipe,
-            dataset=calib_dataset(n=16, seq=64),
-            num_calibration_samples=16,
-            max_seq_length=64,
-            sequential_targets=["Qwen3DecoderLayer"],
-        )
+        one_pass(wide_dir, recipe, sequential_targets=["Qwen3DecoderLayer"])
 
 
 def test_sequential_targets_may_name_the_sliced_layer_class(wide_dir):
     recipe = [DynamicSliceModifier(sparsity=0.25), GPTQModifier(targets="Linear", scheme="W8A8")]
-    model = oneshot(
-        model=str(wide_dir),
-        recipe=recipe,
-        dataset=calib_dataset(n=16, seq=64),
-        num_calibration_samples=16,
-        max_seq_length=64,
-        sequential_targets=["SlicedDecoderLayer"],
-    )
+    model = one_pass(wide_dir, recipe, sequential_targets=["SlicedDecoderLayer"])
     assert isinstance(model, DynSliceForCausalLM)
     assert model.model.layers[0].self_attn.q_proj.weight_scale is not None
 
