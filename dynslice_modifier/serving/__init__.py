@@ -38,7 +38,7 @@ def _register_config_check() -> None:
     checkpoint surfaces as "Engine core initialization failed" with the cause buried in the
     worker's log. Checking here makes ``LLM(...)`` / ``vllm serve`` fail at once with our
     message (e.g. "upgrade dynslice-modifier", an unsupported base architecture, a
-    quantized checkpoint in float32 on a GPU).
+    quantized checkpoint in float32 on a GPU, or a W4A16 one in float32 on a CPU).
     ``MODELS_CONFIG_MAP`` is vLLM's own hook for per-architecture config checks; it is
     internal, so if it moves we keep only the model-side check rather than break serving.
     """
@@ -52,11 +52,18 @@ def _register_config_check() -> None:
         def verify_and_update_config(vllm_config: Any) -> None:
             from vllm.platforms import current_platform
 
-            from dynslice_modifier.serving.support import check_accelerator_dtype
+            from dynslice_modifier.serving.support import (
+                check_accelerator_dtype,
+                check_cpu_quantized_dtype,
+            )
 
-            if not current_platform.is_cpu():
-                model_config = vllm_config.model_config
-                dtype = str(model_config.dtype).removeprefix("torch.")
+            model_config = vllm_config.model_config
+            dtype = str(model_config.dtype).removeprefix("torch.")
+            if current_platform.is_cpu():
+                hf_config = getattr(model_config, "hf_config", None)
+                quantization = getattr(hf_config, "quantization_config", None)
+                check_cpu_quantized_dtype(quantization, dtype)
+            else:
                 check_accelerator_dtype(model_config.quantization, dtype)
 
         @staticmethod

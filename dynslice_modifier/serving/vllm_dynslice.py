@@ -89,7 +89,11 @@ from dynslice_modifier.modeling.modeling_dynslice import (
     layer_widths,
 )
 from dynslice_modifier.serving.cpu_kernels import check_cpu_dtype, check_cpu_kernels
-from dynslice_modifier.serving.support import check_accelerator_dtype, check_servable
+from dynslice_modifier.serving.support import (
+    check_accelerator_dtype,
+    check_cpu_quantized_dtype,
+    check_servable,
+)
 
 
 def _dynslice_config(vllm_config: VllmConfig) -> DynSliceConfig:
@@ -675,6 +679,9 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         if current_platform.is_cpu():
             check_cpu_kernels(self)
             check_cpu_dtype(dtype)
+            check_cpu_quantized_dtype(
+                getattr(config, "quantization_config", None), str(dtype).removeprefix("torch.")
+            )
         else:
             name = None if quant_config is None else quant_config.get_name()
             check_accelerator_dtype(name, str(dtype).removeprefix("torch."))
