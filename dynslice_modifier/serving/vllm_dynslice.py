@@ -89,11 +89,7 @@ from dynslice_modifier.modeling.modeling_dynslice import (
     layer_widths,
 )
 from dynslice_modifier.serving.cpu_kernels import check_cpu_dtype, check_cpu_kernels
-from dynslice_modifier.serving.support import (
-    check_accelerator_dtype,
-    check_cpu_quantized_dtype,
-    check_servable,
-)
+from dynslice_modifier.serving.support import check_servable, check_served_dtype
 
 
 def _dynslice_config(vllm_config: VllmConfig) -> DynSliceConfig:
@@ -676,15 +672,12 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         # load_weights before its updates, which must not be taken for a first, whole load.
         self._loaded = vllm_config.load_config.load_format == "dummy"
         dtype = vllm_config.model_config.dtype
-        if current_platform.is_cpu():
+        on_cpu = current_platform.is_cpu()
+        if on_cpu:
             check_cpu_kernels(self)
             check_cpu_dtype(dtype)
-            check_cpu_quantized_dtype(
-                getattr(config, "quantization_config", None), str(dtype).removeprefix("torch.")
-            )
-        else:
-            name = None if quant_config is None else quant_config.get_name()
-            check_accelerator_dtype(name, str(dtype).removeprefix("torch."))
+        name = None if quant_config is None else quant_config.get_name()
+        check_served_dtype(on_cpu, name, getattr(config, "quantization_config", None), dtype)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
