@@ -346,7 +346,7 @@ class RotateAndSlice:
                 elif self.tied:
                     # The shared table stays in the original basis; layer 0 projects it.
                     input_projection = self._keep(change_of_basis(eye, a_basis))
-                elif self.in_place:
+                elif self.in_place and not whole:
                     embedding = adapter.embedding(self.model)
                     # Fetched once if offloaded; a table in host memory stays there, and
                     # goes to the accelerator a block at a time for its product.
@@ -417,7 +417,8 @@ class RotateAndSlice:
             attn_shortcuts=attn_sc,
             mlp_shortcuts=mlp_sc,
             input_projection=input_projection,
-            embedding_sliced=not self.tied,
+            # A whole layer 0 reads the table as it came: unrotated, at full width.
+            embedding_sliced=not self.tied and not self.whole[0],
             aligned=self.align,
             final_dim=self.dims[-1] if self.slice_head else None,
         )

@@ -141,9 +141,10 @@ def test_whole_layers_are_counted_exactly_and_reload(tmp_path, tied, basis, alig
     deltas = model.config.slicing["delta_shortcuts"]
     inside = aligned and basis == "sublayer"
     assert deltas == (["1.attn_shortcut", "3.attn_shortcut"] if inside else False)
-    # A list of deltas needs format 5; a tied table with no input projection, a reader
-    # that knows input_projection.
-    floor = 5 if inside else 2 if tied else 1
+    # A list of deltas needs format 5; a table layer 0 reads as it is (tied or not: whole,
+    # it was never rotated), a reader that knows input_projection.
+    floor = 5 if inside else 2
+    assert model.config.slicing["embedding_sliced"] is False
     assert model.config.slicing["format_version"] == floor
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.errors import AllocationError, CalibrationError, UnsupportedModelError
-from dynslice_modifier.modeling import DynSliceForCausalLM
+from dynslice_modifier.modeling import DynSliceForCausalLM, SlicingConfigError
 from dynslice_modifier.slicer import count_parameters, embeddings_tied
 
 RECIPE = """
@@ -92,6 +92,43 @@ def test_oneshot_writes_a_reloadable_checkpoint_and_leaves_input_alone(tiny_dir,
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("options", "scores", "load"),
+    [
+        ({"untie_embeddings": True}, [0.0, 1.0, 1.0], {}),
+        ({"slice_head": True}, [0.0, 1.0, 0.0], {}),
+        ({}, [0.0, 1.0, 1.0], {"tie_word_embeddings": False}),
+    ],
+    ids=["untie_embeddings", "slice_head-last-whole", "loaded-untied"],
+)
+def test_a_whole_layer_0_leaves_table_and_head_one_saved_table(
+    tiny_dir, tmp_path, options, scores, load
+):
+    # Layer 0 whole (slice 0 at slicing_base 0) reads the table unrotated, and an unsliced
+    # head is left as it was: the two stay equal, and llm-compressor's save ties equal
+    # tables. The config must say so, or the checkpoint cannot be loaded.
+    out = tmp_path / "out"
+    recipe = DynamicSliceModifier(sparsity=0.25, slicing_base=0.0, layer_scores=scores, **options)
+    model = run_oneshot(tiny_dir, [recipe], out, **load)
+    assert model.config.slicing["whole_layers"][0] == 0
+    assert model.config.slicing["embedding_sliced"] is False
+    if not load:
+        # Untying would only have added a second copy of the table.
+        assert embeddings_tied(model)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, atol=0, rtol=0)
+    assert count_parameters(reloaded) == count_parameters(model)
+
+    # What earlier builds wrote here: a sliced table that was never rotated.
+    config["slicing"]["embedding_sliced"] = True
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SlicingConfigError, match=r"set slicing\.embedding_sliced to false"):
+        AutoModelForCausalLM.from_pretrained(out)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.25])

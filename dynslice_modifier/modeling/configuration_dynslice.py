@@ -231,9 +231,10 @@ class DynSliceConfig(PretrainedConfig):
       the attention / MLP carries a change-of-basis matrix (otherwise it is the identity);
     - ``layout``: attribute names of the sub-modules inside a decoder layer;
     - ``embedding_sliced``: whether the embedding table was rotated and cut to
-      ``attn_dims[0]`` (untied models) or kept in the original basis (tied models), in
-      which case layer 0 starts with ``input_projection`` (hidden_size -> attn_dims[0]),
-      unless ``input_projection`` is false (layer 0 left whole, in the original basis);
+      ``attn_dims[0]`` (untied models) or kept in the original basis (tied models, and
+      any model whose layer 0 was left whole), in which case layer 0 starts with
+      ``input_projection`` (hidden_size -> attn_dims[0]), unless ``input_projection`` is
+      false (layer 0 left whole, in the original basis);
     - ``quantizable_shortcuts``: whether shortcuts (and the input projection) are linears a
       quantizer took (``ResidualShortcutLinear``) rather than matrices kept in model dtype;
     - ``delta_shortcuts``: whether shortcut and input-projection weights hold the matrix
@@ -283,6 +284,19 @@ class DynSliceConfig(PretrainedConfig):
             )
         validate_slicing(self.slicing, self.hidden_size, self.num_hidden_layers)
         sliced = [key for key in ("embedding_sliced", "final_dim") if self.slicing.get(key)]
+        if (
+            self.tie_word_embeddings
+            and sliced == ["embedding_sliced"]
+            and 0 in self.slicing.get("whole_layers", [])
+        ):
+            # Earlier builds wrote this when layer 0 was whole: the table was never rotated,
+            # so the head equalled it and llm-compressor's save tied the two again, leaving no
+            # lm_head.weight in the files.
+            raise SlicingConfigError(
+                "tie_word_embeddings is true and slicing.embedding_sliced is true, but layer 0 "
+                "was left whole (slicing.whole_layers), so the table was never rotated and the "
+                "head is the table: set slicing.embedding_sliced to false in config.json"
+            )
         if self.tie_word_embeddings and sliced:
             raise SlicingConfigError(
                 f"tie_word_embeddings is true, but slicing.{' and slicing.'.join(sliced)} say "

@@ -13,7 +13,8 @@ model is its base decoder (Llama, Mistral, Qwen2, Qwen3) where, per layer ``l``:
   ``mlp_shortcut``) when the config says so, otherwise it is the identity; one that
   ``delta_shortcuts`` names (every one, when it is true) is stored minus the identity,
   which is added back here;
-- an embedding table left in the original basis (tied models, ``embedding_sliced: false``)
+- an embedding table left in the original basis (``embedding_sliced: false``: tied models,
+  and any model whose layer 0 was left whole)
   is projected to layer 0's basis by ``model.layers.0.input_projection``, unless layer 0
   was left whole (``input_projection: false``).
 
