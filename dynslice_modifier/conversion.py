@@ -13,6 +13,7 @@ import functools
 from typing import Any
 
 from compressed_tensors.offload import offload_module
+from loguru import logger
 from torch import nn
 
 from dynslice_modifier.adapters import ModelAdapter
@@ -125,6 +126,10 @@ def _keep_sliced_config_on_save(model: nn.Module) -> None:
     def save_sliced(*args: Any, **kwargs: Any) -> Any:
         source = model.config._name_or_path
         model.config._name_or_path = ""
+        logger.info(
+            "Saving the sliced config: llm-compressor's 'Failed to find config._name_or_path' "
+            "warning that follows is expected (it would re-write the source model's config)"
+        )
         try:
             return save(*args, **kwargs)
         finally:
