@@ -292,7 +292,13 @@ def write_tables(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="*", default=GRID)
+    parser.add_argument(
+        "--rows",
+        nargs="*",
+        default=GRID,
+        help="rows to measure: dense, const:SP, dyn:SP:SB, dyn:SP:auto or size:T:KIND "
+        "(KIND const, dyn or auto); default: the issue's grid",
+    )
     parser.add_argument("--basis", default="sublayer", choices=["sublayer", "layer"])
     parser.add_argument("--normalization", default="minmax", choices=["minmax", "rank"])
     parser.add_argument("--untie", action="store_true")

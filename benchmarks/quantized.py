@@ -285,6 +285,8 @@ def main() -> None:
             "sliced-aligned-layer-sliced-head:none",
             "sliced-aligned-layer-sliced-head:w8a8-qs-head",
         ],
+        help="rows as MODEL:SCHEME: MODEL dense or sliced[-hadamard][-aligned][-layer]"
+        f"[-sliced-head], SCHEME one of {', '.join(SCHEMES)}; default: every recorded row",
     )
     parser.add_argument(
         "--redo",
