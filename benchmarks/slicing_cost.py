@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.adapters import get_adapter
-from dynslice_modifier.allocation import allocate_dims
+from dynslice_modifier.allocation import DEFAULT_ROUND_TO, allocate_dims
 from dynslice_modifier.calibration import capture_layer_inputs, onloaded, to_device
 from dynslice_modifier.redundancy import redundancy_scores
 from dynslice_modifier.slicer import RotateAndSlice
@@ -63,7 +63,7 @@ def main() -> None:
         model.config.hidden_size,
         defaults.sparsity,
         defaults.slicing_base,
-        defaults.round_to,
+        defaults.round_to or DEFAULT_ROUND_TO,
         rounding=defaults.rounding,
     )
     inputs = capture_layer_inputs(model, layers[0], batches)
