@@ -104,11 +104,23 @@ class Case:
     shortcut_scheme: str | None = None
     # Biases on q/k/v and o_proj (Llama and Qwen3 put attention_bias on all four).
     attention_bias: bool = False
+    slicing_base: float = 0.10
+    # Given Layer Redundancy scores; a layer at the lowest gets a slice of slicing_base.
+    layer_scores: tuple[float, ...] | None = None
 
 
 CASES = [
     # Untied: the embedding is rotated and cut to layer 0's width.
     Case("llama-untied-sublayer", "llama", tied=False, basis="sublayer"),
+    # Layer 0 at full width is left whole: an untied table it reads unrotated, unsliced.
+    Case(
+        "llama-untied-whole-first",
+        "llama",
+        tied=False,
+        basis="sublayer",
+        slicing_base=0.0,
+        layer_scores=(0.0, 1.0, 1.0),
+    ),
     # Tied: the shared table stays whole and layer 0 has an input projection; q/k norms;
     # attention biases, o_proj's rotated with the residual it writes.
     Case("qwen3-tied-sublayer", "qwen3", tied=True, basis="sublayer", attention_bias=True),
@@ -198,13 +210,15 @@ slice_stage:
   slice_modifiers:
     DynamicSliceModifier:
       sparsity: 0.25
-      slicing_base: 0.10
+      slicing_base: {case.slicing_base}
       round_to: {ROUND_TO[case.quantize]}
       basis: {case.basis}
       quantize_shortcuts: {str(case.quantize_shortcuts).lower()}
       align_bases: {str(case.align_bases).lower()}
       slice_head: {str(case.slice_head).lower()}
 """
+    if case.layer_scores:
+        recipe += f"      layer_scores: {list(case.layer_scores)}\n"
     ignore = json.dumps([*([] if case.quantize_head else ["lm_head"]), *case.keep])
     if case.quantize == "W8A8":
         # SmoothQuant moves scales into the sliced norms: vLLM must load them.
@@ -453,6 +467,7 @@ def test_vllm_matches_transformers(
     smoothed = case.quantize == "W8A8" and case.smooth
     assert slicing["unit_norms"] is not smoothed
     assert ("final_dim" in slicing) is case.slice_head
+    assert slicing["embedding_sliced"] is not (case.tied or 0 in slicing["whole_layers"])
     if case.shortcut_scheme:
         # Shortcuts are written in the format their scheme calls for, not left "dense".
         groups = json.loads((path / "config.json").read_text())["quantization_config"]
