@@ -151,11 +151,12 @@ class ParameterCounter:
 
     def _last_layer(self, width: int, whole: bool) -> int:
         """The last layer writes in the original basis, or in a sliced head's at its width."""
-        head_sliced = self._head_sliced(whole)
-        out = width if head_sliced else self.hidden
-        return self._layer(len(self.layers) - 1, width, out, whole, not head_sliced)
+        sliced_head = self.head_sliced(whole)
+        out = width if sliced_head else self.hidden
+        return self._layer(len(self.layers) - 1, width, out, whole, not sliced_head)
 
-    def _head_sliced(self, last_whole: bool) -> bool:
+    def head_sliced(self, last_whole: bool) -> bool:
+        """Whether the head reads a sliced basis: a whole last layer has none to hand it."""
         return self.slice_head and not last_whole
 
     def _table(self, width: int, whole: bool) -> int:
@@ -166,7 +167,7 @@ class ParameterCounter:
 
     def _head(self, width: int, last_whole: bool) -> int:
         """The head and the final norm."""
-        if self._head_sliced(last_whole):
+        if self.head_sliced(last_whole):
             # The head, untied from any shared table, and the sliced final norm.
             return self.vocab * width + self.head_bias + width
         return (0 if self.tied else self.head) + self.final_norm

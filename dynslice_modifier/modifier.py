@@ -488,8 +488,7 @@ class DynamicSliceModifier(Modifier):
                 f"{[i for i, w in enumerate(whole) if w]}). For a real size reduction use "
                 "target_params, a larger sparsity or basis: layer."
             )
-        head_sliced = self.slice_head and not whole[-1]
-        if tied and not keep_tied and whole[0] and not head_sliced:
+        if tied and not keep_tied and whole[0] and not predicted.head_sliced(whole[-1]):
             # Neither the table (read whole by layer 0) nor the head would change, so untied
             # they would stay equal: a second table in memory for nothing, which
             # llm-compressor's save would tie again anyway.
