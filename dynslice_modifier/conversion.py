@@ -23,7 +23,11 @@ from dynslice_modifier.calibration import (
     storage_device,
     stored_parameters,
 )
-from dynslice_modifier.modeling.configuration_dynslice import DynSliceConfig, format_version
+from dynslice_modifier.modeling.configuration_dynslice import (
+    FUSED_LAYOUT,
+    DynSliceConfig,
+    format_version,
+)
 from dynslice_modifier.modeling.modeling_dynslice import DynSliceForCausalLM, SlicedDecoderLayer
 from dynslice_modifier.slicer import SlicingResult, embeddings_tied
 
@@ -59,6 +63,7 @@ def convert_to_sliced(
             deltas,
             result.final_dim is not None,
             projection_dropped=not result.embedding_sliced and result.input_projection is None,
+            fused_layout=adapter.layout == FUSED_LAYOUT,
         ),
         "attn_dims": result.attn_dims,
         "mlp_dims": result.mlp_dims,

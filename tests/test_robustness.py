@@ -75,6 +75,11 @@ def sliced_config() -> dict:
             r"does not declare: \['9.attn_shortcut'\]",
         ),
         (lambda s: s.pop("layout"), "layout"),
+        # Plugins before format 6 would refuse Phi-3's layout without asking for an upgrade.
+        (
+            lambda s: s["layout"].update(attn_inputs=["qkv_proj"], mlp_inputs=["gate_up_proj"]),
+            "the fused one .* set format_version to 6",
+        ),
         (lambda s: s.__setitem__("format_version", 99), "upgrade dynslice-modifier"),
         (lambda s: s.pop("format_version"), "is None, not a version number"),
         (lambda s: s.__setitem__("format_version", True), "is True, not a version number"),

@@ -71,6 +71,22 @@ VARIANTS = {
         "qwen2",
         dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
     ),
+    # Phi-4-mini's partial rotary embedding and long-context RoPE, Phi-3-mini-4k's window.
+    "phi3-partial-rotary-longrope-sliding-window": (
+        "phi3",
+        dict(
+            sliding_window=8,
+            # Shorter than the test's 40 tokens: the long factors apply.
+            original_max_position_embeddings=16,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.75,
+                "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5],
+                "long_factor": [2.0, 2.5, 3.0, 3.5, 4.0, 4.5],
+            },
+        ),
+    ),
     "qwen3-biases-sliding-layers-yarn": (
         "qwen3",
         dict(
@@ -101,6 +117,8 @@ def test_rotation_only_is_exact_for_each_architectures_config_fields(variant, tm
     with torch.no_grad():
         rotated = model(ids).logits
     torch.testing.assert_close(rotated, reference, atol=2e-5, rtol=1e-5)
+    # Older vLLM plugins cannot build the fused layout: they must be asked to upgrade.
+    assert (model.config.slicing["format_version"] == 6) is (arch == "phi3")
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits

@@ -36,7 +36,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +107,22 @@ class Case:
     slicing_base: float = 0.10
     # Given Layer Redundancy scores; a layer at the lowest gets a slice of slicing_base.
     layer_scores: tuple[float, ...] | None = None
+    # Other arguments of tests/tiny.py's tiny_model: its width, or config fields.
+    base_config: dict[str, Any] = field(default_factory=dict)
 
 
+PARTIAL_ROTARY = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+# Phi-3.5's long-context RoPE on half of each head: 16 rotated dims, one factor per pair.
+# transformers sizes the factors by hidden_size / heads, so that must equal head_dim (32).
+# vLLM takes the long factors whenever max_model_len exceeds the original context,
+# transformers only for sequences longer than it: with both at 256 (vllm_checks.py's
+# max_model_len) both take the short ones, with the attention scaling of a 4x longer
+# context (max_position_embeddings 1024).
+LONGROPE = PARTIAL_ROTARY | {
+    "rope_type": "longrope",
+    "short_factor": [1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.4],
+    "long_factor": [4.0] * 8,
+}
 CASES = [
     # Untied: the embedding is rotated and cut to layer 0's width.
     Case("llama-untied-sublayer", "llama", tied=False, basis="sublayer"),
@@ -174,6 +188,38 @@ CASES = [
         quantize_shortcuts=True,
         shortcut_scheme="W8A8",
     ),
+    # Phi-3 stores q/k/v and gate/up fused, and so does its sliced checkpoint: vLLM loads
+    # each fused tensor into the projection's shards, before the shortcut fused after them.
+    Case("phi3-untied-layer", "phi3", tied=False, basis="layer"),
+    # Int8 weights go through vLLM's other weight loader, the int8 shortcuts into q/k/v and
+    # gate/up alike; LongRoPE on part of each head.
+    Case(
+        "phi3-untied-sublayer-w8a8-qs",
+        "phi3",
+        tied=False,
+        basis="sublayer",
+        quantize="W8A8",
+        quantize_shortcuts=True,
+        smooth=False,
+        # Phi3Config puts its own original_max_position_embeddings into the RoPE settings.
+        base_config={
+            "hidden": 128,
+            "rope_parameters": LONGROPE,
+            "max_position_embeddings": 1024,
+            "original_max_position_embeddings": 256,
+        },
+    ),
+    # 4-bit groups loaded from the fused tensors into q/k/v, gate/up and their shortcuts.
+    Case(
+        "phi3-tied-sublayer-w4a16",
+        "phi3",
+        tied=True,
+        basis="sublayer",
+        quantize="W4A16",
+        quantize_shortcuts=True,
+        keep=("re:.*input_projection$",),
+        base_config={"rope_parameters": PARTIAL_ROTARY},
+    ),
 ]
 # The issue's promise: a sliced *and quantized* checkpoint behind `vllm serve`.
 SERVE_CASE = "llama-tied-sublayer-w8a8-qs"
@@ -203,7 +249,7 @@ def build_sliced(root: Path, case: Case) -> Path:
 
     src, out = root / f"{case.name}-dense", root / case.name
     bias = {"attention_bias": True} if case.attention_bias else {}
-    tiny_base(case.arch, case.tied, **bias).save_pretrained(src)
+    tiny_base(case.arch, case.tied, **bias, **case.base_config).save_pretrained(src)
     word_tokenizer().save_pretrained(src)
     recipe = f"""
 slice_stage:

@@ -8,6 +8,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -17,6 +19,8 @@ from transformers import (
 ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 16}),
+    # Phi3Config's default special tokens (32000) lie outside the tiny vocabulary.
+    "phi3": (Phi3Config, Phi3ForCausalLM, {"pad_token_id": 0, "eos_token_id": 2}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),
 }
@@ -43,11 +47,10 @@ def tiny_model(
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=head_dim or hidden // 4,
-        max_position_embeddings=256,
         tie_word_embeddings=tied,
         rms_norm_eps=1e-6,
         initializer_range=initializer_range,
-        **(extra | overrides),
+        **({"max_position_embeddings": 256} | extra | overrides),
     )
     torch.manual_seed(seed)
     model = model_cls(config).eval()

@@ -1,5 +1,6 @@
 """Architecture adapters. Slicing and serving a new pre-norm architecture is adding one module
-here: its layout for the slicer, and for the vLLM model file how its attention differs from
+here: its layout for the slicer (``PRE_NORM_LAYOUT``, or ``FUSED_LAYOUT`` where q/k/v and
+gate/up are one linear each), and for the vLLM model file how its attention differs from
 Llama's (``ModelAdapter.fixed_attention_biases``, ``head_norms``)."""
 
 from __future__ import annotations
@@ -8,12 +9,13 @@ from typing import Any
 
 from torch import nn
 
-from dynslice_modifier.adapters import llama, mistral, qwen2, qwen3
+from dynslice_modifier.adapters import llama, mistral, phi3, qwen2, qwen3
 from dynslice_modifier.adapters.base import PRE_NORM_LAYOUT, ModelAdapter
 from dynslice_modifier.errors import UnsupportedModelError
 
 ADAPTERS: dict[str, ModelAdapter] = {
-    a.model_type: a for a in (llama.ADAPTER, mistral.ADAPTER, qwen2.ADAPTER, qwen3.ADAPTER)
+    a.model_type: a
+    for a in (llama.ADAPTER, mistral.ADAPTER, phi3.ADAPTER, qwen2.ADAPTER, qwen3.ADAPTER)
 }
 
 # Architectures users ask about, and why they are refused: either SliceGPT's rotation cannot
@@ -32,8 +34,6 @@ NOT_SUPPORTED: dict[str, str] = {
         "linear writing the residual stream (SliceGPT does so for OPT and Phi-2); not "
         "implemented here",
     ),
-    "phi3": "Phi-3 fuses q/k/v and gate/up into one linear each; an adapter would need a "
-    "layout for fused linears, not written yet",
     **dict.fromkeys(
         ("mixtral", "qwen2_moe", "qwen3_moe"),
         "in a mixture of experts the router and every expert read the residual stream; not "
@@ -91,8 +91,8 @@ def adapter_for(config: Any, architecture: str | None = None) -> ModelAdapter:
         raise UnsupportedModelError(
             f"DynamicSliceModifier does not support {name} (model_type "
             f"{model_type!r}){why}. Supported architectures: {supported}. A pre-norm "
-            "architecture with separate linears is added as one adapter module in "
-            "dynslice_modifier/adapters/ (see mistral.py)"
+            "architecture with RMSNorm is added as one adapter module in "
+            "dynslice_modifier/adapters/ (see mistral.py, or phi3.py for fused linears)"
         )
     # transformers loads any Llama checkpoint as LlamaForCausalLM, dropping a classifier's
     # head and initialising a random one: the checkpoint's own class says what it was.

@@ -17,10 +17,10 @@ from typing import Any
 from transformers import PretrainedConfig
 
 # 2 added ``quantizable_shortcuts``, 3 ``delta_shortcuts``, 4 ``final_dim``, 5
-# ``delta_shortcuts`` as a list (some shortcuts stored whole). A checkpoint records the lowest
-# version that reads it (see ``format_version``), so older readers refuse only what they would
-# build wrongly.
-SLICING_FORMAT_VERSION = 5
+# ``delta_shortcuts`` as a list (some shortcuts stored whole), 6 ``FUSED_LAYOUT``. A
+# checkpoint records the lowest version that reads it (see ``format_version``), so older
+# readers refuse only what they would build wrongly.
+SLICING_FORMAT_VERSION = 6
 
 # Module names inside a pre-norm decoder layer as Llama and the models that copy it write
 # them. Checkpoints record their layout; this is the one the adapters and vLLM build.
@@ -33,6 +33,11 @@ PRE_NORM_LAYOUT: dict[str, Any] = {
     "attn_output": "o_proj",
     "mlp_inputs": ["gate_proj", "up_proj"],
     "mlp_output": "down_proj",
+}
+# Phi-3's: q/k/v in one linear and gate/up in another, as its checkpoints store them.
+FUSED_LAYOUT: dict[str, Any] = PRE_NORM_LAYOUT | {
+    "attn_inputs": ["qkv_proj"],
+    "mlp_inputs": ["gate_up_proj"],
 }
 _LAYOUT_KEYS = tuple(PRE_NORM_LAYOUT)
 
@@ -109,6 +114,12 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
     layout = spec.get("layout")
     if not isinstance(layout, dict) or any(k not in layout for k in _LAYOUT_KEYS):
         raise SlicingConfigError(f"slicing.layout must name all of {list(_LAYOUT_KEYS)}")
+    if layout == FUSED_LAYOUT and version < 6:
+        raise SlicingConfigError(
+            f"slicing.layout is the fused one (qkv_proj, gate_up_proj), which format {version} "
+            "cannot say; config.json was edited: set format_version to 6, or re-save the "
+            "sliced model"
+        )
     if spec.get("embedding_sliced") not in (True, False):
         raise SlicingConfigError("slicing.embedding_sliced must be true or false")
     for key in ("input_projection", "quantizable_shortcuts", "unit_norms"):
@@ -184,13 +195,18 @@ def format_version(
     deltas: bool | list[str],
     head_sliced: bool,
     projection_dropped: bool = False,
+    fused_layout: bool = False,
 ) -> int:
     """The version a checkpoint is written with: the first one that can read it.
 
     ``projection_dropped``: a tied table read without an input projection (layer 0 left
     whole), which ``input_projection: false`` says; readers older than format 2 would
     build the projection anyway and serve it uninitialised.
+    ``fused_layout``: ``FUSED_LAYOUT``, whose checkpoints vLLM plugins before format 6 refuse
+    as an unknown layout instead of asking for an upgrade.
     """
+    if fused_layout:
+        return 6
     if isinstance(deltas, list):
         return 5
     if head_sliced:

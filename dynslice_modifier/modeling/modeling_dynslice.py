@@ -1,6 +1,6 @@
 """transformers implementation of sliced models.
 
-A sliced model is its base architecture (Llama, Mistral, Qwen2, Qwen3, ...) with three
+A sliced model is its base architecture (Llama, Mistral, Phi-3, Qwen2, Qwen3, ...) with three
 changes, all described by ``config.slicing``:
 
 - every linear that reads the residual stream has fewer input columns, every linear that

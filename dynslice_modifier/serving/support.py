@@ -10,7 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from dynslice_modifier.adapters import ADAPTERS
-from dynslice_modifier.modeling.configuration_dynslice import PRE_NORM_LAYOUT, DynSliceConfig
+from dynslice_modifier.modeling.configuration_dynslice import (
+    FUSED_LAYOUT,
+    PRE_NORM_LAYOUT,
+    DynSliceConfig,
+)
 
 # The model file builds any architecture an adapter describes.
 SUPPORTED_BASE_MODEL_TYPES = tuple(ADAPTERS)
@@ -27,8 +31,10 @@ def check_servable(config: DynSliceConfig) -> None:
     # The model file builds these module names; checkpoint keys follow slicing.layout, so a
     # checkpoint with any other layout would load into the wrong modules.
     layout = config.slicing["layout"]
-    if any(layout.get(k) != v for k, v in PRE_NORM_LAYOUT.items()):
-        raise ValueError(f"unsupported slicing.layout {layout!r}; expected {PRE_NORM_LAYOUT}")
+    if layout not in (PRE_NORM_LAYOUT, FUSED_LAYOUT):
+        raise ValueError(
+            f"unsupported slicing.layout {layout!r}; expected {PRE_NORM_LAYOUT} or {FUSED_LAYOUT}"
+        )
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {config.hidden_act!r}: only silu is")
     if getattr(config, "dual_chunk_attention_config", None):

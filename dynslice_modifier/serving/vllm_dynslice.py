@@ -1,7 +1,7 @@
 """vLLM implementation of sliced checkpoints (``architectures: ["DynSliceForCausalLM"]``).
 
 The reference is ``dynslice_modifier.modeling.modeling_dynslice`` (transformers). A sliced
-model is its base decoder (Llama, Mistral, Qwen2, Qwen3) where, per layer ``l``:
+model is its base decoder (Llama, Mistral, Phi-3, Qwen2, Qwen3) where, per layer ``l``:
 
 - the residual stream read by the attention is ``attn_dims[l]`` wide, the one read by the
   MLP ``mlp_dims[l]`` wide, and the layer writes ``attn_dims[l + 1]`` (after the last layer
@@ -31,7 +31,9 @@ out, using vLLM's parallel linears (quantization, tensor parallelism), ``Attenti
 cache, backends), ``get_rope`` and ``RMSNorm`` exactly as the base architectures do; what
 an architecture's attention does differently (biases, per-head q/k norms) its adapter says
 (``dynslice_modifier.adapters``). Checkpoint names are the base model's, plus
-``model.layers.N.{attn,mlp}_shortcut.weight`` and ``model.layers.0.input_projection.weight``.
+``model.layers.N.{attn,mlp}_shortcut.weight`` and ``model.layers.0.input_projection.weight``;
+q/k/v and gate/up are stored apart or, with ``slicing.layout`` fused (Phi-3), as the one
+``qkv_proj`` and ``gate_up_proj`` the model builds anyway.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ from vllm.sequence import IntermediateTensors
 
 from dynslice_modifier.adapters import ADAPTERS
 from dynslice_modifier.modeling.configuration_dynslice import (
+    FUSED_LAYOUT,
     INPUT_PROJECTION,
     SHORTCUTS,
     DynSliceConfig,
@@ -304,11 +307,15 @@ class LinearWithShortcut(MergedColumnParallelLinear):
         self.shard_ids = [*shard_ids, "shortcut"]
         self.shortcut_size = shortcut_size
 
-    def _index(self, shard_id: Any) -> Any:
-        return self.shard_ids.index(shard_id) if isinstance(shard_id, str) else shard_id
-
     def validate_shard_id(self, shard_id: Any) -> Any:
         return super().validate_shard_id(self._index(shard_id))
+
+    def _index(self, shard_id: Any) -> Any:
+        if shard_id is None:
+            # A tensor fused on disk (Phi-3's qkv_proj, gate_up_proj) holds the projection's
+            # shards, never the shortcut, which the checkpoint stores apart.
+            return tuple(range(len(self.shard_ids) - 1))
+        return self.shard_ids.index(shard_id) if isinstance(shard_id, str) else shard_id
 
     def weight_loader(self, param: Any, loaded_weight: torch.Tensor, loaded_shard_id: Any = None):
         super().weight_loader(param, loaded_weight, self._index(loaded_shard_id))
@@ -650,6 +657,12 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         super().__init__()
         config = _dynslice_config(vllm_config)
         quant_config = vllm_config.quant_config
+        if config.slicing["layout"] == FUSED_LAYOUT:
+            # The checkpoint names the fused linears themselves (as vLLM's Phi-3 has it), in
+            # its tensors and in the quantization config's targets and ignore list.
+            self.packed_modules_mapping = {name: [name] for name in self.packed_modules_mapping}
+            if quant_config is not None:
+                quant_config.packed_modules_mapping.update(self.packed_modules_mapping)
         self.config = config
         self.quant_config = quant_config
         self.model = DynSliceModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
