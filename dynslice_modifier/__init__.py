@@ -2,7 +2,8 @@
 
 ``import dynslice_modifier`` registers the sliced architecture with transformers' Auto
 classes and, where llm-compressor is installed, ``DynamicSliceModifier`` with its recipe
-factory. Serving environments (vLLM) have no llm-compressor; they get the architecture only.
+factory and sliced models' layer mappings with SmoothQuant and AWQ. Serving environments
+(vLLM) have no llm-compressor; they get the architecture only.
 """
 
 from importlib.util import find_spec
@@ -15,8 +16,10 @@ if find_spec("llmcompressor") is not None:
     from llmcompressor.modifiers.factory import ModifierFactory
 
     from dynslice_modifier.modifier import DynamicSliceModifier
+    from dynslice_modifier.smoothing import register_mappings
 
     ModifierFactory.register("DynamicSliceModifier", DynamicSliceModifier)
+    register_mappings()
 
 
 def __getattr__(name: str) -> Any:

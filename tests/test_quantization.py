@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 from llmcompressor.recipe import Recipe
 from safetensors.torch import load_file, save_file
+from tiny import calib_batches, tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -431,3 +433,47 @@ def test_a_sliced_head_may_take_groups_that_do_not_divide_hidden_size(tmp_path):
     recipe = [DynamicSliceModifier(sparsity=0.25), GPTQModifier(targets="Linear", scheme="W4A16")]
     with pytest.raises(AllocationError, match=r"lm_head \(320\)"):
         one_pass(model_dir, recipe)
+
+
+def test_smoothquant_scales_the_norms_of_a_sliced_phi3(tmp_path):
+    # SmoothQuant looks its mappings up by class name; the default ones name q/k/v and
+    # gate/up apart and match nothing in Phi-3, so resolving them would fail.
+    dense = save_tiny(tmp_path / "in", "phi3", True, hidden=256, layers=2)
+    slicer = DynamicSliceModifier(sparsity=0.25, slicing_base=0.1, profitable_only=False)
+    smooth = SmoothQuantModifier(smoothing_strength=0.8)
+    gptq = GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])
+    model = one_pass(dense, [slicer, smooth, gptq], tmp_path / "out")
+    for layer in model.model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            assert not torch.all(norm.weight == 1), "a norm SmoothQuant should have scaled"
+    spec = json.loads((tmp_path / "out" / "config.json").read_text())["slicing"]
+    assert spec["unit_norms"] is False
+    with torch.no_grad():
+        expected = model(IDS).logits
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(IDS).logits
+    torch.testing.assert_close(reloaded, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "qwen2"])
+def test_smoothing_mappings_of_a_sliced_model_name_its_modules(arch):
+    # AWQ cannot run here (it pins memory for an accelerator), so its mappings are checked
+    # as it resolves them: every name in every mapping must match a module of the sliced
+    # model, as the base architecture's do in the dense one.
+    from compressed_tensors.utils import match_named_modules
+    from llmcompressor.modifiers.transform.awq.dynamic_mappings import (
+        get_layer_mappings_from_model as awq_mappings,
+    )
+    from llmcompressor.modifiers.transform.smoothquant.dynamic_mappings import (
+        get_layer_mappings_from_model as smoothquant_mappings,
+    )
+
+    model = tiny_model(arch, True)
+    state = SimpleNamespace(model=model, data=SimpleNamespace(calib=calib_batches()))
+    assert DynamicSliceModifier(sparsity=0.25, round_to=8).on_initialize(state)
+    assert isinstance(model, DynSliceForCausalLM)
+    names = [[m.smooth_layer, *m.balance_layers] for m in awq_mappings(model)] + [
+        [m.smooth_layers, *m.balance_layers] for m in smoothquant_mappings(model)
+    ]
+    for targets in names:
+        for target in targets:
+            assert list(match_named_modules(model, [target])), f"{target} matches nothing"
