@@ -35,6 +35,12 @@ class _LayerCost:
     fixed: int  # whatever slicing does not touch (e.g. Qwen3's q/k norms)
 
 
+def head_sliced(slice_head: bool, last_whole: bool) -> bool:
+    """Whether the head reads a sliced basis (``slice_head``): a whole last layer has none
+    to hand it. The slicer and the parameter count both ask here."""
+    return slice_head and not last_whole
+
+
 class ParameterCounter:
     """Exact parameter count of the sliced model for any widths, from the *dense* model.
 
@@ -156,8 +162,7 @@ class ParameterCounter:
         return self._layer(len(self.layers) - 1, width, out, whole, not sliced_head)
 
     def head_sliced(self, last_whole: bool) -> bool:
-        """Whether the head reads a sliced basis: a whole last layer has none to hand it."""
-        return self.slice_head and not last_whole
+        return head_sliced(self.slice_head, last_whole)
 
     def _table(self, width: int, whole: bool) -> int:
         """The embedding table, and a tied one's input projection into layer 0's basis."""

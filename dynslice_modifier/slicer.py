@@ -46,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dynslice_modifier.adapters import ModelAdapter
+from dynslice_modifier.budget import head_sliced
 from dynslice_modifier.calibration import (
     LayerInputs,
     check_finite,
@@ -212,8 +213,7 @@ class RotateAndSlice:
         self.dims = dims
         # Whole layers keep full width in the original basis (see ParameterCounter.whole_layers).
         self.whole = whole or [False] * len(dims)
-        # A whole last layer has nothing narrower to hand the head.
-        self.slice_head = slice_head and not self.whole[-1]
+        self.slice_head = head_sliced(slice_head, self.whole[-1])
         self.device = device
         self.basis = basis
         self.hidden_size = model.config.hidden_size
