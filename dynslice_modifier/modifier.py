@@ -48,6 +48,7 @@ from dynslice_modifier.quantization import (
     shortcut_probe,
 )
 from dynslice_modifier.redundancy import redundancy_scores
+from dynslice_modifier.rotate import fold_multipliers
 from dynslice_modifier.slicer import (
     RotateAndSlice,
     SlicingResult,
@@ -412,6 +413,9 @@ class DynamicSliceModifier(Modifier):
         elif explicit is None:
             check_sparsity_fits(self.sparsity, max_sparsity)
 
+        folded = fold_multipliers(model, adapter, device)
+        if folded:
+            logger.info(f"Folded {', '.join(folded)} into the weights (recorded as 1.0)")
         inputs = self._capture(model, layers[0], state.data.calib, hidden, device)
 
         scores = self.layer_scores

@@ -14,7 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dynslice_modifier.calibration import trainable
+from dynslice_modifier.adapters import ModelAdapter
+from dynslice_modifier.calibration import onloaded, trainable
 
 # Rows (or columns) per float64 product: a vocabulary-sized table or a wide projection is
 # never copied whole in float64 on the compute device.
@@ -77,6 +78,46 @@ def rotate_output(linear: nn.Linear, basis: torch.Tensor) -> None:
             bias.detach().to(linear.bias.device, linear.bias.dtype),
             requires_grad=trainable(linear, "bias"),
         )
+
+
+def scale_parameters(module: nn.Module, factor: float, names: tuple[str, ...]) -> None:
+    """Multiply those of ``module``'s parameters ``names`` it has by ``factor``, in float64,
+    rounded to their dtype once."""
+    for name in names:
+        old = getattr(module, name, None)
+        if old is None:
+            continue
+        new = (old.detach().to(torch.float64) * factor).to(old.dtype)
+        setattr(module, name, nn.Parameter(new, requires_grad=trainable(module, name)))
+
+
+def fold_multipliers(model: nn.Module, adapter: ModelAdapter, device: torch.device) -> list[str]:
+    """Fold the config's scalar on every sublayer's output and on the logits (Granite's
+    ``residual_multiplier``, ``logits_scaling``) into the weights that produce them, and set
+    both to 1.0; the names of those that were not 1.0. The function is unchanged, but the
+    slicer sums each residual connection itself and the sliced model applies neither."""
+    folded = []
+    config = model.config
+    key = adapter.output_multiplier
+    if key is not None and getattr(config, key) != 1.0:
+        factor = float(getattr(config, key))
+        for layer in adapter.layers(model):
+            with onloaded(layer, device), torch.no_grad():
+                for linear in (adapter.attn_output(layer), adapter.mlp_output(layer)):
+                    scale_parameters(linear, factor, ("weight", "bias"))
+            if hasattr(layer, key):  # the base layer's own copy, which its forward reads
+                setattr(layer, key, 1.0)
+        setattr(config, key, 1.0)
+        folded.append(key)
+    key = adapter.logits_divisor
+    if key is not None and getattr(config, key) != 1.0:
+        norm = adapter.final_norm(model)
+        # The final norm's scale reaches the logits through the head alone.
+        with onloaded(norm, device), torch.no_grad():
+            scale_parameters(norm, 1.0 / float(getattr(config, key)), ("weight",))
+        setattr(config, key, 1.0)
+        folded.append(key)
+    return folded
 
 
 def rotate_embedding(embedding: nn.Embedding, basis: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ from dynslice_modifier.slicer import count_parameters
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("basis", ["sublayer", "layer"])
 @pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("arch", ["llama", "phi3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["granite", "llama", "phi3", "qwen2", "qwen3"])
 def test_predicted_count_matches_the_sliced_model(tmp_path, arch, tied, basis, aligned):
     model = tiny_model(arch, tied, layers=4)
     # Layers 1 and 2 keep full width (64) but are rotated: aligned, they share one basis.

@@ -375,7 +375,7 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     message = str(err.value)
     assert "GemmaForCausalLM" in message and "(1 + weight)" in message
     assert "adapters/" in message
-    for supported in ("llama", "mistral", "phi3", "qwen2", "qwen3"):
+    for supported in ("granite", "llama", "mistral", "phi3", "qwen2", "qwen3"):
         assert supported in message
 
 

@@ -249,3 +249,11 @@ def test_a_checkpoint_that_is_no_causal_lm_is_refused(tiny_dir, no_calibration):
     (tiny_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match="is a LlamaForSequenceClassification, not"):
         run_oneshot(tiny_dir, RECIPE)
+
+
+@pytest.mark.parametrize("key", ["residual_multiplier", "logits_scaling"])
+def test_an_unfolded_granite_scalar_is_refused(sliced_config, key):
+    # The slicer folds them into the weights and records 1.0; no sliced model applies them.
+    config = copy.deepcopy(sliced_config) | {key: 4.0}
+    with pytest.raises(SlicingConfigError, match=f"{key} in config.json must be 1.0"):
+        DynSliceForCausalLM(DynSliceConfig.from_dict(config))

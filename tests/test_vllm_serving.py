@@ -188,6 +188,9 @@ CASES = [
         quantize_shortcuts=True,
         shortcut_scheme="W8A8",
     ),
+    # Granite's embedding and attention multipliers, applied by the model file; its residual
+    # and logits multipliers, folded into the weights (the final norm's, for a tied head).
+    Case("granite-tied-sublayer", "granite", tied=True, basis="sublayer"),
     # Phi-3 stores q/k/v and gate/up fused, and so does its sliced checkpoint: vLLM loads
     # each fused tensor into the projection's shards, before the shortcut fused after them.
     Case("phi3-untied-layer", "phi3", tied=False, basis="layer"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -16,7 +18,15 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+# Granite's four scalars, none of them 1 or its default elsewhere (1 / sqrt(head_dim)).
+GRANITE_SCALARS = {
+    "embedding_multiplier": 2.0,
+    "residual_multiplier": 0.5,
+    "attention_multiplier": 0.2,
+    "logits_scaling": 4.0,
+}
 ARCHS = {
+    "granite": (GraniteConfig, GraniteForCausalLM, GRANITE_SCALARS),
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 16}),
     # Phi3Config's default special tokens (32000) lie outside the tiny vocabulary.

@@ -1,7 +1,7 @@
 """Architecture adapters. Slicing and serving a new pre-norm architecture is adding one module
 here: its layout for the slicer (``PRE_NORM_LAYOUT``, or ``FUSED_LAYOUT`` where q/k/v and
 gate/up are one linear each), and for the vLLM model file how its attention differs from
-Llama's (``ModelAdapter.fixed_attention_biases``, ``head_norms``)."""
+Llama's (``ModelAdapter.fixed_attention_biases``, ``head_norms``, the multipliers)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,20 @@ from typing import Any
 
 from torch import nn
 
-from dynslice_modifier.adapters import llama, mistral, phi3, qwen2, qwen3
+from dynslice_modifier.adapters import granite, llama, mistral, phi3, qwen2, qwen3
 from dynslice_modifier.adapters.base import PRE_NORM_LAYOUT, ModelAdapter
 from dynslice_modifier.errors import UnsupportedModelError
 
 ADAPTERS: dict[str, ModelAdapter] = {
     a.model_type: a
-    for a in (llama.ADAPTER, mistral.ADAPTER, phi3.ADAPTER, qwen2.ADAPTER, qwen3.ADAPTER)
+    for a in (
+        granite.ADAPTER,
+        llama.ADAPTER,
+        mistral.ADAPTER,
+        phi3.ADAPTER,
+        qwen2.ADAPTER,
+        qwen3.ADAPTER,
+    )
 }
 
 # Architectures users ask about, and why they are refused: either SliceGPT's rotation cannot
@@ -39,8 +46,6 @@ NOT_SUPPORTED: dict[str, str] = {
         "in a mixture of experts the router and every expert read the residual stream; not "
         "implemented",
     ),
-    "granite": "Granite scales the embeddings, the residual branches and the logits by "
-    "multipliers; not implemented",
 }
 
 

@@ -31,6 +31,15 @@ class ModelAdapter:
     fixed_attention_biases: tuple[bool, bool] | None = None
     # An RMSNorm over each head of q and of k, before the rotary embedding.
     head_norms: bool = False
+    # Names of config fields that scale, as Granite's do: every sublayer's output before it
+    # joins the residual stream, and the logits (a divisor); the slicer folds both into the
+    # weights first and records 1.0, so the sliced model applies neither. The looked-up
+    # embeddings, and attention scores instead of 1 / sqrt(head_dim): the vLLM model file
+    # applies these (transformers' base modules read them from the config).
+    output_multiplier: str | None = None
+    logits_divisor: str | None = None
+    embedding_multiplier: str | None = None
+    attention_multiplier: str | None = None
 
     def attention_biases(self, config: Any) -> tuple[bool, bool]:
         """Whether (q/k/v, o_proj) have biases in a model of ``config``."""
@@ -38,6 +47,18 @@ class ModelAdapter:
             return self.fixed_attention_biases
         bias = bool(getattr(config, "attention_bias", False))
         return bias, bias
+
+    def attention_scale(self, config: Any, head_dim: int) -> float:
+        """What attention scores are multiplied by in a model of ``config``."""
+        if self.attention_multiplier is not None:
+            return float(getattr(config, self.attention_multiplier))
+        return head_dim**-0.5
+
+    def embedding_scale(self, config: Any) -> float:
+        """What looked-up embeddings are multiplied by in a model of ``config``."""
+        if self.embedding_multiplier is not None:
+            return float(getattr(config, self.embedding_multiplier))
+        return 1.0
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers

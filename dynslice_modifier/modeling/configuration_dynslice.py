@@ -40,6 +40,8 @@ FUSED_LAYOUT: dict[str, Any] = PRE_NORM_LAYOUT | {
     "mlp_inputs": ["gate_up_proj"],
 }
 _LAYOUT_KEYS = tuple(PRE_NORM_LAYOUT)
+# Base-config scalars folded into the weights by slicing (Granite's; ModelAdapter names them).
+_FOLDED_SCALARS = ("residual_multiplier", "logits_scaling")
 
 # Module names, inside a sliced decoder layer, of the residual stream's changes of basis:
 # around attention and around the MLP, and layer 0's projection of the tied table.
@@ -318,4 +320,13 @@ class DynSliceConfig(PretrainedConfig):
                 f"tie_word_embeddings is true, but slicing.{' and slicing.'.join(sliced)} say "
                 "the table and the head were sliced apart, so they are different matrices; "
                 "set tie_word_embeddings to false in config.json"
+            )
+        # Granite's scalars on sublayer outputs and logits: the slicer folds them into the
+        # weights, and no reader of a sliced model applies them.
+        unfolded = [k for k in _FOLDED_SCALARS if getattr(self, k, 1.0) != 1.0]
+        if unfolded:
+            raise SlicingConfigError(
+                f"{' and '.join(unfolded)} in config.json must be 1.0 in a sliced model: the "
+                "slicer folds them into the weights, and a sliced model does not apply them; "
+                "config.json was edited, set them back to 1.0"
             )

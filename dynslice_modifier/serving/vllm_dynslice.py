@@ -190,7 +190,7 @@ class SlicedAttention(nn.Module):
         self.attn = Attention(
             self.num_heads,
             self.head_dim,
-            self.head_dim**-0.5,
+            adapter.attention_scale(config, self.head_dim),
             num_kv_heads=self.num_kv_heads,
             cache_config=cache_config,
             quant_config=quant_config,
@@ -571,6 +571,8 @@ class DynSliceModel(nn.Module):
         quant_config = vllm_config.quant_config
         self.config = config
         self.quant_config = quant_config
+        # Granite's embedding_multiplier, on looked-up and given embeddings alike.
+        self.embedding_scale = ADAPTERS[config.base_model_type].embedding_scale(config)
         embed_dim = _embedding_width(config)
         if vllm_config.model_config.enable_prompt_embeds and config.slicing["embedding_sliced"]:
             # User embeddings come in the original basis at hidden_size; the first layer
@@ -625,6 +627,8 @@ class DynSliceModel(nn.Module):
             else:
                 assert input_ids is not None
                 hidden_states = self.embed_input_ids(input_ids)
+            if self.embedding_scale != 1.0:
+                hidden_states = hidden_states * self.embedding_scale
         else:
             assert intermediate_tensors is not None
             hidden_states = intermediate_tensors["hidden_states"]
