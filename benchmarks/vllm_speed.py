@@ -1,7 +1,8 @@
 """Decode speed of dense and sliced SmolLM2 checkpoints in vLLM (CPU build here).
 
 Run with the serving environment (it needs vLLM, not llm-compressor), after
-``benchmarks/quantized.py`` has written the checkpoints under ``out/bench``::
+``benchmarks/quantized.py`` (and, for the "SmolLM2 as ..." rows,
+``benchmarks/architectures.py``) has written the checkpoints under ``out/bench``::
 
     .venv-serve/bin/python benchmarks/vllm_speed.py
 
@@ -83,6 +84,11 @@ MODELS = {
         BENCH / "sliced-aligned-w4a16-g64-qs",
         "bfloat16",
     ),
+    # benchmarks/architectures.py: SmolLM2 written as each architecture, sliced alike.
+    **{
+        f"SmolLM2 as {label}, sliced, float32": (BENCH / f"arch-{name}", "float32")
+        for name, label in (("llama", "Llama"), ("phi3", "Phi-3"), ("granite", "Granite"))
+    },
 }
 
 
@@ -132,10 +138,11 @@ def checkpoint_flags(args: argparse.Namespace) -> list[str]:
 
 def worker_command(script: str, name: str, args: argparse.Namespace) -> list[str] | None:
     """The command that measures MODELS[name] with ``script`` in a process of its own, or
-    None (said on stdout) when benchmarks/quantized.py has not written the checkpoint."""
+    None (said on stdout) when the benchmark that writes the checkpoint has not run."""
     path, _ = checkpoint(name, args.rounding, args.hadamard)
     if not (path / "config.json").exists():
-        print(f"skip {name}: {path} missing (run benchmarks/quantized.py first)")
+        writer = "architectures" if path.name.startswith("arch-") else "quantized"
+        print(f"skip {name}: {path} missing (run benchmarks/{writer}.py first)")
         return None
     return [sys.executable, script, "--worker", name, *checkpoint_flags(args)]
 

@@ -24,7 +24,6 @@ from dynslice_modifier.calibration import (
     stored_parameters,
 )
 from dynslice_modifier.modeling.configuration_dynslice import (
-    FUSED_LAYOUT,
     DynSliceConfig,
     format_version,
 )
@@ -62,8 +61,8 @@ def convert_to_sliced(
             quantizable_shortcuts,
             deltas,
             result.final_dim is not None,
+            old_config.model_type,
             projection_dropped=not result.embedding_sliced and result.input_projection is None,
-            fused_layout=adapter.layout == FUSED_LAYOUT,
         ),
         "attn_dims": result.attn_dims,
         "mlp_dims": result.mlp_dims,

@@ -14,7 +14,7 @@ from llmcompressor.utils.dev import get_main_device
 from loguru import logger
 from pydantic import PrivateAttr, field_validator, model_validator
 
-from dynslice_modifier.adapters import get_adapter, mark_partly_sliced
+from dynslice_modifier.adapters import changing_in_place, get_adapter
 from dynslice_modifier.allocation import (
     DEFAULT_ROUND_TO,
     Rounding,
@@ -413,7 +413,10 @@ class DynamicSliceModifier(Modifier):
         elif explicit is None:
             check_sparsity_fits(self.sparsity, max_sparsity)
 
-        folded = fold_multipliers(model, adapter, device)
+        # Folding keeps the function, so a run refused after it leaves a model that computes
+        # what it did; one that fails midway leaves some layers scaled.
+        with changing_in_place(model, "scaled"):
+            folded = fold_multipliers(model, adapter, device)
         if folded:
             logger.info(f"Folded {', '.join(folded)} into the weights (recorded as 1.0)")
         inputs = self._capture(model, layers[0], state.data.calib, hidden, device)
@@ -511,8 +514,8 @@ class DynamicSliceModifier(Modifier):
         logger.info(f"Kept residual widths: {dims}")
 
         # Untied only now, when the model is about to change: every check above may still
-        # refuse the run and leave the caller's model as it came.
-        try:
+        # refuse the run and leave the caller's model computing what it did.
+        with changing_in_place(model, "rotated and sliced"):
             if not keep_tied:
                 untie_head(model)
             slicer = self._slicer(model, adapter, dims, whole, device, keep_tied)
@@ -543,15 +546,6 @@ class DynamicSliceModifier(Modifier):
                 provenance,
                 quantizable_shortcuts=self._shortcuts_quantized(result, layer_names, others),
             )
-        except BaseException as err:
-            # Layers up to the failing one are rotated and cut in place; the object keeps
-            # its dense class and config, so nothing may take it for the model it was.
-            mark_partly_sliced(model)
-            err.add_note(
-                "DynamicSliceModifier had already rotated and sliced part of this model "
-                "object in place; load the model again from disk before retrying"
-            )
-            raise
         sliced_params = count_parameters(model)
         model.config.slicing["parameters"] = {"dense": dense_params, "sliced": sliced_params}
         mean_slice = 1.0 - sum(dims) / (len(dims) * hidden)

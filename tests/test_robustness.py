@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import calib_dataset
+from conftest import calib_dataset, save_tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_modifier import RECIPE, run_oneshot
@@ -75,11 +75,6 @@ def sliced_config() -> dict:
             r"does not declare: \['9.attn_shortcut'\]",
         ),
         (lambda s: s.pop("layout"), "layout"),
-        # Plugins before format 6 would refuse Phi-3's layout without asking for an upgrade.
-        (
-            lambda s: s["layout"].update(attn_inputs=["qkv_proj"], mlp_inputs=["gate_up_proj"]),
-            "the fused one .* set format_version to 6",
-        ),
         (lambda s: s.__setitem__("format_version", 99), "upgrade dynslice-modifier"),
         (lambda s: s.pop("format_version"), "is None, not a version number"),
         (lambda s: s.__setitem__("format_version", True), "is True, not a version number"),
@@ -224,7 +219,42 @@ def test_a_failed_slicing_run_marks_the_model_object_it_changed(tiny_dir, monkey
     monkeypatch.setattr(dynslice_modifier.slicer, "check_finite", check)
     reset_session()
     recipe = [DynamicSliceModifier(sparsity=0.25, slicing_base=0.25, round_to=8)]
-    with pytest.raises(UnsupportedModelError, match="partly rotated and sliced in place"):
+    with pytest.raises(UnsupportedModelError, match="partly changed in place"):
+        oneshot(model=model, recipe=recipe, **kwargs)
+
+
+def test_a_fold_that_fails_midway_marks_the_model_object(tmp_path, monkeypatch):
+    # Granite's residual_multiplier is folded layer by layer before calibration: a failure
+    # after layer 0 leaves a model whose config no longer matches its weights.
+    from llmcompressor import oneshot
+    from llmcompressor.core import reset_session
+
+    import dynslice_modifier.rotate
+    from dynslice_modifier import DynamicSliceModifier
+    from dynslice_modifier.errors import UnsupportedModelError
+
+    scale = dynslice_modifier.rotate.scale_parameters
+    calls = []
+
+    def out_of_memory_at_layer_1(module, factor, names):
+        calls.append(module)
+        if len(calls) > 2:  # o_proj and down_proj of layer 0 went through
+            raise MemoryError("out of memory")
+        scale(module, factor, names)
+
+    monkeypatch.setattr(dynslice_modifier.rotate, "scale_parameters", out_of_memory_at_layer_1)
+    model = AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path, "granite"))
+    down = model.model.layers[0].mlp.down_proj.weight.clone()
+    kwargs = {"dataset": calib_dataset(), "num_calibration_samples": 8, "max_seq_length": 32}
+    recipe = [DynamicSliceModifier(sparsity=0.25, round_to=8)]
+    with pytest.raises(MemoryError) as failed:
+        oneshot(model=model, recipe=recipe, **kwargs)
+    assert "already scaled part of this model" in "\n".join(failed.value.__notes__)
+    assert not torch.equal(model.model.layers[0].mlp.down_proj.weight, down)  # it did change
+    monkeypatch.setattr(dynslice_modifier.rotate, "scale_parameters", scale)
+    reset_session()
+    recipe = [DynamicSliceModifier(sparsity=0.25, round_to=8)]
+    with pytest.raises(UnsupportedModelError, match="partly changed in place"):
         oneshot(model=model, recipe=recipe, **kwargs)
 
 
@@ -249,6 +279,16 @@ def test_a_checkpoint_that_is_no_causal_lm_is_refused(tiny_dir, no_calibration):
     (tiny_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match="is a LlamaForSequenceClassification, not"):
         run_oneshot(tiny_dir, RECIPE)
+
+
+@pytest.mark.parametrize("base_model_type", ["phi3", "granite"])
+def test_an_architecture_newer_than_its_format_is_refused(sliced_config, base_model_type):
+    # Plugins before format 6 refuse these architectures without asking for an upgrade, so
+    # their checkpoints must say 6.
+    config = copy.deepcopy(sliced_config) | {"base_model_type": base_model_type}
+    config["slicing"]["format_version"] = 5
+    with pytest.raises(SlicingConfigError, match=f"predates sliced '{base_model_type}'.* to 6"):
+        DynSliceForCausalLM(DynSliceConfig.from_dict(config))
 
 
 @pytest.mark.parametrize("key", ["residual_multiplier", "logits_scaling"])

@@ -120,8 +120,8 @@ def test_rotation_only_is_exact_for_each_architectures_config_fields(variant, tm
     with torch.no_grad():
         rotated = model(ids).logits
     torch.testing.assert_close(rotated, reference, atol=2e-5, rtol=1e-5)
-    # Older vLLM plugins cannot build the fused layout: they must be asked to upgrade.
-    assert (model.config.slicing["format_version"] == 6) is (arch == "phi3")
+    # Older vLLM plugins do not serve Phi-3 or Granite: they must be asked to upgrade.
+    assert (model.config.slicing["format_version"] == 6) is (arch in ("phi3", "granite"))
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits

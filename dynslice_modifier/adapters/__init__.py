@@ -5,6 +5,8 @@ Llama's (``ModelAdapter.fixed_attention_biases``, ``head_norms``, the multiplier
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
@@ -49,20 +51,31 @@ NOT_SUPPORTED: dict[str, str] = {
 }
 
 
-# Set on a model object a failed slicing run changed in place (see ``mark_partly_sliced``).
+# Set on a model object a failed slicing run changed in place (see ``changing_in_place``).
 _PARTLY_SLICED = "_dynslice_partly_sliced"
 
 
-def mark_partly_sliced(model: nn.Module) -> None:
-    """Record that a failed run left ``model`` partly rotated and sliced in place."""
-    setattr(model, _PARTLY_SLICED, True)
+@contextmanager
+def changing_in_place(model: nn.Module, what: str) -> Iterator[None]:
+    """A step that changes ``model`` layer by layer: if it fails midway, the object keeps
+    its dense class and config over changed weights, so it is marked for ``get_adapter`` to
+    refuse, and the error says to reload it (``what``: what the step did to the weights)."""
+    try:
+        yield
+    except BaseException as err:
+        setattr(model, _PARTLY_SLICED, True)
+        err.add_note(
+            f"DynamicSliceModifier had already {what} part of this model object in place; "
+            "load the model again from disk before retrying"
+        )
+        raise
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
     """The adapter for ``model``, or an error naming the architecture and the supported ones."""
     if getattr(model, _PARTLY_SLICED, False):
         raise UnsupportedModelError(
-            f"this {type(model).__name__} object was partly rotated and sliced in place by a "
+            f"this {type(model).__name__} object was partly changed in place by a "
             "slicing run that failed; load the model again from disk and run on that"
         )
     adapter = adapter_for(getattr(model, "config", None), type(model).__name__)
@@ -115,6 +128,6 @@ __all__ = [
     "PRE_NORM_LAYOUT",
     "ModelAdapter",
     "adapter_for",
+    "changing_in_place",
     "get_adapter",
-    "mark_partly_sliced",
 ]

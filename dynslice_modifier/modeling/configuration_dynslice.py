@@ -17,10 +17,15 @@ from typing import Any
 from transformers import PretrainedConfig
 
 # 2 added ``quantizable_shortcuts``, 3 ``delta_shortcuts``, 4 ``final_dim``, 5
-# ``delta_shortcuts`` as a list (some shortcuts stored whole), 6 ``FUSED_LAYOUT``. A
+# ``delta_shortcuts`` as a list (some shortcuts stored whole), 6 Phi-3 and Granite. A
 # checkpoint records the lowest version that reads it (see ``format_version``), so older
-# readers refuse only what they would build wrongly.
+# readers refuse only what they would build wrongly or could not serve.
 SLICING_FORMAT_VERSION = 6
+
+# Base architectures added after format 1, with the first format whose readers serve them.
+# An older vLLM plugin refuses their checkpoints as "not implemented", which does not say
+# that a newer plugin serves them; written with this format, they make it ask for the upgrade.
+ARCHITECTURE_FORMATS: dict[str, int] = {"phi3": 6, "granite": 6}
 
 # Module names inside a pre-norm decoder layer as Llama and the models that copy it write
 # them. Checkpoints record their layout; this is the one the adapters and vLLM build.
@@ -116,12 +121,6 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
     layout = spec.get("layout")
     if not isinstance(layout, dict) or any(k not in layout for k in _LAYOUT_KEYS):
         raise SlicingConfigError(f"slicing.layout must name all of {list(_LAYOUT_KEYS)}")
-    if layout == FUSED_LAYOUT and version < 6:
-        raise SlicingConfigError(
-            f"slicing.layout is the fused one (qkv_proj, gate_up_proj), which format {version} "
-            "cannot say; config.json was edited: set format_version to 6, or re-save the "
-            "sliced model"
-        )
     if spec.get("embedding_sliced") not in (True, False):
         raise SlicingConfigError("slicing.embedding_sliced must be true or false")
     for key in ("input_projection", "quantizable_shortcuts", "unit_norms"):
@@ -196,26 +195,25 @@ def format_version(
     quantizable_shortcuts: bool,
     deltas: bool | list[str],
     head_sliced: bool,
+    base_model_type: str,
     projection_dropped: bool = False,
-    fused_layout: bool = False,
 ) -> int:
     """The version a checkpoint is written with: the first one that can read it.
 
     ``projection_dropped``: a tied table read without an input projection (layer 0 left
     whole), which ``input_projection: false`` says; readers older than format 2 would
     build the projection anyway and serve it uninitialised.
-    ``fused_layout``: ``FUSED_LAYOUT``, whose checkpoints vLLM plugins before format 6 refuse
-    as an unknown layout instead of asking for an upgrade.
+    ``base_model_type``: at least its entry in ``ARCHITECTURE_FORMATS``.
     """
-    if fused_layout:
-        return 6
     if isinstance(deltas, list):
-        return 5
-    if head_sliced:
-        return 4
-    if deltas:
-        return 3
-    return 2 if quantizable_shortcuts or projection_dropped else 1
+        version = 5
+    elif head_sliced:
+        version = 4
+    elif deltas:
+        version = 3
+    else:
+        version = 2 if quantizable_shortcuts or projection_dropped else 1
+    return max(version, ARCHITECTURE_FORMATS.get(base_model_type, 1))
 
 
 def _require_vllm_plugin() -> None:
@@ -301,6 +299,13 @@ class DynSliceConfig(PretrainedConfig):
                 "config.json does; load one with from_pretrained"
             )
         validate_slicing(self.slicing, self.hidden_size, self.num_hidden_layers)
+        needed = ARCHITECTURE_FORMATS.get(self.base_model_type, 1)
+        if self.slicing["format_version"] < needed:
+            raise SlicingConfigError(
+                f"slicing.format_version {self.slicing['format_version']} predates sliced "
+                f"{self.base_model_type!r} models (format {needed}); config.json was edited: "
+                f"set format_version to {needed}, or re-save the sliced model"
+            )
         sliced = [key for key in ("embedding_sliced", "final_dim") if self.slicing.get(key)]
         if (
             self.tie_word_embeddings

@@ -282,8 +282,9 @@ class LinearWithShortcut(MergedColumnParallelLinear):
     activation quantization, so the layer runs the GEMM on ``norm(x)`` and multiplies the
     shortcut's columns by ``rms(x)`` afterwards: those are as many as the residual is wide,
     fewer than the projection's (q/k/v, or twice the MLP's intermediate size), and the
-    projection then reads exactly what the unfused path gives it. The checkpoint keeps
-    separate tensors: the projection's shards load under their usual ids, the shortcut's
+    projection then reads exactly what the unfused path gives it. The checkpoint keeps the
+    shortcut apart: the projection's tensors load under their usual shard ids (all of them at
+    once where the checkpoint stores the projection fused, as Phi-3's do), the shortcut's
     (through ``FusedShortcut``) as ``"shortcut"``.
     The class name keeps "Linear": compressed-tensors matches ``targets: Linear`` by it.
     """
@@ -640,7 +641,8 @@ class DynSliceModel(nn.Module):
 
 
 class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
-    # Checkpoints keep q/k/v and gate/up as separate tensors; vLLM stacks them.
+    # Checkpoints of the pre-norm layout keep q/k/v and gate/up as separate tensors, which
+    # vLLM stacks; fused-layout ones already store them stacked, under the stacked names.
     hf_to_vllm_mapper = WeightsMapper(
         orig_to_new_stacked={
             ".q_proj": (".qkv_proj", "q"),
