@@ -278,10 +278,10 @@ def write_tables(rows: list[dict]) -> None:
         "SmolLM2-135M, WikiText-2 protocol (64x512 calibration, 32x1024 evaluation), float32, "
         "2 CPU cores. Produced by `python benchmarks/perplexity.py`. Rounding (dynamic rows): "
         "how widths became multiples of 16, `mean` (the default: the realised mean slice "
-        "is SP) or `nearest` (`--rounding nearest`, each width on its own, as before `mean` "
-        "existed); constant slicing rounds the same either way.\n\n"
-        + "\n".join(sp_table(by_sp))
-        + "\n"
+        "is SP), `spectrum` (`--rounding spectrum`: the same mean slice, layers rounded up "
+        "by the share of their input's signal the step keeps) or `nearest` (`--rounding "
+        "nearest`, each width on its own, as before `mean` existed); constant rows are "
+        "rounded by `mean`.\n\n" + "\n".join(sp_table(by_sp)) + "\n"
     )
     if by_size:
         text += "\n## Equal size (target_params)\n\n" + "\n".join(size_table(by_size)) + "\n"

@@ -14,7 +14,8 @@ SP and SB are fixed: rows, checkpoint names and the table are keyed by model, sc
 rounding only.
 
 ``--rounding nearest`` slices as before ``rounding: mean`` became the default (each width
-rounded on its own); its checkpoints get a ``-nearest`` suffix.
+rounded on its own), ``--rounding spectrum`` picks the layers rounded up by their signal;
+their checkpoints get the rounding as a suffix.
 """
 
 from __future__ import annotations
@@ -162,6 +163,10 @@ def checkpoint_name(row: dict) -> str:
     return rounded_name(f"{row['model']}-{row['scheme']}", row.get("rounding"))
 
 
+# Within a model, the default rounding's rows first.
+ROUNDING_ORDER = ["mean", "spectrum", "nearest"]
+
+
 def write_table(rows: list[dict]) -> None:
     # Each row against the float model of the same widths.
     base = {
@@ -190,7 +195,7 @@ def write_table(rows: list[dict]) -> None:
         rows,
         key=lambda r: (
             models.index(r["model"]),
-            r.get("rounding") == "nearest",
+            ROUNDING_ORDER.index(r.get("rounding", "mean")),
             list(SCHEMES).index(r["scheme"]),
         ),
     )
@@ -217,9 +222,10 @@ def write_table(rows: list[dict]) -> None:
         "(the tied table) stays unquantized, except in `-head` rows (untied, int8). vs "
         "unquantized: against the float model of the same widths (`none-g64` for the -g64 "
         "rows, whose widths are multiples of 64). Rounding: how the widths became multiples "
-        "of the step (16, or the group size), `mean` (the default, realised mean slice at SP) "
-        "or `nearest` (`--rounding nearest`: each width on its own, as before `mean` "
-        "existed).\n\n" + "\n".join(lines) + "\n"
+        "of the step (16, or the group size), `mean` (the default, realised mean slice at SP), "
+        "`spectrum` (`--rounding spectrum`: the same mean slice, layers rounded up by the "
+        "share of their input's signal the step keeps) or `nearest` (`--rounding nearest`: "
+        "each width on its own, as before `mean` existed).\n\n" + "\n".join(lines) + "\n"
     )
 
 

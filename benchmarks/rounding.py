@@ -16,5 +16,5 @@ def add_rounding_argument(parser: argparse.ArgumentParser, help: str) -> None:
 
 def rounded_name(name: str, rounding: str | None) -> str:
     """A sliced checkpoint's directory name: the default (mean) rounding's plain, the
-    ``nearest`` one's beside it with a suffix."""
-    return f"{name}-nearest" if rounding == "nearest" else name
+    others' beside it with the rounding as a suffix."""
+    return name if rounding in (None, "mean") else f"{name}-{rounding}"

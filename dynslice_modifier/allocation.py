@@ -5,7 +5,8 @@ normalised scores (more redundant -> sliced more) and scaled so the mean slice o
 is SP. Fractions are then clamped to what the hidden size allows (the excess is handed to
 the other layers so the mean is kept) and each width is rounded to a multiple of
 ``round_to``, by default so that the widths still add up to the budget (``rounding:
-mean``). SB == SP gives every layer the same width: plain SliceGPT.
+mean``; ``spectrum`` also keeps the sum but picks the layers to round up by their signal).
+SB == SP gives every layer the same width: plain SliceGPT.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from dynslice_modifier.errors import AllocationError
 
 Normalization = Literal["minmax", "rank"]
-Rounding = Literal["mean", "nearest"]
+Rounding = Literal["mean", "nearest", "spectrum"]
 
 # Widths in multiples of 16 keep vectorised GEMM kernels on their fast paths.
 DEFAULT_ROUND_TO = 16
@@ -102,7 +103,11 @@ def slice_fractions(
 
 
 def round_dims(
-    hidden_size: int, fractions: np.ndarray, round_to: int, rounding: Rounding = "mean"
+    hidden_size: int,
+    fractions: np.ndarray,
+    round_to: int,
+    rounding: Rounding = "mean",
+    spectra: Sequence[Sequence[float]] | None = None,
 ) -> list[int]:
     """Kept widths, each a multiple of ``round_to`` in [round_to, hidden_size].
 
@@ -117,19 +122,29 @@ def round_dims(
     Layers with equal targets are rounded together, so constant slicing stays constant
     (the sum can then miss by more), and a more redundant layer never ends up wider than a
     less redundant one.
+
+    ``spectrum`` keeps the sum as ``mean`` does, but rounds up first the layers whose next
+    step holds the largest share of their input's signal: ``spectra[l]`` are the
+    eigenvalues of layer ``l``'s input second moment in the unsliced model, and the share of
+    their sum that a width drops is the relative error the next norm passes on. Remainders,
+    redundancy order and equal widths are not kept: a layer may end up to one step above
+    its target, or below a more redundant one.
     """
     _check_round_to(round_to, hidden_size)
     if rounding not in get_args(Rounding):
-        raise AllocationError(f"rounding must be 'mean' or 'nearest', got {rounding!r}")
+        raise AllocationError(f"rounding must be 'mean', 'nearest' or 'spectrum', got {rounding!r}")
     targets = hidden_size * (1.0 - np.asarray(fractions, dtype=np.float64))
     steps = targets / round_to
     widest = hidden_size - hidden_size % round_to
+    # The tolerance keeps a width that is a whole number of steps up to float error from
+    # being floored one step short.
+    floors = np.floor(steps + 1e-9) * round_to
     if rounding == "nearest":
         dims = np.minimum(np.floor(steps + 0.5) * round_to, widest)
+    elif rounding == "spectrum":
+        dims = _keep_sum_by_signal(targets, floors, round_to, widest, spectra)
     else:
-        # The tolerance keeps a width that is a whole number of steps up to float error
-        # from being floored one step short.
-        dims = _keep_sum(targets, np.floor(steps + 1e-9) * round_to, round_to, widest)
+        dims = _keep_sum(targets, floors, round_to, widest)
     for layer, dim in enumerate(dims):
         if dim <= 0:
             raise AllocationError(
@@ -165,6 +180,37 @@ def _keep_sum(targets: np.ndarray, floors: np.ndarray, step: int, cap: int) -> n
     return dims
 
 
+def _keep_sum_by_signal(
+    targets: np.ndarray,
+    floors: np.ndarray,
+    step: int,
+    cap: int,
+    spectra: Sequence[Sequence[float]] | None,
+) -> np.ndarray:
+    """Raise floored widths by a step, the layer whose step keeps the largest share of its
+    input's signal first, while the total gets closer to the targets'."""
+    if spectra is None or len(spectra) != len(targets):
+        raise AllocationError(
+            "rounding 'spectrum' needs one eigenvalue spectrum per layer (the modifier "
+            "gathers them in its pass over the unsliced model); use 'mean' without them"
+        )
+    shares = []
+    for spectrum, floor in zip(spectra, floors.astype(int), strict=True):
+        eigenvalues = np.clip(np.asarray(spectrum, dtype=np.float64), 0.0, None)
+        total = eigenvalues.sum()
+        shares.append(eigenvalues[floor : floor + step].sum() / total if total > 0 else 0.0)
+    dims = floors.copy()
+    goal = float(targets.sum())
+    for layer in np.argsort(-np.asarray(shares), kind="stable"):
+        if dims[layer] + step > cap:
+            continue
+        total = float(dims.sum())
+        if abs(total + step - goal) > abs(total - goal):
+            break
+        dims[layer] += step
+    return dims
+
+
 def _check_round_to(round_to: int, hidden_size: int) -> None:
     if not 1 <= round_to <= hidden_size:
         raise AllocationError(f"round_to must be in [1, hidden_size={hidden_size}], got {round_to}")
@@ -178,13 +224,15 @@ def allocate_dims(
     round_to: int,
     normalization: Normalization = "minmax",
     rounding: Rounding = "mean",
+    spectra: Sequence[Sequence[float]] | None = None,
 ) -> list[int]:
     """Residual width of every layer. The realised mean slice is within half a step of SP;
-    with ``mean`` rounding the *sum* of widths is, unless equal widths move together."""
+    with ``mean`` rounding the *sum* of widths is, unless equal widths move together, and
+    with ``spectrum`` (which reads ``spectra``, see ``round_dims``) it is."""
     _check_round_to(round_to, hidden_size)
     max_slice = 1.0 - round_to / hidden_size
     fractions = slice_fractions(scores, sparsity, slicing_base, max_slice, normalization)
-    return round_dims(hidden_size, fractions, round_to, rounding)
+    return round_dims(hidden_size, fractions, round_to, rounding, spectra)
 
 
 def check_explicit_dims(dims: Sequence[int], hidden_size: int, num_layers: int) -> list[int]:

@@ -492,7 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     _slicer_flag(
         p,
         "rounding",
-        "round widths keeping the mean slice at SP, or each to its nearest",
+        "round widths keeping the mean slice at SP (mean: largest remainders up; spectrum: "
+        "the layers whose next step keeps most of their input's signal up), or each to its "
+        "nearest",
         choices=get_args(Rounding),
     )
     _slicer_flag(

@@ -61,3 +61,10 @@ def principal_basis(cov: CovarianceAccumulator, where: str) -> tuple[torch.Tenso
     eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
     order = torch.argsort(eigenvalues, descending=True)
     return eigenvalues[order], eigenvectors[:, order]
+
+
+def signal_spectrum(cov: CovarianceAccumulator, where: str) -> list[float]:
+    """Eigenvalues of ``cov``, descending: how the signal's energy spreads over its
+    principal directions (``rounding: spectrum`` weighs widths by them)."""
+    eigenvalues, _ = principal_basis(cov, where)
+    return eigenvalues.clamp_min(0.0).tolist()

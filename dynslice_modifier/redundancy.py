@@ -8,6 +8,8 @@ sliced harder.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -15,6 +17,7 @@ from tqdm.auto import tqdm
 from dynslice_modifier.adapters import ModelAdapter
 from dynslice_modifier.calibration import LayerInputs, check_finite, onloaded
 from dynslice_modifier.distributed import sum_over_ranks
+from dynslice_modifier.pca import CovarianceAccumulator, signal_spectrum
 
 
 class RedundancyAccumulator:
@@ -51,25 +54,54 @@ def redundancy_scores(
     device: torch.device,
     skip: frozenset[int] = frozenset(),
 ) -> list[float]:
-    """Layer Redundancy of every decoder layer of the unmodified model, from the batches not
-    in ``skip`` (``slicing_base: auto`` scores the widths on held-out batches, which must
-    not have shaped them).
+    """Layer Redundancy of every decoder layer of the unmodified model (see ``dense_pass``)."""
+    return dense_pass(adapter, layers, inputs, device, skip).scores
+
+
+@dataclass
+class DensePass:
+    """What one pass over the unmodified model measured, per decoder layer."""
+
+    scores: list[float]
+    # Eigenvalues of each layer input's second moment, descending; None when not asked for.
+    spectra: list[list[float]] | None
+
+
+def dense_pass(
+    adapter: ModelAdapter,
+    layers: nn.ModuleList,
+    inputs: LayerInputs,
+    device: torch.device,
+    skip: frozenset[int] = frozenset(),
+    spectra: bool = False,
+) -> DensePass:
+    """Layer Redundancy of every decoder layer of the unmodified model, and with ``spectra``
+    the spectrum of each layer's input, from the batches not in ``skip`` (``slicing_base:
+    auto`` scores the widths on held-out batches, which must not have shaped them).
 
     Consumes ``inputs``: on return it holds the last layer's outputs.
     """
     scores = []
+    spectrum_list: list[list[float]] | None = [] if spectra else None
     for idx, layer in enumerate(tqdm(layers, desc="Layer redundancy", leave=False)):
         acc = RedundancyAccumulator()
+        cov = CovarianceAccumulator(inputs.hidden[0].shape[-1], device) if spectra else None
         with onloaded(layer, device), torch.no_grad():
             for b in range(len(inputs)):
                 if b in skip:
                     continue
                 x = inputs.hidden[b].to(device)
+                mask = inputs.mask(b, device)
+                if cov is not None:
+                    cov.add(x, mask)
                 y = layer(x, **inputs.layer_kwargs(b, idx, device))
                 y = y[0] if isinstance(y, tuple) else y
                 check_finite(y, f"decoder layer {idx} output")
-                acc.add(x, y, inputs.mask(b, device))
+                acc.add(x, y, mask)
                 inputs.hidden[b] = y.to(inputs.hidden[b].device)
         acc.all_reduce()
         scores.append(acc.score)
-    return scores
+        if cov is not None and spectrum_list is not None:
+            cov.all_reduce()
+            spectrum_list.append(signal_spectrum(cov, f"decoder layer {idx} input"))
+    return DensePass(scores, spectrum_list)

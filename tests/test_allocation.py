@@ -66,7 +66,7 @@ def test_mean_rounding_moves_equal_widths_together():
 
 
 def test_unknown_rounding_is_rejected():
-    with pytest.raises(AllocationError, match="rounding must be 'mean' or 'nearest'"):
+    with pytest.raises(AllocationError, match="rounding must be 'mean', 'nearest' or 'spec"):
         allocate_dims(SMOL_LIKE, 576, 0.25, 0.05, 16, rounding="up")  # type: ignore[arg-type]
 
 
@@ -105,6 +105,39 @@ def test_width_that_rounds_to_zero_is_rejected():
         allocate_dims([0.5, 0.6], 64, 0.99, 0.0, round_to=64)
 
 
+def _spectra(layers: int, hidden: int, seed: int) -> list[list[float]]:
+    """Random descending eigenvalue spectra, one per layer."""
+    rng = np.random.default_rng(seed)
+    return [
+        sorted(rng.exponential(size=hidden) * rng.random(), reverse=True) for _ in range(layers)
+    ]
+
+
+def test_spectrum_rounding_rounds_up_the_layers_whose_step_keeps_most_signal():
+    targets = 576 * (1 - slice_fractions(SMOL_LIKE, 0.25, 0.05, max_slice=1 - 64 / 576))
+    floors = (targets // 64 * 64).astype(int)
+    # Steep spectra keep almost nothing past their floor; a flat one keeps a share per dim.
+    steep = [2.0**-i for i in range(576)]
+    flat = [1.0] * 576
+    rounded_up = {3, 8, 20}
+    spectra = [flat if layer in rounded_up else steep for layer in range(len(SMOL_LIKE))]
+    mean = allocate_dims(SMOL_LIKE, 576, 0.25, 0.05, round_to=64)
+    ups = sum(d > f for d, f in zip(mean, floors, strict=True))
+    assert ups > len(rounded_up)  # the other ups go to steep layers, in layer order
+    dims = allocate_dims(SMOL_LIKE, 576, 0.25, 0.05, 64, rounding="spectrum", spectra=spectra)
+    raised = {layer for layer, (d, f) in enumerate(zip(dims, floors, strict=True)) if d > f}
+    assert rounded_up <= raised and len(raised) == ups
+    assert sum(dims) == sum(mean)
+    assert abs(sum(dims) - targets.sum()) <= 32
+
+
+def test_spectrum_rounding_needs_a_spectrum_per_layer():
+    with pytest.raises(AllocationError, match="one eigenvalue spectrum per layer"):
+        allocate_dims(SMOL_LIKE, 576, 0.25, 0.05, 64, rounding="spectrum")
+    with pytest.raises(AllocationError, match="one eigenvalue spectrum per layer"):
+        allocate_dims(SMOL_LIKE, 576, 0.25, 0.05, 64, rounding="spectrum", spectra=[[1.0]])
+
+
 def test_explicit_dims_are_checked():
     assert check_explicit_dims([8, 16], 64, 2) == [8, 16]
     with pytest.raises(AllocationError, match="2 decoder layers"):
@@ -123,9 +156,10 @@ def test_explicit_dims_are_checked():
     # 600 is not a multiple of 16 or 64: the widest width is then below hidden_size.
     hidden=st.sampled_from([64, 576, 600, 896, 4096]),
     round_to=st.sampled_from([1, 8, 16, 64]),
-    rounding=st.sampled_from(["mean", "nearest"]),
+    rounding=st.sampled_from(["mean", "nearest", "spectrum"]),
+    seed=st.integers(0, 2**16),
 )
-def test_allocation_properties(scores, sp, base_share, hidden, round_to, rounding):
+def test_allocation_properties(scores, sp, base_share, hidden, round_to, rounding, seed):
     sb = sp * base_share
     max_slice = 1 - round_to / hidden
     if sp > max_slice:
@@ -137,17 +171,25 @@ def test_allocation_properties(scores, sp, base_share, hidden, round_to, roundin
     assert np.all(fractions >= sb - 1e-9) and np.all(fractions <= max_slice + 1e-9)
     order = np.argsort(scores, kind="stable")
     assert np.all(np.diff(fractions[order]) >= -1e-9)
-    dims = np.array(allocate_dims(scores, hidden, sp, sb, round_to, rounding=rounding))
+    spectra = _spectra(len(scores), hidden, seed)
+    dims = np.array(
+        allocate_dims(scores, hidden, sp, sb, round_to, rounding=rounding, spectra=spectra)
+    )
     targets = hidden * (1 - fractions)
     assert all(d % round_to == 0 and round_to <= d <= hidden for d in dims)
     assert np.all(np.abs(dims - targets) < round_to + 1e-6)
     # Widths cannot reach past the widest multiple, hidden % round_to below hidden_size.
     slack = max(round_to / 2, hidden % round_to)
     assert abs(dims.mean() - hidden * (1 - sp)) <= slack + 1e-6
-    # A more redundant layer is never kept wider.
-    assert np.all(np.diff(dims[order]) <= 0)
-    if rounding == "mean" and np.unique(targets.round(6)).size == targets.size:
-        assert abs(dims.sum() - targets.sum()) <= round_to / 2 + 1e-6
+    # A more redundant layer is never kept wider, unless its signal says otherwise.
+    if rounding != "spectrum":
+        assert np.all(np.diff(dims[order]) <= 0)
+    distinct = np.unique(targets.round(6)).size == targets.size
+    if rounding == "spectrum" or (rounding == "mean" and distinct):
+        widest = hidden - hidden % round_to
+        capped = np.floor(targets / round_to + 1e-9) * round_to + round_to > widest
+        if not capped.any():
+            assert abs(dims.sum() - targets.sum()) <= round_to / 2 + 1e-6
 
 
 def test_block_hadamard_is_orthogonal_for_any_width():

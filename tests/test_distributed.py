@@ -46,9 +46,12 @@ def model_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("dist") / "tiny", "llama", True)
 
 
-def test_two_ranks_give_the_single_process_model(model_dir, tmp_path):
-    run(model_dir, tmp_path / "single", FIXED, 1)
-    run(model_dir, tmp_path / "multi", FIXED, 2, "--shard")
+# Spectrum rounding adds a collective per layer (the input covariances' sum), which every
+# rank must reach for the run to end with one model.
+@pytest.mark.parametrize("options", [FIXED, {**FIXED, "rounding": "spectrum"}], ids=["", "spec"])
+def test_two_ranks_give_the_single_process_model(model_dir, tmp_path, options):
+    run(model_dir, tmp_path / "single", options, 1)
+    run(model_dir, tmp_path / "multi", options, 2, "--shard")
     single = load_file(tmp_path / "single" / "model.safetensors")
     multi = load_file(tmp_path / "multi" / "model.safetensors")
     assert single.keys() == multi.keys()

@@ -193,7 +193,7 @@ torch.save(m(ids).logits.detach(), {str(tmp_path / "logits.pt")!r})
         ({"sparsity": 0.2, "slicing_base": 0.3}, "slicing_base must be in"),
         ({"sparsity": 0.2, "slicing_base": -0.01}, "slicing_base must be in"),
         ({"sparsity": 0.2, "round_to": 0}, "round_to must be a positive integer"),
-        ({"sparsity": 0.2, "rounding": "up"}, r"rounding[\s\S]*'mean' or 'nearest'"),
+        ({"sparsity": 0.2, "rounding": "up"}, r"rounding[\s\S]*'mean', 'nearest' or 'spectrum'"),
         ({"sparsity": 0.2, "typo_option": 1}, "typo_option"),
         ({"target_params": 0.2, "slicing_base": -0.1}, "slicing_base must be in"),
         (

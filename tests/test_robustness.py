@@ -291,6 +291,19 @@ def test_an_architecture_newer_than_its_format_is_refused(sliced_config, base_mo
         DynSliceForCausalLM(DynSliceConfig.from_dict(config))
 
 
+def test_every_adapter_names_the_format_that_first_serves_it():
+    # Without an entry a new architecture's checkpoints would say format 1, and plugins
+    # from before it would refuse them as "not implemented" instead of asking for an upgrade.
+    from dynslice_modifier.adapters import ADAPTERS
+    from dynslice_modifier.modeling.configuration_dynslice import (
+        ARCHITECTURE_FORMATS,
+        SLICING_FORMAT_VERSION,
+    )
+
+    assert set(ARCHITECTURE_FORMATS) == set(ADAPTERS)
+    assert max(ARCHITECTURE_FORMATS.values()) <= SLICING_FORMAT_VERSION
+
+
 @pytest.mark.parametrize("key", ["residual_multiplier", "logits_scaling"])
 def test_an_unfolded_granite_scalar_is_refused(sliced_config, key):
     # The slicer folds them into the weights and records 1.0; no sliced model applies them.

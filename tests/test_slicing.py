@@ -664,6 +664,72 @@ def test_widths_follow_the_allocation_of_the_recorded_scores(normalization):
     assert model.config.slicing["normalization"] == normalization
 
 
+def _input_spectra(model) -> list[list[float]]:
+    """Eigenvalues, descending, of each decoder layer input's second moment over the real
+    calibration tokens, by hooks on the unmodified model's own forward."""
+    sums = [torch.zeros(64, 64, dtype=torch.float64) for _ in model.model.layers]
+    real = None
+
+    def record(i):
+        def hook(_module, args):
+            x = args[0][real].double()
+            sums[i] += x.T @ x
+
+        return hook
+
+    handles = [
+        layer.input_layernorm.register_forward_pre_hook(record(i))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    with torch.no_grad():
+        for batch in calib_batches():
+            real = batch["attention_mask"].bool()
+            model(**batch)
+    for handle in handles:
+        handle.remove()
+    return [torch.linalg.eigvalsh(m).flip(0).tolist() for m in sums]
+
+
+def test_spectrum_rounding_reads_the_spectra_of_the_unsliced_layer_inputs():
+    from dynslice_modifier.allocation import allocate_dims
+
+    spectra = _input_spectra(tiny_model("llama", True, layers=6))
+    model = tiny_model("llama", True, layers=6)
+    options = {"sparsity": 0.3, "slicing_base": 0.05, "round_to": 16, "profitable_only": False}
+    modifier = slice_in_memory(model, rounding="spectrum", **options)
+    scores = modifier.lr_scores
+    expected = allocate_dims(scores, 64, 0.3, 0.05, 16, rounding="spectrum", spectra=spectra)
+    assert model.config.slicing["attn_dims"] == expected
+    assert model.config.slicing["rounding"] == "spectrum"
+    # Otherwise the test could not tell the two roundings apart.
+    assert expected != allocate_dims(scores, 64, 0.3, 0.05, 16)
+
+
+def test_spectrum_rounding_runs_the_dense_pass_for_given_scores_and_constant_slicing():
+    from dynslice_modifier.allocation import allocate_dims
+
+    spectra = _input_spectra(tiny_model("llama", True))
+    # Every layer's target is 48: steps of 32 round two layers one way and one the other.
+    constant = tiny_model("llama", True)
+    slice_in_memory(constant, sparsity=0.25, slicing_base=0.25, round_to=32, rounding="spectrum")
+    widths = allocate_dims([1.0] * 3, 64, 0.25, 0.25, 32, rounding="spectrum", spectra=spectra)
+    assert constant.config.slicing["attn_dims"] == widths
+    assert sorted(widths) == [32, 64, 64]
+    given = tiny_model("llama", True)
+    scores = [0.2, 0.5, 0.9]
+    slice_in_memory(
+        given,
+        sparsity=0.25,
+        slicing_base=0.05,
+        round_to=32,
+        rounding="spectrum",
+        layer_scores=scores,
+        profitable_only=False,
+    )
+    widths = allocate_dims(scores, 64, 0.25, 0.05, 32, rounding="spectrum", spectra=spectra)
+    assert given.config.slicing["attn_dims"] == widths
+
+
 def test_constant_slicing_skips_the_redundancy_pass():
     model = tiny_model("llama", True)
     modifier = slice_in_memory(model, sparsity=0.25, slicing_base=0.25, profitable_only=False)

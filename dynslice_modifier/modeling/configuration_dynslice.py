@@ -22,10 +22,19 @@ from transformers import PretrainedConfig
 # readers refuse only what they would build wrongly or could not serve.
 SLICING_FORMAT_VERSION = 6
 
-# Base architectures added after format 1, with the first format whose readers serve them.
-# An older vLLM plugin refuses their checkpoints as "not implemented", which does not say
-# that a newer plugin serves them; written with this format, they make it ask for the upgrade.
-ARCHITECTURE_FORMATS: dict[str, int] = {"phi3": 6, "granite": 6}
+# Every base architecture an adapter slices, with the first format whose readers serve it.
+# An older vLLM plugin refuses a newer architecture's checkpoints as "not implemented", which
+# does not say that a newer plugin serves them; written with this format, they make it ask
+# for the upgrade. A new adapter adds its entry at the format it ships in (tests check that
+# every adapter has one).
+ARCHITECTURE_FORMATS: dict[str, int] = {
+    "llama": 1,
+    "mistral": 1,
+    "qwen2": 1,
+    "qwen3": 1,
+    "phi3": 6,
+    "granite": 6,
+}
 
 # Module names inside a pre-norm decoder layer as Llama and the models that copy it write
 # them. Checkpoints record their layout; this is the one the adapters and vLLM build.
