@@ -41,6 +41,21 @@ def principal_basis(cov: CovarianceAccumulator, where: str) -> tuple[torch.Tenso
 
     ``where`` names the slicing point in error messages.
     """
+    eigenvalues, eigenvectors = torch.linalg.eigh(_checked_matrix(cov, where))
+    order = torch.argsort(eigenvalues, descending=True)
+    return eigenvalues[order], eigenvectors[:, order]
+
+
+def signal_spectrum(cov: CovarianceAccumulator, where: str) -> list[float]:
+    """Eigenvalues of ``cov``, descending: how the signal's energy spreads over its
+    principal directions (``rounding: spectrum`` weighs widths by them). No eigenvectors
+    are computed: nothing is rotated by them."""
+    eigenvalues = torch.linalg.eigvalsh(_checked_matrix(cov, where))
+    return eigenvalues.flip(0).tolist()
+
+
+def _checked_matrix(cov: CovarianceAccumulator, where: str) -> torch.Tensor:
+    """A damped copy of ``cov``'s matrix, refused if too few tokens or non-finite."""
     dim = cov.matrix.shape[0]
     if cov.tokens < dim:
         raise CalibrationError(
@@ -58,13 +73,4 @@ def principal_basis(cov: CovarianceAccumulator, where: str) -> tuple[torch.Tenso
     matrix = cov.matrix.clone()
     damp = 1e-12 * matrix.diagonal().mean().clamp_min(1e-30)
     matrix.diagonal().add_(damp)
-    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
-    order = torch.argsort(eigenvalues, descending=True)
-    return eigenvalues[order], eigenvectors[:, order]
-
-
-def signal_spectrum(cov: CovarianceAccumulator, where: str) -> list[float]:
-    """Eigenvalues of ``cov``, descending: how the signal's energy spreads over its
-    principal directions (``rounding: spectrum`` weighs widths by them)."""
-    eigenvalues, _ = principal_basis(cov, where)
-    return eigenvalues.clamp_min(0.0).tolist()
+    return matrix

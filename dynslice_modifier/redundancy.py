@@ -82,7 +82,7 @@ def dense_pass(
     Consumes ``inputs``: on return it holds the last layer's outputs.
     """
     scores = []
-    spectrum_list: list[list[float]] | None = [] if spectra else None
+    spectrum_list: list[list[float]] = []
     for idx, layer in enumerate(tqdm(layers, desc="Layer redundancy", leave=False)):
         acc = RedundancyAccumulator()
         cov = CovarianceAccumulator(inputs.hidden[0].shape[-1], device) if spectra else None
@@ -101,7 +101,7 @@ def dense_pass(
                 inputs.hidden[b] = y.to(inputs.hidden[b].device)
         acc.all_reduce()
         scores.append(acc.score)
-        if cov is not None and spectrum_list is not None:
+        if cov is not None:
             cov.all_reduce()
             spectrum_list.append(signal_spectrum(cov, f"decoder layer {idx} input"))
-    return DensePass(scores, spectrum_list)
+    return DensePass(scores, spectrum_list if spectra else None)
