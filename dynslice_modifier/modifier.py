@@ -135,14 +135,17 @@ class DynamicSliceModifier(Modifier):
         slicing is unchanged. ``spectrum`` keeps the mean slice too, but rounds up first
         the layers whose next step holds the largest share of their input's signal (the
         eigenvalues of each layer input's second moment, gathered in the Layer Redundancy
-        pass, which then also runs for constant slicing and given ``layer_scores``); it
-        pays with coarse steps (SmolLM2 at SP 0.25, SB 0.05, steps of 64: perplexity 51.4
-        against 59.6 with ``mean``, ``benchmarks/quantized.py``). ``nearest`` rounds each
+        pass, which then also runs for constant slicing and given ``layer_scores``, whose
+        widths it no longer keeps equal); it pays most with coarse steps (SmolLM2 at SP
+        0.25, SB 0.05, steps of 64: perplexity 51.4 against 59.6 with ``mean``,
+        ``benchmarks/quantized.py``), and at steps of 16 it was 2.8-4.0% lower in every
+        dynamic row of ``benchmarks/perplexity.py`` run with it. ``nearest`` rounds each
         layer on its own, which can miss SP by up to half a step (SmolLM2 at SP 0.25, SB
         0.05: a realised slice of 0.241 with ``round_to: 16``, 0.215 with 64).
     :param layer_dims: explicit kept width per decoder layer; skips the redundancy pass
         and the allocation, so it is given without ``sparsity``, ``target_params``,
-        ``slicing_base`` and ``layer_scores``.
+        ``slicing_base``, ``layer_scores``, and ``rounding`` and ``normalization`` other than
+        their defaults.
     :param layer_scores: explicit redundancy score per decoder layer (e.g. from an earlier
         run); skips the redundancy pass.
     :param normalization: how scores become shares: ``minmax`` (the paper's, default) or
@@ -259,6 +262,10 @@ class DynamicSliceModifier(Modifier):
                     ("target_params", self.target_params is not None),
                     ("slicing_base", self.slicing_base is not None),
                     ("layer_scores", self.layer_scores is not None),
+                    # Only a value other than the default is sure to be the user's: a saved
+                    # recipe writes every field.
+                    ("rounding", self.rounding != "mean"),
+                    ("normalization", self.normalization != "minmax"),
                 )
                 if given
             ]

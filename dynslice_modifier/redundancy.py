@@ -83,7 +83,8 @@ def dense_pass(
     """
     scores = []
     spectrum_list: list[list[float]] = []
-    for idx, layer in enumerate(tqdm(layers, desc="Layer redundancy", leave=False)):
+    desc = "Layer redundancy and input spectra" if spectra else "Layer redundancy"
+    for idx, layer in enumerate(tqdm(layers, desc=desc, leave=False)):
         acc = RedundancyAccumulator()
         cov = CovarianceAccumulator(inputs.hidden[0].shape[-1], device) if spectra else None
         with onloaded(layer, device), torch.no_grad():

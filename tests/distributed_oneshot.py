@@ -3,7 +3,10 @@
     python tests/distributed_oneshot.py MODEL_DIR OUT_DIR MODIFIER_JSON [--shard] [--fail-rank R]
 
 Under torchrun every rank writes ``OUT_DIR.rank{R}.json`` with the slicing spec it computed
-(only rank 0's model is saved), so a test can check that the ranks agreed. ``--shard`` gives
+(only rank 0's model is saved), so a test can check that the ranks agreed; a run that takes
+the spectra of the layer inputs (``rounding: spectrum``) writes them to
+``OUT_DIR.spectra.json`` (``OUT_DIR.rank{R}.spectra.json`` under torchrun), as the widths
+alone may round the same from one shard's spectra as from all of them. ``--shard`` gives
 each rank its own contiguous shard of the calibration set, the workaround for llm-compressor
 0.14 handing every rank the same samples. ``--fail-rank R`` makes rank R alone find
 non-finite activations in the first layer, as a rank whose shard holds a bad sample would.
@@ -24,7 +27,18 @@ from conftest import calib_dataset
 from llmcompressor import oneshot
 
 from dynslice_modifier import DynamicSliceModifier
+from dynslice_modifier import modifier as modifier_module
 from dynslice_modifier.errors import CalibrationError
+from dynslice_modifier.redundancy import DensePass, dense_pass
+
+SPECTRA: list[list[list[float]]] = []
+
+
+def recording_dense_pass(*args, **kwargs) -> DensePass:
+    measured = dense_pass(*args, **kwargs)
+    if measured.spectra is not None:
+        SPECTRA.append(measured.spectra)
+    return measured
 
 
 def main() -> None:
@@ -40,6 +54,7 @@ def main() -> None:
                 raise CalibrationError(f"non-finite activations at {where} (rank {failing})")
 
             dynslice_modifier.slicer.check_finite = non_finite
+    modifier_module.dense_pass = recording_dense_pass
     data = calib_dataset()
     if "--shard" in sys.argv and dist.is_initialized():
         data = data.shard(dist.get_world_size(), dist.get_rank(), contiguous=True)
@@ -52,9 +67,12 @@ def main() -> None:
         output_dir=str(out_dir),
         shuffle_calibration_samples=False,
     )
+    rank = f".rank{dist.get_rank()}" if dist.is_initialized() else ""
+    if SPECTRA:
+        Path(f"{out_dir}{rank}.spectra.json").write_text(json.dumps(SPECTRA))
     if dist.is_initialized():
         spec = {k: v for k, v in model.config.slicing.items() if k != "source_model"}
-        Path(f"{out_dir}.rank{dist.get_rank()}.json").write_text(json.dumps(spec))
+        Path(f"{out_dir}{rank}.json").write_text(json.dumps(spec))
         dist.destroy_process_group()
 
 

@@ -203,6 +203,8 @@ torch.save(m(ids).logits.detach(), {str(tmp_path / "logits.pt")!r})
         ({"layer_dims": [32, 32], "slicing_base": "auto"}, "would be ignored"),
         ({"layer_dims": [32, 32], "sparsity": 0.25}, r"sparsity would be ignored"),
         ({"layer_dims": [32, 32], "target_params": 0.1}, "target_params would be ignored"),
+        ({"layer_dims": [32, 32], "rounding": "spectrum"}, r"rounding would be ignored"),
+        ({"layer_dims": [32, 32], "normalization": "rank"}, r"normalization would be ignored"),
         ({"layer_dims": [32, 28], "round_to": 8}, r"layer_dims \[28\] are not multiples"),
         ({"sparsity": 0.2, "auto_holdout": 0.5}, "tune slicing_base: auto"),
         ({"sparsity": 0.2, "slicing_base": 0.1, "auto_fractions": [0.5]}, "tune slicing_base"),
