@@ -80,8 +80,9 @@ def parse_row(spec: str, args: argparse.Namespace) -> dict:
             f"bad row {spec!r}: use dense, const:SP, dyn:SP:SB, dyn:SP:auto or size:T:KIND "
             "(KIND: const, dyn, auto)"
         )
-    if row["kind"] == "dynamic":
-        # Constant slicing rounds the same either way (equal widths move together).
+    if row["kind"] == "dynamic" or args.rounding == "spectrum":
+        # mean and nearest keep equal widths equal, so constant slicing rounds the same with
+        # either; spectrum rounds each layer by its own input's spectrum.
         row["rounding"] = args.rounding
     row["key"] = json.dumps({k: row[k] for k in sorted(row) if k != "spec"}, sort_keys=True)
     return row
@@ -163,7 +164,8 @@ def sp_table(rows: list[dict]) -> list[str]:
     const = {
         (r["sparsity"], r["basis"], r["untie"], r["normalization"]): r["ppl"]
         for r in rows
-        if r["kind"] == "constant"
+        # The reference is plain SliceGPT: equal widths, which spectrum rounding does not keep.
+        if r["kind"] == "constant" and "rounding" not in r
     }
     columns = ["run", "SP", "SB", "rounding", "basis", "norm.", "untie", "mean slice", "ppl",
                "vs const", "params (M)", "vs dense", "slice s", "+LR s", "peak MiB"]  # fmt: skip
@@ -200,7 +202,8 @@ def size_table(rows: list[dict]) -> list[str]:
     const = {
         (r["target_params"], r["basis"], r["untie"]): r["ppl"]
         for r in rows
-        if r["kind"] == "constant"
+        # The reference is plain SliceGPT: equal widths, which spectrum rounding does not keep.
+        if r["kind"] == "constant" and "rounding" not in r
     }
     columns = ["target", "run", "profitable only", "solved SP", "SB", "rounding", "basis",
                "untie", "params (M)", "vs dense", "ppl", "vs const"]  # fmt: skip
@@ -281,7 +284,10 @@ def write_tables(rows: list[dict]) -> None:
         "is SP), `spectrum` (`--rounding spectrum`: the same mean slice, layers rounded up "
         "by the share of their input's signal the step keeps) or `nearest` (`--rounding "
         "nearest`, each width on its own, as before `mean` existed); constant rows are "
-        "rounded by `mean`.\n\n" + "\n".join(sp_table(by_sp)) + "\n"
+        "rounded by `mean` (equal widths) unless the column says `spectrum`, and `vs const` "
+        "compares with the former. `+LR s` is the Layer Redundancy pass, run once and "
+        "shared by the dynamic rows; a `spectrum` row's `slice s` includes its own pass over "
+        "the unsliced model for the spectra.\n\n" + "\n".join(sp_table(by_sp)) + "\n"
     )
     if by_size:
         text += "\n## Equal size (target_params)\n\n" + "\n".join(size_table(by_size)) + "\n"
