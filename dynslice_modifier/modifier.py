@@ -138,8 +138,8 @@ class DynamicSliceModifier(Modifier):
         pass, which then also runs for constant slicing and given ``layer_scores``, whose
         widths it no longer keeps equal); it pays most with coarse steps (SmolLM2 at SP
         0.25, SB 0.05, steps of 64: perplexity 51.4 against 59.6 with ``mean``,
-        ``benchmarks/quantized.py``), and at steps of 16 it was 2.8-4.0% lower in every
-        dynamic row of ``benchmarks/perplexity.py`` run with it. ``nearest`` rounds each
+        ``benchmarks/quantized.py``), and at steps of 16 it was 2.8-4.0% lower at every
+        fixed SB of ``benchmarks/perplexity.py`` run with it. ``nearest`` rounds each
         layer on its own, which can miss SP by up to half a step (SmolLM2 at SP 0.25, SB
         0.05: a realised slice of 0.241 with ``round_to: 16``, 0.215 with 64).
     :param layer_dims: explicit kept width per decoder layer; skips the redundancy pass
