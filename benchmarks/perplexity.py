@@ -159,13 +159,19 @@ def _sb_label(r: dict) -> str:
     return f"auto→{r['slicing_base']:.3f}" if r.get("auto") else f"{r['slicing_base']:.2f}"
 
 
+def is_plain_constant(row: dict) -> bool:
+    """Whether ``row`` is SliceGPT's constant slicing, one width for every layer: the `vs
+    const` reference (constant rows record a rounding only when it is spectrum, which gives
+    up the single width)."""
+    return row["kind"] == "constant" and "rounding" not in row
+
+
 def sp_table(rows: list[dict]) -> list[str]:
     """Rows by slice percentage SP."""
     const = {
         (r["sparsity"], r["basis"], r["untie"], r["normalization"]): r["ppl"]
         for r in rows
-        # The reference is plain SliceGPT: equal widths, which spectrum rounding does not keep.
-        if r["kind"] == "constant" and "rounding" not in r
+        if is_plain_constant(r)
     }
     columns = ["run", "SP", "SB", "rounding", "basis", "norm.", "untie", "mean slice", "ppl",
                "vs const", "params (M)", "vs dense", "slice s", "+LR s", "peak MiB"]  # fmt: skip
@@ -200,10 +206,7 @@ def sp_table(rows: list[dict]) -> list[str]:
 def size_table(rows: list[dict]) -> list[str]:
     """Rows by real parameter reduction (``target_params``): equal-size comparison."""
     const = {
-        (r["target_params"], r["basis"], r["untie"]): r["ppl"]
-        for r in rows
-        # The reference is plain SliceGPT: equal widths, which spectrum rounding does not keep.
-        if r["kind"] == "constant" and "rounding" not in r
+        (r["target_params"], r["basis"], r["untie"]): r["ppl"] for r in rows if is_plain_constant(r)
     }
     columns = ["target", "run", "profitable only", "solved SP", "SB", "rounding", "basis",
                "untie", "params (M)", "vs dense", "ppl", "vs const"]  # fmt: skip
