@@ -226,17 +226,17 @@ def size_table(rows: list[dict]) -> list[str]:
 
 def best_dynamic_by_sp(rows: list[dict]) -> list[dict]:
     """The SP grid's best hand-picked SB per SP: dynamic slicing without profitable_only,
-    with the default (mean) rounding where an SP has such rows: nearest rounding slices
-    less than SP, which would flatter it."""
+    rounded to the mean slice (mean or spectrum) where an SP has such rows: nearest
+    rounding slices less than SP, which would flatter it."""
     best: dict[float, dict] = {}
     for r in rows:
         plain = r["basis"] == "sublayer" and r["normalization"] == "minmax" and not r["untie"]
         hand_picked = not r.get("auto") and not r.get("profitable_only")
         if r["kind"] != "dynamic" or not plain or not hand_picked:
             continue
-        rank = (r["rounding"] != "mean", r["ppl"])
+        rank = (r["rounding"] == "nearest", r["ppl"])
         held = best.get(r["sparsity"])
-        if held is None or rank < (held["rounding"] != "mean", held["ppl"]):
+        if held is None or rank < (held["rounding"] == "nearest", held["ppl"]):
             best[r["sparsity"]] = r
     return list(best.values())
 
@@ -283,10 +283,12 @@ def write_tables(rows: list[dict]) -> None:
     text = (
         "SmolLM2-135M, WikiText-2 protocol (64x512 calibration, 32x1024 evaluation), float32, "
         "2 CPU cores. Produced by `python benchmarks/perplexity.py`. Rounding (dynamic rows): "
-        "how widths became multiples of 16, `mean` (the default: the realised mean slice "
-        "is SP), `spectrum` (`--rounding spectrum`: the same mean slice, layers rounded up "
-        "by the share of their input's signal the step keeps) or `nearest` (`--rounding "
-        "nearest`, each width on its own, as before `mean` existed); constant rows are "
+        "how widths became multiples of 16, `mean` (this script's default and the slicer's "
+        "until `spectrum` was measured: the realised mean slice is SP), `spectrum` "
+        "(`--rounding spectrum`, the slicer's default for dynamic widths: the same mean "
+        "slice, layers rounded up by the share of their input's signal the step keeps) or "
+        "`nearest` (`--rounding nearest`, each width on its own, as before `mean` existed); "
+        "constant rows are "
         "rounded by `mean` (equal widths) unless the column says `spectrum`, and `vs const` "
         "compares with the former. `+LR s` is the Layer Redundancy pass, run once and "
         "shared by the dynamic rows; a `spectrum` row's `slice s` includes its own pass over "

@@ -13,9 +13,9 @@ and W8A8 has no groups to round to.) Results:
 SP and SB are fixed: rows, checkpoint names and the table are keyed by model, scheme and
 rounding only.
 
-``--rounding nearest`` slices as before ``rounding: mean`` became the default (each width
-rounded on its own), ``--rounding spectrum`` picks the layers rounded up by their signal;
-their checkpoints get the rounding as a suffix.
+``--rounding nearest`` slices as before ``rounding: mean`` existed (each width rounded on
+its own), ``--rounding spectrum`` (the slicer's default for dynamic widths) picks the
+layers rounded up by their signal; their checkpoints get the rounding as a suffix.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def checkpoint_name(row: dict) -> str:
     return rounded_name(f"{row['model']}-{row['scheme']}", row.get("rounding"))
 
 
-# Within a model, the default rounding's rows first.
+# Within a model, this script's default rounding's rows first.
 ROUNDING_ORDER = ["mean", "spectrum", "nearest"]
 
 
@@ -222,9 +222,11 @@ def write_table(rows: list[dict]) -> None:
         "(the tied table) stays unquantized, except in `-head` rows (untied, int8). vs "
         "unquantized: against the float model of the same widths (`none-g64` for the -g64 "
         "rows, whose widths are multiples of 64). Rounding: how the widths became multiples "
-        "of the step (16, or the group size), `mean` (the default, realised mean slice at SP), "
-        "`spectrum` (`--rounding spectrum`: the same mean slice, layers rounded up by the "
-        "share of their input's signal the step keeps) or `nearest` (`--rounding nearest`: "
+        "of the step (16, or the group size), `mean` (this script's default and the slicer's "
+        "until `spectrum` was measured: realised mean slice at SP), `spectrum` (`--rounding "
+        "spectrum`, the slicer's default for dynamic widths: the same mean slice, layers "
+        "rounded up by the share of their input's signal the step keeps) or `nearest` "
+        "(`--rounding nearest`: "
         "each width on its own, as before `mean` existed).\n\n" + "\n".join(lines) + "\n"
     )
 

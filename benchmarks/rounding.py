@@ -11,10 +11,12 @@ from dynslice_modifier.allocation import Rounding
 
 
 def add_rounding_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    # mean, with which most recorded rows were run; the slicer itself rounds dynamic widths
+    # by spectrum unless told otherwise.
     parser.add_argument("--rounding", default="mean", choices=get_args(Rounding), help=help)
 
 
 def rounded_name(name: str, rounding: str | None) -> str:
-    """A sliced checkpoint's directory name: the default (mean) rounding's plain, the
-    others' beside it with the rounding as a suffix."""
+    """A sliced checkpoint's directory name: the benchmarks' default (mean) rounding's
+    plain, the others' beside it with the rounding as a suffix."""
     return name if rounding in (None, "mean") else f"{name}-{rounding}"

@@ -23,7 +23,7 @@ from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.adapters import get_adapter
 from dynslice_modifier.allocation import DEFAULT_ROUND_TO, allocate_dims
 from dynslice_modifier.calibration import capture_layer_inputs, onloaded, to_device
-from dynslice_modifier.redundancy import redundancy_scores
+from dynslice_modifier.redundancy import dense_pass
 from dynslice_modifier.slicer import RotateAndSlice
 
 
@@ -52,19 +52,22 @@ def main() -> None:
 
     inputs = capture_layer_inputs(model, layers[0], batches)
     start = time.perf_counter()
-    scores = redundancy_scores(adapter, layers, inputs, device)
+    # With rounding unset, the modifier takes each layer input's spectrum in this pass and
+    # rounds dynamic widths by it.
+    measured = dense_pass(adapter, layers, inputs, device, spectra=True)
     lr_s = time.perf_counter() - start
 
-    # The modifier's defaults: its rounding of widths and aligned bases (one more SVD per
-    # basis), so the cost is that of the recipe users run.
+    # The modifier's defaults otherwise too: aligned bases (one more SVD per basis), so the
+    # cost is that of the recipe users run.
     defaults = DynamicSliceModifier(sparsity=0.25, slicing_base=0.05)
     dims = allocate_dims(
-        scores,
+        measured.scores,
         model.config.hidden_size,
         defaults.sparsity,
         defaults.slicing_base,
         defaults.round_to or DEFAULT_ROUND_TO,
-        rounding=defaults.rounding,
+        rounding="spectrum",
+        spectra=measured.spectra,
     )
     inputs = capture_layer_inputs(model, layers[0], batches)
     start = time.perf_counter()
@@ -88,7 +91,7 @@ def main() -> None:
     result = {
         "calibration": f"{args.n_calib}x512 tokens",
         "slicer": {
-            "rounding": defaults.rounding,
+            "rounding": "spectrum",
             "hadamard": defaults.hadamard,
             "align_bases": defaults.align_bases,
         },

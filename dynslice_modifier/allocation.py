@@ -5,7 +5,8 @@ normalised scores (more redundant -> sliced more) and scaled so the mean slice o
 is SP. Fractions are then clamped to what the hidden size allows (the excess is handed to
 the other layers so the mean is kept) and each width is rounded to a multiple of
 ``round_to``, by default so that the widths still add up to the budget (``rounding:
-mean``; ``spectrum`` also keeps the sum but picks the layers to round up by their signal).
+mean``; ``spectrum``, the modifier's default for dynamic widths, also keeps the sum but
+picks the layers to round up by their signal).
 SB == SP gives every layer the same width: plain SliceGPT.
 """
 

@@ -128,7 +128,7 @@ def _slicing_base(text: str) -> float | str:
 # which --help should not wait for; a test holds them to the modifier's.
 SLICER_FLAGS: dict[str, Any] = {
     "round_to": None,
-    "rounding": "mean",
+    "rounding": None,
     "basis": "sublayer",
     "normalization": "minmax",
     "hadamard": False,
@@ -495,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
         "round widths keeping the mean slice at SP (mean: largest remainders up; spectrum: "
         "the layers whose next step keeps most of their input's signal up), or each to its "
         "nearest",
+        unset="spectrum for dynamic widths, mean for constant ones",
         choices=get_args(Rounding),
     )
     _slicer_flag(

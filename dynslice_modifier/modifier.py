@@ -96,8 +96,9 @@ class DynamicSliceModifier(Modifier):
             - Layer Redundancy pass over the unmodified model (one layer on the device
               at a time) unless ``layer_scores`` or ``layer_dims`` are given, or
               slicing is constant (SB == SP without ``target_params``), where scores
-              change nothing; with ``rounding: spectrum`` it runs whenever widths are
-              allocated, and also takes the spectrum of each layer's input
+              change nothing; it also takes the spectrum of each layer's input for
+              ``rounding: spectrum`` (which runs it whenever widths are allocated) and,
+              with ``rounding`` unset, for dynamic widths
             - with ``slicing_base: auto``, slice copies of the layers once per candidate SB
               and keep the one with the lowest held-out calibration loss
             - allocate per-layer widths
@@ -128,24 +129,29 @@ class DynamicSliceModifier(Modifier):
         group-wise quantization wants its group size, int8 W8A8 16). Unset (default): 16,
         raised to what the recipe's quantizers need; a value that conflicts with them is
         an error.
-    :param rounding: how widths become multiples of ``round_to``. ``mean`` (default) rounds
-        some layers down and some up, largest remainder first, so the realised mean slice
-        is SP to within half a step *over all layers* and dynamic slicing is compared with
+    :param rounding: how widths become multiples of ``round_to``. ``mean`` rounds some
+        layers down and some up, largest remainder first, so the realised mean slice is SP
+        to within half a step *over all layers* and dynamic slicing is compared with
         SliceGPT at the size asked for; layers of equal width stay equal, so constant
-        slicing is unchanged. ``spectrum`` keeps the mean slice too, but rounds up first
+        slicing keeps one width. ``spectrum`` keeps the mean slice too, but rounds up first
         the layers whose next step holds the largest share of their input's signal (the
         eigenvalues of each layer input's second moment, gathered in the Layer Redundancy
         pass, which then also runs for constant slicing and given ``layer_scores``, whose
         widths it no longer keeps equal); it pays most with coarse steps (SmolLM2 at SP
         0.25, SB 0.05, steps of 64: perplexity 51.4 against 59.6 with ``mean``,
         ``benchmarks/quantized.py``), and at steps of 16 it was 2.8-4.0% lower at every
-        fixed SB of ``benchmarks/perplexity.py`` run with it. ``nearest`` rounds each
-        layer on its own, which can miss SP by up to half a step (SmolLM2 at SP 0.25, SB
-        0.05: a realised slice of 0.241 with ``round_to: 16``, 0.215 with 64).
+        fixed SB of ``benchmarks/perplexity.py`` and 1.2% with ``auto``. ``nearest`` rounds
+        each layer on its own, which can miss SP by up to half a step (SmolLM2 at SP 0.25,
+        SB 0.05: a realised slice of 0.241 with ``round_to: 16``, 0.215 with 64). Unset
+        (default): ``spectrum`` where the Layer Redundancy pass scores the layers for
+        dynamic widths (it takes the spectra too, for the cost of one covariance per
+        layer), ``mean`` otherwise: constant slicing keeps one width, and given
+        ``layer_scores`` no pass over the unsliced model runs. ``config.slicing.rounding``
+        records the one used.
     :param layer_dims: explicit kept width per decoder layer; skips the redundancy pass
         and the allocation, so it is given without ``sparsity``, ``target_params``,
-        ``slicing_base``, ``layer_scores``, and ``rounding`` and ``normalization`` other than
-        their defaults.
+        ``slicing_base``, ``layer_scores``, ``rounding`` other than ``mean`` (which recipes
+        saved by earlier versions write), and ``normalization`` other than its default.
     :param layer_scores: explicit redundancy score per decoder layer (e.g. from an earlier
         run); skips the redundancy pass.
     :param normalization: how scores become shares: ``minmax`` (the paper's, default) or
@@ -211,7 +217,7 @@ class DynamicSliceModifier(Modifier):
     auto_fractions: list[float] | None = None
     auto_holdout: float = AUTO_HOLDOUT
     round_to: int | None = None
-    rounding: Rounding = "mean"
+    rounding: Rounding | None = None
     layer_dims: list[int] | None = None
     layer_scores: list[float] | None = None
     normalization: Literal["minmax", "rank"] = "minmax"
@@ -263,8 +269,9 @@ class DynamicSliceModifier(Modifier):
                     ("slicing_base", self.slicing_base is not None),
                     ("layer_scores", self.layer_scores is not None),
                     # Only a value other than the default is sure to be the user's: a saved
-                    # recipe writes every field.
-                    ("rounding", self.rounding != "mean"),
+                    # recipe writes every field (and recipes saved before the default was
+                    # unset wrote mean).
+                    ("rounding", self.rounding not in (None, "mean")),
                     ("normalization", self.normalization != "minmax"),
                 )
                 if given
@@ -336,6 +343,14 @@ class DynamicSliceModifier(Modifier):
         if self.slicing_base is None:
             return 0.2 * sparsity
         return min(self.slicing_base, sparsity) if self.target_params else self.slicing_base
+
+    def _rounding_for(self, sparsity: float, slicing_base: float, spectra: bool) -> Rounding:
+        """How a layout's widths are rounded: as set, or unset ``spectrum`` for dynamic
+        widths where the spectra were taken and ``mean`` for constant ones, which keeps
+        SliceGPT's single width."""
+        if self.rounding is not None:
+            return self.rounding
+        return "spectrum" if spectra and slicing_base < sparsity else "mean"
 
     @property
     def lr_scores(self) -> list[float] | None:
@@ -447,11 +462,14 @@ class DynamicSliceModifier(Modifier):
         consumed = False  # whether a pass has already run the captured activations through
         spectra = None
         wants_scores = explicit is None and scores is None and not constant
-        wants_spectra = explicit is None and self.rounding == "spectrum"
+        # Unset, spectrum rounding costs only the covariances in a pass that runs anyway.
+        wants_spectra = explicit is None and (
+            self.rounding == "spectrum" or (self.rounding is None and wants_scores)
+        )
         if wants_spectra:
             logger.info(
-                "rounding: spectrum: the pass over the unsliced model also takes the "
-                "spectrum of each layer's input"
+                "The pass over the unsliced model also takes the spectrum of each layer's "
+                "input, for rounding: spectrum"
             )
         if wants_scores or wants_spectra:
             lr_start = time.perf_counter()
@@ -477,14 +495,15 @@ class DynamicSliceModifier(Modifier):
             )
 
         def layout(sparsity: float, auto_fraction: float | None) -> tuple[list[int], list[bool]]:
+            slicing_base = self._slicing_base_for(sparsity, auto_fraction)
             dims = allocate_dims(
                 scores or [1.0] * num_layers,
                 hidden,
                 sparsity,
-                self._slicing_base_for(sparsity, auto_fraction),
+                slicing_base,
                 round_to,
                 self.normalization,
-                self.rounding,
+                self._rounding_for(sparsity, slicing_base, spectra is not None),
                 spectra,
             )
             return leave_whole(dims, sparsity)
@@ -508,11 +527,16 @@ class DynamicSliceModifier(Modifier):
             inputs.release()
             search = self._search_slicing_base(state, adapter, device, keep_tied, plan, heldout)
             consumed = True
+        rounding: Rounding | None = None
         if explicit:
             sparsity = 1.0 - sum(explicit) / (hidden * num_layers)
             dims, whole = explicit, [False] * num_layers
         else:
             sparsity, dims, whole = plan()
+            rounding = self._rounding_for(
+                sparsity, self._slicing_base_for(sparsity), spectra is not None
+            )
+            logger.info(f"Widths rounded to multiples of {round_to} by {rounding} rounding")
         if self.target_params is not None and explicit is None:
             logger.info(f"target_params {self.target_params}: solved sparsity {sparsity:.4f}")
         if any(whole):
@@ -557,7 +581,7 @@ class DynamicSliceModifier(Modifier):
                 "slicing_base": None if explicit else self._slicing_base_for(sparsity),
                 "target_params": self.target_params,
                 "round_to": round_to,
-                "rounding": self.rounding,
+                "rounding": rounding,
                 "normalization": self.normalization,
                 "basis": self.basis,
                 "hadamard": self.hadamard,

@@ -22,6 +22,12 @@ def load_slicing(checkpoint: str | Path) -> dict[str, Any]:
     return config
 
 
+def _rounding(spec: dict[str, Any]) -> str:
+    if "rounding" not in spec:
+        return "nearest rounding"  # written before the rounding was recorded
+    return f"{spec['rounding']} rounding" if spec["rounding"] else "widths given"
+
+
 def summary_markdown(checkpoint: str | Path, name: str | None = None) -> str:
     """The report's text; ``name`` titles it when the directory is not yet where it will
     live (``compress`` writes it into a scratch directory that is renamed afterwards)."""
@@ -37,7 +43,7 @@ def summary_markdown(checkpoint: str | Path, name: str | None = None) -> str:
         f"- base architecture: {config['base_model_type']} ({config['num_hidden_layers']} layers, "
         f"hidden {hidden})",
         f"- sparsity (SP) {spec.get('sparsity')}, slicing base (SB) {spec.get('slicing_base')}, "
-        f"round_to {spec.get('round_to')} ({spec.get('rounding', 'nearest')} rounding), "
+        f"round_to {spec.get('round_to')} ({_rounding(spec)}), "
         f"basis {spec.get('basis')}",
         f"- mean kept width {sum(spec['mlp_dims']) / len(spec['mlp_dims']):.1f} of {hidden}",
         f"- tied embeddings: {config.get('tie_word_embeddings')}; embedding sliced: "

@@ -3,13 +3,14 @@
     python tests/distributed_oneshot.py MODEL_DIR OUT_DIR MODIFIER_JSON [--shard] [--fail-rank R]
 
 Under torchrun every rank writes ``OUT_DIR.rank{R}.json`` with the slicing spec it computed
-(only rank 0's model is saved), so a test can check that the ranks agreed; a run that takes
-the spectra of the layer inputs (``rounding: spectrum``) writes them to
-``OUT_DIR.spectra.json`` (``OUT_DIR.rank{R}.spectra.json`` under torchrun), as the widths
-alone may round the same from one shard's spectra as from all of them. ``--shard`` gives
-each rank its own contiguous shard of the calibration set, the workaround for llm-compressor
-0.14 handing every rank the same samples. ``--fail-rank R`` makes rank R alone find
-non-finite activations in the first layer, as a rank whose shard holds a bad sample would.
+(only rank 0's model is saved), so a test can check that the ranks agreed; a run that
+takes the spectra of the layer inputs (spectrum rounding, the default for dynamic widths)
+writes them to ``OUT_DIR.spectra.json`` (``OUT_DIR.rank{R}.spectra.json`` under torchrun),
+as the widths alone may round the same from one shard's spectra as from all of them.
+``--shard`` gives each rank its own contiguous shard of the calibration set, the workaround
+for llm-compressor 0.14 handing every rank the same samples. ``--fail-rank R`` makes rank R
+alone find non-finite activations in the first layer, as a rank whose shard holds a bad
+sample would.
 """
 
 from __future__ import annotations

@@ -129,6 +129,12 @@ def test_every_slicer_field_is_a_flag_or_named_recipe_only():
     assert own == flags | set(RECIPE_ONLY)
 
 
+UNSET_SHOWN = {
+    "round_to": "16, raised to what --quantize's kernels need",
+    "rounding": "spectrum for dynamic widths, mean for constant ones",
+}
+
+
 def test_slicer_flags_take_their_defaults_from_the_modifier():
     from dynslice_modifier import DynamicSliceModifier
 
@@ -139,8 +145,8 @@ def test_slicer_flags_take_their_defaults_from_the_modifier():
         # Written out in the CLI, so that --help needs no llm-compressor.
         assert SLICER_FLAGS[field] == default, field
         shown = ("on" if default else "off") if isinstance(default, bool) else default
-        if default is None:  # round_to: what unset means
-            shown = "16, raised to what --quantize's kernels need"
+        if default is None:  # what unset means
+            shown = UNSET_SHOWN[field]
         # Unset flags are left out of the modifier's arguments, so it applies its own default.
         assert actions[field].default is None, field
         assert actions[field].help.endswith(f"(default: {shown})"), actions[field].help

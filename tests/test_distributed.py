@@ -46,10 +46,10 @@ def model_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("dist") / "tiny", "llama", True)
 
 
-# Spectrum rounding adds a collective per layer (the input covariances' sum): every rank must
-# reach it for the run to end with one model, and every rank must end up with the spectra of
-# the whole calibration set, not of its own shard.
-@pytest.mark.parametrize("options", [FIXED, {**FIXED, "rounding": "spectrum"}], ids=["", "spec"])
+# Spectrum rounding (the default for these dynamic widths) adds a collective per layer (the
+# input covariances' sum): every rank must reach it for the run to end with one model, and
+# every rank must end up with the spectra of the whole calibration set, not of its own shard.
+@pytest.mark.parametrize("options", [{**FIXED, "rounding": "mean"}, FIXED], ids=["mean", "spec"])
 def test_two_ranks_give_the_single_process_model(model_dir, tmp_path, options):
     run(model_dir, tmp_path / "single", options, 1)
     run(model_dir, tmp_path / "multi", options, 2, "--shard")
@@ -62,7 +62,8 @@ def test_two_ranks_give_the_single_process_model(model_dir, tmp_path, options):
     assert specs[0] == specs[1]
     saved = json.loads((tmp_path / "single" / "config.json").read_text())["slicing"]
     assert specs[0]["lr_scores"] == pytest.approx(saved["lr_scores"], rel=1e-12)
-    if options.get("rounding") == "spectrum":
+    assert saved["rounding"] == options.get("rounding", "spectrum")
+    if saved["rounding"] == "spectrum":
         spectra = json.loads((tmp_path / "single.spectra.json").read_text())
         for r in (0, 1):
             ranked = json.loads((tmp_path / f"multi.rank{r}.spectra.json").read_text())
