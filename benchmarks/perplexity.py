@@ -193,7 +193,8 @@ def sp_table(rows: list[dict]) -> list[str]:
             ref = const.get((r["sparsity"], r["basis"], r["untie"], "minmax"))
         vs = f"{r['ppl'] / ref:.3f}" if ref and r["kind"] != "dense" else ""
         lines.append(
-            f"| {r['kind']} | {r['sparsity']:.2f} | {_sb_label(r)} | {r.get('rounding', '-')} | "
+            f"| {r['kind']}{', profitable_only' if r.get('profitable_only') else ''} | "
+            f"{r['sparsity']:.2f} | {_sb_label(r)} | {r.get('rounding', '-')} | "
             f"{r['basis']} | "
             f"{r['normalization']} | {'yes' if r['untie'] else 'no'} | {r['mean_slice']:.3f} | "
             f"{r['ppl']:.2f} | {vs} | {r['params'] / 1e6:.1f} | "
