@@ -109,6 +109,7 @@ def round_dims(
     round_to: int,
     rounding: Rounding = "mean",
     spectra: Sequence[Sequence[float]] | None = None,
+    whole: Sequence[bool] | None = None,
 ) -> list[int]:
     """Kept widths, each a multiple of ``round_to`` in [round_to, hidden_size].
 
@@ -130,22 +131,31 @@ def round_dims(
     their sum that a width drops is the relative error the next norm passes on. Remainders,
     redundancy order and equal widths are not kept: a layer may end up to one step above
     its target, or below a more redundant one.
+
+    Layers marked in ``whole`` (which ``profitable_only`` leaves at full width although
+    rounding kept them narrower) are ``hidden_size`` wide and count in the sum at their
+    floor: a step that rounded one of them up would be lost, so it goes to another layer.
     """
     _check_round_to(round_to, hidden_size)
     if rounding not in get_args(Rounding):
         raise AllocationError(f"rounding must be 'mean', 'nearest' or 'spectrum', got {rounding!r}")
     targets = hidden_size * (1.0 - np.asarray(fractions, dtype=np.float64))
-    steps = targets / round_to
     widest = hidden_size - hidden_size % round_to
     # The tolerance keeps a width that is a whole number of steps up to float error from
     # being floored one step short.
-    floors = np.floor(steps + 1e-9) * round_to
+    floors = np.floor(targets / round_to + 1e-9) * round_to
+    pinned = np.zeros(len(targets), dtype=bool) if whole is None else np.asarray(whole, bool)
+    free = ~pinned
+    goal = float(targets.sum() - floors[pinned].sum())
+    dims = np.full(len(targets), float(hidden_size))
     if rounding == "nearest":
-        dims = np.minimum(np.floor(steps + 0.5) * round_to, widest)
+        dims[free] = np.minimum(np.floor(targets[free] / round_to + 0.5) * round_to, widest)
     elif rounding == "spectrum":
-        dims = _keep_sum_by_signal(targets, floors, round_to, widest, spectra)
+        every = _checked_spectra(spectra, len(targets))
+        kept = [every[layer] for layer in np.flatnonzero(free)]
+        dims[free] = _keep_sum_by_signal(floors[free], goal, round_to, widest, kept)
     else:
-        dims = _keep_sum(targets, floors, round_to, widest)
+        dims[free] = _keep_sum(targets[free], floors[free], goal, round_to, widest)
     for layer, dim in enumerate(dims):
         if dim <= 0:
             raise AllocationError(
@@ -155,16 +165,17 @@ def round_dims(
     return [int(d) for d in dims]
 
 
-def _keep_sum(targets: np.ndarray, floors: np.ndarray, step: int, cap: int) -> np.ndarray:
+def _keep_sum(
+    targets: np.ndarray, floors: np.ndarray, goal: float, step: int, cap: int
+) -> np.ndarray:
     """Raise floored widths by a step, largest remainder first, while the total gets closer
-    to the targets' (ties go up, as nearest rounding does).
+    to ``goal`` (ties go up, as nearest rounding does).
 
     Equal targets move together. A group left down also holds down every later group on the
     same floor: those have smaller targets, so raising them would keep a more redundant
     layer wider than a less redundant one.
     """
     dims = floors.copy()
-    goal = float(targets.sum())
     remainders = np.round((targets - floors) / step, 9)
     groups: dict[tuple[float, float], list[int]] = {}
     for layer in np.argsort(-remainders, kind="stable"):
@@ -182,26 +193,16 @@ def _keep_sum(targets: np.ndarray, floors: np.ndarray, step: int, cap: int) -> n
 
 
 def _keep_sum_by_signal(
-    targets: np.ndarray,
-    floors: np.ndarray,
-    step: int,
-    cap: int,
-    spectra: Sequence[Sequence[float]] | None,
+    floors: np.ndarray, goal: float, step: int, cap: int, spectra: Sequence[Sequence[float]]
 ) -> np.ndarray:
     """Raise floored widths by a step, the layer whose step keeps the largest share of its
-    input's signal first, while the total gets closer to the targets'."""
-    if spectra is None or len(spectra) != len(targets):
-        raise AllocationError(
-            "rounding 'spectrum' needs one eigenvalue spectrum per layer (the modifier "
-            "gathers them in its pass over the unsliced model); use 'mean' without them"
-        )
+    input's signal first, while the total gets closer to ``goal``."""
     shares = []
     for spectrum, floor in zip(spectra, floors.astype(int), strict=True):
         eigenvalues = np.clip(np.asarray(spectrum, dtype=np.float64), 0.0, None)
         total = eigenvalues.sum()
         shares.append(eigenvalues[floor : floor + step].sum() / total if total > 0 else 0.0)
     dims = floors.copy()
-    goal = float(targets.sum())
     for layer in np.argsort(-np.asarray(shares), kind="stable"):
         if dims[layer] + step > cap:
             continue
@@ -210,6 +211,17 @@ def _keep_sum_by_signal(
             break
         dims[layer] += step
     return dims
+
+
+def _checked_spectra(
+    spectra: Sequence[Sequence[float]] | None, num_layers: int
+) -> Sequence[Sequence[float]]:
+    if spectra is None or len(spectra) != num_layers:
+        raise AllocationError(
+            "rounding 'spectrum' needs one eigenvalue spectrum per layer (the modifier "
+            "gathers them in its pass over the unsliced model); use 'mean' without them"
+        )
+    return spectra
 
 
 def _check_round_to(round_to: int, hidden_size: int) -> None:
@@ -226,14 +238,16 @@ def allocate_dims(
     normalization: Normalization = "minmax",
     rounding: Rounding = "mean",
     spectra: Sequence[Sequence[float]] | None = None,
+    whole: Sequence[bool] | None = None,
 ) -> list[int]:
     """Residual width of every layer. The realised mean slice is within half a step of SP;
     with ``mean`` rounding the *sum* of widths is, unless equal widths move together, and
-    with ``spectrum`` (which reads ``spectra``, see ``round_dims``) it is."""
+    with ``spectrum`` (which reads ``spectra``, see ``round_dims``) it is. Layers marked in
+    ``whole`` are ``hidden_size`` wide and left out of the rounding (and of that sum)."""
     _check_round_to(round_to, hidden_size)
     max_slice = 1.0 - round_to / hidden_size
     fractions = slice_fractions(scores, sparsity, slicing_base, max_slice, normalization)
-    return round_dims(hidden_size, fractions, round_to, rounding, spectra)
+    return round_dims(hidden_size, fractions, round_to, rounding, spectra, whole)
 
 
 def check_explicit_dims(dims: Sequence[int], hidden_size: int, num_layers: int) -> list[int]:

@@ -184,7 +184,9 @@ class DynamicSliceModifier(Modifier):
     :param profitable_only: leave a layer whole (full width, in the original basis, so no
         shortcut inside it) when slicing it would add more shortcut weights than it removes,
         judged on the exact parameter count of the result; a full-width layer that is only
-        rotated is left whole too when that is no larger. Explicit ``layer_dims`` are never
+        rotated is left whole too when that is no larger. A layer left whole where rounding
+        had kept it narrower takes no rounding step: the widths are rounded again with it
+        at its floor, so the step goes to another layer. Explicit ``layer_dims`` are never
         changed, ``sparsity: 0`` (the rotation alone) leaves every layer rotated, and no layer
         is left whole when ``hidden_size`` is not a multiple of the (effective)
         ``round_to``. Default true.
@@ -496,17 +498,28 @@ class DynamicSliceModifier(Modifier):
 
         def layout(sparsity: float, auto_fraction: float | None) -> tuple[list[int], list[bool]]:
             slicing_base = self._slicing_base_for(sparsity, auto_fraction)
-            dims = allocate_dims(
-                scores or [1.0] * num_layers,
-                hidden,
-                sparsity,
-                slicing_base,
-                round_to,
-                self.normalization,
-                self._rounding_for(sparsity, slicing_base, spectra is not None),
-                spectra,
-            )
-            return leave_whole(dims, sparsity)
+            rounding = self._rounding_for(sparsity, slicing_base, spectra is not None)
+            # A layer left whole below full width is pinned and the widths are rounded again,
+            # so that no step is spent on a layer that then stays full width anyway. Pinned
+            # layers only ever join, so this ends within num_layers rounds.
+            pinned = [False] * num_layers
+            while True:
+                dims = allocate_dims(
+                    scores or [1.0] * num_layers,
+                    hidden,
+                    sparsity,
+                    slicing_base,
+                    round_to,
+                    self.normalization,
+                    rounding,
+                    spectra,
+                    pinned,
+                )
+                widths, whole = leave_whole(dims, sparsity)
+                narrower = [w and d < hidden for d, w in zip(dims, whole, strict=True)]
+                if not any(narrower):
+                    return widths, whole
+                pinned = [p or n for p, n in zip(pinned, narrower, strict=True)]
 
         def plan(auto_fraction: float | None = None) -> tuple[float, list[int], list[bool]]:
             """(SP, widths, whole layers); ``auto_fraction``: a candidate SB of the search."""

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from dynslice_modifier.allocation import (
@@ -131,6 +131,27 @@ def test_spectrum_rounding_rounds_up_the_layers_whose_step_keeps_most_signal():
     assert abs(sum(dims) - targets.sum()) <= 32
 
 
+@pytest.mark.parametrize("rounding", ["mean", "spectrum"])
+def test_a_layer_pinned_whole_counts_at_its_floor_and_takes_no_step(rounding):
+    # Layer 0's target, 547.2 at steps of 16, rounds to 544 or 560, both below full width;
+    # its flat spectrum makes spectrum rounding raise it first.
+    layers = len(SMOL_LIKE)
+    spectra = [[1.0] * 576] + [[2.0**-i for i in range(576)]] * (layers - 1)
+    targets = 576 * (1 - slice_fractions(SMOL_LIKE, 0.25, 0.05, max_slice=1 - 16 / 576))
+    args = (SMOL_LIKE, 576, 0.25, 0.05, 16, "minmax", rounding, spectra)
+    alone = allocate_dims(*args)
+    dims = allocate_dims(*args, whole=[True] + [False] * (layers - 1))
+    assert dims[0] == 576 and all(d % 16 == 0 for d in dims)
+    assert abs(544 + sum(dims[1:]) - targets.sum()) <= 8
+    if rounding == "spectrum":
+        # The step full width would waste goes to another layer.
+        assert alone[0] == 560
+        assert sum(dims[1:]) == sum(alone[1:]) + 16
+    else:
+        # Left at its floor, layer 0 took no step: nothing moves.
+        assert alone[0] == 544 and dims[1:] == alone[1:]
+
+
 def test_spectrum_rounding_needs_a_spectrum_per_layer():
     with pytest.raises(AllocationError, match="one eigenvalue spectrum per layer"):
         allocate_dims(SMOL_LIKE, 576, 0.25, 0.05, 64, rounding="spectrum")
@@ -201,3 +222,40 @@ def test_block_hadamard_is_orthogonal_for_any_width():
         h = block_hadamard(width)
         torch.testing.assert_close(h @ h.T, torch.eye(width, dtype=h.dtype))
     assert block_hadamard(384)[:128, :128].abs().unique().numel() == 1  # one 128-block
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    scores=st.lists(st.floats(-1, 1, allow_nan=False), min_size=2, max_size=40),
+    sp=st.floats(0.05, 0.8),
+    base_share=st.floats(0, 1),
+    hidden=st.sampled_from([64, 576, 4096]),
+    round_to=st.sampled_from([8, 16, 64]),
+    rounding=st.sampled_from(["mean", "spectrum"]),
+    data=st.data(),
+)
+def test_pinned_layers_keep_the_sum_at_their_floors(
+    scores, sp, base_share, hidden, round_to, rounding, data
+):
+    assume(sp <= 1 - round_to / hidden)
+    whole = data.draw(st.lists(st.booleans(), min_size=len(scores), max_size=len(scores)))
+    spectra = _spectra(len(scores), hidden, data.draw(st.integers(0, 2**16)))
+    args = (scores, hidden, sp, sp * base_share, round_to, "minmax", rounding, spectra)
+    dims = np.array(allocate_dims(*args, whole=whole))
+    pinned = np.array(whole)
+    fractions = slice_fractions(scores, sp, sp * base_share, 1 - round_to / hidden)
+    targets = hidden * (1 - fractions)
+    floors = np.floor(targets / round_to + 1e-9) * round_to
+    assert np.all(dims[pinned] == hidden)
+    free = ~pinned
+    assert np.all(np.abs(dims[free] - targets[free]) < round_to + 1e-6)
+    # Mean rounding moves equal targets together, and may then miss the sum by more.
+    distinct = np.unique(targets[free].round(6)).size == free.sum()
+    capped = floors[free] + round_to > hidden
+    if (rounding == "spectrum" or distinct) and not capped.any():
+        kept = dims[free].sum() + floors[pinned].sum()
+        assert kept <= targets.sum() + round_to / 2 + 1e-6
+        # Each layer moves one step at most, so the pinned layers' remainders can call for
+        # more steps than there are free layers.
+        raised = np.all(dims[free] == floors[free] + round_to)
+        assert raised or kept >= targets.sum() - round_to / 2 - 1e-6

@@ -728,6 +728,22 @@ def test_spectrum_rounding_reads_the_spectra_of_the_unsliced_layer_inputs(roundi
     assert expected != allocate_dims(scores, 64, 0.3, 0.05, 16)
 
 
+def test_a_layer_left_whole_below_full_width_gives_its_rounding_step_to_another():
+    from dynslice_modifier.allocation import allocate_dims
+
+    spectra = _input_spectra(tiny_model("llama", True, layers=6))
+    model = tiny_model("llama", True, layers=6)
+    modifier = slice_in_memory(model, sparsity=0.25, slicing_base=0.05, round_to=16)
+    args = (modifier.lr_scores, 64, 0.25, 0.05, 16, "minmax", "spectrum", spectra)
+    once = allocate_dims(*args)
+    whole = model.config.slicing["whole_layers"]
+    pinned = [layer in whole and width < 64 for layer, width in enumerate(once)]
+    assert any(pinned)  # otherwise the test could not tell
+    dims = model.config.slicing["attn_dims"]
+    assert dims == allocate_dims(*args, whole=pinned)
+    assert sum(dims) == sum(64 if layer in whole else w for layer, w in enumerate(once)) + 16
+
+
 def test_spectrum_rounding_runs_the_dense_pass_for_given_scores_and_constant_slicing():
     from dynslice_modifier.allocation import allocate_dims
 
