@@ -145,6 +145,11 @@ def round_dims(
     # being floored one step short.
     floors = np.floor(targets / round_to + 1e-9) * round_to
     pinned = np.zeros(len(targets), dtype=bool) if whole is None else np.asarray(whole, bool)
+    if pinned.any() and hidden_size % round_to:
+        raise AllocationError(
+            f"layers left whole are hidden_size={hidden_size} wide, not a multiple of "
+            f"round_to={round_to}; leave none whole or use a round_to that divides it"
+        )
     free = ~pinned
     goal = float(targets.sum() - floors[pinned].sum())
     dims = np.full(len(targets), float(hidden_size))
@@ -243,7 +248,7 @@ def allocate_dims(
     """Residual width of every layer. The realised mean slice is within half a step of SP;
     with ``mean`` rounding the *sum* of widths is, unless equal widths move together, and
     with ``spectrum`` (which reads ``spectra``, see ``round_dims``) it is. Layers marked in
-    ``whole`` are ``hidden_size`` wide and left out of the rounding (and of that sum)."""
+    ``whole`` are ``hidden_size`` wide and count in that sum at their floor (``round_dims``)."""
     _check_round_to(round_to, hidden_size)
     max_slice = 1.0 - round_to / hidden_size
     fractions = slice_fractions(scores, sparsity, slicing_base, max_slice, normalization)

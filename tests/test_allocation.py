@@ -152,6 +152,11 @@ def test_a_layer_pinned_whole_counts_at_its_floor_and_takes_no_step(rounding):
         assert alone[0] == 544 and dims[1:] == alone[1:]
 
 
+def test_layers_are_left_whole_only_at_a_multiple_of_round_to():
+    with pytest.raises(AllocationError, match="round_to=128"):
+        allocate_dims(SMOL_LIKE, 576, 0.25, 0.05, 128, whole=[True] * len(SMOL_LIKE))
+
+
 def test_spectrum_rounding_needs_a_spectrum_per_layer():
     with pytest.raises(AllocationError, match="one eigenvalue spectrum per layer"):
         allocate_dims(SMOL_LIKE, 576, 0.25, 0.05, 64, rounding="spectrum")
