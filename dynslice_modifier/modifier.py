@@ -180,7 +180,8 @@ class DynamicSliceModifier(Modifier):
         whole). Default true.
     :param target_params: instead of ``sparsity``, the fraction of the model's parameters to
         remove (embedding, head and shortcut matrices included); the SP that meets it is
-        solved for after scoring, with ``slicing_base`` (or its default) capped at that SP.
+        solved for after scoring, with ``slicing_base`` (or its default) capped at that SP:
+        ``slicing_base: 1.0`` is constant slicing, for which no scores are taken.
     :param profitable_only: leave a layer whole (full width, in the original basis, so no
         shortcut inside it) when slicing it would add more shortcut weights than it removes,
         judged on the exact parameter count of the result; a full-width layer that is only
@@ -453,11 +454,16 @@ class DynamicSliceModifier(Modifier):
 
         scores = self.layer_scores
         auto = self.slicing_base == "auto"
+        # With target_params, SB is capped at the SP solved for, so an SB that no SP can
+        # exceed gives constant slicing whatever SP is found.
         constant = (
             explicit is None
             and not auto
-            and self.effective_slicing_base == self.sparsity
-            and self.target_params is None
+            and (
+                self.effective_slicing_base == self.sparsity
+                if self.target_params is None
+                else self.slicing_base is not None and self.slicing_base >= max_sparsity
+            )
         )
         heldout = self._heldout(inputs, hidden) if auto else frozenset()
         lr_seconds = 0.0
@@ -485,7 +491,7 @@ class DynamicSliceModifier(Modifier):
             if wants_scores:
                 scores = measured.scores
         if constant and scores is None:
-            logger.info("slicing_base == sparsity: constant slicing, Layer Redundancy unused")
+            logger.info("slicing_base >= sparsity: constant slicing, Layer Redundancy unused")
         if scores is not None:
             self._lr_scores = [float(s) for s in scores]
             logger.info("Layer Redundancy: " + ", ".join(f"{s:.3f}" for s in scores))

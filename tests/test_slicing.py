@@ -786,9 +786,12 @@ def test_unset_rounding_is_mean_where_spectrum_would_cost_a_pass_or_break_one_wi
     assert given.config.slicing["attn_dims"] == allocate_dims(scores, 64, 0.25, 0.05, 32)
     assert given.config.slicing["rounding"] == "mean"
 
-    # slicing_base 1 is capped at the solved SP: constant slicing, though scores are taken.
+    # slicing_base 1 is capped at the solved SP: constant slicing, with no pass for scores.
     sized = tiny_model("llama", True)
-    slice_in_memory(sized, target_params=0.1, slicing_base=1.0, round_to=32, profitable_only=False)
+    modifier = slice_in_memory(
+        sized, target_params=0.1, slicing_base=1.0, round_to=32, profitable_only=False
+    )
+    assert modifier.summary["lr_seconds"] == 0.0 and modifier.lr_scores is None
     assert len(set(sized.config.slicing["attn_dims"])) == 1
     assert sized.config.slicing["rounding"] == "mean"
 
