@@ -140,10 +140,11 @@ def round_dims(
     if rounding not in get_args(Rounding):
         raise AllocationError(f"rounding must be 'mean', 'nearest' or 'spectrum', got {rounding!r}")
     targets = hidden_size * (1.0 - np.asarray(fractions, dtype=np.float64))
+    steps = targets / round_to
     widest = hidden_size - hidden_size % round_to
     # The tolerance keeps a width that is a whole number of steps up to float error from
     # being floored one step short.
-    floors = np.floor(targets / round_to + 1e-9) * round_to
+    floors = np.floor(steps + 1e-9) * round_to
     pinned = np.zeros(len(targets), dtype=bool) if whole is None else np.asarray(whole, bool)
     if pinned.any() and hidden_size % round_to:
         raise AllocationError(
@@ -154,7 +155,7 @@ def round_dims(
     goal = float(targets.sum() - floors[pinned].sum())
     dims = np.full(len(targets), float(hidden_size))
     if rounding == "nearest":
-        dims[free] = np.minimum(np.floor(targets[free] / round_to + 0.5) * round_to, widest)
+        dims[free] = np.minimum(np.floor(steps[free] + 0.5) * round_to, widest)
     elif rounding == "spectrum":
         every = _checked_spectra(spectra, len(targets))
         kept = [every[layer] for layer in np.flatnonzero(free)]

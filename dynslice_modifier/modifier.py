@@ -454,17 +454,10 @@ class DynamicSliceModifier(Modifier):
 
         scores = self.layer_scores
         auto = self.slicing_base == "auto"
-        # With target_params, SB is capped at the SP solved for, so an SB that no SP can
-        # exceed gives constant slicing whatever SP is found.
-        constant = (
-            explicit is None
-            and not auto
-            and (
-                self.effective_slicing_base == self.sparsity
-                if self.target_params is None
-                else self.slicing_base is not None and self.slicing_base >= max_sparsity
-            )
-        )
+        # With target_params, SB is capped at the SP solved for, so an SB capped even at the
+        # largest SP gives constant slicing whatever SP is found.
+        largest = self.sparsity if self.target_params is None else max_sparsity
+        constant = explicit is None and not auto and self._slicing_base_for(largest) == largest
         heldout = self._heldout(inputs, hidden) if auto else frozenset()
         lr_seconds = 0.0
         consumed = False  # whether a pass has already run the captured activations through
