@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.adapters import get_adapter
-from dynslice_modifier.allocation import DEFAULT_ROUND_TO, allocate_dims
+from dynslice_modifier.allocation import DEFAULT_ROUND_TO, allocate_dims, choose_rounding
 from dynslice_modifier.calibration import capture_layer_inputs, onloaded, to_device
 from dynslice_modifier.redundancy import dense_pass
 from dynslice_modifier.slicer import RotateAndSlice
@@ -60,13 +60,18 @@ def main() -> None:
     # The modifier's defaults otherwise too: aligned bases (one more SVD per basis), so the
     # cost is that of the recipe users run.
     defaults = DynamicSliceModifier(sparsity=0.25, slicing_base=0.05)
+    rounding = choose_rounding(
+        defaults.rounding,
+        dynamic=defaults.effective_slicing_base < defaults.sparsity,
+        spectra=measured.spectra is not None,
+    )
     dims = allocate_dims(
         measured.scores,
         model.config.hidden_size,
         defaults.sparsity,
         defaults.slicing_base,
         defaults.round_to or DEFAULT_ROUND_TO,
-        rounding="spectrum",
+        rounding=rounding,
         spectra=measured.spectra,
     )
     inputs = capture_layer_inputs(model, layers[0], batches)
@@ -91,7 +96,7 @@ def main() -> None:
     result = {
         "calibration": f"{args.n_calib}x512 tokens",
         "slicer": {
-            "rounding": "spectrum",
+            "rounding": rounding,
             "hadamard": defaults.hadamard,
             "align_bases": defaults.align_bases,
         },

@@ -256,6 +256,14 @@ def allocate_dims(
     return round_dims(hidden_size, fractions, round_to, rounding, spectra, whole)
 
 
+def choose_rounding(rounding: Rounding | None, dynamic: bool, spectra: bool) -> Rounding:
+    """``rounding`` as set; unset, ``spectrum`` for dynamic widths where the spectra were
+    taken, else ``mean``, which keeps constant slicing's single width (SliceGPT's)."""
+    if rounding is not None:
+        return rounding
+    return "spectrum" if dynamic and spectra else "mean"
+
+
 def check_explicit_dims(dims: Sequence[int], hidden_size: int, num_layers: int) -> list[int]:
     if len(dims) != num_layers:
         raise AllocationError(

@@ -18,20 +18,16 @@ from dynslice_modifier.adapters import changing_in_place, get_adapter
 from dynslice_modifier.allocation import (
     DEFAULT_ROUND_TO,
     Rounding,
-    allocate_dims,
     check_explicit_dims,
     check_fractions,
     check_sparsity_fits,
 )
-from dynslice_modifier.budget import (
-    ParameterCounter,
-    check_target_reachable,
-    solve_sparsity,
-)
+from dynslice_modifier.budget import ParameterCounter, check_target_reachable
 from dynslice_modifier.calibration import LayerInputs, capture_layer_inputs
 from dynslice_modifier.conversion import convert_to_sliced
 from dynslice_modifier.distributed import is_distributed, shared_across_ranks, sum_over_ranks
 from dynslice_modifier.errors import AllocationError, CalibrationError
+from dynslice_modifier.layout import Layout, LayoutPlanner
 from dynslice_modifier.modeling.configuration_dynslice import INPUT_PROJECTION, SHORTCUTS
 from dynslice_modifier.quantization import (
     check_dims_fit,
@@ -347,14 +343,6 @@ class DynamicSliceModifier(Modifier):
             return 0.2 * sparsity
         return min(self.slicing_base, sparsity) if self.target_params else self.slicing_base
 
-    def _rounding_for(self, sparsity: float, slicing_base: float, spectra: bool) -> Rounding:
-        """How a layout's widths are rounded: as set, or unset ``spectrum`` for dynamic
-        widths where the spectra were taken and ``mean`` for constant ones, which keeps
-        SliceGPT's single width."""
-        if self.rounding is not None:
-            return self.rounding
-        return "spectrum" if spectra and slicing_base < sparsity else "mean"
-
     @property
     def lr_scores(self) -> list[float] | None:
         """Layer Redundancy per decoder layer, once ``on_initialize`` has run."""
@@ -417,29 +405,20 @@ class DynamicSliceModifier(Modifier):
         keep_tied = tied and not (self.untie_embeddings or self.slice_head)
         if self.quantize_shortcuts and keep_tied:
             check_input_projection(f"{layer_names[0]}.{INPUT_PROJECTION}", hidden, others)
-        predicted = ParameterCounter(
-            model, adapter, self.basis, keep_tied, self.align_bases, self.slice_head
+        planner = LayoutPlanner(
+            ParameterCounter(
+                model, adapter, self.basis, keep_tied, self.align_bases, self.slice_head
+            ),
+            round_to,
+            self.normalization,
+            self.rounding,
+            self.profitable_only,
         )
-
-        def leave_whole(dims: list[int], sparsity: float) -> tuple[list[int], list[bool]]:
-            # A whole layer is hidden_size wide, which must also be a multiple of round_to
-            # (a group-wise quantizer later in the recipe could not take it otherwise).
-            # Sparsity 0 asks for the rotation alone (with hadamard, to spread outliers):
-            # no layer is left out of it.
-            if not self.profitable_only or hidden % round_to or sparsity == 0.0:
-                return dims, [False] * num_layers
-            whole = predicted.whole_layers(dims)
-            return [hidden if w else d for d, w in zip(dims, whole, strict=True)], whole
-
-        # What cannot fit at any scores fails here, before a calibration pass is spent: at
-        # the maximum sparsity every layer is one rounding step wide, whatever its score.
-        max_sparsity = 1.0 - round_to / hidden
+        # What cannot fit at any scores fails here, before a calibration pass is spent.
+        max_sparsity = planner.max_sparsity
         if explicit is None and self.target_params is not None:
             check_target_reachable(
-                self.target_params,
-                dense_params,
-                predicted(*leave_whole([round_to] * num_layers, max_sparsity)),
-                max_sparsity,
+                self.target_params, dense_params, planner.smallest(), max_sparsity
             )
         elif explicit is None:
             check_sparsity_fits(self.sparsity, max_sparsity)
@@ -461,7 +440,6 @@ class DynamicSliceModifier(Modifier):
         heldout = self._heldout(inputs, hidden) if auto else frozenset()
         lr_seconds = 0.0
         consumed = False  # whether a pass has already run the captured activations through
-        spectra = None
         wants_scores = explicit is None and scores is None and not constant
         # Unset, spectrum rounding costs only the covariances in a pass that runs anyway.
         wants_spectra = explicit is None and (
@@ -480,13 +458,14 @@ class DynamicSliceModifier(Modifier):
             lr_seconds = time.perf_counter() - lr_start
             inputs.release()
             consumed = True
-            spectra = measured.spectra
+            planner.spectra = measured.spectra
             if wants_scores:
                 scores = measured.scores
         if constant and scores is None:
             logger.info("slicing_base >= sparsity: constant slicing, Layer Redundancy unused")
         if scores is not None:
             self._lr_scores = [float(s) for s in scores]
+            planner.scores = self._lr_scores
             logger.info("Layer Redundancy: " + ", ".join(f"{s:.3f}" for s in scores))
         if tied and self.slice_head and not self.untie_embeddings:
             logger.info(
@@ -495,42 +474,15 @@ class DynamicSliceModifier(Modifier):
                 "recipe takes lm_head, which unties it anyway), and the table is sliced too"
             )
 
-        def layout(sparsity: float, auto_fraction: float | None) -> tuple[list[int], list[bool]]:
-            slicing_base = self._slicing_base_for(sparsity, auto_fraction)
-            rounding = self._rounding_for(sparsity, slicing_base, spectra is not None)
-            # A layer left whole below full width is pinned and the widths are rounded again,
-            # so that no step is spent on a layer that then stays full width anyway. Pinned
-            # layers only ever join, so this ends within num_layers rounds.
-            pinned = [False] * num_layers
-            while True:
-                dims = allocate_dims(
-                    scores or [1.0] * num_layers,
-                    hidden,
-                    sparsity,
-                    slicing_base,
-                    round_to,
-                    self.normalization,
-                    rounding,
-                    spectra,
-                    pinned,
-                )
-                widths, whole = leave_whole(dims, sparsity)
-                narrower = [w and d < hidden for d, w in zip(dims, whole, strict=True)]
-                if not any(narrower):
-                    return widths, whole
-                pinned = [p or n for p, n in zip(pinned, narrower, strict=True)]
+        def plan(auto_fraction: float | None = None) -> Layout:
+            """The layout; ``auto_fraction``: the search's candidate SB, as a fraction of SP."""
 
-        def plan(auto_fraction: float | None = None) -> tuple[float, list[int], list[bool]]:
-            """(SP, widths, whole layers); ``auto_fraction``: a candidate SB of the search."""
+            def base_at(sparsity: float) -> float:
+                return self._slicing_base_for(sparsity, auto_fraction)
+
             if self.target_params is None:
-                return self.sparsity, *layout(self.sparsity, auto_fraction)
-            sparsity = solve_sparsity(
-                self.target_params,
-                dense_params,
-                lambda sp: predicted(*layout(sp, auto_fraction)),
-                max_sparsity=max_sparsity,
-            )
-            return sparsity, *layout(sparsity, auto_fraction)
+                return planner.at(self.sparsity, base_at(self.sparsity))
+            return planner.for_target(self.target_params, dense_params, base_at)
 
         search: list[dict[str, Any]] | None = None
         if auto:
@@ -540,14 +492,14 @@ class DynamicSliceModifier(Modifier):
             search = self._search_slicing_base(state, adapter, device, keep_tied, plan, heldout)
             consumed = True
         rounding: Rounding | None = None
+        slicing_base: float | None = None
         if explicit:
             sparsity = 1.0 - sum(explicit) / (hidden * num_layers)
             dims, whole = explicit, [False] * num_layers
         else:
-            sparsity, dims, whole = plan()
-            rounding = self._rounding_for(
-                sparsity, self._slicing_base_for(sparsity), spectra is not None
-            )
+            chosen = plan()
+            sparsity, slicing_base, rounding = chosen.sparsity, chosen.slicing_base, chosen.rounding
+            dims, whole = chosen.dims, chosen.whole
             logger.info(f"Widths rounded to multiples of {round_to} by {rounding} rounding")
         if self.target_params is not None and explicit is None:
             logger.info(f"target_params {self.target_params}: solved sparsity {sparsity:.4f}")
@@ -558,7 +510,7 @@ class DynamicSliceModifier(Modifier):
                 f"{[i for i, w in enumerate(whole) if w]}). For a real size reduction use "
                 "target_params, a larger sparsity or basis: layer."
             )
-        if tied and not keep_tied and whole[0] and not predicted.head_sliced(whole[-1]):
+        if tied and not keep_tied and whole[0] and not planner.counter.head_sliced(whole[-1]):
             # Neither the table (read whole by layer 0) nor the head would change, so untied
             # they would stay equal: a second table in memory for nothing, which
             # llm-compressor's save would tie again anyway.
@@ -567,12 +519,11 @@ class DynamicSliceModifier(Modifier):
                 "neither would be rotated"
             )
             keep_tied = True
-            predicted = ParameterCounter(
-                model, adapter, self.basis, keep_tied, self.align_bases, self.slice_head
-            )
+        counter = ParameterCounter(
+            model, adapter, self.basis, keep_tied, self.align_bases, self.slice_head
+        )
         logger.info(
-            f"Predicted parameters: {predicted(dims, whole) / 1e6:.2f}M of "
-            f"{dense_params / 1e6:.2f}M"
+            f"Predicted parameters: {counter(dims, whole) / 1e6:.2f}M of {dense_params / 1e6:.2f}M"
         )
         logger.info(f"Kept residual widths: {dims}")
 
@@ -590,7 +541,7 @@ class DynamicSliceModifier(Modifier):
             provenance = {
                 "lr_scores": self._lr_scores,
                 "sparsity": sparsity,
-                "slicing_base": None if explicit else self._slicing_base_for(sparsity),
+                "slicing_base": slicing_base,
                 "target_params": self.target_params,
                 "round_to": round_to,
                 "rounding": rounding,
@@ -844,15 +795,11 @@ class DynamicSliceModifier(Modifier):
         adapter: Any,
         device: torch.device,
         keep_tied: bool,
-        plan: Callable[[float], tuple[float, list[int], list[bool]]],
+        plan: Callable[[float], Layout],
         heldout: frozenset[int],
     ) -> list[dict[str, Any]]:
         model = state.model
         layers = adapter.layers(model)
-
-        def plan_fraction(fraction: float) -> tuple[float, float, list[int], list[bool]]:
-            sparsity, dims, whole = plan(fraction)
-            return sparsity, self._slicing_base_for(sparsity, fraction), dims, whole
 
         def trial(dims: list[int], whole: list[bool]) -> float:
             inputs = capture_layer_inputs(model, layers[0], state.data.calib)
@@ -860,9 +807,7 @@ class DynamicSliceModifier(Modifier):
             slicer.run(inputs, heldout)
             return heldout_nll(model, adapter, inputs, heldout, device)
 
-        best, trials = search_slicing_base(
-            self.auto_fractions or DEFAULT_FRACTIONS, plan_fraction, trial
-        )
+        best, trials = search_slicing_base(self.auto_fractions or DEFAULT_FRACTIONS, plan, trial)
         self._auto_fraction = best.fraction
         return [
             {

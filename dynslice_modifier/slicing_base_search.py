@@ -24,6 +24,7 @@ from dynslice_modifier.adapters import ModelAdapter
 from dynslice_modifier.calibration import LayerInputs, onloaded
 from dynslice_modifier.distributed import sum_over_ranks
 from dynslice_modifier.errors import CalibrationError
+from dynslice_modifier.layout import Layout
 
 # Candidate SBs as fractions of SP: 0 is "all by redundancy", 1 would be constant slicing,
 # which the paper and our benchmark find worst, so it is not tried by default.
@@ -93,23 +94,23 @@ def heldout_nll(
 
 def search_slicing_base(
     fractions: Iterable[float],
-    plan: Callable[[float], tuple[float, float, list[int], list[bool]]],
+    plan: Callable[[float], Layout],
     trial: Callable[[list[int], list[bool]], float],
 ) -> tuple[Trial, list[Trial]]:
     """Try each SB fraction; return the best trial and all of them.
 
-    ``plan(fraction)`` gives ``(sparsity, slicing_base, dims, whole)`` for a candidate (the SP
-    can depend on SB when a parameter target is solved for); ``trial(dims, whole)`` slices
-    copies of the layers and returns the held-out loss. Candidates that come out as the same
-    widths are run once.
+    ``plan(fraction)`` gives a candidate's layout (its SP can depend on SB when a
+    parameter target is solved for); ``trial(dims, whole)`` slices copies of the layers and
+    returns the held-out loss. Candidates that come out as the same widths are run once.
     """
     trials: list[Trial] = []
     seen: dict[tuple, float] = {}
     for fraction in tqdm(list(fractions), desc="Searching slicing_base", leave=False):
-        sparsity, base, dims, whole = plan(fraction)
-        key = (tuple(dims), tuple(whole))
+        layout = plan(fraction)
+        sparsity, base = layout.sparsity, layout.slicing_base
+        key = (tuple(layout.dims), tuple(layout.whole))
         if key not in seen:
-            seen[key] = trial(dims, whole)
+            seen[key] = trial(layout.dims, layout.whole)
         nll = seen[key]
         trials.append(Trial(fraction, base, sparsity, nll))
         logger.info(
