@@ -21,8 +21,10 @@ from transformers import AutoModelForCausalLM
 
 from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.adapters import get_adapter
-from dynslice_modifier.allocation import DEFAULT_ROUND_TO, allocate_dims, choose_rounding
+from dynslice_modifier.allocation import DEFAULT_ROUND_TO
+from dynslice_modifier.budget import ParameterCounter
 from dynslice_modifier.calibration import capture_layer_inputs, onloaded, to_device
+from dynslice_modifier.layout import LayoutPlanner
 from dynslice_modifier.redundancy import dense_pass
 from dynslice_modifier.slicer import RotateAndSlice
 
@@ -57,33 +59,37 @@ def main() -> None:
     measured = dense_pass(adapter, layers, inputs, device, spectra=True)
     lr_s = time.perf_counter() - start
 
-    # The modifier's defaults otherwise too: aligned bases (one more SVD per basis), so the
-    # cost is that of the recipe users run.
+    # The modifier's defaults otherwise too, planned as it plans them (rounding, layers
+    # left whole, aligned bases: one more SVD per basis), so the cost is that of the recipe
+    # users run. SmolLM2 ties its table, which the defaults keep tied.
     defaults = DynamicSliceModifier(sparsity=0.25, slicing_base=0.05)
-    rounding = choose_rounding(
-        defaults.rounding,
-        dynamic=defaults.effective_slicing_base < defaults.sparsity,
-        spectra=measured.spectra is not None,
+    keep_tied = not (defaults.untie_embeddings or defaults.slice_head)
+    counter = ParameterCounter(
+        model, adapter, defaults.basis, keep_tied, defaults.align_bases, defaults.slice_head
     )
-    dims = allocate_dims(
-        measured.scores,
-        model.config.hidden_size,
-        defaults.sparsity,
-        defaults.slicing_base,
+    planner = LayoutPlanner(
+        counter,
         defaults.round_to or DEFAULT_ROUND_TO,
-        rounding=rounding,
-        spectra=measured.spectra,
+        defaults.normalization,
+        defaults.rounding,
+        defaults.profitable_only,
+        measured.scores,
+        measured.spectra,
     )
+    layout = planner.at(defaults.sparsity, defaults.effective_slicing_base)
     inputs = capture_layer_inputs(model, layers[0], batches)
     start = time.perf_counter()
     slicer = RotateAndSlice(
         model,
         adapter,
-        dims,
+        layout.dims,
         device,
         defaults.basis,
+        keep_tied,
         hadamard=defaults.hadamard,
         align=defaults.align_bases,
+        whole=layout.whole,
+        slice_head=defaults.slice_head,
     )
     slicer.run(inputs)
     slice_s = time.perf_counter() - start
@@ -96,7 +102,8 @@ def main() -> None:
     result = {
         "calibration": f"{args.n_calib}x512 tokens",
         "slicer": {
-            "rounding": rounding,
+            "rounding": layout.rounding,
+            "whole_layers": [i for i, w in enumerate(layout.whole) if w],
             "hadamard": defaults.hadamard,
             "align_bases": defaults.align_bases,
         },
