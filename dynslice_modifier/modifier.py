@@ -91,13 +91,15 @@ class DynamicSliceModifier(Modifier):
             - capture calibration inputs of the first decoder layer
             - Layer Redundancy pass over the unmodified model (one layer on the device
               at a time) unless ``layer_scores`` or ``layer_dims`` are given, or
-              slicing is constant (SB == SP without ``target_params``), where scores
-              change nothing; it also takes the spectrum of each layer's input for
-              ``rounding: spectrum`` (which runs it whenever widths are allocated) and,
-              with ``rounding`` unset, for dynamic widths
+              slicing is constant (SB == SP; with ``target_params``, an SB that no
+              solved SP can exceed), where scores change nothing; it also takes the
+              spectrum of each layer's input for ``rounding: spectrum`` (which runs it
+              whenever widths are allocated) and, with ``rounding`` unset, for dynamic
+              widths
             - with ``slicing_base: auto``, slice copies of the layers once per candidate SB
               and keep the one with the lowest held-out calibration loss
-            - allocate per-layer widths
+            - allocate per-layer widths (``layout.LayoutPlanner``: rounded, unprofitable
+              layers left whole, SP solved for ``target_params``)
             - rotate-and-slice pass, then conversion to ``DynSliceForCausalLM``
         - on_start, on_event, on_end: nothing (llm-compressor's defaults); the model is
           sliced before any later modifier calibrates, so there is no per-batch work
@@ -560,9 +562,22 @@ class DynamicSliceModifier(Modifier):
                 provenance,
                 quantizable_shortcuts=self._shortcuts_quantized(result, layer_names, others),
             )
+        self._summarize(model, dims, sparsity, dense_params, start, lr_seconds)
+        return True
+
+    def _summarize(
+        self,
+        model: torch.nn.Module,
+        dims: list[int],
+        sparsity: float,
+        dense_params: int,
+        start: float,
+        lr_seconds: float,
+    ) -> None:
+        """Record the run's sizes and timings (``summary``, ``config.slicing``) and log them."""
         sliced_params = count_parameters(model)
         model.config.slicing["parameters"] = {"dense": dense_params, "sliced": sliced_params}
-        mean_slice = 1.0 - sum(dims) / (len(dims) * hidden)
+        mean_slice = 1.0 - sum(dims) / (len(dims) * model.config.hidden_size)
         self._summary = {
             "dims": dims,
             "mean_slice": mean_slice,
@@ -585,7 +600,6 @@ class DynamicSliceModifier(Modifier):
                 "removes. Raise sparsity, use basis: layer (one shortcut per layer), or keep "
                 "profitable_only on"
             )
-        return True
 
     def _round_to(self, requirement: tuple[int, str] | None, hidden: int) -> int:
         """The step every width is a multiple of: ``round_to``, or raised to what the
