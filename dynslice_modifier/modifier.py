@@ -512,7 +512,8 @@ class DynamicSliceModifier(Modifier):
                 f"{[i for i, w in enumerate(whole) if w]}). For a real size reduction use "
                 "target_params, a larger sparsity or basis: layer."
             )
-        if tied and not keep_tied and whole[0] and not planner.counter.head_sliced(whole[-1]):
+        counter = planner.counter
+        if tied and not keep_tied and whole[0] and not counter.head_sliced(whole[-1]):
             # Neither the table (read whole by layer 0) nor the head would change, so untied
             # they would stay equal: a second table in memory for nothing, which
             # llm-compressor's save would tie again anyway.
@@ -521,9 +522,9 @@ class DynamicSliceModifier(Modifier):
                 "neither would be rotated"
             )
             keep_tied = True
-        counter = ParameterCounter(
-            model, adapter, self.basis, keep_tied, self.align_bases, self.slice_head
-        )
+            counter = ParameterCounter(
+                model, adapter, self.basis, keep_tied, self.align_bases, self.slice_head
+            )
         logger.info(
             f"Predicted parameters: {counter(dims, whole) / 1e6:.2f}M of {dense_params / 1e6:.2f}M"
         )
