@@ -102,6 +102,7 @@ def run_row(row: dict) -> dict:
 
     import dynslice_modifier  # noqa: F401
     from dynslice_modifier import DynamicSliceModifier
+    from dynslice_modifier.allocation import mean_slice
     from dynslice_modifier.evaluation import perplexity
 
     path, tokenizer, dataset, evaluation = protocol()
@@ -148,10 +149,9 @@ def run_row(row: dict) -> dict:
     size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
     spec = getattr(model.config, "slicing", None)
     dims = spec["mlp_dims"] if spec else []
-    mean_slice = 1.0 - sum(dims) / (len(dims) * model.config.hidden_size) if dims else 0.0
     return dict(
         row,
-        mean_slice=round(mean_slice, 4),
+        mean_slice=round(mean_slice(dims, model.config.hidden_size), 4) if dims else 0.0,
         ppl=round(perplexity(model, evaluation), 3),
         mib=round(size / 2**20, 1),
         oneshot_s=round(seconds, 1),

@@ -26,6 +26,11 @@ Rounding = Literal["mean", "nearest", "spectrum"]
 DEFAULT_ROUND_TO = 16
 
 
+def mean_slice(dims: Sequence[int], hidden_size: int) -> float:
+    """The fraction of residual-stream dimensions ``dims`` removes, over all layers."""
+    return 1.0 - sum(dims) / (hidden_size * len(dims))
+
+
 def check_fractions(sparsity: float, slicing_base: float) -> None:
     if not 0.0 <= sparsity < 1.0:
         raise AllocationError(f"sparsity must be in [0, 1), got {sparsity}")

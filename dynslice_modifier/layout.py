@@ -13,7 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from dynslice_modifier.allocation import Normalization, Rounding, allocate_dims, choose_rounding
+from dynslice_modifier.allocation import (
+    Normalization,
+    Rounding,
+    allocate_dims,
+    choose_rounding,
+    mean_slice,
+)
 from dynslice_modifier.budget import ParameterCounter, solve_sparsity
 
 
@@ -22,10 +28,15 @@ class Layout:
     """The widths planned for one SP and SB, and how they were rounded."""
 
     sparsity: float  # the SP allocated for (solved for, with target_params)
-    slicing_base: float
-    rounding: Rounding
+    slicing_base: float | None  # None: widths given, not allocated
+    rounding: Rounding | None  # None: widths given, not rounded
     dims: list[int]  # kept widths; hidden_size for a whole layer
     whole: list[bool]  # left at full width in the original basis
+
+    @classmethod
+    def given(cls, dims: list[int], hidden_size: int) -> Layout:
+        """Widths given as they are (``layer_dims``): every layer rotated, none whole."""
+        return cls(mean_slice(dims, hidden_size), None, None, dims, [False] * len(dims))
 
 
 @dataclass

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -15,12 +16,14 @@ from loguru import logger
 from pydantic import PrivateAttr, field_validator, model_validator
 
 from dynslice_modifier.adapters import changing_in_place, get_adapter
+from dynslice_modifier.adapters.base import ModelAdapter
 from dynslice_modifier.allocation import (
     DEFAULT_ROUND_TO,
     Rounding,
     check_explicit_dims,
     check_fractions,
     check_sparsity_fits,
+    mean_slice,
 )
 from dynslice_modifier.budget import ParameterCounter, check_target_reachable
 from dynslice_modifier.calibration import LayerInputs, capture_layer_inputs
@@ -64,6 +67,33 @@ __all__ = ["DynamicSliceModifier"]
 AUTO_HOLDOUT = 0.25
 
 
+@dataclass
+class _Run:
+    """What ``on_initialize`` settles from the model and the recipe before calibrating."""
+
+    adapter: ModelAdapter
+    layers: torch.nn.ModuleList
+    layer_names: list[str]
+    others: list[Modifier]  # the recipe's modifiers, the slicer among them
+    device: torch.device  # where each layer is rotated and sliced
+    dense_params: int
+    tied: bool  # the model shares its embedding table with the head
+    keep_tied: bool  # and slicing keeps it shared (``_settle_tie`` may still keep it so)
+    explicit: list[int] | None  # layer_dims, checked
+    planner: LayoutPlanner
+
+
+def _compute_device() -> torch.device:
+    device = get_main_device()
+    if device.type == "mps":
+        logger.warning(
+            "MPS has no float64, which the PCA and the rotations need: slicing runs on "
+            "the CPU (quantizers later in the recipe still use MPS)"
+        )
+        return torch.device("cpu")
+    return device
+
+
 class DynamicSliceModifier(Modifier):
     """
     Rotates a decoder-only model into the principal components of its residual stream
@@ -88,6 +118,9 @@ class DynamicSliceModifier(Modifier):
 
     Lifecycle:
         - on_initialize
+            - check the model, the recipe and the options against each other, so that
+              what cannot run is refused before any calibration is spent; fold scalar
+              multipliers (Granite's) into the weights
             - capture calibration inputs of the first decoder layer
             - Layer Redundancy pass over the unmodified model (one layer on the device
               at a time) unless ``layer_scores`` or ``layer_dims`` are given, or
@@ -358,14 +391,60 @@ class DynamicSliceModifier(Modifier):
     def on_initialize(self, state: State, **kwargs: Any) -> bool:
         start = time.perf_counter()
         model = state.model
+        run = self._prepare(model, state.data.calib, kwargs.get("sequential_targets"))
+        # Folding keeps the function, so a run refused after it leaves a model that computes
+        # what it did; one that fails midway leaves some layers scaled.
+        with changing_in_place(model, "scaled"):
+            folded = fold_multipliers(model, run.adapter, run.device)
+        if folded:
+            logger.info(f"Folded {', '.join(folded)} into the weights (recorded as 1.0)")
+        hidden = run.planner.hidden_size
+        inputs = self._capture(model, run.layers[0], state.data.calib, hidden, run.device)
+        auto = self.slicing_base == "auto"
+        heldout = self._heldout(inputs, hidden) if auto else frozenset()
+        lr_seconds = self._measure(run, inputs, heldout)
+        search: list[dict[str, Any]] | None = None
+        if auto:
+            # Every trial captures activations of its own; given layer_scores, the first
+            # capture is still held and would sit beside them, doubling host memory.
+            inputs.release()
+            search = self._search_slicing_base(state, run, heldout)
+        layout = self._layout(run)
+        keep_tied = self._settle_tie(model, run, layout)
+
+        # Untied only now, when the model is about to change: every check above may still
+        # refuse the run and leave the caller's model computing what it did.
+        with changing_in_place(model, "rotated and sliced"):
+            if not keep_tied:
+                untie_head(model)
+            slicer = self._slicer(model, run, layout, keep_tied)
+            if self.hadamard:
+                self._warn_hadamard(slicer.smallest_hadamard_block, layout.whole)
+            if not len(inputs):  # released: a pass before this one spent them
+                inputs = capture_layer_inputs(model, run.layers[0], state.data.calib)
+            result = slicer.run(inputs)
+            convert_to_sliced(
+                model,
+                run.adapter,
+                result,
+                self._provenance(run, layout, search),
+                quantizable_shortcuts=self._shortcuts_quantized(result, run),
+            )
+        self._summarize(model, layout, run.dense_params, start, lr_seconds)
+        return True
+
+    def _prepare(self, model: torch.nn.Module, calib: Any, sequential_targets: Any) -> _Run:
+        """Every check that needs only the model and the recipe, so that what cannot run
+        fails before a calibration pass is spent; the model is left as it was."""
         adapter = get_adapter(model)
         config = model.config
         hidden, num_layers = config.hidden_size, config.num_hidden_layers
+        layers = adapter.layers(model)
         others = recipe_modifiers()
         check_order(others, self)
         check_sequential_targets(
-            kwargs.get("sequential_targets"),
-            type(adapter.layers(model)[0]).__name__,
+            sequential_targets,
+            type(layers[0]).__name__,
             followed=any(m is not self for m in others),
         )
         module_names = {id(module): name for name, module in model.named_modules()}
@@ -377,7 +456,7 @@ class DynamicSliceModifier(Modifier):
                 f"layer_scores has {len(self.layer_scores)} entries but the model has "
                 f"{num_layers} decoder layers"
             )
-        layer_names = [module_names[id(layer)] for layer in adapter.layers(model)]
+        layer_names = [module_names[id(layer)] for layer in layers]
         check_unsliced_inputs(model, set(reads), others)
         explicit = (
             check_explicit_dims(self.layer_dims, hidden, num_layers)
@@ -386,20 +465,11 @@ class DynamicSliceModifier(Modifier):
         )
         if explicit:
             check_dims_fit(explicit, requirement)
-        if state.data.calib is None:
+        if calib is None:
             raise CalibrationError(
                 "DynamicSliceModifier needs calibration data: pass dataset=... (and "
                 "num_calibration_samples, max_seq_length) to oneshot"
             )
-        device = get_main_device()
-        if device.type == "mps":
-            logger.warning(
-                "MPS has no float64, which the PCA and the rotations need: slicing runs on "
-                "the CPU (quantizers later in the recipe still use MPS)"
-            )
-            device = torch.device("cpu")
-        layers = adapter.layers(model)
-        dense_params = count_parameters(model)
         tied = embeddings_tied(model)
         # A sliced head reads a basis of its own, so it cannot share the table; the table,
         # left alone, is then rotated into layer 0's basis like an untied one (narrower, and
@@ -408,43 +478,55 @@ class DynamicSliceModifier(Modifier):
         if self.quantize_shortcuts and keep_tied:
             check_input_projection(f"{layer_names[0]}.{INPUT_PROJECTION}", hidden, others)
         planner = LayoutPlanner(
-            ParameterCounter(
-                model, adapter, self.basis, keep_tied, self.align_bases, self.slice_head
-            ),
+            self._counter(model, adapter, keep_tied),
             round_to,
             self.normalization,
             self.rounding,
             self.profitable_only,
         )
-        # What cannot fit at any scores fails here, before a calibration pass is spent.
-        max_sparsity = planner.max_sparsity
+        dense_params = count_parameters(model)
         if explicit is None and self.target_params is not None:
             check_target_reachable(
-                self.target_params, dense_params, planner.smallest(), max_sparsity
+                self.target_params, dense_params, planner.smallest(), planner.max_sparsity
             )
         elif explicit is None:
-            check_sparsity_fits(self.sparsity, max_sparsity)
+            check_sparsity_fits(self.sparsity, planner.max_sparsity)
+        if tied and self.slice_head and not self.untie_embeddings:
+            logger.info(
+                "slice_head: the head reads a rotated basis, so it is untied from the shared "
+                "embedding table (a second, narrower table; free only if a quantizer in the "
+                "recipe takes lm_head, which unties it anyway), and the table is sliced too"
+            )
+        return _Run(
+            adapter,
+            layers,
+            layer_names,
+            others,
+            _compute_device(),
+            dense_params,
+            tied,
+            keep_tied,
+            explicit,
+            planner,
+        )
 
-        # Folding keeps the function, so a run refused after it leaves a model that computes
-        # what it did; one that fails midway leaves some layers scaled.
-        with changing_in_place(model, "scaled"):
-            folded = fold_multipliers(model, adapter, device)
-        if folded:
-            logger.info(f"Folded {', '.join(folded)} into the weights (recorded as 1.0)")
-        inputs = self._capture(model, layers[0], state.data.calib, hidden, device)
-
-        scores = self.layer_scores
-        auto = self.slicing_base == "auto"
+    def _measure(self, run: _Run, inputs: LayerInputs, heldout: frozenset[int]) -> float:
+        """Score the layers (Layer Redundancy) and take each layer input's spectrum, where
+        the layout needs them, in one pass over the unsliced model that spends ``inputs``;
+        hands both to the planner and returns the pass's seconds (0 when none ran)."""
+        planner = run.planner
         # With target_params, SB is capped at the SP solved for, so an SB capped even at the
         # largest SP gives constant slicing whatever SP is found.
-        largest = self.sparsity if self.target_params is None else max_sparsity
-        constant = explicit is None and not auto and self._slicing_base_for(largest) == largest
-        heldout = self._heldout(inputs, hidden) if auto else frozenset()
-        lr_seconds = 0.0
-        consumed = False  # whether a pass has already run the captured activations through
-        wants_scores = explicit is None and scores is None and not constant
+        largest = self.sparsity if self.target_params is None else planner.max_sparsity
+        constant = (
+            run.explicit is None
+            and self.slicing_base != "auto"
+            and self._slicing_base_for(largest) == largest
+        )
+        scores = self.layer_scores
+        wants_scores = run.explicit is None and scores is None and not constant
         # Unset, spectrum rounding costs only the covariances in a pass that runs anyway.
-        wants_spectra = explicit is None and (
+        wants_spectra = run.explicit is None and (
             self.rounding == "spectrum" or (self.rounding is None and wants_scores)
         )
         if wants_spectra:
@@ -452,14 +534,14 @@ class DynamicSliceModifier(Modifier):
                 "The pass over the unsliced model also takes the spectrum of each layer's "
                 "input, for rounding: spectrum"
             )
+        seconds = 0.0
         if wants_scores or wants_spectra:
-            lr_start = time.perf_counter()
+            start = time.perf_counter()
             measured = dense_pass(
-                adapter, layers, inputs, device, skip=heldout, spectra=wants_spectra
+                run.adapter, run.layers, inputs, run.device, skip=heldout, spectra=wants_spectra
             )
-            lr_seconds = time.perf_counter() - lr_start
+            seconds = time.perf_counter() - start
             inputs.release()
-            consumed = True
             planner.spectra = measured.spectra
             if wants_scores:
                 scores = measured.scores
@@ -469,51 +551,51 @@ class DynamicSliceModifier(Modifier):
             self._lr_scores = [float(s) for s in scores]
             planner.scores = self._lr_scores
             logger.info("Layer Redundancy: " + ", ".join(f"{s:.3f}" for s in scores))
-        if tied and self.slice_head and not self.untie_embeddings:
+        return seconds
+
+    def _plan(self, run: _Run, auto_fraction: float | None = None) -> Layout:
+        """The planned layout; ``auto_fraction``: the search's candidate SB, as a fraction
+        of SP (unset: the SB given, or the one the search chose)."""
+
+        def base_at(sparsity: float) -> float:
+            return self._slicing_base_for(sparsity, auto_fraction)
+
+        if self.target_params is None:
+            return run.planner.at(self.sparsity, base_at(self.sparsity))
+        return run.planner.for_target(self.target_params, run.dense_params, base_at)
+
+    def _layout(self, run: _Run) -> Layout:
+        """The widths this run keeps: ``layer_dims`` as given, or planned."""
+        if run.explicit is not None:
+            return Layout.given(run.explicit, run.planner.hidden_size)
+        layout = self._plan(run)
+        logger.info(
+            f"Widths rounded to multiples of {run.planner.round_to} by {layout.rounding} rounding"
+        )
+        if self.target_params is not None:
             logger.info(
-                "slice_head: the head reads a rotated basis, so it is untied from the shared "
-                "embedding table (a second, narrower table; free only if a quantizer in the "
-                "recipe takes lm_head, which unties it anyway), and the table is sliced too"
+                f"target_params {self.target_params}: solved sparsity {layout.sparsity:.4f}"
             )
-
-        def plan(auto_fraction: float | None = None) -> Layout:
-            """The layout; ``auto_fraction``: the search's candidate SB, as a fraction of SP."""
-
-            def base_at(sparsity: float) -> float:
-                return self._slicing_base_for(sparsity, auto_fraction)
-
-            if self.target_params is None:
-                return planner.at(self.sparsity, base_at(self.sparsity))
-            return planner.for_target(self.target_params, dense_params, base_at)
-
-        search: list[dict[str, Any]] | None = None
-        if auto:
-            # Every trial captures activations of its own; given layer_scores, the first
-            # capture is still held and would sit beside them, doubling host memory.
-            inputs.release()
-            search = self._search_slicing_base(state, adapter, device, keep_tied, plan, heldout)
-            consumed = True
-        rounding: Rounding | None = None
-        slicing_base: float | None = None
-        if explicit:
-            sparsity = 1.0 - sum(explicit) / (hidden * num_layers)
-            dims, whole = explicit, [False] * num_layers
-        else:
-            chosen = plan()
-            sparsity, slicing_base, rounding = chosen.sparsity, chosen.slicing_base, chosen.rounding
-            dims, whole = chosen.dims, chosen.whole
-            logger.info(f"Widths rounded to multiples of {round_to} by {rounding} rounding")
-        if self.target_params is not None and explicit is None:
-            logger.info(f"target_params {self.target_params}: solved sparsity {sparsity:.4f}")
-        if any(whole):
+        whole = [i for i, w in enumerate(layout.whole) if w]
+        if whole:
             logger.warning(
-                f"Leaving {sum(whole)} of {num_layers} layers whole (full width, unrotated): "
-                "slicing them would add more shortcut weights than it removes (layers "
-                f"{[i for i, w in enumerate(whole) if w]}). For a real size reduction use "
-                "target_params, a larger sparsity or basis: layer."
+                f"Leaving {len(whole)} of {len(layout.whole)} layers whole (full width, "
+                "unrotated): slicing them would add more shortcut weights than it removes "
+                f"(layers {whole}). For a real size reduction use target_params, a larger "
+                "sparsity or basis: layer."
             )
-        counter = planner.counter
-        if tied and not keep_tied and whole[0] and not counter.head_sliced(whole[-1]):
+        return layout
+
+    def _settle_tie(self, model: torch.nn.Module, run: _Run, layout: Layout) -> bool:
+        """Whether the embedding table stays shared with the head, now that the layout is
+        known; logs the parameters the layout is predicted to leave."""
+        keep_tied, counter = run.keep_tied, run.planner.counter
+        if (
+            run.tied
+            and not keep_tied
+            and layout.whole[0]
+            and not counter.head_sliced(layout.whole[-1])
+        ):
             # Neither the table (read whole by layer 0) nor the head would change, so untied
             # they would stay equal: a second table in memory for nothing, which
             # llm-compressor's save would tie again anyway.
@@ -522,55 +604,46 @@ class DynamicSliceModifier(Modifier):
                 "neither would be rotated"
             )
             keep_tied = True
-            counter = ParameterCounter(
-                model, adapter, self.basis, keep_tied, self.align_bases, self.slice_head
-            )
+            counter = self._counter(model, run.adapter, keep_tied)
         logger.info(
-            f"Predicted parameters: {counter(dims, whole) / 1e6:.2f}M of {dense_params / 1e6:.2f}M"
+            f"Predicted parameters: {counter(layout.dims, layout.whole) / 1e6:.2f}M of "
+            f"{run.dense_params / 1e6:.2f}M"
         )
-        logger.info(f"Kept residual widths: {dims}")
+        logger.info(f"Kept residual widths: {layout.dims}")
+        return keep_tied
 
-        # Untied only now, when the model is about to change: every check above may still
-        # refuse the run and leave the caller's model computing what it did.
-        with changing_in_place(model, "rotated and sliced"):
-            if not keep_tied:
-                untie_head(model)
-            slicer = self._slicer(model, adapter, dims, whole, device, keep_tied)
-            if self.hadamard:
-                self._warn_hadamard(slicer.smallest_hadamard_block, whole)
-            if consumed:
-                inputs = capture_layer_inputs(model, layers[0], state.data.calib)
-            result = slicer.run(inputs)
-            provenance = {
-                "lr_scores": self._lr_scores,
-                "sparsity": sparsity,
-                "slicing_base": slicing_base,
-                "target_params": self.target_params,
-                "round_to": round_to,
-                "rounding": rounding,
-                "normalization": self.normalization,
-                "basis": self.basis,
-                "hadamard": self.hadamard,
-                "align_bases": self.align_bases,
-                "slicing_base_search": search,
-                "profitable_only": self.profitable_only,
-                "whole_layers": [i for i, w in enumerate(whole) if w],
-            }
-            convert_to_sliced(
-                model,
-                adapter,
-                result,
-                provenance,
-                quantizable_shortcuts=self._shortcuts_quantized(result, layer_names, others),
-            )
-        self._summarize(model, dims, sparsity, dense_params, start, lr_seconds)
-        return True
+    def _counter(
+        self, model: torch.nn.Module, adapter: ModelAdapter, keep_tied: bool
+    ) -> ParameterCounter:
+        """Counts the model as this slicer builds it, the table kept tied or not."""
+        return ParameterCounter(
+            model, adapter, self.basis, keep_tied, self.align_bases, self.slice_head
+        )
+
+    def _provenance(
+        self, run: _Run, layout: Layout, search: list[dict[str, Any]] | None
+    ) -> dict[str, Any]:
+        """How the widths were chosen, for ``config.slicing``."""
+        return {
+            "lr_scores": self._lr_scores,
+            "sparsity": layout.sparsity,
+            "slicing_base": layout.slicing_base,
+            "target_params": self.target_params,
+            "round_to": run.planner.round_to,
+            "rounding": layout.rounding,
+            "normalization": self.normalization,
+            "basis": self.basis,
+            "hadamard": self.hadamard,
+            "align_bases": self.align_bases,
+            "slicing_base_search": search,
+            "profitable_only": self.profitable_only,
+            "whole_layers": [i for i, w in enumerate(layout.whole) if w],
+        }
 
     def _summarize(
         self,
         model: torch.nn.Module,
-        dims: list[int],
-        sparsity: float,
+        layout: Layout,
         dense_params: int,
         start: float,
         lr_seconds: float,
@@ -578,10 +651,10 @@ class DynamicSliceModifier(Modifier):
         """Record the run's sizes and timings (``summary``, ``config.slicing``) and log them."""
         sliced_params = count_parameters(model)
         model.config.slicing["parameters"] = {"dense": dense_params, "sliced": sliced_params}
-        mean_slice = 1.0 - sum(dims) / (len(dims) * model.config.hidden_size)
+        realised = mean_slice(layout.dims, model.config.hidden_size)
         self._summary = {
-            "dims": dims,
-            "mean_slice": mean_slice,
+            "dims": layout.dims,
+            "mean_slice": realised,
             "dense_parameters": dense_params,
             "sliced_parameters": sliced_params,
             "embeddings_tied": embeddings_tied(model),
@@ -589,8 +662,8 @@ class DynamicSliceModifier(Modifier):
             "lr_seconds": lr_seconds,
         }
         logger.info(
-            f"Sliced {type(model).__name__}: mean slice {mean_slice:.3f} (target "
-            f"{sparsity:.4f}), parameters {dense_params / 1e6:.2f}M -> "
+            f"Sliced {type(model).__name__}: mean slice {realised:.3f} (target "
+            f"{layout.sparsity:.4f}), parameters {dense_params / 1e6:.2f}M -> "
             f"{sliced_params / 1e6:.2f}M ({sliced_params / dense_params:.1%} of dense), "
             f"{self._summary['seconds']:.1f}s"
         )
@@ -733,37 +806,33 @@ class DynamicSliceModifier(Modifier):
     def _slicer(
         self,
         model: torch.nn.Module,
-        adapter: Any,
-        dims: list[int],
-        whole: list[bool],
-        device: torch.device,
+        run: _Run,
+        layout: Layout,
         keep_tied: bool,
         in_place: bool = True,
     ) -> RotateAndSlice:
         return RotateAndSlice(
             model,
-            adapter,
-            dims,
-            device,
+            run.adapter,
+            layout.dims,
+            run.device,
             self.basis,
             keep_tied=keep_tied,
             hadamard=self.hadamard,
             align=self.align_bases,
             in_place=in_place,
-            whole=whole,
+            whole=layout.whole,
             slice_head=self.slice_head,
         )
 
-    def _shortcuts_quantized(
-        self, result: SlicingResult, layer_names: list[str], others: list[Modifier]
-    ) -> bool:
+    def _shortcuts_quantized(self, result: SlicingResult, run: _Run) -> bool:
         """Whether the quantizers later in the recipe take the shortcut matrices."""
         names = [
             f"{prefix}.{name}"
-            for idx, prefix in enumerate(layer_names)
+            for idx, prefix in enumerate(run.layer_names)
             for name, _ in result.changes_of_basis(idx)
         ]
-        quantizers = [m for m in others if is_quantizer(m)]
+        quantizers = [m for m in run.others if is_quantizer(m)]
         if not self.quantize_shortcuts:
             if names and quantizers:
                 logger.info(
@@ -805,24 +874,19 @@ class DynamicSliceModifier(Modifier):
         return heldout
 
     def _search_slicing_base(
-        self,
-        state: State,
-        adapter: Any,
-        device: torch.device,
-        keep_tied: bool,
-        plan: Callable[[float], Layout],
-        heldout: frozenset[int],
+        self, state: State, run: _Run, heldout: frozenset[int]
     ) -> list[dict[str, Any]]:
         model = state.model
-        layers = adapter.layers(model)
 
-        def trial(dims: list[int], whole: list[bool]) -> float:
-            inputs = capture_layer_inputs(model, layers[0], state.data.calib)
-            slicer = self._slicer(model, adapter, dims, whole, device, keep_tied, in_place=False)
+        def trial(layout: Layout) -> float:
+            inputs = capture_layer_inputs(model, run.layers[0], state.data.calib)
+            slicer = self._slicer(model, run, layout, run.keep_tied, in_place=False)
             slicer.run(inputs, heldout)
-            return heldout_nll(model, adapter, inputs, heldout, device)
+            return heldout_nll(model, run.adapter, inputs, heldout, run.device)
 
-        best, trials = search_slicing_base(self.auto_fractions or DEFAULT_FRACTIONS, plan, trial)
+        best, trials = search_slicing_base(
+            self.auto_fractions or DEFAULT_FRACTIONS, partial(self._plan, run), trial
+        )
         self._auto_fraction = best.fraction
         return [
             {

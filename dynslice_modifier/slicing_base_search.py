@@ -95,12 +95,12 @@ def heldout_nll(
 def search_slicing_base(
     fractions: Iterable[float],
     plan: Callable[[float], Layout],
-    trial: Callable[[list[int], list[bool]], float],
+    trial: Callable[[Layout], float],
 ) -> tuple[Trial, list[Trial]]:
     """Try each SB fraction; return the best trial and all of them.
 
     ``plan(fraction)`` gives a candidate's layout (its SP can depend on SB when a
-    parameter target is solved for); ``trial(dims, whole)`` slices copies of the layers and
+    parameter target is solved for); ``trial(layout)`` slices copies of the layers and
     returns the held-out loss. Candidates that come out as the same widths are run once.
     """
     trials: list[Trial] = []
@@ -110,7 +110,7 @@ def search_slicing_base(
         sparsity, base = layout.sparsity, layout.slicing_base
         key = (tuple(layout.dims), tuple(layout.whole))
         if key not in seen:
-            seen[key] = trial(layout.dims, layout.whole)
+            seen[key] = trial(layout)
         nll = seen[key]
         trials.append(Trial(fraction, base, sparsity, nll))
         logger.info(

@@ -9,9 +9,9 @@ import pytest
 from tiny import tiny_model
 
 from dynslice_modifier.adapters import get_adapter
-from dynslice_modifier.allocation import allocate_dims
+from dynslice_modifier.allocation import allocate_dims, mean_slice
 from dynslice_modifier.budget import ParameterCounter
-from dynslice_modifier.layout import LayoutPlanner
+from dynslice_modifier.layout import Layout, LayoutPlanner
 from dynslice_modifier.slicer import count_parameters
 
 
@@ -110,3 +110,12 @@ def test_at_the_maximum_sparsity_every_layer_is_one_step_wide_whatever_the_score
         layout = planner.at(planner.max_sparsity, 0.0)
         assert layout.dims == [16] * 6
         assert planner.counter(layout.dims, layout.whole) == planner.smallest()
+
+
+def test_given_widths_are_a_layout_of_their_own_mean_slice():
+    # layer_dims: neither allocated nor rounded, so SB and rounding are recorded as unset.
+    layout = Layout.given([576, 432, 288], 576)
+    assert layout.sparsity == pytest.approx(0.25, abs=1e-12)
+    assert layout.sparsity == mean_slice(layout.dims, 576)
+    assert (layout.slicing_base, layout.rounding) == (None, None)
+    assert layout.whole == [False, False, False]
