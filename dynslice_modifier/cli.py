@@ -284,7 +284,6 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from llmcompressor import oneshot
     from transformers import AutoConfig
 
-    from dynslice_modifier import DynamicSliceModifier
     from dynslice_modifier.adapters import adapter_for
     from dynslice_modifier.output import (
         atomic_directory,
@@ -297,71 +296,20 @@ def cmd_compress(args: argparse.Namespace) -> None:
     path = _model_path(args.model)
     # An architecture the slicer cannot take is refused from its config, before the
     # weights are loaded (minutes for a large model) and before any data is tokenized.
-    adapter_for(AutoConfig.from_pretrained(path))
+    config = AutoConfig.from_pretrained(path)
+    adapter_for(config)
     output = Path(args.output)
     check_target(output, [path])
     dense_bytes = _weights_bytes(path)
     # Slicing and quantizing shrink the weights; rotation alone (SP 0) adds shortcut
     # matrices, hence the margin over the input's size.
     check_free_space(output, int(1.25 * dense_bytes) + 2**20)
-    given = [
-        _flag(name)
-        for name in ("sparsity", "target_params", "slicing_base", *SLICER_FLAGS)
-        if getattr(args, name) is not None
-    ]
-    if args.quantize != "none":
-        given.append("--quantize")
-    if args.quantize_head:
-        given.append("--quantize-head")
-    if args.recipe and given:
-        raise ValueError(
-            f"--recipe sets the whole recipe; drop {' '.join(given)} or put them in the recipe"
-        )
-    if args.recipe:
-        import yaml
-        from llmcompressor.recipe import Recipe
-
-        try:
-            modifiers = Recipe.create_instance(args.recipe).modifiers
-        except yaml.YAMLError as err:
-            raise ValueError(f"--recipe {args.recipe} is not valid YAML: {err}") from None
-        if not any(isinstance(m, DynamicSliceModifier) for m in modifiers):
-            raise ValueError(
-                f"--recipe {args.recipe} has no DynamicSliceModifier, so compress would not "
-                "slice; add a slice stage before its quantizers (see recipes/slice_w8a8.yaml)"
-            )
+    recipe = _compress_recipe(args, config)
     tokenizer = _tokenizer(path)
     calib, evaluation = _windows(tokenizer, args)
     dataset = Dataset.from_dict(
         {"input_ids": calib.tolist(), "attention_mask": [[1] * calib.shape[1]] * len(calib)}
     )
-    if args.recipe:
-        recipe: Any = args.recipe
-    else:
-        if args.target_params is not None and args.sparsity is not None:
-            raise ValueError("give either --sparsity or --target-params, not both")
-        if args.quantize_shortcuts and args.quantize == "none":
-            raise ValueError("--quantize-shortcuts needs a --quantize scheme to apply")
-        if args.quantize_head and args.quantize != "w8a8":
-            raise ValueError(
-                "--quantize-head is offered with --quantize w8a8 only (an int8 head, which "
-                f"vLLM's CPU kernels run fast), got --quantize {args.quantize}"
-            )
-        budget = (
-            {"target_params": args.target_params}
-            if args.target_params is not None
-            else {"sparsity": 0.25 if args.sparsity is None else args.sparsity}
-        )
-        slicer = DynamicSliceModifier(
-            **budget,
-            slicing_base=args.slicing_base,
-            **{f: getattr(args, f) for f in SLICER_FLAGS if getattr(args, f) is not None},
-        )
-        config = AutoConfig.from_pretrained(path)
-        quantizers = quant_modifiers(
-            args.quantize, config, slicer.quantize_shortcuts, args.quantize_head
-        )
-        recipe = [slicer, *quantizers]
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     with atomic_directory(output) as scratch:
@@ -395,6 +343,63 @@ def cmd_compress(args: argparse.Namespace) -> None:
             f"perplexity ({args.eval_windows} x 1024 tokens): dense {dense_ppl:.2f} -> "
             f"compressed {sliced_ppl:.2f} ({sliced_ppl / dense_ppl:.2f}x)"
         )
+
+
+def _compress_recipe(args: argparse.Namespace, config: Any) -> Any:
+    """What compress runs: ``--recipe`` as given, once checked to slice, or the recipe the
+    flags describe; every conflict among them is refused before any data is read."""
+    from dynslice_modifier import DynamicSliceModifier
+
+    given = [
+        _flag(name)
+        for name in ("sparsity", "target_params", "slicing_base", *SLICER_FLAGS)
+        if getattr(args, name) is not None
+    ]
+    if args.quantize != "none":
+        given.append("--quantize")
+    if args.quantize_head:
+        given.append("--quantize-head")
+    if args.recipe and given:
+        raise ValueError(
+            f"--recipe sets the whole recipe; drop {' '.join(given)} or put them in the recipe"
+        )
+    if args.recipe:
+        import yaml
+        from llmcompressor.recipe import Recipe
+
+        try:
+            modifiers = Recipe.create_instance(args.recipe).modifiers
+        except yaml.YAMLError as err:
+            raise ValueError(f"--recipe {args.recipe} is not valid YAML: {err}") from None
+        if not any(isinstance(m, DynamicSliceModifier) for m in modifiers):
+            raise ValueError(
+                f"--recipe {args.recipe} has no DynamicSliceModifier, so compress would not "
+                "slice; add a slice stage before its quantizers (see recipes/slice_w8a8.yaml)"
+            )
+        return args.recipe
+    if args.target_params is not None and args.sparsity is not None:
+        raise ValueError("give either --sparsity or --target-params, not both")
+    if args.quantize_shortcuts and args.quantize == "none":
+        raise ValueError("--quantize-shortcuts needs a --quantize scheme to apply")
+    if args.quantize_head and args.quantize != "w8a8":
+        raise ValueError(
+            "--quantize-head is offered with --quantize w8a8 only (an int8 head, which "
+            f"vLLM's CPU kernels run fast), got --quantize {args.quantize}"
+        )
+    budget = (
+        {"target_params": args.target_params}
+        if args.target_params is not None
+        else {"sparsity": 0.25 if args.sparsity is None else args.sparsity}
+    )
+    slicer = DynamicSliceModifier(
+        **budget,
+        slicing_base=args.slicing_base,
+        **{f: getattr(args, f) for f in SLICER_FLAGS if getattr(args, f) is not None},
+    )
+    quantizers = quant_modifiers(
+        args.quantize, config, slicer.quantize_shortcuts, args.quantize_head
+    )
+    return [slicer, *quantizers]
 
 
 def _perplexity(path: Path, evaluation: Any) -> float:

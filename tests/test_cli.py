@@ -434,6 +434,27 @@ def test_bad_arguments_fail_clearly(args, message, workdir, capsys):
     assert not (workdir / "bad").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--quantize-shortcuts"], "needs a --quantize scheme"),
+        (["--sparsity", "0.2", "--target-params", "0.1"], "either --sparsity or --target-params"),
+        (["--recipe", "quantize_only.yaml"], "has no DynamicSliceModifier"),
+    ],
+)
+def test_compress_refuses_conflicting_flags_before_reading_the_text(
+    flags, message, workdir, capsys, monkeypatch
+):
+    import dynslice_modifier.evaluation
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("the calibration text was read")
+
+    monkeypatch.setattr(dynslice_modifier.evaluation, "wikitext_tokens", forbidden)
+    code, _, err = run_main("compress", "tiny", "bad", *flags, *DATA, cwd=workdir, capsys=capsys)
+    assert code != 0 and message in err, err
+
+
 def test_scores_checks_its_json_path_before_scoring(workdir, capsys, monkeypatch):
     import dynslice_modifier.calibration
 
