@@ -26,7 +26,7 @@ from dynslice_modifier.budget import ParameterCounter
 from dynslice_modifier.calibration import capture_layer_inputs, onloaded, to_device
 from dynslice_modifier.layout import LayoutPlanner
 from dynslice_modifier.redundancy import dense_pass
-from dynslice_modifier.slicer import RotateAndSlice
+from dynslice_modifier.slicer import RotateAndSlice, embeddings_tied
 
 
 def main() -> None:
@@ -61,9 +61,9 @@ def main() -> None:
 
     # The modifier's defaults otherwise too, planned as it plans them (rounding, layers
     # left whole, aligned bases: one more SVD per basis), so the cost is that of the recipe
-    # users run. SmolLM2 ties its table, which the defaults keep tied.
+    # users run.
     defaults = DynamicSliceModifier(sparsity=0.25, slicing_base=0.05)
-    keep_tied = not (defaults.untie_embeddings or defaults.slice_head)
+    keep_tied = embeddings_tied(model) and not (defaults.untie_embeddings or defaults.slice_head)
     counter = ParameterCounter(
         model, adapter, defaults.basis, keep_tied, defaults.align_bases, defaults.slice_head
     )
