@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -311,100 +312,32 @@ class RotateAndSlice:
         On return ``inputs.hidden`` holds the sliced model's final residual stream (before
         the final norm) in the original basis.
         """
-        adapter, device = self.adapter, self.device
+        adapter = self.adapter
         self._heldout = heldout
+        self._chain = None
         layers = adapter.layers(self.model)
-        eye = torch.eye(self.hidden_size, dtype=torch.float64, device=device)
+        eye = torch.eye(self.hidden_size, dtype=torch.float64, device=self.device)
         attn_dims, mlp_dims, attn_sc, mlp_sc = [], [], [], []
         pending: _Writer | None = None
-        input_projection: torch.Tensor | None = None
-        self._chain = None
+        input_projection: Shortcut | None = None
         for idx, layer in enumerate(tqdm(layers, desc="Rotate and slice", leave=False)):
-            if self.in_place:
-                place = onloaded(layer, device)
-            else:
-                # Copied where it lives (an offloaded layer lends its onloaded weights), so
-                # the compute device holds the copy alone, not the original beside it; the
-                # copy is thrown away, never moved back.
-                layer = plain_copy(layer).to(device)
-                place = contextlib.nullcontext(layer)
-            with place, torch.no_grad():
+            with self._onload(layer) as layer, torch.no_grad():
                 attn_scale, mlp_scale = self._unit_norms(layer, self.dims[idx])
-                attn_inputs = adapter.attn_inputs(layer)
-                whole = self.whole[idx]
-                if whole:
-                    a_basis = eye
-                    self._next_input_cov = None
-                    # The original basis is no PCA basis to follow: the chain restarts.
-                    self._chain = None
-                elif self.basis == "layer":
-                    a_basis = self._joint_basis(layer, inputs, idx, attn_scale)
-                else:
-                    a_basis = self._input_basis(inputs, idx)
+                a_basis = self._attention_basis(layer, inputs, idx, attn_scale, eye)
                 if pending is not None:
                     mlp_sc.append(self._finish_writer(pending, a_basis))
                 elif self.tied:
                     # The shared table stays in the original basis; layer 0 projects it.
                     input_projection = self._keep(change_of_basis(eye, a_basis))
-                elif self.in_place and not whole:
-                    embedding = adapter.embedding(self.model)
-                    # Fetched once if offloaded; a table in host memory stays there, and
-                    # goes to the accelerator a block at a time for its product.
-                    fetched_once = is_offloaded(embedding)
-                    with onloaded(embedding, device) if fetched_once else contextlib.nullcontext():
-                        rotate_embedding(embedding, a_basis)
-                rotate_inputs(attn_inputs, a_basis, attn_scale)
-
-                # Activations are projected in float32; covariances and weights use float64.
-                a32 = a_basis.float()
-                # The MLP basis needs the post-attention signal only with sublayer bases.
-                mid_acc = (
-                    None
-                    if whole or self.basis == "layer"
-                    else CovarianceAccumulator(self.hidden_size, device)
-                )
-                for b in range(len(inputs)):
-                    x = inputs.hidden[b].to(device)
-                    kwargs = inputs.layer_kwargs(b, idx, device)
-                    xs = x.float() @ a32
-                    attn_out, _ = adapter.attn(layer)(
-                        hidden_states=adapter.input_norm(layer)(xs.to(x.dtype)), **kwargs
-                    )
-                    mid = (xs @ a32.T + attn_out.float()).to(x.dtype)
-                    check_finite(mid, f"decoder layer {idx}, after attention")
-                    if mid_acc is not None:
-                        self._accumulate(mid_acc, mid, inputs, b)
-                    inputs.hidden[b] = mid.to(inputs.hidden[b].device)
-
-                if mid_acc is None:
-                    m_basis = a_basis
-                    attn_sc.append(None)
-                else:
-                    m_basis = self._pca(mid_acc, self.dims[idx], f"layer {idx} MLP input")
-                    attn_sc.append(self._keep(change_of_basis(a_basis, m_basis)))
+                elif self.in_place and not self.whole[idx]:
+                    self._rotate_embedding(a_basis)
+                rotate_inputs(adapter.attn_inputs(layer), a_basis, attn_scale)
+                m_basis, shortcut = self._through_attention(layer, inputs, idx, a_basis)
+                attn_sc.append(shortcut)
                 rotate_output(adapter.attn_output(layer), m_basis)
                 rotate_inputs(adapter.mlp_inputs(layer), m_basis, mlp_scale)
-                m32 = m_basis.float()
-
-                # The output's covariance is the next PCA's input: the next layer's (unless
-                # it has its own joint basis or stays whole) or the head's.
                 last = idx == len(layers) - 1
-                feeds_pca = (
-                    self.slice_head if last else self.basis != "layer" and not self.whole[idx + 1]
-                )
-                out_acc = CovarianceAccumulator(self.hidden_size, device) if feeds_pca else None
-                for b in range(len(inputs)):
-                    mid = inputs.hidden[b].to(device)
-                    ms = mid.float() @ m32
-                    mlp_out = adapter.mlp(layer)(
-                        adapter.post_attention_norm(layer)(ms.to(mid.dtype))
-                    )
-                    out = (ms @ m32.T + mlp_out.float()).to(mid.dtype)
-                    check_finite(out, f"decoder layer {idx} output")
-                    if out_acc is not None:
-                        self._accumulate(out_acc, out, inputs, b)
-                    inputs.hidden[b] = out.to(inputs.hidden[b].device)
-                self._next_input_cov = out_acc
+                self._through_mlp(layer, inputs, idx, m_basis, last)
                 pending = _Writer(adapter.mlp_output(layer), m_basis)
                 attn_dims.append(a_basis.shape[1])
                 mlp_dims.append(m_basis.shape[1])
@@ -422,6 +355,98 @@ class RotateAndSlice:
             aligned=self.align,
             final_dim=self.dims[-1] if self.slice_head else None,
         )
+
+    def _onload(self, layer: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+        """The layer to rotate and slice, on the compute device for the duration."""
+        if self.in_place:
+            return onloaded(layer, self.device)
+        # Copied where it lives (an offloaded layer lends its onloaded weights), so the
+        # compute device holds the copy alone, not the original beside it; the copy is
+        # thrown away, never moved back.
+        return contextlib.nullcontext(plain_copy(layer).to(self.device))
+
+    def _attention_basis(
+        self,
+        layer: nn.Module,
+        inputs: LayerInputs,
+        idx: int,
+        attn_scale: torch.Tensor,
+        eye: torch.Tensor,
+    ) -> torch.Tensor:
+        """The basis layer ``idx``'s attention reads the residual in."""
+        if self.whole[idx]:
+            self._next_input_cov = None
+            # The original basis is no PCA basis to follow: the chain restarts.
+            self._chain = None
+            return eye
+        if self.basis == "layer":
+            return self._joint_basis(layer, inputs, idx, attn_scale)
+        return self._input_basis(inputs, idx)
+
+    def _rotate_embedding(self, basis: torch.Tensor) -> None:
+        embedding = self.adapter.embedding(self.model)
+        # Fetched once if offloaded; a table in host memory stays there, and goes to the
+        # accelerator a block at a time for its product.
+        fetched_once = is_offloaded(embedding)
+        with onloaded(embedding, self.device) if fetched_once else contextlib.nullcontext():
+            rotate_embedding(embedding, basis)
+
+    def _through_attention(
+        self, layer: nn.Module, inputs: LayerInputs, idx: int, a_basis: torch.Tensor
+    ) -> tuple[torch.Tensor, Shortcut | None]:
+        """Carry the residual through the (rotated) attention; return the MLP's basis and
+        the shortcut into it."""
+        adapter = self.adapter
+
+        def attention(hidden: torch.Tensor, b: int) -> torch.Tensor:
+            kwargs = inputs.layer_kwargs(b, idx, self.device)
+            return adapter.attn(layer)(hidden_states=adapter.input_norm(layer)(hidden), **kwargs)[0]
+
+        # The MLP basis needs the post-attention signal only with sublayer bases.
+        shared = self.whole[idx] or self.basis == "layer"
+        acc = None if shared else CovarianceAccumulator(self.hidden_size, self.device)
+        self._add_sublayer(inputs, a_basis, attention, acc, f"decoder layer {idx}, after attention")
+        if acc is None:
+            return a_basis, None
+        m_basis = self._pca(acc, self.dims[idx], f"layer {idx} MLP input")
+        return m_basis, self._keep(change_of_basis(a_basis, m_basis))
+
+    def _through_mlp(
+        self, layer: nn.Module, inputs: LayerInputs, idx: int, m_basis: torch.Tensor, last: bool
+    ) -> None:
+        """Carry the residual through the (rotated) MLP, gathering the covariance of its
+        output where the next PCA reads it: the next layer's input (unless that layer has
+        its own joint basis or stays whole) or the head's."""
+        adapter = self.adapter
+
+        def mlp(hidden: torch.Tensor, _b: int) -> torch.Tensor:
+            return adapter.mlp(layer)(adapter.post_attention_norm(layer)(hidden))
+
+        feeds_pca = self.slice_head if last else self.basis != "layer" and not self.whole[idx + 1]
+        acc = CovarianceAccumulator(self.hidden_size, self.device) if feeds_pca else None
+        self._add_sublayer(inputs, m_basis, mlp, acc, f"decoder layer {idx} output")
+        self._next_input_cov = acc
+
+    def _add_sublayer(
+        self,
+        inputs: LayerInputs,
+        basis: torch.Tensor,
+        sublayer: Callable[[torch.Tensor, int], torch.Tensor],
+        acc: CovarianceAccumulator | None,
+        where: str,
+    ) -> None:
+        """Add ``sublayer(residual in basis, batch)`` to the residual ``inputs`` carries (in
+        the original basis), batch by batch; ``acc`` gathers the sum's covariance."""
+        # Activations are projected in float32; covariances and weights use float64.
+        b32 = basis.float()
+        for b in range(len(inputs)):
+            x = inputs.hidden[b].to(self.device)
+            xs = x.float() @ b32
+            out = (xs @ b32.T + sublayer(xs.to(x.dtype), b).float()).to(x.dtype)
+            check_finite(out, where)
+            if acc is not None:
+                self._accumulate(acc, out, inputs, b)
+            inputs.hidden[b] = out.to(inputs.hidden[b].device)
 
     def _final_basis(self, inputs: LayerInputs) -> torch.Tensor:
         """The head's basis: PCA of the last layer's output at the last layer's width.
