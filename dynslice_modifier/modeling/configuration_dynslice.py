@@ -85,7 +85,27 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
             f"config.slicing must be a mapping, got {type(spec).__name__}: config.json was "
             "edited or not written by dynslice-modifier; re-save the sliced model"
         )
-    version = spec.get("format_version")
+    version = _check_format_version(spec.get("format_version"))
+    _check_layer_entries(spec, hidden_size, num_layers)
+    _check_shortcuts_join_widths(spec, hidden_size, num_layers)
+    layout = spec.get("layout")
+    if not isinstance(layout, dict) or any(k not in layout for k in _LAYOUT_KEYS):
+        raise SlicingConfigError(f"slicing.layout must name all of {list(_LAYOUT_KEYS)}")
+    if spec.get("embedding_sliced") not in (True, False):
+        raise SlicingConfigError("slicing.embedding_sliced must be true or false")
+    for key in ("input_projection", "quantizable_shortcuts", "unit_norms"):
+        if spec.get(key, False) not in (True, False):
+            raise SlicingConfigError(f"slicing.{key} must be true or false")
+    _check_delta_shortcuts(spec, version)
+    unprojected = not spec["embedding_sliced"] and not has_input_projection(spec)
+    if unprojected and spec["attn_dims"][0] != hidden_size:
+        raise SlicingConfigError(
+            "slicing.input_projection is false, so layer 0 must read the embedding table at "
+            f"full width: attn_dims[0] = {spec['attn_dims'][0]} != {hidden_size}"
+        )
+
+
+def _check_format_version(version: Any) -> int:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise SlicingConfigError(
             f"slicing.format_version is {version!r}, not a version number (1 and up): "
@@ -98,6 +118,11 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
             f"(it reads up to {SLICING_FORMAT_VERSION}); upgrade dynslice-modifier: "
             "pip install -U dynslice-modifier"
         )
+    return version
+
+
+def _check_layer_entries(spec: dict[str, Any], hidden_size: int, num_layers: int) -> None:
+    """Every per-layer width and shortcut flag, and the head's width, well-typed and in range."""
     for key in ("attn_dims", "mlp_dims"):
         for i, dim in enumerate(_layer_list(spec, key, num_layers)):
             if isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= hidden_size:
@@ -117,6 +142,10 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
             f"slicing.final_dim = {final!r}: the head's width must be an integer in "
             f"[1, hidden_size={hidden_size}] (or absent: full width, original basis)"
         )
+
+
+def _check_shortcuts_join_widths(spec: dict[str, Any], hidden_size: int, num_layers: int) -> None:
+    """Wherever the residual changes width, a shortcut matrix must carry it across."""
     for i in range(num_layers):
         if not spec["attn_shortcuts"][i] and spec["attn_dims"][i] != spec["mlp_dims"][i]:
             raise SlicingConfigError(
@@ -127,14 +156,9 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
             raise SlicingConfigError(
                 f"layer {i}: mlp_dims[{i}] != the next width {out_dim} needs an MLP shortcut"
             )
-    layout = spec.get("layout")
-    if not isinstance(layout, dict) or any(k not in layout for k in _LAYOUT_KEYS):
-        raise SlicingConfigError(f"slicing.layout must name all of {list(_LAYOUT_KEYS)}")
-    if spec.get("embedding_sliced") not in (True, False):
-        raise SlicingConfigError("slicing.embedding_sliced must be true or false")
-    for key in ("input_projection", "quantizable_shortcuts", "unit_norms"):
-        if spec.get(key, False) not in (True, False):
-            raise SlicingConfigError(f"slicing.{key} must be true or false")
+
+
+def _check_delta_shortcuts(spec: dict[str, Any], version: int) -> None:
     deltas = spec.get("delta_shortcuts", False)
     if isinstance(deltas, list):
         declared = set(declared_shortcuts(spec))
@@ -152,12 +176,6 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
     elif deltas not in (True, False):
         raise SlicingConfigError(
             "slicing.delta_shortcuts must be true, false or a list of shortcut names"
-        )
-    unprojected = not spec["embedding_sliced"] and not has_input_projection(spec)
-    if unprojected and spec["attn_dims"][0] != hidden_size:
-        raise SlicingConfigError(
-            "slicing.input_projection is false, so layer 0 must read the embedding table at "
-            f"full width: attn_dims[0] = {spec['attn_dims'][0]} != {hidden_size}"
         )
 
 
