@@ -47,6 +47,23 @@ def convert_to_sliced(
     rather than rebuilt: decoder layers are wrapped, the config replaced and the class
     switched; no weight is copied.
     """
+    config = _sliced_config(model, adapter, result, provenance, quantizable_shortcuts)
+    _wrap_layers(model, adapter, result, config)
+    model.config = config
+    model.model.config = config
+    model.__class__ = DynSliceForCausalLM
+    _keep_sliced_config_on_save(model)
+    return model
+
+
+def _sliced_config(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    result: SlicingResult,
+    provenance: dict[str, Any],
+    quantizable_shortcuts: bool,
+) -> DynSliceConfig:
+    """The model's config with the ``slicing`` section that describes ``result``."""
     old_config = model.config
     base = {
         k: v
@@ -83,7 +100,14 @@ def convert_to_sliced(
     config.check_slicing()
     config._attn_implementation = old_config._attn_implementation
     spec["source_model"] = config._name_or_path = old_config._name_or_path
+    return config
 
+
+def _wrap_layers(
+    model: nn.Module, adapter: ModelAdapter, result: SlicingResult, config: DynSliceConfig
+) -> None:
+    """Replace each decoder layer by a ``SlicedDecoderLayer`` around its own attention and
+    MLP, holding the layer's shortcuts and stored (offloaded) as the layer was."""
     layers = adapter.layers(model)
     for idx in range(len(layers)):
         old = layers[idx]
@@ -105,11 +129,6 @@ def convert_to_sliced(
         if (wrapper := offload_settings(old)) is not None:
             offload_module(new, **wrapper)
         layers[idx] = new
-    model.config = config
-    model.model.config = config
-    model.__class__ = DynSliceForCausalLM
-    _keep_sliced_config_on_save(model)
-    return model
 
 
 def _keep_sliced_config_on_save(model: nn.Module) -> None:
