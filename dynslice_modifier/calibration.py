@@ -128,22 +128,7 @@ def capture_layer_inputs(
     try:
         with torch.no_grad():
             for batch in tqdm(dataloader, desc="Capturing calibration inputs", leave=False):
-                # A Mapping, not only a dict: padding collators yield BatchEncoding.
-                if not isinstance(batch, Mapping) or "input_ids" not in batch:
-                    raise CalibrationError(
-                        "calibration batches must be mappings with 'input_ids' (as "
-                        "llm-compressor's dataloader yields); got "
-                        f"{type(batch).__name__}"
-                    )
-                mask = batch.get("attention_mask")
-                input_ids = torch.as_tensor(batch["input_ids"])
-                if input_ids.dim() == 1:
-                    input_ids = input_ids.unsqueeze(0)
-                    mask = None if mask is None else torch.as_tensor(mask).unsqueeze(0)
-                if mask is not None:
-                    mask = torch.as_tensor(mask).to(device)
-                _check_token_ids(input_ids, vocab)
-                input_ids = input_ids.to(device)
+                input_ids, mask = _batch_tensors(batch, vocab, device)
                 cache.kwargs.append(to_device(front(input_ids, mask), offload_device))
                 cache.hidden.append(grabbed.pop("hidden").detach().to(offload_device))
                 type_masks = {}
@@ -175,6 +160,27 @@ def capture_layer_inputs(
         layer_types=list(layer_types) if other_types else None,
         type_masks=[cache.type_masks[i] for i in order],
     )
+
+
+def _batch_tensors(
+    batch: Any, vocab: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A calibration batch's token ids and attention mask, batched and on ``device``."""
+    # A Mapping, not only a dict: padding collators yield BatchEncoding.
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise CalibrationError(
+            "calibration batches must be mappings with 'input_ids' (as llm-compressor's "
+            f"dataloader yields); got {type(batch).__name__}"
+        )
+    mask = batch.get("attention_mask")
+    input_ids = torch.as_tensor(batch["input_ids"])
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+        mask = None if mask is None else torch.as_tensor(mask).unsqueeze(0)
+    if mask is not None:
+        mask = torch.as_tensor(mask).to(device)
+    _check_token_ids(input_ids, vocab)
+    return input_ids.to(device), mask
 
 
 @contextlib.contextmanager
