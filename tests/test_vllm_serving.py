@@ -845,6 +845,31 @@ def test_shortcut_fusion_follows_the_scheme() -> None:
     }
 
 
+_HEADS = """
+import json
+from dynslice_modifier.serving.vllm_dynslice import heads_per_rank
+
+for case in ((8, 2, 1), (8, 2, 2), (8, 2, 4), (6, 2, 4), (8, 3, 2)):
+    try:
+        print(json.dumps([*case, heads_per_rank(*case)]))
+    except ValueError as error:
+        print(json.dumps([*case, str(error)]))
+"""
+
+
+def test_heads_split_across_ranks_or_the_size_is_refused() -> None:
+    """Query heads split evenly; KV heads split, or are replicated when there are fewer
+    than ranks; any other split is refused with the setting to change."""
+    split = {
+        tuple(case): answer for *case, answer in map(json.loads, _serve_python(_HEADS).splitlines())
+    }
+    assert split[8, 2, 1] == [8, 2]
+    assert split[8, 2, 2] == [4, 1]
+    assert split[8, 2, 4] == [2, 1]
+    assert "num_attention_heads=6 is not divisible by tensor_parallel_size=4" in split[6, 2, 4]
+    assert "num_key_value_heads=3 and tensor_parallel_size=2" in split[8, 3, 2]
+
+
 def _max_abs_diff(a: list[float], b: list[float]) -> float:
     # A NaN compares false with everything, so max() would pass over it.
     values = [*a, *b]

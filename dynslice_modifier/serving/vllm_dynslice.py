@@ -114,6 +114,31 @@ def _embedding_width(config: DynSliceConfig) -> int:
     return config.hidden_size
 
 
+def heads_per_rank(num_heads: int, num_kv_heads: int, tp_size: int) -> tuple[int, int]:
+    """The query and KV heads each tensor-parallel rank holds."""
+    if num_heads % tp_size != 0:
+        raise ValueError(
+            f"num_attention_heads={num_heads} is not divisible by tensor_parallel_size="
+            f"{tp_size}: choose a tensor_parallel_size that divides it"
+        )
+    if num_kv_heads % tp_size != 0 and tp_size % num_kv_heads != 0:
+        raise ValueError(
+            f"num_key_value_heads={num_kv_heads} and tensor_parallel_size={tp_size}: one "
+            "must divide the other; choose another tensor_parallel_size"
+        )
+    # With fewer KV heads than ranks, QKVParallelLinear replicates them.
+    return num_heads // tp_size, max(1, num_kv_heads // tp_size)
+
+
+def _sliding_window(config: DynSliceConfig, layer_idx: int) -> int | None:
+    """The window of a layer marked sliding in ``layer_types``, as vLLM's Llama sets it;
+    None leaves Attention the model-wide window (Mistral's) or none."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and layer_types[layer_idx] == "sliding_attention":
+        return config.sliding_window
+    return None
+
+
 class SlicedAttention(nn.Module):
     """The base architecture's attention, reading ``in_dim`` and writing ``out_dim``."""
 
@@ -128,22 +153,11 @@ class SlicedAttention(nn.Module):
     ) -> None:
         super().__init__()
         adapter = ADAPTERS[config.base_model_type]
-        tp_size = get_tensor_model_parallel_world_size()
         self.total_num_heads = config.num_attention_heads
         self.total_num_kv_heads = getattr(config, "num_key_value_heads", self.total_num_heads)
-        if self.total_num_heads % tp_size != 0:
-            raise ValueError(
-                f"num_attention_heads={self.total_num_heads} is not divisible by "
-                f"tensor_parallel_size={tp_size}"
-            )
-        if self.total_num_kv_heads % tp_size != 0 and tp_size % self.total_num_kv_heads != 0:
-            raise ValueError(
-                f"num_key_value_heads={self.total_num_kv_heads} and tensor_parallel_size="
-                f"{tp_size}: one must divide the other"
-            )
-        self.num_heads = self.total_num_heads // tp_size
-        # With fewer KV heads than ranks, QKVParallelLinear replicates them.
-        self.num_kv_heads = max(1, self.total_num_kv_heads // tp_size)
+        self.num_heads, self.num_kv_heads = heads_per_rank(
+            self.total_num_heads, self.total_num_kv_heads, get_tensor_model_parallel_world_size()
+        )
         # The original hidden size, never the sliced in_dim, fixes the head size.
         self.head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // self.total_num_heads
@@ -181,12 +195,6 @@ class SlicedAttention(nn.Module):
             rope_parameters=getattr(config, "rope_parameters", None),
             is_neox_style=True,
         )
-        # As in vLLM's Llama: layers marked sliding in layer_types get the window here;
-        # otherwise Attention falls back to the model-wide window (Mistral) or none.
-        sliding_window = None
-        layer_types = getattr(config, "layer_types", None)
-        if layer_types and layer_types[extract_layer_index(prefix)] == "sliding_attention":
-            sliding_window = config.sliding_window
         self.attn = Attention(
             self.num_heads,
             self.head_dim,
@@ -194,7 +202,7 @@ class SlicedAttention(nn.Module):
             num_kv_heads=self.num_kv_heads,
             cache_config=cache_config,
             quant_config=quant_config,
-            per_layer_sliding_window=sliding_window,
+            per_layer_sliding_window=_sliding_window(config, extract_layer_index(prefix)),
             prefix=f"{prefix}.attn",
         )
 
