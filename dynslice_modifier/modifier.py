@@ -293,28 +293,10 @@ class DynamicSliceModifier(Modifier):
         return value
 
     @model_validator(mode="after")
-    def _check_slicing_base(self) -> DynamicSliceModifier:
+    def _check_options(self) -> DynamicSliceModifier:
+        """The fields against each other; each field's own range is checked above."""
         if self.layer_dims is not None:
-            ignored = [
-                name
-                for name, given in (
-                    ("sparsity", self.sparsity > 0.0),
-                    ("target_params", self.target_params is not None),
-                    ("slicing_base", self.slicing_base is not None),
-                    ("layer_scores", self.layer_scores is not None),
-                    # Only a value other than the default is sure to be the user's: a saved
-                    # recipe writes every field (and recipes saved before the default was
-                    # unset wrote mean).
-                    ("rounding", self.rounding not in (None, "mean")),
-                    ("normalization", self.normalization != "minmax"),
-                )
-                if given
-            ]
-            if ignored:
-                raise ValueError(
-                    f"layer_dims fixes every layer's width, so {', '.join(ignored)} would be "
-                    "ignored; drop them, or drop layer_dims to have the widths allocated"
-                )
+            self._check_layer_dims()
         if self.slicing_base == "auto":
             self._check_auto()
         elif self.auto_fractions is not None or self.auto_holdout != AUTO_HOLDOUT:
@@ -322,34 +304,58 @@ class DynamicSliceModifier(Modifier):
                 "auto_fractions and auto_holdout tune slicing_base: auto; set slicing_base "
                 "to auto or drop them"
             )
-        if self.layer_dims is not None and self.round_to is not None:
-            off = [d for d in self.layer_dims if d % self.round_to]
+        if self.target_params is not None:
+            self._check_target_params()
+        elif self.slicing_base == "auto":
+            if self.sparsity == 0.0:
+                raise ValueError("slicing_base: auto needs sparsity > 0 (or target_params)")
+        else:
+            try:
+                check_fractions(self.sparsity, self.effective_slicing_base)
+            except AllocationError as err:
+                raise ValueError(str(err)) from None
+        return self
+
+    def _check_layer_dims(self) -> None:
+        ignored = [
+            name
+            for name, given in (
+                ("sparsity", self.sparsity > 0.0),
+                ("target_params", self.target_params is not None),
+                ("slicing_base", self.slicing_base is not None),
+                ("layer_scores", self.layer_scores is not None),
+                # Only a value other than the default is sure to be the user's: a saved
+                # recipe writes every field (and recipes saved before the default was
+                # unset wrote mean).
+                ("rounding", self.rounding not in (None, "mean")),
+                ("normalization", self.normalization != "minmax"),
+            )
+            if given
+        ]
+        if ignored:
+            raise ValueError(
+                f"layer_dims fixes every layer's width, so {', '.join(ignored)} would be "
+                "ignored; drop them, or drop layer_dims to have the widths allocated"
+            )
+        if self.round_to is not None:
+            off = [d for d in self.layer_dims or [] if d % self.round_to]
             if off:
                 raise ValueError(
                     f"layer_dims {off} are not multiples of round_to {self.round_to}; fix "
                     "them or drop round_to"
                 )
-        if self.target_params is not None:
-            if not 0.0 < self.target_params < 1.0:
-                raise ValueError(f"target_params must be in (0, 1), got {self.target_params}")
-            # A saved recipe writes the default sparsity 0.0 beside target_params.
-            if self.sparsity > 0.0:
-                raise ValueError("give either sparsity or target_params, not both")
-            if isinstance(self.slicing_base, float) and not 0.0 <= self.slicing_base <= 1.0:
-                raise ValueError(
-                    f"slicing_base must be in [0, 1] with target_params (it is capped at the "
-                    f"solved SP, so 1.0 is constant slicing), got {self.slicing_base}"
-                )
-            return self
-        if self.slicing_base == "auto":
-            if self.sparsity == 0.0:
-                raise ValueError("slicing_base: auto needs sparsity > 0 (or target_params)")
-            return self
-        try:
-            check_fractions(self.sparsity, self.effective_slicing_base)
-        except AllocationError as err:
-            raise ValueError(str(err)) from None
-        return self
+
+    def _check_target_params(self) -> None:
+        if not 0.0 < self.target_params < 1.0:
+            raise ValueError(f"target_params must be in (0, 1), got {self.target_params}")
+        # A saved recipe writes the default sparsity 0.0 beside target_params.
+        if self.sparsity > 0.0:
+            raise ValueError("give either sparsity or target_params, not both")
+        if isinstance(self.slicing_base, float) and not 0.0 <= self.slicing_base <= 1.0:
+            raise ValueError(
+                f"slicing_base must be in [0, 1] with target_params (it is capped at the "
+                f"solved SP, so 1.0 is constant slicing), got {self.slicing_base}"
+            )
 
     def _check_auto(self) -> None:
         if self.auto_fractions == []:
