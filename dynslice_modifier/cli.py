@@ -285,12 +285,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
     from dynslice_modifier.adapters import adapter_for
-    from dynslice_modifier.output import (
-        atomic_directory,
-        check_free_space,
-        check_target,
-        directory_size,
-    )
+    from dynslice_modifier.output import atomic_directory, check_free_space, check_target
     from dynslice_modifier.report import summary_markdown, write_report
 
     path = _model_path(args.model)
@@ -326,6 +321,21 @@ def cmd_compress(args: argparse.Namespace) -> None:
         write_report(scratch, name=output.name)
     seconds = time.perf_counter() - start
     print(summary_markdown(output))
+    _print_gains(path, output, dense_bytes, seconds, evaluation, args.eval_windows)
+
+
+def _print_gains(
+    path: Path,
+    output: Path,
+    dense_bytes: int,
+    seconds: float,
+    evaluation: Any,
+    eval_windows: int,
+) -> None:
+    """What compressing ``path`` into ``output`` gained: size, time and, given evaluation
+    windows, perplexity of both."""
+    from dynslice_modifier.output import directory_size
+
     sliced_bytes = _weights_bytes(output)
     ratio = f" ({sliced_bytes / dense_bytes:.1%})" if dense_bytes else ""
     print(
@@ -336,11 +346,11 @@ def cmd_compress(args: argparse.Namespace) -> None:
         f"compression took {seconds:.0f} s; report: {output / 'slicing_report.md'}, "
         f"{output / 'slicing_report.png'}"
     )
-    if args.eval_windows:
+    if eval_windows:
         dense_ppl = _perplexity(path, evaluation)
         sliced_ppl = _perplexity(output, evaluation)
         print(
-            f"perplexity ({args.eval_windows} x 1024 tokens): dense {dense_ppl:.2f} -> "
+            f"perplexity ({eval_windows} x 1024 tokens): dense {dense_ppl:.2f} -> "
             f"compressed {sliced_ppl:.2f} ({sliced_ppl / dense_ppl:.2f}x)"
         )
 
