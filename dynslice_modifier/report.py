@@ -33,13 +33,20 @@ def summary_markdown(checkpoint: str | Path, name: str | None = None) -> str:
     live (``compress`` writes it into a scratch directory that is renamed afterwards)."""
     config = load_slicing(checkpoint)
     spec = config["slicing"]
-    hidden = config["hidden_size"]
-    scores = spec.get("lr_scores") or [None] * len(spec["attn_dims"])
-    params = spec.get("parameters", {})
-    quant = config.get("quantization_config")
     lines = [
         f"# Sliced checkpoint: {name or Path(checkpoint).name}",
         "",
+        *_overview(config, checkpoint),
+        "",
+        *_layer_table(spec),
+        *_search_table(spec),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _overview(config: dict[str, Any], checkpoint: str | Path) -> list[str]:
+    spec, hidden = config["slicing"], config["hidden_size"]
+    lines = [
         f"- base architecture: {config['base_model_type']} ({config['num_hidden_layers']} layers, "
         f"hidden {hidden})",
         f"- sparsity (SP) {spec.get('sparsity')}, slicing base (SB) {spec.get('slicing_base')}, "
@@ -50,12 +57,12 @@ def summary_markdown(checkpoint: str | Path, name: str | None = None) -> str:
         f"{spec['embedding_sliced']}; head reads "
         f"{spec.get('final_dim') or hidden} of {hidden} (slice_head: {'final_dim' in spec})",
     ]
-    if params:
+    if params := spec.get("parameters"):
         lines.append(
             f"- parameters: {params['sliced'] / 1e6:.2f}M vs {params['dense'] / 1e6:.2f}M dense "
             f"({params['sliced'] / params['dense']:.1%}), shortcuts included"
         )
-    if quant:
+    if quant := config.get("quantization_config"):
         shortcuts = (
             "quantized with the rest, except any in its ignore list"
             if spec.get("quantizable_shortcuts")
@@ -66,8 +73,12 @@ def summary_markdown(checkpoint: str | Path, name: str | None = None) -> str:
             f"matrices {shortcuts}"
         )
     lines.append(f"- size on disk: {directory_size(checkpoint) / 2**20:.1f} MiB")
-    lines += [
-        "",
+    return lines
+
+
+def _layer_table(spec: dict[str, Any]) -> list[str]:
+    scores = spec.get("lr_scores") or [None] * len(spec["attn_dims"])
+    lines = [
         "| layer | LR score | attention width | MLP width | attn shortcut | MLP shortcut |",
         "|---|---|---|---|---|---|",
     ]
@@ -77,20 +88,26 @@ def summary_markdown(checkpoint: str | Path, name: str | None = None) -> str:
             f"| {i} | {score} | {a} | {m} | {'yes' if spec['attn_shortcuts'][i] else 'no'} | "
             f"{'yes' if spec['mlp_shortcuts'][i] else 'no'} |"
         )
-    if spec.get("slicing_base_search"):
-        lines += [
-            "",
-            "`slicing_base: auto` search (loss on held-out calibration batches):",
-            "",
-            "| SB | SP | held-out loss | held-out ppl | chosen |",
-            "|---|---|---|---|---|",
-        ]
-        for t in spec["slicing_base_search"]:
-            lines.append(
-                f"| {t['slicing_base']:.4f} | {t['sparsity']:.4f} | {t['heldout_nll']:.4f} | "
-                f"{math.exp(t['heldout_nll']):.2f} | {'yes' if t['chosen'] else ''} |"
-            )
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _search_table(spec: dict[str, Any]) -> list[str]:
+    """The ``slicing_base: auto`` candidates, where a search ran."""
+    if not spec.get("slicing_base_search"):
+        return []
+    lines = [
+        "",
+        "`slicing_base: auto` search (loss on held-out calibration batches):",
+        "",
+        "| SB | SP | held-out loss | held-out ppl | chosen |",
+        "|---|---|---|---|---|",
+    ]
+    for t in spec["slicing_base_search"]:
+        lines.append(
+            f"| {t['slicing_base']:.4f} | {t['sparsity']:.4f} | {t['heldout_nll']:.4f} | "
+            f"{math.exp(t['heldout_nll']):.2f} | {'yes' if t['chosen'] else ''} |"
+        )
+    return lines
 
 
 def plot_slicing(checkpoint: str | Path, png: str | Path) -> Path:

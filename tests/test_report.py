@@ -1,0 +1,97 @@
+"""The checkpoint report reads what the config records, layer by layer."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from dynslice_modifier.report import summary_markdown
+
+SEARCH = [
+    {"slicing_base": 0.05, "sparsity": 0.25, "heldout_nll": 3.2, "chosen": True},
+    {"slicing_base": 0.1, "sparsity": 0.25, "heldout_nll": 3.3, "chosen": False},
+]
+
+
+def write_checkpoint(directory: Path, **slicing) -> Path:
+    spec = {
+        "attn_dims": [48, 32, 64],
+        "mlp_dims": [40, 32, 64],
+        "attn_shortcuts": [True, False, False],
+        "mlp_shortcuts": [True, True, False],
+        "embedding_sliced": False,
+        "sparsity": 0.25,
+        "slicing_base": 0.05,
+        "round_to": 8,
+        "rounding": "spectrum",
+        "basis": "sublayer",
+    } | slicing
+    config = {
+        "model_type": "dynslice",
+        "base_model_type": "llama",
+        "num_hidden_layers": 3,
+        "hidden_size": 64,
+        "tie_word_embeddings": True,
+        "slicing": spec,
+    }
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "model.safetensors").write_bytes(bytes(3 * 2**20))
+    return directory
+
+
+def test_the_layer_table_has_a_row_per_layer_as_recorded(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "ck", lr_scores=[0.9123, 0.8, 0.95])
+    report = summary_markdown(checkpoint)
+    assert report.startswith("# Sliced checkpoint: ck\n")
+    rows = [line for line in report.splitlines() if line.startswith("| ")]
+    assert rows[1:] == [
+        "| 0 | 0.912 | 48 | 40 | yes | yes |",
+        "| 1 | 0.800 | 32 | 32 | no | yes |",
+        "| 2 | 0.950 | 64 | 64 | no | no |",
+    ]
+    assert "- mean kept width 45.3 of 64" in report
+    assert "round_to 8 (spectrum rounding)" in report
+    assert "- size on disk: 3.0 MiB" in report
+    # Nothing recorded, nothing claimed.
+    assert "parameters:" not in report and "quantization:" not in report
+    assert "search" not in report
+
+
+def test_scores_parameters_quantization_and_the_search_when_recorded(tmp_path):
+    checkpoint = write_checkpoint(
+        tmp_path / "ck",
+        parameters={"sliced": 1.5e6, "dense": 2e6},
+        slicing_base_search=SEARCH,
+        quantizable_shortcuts=True,
+        final_dim=32,
+    )
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["quantization_config"] = {
+        "format": "pack-quantized",
+        "quant_method": "compressed-tensors",
+    }
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    report = summary_markdown(checkpoint, name="final-name")
+    assert report.startswith("# Sliced checkpoint: final-name\n")
+    # No scores recorded (layer_dims given): the column stays empty.
+    assert "| 0 |  | 48 | 40 | yes | yes |" in report
+    assert "- parameters: 1.50M vs 2.00M dense (75.0%)" in report
+    assert "head reads 32 of 64 (slice_head: True)" in report
+    assert "pack-quantized (compressed-tensors); shortcut matrices quantized" in report
+    search = report.split("`slicing_base: auto` search")[1].splitlines()
+    assert search[-2:] == [
+        f"| 0.0500 | 0.2500 | 3.2000 | {math.exp(3.2):.2f} | yes |",
+        f"| 0.1000 | 0.2500 | 3.3000 | {math.exp(3.3):.2f} |  |",
+    ]
+
+
+def test_a_dense_checkpoint_is_refused(tmp_path):
+    directory = tmp_path / "dense"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="not a sliced checkpoint"):
+        summary_markdown(directory)
