@@ -447,23 +447,15 @@ class DynamicSliceModifier(Modifier):
         hidden, num_layers = config.hidden_size, config.num_hidden_layers
         layers = adapter.layers(model)
         others = recipe_modifiers()
-        check_order(others, self)
-        check_sequential_targets(
-            sequential_targets,
-            type(layers[0]).__name__,
-            followed=any(m is not self for m in others),
-        )
         module_names = {id(module): name for name, module in model.named_modules()}
-        reads, writes = self._sliced_linears(model, adapter, module_names)
-        requirement = required_multiple(others, reads, writes)
+        layer_names = [module_names[id(layer)] for layer in layers]
+        requirement = self._check_recipe(model, adapter, others, module_names, sequential_targets)
         round_to = self._round_to(requirement, hidden)
         if self.layer_scores is not None and len(self.layer_scores) != num_layers:
             raise AllocationError(
                 f"layer_scores has {len(self.layer_scores)} entries but the model has "
                 f"{num_layers} decoder layers"
             )
-        layer_names = [module_names[id(layer)] for layer in layers]
-        check_unsliced_inputs(model, set(reads), others)
         explicit = (
             check_explicit_dims(self.layer_dims, hidden, num_layers)
             if self.layer_dims is not None
@@ -491,12 +483,8 @@ class DynamicSliceModifier(Modifier):
             self.profitable_only,
         )
         dense_params = count_parameters(model)
-        if explicit is None and self.target_params is not None:
-            check_target_reachable(
-                self.target_params, dense_params, planner.smallest(), planner.max_sparsity
-            )
-        elif explicit is None:
-            check_sparsity_fits(self.sparsity, planner.max_sparsity)
+        if explicit is None:
+            self._check_fits(planner, dense_params)
         if tied and self.slice_head and not self.untie_embeddings:
             logger.info(
                 "slice_head: the head reads a rotated basis, so it is untied from the shared "
@@ -515,6 +503,36 @@ class DynamicSliceModifier(Modifier):
             explicit,
             planner,
         )
+
+    def _check_recipe(
+        self,
+        model: torch.nn.Module,
+        adapter: ModelAdapter,
+        others: list[Modifier],
+        module_names: dict[int, str],
+        sequential_targets: Any,
+    ) -> tuple[int, str] | None:
+        """The recipe's other modifiers against the slicer: their order, the layers they
+        onload, the inputs they need unsliced; returns the multiple their schemes need of
+        every sliced width and who asks (None: any width)."""
+        check_order(others, self)
+        check_sequential_targets(
+            sequential_targets,
+            type(adapter.layers(model)[0]).__name__,
+            followed=any(m is not self for m in others),
+        )
+        reads, writes = self._sliced_linears(model, adapter, module_names)
+        check_unsliced_inputs(model, set(reads), others)
+        return required_multiple(others, reads, writes)
+
+    def _check_fits(self, planner: LayoutPlanner, dense_params: int) -> None:
+        """What cannot fit at any scores is refused before a calibration pass is spent."""
+        if self.target_params is not None:
+            check_target_reachable(
+                self.target_params, dense_params, planner.smallest(), planner.max_sparsity
+            )
+        else:
+            check_sparsity_fits(self.sparsity, planner.max_sparsity)
 
     def _measure(self, run: _Run, inputs: LayerInputs, heldout: frozenset[int]) -> float:
         """Score the layers (Layer Redundancy) and take each layer input's spectrum, where
