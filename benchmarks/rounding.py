@@ -13,7 +13,12 @@ from dynslice_modifier.allocation import Rounding
 def add_rounding_argument(parser: argparse.ArgumentParser, help: str) -> None:
     # mean, with which most recorded rows were run; the slicer itself rounds dynamic widths
     # by spectrum unless told otherwise.
-    parser.add_argument("--rounding", default="mean", choices=get_args(Rounding), help=help)
+    parser.add_argument(
+        "--rounding",
+        default="mean",
+        choices=get_args(Rounding),
+        help=f"{help} (default: mean; the slicer's own default for dynamic widths is spectrum)",
+    )
 
 
 def rounded_name(name: str, rounding: str | None) -> str:

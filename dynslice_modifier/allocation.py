@@ -272,7 +272,8 @@ def choose_rounding(rounding: Rounding | None, dynamic: bool, spectra: bool) -> 
 def check_explicit_dims(dims: Sequence[int], hidden_size: int, num_layers: int) -> list[int]:
     if len(dims) != num_layers:
         raise AllocationError(
-            f"layer_dims has {len(dims)} entries but the model has {num_layers} decoder layers"
+            f"layer_dims has {len(dims)} entries but the model has {num_layers} decoder "
+            "layers: give one width per decoder layer"
         )
     for layer, dim in enumerate(dims):
         if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= hidden_size:

@@ -37,7 +37,10 @@ def _model_path(name: str) -> Path:
             f"id, download it first (hf download {name} --local-dir DIR) and pass DIR"
         )
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{name} is not a model directory (no config.json)")
+        raise FileNotFoundError(
+            f"{name} is not a model directory (no config.json): pass the directory a model "
+            "was saved to (config.json and its weights), or 'smollm2' for the packaged SmolLM2"
+        )
     return path
 
 
@@ -432,25 +435,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"perplexity of {path} on {args.windows} x {args.window_len} tokens: {ppl:.3f}")
 
 
-def _model_type(checkpoint: str) -> str | None:
-    """``model_type`` of a checkpoint's config; None where there is no readable one (the
-    report then names what is wrong)."""
-    try:
-        return json.loads((Path(checkpoint) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def cmd_report(args: argparse.Namespace) -> None:
     from dynslice_modifier.report import summary_markdown, write_report
 
-    model_type = _model_type(args.checkpoint)
-    if model_type not in (None, "dynslice"):
-        raise ValueError(
-            f"{args.checkpoint} is not a sliced checkpoint (model_type {model_type!r}); slice "
-            f"it first with: dynslice compress {args.checkpoint} OUTPUT (which writes the "
-            "report into OUTPUT)"
-        )
     md, png = write_report(args.checkpoint, args.out)
     print(summary_markdown(args.checkpoint))
     if png is None:
@@ -464,13 +451,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dynslice", description="Dynamic layer-specific slicing (SliceGPT + Layer Redundancy)."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_scores, _add_compress, _add_eval, _add_report):
+        add(sub)
+    return parser
 
+
+def _add_scores(sub: Any) -> None:
     p = sub.add_parser("scores", help="compute and show the Layer Redundancy of every layer")
     p.add_argument("model", help="model directory, or 'smollm2' for the packaged SmolLM2-135M")
     _add_data_args(p, samples=16)
     p.add_argument("--json", help="also write the scores to this JSON file")
     p.set_defaults(func=cmd_scores)
 
+
+def _add_compress(sub: Any) -> None:
     p = sub.add_parser(
         "compress",
         help="slice (and optionally quantize) into an output dir",
@@ -484,6 +478,23 @@ def build_parser() -> argparse.ArgumentParser:
         "never touched)",
     )
     p.add_argument("--recipe", help="llm-compressor YAML recipe (instead of the flags below)")
+    _add_budget_flags(p)
+    _add_slicer_flags(p)
+    _add_quantize_flags(p)
+    p.add_argument(
+        "--eval-windows",
+        type=_positive(int),
+        help="evaluate perplexity before/after on this many 1024-token windows",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="torch seed set before compressing (default 0)"
+    )
+    _add_data_args(p)
+    p.set_defaults(func=cmd_compress)
+
+
+def _add_budget_flags(p: argparse.ArgumentParser) -> None:
+    """How much to slice: SP or a parameter target, and the slicing base."""
     p.add_argument("--sparsity", type=_fraction, help="SP, mean fraction sliced (default 0.25)")
     p.add_argument(
         "--target-params",
@@ -497,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="SB in [0, SP] (default 0.2*SP; with --target-params in [0, 1], capped at the SP "
         "solved for), or 'auto' to choose it on held-out calibration text",
     )
+
+
+def _add_slicer_flags(p: argparse.ArgumentParser) -> None:
+    """How the slicer rounds widths and builds its bases."""
     _slicer_flag(
         p,
         "round_to",
@@ -547,6 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
         "slice the head's input too (a tied table is untied for it; pays off with "
         "--quantize-head or an untied model)",
     )
+
+
+def _add_quantize_flags(p: argparse.ArgumentParser) -> None:
+    """The quantizer that follows the slicer in the same oneshot pass."""
     p.add_argument(
         "--quantize",
         choices=QUANT_SCHEMES,
@@ -565,17 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="let --quantize w8a8 take the head too (faster decoding; a tied table is "
         "untied, so the checkpoint stores a second, int8 one)",
     )
-    p.add_argument(
-        "--eval-windows",
-        type=_positive(int),
-        help="evaluate perplexity before/after on this many 1024-token windows",
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="torch seed set before compressing (default 0)"
-    )
-    _add_data_args(p)
-    p.set_defaults(func=cmd_compress)
 
+
+def _add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="perplexity on the evaluation half of the text")
     p.add_argument("model", help="model directory (sliced, quantized or dense), or 'smollm2'")
     p.add_argument("--data", help="raw text file (default: ../shared WikiText-2 test file)")
@@ -587,11 +598,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_eval)
 
+
+def _add_report(sub: Any) -> None:
     p = sub.add_parser("report", help="Markdown table and PNG plot for a sliced checkpoint")
     p.add_argument("checkpoint", help="sliced checkpoint directory (written by compress)")
     p.add_argument("--out", help="directory for the report files (default: the checkpoint)")
     p.set_defaults(func=cmd_report)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:

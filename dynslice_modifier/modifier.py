@@ -454,7 +454,8 @@ class DynamicSliceModifier(Modifier):
         if self.layer_scores is not None and len(self.layer_scores) != num_layers:
             raise AllocationError(
                 f"layer_scores has {len(self.layer_scores)} entries but the model has "
-                f"{num_layers} decoder layers"
+                f"{num_layers} decoder layers: give one per decoder layer, as `dynslice "
+                "scores MODEL --json FILE` writes them for this model"
             )
         explicit = (
             check_explicit_dims(self.layer_dims, hidden, num_layers)

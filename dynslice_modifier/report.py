@@ -13,11 +13,15 @@ from dynslice_modifier.output import directory_size
 def load_slicing(checkpoint: str | Path) -> dict[str, Any]:
     config_path = Path(checkpoint) / "config.json"
     if not config_path.exists():
-        raise FileNotFoundError(f"{checkpoint} has no config.json; is it a model directory?")
+        raise FileNotFoundError(
+            f"{checkpoint} has no config.json: pass the directory a sliced model was saved to"
+        )
     config = json.loads(config_path.read_text())
     if config.get("model_type") != "dynslice":
         raise ValueError(
-            f"{checkpoint} is not a sliced checkpoint (model_type {config.get('model_type')!r})"
+            f"{checkpoint} is not a sliced checkpoint (model_type {config.get('model_type')!r}); "
+            f"slice it first with: dynslice compress {checkpoint} OUTPUT (which writes the "
+            "report into OUTPUT)"
         )
     return config
 

@@ -81,7 +81,11 @@ def heldout_nll(
     # Every rank must pick the same SB, so the loss is over all ranks' held-out batches.
     total, tokens = sum_over_ranks(total, tokens)
     if tokens == 0:
-        raise CalibrationError("the held-out calibration batches contain no predicted tokens")
+        raise CalibrationError(
+            "the held-out calibration batches contain no predicted tokens (each needs at "
+            "least two unmasked ones); raise auto_holdout or the calibration samples' "
+            "length, or give slicing_base explicitly"
+        )
     if not math.isfinite(total):
         # min() would take a NaN loss for the best one, whatever the others are.
         raise CalibrationError(

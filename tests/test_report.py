@@ -93,5 +93,7 @@ def test_a_dense_checkpoint_is_refused(tmp_path):
     directory = tmp_path / "dense"
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match="not a sliced checkpoint"):
+    with pytest.raises(
+        ValueError, match=r"not a sliced checkpoint .*; slice it first with: dynslice compress"
+    ):
         summary_markdown(directory)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -105,8 +106,12 @@ def test_hostile_configs_are_rejected(sliced_config, mutate, message, tmp_path):
 
     config = copy.deepcopy(sliced_config)
     mutate(config["slicing"])
-    with pytest.raises(SlicingConfigError, match=message):
+    with pytest.raises(SlicingConfigError, match=message) as error:
         DynSliceForCausalLM(DynSliceConfig.from_dict(config))
+    # Every refusal says what to do about it, not only what is wrong.
+    assert re.search(
+        r"re-save the sliced model|upgrade dynslice-modifier|in config\.json", str(error.value)
+    )
     # Loading checks the config before it reads the weights' names against it.
     (tmp_path / "config.json").write_text(json.dumps(config))
     save_file({}, tmp_path / "model.safetensors", metadata={"format": "pt"})

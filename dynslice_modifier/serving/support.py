@@ -26,17 +26,23 @@ def check_servable(config: DynSliceConfig) -> None:
     if config.base_model_type not in SUPPORTED_BASE_MODEL_TYPES:
         raise ValueError(
             f"vLLM serving of sliced {config.base_model_type!r} models is not implemented "
-            f"(supported: {', '.join(SUPPORTED_BASE_MODEL_TYPES)})"
+            f"(supported: {', '.join(SUPPORTED_BASE_MODEL_TYPES)}); load this checkpoint "
+            "with transformers (AutoModelForCausalLM.from_pretrained), or serve the dense model"
         )
     # The model file builds these module names; checkpoint keys follow slicing.layout, so a
     # checkpoint with any other layout would load into the wrong modules.
     layout = config.slicing["layout"]
     if layout not in (PRE_NORM_LAYOUT, FUSED_LAYOUT):
         raise ValueError(
-            f"unsupported slicing.layout {layout!r}; expected {PRE_NORM_LAYOUT} or {FUSED_LAYOUT}"
+            f"unsupported slicing.layout {layout!r}; expected {PRE_NORM_LAYOUT} or "
+            f"{FUSED_LAYOUT}: config.json was edited or not written by dynslice-modifier; "
+            "re-save the sliced model"
         )
     if getattr(config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"unsupported hidden_act {config.hidden_act!r}: only silu is")
+        raise ValueError(
+            f"unsupported hidden_act {config.hidden_act!r}: the sliced model file serves silu "
+            "MLPs only; load this checkpoint with transformers, or serve the dense model"
+        )
     if getattr(config, "dual_chunk_attention_config", None):
         # vLLM's own Qwen2 passes it to its rotary embedding and attention (the 1M-context
         # checkpoints); served without it, long prompts would attend differently.

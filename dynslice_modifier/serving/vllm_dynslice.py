@@ -586,7 +586,11 @@ class DynSliceModel(nn.Module):
         if vllm_config.model_config.enable_prompt_embeds and config.slicing["embedding_sliced"]:
             # User embeddings come in the original basis at hidden_size; the first layer
             # reads the rotated, narrower one.
-            raise ValueError("prompt embeddings are not supported for a sliced embedding table")
+            raise ValueError(
+                "prompt embeddings are not supported for a sliced embedding table (they "
+                "would arrive in the original basis); start vLLM without "
+                "enable_prompt_embeds and send token ids or text"
+            )
 
         pp_group = get_pp_group()
         if pp_group.is_first_rank or (config.tie_word_embeddings and pp_group.is_last_rank):
