@@ -4,9 +4,11 @@ Run with the serving environment::
 
     .venv-serve/bin/python benchmarks/serve_load.py [--model CHECKPOINT]
 
-The default checkpoint is the model ``recipes/slice_w8a8.yaml`` builds, as
-``benchmarks/quantized.py`` writes it (``benchmarks/vllm_speed.py`` names it
-"sliced W8A8 (one basis per layer), shortcuts + sliced head int8").
+The default checkpoint is ``recipes/slice_w8a8.yaml``'s settings as
+``benchmarks/quantized.py`` writes them at its default rounding, ``mean``, which the recipe
+set when ``results/serve_load.json`` was measured (``benchmarks/vllm_speed.py`` names it
+"sliced W8A8 (one basis per layer), shortcuts + sliced head int8"); the recipe now rounds by
+``spectrum``, whose checkpoint has that name with ``-spectrum`` appended.
 
 Starts the OpenAI-compatible server, sends every prompt alone (the sequential reference),
 then ``--rounds`` rounds of ``--concurrency`` simultaneous completion requests (greedy,

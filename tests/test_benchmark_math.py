@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import torch
 from boundary_shortcuts import errors
 from gemm_scaling import goal_gap
+from shipped_recipes import write_table
 from vllm_speed import cpu_description, round_ratios, speed_table
 
 
@@ -85,6 +86,51 @@ def test_speed_table_gives_each_baseline_its_columns_and_skips_one_not_measured(
     assert len(ratio_lines) == 4  # two models against each of the two measured baselines
     assert ratio_lines[-1].startswith(
         "- sliced W8A8, shortcuts int8, round by round against dense float32:"
+    )
+
+
+def test_recipe_table_shows_refusals_and_decode_speed_only_where_measured(tmp_path):
+    common = {"device": "GPU", "torch": "2.11", "mean_slice": 0.25, "quantized": False}
+    rows = [
+        dict(
+            common,
+            recipe="dense",
+            oneshot_s=None,
+            peak_accelerator_mib=None,
+            peak_host_mib=700.4,
+            mib=513.2,
+            mean_slice=0.0,
+            ppl=23.616,
+            batch_1_tok_s=40.0,
+            batch_16_tok_s=700.0,
+        ),
+        dict(
+            common,
+            recipe="recipes/q.yaml",
+            oneshot_s=27.7,
+            peak_accelerator_mib=1273.8,
+            peak_host_mib=3334.9,
+            mib=208.8,
+            ppl=54.678,
+            quantized=True,
+        ),
+        {
+            "recipe": "recipes/w4.yaml",
+            "device": "GPU",
+            "torch": "2.11",
+            "oneshot_s": 0.6,
+            "refused": "GPTQModifier uses groups of 128, but: o_proj (576)",
+        },
+    ]
+    md = tmp_path / "table.md"
+    write_table(rows, md, "python benchmarks/shipped_recipes.py")
+    lines = md.read_text().splitlines()
+    assert lines[0].startswith("SmolLM2-135M on GPU (torch 2.11)")
+    assert lines[-4].count("---") == 8
+    assert lines[-3] == "| dense | - | - | 700 | 513.2 | 0.000 | 23.62 | 40.0 / 700.0 |"
+    assert lines[-2] == "| recipes/q.yaml | 28 | 1274 | 3335 | 208.8 | 0.250 | 54.68 | - |"
+    assert (
+        lines[-1] == "| recipes/w4.yaml | refused after 1 s: GPTQModifier uses groups of 128, but |"
     )
 
 

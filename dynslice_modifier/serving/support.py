@@ -19,6 +19,11 @@ from dynslice_modifier.modeling.configuration_dynslice import (
 
 # The model file builds any architecture an adapter describes.
 SUPPORTED_BASE_MODEL_TYPES = tuple(ADAPTERS)
+# What a user can do with a checkpoint the model file cannot build.
+ELSEWHERE = (
+    "load this checkpoint with transformers (AutoModelForCausalLM.from_pretrained), or serve "
+    "the dense model"
+)
 
 
 def check_servable(config: DynSliceConfig) -> None:
@@ -27,8 +32,7 @@ def check_servable(config: DynSliceConfig) -> None:
     if config.base_model_type not in SUPPORTED_BASE_MODEL_TYPES:
         raise ValueError(
             f"vLLM serving of sliced {config.base_model_type!r} models is not implemented "
-            f"(supported: {', '.join(SUPPORTED_BASE_MODEL_TYPES)}); load this checkpoint "
-            "with transformers (AutoModelForCausalLM.from_pretrained), or serve the dense model"
+            f"(supported: {', '.join(SUPPORTED_BASE_MODEL_TYPES)}); {ELSEWHERE}"
         )
     # The model file builds these module names; checkpoint keys follow slicing.layout, so a
     # checkpoint with any other layout would load into the wrong modules.
@@ -40,7 +44,7 @@ def check_servable(config: DynSliceConfig) -> None:
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(
             f"unsupported hidden_act {config.hidden_act!r}: the sliced model file serves silu "
-            "MLPs only; load this checkpoint with transformers, or serve the dense model"
+            f"MLPs only; {ELSEWHERE}"
         )
     if getattr(config, "dual_chunk_attention_config", None):
         # vLLM's own Qwen2 passes it to its rotary embedding and attention (the 1M-context
