@@ -16,6 +16,10 @@ from lm_eval.tasks import TaskManager
 from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.evaluation import LM_EVAL_TASKS, perplexity
 
+# No bootstrapped standard errors: lm-eval computes them in a multiprocessing pool forked
+# from this (multi-threaded) pytest process, and a forked worker once hung CI for good.
+NO_BOOTSTRAP = {"bootstrap_iters": 0}
+
 
 @pytest.fixture(scope="module")
 def sliced(tmp_path_factory) -> Path:
@@ -41,7 +45,7 @@ def test_rolling_perplexity_agrees_with_ours(sliced):
         metadata={"wikitext_path": str(text), "split": "all"},
     )
     out = simple_evaluate(
-        model=lm, tasks=["wikitext2_local"], task_manager=manager, log_samples=True
+        model=lm, tasks=["wikitext2_local"], task_manager=manager, log_samples=True, **NO_BOOTSTRAP
     )
     samples = out["samples"]["wikitext2_local"]
     assert len(samples) == 4
@@ -68,7 +72,11 @@ def test_last_word_task_runs(sliced):
     )
     lm = HFLM(pretrained=str(sliced / "sliced"), batch_size=4, device="cpu")
     out = simple_evaluate(
-        model=lm, tasks=["wikitext2_lastword"], task_manager=manager, log_samples=True
+        model=lm,
+        tasks=["wikitext2_lastword"],
+        task_manager=manager,
+        log_samples=True,
+        **NO_BOOTSTRAP,
     )
     long_lines = [line for line in text.read_text().splitlines() if len(line.split()) >= 50]
     samples = out["samples"]["wikitext2_lastword"]
@@ -87,4 +95,4 @@ def test_missing_text_names_the_fix(tmp_path, sliced):
     )
     lm = HFLM(pretrained=str(sliced / "sliced"), batch_size=1, device="cpu")
     with pytest.raises(FileNotFoundError, match=r"nope\.raw"):
-        simple_evaluate(model=lm, tasks=["wikitext2_local"], task_manager=manager)
+        simple_evaluate(model=lm, tasks=["wikitext2_local"], task_manager=manager, **NO_BOOTSTRAP)
