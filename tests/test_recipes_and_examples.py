@@ -99,10 +99,12 @@ def test_example_runs(script, expect, tmp_path):
         assert all(w % 128 == 0 for w in widths)
     if script == "slice_only.py":
         # The lm-eval example reads what slice_only.py wrote, one document per task.
+        # DISABLE_MULTIPROC: lm-eval bootstraps its standard errors in this process instead
+        # of a forked pool (a forked pool worker once hung tests/test_lm_eval.py).
         result = subprocess.run(
             [sys.executable, str(ROOT / "examples" / "evaluate_lm_eval.py")],
             cwd=tmp_path,
-            env=dict(env, DYNSLICE_EXAMPLE_LIMIT="1"),
+            env=dict(env, DYNSLICE_EXAMPLE_LIMIT="1", DISABLE_MULTIPROC="1"),
             capture_output=True,
             text=True,
             timeout=1200,
