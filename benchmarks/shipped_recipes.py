@@ -49,8 +49,9 @@ def device_name() -> str:
     return cpu_description()
 
 
-def run_recipe(recipe: str) -> dict:
-    """``oneshot`` with ``recipe`` (or none: the dense model), reload, perplexity."""
+def run_recipe(recipe: str, decode: bool) -> dict:
+    """``oneshot`` with ``recipe`` (or none: the dense model), reload, perplexity; with
+    ``decode``, decode speed of the reloaded model too unless it is quantized."""
     import torch
     from common import protocol
     from llmcompressor import oneshot
@@ -92,7 +93,8 @@ def run_recipe(recipe: str) -> dict:
     host_mib = round(peak_rss_mib(), 1)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
     spec = getattr(model.config, "slicing", None)
-    return {
+    quantized = hasattr(model.config, "quantization_config")
+    row = {
         **row,
         "oneshot_s": seconds,
         "peak_accelerator_mib": accelerator_mib,
@@ -102,9 +104,13 @@ def run_recipe(recipe: str) -> dict:
         if spec
         else 0.0,
         "ppl": round(perplexity(model, evaluation), 3),
-        "quantized": hasattr(model.config, "quantization_config"),
+        "quantized": quantized,
         "path": str(out),
     }
+    if decode and not quantized:
+        # The float32 checkpoint cast in place is what a bfloat16 load would give.
+        row.update(decode_speed(model.to(torch.bfloat16)))
+    return row
 
 
 def tokens_per_second(model, ids) -> float:
@@ -123,20 +129,16 @@ def tokens_per_second(model, ids) -> float:
         pad_token_id=0,
     )
     sync()
-    return ids.numel() / PROMPT_TOKENS * DECODE_TOKENS / (time.perf_counter() - start)
+    return ids.shape[0] * DECODE_TOKENS / (time.perf_counter() - start)
 
 
-def decode_speed(path: str) -> dict:
-    """Median tokens/s of greedy generation in transformers at each batch size."""
+def decode_speed(model) -> dict:
+    """Median tokens/s of ``model``'s greedy generation at each batch size."""
     import torch
-    from llmcompressor.utils.dev import get_main_device
-    from transformers import AutoModelForCausalLM
 
-    device = get_main_device()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
     speeds = {}
     for batch in BATCHES:
-        ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT_TOKENS)).to(device)
+        ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT_TOKENS)).to(model.device)
         tokens_per_second(model, ids)  # warm-up: kernels chosen, caches allocated
         runs = [tokens_per_second(model, ids) for _ in range(REPEATS)]
         speeds[f"batch_{batch}_tok_s"] = round(statistics.median(runs), 1)
@@ -196,10 +198,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         task = json.loads(args.worker)
-        row = run_recipe(task["recipe"])
-        if task["decode"] and row.get("quantized") is False:
-            row.update(decode_speed(row["path"]))
-        append_jsonl(Path(task["jsonl"]), row)
+        append_jsonl(Path(task["jsonl"]), run_recipe(task["recipe"], task["decode"]))
         return
     stem = Path(args.out) if "/" in args.out else RESULTS / args.out
     jsonl, md = stem.with_suffix(".jsonl"), stem.with_suffix(".md")
