@@ -12,6 +12,10 @@ the whole sweep repeats ``--rounds`` times, so machine noise hits all models ali
 measurement runs in a process of its own, so one engine's failure or leftovers cannot
 touch the next. Results: ``results/vllm_speed.jsonl`` (one line per measurement, written as
 it completes) and ``results/vllm_speed.md``.
+
+On a GPU, run it where vLLM's CUDA build and the plugin are installed, with
+``--engine-args`` for the engine settings (benchmarks/README.md, "Decode speed in vLLM on a
+GPU"); the table names the GPU and vLLM's version from the rows.
 """
 
 from __future__ import annotations
@@ -191,14 +195,16 @@ def worker_row(cmd: list[str], label: str) -> dict | None:
     return json.loads(found[-1][4:])
 
 
-def measure(path: Path, dtype: str, new_tokens: int, repeats: int) -> dict:
+def measure(
+    path: Path, dtype: str, new_tokens: int, repeats: int, engine_args: dict[str, Any]
+) -> dict:
     # apply_model pickles count_fused_shortcuts to send it to the engine core process.
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from vllm import SamplingParams
 
     from dynslice_modifier.serving.vllm_dynslice import count_fused_shortcuts
 
-    llm = start_engine(path, dtype)
+    llm = start_engine(path, dtype, **engine_args)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     prompts = token_prompts(16)
     llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=16))  # warm-up
@@ -253,6 +259,16 @@ def main() -> None:
         "--out", default="vllm_speed", help="results/<out>.jsonl and .md (for a run of a subset)"
     )
     parser.add_argument(
+        "--engine-args",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help="more keyword arguments of vllm.LLM for every engine, as a JSON object (e.g. "
+        '\'{"compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}}\' '
+        "on a GPU: CUDA graphs without torch.compile, whose start-up per sliced model, every "
+        "layer a shape of its own, would outlast the measurement)",
+    )
+    parser.add_argument(
         "--all-cores",
         action="store_true",
         help="bind the model's threads to every core (vLLM on CPU keeps one for its engine "
@@ -274,7 +290,7 @@ def main() -> None:
         os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     if args.worker:
         path, dtype = checkpoint(args.worker, args.rounding, args.hadamard)
-        report_row(measure(path, dtype, args.new_tokens, args.repeats))
+        report_row(measure(path, dtype, args.new_tokens, args.repeats, args.engine_args))
         return
     jsonl = RESULTS / f"{args.out}.jsonl"
     if args.tables_only:
@@ -296,6 +312,7 @@ def main() -> None:
             if cmd is None:
                 continue
             cmd += ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+            cmd += ["--engine-args", json.dumps(args.engine_args)]
             result = worker_row(cmd, f"{name}, round {round_}")
             if result is None:
                 continue
@@ -306,7 +323,9 @@ def main() -> None:
                 "hadamard": args.hadamard,
                 "all_cores": args.all_cores,
                 "new_tokens": args.new_tokens,
+                "engine_args": args.engine_args,
                 "cpu": cpu_description(),
+                **serving_stack(),
             }
             row |= result
             print(json.dumps(row), flush=True)
@@ -332,6 +351,18 @@ def round_ratios(rows: list[dict], baseline: str = "dense bf16") -> list[str]:
             parts.append(f"batch {b}: {each} (median {statistics.median(ratios):.2f}x)")
         lines.append(f"- {name}, round by round against {baseline}: " + "; ".join(parts))
     return ["", *lines] if lines else []
+
+
+def serving_stack() -> dict[str, str]:
+    """vLLM's version and, where vLLM runs on one, the GPU: this script measures vllm-cpu
+    here and vLLM's CUDA build where a GPU was lent, and the table says which."""
+    import torch
+    import vllm
+
+    stack = {"vllm": vllm.__version__}
+    if torch.cuda.is_available():
+        stack["gpu"] = torch.cuda.get_device_name(0)
+    return stack
 
 
 def cpu_description(cpuinfo: str | None = None) -> str:
@@ -380,32 +411,55 @@ def speed_table(
     return lines
 
 
+def machine_sentence(run: dict) -> str:
+    """Where ``run`` (a row) was measured: vllm-cpu on this machine's cores, or vLLM's CUDA
+    build on a GPU; and the engine arguments it was given."""
+    if "gpu" in run:
+        machine = f"vLLM {run['vllm']} on one {run['gpu']} (host: {run['cpu']})"
+    else:
+        cores = (
+            "the model's threads on both (--all-cores)"
+            if run["all_cores"]
+            else "the model on one, vLLM's engine on the other (its default)"
+        )
+        # Rows from before the version was recorded are vllm-cpu 0.32's.
+        version = run.get("vllm", "0.32")
+        machine = f"vllm-cpu {version} on {run.get('cpu', cpu_description())}, {cores}"
+    if run.get("engine_args"):
+        machine += f"; engine arguments {json.dumps(run['engine_args'])}"
+    return machine
+
+
+def rounds_phrase(rows: list[dict]) -> str:
+    """How many alternating rounds the medians are over, saying so when a run was cut short
+    and some models have fewer than others."""
+    rounds = len({r["round"] for r in rows})
+    phrase = f"{rounds} alternating round{'s' if rounds > 1 else ''}"
+    runs = {sum(r["model"] == name for r in rows) for name in {r["model"] for r in rows}}
+    if len(runs) > 1:
+        phrase = f"up to {phrase} (the run stopped early: the runs column gives each model's)"
+    return phrase
+
+
 def write_table(rows: list[dict], args: argparse.Namespace) -> None:
     # The run's settings come from its rows, so that --tables-only describes the
     # measurements it reads rather than its own command line.
     run = rows[0]
     rounding, hadamard = run["rounding"], run["hadamard"]
-    rounds = len({r["round"] for r in rows})
     repeats = max(len(r["b1_each"]) for r in rows)
     lines = speed_table(
         rows,
         args.baselines,
         lambda name: weights_mib(checkpoint(name, rounding, hadamard)[0]),
     )
-    cores = (
-        "the model's threads on both (--all-cores)"
-        if run["all_cores"]
-        else "the model on one, vLLM's engine on the other (its default)"
-    )
     command = f"`.venv-serve/bin/python benchmarks/vllm_speed.py {shlex.join(sys.argv[1:])}`"
     if args.tables_only:
         command += f" from the measurements in results/{args.out}.jsonl"
     (RESULTS / f"{args.out}.md").write_text(
-        f"vllm-cpu 0.32 on {run.get('cpu', cpu_description())}, {cores}; greedy, "
+        f"{machine_sentence(run)}; greedy, "
         f"{run.get('new_tokens', args.new_tokens)} new tokens after a 32-token prompt, "
-        "bfloat16 activations unless the name says float32; medians of "
-        f"{rounds} alternating round{'s' if rounds > 1 else ''}, each the median of "
-        f"{repeats} timed generations in "
+        f"bfloat16 activations unless the name says float32; medians of {rounds_phrase(rows)}, "
+        f"each the median of {repeats} timed generations in "
         "one engine. Weights MiB: the checkpoint's safetensors on disk (dense bf16 is the "
         "packaged float32 file, served as bfloat16, as sliced bf16 is). Sliced: SP 0.25, "
         f"SB 0.05, {'Hadamard, ' if hadamard else ''}aligned bases, {rounding} rounding of "

