@@ -56,7 +56,7 @@ def main() -> None:
     start = time.perf_counter()
     # With rounding unset, the modifier takes each layer input's spectrum in this pass and
     # rounds dynamic widths by it.
-    measured = dense_pass(adapter, layers, inputs, device, spectra=True)
+    measured = dense_pass(layers, inputs, device, spectra=True)
     lr_s = time.perf_counter() - start
 
     # The modifier's defaults otherwise too, planned as it plans them (rounding, layers

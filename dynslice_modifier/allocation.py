@@ -85,9 +85,8 @@ def slice_fractions(
     """Per-layer slice fractions with mean ``sparsity``, each in [slicing_base, max_slice]."""
     check_fractions(sparsity, slicing_base)
     check_sparsity_fits(sparsity, max_slice)
+    # The most redundant layer's weight is 1 (all ones when the scores are equal).
     weights = normalize_scores(scores, normalization)
-    if weights.sum() == 0.0:
-        weights = np.ones_like(weights)
     n = weights.size
     budget = (sparsity - slicing_base) * n
     fractions = np.full(n, slicing_base)

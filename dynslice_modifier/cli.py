@@ -255,7 +255,7 @@ def cmd_scores(args: argparse.Namespace) -> None:
     batches = [{"input_ids": w[None]} for w in calib]
     layers = adapter.layers(model)
     inputs = capture_layer_inputs(model, layers[0], batches)
-    scores = redundancy_scores(adapter, layers, inputs, torch.device("cpu"))
+    scores = redundancy_scores(layers, inputs, torch.device("cpu"))
     print("layer  LR score")
     for i, s in enumerate(scores):
         print(f"{i:5d}  {s:8.4f}  {'#' * max(int(40 * max(s, 0)), 0)}")

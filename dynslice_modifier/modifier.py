@@ -159,7 +159,7 @@ class DynamicSliceModifier(Modifier):
     :param round_to: every kept width is a multiple of this (fast kernels want 16 or more;
         group-wise quantization wants its group size, int8 W8A8 16). Unset (default): 16,
         raised to what the recipe's quantizers need; a value that conflicts with them is
-        an error.
+        an error. Explicit ``layer_dims`` are checked against it, never rounded.
     :param rounding: how widths become multiples of ``round_to``. ``mean`` rounds some
         layers down and some up, largest remainder first, so the realised mean slice is SP
         to within half a step *over all layers* and dynamic slicing is compared with
@@ -563,7 +563,7 @@ class DynamicSliceModifier(Modifier):
         if wants_scores or wants_spectra:
             start = time.perf_counter()
             measured = dense_pass(
-                run.adapter, run.layers, inputs, run.device, skip=heldout, spectra=wants_spectra
+                run.layers, inputs, run.device, skip=heldout, spectra=wants_spectra
             )
             seconds = time.perf_counter() - start
             inputs.release()
@@ -654,7 +654,8 @@ class DynamicSliceModifier(Modifier):
             "sparsity": layout.sparsity,
             "slicing_base": layout.slicing_base,
             "target_params": self.target_params,
-            "round_to": run.planner.round_to,
+            # Explicit layer_dims are the user's widths, rounded to nothing.
+            "round_to": run.planner.round_to if run.explicit is None else self.round_to,
             "rounding": layout.rounding,
             "normalization": self.normalization,
             "basis": self.basis,
@@ -692,13 +693,24 @@ class DynamicSliceModifier(Modifier):
             f"{sliced_params / 1e6:.2f}M ({sliced_params / dense_params:.1%} of dense), "
             f"{self._summary['seconds']:.1f}s"
         )
-        if sliced_params > dense_params:
-            logger.warning(
-                f"The sliced model is larger than the dense one ({sliced_params:,} against "
-                f"{dense_params:,} parameters): its shortcut matrices outweigh what slicing "
-                "removes. Raise sparsity, use basis: layer (one shortcut per layer), or keep "
-                "profitable_only on"
+        if sliced_params <= dense_params:
+            return
+        sizes = f"{sliced_params:,} against {dense_params:,} parameters"
+        if realised == 0.0:
+            # Rotation alone (sparsity 0, e.g. for hadamard) is asked to keep every width,
+            # so the input projection and the shortcuts are pure additions.
+            logger.info(
+                f"Rotated without slicing: the model is larger than the dense one ({sizes}) "
+                "by its input projection and shortcut matrices"
             )
+            return
+        remedies = "raise sparsity or use basis: layer (one shortcut per layer)"
+        if not self.profitable_only:
+            remedies += ", or turn profitable_only on (layers that would not gain stay whole)"
+        logger.warning(
+            f"The sliced model is larger than the dense one ({sizes}): its shortcut matrices "
+            f"outweigh what slicing removes; {remedies}"
+        )
 
     def _round_to(self, requirement: tuple[int, str] | None, hidden: int) -> int:
         """The step every width is a multiple of: ``round_to``, or raised to what the
@@ -712,7 +724,7 @@ class DynamicSliceModifier(Modifier):
             )
         if requirement is not None and round_to != (self.round_to or DEFAULT_ROUND_TO):
             logger.info(f"Rounding widths to multiples of {round_to} for {requirement[1]}")
-        elif requirement is None and self.round_to is None:
+        elif requirement is None and self.round_to is None and self.layer_dims is None:
             logger.info(
                 f"No quantizer follows in this run: widths are multiples of {round_to}. To "
                 "quantize in a later stage or oneshot, set round_to to its group size (128 "

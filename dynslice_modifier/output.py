@@ -2,7 +2,8 @@
 
 Everything is written to a hidden temporary directory beside the target and renamed into
 place at the end; a previous result at the target survives a failed or interrupted run. Only
-an empty directory or an earlier sliced checkpoint is ever replaced.
+an empty directory or an earlier sliced checkpoint, holding nothing a save does not write, is
+ever replaced.
 """
 
 from __future__ import annotations
@@ -14,7 +15,29 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
+from fnmatch import fnmatch
 from pathlib import Path
+
+# What a save of a sliced checkpoint writes (transformers, llm-compressor, the tokenizer and
+# this package's report): an earlier output holding only these may be replaced whole.
+CHECKPOINT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "recipe.yaml",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template*",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "configuration_dynslice.py",
+    "modeling_dynslice.py",
+    "slicing_report.*",
+)
 
 
 def check_target(target: Path, inputs: list[Path]) -> None:
@@ -65,11 +88,24 @@ def check_replaceable(target: Path) -> None:
             f"output path {target} exists and is not a directory; name a new directory for "
             "the output or remove it yourself"
         )
-    if any(target.iterdir()) and not is_sliced_checkpoint(target):
+    if not any(target.iterdir()):
+        return
+    if not is_sliced_checkpoint(target):
         raise ValueError(
             f"output directory {target} is not empty and is not a sliced checkpoint of an "
             "earlier run; it would be replaced whole, deleting what it holds: name a new "
             "directory for the output or remove it yourself"
+        )
+    foreign = sorted(
+        entry.name + ("/" if entry.is_dir() else "")
+        for entry in target.iterdir()
+        if entry.is_dir() or not any(fnmatch(entry.name, name) for name in CHECKPOINT_FILES)
+    )
+    if foreign:
+        raise ValueError(
+            f"output directory {target} holds a sliced checkpoint and also {foreign}, which "
+            "no save writes; the directory would be replaced whole, deleting them: move "
+            "them out or name a new directory for the output"
         )
 
 

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dynslice_modifier.adapters import ModelAdapter
 from dynslice_modifier.calibration import LayerInputs, check_finite, onloaded
 from dynslice_modifier.distributed import sum_over_ranks
 from dynslice_modifier.pca import CovarianceAccumulator, signal_spectrum
@@ -48,14 +47,13 @@ class RedundancyAccumulator:
 
 
 def redundancy_scores(
-    adapter: ModelAdapter,
     layers: nn.ModuleList,
     inputs: LayerInputs,
     device: torch.device,
     skip: frozenset[int] = frozenset(),
 ) -> list[float]:
     """Layer Redundancy of every decoder layer of the unmodified model (see ``dense_pass``)."""
-    return dense_pass(adapter, layers, inputs, device, skip).scores
+    return dense_pass(layers, inputs, device, skip).scores
 
 
 @dataclass
@@ -68,7 +66,6 @@ class DensePass:
 
 
 def dense_pass(
-    adapter: ModelAdapter,
     layers: nn.ModuleList,
     inputs: LayerInputs,
     device: torch.device,
@@ -79,7 +76,8 @@ def dense_pass(
     the spectrum of each layer's input, from the batches not in ``skip`` (``slicing_base:
     auto`` scores the widths on held-out batches, which must not have shaped them).
 
-    Consumes ``inputs``: on return it holds the last layer's outputs.
+    Consumes ``inputs``: on return its batches not in ``skip`` hold the last layer's
+    outputs, and those in ``skip`` still hold the first layer's inputs.
     """
     scores = []
     spectrum_list: list[list[float]] = []

@@ -504,6 +504,21 @@ def test_compress_replaces_only_an_earlier_result(output, message, workdir, caps
     assert (here / "notes" / "thesis.tex").read_text() == "keep me"
 
 
+def test_an_earlier_result_with_files_of_its_owner_is_not_replaced(tmp_path):
+    from dynslice_modifier.output import check_replaceable
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "config.json").write_text('{"model_type": "dynslice"}')
+    for name in ("model.safetensors", "recipe.yaml", "tokenizer.json", "slicing_report.md"):
+        (target / name).write_text("")
+    check_replaceable(target)  # what a save writes, and nothing else
+    (target / "evaluation").mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"also \['evaluation/', 'notes.txt'\], which no save"):
+        check_replaceable(target)
+
+
 def test_next_run_clears_what_a_killed_one_left(tmp_path):
     from dynslice_modifier.output import atomic_directory
 

@@ -46,7 +46,7 @@ def passes(batches: int, onloads: collections.Counter) -> tuple[int, int]:
     set_onload_device(model, CPU)
     counts = []
     for run in (
-        lambda inputs: redundancy_scores(adapter, adapter.layers(model), inputs, CPU),
+        lambda inputs: redundancy_scores(adapter.layers(model), inputs, CPU),
         lambda inputs: RotateAndSlice(model, adapter, DIMS, CPU).run(inputs),
     ):
         inputs = capture_layer_inputs(model, adapter.layers(model)[0], data)
@@ -71,10 +71,10 @@ def test_layers_onloaded_elsewhere_compute_on_the_compute_device():
     adapter = get_adapter(model)
     data = calib_batches()
     inputs = capture_layer_inputs(model, adapter.layers(model)[0], data)
-    expected = redundancy_scores(adapter, adapter.layers(model), inputs, CPU)
+    expected = redundancy_scores(adapter.layers(model), inputs, CPU)
     inputs = capture_layer_inputs(model, adapter.layers(model)[0], data)
     set_onload_device(model, META)
-    assert redundancy_scores(adapter, adapter.layers(model), inputs, CPU) == pytest.approx(
+    assert redundancy_scores(adapter.layers(model), inputs, CPU) == pytest.approx(
         expected, rel=1e-12
     )
 

@@ -552,7 +552,7 @@ def test_redundancy_scores_match_the_models_own_forward_with_sliding_window_laye
         handle.remove()
 
     inputs = capture_layer_inputs(model, layers[0], batches)
-    scores = redundancy_scores(adapter, layers, inputs, torch.device("cpu"))
+    scores = redundancy_scores(layers, inputs, torch.device("cpu"))
     assert scores == pytest.approx([acc.score for acc in expected], abs=1e-6)
 
 
@@ -796,8 +796,11 @@ def test_unset_rounding_is_mean_where_spectrum_would_cost_a_pass_or_break_one_wi
     assert sized.config.slicing["rounding"] == "mean"
 
     explicit = tiny_model("llama", True)
-    slice_in_memory(explicit, layer_dims=[32, 64, 32])
+    slice_in_memory(explicit, layer_dims=[40, 64, 24])
+    # The user's widths, rounded to nothing: no step is claimed for them.
     assert explicit.config.slicing["rounding"] is None
+    assert explicit.config.slicing["round_to"] is None
+    assert explicit.config.slicing["attn_dims"] == [40, 64, 24]
 
 
 def test_constant_slicing_skips_the_redundancy_pass():

@@ -176,7 +176,7 @@ def test_auto_scores_layer_redundancy_without_the_heldout_batches():
     heldout = heldout_batches(len(inputs), 0.25)
     for b in heldout:
         inputs.hidden[b] = 10 * torch.randn_like(inputs.hidden[b])
-    expected = redundancy_scores(adapter, adapter.layers(model), inputs, CPU, skip=heldout)
+    expected = redundancy_scores(adapter.layers(model), inputs, CPU, skip=heldout)
     modifier = DynamicSliceModifier(sparsity=0.25, slicing_base="auto", round_to=4)
     assert modifier.on_initialize(SimpleNamespace(model=model, data=SimpleNamespace(calib=batches)))
     assert modifier.lr_scores == pytest.approx(expected, rel=1e-12)

@@ -1,7 +1,8 @@
 """vLLM implementation of sliced checkpoints (``architectures: ["DynSliceForCausalLM"]``).
 
 The reference is ``dynslice_modifier.modeling.modeling_dynslice`` (transformers). A sliced
-model is its base decoder (Llama, Mistral, Phi-3, Qwen2, Qwen3) where, per layer ``l``:
+model is its base decoder (Llama, Mistral, Phi-3, Qwen2, Qwen3, Granite: any architecture
+with an adapter in ``dynslice_modifier.adapters``) where, per layer ``l``:
 
 - the residual stream read by the attention is ``attn_dims[l]`` wide, the one read by the
   MLP ``mlp_dims[l]`` wide, and the layer writes ``attn_dims[l + 1]`` (after the last layer
