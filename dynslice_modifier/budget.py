@@ -188,9 +188,9 @@ def check_target_reachable(
     budget = (1.0 - target_fraction) * dense_params
     if least > budget:
         raise AllocationError(
-            f"removing {target_fraction:.0%} of the parameters needs more than the maximum "
-            f"sparsity {max_sparsity:.3f}; lower target_params (the embedding, head and "
-            "shortcuts are not sliced away)"
+            f"removing {target_fraction:.0%} of the parameters needs more than the largest "
+            f"possible SP, {max_sparsity:.3f} (every layer one rounding step wide); lower "
+            "target_params (the embedding, head and shortcuts are not sliced away)"
         )
     return budget
 

@@ -8,6 +8,7 @@ raw text file. ``smollm2`` as a model name means the packaged SmolLM2-135M.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -127,8 +128,9 @@ def _slicing_base(text: str) -> float | str:
 # modifier's defaults, which --help shows. The flags hold no defaults of their own: an unset
 # one is left out, so the modifier applies its default (and can tell an explicit round_to
 # from its own). The defaults are written out rather than read from the modifier because
-# importing it imports llm-compressor, which the [serve] and [eval] environments lack and
-# which --help should not wait for; a test holds them to the modifier's.
+# importing it imports llm-compressor, which the [serve] and [eval] environments lack (the
+# package registers the modifier only where llm-compressor is installed); a test holds them
+# to the modifier's.
 SLICER_FLAGS: dict[str, Any] = {
     "round_to": None,
     "rounding": None,
@@ -238,14 +240,18 @@ def _check_writable(flag: str, target: str) -> None:
 
 
 def cmd_scores(args: argparse.Namespace) -> None:
+    # Capturing the layers' inputs uses compressed-tensors' offloading helpers.
+    _require_compression_stack("scores", "compressed_tensors", "compressed-tensors")
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dynslice_modifier.adapters import get_adapter
+    from dynslice_modifier.adapters import adapter_for, get_adapter
     from dynslice_modifier.calibration import capture_layer_inputs
     from dynslice_modifier.redundancy import redundancy_scores
 
     path = _model_path(args.model)
+    # A model the slicer cannot take is refused from its config, before its weights load.
+    adapter_for(AutoConfig.from_pretrained(path))
     if args.json:
         _check_writable("--json", args.json)
     tokenizer = _tokenizer(path)
@@ -268,20 +274,23 @@ class MissingExtraError(Exception):
     """A command needs an optional dependency group that this environment lacks."""
 
 
-def _require_compression_stack() -> None:
+def _require_compression_stack(
+    command: str, module: str = "llmcompressor", package: str = "llm-compressor"
+) -> None:
     # The [serve] and [eval] environments have no llm-compressor (its compressed-tensors pin
-    # differs from vLLM's); name the extra instead of failing on the import.
+    # differs from vLLM's), [eval] no compressed-tensors either; name the extra instead of
+    # failing on the import.
     try:
-        import llmcompressor  # noqa: F401
+        importlib.import_module(module)
     except ImportError as err:
         raise MissingExtraError(
-            f'compress needs llm-compressor ({err}): pip install "dynslice-modifier[compress]"'
+            f'{command} needs {package} ({err}): pip install "dynslice-modifier[compress]"'
             ' (from a clone: pip install -e ".[compress]")'
         ) from None
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    _require_compression_stack()
+    _require_compression_stack("compress")
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -321,10 +330,13 @@ def cmd_compress(args: argparse.Namespace) -> None:
             max_seq_length=calib.shape[1],
             shuffle_calibration_samples=False,
         )
-        write_report(scratch, name=output.name)
+        _, plot = write_report(scratch, name=output.name)
     seconds = time.perf_counter() - start
     print(summary_markdown(output))
-    _print_gains(path, output, dense_bytes, seconds, evaluation, args.eval_windows)
+    report = f"{output / 'slicing_report.md'}" + (
+        f", {output / plot.name}" if plot else " (no plot: matplotlib is not installed)"
+    )
+    _print_gains(path, output, dense_bytes, seconds, evaluation, args.eval_windows, report)
 
 
 def _print_gains(
@@ -334,6 +346,7 @@ def _print_gains(
     seconds: float,
     evaluation: Any,
     eval_windows: int,
+    report: str,
 ) -> None:
     """What compressing ``path`` into ``output`` gained: size, time and, given evaluation
     windows, perplexity of both."""
@@ -345,10 +358,7 @@ def _print_gains(
         f"weights on disk: {dense_bytes / 2**20:.1f} MiB -> {sliced_bytes / 2**20:.1f} MiB"
         f"{ratio}; whole directory {directory_size(output) / 2**20:.1f} MiB"
     )
-    print(
-        f"compression took {seconds:.0f} s; report: {output / 'slicing_report.md'}, "
-        f"{output / 'slicing_report.png'}"
-    )
+    print(f"compression took {seconds:.0f} s; report: {report}")
     if eval_windows:
         dense_ppl = _perplexity(path, evaluation)
         sliced_ppl = _perplexity(output, evaluation)
@@ -608,14 +618,13 @@ def _add_report(sub: Any) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    import dynslice_modifier  # noqa: F401  registers the architecture (and the modifier)
-
     # SIGTERM (timeout, Slurm, docker stop) and SIGHUP would end the process without
     # unwinding, leaving a finished-looking scratch checkpoint beside the output; as an
     # exit they run the same cleanup as an error or Ctrl-C.
+    previous = {}
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, _exit_on_signal)
+            previous[signum] = signal.signal(signum, _exit_on_signal)
     # With flags the slicer's settings came from them; a recipe's errors name its own fields.
     flags = args.command == "compress" and not args.recipe
     try:
@@ -623,6 +632,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError, MissingExtraError) as err:
         print(f"error: {_in_cli_terms(_message(err), slicer_flags=flags)}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        # Called from Python (or a test), the caller's handlers are its own again.
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

@@ -159,6 +159,10 @@ def write_report(
     # Read first: a checkpoint that is not one fails before any directory is made.
     summary = summary_markdown(checkpoint, name)
     out = Path(out_dir or checkpoint)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(
+            f"the report goes into a directory, and {out} is a file: name a directory for it"
+        )
     out.mkdir(parents=True, exist_ok=True)
     md = out / "slicing_report.md"
     md.write_text(summary)

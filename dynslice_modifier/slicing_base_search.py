@@ -11,6 +11,7 @@ Redundancy pass, on the batches not held out, serves every candidate.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -43,10 +44,12 @@ def heldout_batches(count: int, fraction: float) -> frozenset[int]:
     """The last ``fraction`` of ``count`` batches (at least one; at least one left to fit)."""
     size = max(1, round(count * fraction))
     if count - size < 1:
+        needed = next(n for n in itertools.count(2) if n - max(1, round(n * fraction)) >= 1)
         raise CalibrationError(
-            f"slicing_base: auto holds out {fraction:.0%} of the calibration batches, but "
-            f"there are only {count}; use at least 2 batches (batch size 1 in oneshot gives "
-            "one batch per sample) or give slicing_base a number"
+            f"slicing_base: auto holds out {fraction:.0%} of the calibration batches, which "
+            f"leaves none of the {count} to fit the widths on; use at least {needed} batches "
+            "(batch size 1 in oneshot gives one batch per sample), lower auto_holdout, or "
+            "give slicing_base a number"
         )
     return frozenset(range(count - size, count))
 

@@ -6,7 +6,7 @@ from llmcompressor.modifiers.quantization import QuantizationModifier
 
 from dynslice_modifier import DynamicSliceModifier
 
-path, tokenizer, dataset, evaluation = smollm2_and_data()
+path, tokenizer, dataset, _ = smollm2_and_data()
 recipe = [
     DynamicSliceModifier(sparsity=0.25, slicing_base=0.05),
     QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"]),

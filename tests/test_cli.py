@@ -302,6 +302,28 @@ def test_compress_can_quantize_the_shortcuts_and_slice_and_quantize_the_head(wor
     assert head.dtype == torch.int8 and head.shape[1] == final
 
 
+def test_main_names_missing_packages_and_restores_signal_handlers(workdir, capsys, monkeypatch):
+    import importlib
+    import signal
+
+    from dynslice_modifier import cli
+
+    before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)]
+    real = importlib.import_module
+
+    def without_compressed_tensors(name, *args):
+        if name == "compressed_tensors":
+            raise ImportError("No module named 'compressed_tensors'")
+        return real(name, *args)
+
+    monkeypatch.setattr(cli.importlib, "import_module", without_compressed_tensors)
+    code, _, err = run_main("scores", "tiny", *SMALL, *DATA, cwd=workdir, capsys=capsys)
+    assert code == 2 and err.startswith("error: scores needs compressed-tensors"), err
+    assert 'pip install "dynslice-modifier[compress]"' in err
+    # main() installs its own SIGTERM/SIGHUP handlers for a run and gives the caller's back.
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)] == before
+
+
 def test_scores_eval_and_report(workdir, capsys):
     code, out, _ = run_main(
         "scores", "tiny", *SMALL, *DATA, "--json", "scores.json", cwd=workdir, capsys=capsys
@@ -355,6 +377,10 @@ def test_scores_eval_and_report(workdir, capsys):
     assert not (workdir / "plain" / "slicing_report.png").exists()
     assert bad_code == 2 and "Traceback" not in bad_err and "no/such/checkpoint" in bad_err
     assert not (workdir / "no").exists()
+    code, _, err = run_main(
+        "report", "out2", "--out", "out2/config.json", cwd=workdir, capsys=capsys
+    )
+    assert code == 2 and "is a file: name a directory" in err, err
 
 
 @pytest.mark.parametrize(

@@ -309,7 +309,7 @@ class _Untouchable:
     [
         ({"sparsity": 0.9, "slicing_base": 0.1, "round_to": 16}, "less than one rounding step"),
         ({"sparsity": 0.9, "slicing_base": "auto", "round_to": 16}, "less than one rounding"),
-        ({"target_params": 0.9, "round_to": 16}, "needs more than the maximum sparsity 0.750"),
+        ({"target_params": 0.9, "round_to": 16}, "needs more than the largest possible SP, 0.750"),
     ],
 )
 def test_sizes_no_scores_can_reach_fail_before_calibration(options, match):
