@@ -260,7 +260,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--engine-args",
-        type=json.loads,
+        type=engine_args,
         default={},
         metavar="JSON",
         help="more keyword arguments of vllm.LLM for every engine, as a JSON object (e.g. "
@@ -306,6 +306,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     jsonl.write_text("")
     rows = []
+    # Facts of the machine, the same for every row of the run.
+    machine = {"cpu": cpu_description(), **serving_stack()}
     for round_ in range(args.rounds):
         for name in args.models:
             cmd = worker_command(__file__, name, args)
@@ -324,8 +326,7 @@ def main() -> None:
                 "all_cores": args.all_cores,
                 "new_tokens": args.new_tokens,
                 "engine_args": args.engine_args,
-                "cpu": cpu_description(),
-                **serving_stack(),
+                **machine,
             }
             row |= result
             print(json.dumps(row), flush=True)
@@ -351,6 +352,20 @@ def round_ratios(rows: list[dict], baseline: str = "dense bf16") -> list[str]:
             parts.append(f"batch {b}: {each} (median {statistics.median(ratios):.2f}x)")
         lines.append(f"- {name}, round by round against {baseline}: " + "; ".join(parts))
     return ["", *lines] if lines else []
+
+
+def engine_args(text: str) -> dict[str, Any]:
+    """``--engine-args``: a JSON object, whose keys become vllm.LLM's keyword arguments."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        value = err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"--engine-args takes a JSON object of vllm.LLM keyword arguments, e.g. "
+            f"'{{\"enforce_eager\": true}}'; got {text!r}"
+        )
+    return value
 
 
 def serving_stack() -> dict[str, str]:

@@ -15,6 +15,7 @@ from gemm_scaling import goal_gap
 from shipped_recipes import write_table
 from vllm_speed import (
     cpu_description,
+    engine_args,
     machine_sentence,
     round_ratios,
     rounds_phrase,
@@ -170,6 +171,15 @@ def test_speed_tables_say_where_they_ran_and_when_a_run_stopped_early():
     # Stopped during round 1, after model a: b was measured once.
     assert rounds_phrase(whole[:3]).startswith("up to 2 alternating rounds (the run stopped")
     assert rounds_phrase(whole[:1]) == "1 alternating round"
+
+
+def test_engine_args_take_a_json_object_and_name_the_option_otherwise():
+    import argparse
+
+    assert engine_args('{"enforce_eager": true}') == {"enforce_eager": True}
+    for bad in ("enforce_eager=true", "[1, 2]", "3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--engine-args takes a JSON obj"):
+            engine_args(bad)
 
 
 def test_a_rotation_quantizes_better_whole_and_a_near_identity_as_its_delta():
