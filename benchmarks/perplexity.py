@@ -63,6 +63,8 @@ def parse_row(spec: str, args: argparse.Namespace) -> dict:
     }
     if args.profitable_only:
         row["profitable_only"] = True
+    if args.layers_per_basis > 1:
+        row["layers_per_basis"] = args.layers_per_basis
     if parts[0] == "dense":
         row.update(sparsity=0.0, slicing_base=0.0, kind="dense")
     elif parts[0] == "const":
@@ -116,6 +118,7 @@ def run_row(row: dict) -> dict:
         modifier = DynamicSliceModifier(
             **budget,
             basis=row["basis"],
+            layers_per_basis=row.get("layers_per_basis", 1),
             normalization=row["normalization"],
             untie_embeddings=row["untie"],
             round_to=row["round_to"],
@@ -159,6 +162,11 @@ def _sb_label(r: dict) -> str:
     return f"auto→{r['slicing_base']:.3f}" if r.get("auto") else f"{r['slicing_base']:.2f}"
 
 
+def _basis_label(r: dict) -> str:
+    shared = r.get("layers_per_basis", 1)
+    return r["basis"] if shared == 1 else f"{r['basis']}, {shared} per basis"
+
+
 def is_plain_constant(row: dict) -> bool:
     """Whether ``row`` is SliceGPT's constant slicing, one width for every layer: the `vs
     const` reference (constant rows record a rounding only when it is spectrum, which gives
@@ -195,7 +203,7 @@ def sp_table(rows: list[dict]) -> list[str]:
         lines.append(
             f"| {r['kind']}{', profitable_only' if r.get('profitable_only') else ''} | "
             f"{r['sparsity']:.2f} | {_sb_label(r)} | {r.get('rounding', '-')} | "
-            f"{r['basis']} | "
+            f"{_basis_label(r)} | "
             f"{r['normalization']} | {'yes' if r['untie'] else 'no'} | {r['mean_slice']:.3f} | "
             f"{r['ppl']:.2f} | {vs} | {r['params'] / 1e6:.1f} | "
             f"{r['params'] / r['dense_params']:.3f} | "
@@ -219,7 +227,7 @@ def size_table(rows: list[dict]) -> list[str]:
             f"| {r['target_params']:.2f} | {r['kind']} | "
             f"{'yes' if r.get('profitable_only') else 'no'} | {r['sparsity']:.4f} | "
             f"{_sb_label(r)} | {r.get('rounding', '-')} | "
-            f"{r['basis']} | {'yes' if r['untie'] else 'no'} | {r['params'] / 1e6:.2f} | "
+            f"{_basis_label(r)} | {'yes' if r['untie'] else 'no'} | {r['params'] / 1e6:.2f} | "
             f"{r['params'] / r['dense_params']:.3f} | {r['ppl']:.2f} | {vs} |"
         )
     return lines
@@ -253,7 +261,7 @@ def plot_sizes(rows: list[dict], grid: list[dict], dense: dict | None, png: Path
     for r in rows:
         label = "auto SB" if r.get("auto") else r["kind"]
         rule = ", profitable_only" if r.get("profitable_only") else ""
-        groups.setdefault(f"{label} ({r['basis']}{rule})", []).append(r)
+        groups.setdefault(f"{label} ({_basis_label(r)}{rule})", []).append(r)
     for label, group in sorted(groups.items()):
         group.sort(key=lambda r: r["params"])
         ax.plot([r["params"] / 1e6 for r in group], [r["ppl"] for r in group], "o-", label=label)
@@ -312,6 +320,9 @@ def main() -> None:
         "(KIND const, dyn or auto); default: the issue's grid",
     )
     parser.add_argument("--basis", default="sublayer", choices=["sublayer", "layer"])
+    parser.add_argument(
+        "--layers-per-basis", type=int, default=1, help="with --basis layer (the slicer's option)"
+    )
     parser.add_argument("--normalization", default="minmax", choices=["minmax", "rank"])
     parser.add_argument("--untie", action="store_true")
     parser.add_argument("--round-to", type=int, default=16)

@@ -121,6 +121,7 @@ def run_row(row: dict) -> dict:
             hadamard="hadamard" in row["model"],
             align_bases="aligned" in row["model"],
             basis="layer" if "-layer" in row["model"] else "sublayer",
+            layers_per_basis=2 if "-pairs" in row["model"] else 1,
             slice_head=row["model"].endswith("-sliced-head"),
             rounding=row["rounding"],
             layer_scores=cached[0] if cached else None,
@@ -190,6 +191,7 @@ def write_table(rows: list[dict]) -> None:
         "sliced-aligned-sliced-head",
         "sliced-hadamard-aligned-sliced-head",
         "sliced-aligned-layer-sliced-head",
+        "sliced-aligned-layer-pairs-sliced-head",
     ]
     rows = sorted(
         rows,
@@ -214,7 +216,8 @@ def write_table(rows: list[dict]) -> None:
         "`python benchmarks/quantized.py`. Sliced = SP 0.25, SB 0.05 dynamic; "
         "-hadamard rows have `hadamard: true`, -aligned rows `align_bases: true`, the others "
         "turn them off (the defaults: aligned, no Hadamard, so `sliced-aligned` rows); -layer "
-        "rows have `basis: layer`, -sliced-head rows `slice_head: true`. Shortcut matrices "
+        "rows have `basis: layer` (-pairs: with `layers_per_basis: 2`), -sliced-head rows "
+        "`slice_head: true`. Shortcut matrices "
         "stay in model dtype, except in `-qs` rows "
         "(`quantize_shortcuts: true`: quantized with the rest, or in a group of their own at "
         "int8, W8A8, in `-qs8` rows); `-mse` rows pick weight scales with `observer: mse`. "
@@ -292,8 +295,10 @@ def main() -> None:
             "sliced-aligned-sliced-head:w8a8-qs-head",
             "sliced-aligned-layer-sliced-head:none",
             "sliced-aligned-layer-sliced-head:w8a8-qs-head",
+            "sliced-aligned-layer-pairs-sliced-head:none",
+            "sliced-aligned-layer-pairs-sliced-head:w8a8-qs-head",
         ],
-        help="rows as MODEL:SCHEME: MODEL dense or sliced[-hadamard][-aligned][-layer]"
+        help="rows as MODEL:SCHEME: MODEL dense or sliced[-hadamard][-aligned][-layer[-pairs]]"
         f"[-sliced-head], SCHEME one of {', '.join(SCHEMES)}; default: every recorded row",
     )
     parser.add_argument(

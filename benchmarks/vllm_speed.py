@@ -71,6 +71,11 @@ MODELS = {
         BENCH / "sliced-aligned-layer-sliced-head-w8a8-qs-head",
         "bfloat16",
     ),
+    # The same with layers_per_basis: 2 (pairs of layers of one width share a basis).
+    "sliced W8A8 (a basis per two layers), shortcuts + sliced head int8": (
+        BENCH / "sliced-aligned-layer-pairs-sliced-head-w8a8-qs-head",
+        "bfloat16",
+    ),
     "sliced W8A8 (one basis per layer), shortcuts + sliced head int8, float32 activations": (
         BENCH / "sliced-aligned-layer-sliced-head-w8a8-qs-head",
         "float32",

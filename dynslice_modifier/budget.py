@@ -41,6 +41,16 @@ def head_sliced(slice_head: bool, last_whole: bool) -> bool:
     return slice_head and not last_whole
 
 
+def shares_basis(
+    idx: int, layers_per_basis: int, widths: tuple[int, int], whole: tuple[bool, bool]
+) -> bool:
+    """Whether decoder layer ``idx + 1`` reads the residual in layer ``idx``'s basis, so no
+    shortcut stands between them: both sliced (neither whole), to one width, and in one
+    block of ``layers_per_basis`` layers counted from layer 0. The caller checks that
+    layer ``idx + 1`` exists. The slicer and the parameter count both ask here."""
+    return (idx + 1) % layers_per_basis != 0 and widths[0] == widths[1] and not any(whole)
+
+
 class ParameterCounter:
     """Exact parameter count of the sliced model for any widths, from the *dense* model.
 
@@ -56,9 +66,11 @@ class ParameterCounter:
         tied: bool,
         aligned: bool,
         slice_head: bool = False,
+        layers_per_basis: int = 1,
     ) -> None:
         self.hidden = model.config.hidden_size
         self.basis = basis
+        self.layers_per_basis = layers_per_basis
         self.tied = tied
         self.slice_head = slice_head
         # Aligned bases of full width follow each other exactly: no shortcut between them.
@@ -148,6 +160,11 @@ class ParameterCounter:
         if self.basis == "sublayer" and not whole:
             total += 0 if self.aligned and width == hidden else width * width
         if whole and next_original:
+            return total
+        last = idx + 1 == len(self.layers)
+        if not last and shares_basis(
+            idx, self.layers_per_basis, (width, out), (whole, next_original)
+        ):
             return total
         # Aligned bases of full width follow each other exactly; alignment restarts after
         # the original basis (see slicer._orient).

@@ -135,6 +135,7 @@ SLICER_FLAGS: dict[str, Any] = {
     "round_to": None,
     "rounding": None,
     "basis": "sublayer",
+    "layers_per_basis": 1,
     "normalization": "minmax",
     "hadamard": False,
     "align_bases": True,
@@ -543,6 +544,13 @@ def _add_slicer_flags(p: argparse.ArgumentParser) -> None:
         "basis",
         "PCA basis per sub-layer (SliceGPT) or per layer (fewer shortcuts)",
         choices=["sublayer", "layer"],
+    )
+    _slicer_flag(
+        p,
+        "layers_per_basis",
+        "with --basis layer: blocks of this many layers share a basis where sliced to one "
+        "width (no shortcut between them)",
+        type=_positive(int),
     )
     _slicer_flag(
         p, "normalization", "how LR scores are spread over [0, 1]", choices=["minmax", "rank"]

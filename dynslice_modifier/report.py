@@ -48,6 +48,11 @@ def summary_markdown(checkpoint: str | Path, name: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _shared_bases(spec: dict[str, Any]) -> str:
+    shared = spec.get("layers_per_basis", 1)
+    return "" if shared == 1 else f" ({shared} layers per basis where of one width)"
+
+
 def _overview(config: dict[str, Any], checkpoint: str | Path) -> list[str]:
     spec, hidden = config["slicing"], config["hidden_size"]
     lines = [
@@ -55,7 +60,7 @@ def _overview(config: dict[str, Any], checkpoint: str | Path) -> list[str]:
         f"hidden {hidden})",
         f"- sparsity (SP) {spec.get('sparsity')}, slicing base (SB) {spec.get('slicing_base')}, "
         f"round_to {spec.get('round_to')} ({_rounding(spec)}), "
-        f"basis {spec.get('basis')}",
+        f"basis {spec.get('basis')}{_shared_bases(spec)}",
         f"- mean kept width {sum(spec['mlp_dims']) / len(spec['mlp_dims']):.1f} of {hidden}",
         f"- tied embeddings: {config.get('tie_word_embeddings')}; embedding sliced: "
         f"{spec['embedding_sliced']}; head reads "

@@ -16,7 +16,9 @@ weight and the head (tied to the embedding or not) is unchanged; with ``slice_he
 into one more PCA basis, of the last layer's width, which the head (untied, the final norm's
 scale folded in) reads, as SliceGPT does. With ``basis="layer"`` the
 attention and MLP of a layer share one basis (from the PCA of both signals), which removes
-the attention shortcut.
+the attention shortcut; with ``layers_per_basis`` above 1, consecutive layers of one width
+in a block share one too (from the PCA of all their signals), which removes the MLP
+shortcuts between them.
 
 Only the span of a kept basis is fixed by the PCA; its rotation within that span is free
 and is chosen for quantization (``_orient``): aligned with the previous basis, so that
@@ -29,7 +31,8 @@ whole when slicing them would add more shortcut weights than it removes.
 
 Each layer is run once per pass. A run captures the first layer's inputs, takes the
 redundancy pass over the unsliced model (unless the widths need no scores), captures them
-again and takes this slicing pass (plus an attention-only pass with ``basis="layer"``):
+again and takes this slicing pass (plus a pass over each shared basis's unsliced layers
+with ``basis="layer"``, without the last one's MLP):
 about 2.6 forward passes of the calibration set on SmolLM2 (README, "How it works").
 """
 
@@ -49,7 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dynslice_modifier.adapters import ModelAdapter
-from dynslice_modifier.budget import head_sliced
+from dynslice_modifier.budget import head_sliced, shares_basis
 from dynslice_modifier.calibration import (
     LayerInputs,
     check_finite,
@@ -212,6 +215,7 @@ class RotateAndSlice:
         in_place: bool = True,
         whole: list[bool] | None = None,
         slice_head: bool = False,
+        layers_per_basis: int = 1,
     ) -> None:
         self.model = model
         self.adapter = adapter
@@ -221,6 +225,9 @@ class RotateAndSlice:
         self.slice_head = head_sliced(slice_head, self.whole[-1])
         self.device = device
         self.basis = basis
+        self.layers_per_basis = layers_per_basis
+        # The basis of the block being sliced, which the next layer may share.
+        self._shared: torch.Tensor | None = None
         self.hidden_size = model.config.hidden_size
         self.eps = model.config.rms_norm_eps
         self.tied = keep_tied and embeddings_tied(model)
@@ -319,6 +326,7 @@ class RotateAndSlice:
         adapter = self.adapter
         self._heldout = heldout
         self._chain = None
+        self._shared = None
         layers = adapter.layers(self.model)
         eye = torch.eye(self.hidden_size, dtype=torch.float64, device=self.device)
         attn_dims, mlp_dims, attn_sc, mlp_sc = [], [], [], []
@@ -326,8 +334,8 @@ class RotateAndSlice:
         input_projection: Shortcut | None = None
         for idx, layer in enumerate(tqdm(layers, desc="Rotate and slice", leave=False)):
             with self._onload(layer) as layer, torch.no_grad():
-                attn_scale, mlp_scale = self._unit_norms(layer, self.dims[idx])
-                a_basis = self._attention_basis(layer, inputs, idx, attn_scale, eye)
+                scales = self._unit_norms(layer, self.dims[idx])
+                a_basis = self._attention_basis(layer, inputs, idx, scales, eye)
                 if pending is not None:
                     mlp_sc.append(self._finish_writer(pending, a_basis))
                 elif self.tied:
@@ -335,6 +343,7 @@ class RotateAndSlice:
                     input_projection = self._keep(change_of_basis(eye, a_basis))
                 elif self.in_place and not self.whole[idx]:
                     self._rotate_embedding(a_basis)
+                attn_scale, mlp_scale = scales
                 rotate_inputs(adapter.attn_inputs(layer), a_basis, attn_scale)
                 m_basis, shortcut = self._through_attention(layer, inputs, idx, a_basis)
                 attn_sc.append(shortcut)
@@ -374,7 +383,7 @@ class RotateAndSlice:
         layer: nn.Module,
         inputs: LayerInputs,
         idx: int,
-        attn_scale: torch.Tensor,
+        scales: tuple[torch.Tensor, torch.Tensor],
         eye: torch.Tensor,
     ) -> torch.Tensor:
         """The basis layer ``idx``'s attention reads the residual in."""
@@ -383,9 +392,23 @@ class RotateAndSlice:
             # The original basis is no PCA basis to follow: the chain restarts.
             self._chain = None
             return eye
+        shared = self._shared if idx > 0 and self._shares(idx - 1) else None
+        if shared is not None:
+            return shared
         if self.basis == "layer":
-            return self._joint_basis(layer, inputs, idx, attn_scale)
+            self._shared = self._joint_basis(layer, inputs, idx, scales)
+            return self._shared
         return self._input_basis(inputs, idx)
+
+    def _shares(self, idx: int) -> bool:
+        """Whether layer ``idx + 1`` reads in layer ``idx``'s basis (``layers_per_basis``)."""
+        nxt = idx + 1
+        return nxt < len(self.dims) and shares_basis(
+            idx,
+            self.layers_per_basis,
+            (self.dims[idx], self.dims[nxt]),
+            (self.whole[idx], self.whole[nxt]),
+        )
 
     def _rotate_embedding(self, basis: torch.Tensor) -> None:
         embedding = self.adapter.embedding(self.model)
@@ -509,26 +532,50 @@ class RotateAndSlice:
         return self._pca(acc, self.dims[idx], where or f"layer {idx} attention input")
 
     def _joint_basis(
-        self, layer: nn.Module, inputs: LayerInputs, idx: int, attn_scale: torch.Tensor
+        self,
+        layer: nn.Module,
+        inputs: LayerInputs,
+        idx: int,
+        scales: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        """One basis for both sub-layers: PCA of the input and the post-attention signal.
+        """One basis for both sub-layers of layer ``idx`` and of the layers that share its
+        basis (``layers_per_basis``): PCA of every input and post-attention signal.
 
-        The post-attention signal is estimated with the unsliced attention (its inputs are
-        not rotated yet, and the norm before it, already replaced, had ``attn_scale``).
+        The signals after the input are estimated with the unsliced layers: none is
+        rotated yet, and layer ``idx``'s norms, already replaced, had ``scales``.
         """
-        acc = CovarianceAccumulator(self.hidden_size, self.device)
-        attn = self.adapter.attn(layer)
-        for b in range(len(inputs)):
-            if b in self._heldout:
-                continue
-            x = inputs.hidden[b].to(self.device)
+        adapter = self.adapter
+        block = [idx]
+        while self._shares(block[-1]):
+            block.append(block[-1] + 1)
+
+        def scaled(scale: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
             # Full width here, so the plain normalisation, scaled as the original norm did.
-            normed = rms_normalize(x, self.hidden_size, self.eps) * attn_scale.to(x.dtype)
-            attn_out, _ = attn(hidden_states=normed, **inputs.layer_kwargs(b, idx, self.device))
-            self._accumulate(acc, x, inputs, b)
-            self._accumulate(acc, x + attn_out, inputs, b)
+            return lambda x: rms_normalize(x, self.hidden_size, self.eps) * scale.to(x.dtype)
+
+        acc = CovarianceAccumulator(self.hidden_size, self.device)
+        layers = adapter.layers(self.model)
+        with contextlib.ExitStack() as stack:
+            members = [(layer, *map(scaled, scales))]
+            for later in block[1:]:
+                other = stack.enter_context(self._onload(layers[later]))
+                members.append(
+                    (other, adapter.input_norm(other), adapter.post_attention_norm(other))
+                )
+            for b in range(len(inputs)):
+                if b in self._heldout:
+                    continue
+                x = inputs.hidden[b].to(self.device)
+                for position, (member, attn_norm, mlp_norm) in enumerate(members):
+                    kwargs = inputs.layer_kwargs(b, block[position], self.device)
+                    self._accumulate(acc, x, inputs, b)
+                    x = x + adapter.attn(member)(hidden_states=attn_norm(x), **kwargs)[0]
+                    self._accumulate(acc, x, inputs, b)
+                    if position + 1 < len(members):
+                        x = x + adapter.mlp(member)(mlp_norm(x))
         self._next_input_cov = None
-        return self._pca(acc, self.dims[idx], f"layer {idx} (attention and MLP inputs)")
+        where = f"layer {idx}" if len(block) == 1 else f"layers {block[0]}-{block[-1]}"
+        return self._pca(acc, self.dims[idx], f"{where} (attention and MLP inputs)")
 
 
 def _identity_like(matrix: torch.Tensor) -> torch.Tensor:

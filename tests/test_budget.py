@@ -154,6 +154,54 @@ def test_whole_layers_are_counted_exactly_and_reload(tmp_path, tied, basis, alig
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("layers_per_basis", [2, 3])
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "phi3", "qwen3"])
+def test_layers_sharing_a_basis_have_no_shortcut_between_them_and_are_counted_exactly(
+    tmp_path, arch, tied, layers_per_basis
+):
+    from transformers import AutoModelForCausalLM
+
+    from dynslice_modifier.calibration import capture_layer_inputs
+    from dynslice_modifier.conversion import convert_to_sliced
+    from dynslice_modifier.slicer import RotateAndSlice
+
+    model = tiny_model(arch, tied, layers=6)
+    adapter = get_adapter(model)
+    # Blocks of 2: 0-1 share (one width), 2-3 do not (layer 2 whole), 4-5 do not (widths).
+    # Blocks of 3: 0-1 share, 1-2 do not (whole), 3-4 share, 4-5 do not (widths).
+    dims, whole = [48, 48, 64, 40, 40, 32], [False, False, True, False, False, False]
+    shared = {2: [0], 3: [0, 3]}[layers_per_basis]
+    predicted = ParameterCounter(model, adapter, "layer", tied, True, False, layers_per_basis)(
+        dims, whole
+    )
+    alone = ParameterCounter(model, adapter, "layer", tied, True)(dims, whole)
+    inputs = capture_layer_inputs(model, adapter.layers(model)[0], calib_batches())
+    slicer = RotateAndSlice(
+        model,
+        adapter,
+        dims,
+        torch.device("cpu"),
+        "layer",
+        keep_tied=tied,
+        align=True,
+        whole=whole,
+        layers_per_basis=layers_per_basis,
+    )
+    result = slicer.run(inputs)
+    missing = [i for i, shortcut in enumerate(result.mlp_shortcuts) if shortcut is None]
+    assert missing == shared
+    convert_to_sliced(model, adapter, result, {})
+    assert count_parameters(model) == predicted
+    # One shortcut of 48 x 48 (and 40 x 40 for blocks of 3) fewer than a basis per layer.
+    assert alone - predicted == sum(dims[i] ** 2 for i in shared)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert sum(p.numel() for p in reloaded.parameters()) == predicted
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, atol=0, rtol=0)
+
+
 def test_slices_that_cannot_pay_for_their_shortcuts_are_not_made():
     # Tiny layers lose 576 weights per removed dim; at width 56 the two shortcuts cost
     # 2 x 56^2 = 6272 > 8 x 576 = 4608, so every layer stays whole: dense size and function.
@@ -216,20 +264,25 @@ def test_full_width_layers_are_left_whole_when_that_is_smaller(dims, whole):
 
 @pytest.mark.parametrize("slice_head", [False, True])
 @pytest.mark.parametrize(
-    ("basis", "aligned"), [("sublayer", True), ("sublayer", False), ("layer", True)]
+    ("basis", "aligned", "layers_per_basis"),
+    [("sublayer", True, 1), ("sublayer", False, 1), ("layer", True, 1), ("layer", True, 2)],
 )
 @pytest.mark.parametrize("tied", [True, False])
 def test_the_whole_layers_chosen_give_the_smallest_model_of_all_choices(
-    tied, basis, aligned, slice_head
+    tied, basis, aligned, layers_per_basis, slice_head
 ):
     # Against every one of the 2^6 choices, for widths drawn around the break-even point.
     model = tiny_model("qwen2", tied, layers=6)
-    counter = ParameterCounter(model, get_adapter(model), basis, tied, aligned, slice_head)
+    counter = ParameterCounter(
+        model, get_adapter(model), basis, tied, aligned, slice_head, layers_per_basis
+    )
     generator = torch.Generator().manual_seed(0)
     drawn = [(8 * torch.randint(3, 9, (6,), generator=generator)).tolist() for _ in range(12)]
     # Where taking the single best move at a time stops 1% short of the minimum (tied,
     # unaligned sublayer bases, sliced head): no layer pays alone, the last three together.
     drawn.append([64, 40, 32, 56, 56, 48])
+    # Pairs of one width, which share a basis with layers_per_basis 2 unless one is whole.
+    drawn.append([48, 48, 40, 40, 56, 56])
     verdicts = set()
     for dims in drawn:
 

@@ -210,6 +210,8 @@ torch.save(m(ids).logits.detach(), {str(tmp_path / "logits.pt")!r})
         ({"sparsity": 0.2, "slicing_base": 0.1, "auto_fractions": [0.5]}, "tune slicing_base"),
         ({"sparsity": 0.2, "layer_scores": []}, "one finite number per decoder layer"),
         ({"sparsity": 0.2, "layer_scores": [0.5, float("nan")]}, "one finite number"),
+        ({"sparsity": 0.2, "layers_per_basis": 0}, "layers_per_basis must be a positive"),
+        ({"sparsity": 0.2, "layers_per_basis": 2}, "layers_per_basis: 2 .* set basis: layer"),
     ],
 )
 def test_bad_options_rejected_when_the_recipe_is_built(options, match):

@@ -56,6 +56,7 @@ def test_the_layer_table_has_a_row_per_layer_as_recorded(tmp_path):
     assert "- mean kept width 45.3 of 64" in report
     assert "round_to 8 (spectrum rounding)" in report
     assert "- size on disk: 3.0 MiB" in report
+    assert "basis sublayer\n" in report
     # Nothing recorded, nothing claimed.
     assert "parameters:" not in report and "quantization:" not in report
     assert "search" not in report
@@ -68,6 +69,8 @@ def test_scores_parameters_quantization_and_the_search_when_recorded(tmp_path):
         slicing_base_search=SEARCH,
         quantizable_shortcuts=True,
         final_dim=32,
+        basis="layer",
+        layers_per_basis=2,
     )
     config = json.loads((checkpoint / "config.json").read_text())
     config["quantization_config"] = {
@@ -81,6 +84,7 @@ def test_scores_parameters_quantization_and_the_search_when_recorded(tmp_path):
     assert "| 0 |  | 48 | 40 | yes | yes |" in report
     assert "- parameters: 1.50M vs 2.00M dense (75.0%)" in report
     assert "head reads 32 of 64 (slice_head: True)" in report
+    assert "basis layer (2 layers per basis where of one width)\n" in report
     assert "pack-quantized (compressed-tensors); shortcut matrices quantized" in report
     search = report.split("`slicing_base: auto` search")[1].splitlines()
     assert search[-2:] == [

@@ -46,6 +46,19 @@ def test_rotation_only_is_exact(arch, tied, basis, hadamard, align_bases):
         assert model.config.tie_word_embeddings
 
 
+@pytest.mark.parametrize("arch", ["granite", "phi3", "qwen3"])
+def test_rotation_only_with_shared_bases_is_exact(arch):
+    model = tiny_model(arch, tied=False)
+    with torch.no_grad():
+        reference = model(IDS).logits
+    slice_in_memory(model, sparsity=0.0, basis="layer", layers_per_basis=2, align_bases=False)
+    # Unaligned, every layer's basis would need a shortcut into the next; layers 0 and 1
+    # share one.
+    assert model.config.slicing["mlp_shortcuts"] == [False, True, True]
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, reference, atol=2e-5, rtol=1e-5)
+
+
 # Config fields each architecture's attention or MLP reads: the sliced model, in memory and
 # reloaded, must keep every one (the default tiny models set none of them). o_proj's bias is
 # added to the residual, so it is rotated with o_proj's output.
@@ -255,8 +268,18 @@ def test_slicing_changes_function_but_stays_close():
     assert 0 < kl < 0.2  # measured 0.05; a uniform output scores 0.45
 
 
-@pytest.mark.parametrize("basis", ["sublayer", "layer"])
-def test_sliced_model_is_the_dense_one_with_every_residual_read_projected(basis):
+@pytest.mark.parametrize(
+    ("basis", "layers_per_basis", "dims"),
+    [
+        ("sublayer", 1, [48, 32, 48]),
+        ("layer", 1, [48, 32, 48]),
+        ("layer", 2, [48, 48, 32]),
+        ("layer", 3, [40, 40, 40]),
+    ],
+)
+def test_sliced_model_is_the_dense_one_with_every_residual_read_projected(
+    basis, layers_per_basis, dims
+):
     """An independent reference for the whole algorithm, PCA included.
 
     The sliced model computes the dense model with the residual stream, wherever a sublayer
@@ -268,16 +291,31 @@ def test_sliced_model_is_the_dense_one_with_every_residual_read_projected(basis)
     dense = tiny_model("llama", True)
     model = tiny_model("llama", True)
     slice_in_memory(
-        model, layer_dims=[48, 32, 48], basis=basis, align_bases=False, profitable_only=False
+        model,
+        layer_dims=dims,
+        basis=basis,
+        layers_per_basis=layers_per_basis,
+        align_bases=False,
+        profitable_only=False,
     )
     spec = model.config.slicing
     layers = dense.model.layers
     # Reading points: layer i's attention input is 2i, its MLP input 2i + 1. One PCA per
     # point, or with basis "layer" one per layer from both points' signals, the MLP's taken
-    # as the layer's unsliced attention computes it.
+    # as the layer's unsliced attention computes it; with layers_per_basis, one per block
+    # of layers of one width, from all their points, as the unsliced block computes them.
     widths = [w for i in range(len(layers)) for w in (spec["attn_dims"][i], spec["mlp_dims"][i])]
-    pairs = [[2 * i, 2 * i + 1] for i in range(len(layers))]
-    groups = pairs if basis == "layer" else [[point] for pair in pairs for point in pair]
+    blocks = [[0]]
+    for i in range(1, len(layers)):
+        if i % layers_per_basis and dims[i] == dims[i - 1]:
+            blocks[-1].append(i)
+        else:
+            blocks.append([i])
+    groups = [[p for i in block for p in (2 * i, 2 * i + 1)] for block in blocks]
+    if basis == "sublayer":
+        groups = [[point] for group in groups for point in group]
+    # Every shortcut but those inside a block.
+    assert sum(spec["mlp_shortcuts"]) == len(blocks)
     projections: dict[int, torch.Tensor] = {}
     capturing: set[int] = set()
     captured: list[torch.Tensor] = []

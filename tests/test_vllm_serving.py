@@ -88,6 +88,9 @@ class Case:
     arch: str
     tied: bool
     basis: str  # "sublayer": two shortcuts per layer; "layer": one
+    # With basis "layer": layers 0 and 1 share one basis where they have one width (no
+    # shortcut between them).
+    layers_per_basis: int = 1
     # A GPTQ scheme applied after slicing, as `dynslice compress --quantize w8a8` does.
     quantize: str | None = None
     # Let the quantizer take the shortcut matrices, except those in `keep`.
@@ -177,6 +180,19 @@ CASES = [
         quantize_head=True,
         slice_head=True,
         rounding="mean",  # one width otherwise, as above
+    ),
+    # Layers 0 and 1 share a basis (layers_per_basis), so one shortcut fewer is fused: the
+    # given scores slice them to 56 and layer 2 to 32. (At W8A8's steps of 16, SP 0.25 of
+    # 64 dims leaves three layers no two sliced widths but 48.)
+    Case(
+        "llama-untied-layer-pairs",
+        "llama",
+        tied=False,
+        basis="layer",
+        layers_per_basis=2,
+        slice_head=True,
+        slicing_base=0.125,
+        layer_scores=(0.0, 0.0, 1.0),
     ),
     # 4-bit groups of 32 (vLLM's CPU kernel needs widths in multiples of 32), shortcuts
     # quantized too (quantize_shortcuts), except the input projection: the saved ignore
@@ -278,6 +294,7 @@ slice_stage:
       quantize_shortcuts: {str(case.quantize_shortcuts).lower()}
       align_bases: {str(case.align_bases).lower()}
       slice_head: {str(case.slice_head).lower()}
+      layers_per_basis: {case.layers_per_basis}
 """
     if case.layer_scores:
         recipe += f"      layer_scores: {list(case.layer_scores)}\n"
@@ -526,6 +543,10 @@ def test_vllm_matches_transformers(
     assert len(set(slicing["attn_dims"] + slicing["mlp_dims"])) > 1, slicing
     if case.basis == "layer":
         assert not any(slicing["attn_shortcuts"]), slicing
+    if case.layers_per_basis > 1:
+        # Layers 0 and 1, sliced to one width, read one basis: nothing between them.
+        assert slicing["attn_dims"][0] == slicing["attn_dims"][1] != slicing["attn_dims"][2]
+        assert slicing["mlp_shortcuts"][:2] == [False, True], slicing
     assert slicing["quantizable_shortcuts"] is case.quantize_shortcuts
     assert bool(slicing["delta_shortcuts"]) is case.align_bases
     smoothed = case.quantize == "W8A8" and case.smooth
