@@ -38,6 +38,17 @@ def test_predicted_count_matches_the_sliced_model(tmp_path, arch, tied, basis, a
         assert ("lm_head.weight" in f.keys()) is not tied  # noqa: SIM118  (one table when tied)
 
 
+def rotate_and_slice(model, dims: list[int], **options):
+    """The slicer's own pass at ``dims`` (no scoring or allocation) on the tiny calibration
+    batches; ``options`` are RotateAndSlice's."""
+    from dynslice_modifier.calibration import capture_layer_inputs
+    from dynslice_modifier.slicer import RotateAndSlice
+
+    adapter = get_adapter(model)
+    inputs = capture_layer_inputs(model, adapter.layers(model)[0], calib_batches())
+    return RotateAndSlice(model, adapter, dims, torch.device("cpu"), **options).run(inputs)
+
+
 @pytest.mark.parametrize("whole_last", [False, True])
 @pytest.mark.parametrize("tied", [True, False])
 def test_predicted_count_with_a_sliced_head(tmp_path, tied, whole_last):
@@ -45,23 +56,10 @@ def test_predicted_count_with_a_sliced_head(tmp_path, tied, whole_last):
     dims = [56, 48, 32, 64 if whole_last else 40]
     predicted = ParameterCounter(model, get_adapter(model), "sublayer", tied, True, True)
     whole = [False, False, False, whole_last]
-    from dynslice_modifier.calibration import capture_layer_inputs
     from dynslice_modifier.conversion import convert_to_sliced
-    from dynslice_modifier.slicer import RotateAndSlice
 
     adapter = get_adapter(model)
-    inputs = capture_layer_inputs(model, adapter.layers(model)[0], calib_batches())
-    slicer = RotateAndSlice(
-        model,
-        adapter,
-        dims,
-        torch.device("cpu"),
-        keep_tied=tied,
-        align=True,
-        whole=whole,
-        slice_head=True,
-    )
-    result = slicer.run(inputs)
+    result = rotate_and_slice(model, dims, keep_tied=tied, align=True, whole=whole, slice_head=True)
     # A whole last layer has nothing narrower to hand the head: it stays as it was.
     assert result.final_dim == (None if whole_last else 40)
     convert_to_sliced(model, adapter, result, {})
@@ -118,19 +116,13 @@ def test_target_params_and_sparsity_are_exclusive():
 def test_whole_layers_are_counted_exactly_and_reload(tmp_path, tied, basis, aligned):
     from transformers import AutoModelForCausalLM
 
-    from dynslice_modifier.calibration import capture_layer_inputs
     from dynslice_modifier.conversion import convert_to_sliced
-    from dynslice_modifier.slicer import RotateAndSlice
 
     model = tiny_model("qwen2", tied, layers=4)
     adapter = get_adapter(model)
     dims, whole = [64, 40, 64, 32], [True, False, True, False]
     predicted = ParameterCounter(model, adapter, basis, tied, aligned)(dims, whole)
-    inputs = capture_layer_inputs(model, adapter.layers(model)[0], calib_batches())
-    slicer = RotateAndSlice(
-        model, adapter, dims, torch.device("cpu"), basis, whole=whole, align=aligned
-    )
-    result = slicer.run(inputs)
+    result = rotate_and_slice(model, dims, basis=basis, whole=whole, align=aligned)
     # Whole layers need no shortcut inside them, and layer 0 reads the table directly.
     assert result.input_projection is None
     assert result.attn_shortcuts[0] is None and result.attn_shortcuts[2] is None
@@ -162,9 +154,7 @@ def test_layers_sharing_a_basis_have_no_shortcut_between_them_and_are_counted_ex
 ):
     from transformers import AutoModelForCausalLM
 
-    from dynslice_modifier.calibration import capture_layer_inputs
     from dynslice_modifier.conversion import convert_to_sliced
-    from dynslice_modifier.slicer import RotateAndSlice
 
     model = tiny_model(arch, tied, layers=6)
     adapter = get_adapter(model)
@@ -176,19 +166,15 @@ def test_layers_sharing_a_basis_have_no_shortcut_between_them_and_are_counted_ex
         dims, whole
     )
     alone = ParameterCounter(model, adapter, "layer", tied, True)(dims, whole)
-    inputs = capture_layer_inputs(model, adapter.layers(model)[0], calib_batches())
-    slicer = RotateAndSlice(
+    result = rotate_and_slice(
         model,
-        adapter,
         dims,
-        torch.device("cpu"),
-        "layer",
+        basis="layer",
         keep_tied=tied,
         align=True,
         whole=whole,
         layers_per_basis=layers_per_basis,
     )
-    result = slicer.run(inputs)
     missing = [i for i, shortcut in enumerate(result.mlp_shortcuts) if shortcut is None]
     assert missing == shared
     convert_to_sliced(model, adapter, result, {})
