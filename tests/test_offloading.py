@@ -38,16 +38,17 @@ def onloads(monkeypatch) -> collections.Counter:
     return counts
 
 
-def passes(batches: int, onloads: collections.Counter) -> tuple[int, int]:
+def passes(batches: int, onloads: collections.Counter, **options) -> tuple[int, int]:
     """Tensors fetched by the Layer Redundancy pass and by the slicing pass."""
     model = tiny_model("llama", tied=False)
     adapter = get_adapter(model)
     data = calib_batches(n=batches)
+    dims = options.pop("dims", DIMS)
     set_onload_device(model, CPU)
     counts = []
     for run in (
         lambda inputs: redundancy_scores(adapter.layers(model), inputs, CPU),
-        lambda inputs: RotateAndSlice(model, adapter, DIMS, CPU).run(inputs),
+        lambda inputs: RotateAndSlice(model, adapter, dims, CPU, **options).run(inputs),
     ):
         inputs = capture_layer_inputs(model, adapter.layers(model)[0], data)
         onloads.clear()
@@ -62,6 +63,19 @@ def test_an_offloaded_layer_is_fetched_once_per_pass_not_once_per_batch(onloads)
     few, many = passes(2, onloads), passes(8, onloads)
     assert few[0] > 0 and few[1] > 0
     assert many == few
+
+
+def test_a_shared_basis_fetches_its_block_once_more_per_pass_not_per_batch(onloads):
+    # Layers 0 and 1 share a basis (one width, layers_per_basis 2). Its PCA reads layer 1's
+    # MLP input, unsliced, before layer 0 is sliced: layer 1's norm and attention, which
+    # compute it, are fetched once more in the slicing pass, and still not once per batch.
+    shared = {"dims": [48, 48, 56], "basis": "layer"}
+    alone = passes(2, onloads, **shared)
+    few, many = (passes(n, onloads, **shared, layers_per_basis=2) for n in (2, 8))
+    assert many == few
+    layer = tiny_model("llama", tied=False).model.layers[1]
+    attention_half = [*layer.input_layernorm.parameters(), *layer.self_attn.parameters()]
+    assert few[1] == alone[1] + len(attention_half)
 
 
 def test_layers_onloaded_elsewhere_compute_on_the_compute_device():
