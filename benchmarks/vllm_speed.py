@@ -341,18 +341,24 @@ def main() -> None:
     write_table(rows, args)
 
 
+def paired_ratios(rows: list[dict], name: str, baseline: str, batch: int) -> list[float]:
+    """``name``'s tokens/s at ``batch`` over ``baseline``'s in the same round, round by round:
+    the two ran minutes apart, so these ratios carry less of the machine's drift than the
+    ratio of two medians."""
+    base = {r["round"]: r[f"b{batch}_tok_s"] for r in rows if r["model"] == baseline}
+    key = f"b{batch}_tok_s"
+    return [r[key] / base[r["round"]] for r in rows if r["model"] == name and r["round"] in base]
+
+
 def round_ratios(rows: list[dict], baseline: str = "dense bf16") -> list[str]:
-    """Each model against ``baseline`` of the same round: the two ran minutes apart, so
-    these ratios carry less of the machine's drift than the ratio of two medians."""
-    dense = {r["round"]: r for r in rows if r["model"] == baseline}
+    """A line per model with its round-by-round ratios against ``baseline`` (paired_ratios)."""
     lines = []
     for name in MODELS:
-        mine = [r for r in rows if r["model"] == name and r["round"] in dense]
-        if name == baseline or not mine:
+        if name == baseline or not paired_ratios(rows, name, baseline, 1):
             continue
         parts = []
         for b in (1, 16):
-            ratios = [r[f"b{b}_tok_s"] / dense[r["round"]][f"b{b}_tok_s"] for r in mine]
+            ratios = paired_ratios(rows, name, baseline, b)
             each = ", ".join(f"{x:.2f}" for x in ratios)
             parts.append(f"batch {b}: {each} (median {statistics.median(ratios):.2f}x)")
         lines.append(f"- {name}, round by round against {baseline}: " + "; ".join(parts))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -12,7 +13,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import torch
 from boundary_shortcuts import errors
 from gemm_scaling import goal_gap
+from head_width import cut_head
 from shipped_recipes import write_table
+from speed_pooled import load_runs, median_interval, pool
+from test_slicing import IDS, slice_in_memory
+from tiny import tiny_model
 from vllm_speed import (
     cpu_description,
     engine_args,
@@ -62,6 +67,77 @@ def test_round_ratios_pair_each_model_with_dense_bf16_of_its_round():
         "- dense bf16, round by round against dense W8A8: batch 1: 0.67, 0.77 (median 0.72x); "
         "batch 16: 0.83, 0.71 (median 0.77x)"
     ]
+
+
+def _run(dense: list[float], sliced: list[float], **settings) -> list[dict]:
+    """A vllm_speed run's rows: dense bf16 and one sliced model, alternating, at batch 16
+    (batch 1 at a tenth)."""
+    machine = {"cpu": "2 CPU cores (AMD EPYC)", "vllm": "0.32.0", "rounding": "spectrum"}
+    rows = []
+    for round_, pair in enumerate(zip(dense, sliced, strict=True)):
+        for name, tok_s in zip(("dense bf16", "sliced bf16"), pair, strict=True):
+            rows.append(
+                {"model": name, "round": round_, "b1_tok_s": tok_s / 10, "b16_tok_s": tok_s}
+                | machine
+                | settings
+            )
+    return rows
+
+
+def _write_runs(path: Path, **runs: list[dict]) -> None:
+    for name, rows in runs.items():
+        (path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_pooled_ratios_pair_rounds_within_their_own_run(tmp_path):
+    # Both runs number their rounds from 0: a sliced round must meet the dense bf16 of its
+    # own run, which here differs from the other run's by 2x.
+    _write_runs(
+        tmp_path,
+        a=_run([100.0, 100.0], [150.0, 160.0]),
+        b=_run([200.0, 200.0, 200.0], [280.0, 300.0, 340.0]),
+    )
+    pooled = pool(load_runs(["a", "b"], tmp_path), "dense bf16", 1.5)
+    p = pooled["sliced bf16"][16]
+    assert p["ratios"] == pytest.approx([1.5, 1.6, 1.4, 1.5, 1.7])
+    assert p["run_medians"] == pytest.approx({"a": 1.55, "b": 1.5})
+    assert p["median"] == pytest.approx(1.5)
+    assert p["reached"] == 4
+    assert p["verdict"] == "not decided"
+    assert list(pool(load_runs(["a"], tmp_path), "dense bf16", 1.5, ["dense W8A8"])) == []
+
+
+def test_the_goal_is_met_or_missed_only_by_the_whole_interval(tmp_path):
+    _write_runs(
+        tmp_path,
+        fast=_run([100.0] * 6, [160.0, 158.0, 162.0, 155.0, 165.0, 159.0]),
+        slow=_run([100.0] * 6, [140.0, 138.0, 142.0, 135.0, 145.0, 139.0]),
+    )
+    assert pool(load_runs(["fast"], tmp_path), "dense bf16", 1.5)["sliced bf16"][16]["verdict"] == (
+        "met"
+    )
+    assert pool(load_runs(["slow"], tmp_path), "dense bf16", 1.5)["sliced bf16"][16]["verdict"] == (
+        "not met"
+    )
+    ratios = [1.2, 1.5, 1.6, 1.45, 1.7, 1.3, 1.55]
+    low, high = median_interval(ratios)
+    assert low <= 1.5 <= high and min(ratios) <= low < high <= max(ratios)
+    assert median_interval(ratios) == (low, high)
+
+
+def test_runs_that_measured_other_things_are_not_pooled(tmp_path):
+    _write_runs(
+        tmp_path,
+        a=_run([100.0], [150.0]),
+        mean=_run([100.0], [150.0], rounding="mean"),
+        old=[{k: v for k, v in r.items() if k != "cpu"} for r in _run([100.0], [150.0])],
+    )
+    with pytest.raises(SystemExit, match=r"run mean is not comparable with a .*rounding: 'mean'"):
+        load_runs(["a", "mean"], tmp_path)
+    with pytest.raises(SystemExit, match="run old does not record the CPU"):
+        load_runs(["old"], tmp_path)
+    with pytest.raises(SystemExit, match=r"no results/missing\.jsonl"):
+        load_runs(["missing"], tmp_path)
 
 
 def test_speed_table_gives_each_baseline_its_columns_and_skips_one_not_measured():
@@ -192,3 +268,26 @@ def test_a_rotation_quantizes_better_whole_and_a_near_identity_as_its_delta():
     interior = errors(near.double())
     assert interior["delta_over_matrix"] < 0.1
     assert interior["int8_delta"] < interior["int8_whole"]
+
+
+def test_a_cut_head_reads_the_leading_dims_of_the_final_stream():
+    # head_width.py must score the model whose head's basis keeps only its leading dims:
+    # the same as zeroing the trailing dims of the stream the final norm reads (zeros add
+    # nothing to its mean square), through the last layer's delta shortcut too.
+    model = tiny_model("llama", tied=False, layers=4)
+    slice_in_memory(model, layer_dims=[56, 48, 32, 40], slice_head=True)
+
+    def zero_trailing(_module, args):
+        kept = args[0].clone()
+        kept[..., 24:] = 0
+        return (kept,)
+
+    with torch.no_grad():
+        handle = model.model.norm.register_forward_pre_hook(zero_trailing)
+        expected = model(IDS).logits
+        handle.remove()
+        with pytest.raises(SystemExit, match=r"--widths must lie in 1\.\.40"):
+            cut_head(model, 41)
+        cut_head(model, 24)
+        assert model.lm_head.weight.shape == (128, 24)
+        torch.testing.assert_close(model(IDS).logits, expected, atol=1e-5, rtol=1e-5)

