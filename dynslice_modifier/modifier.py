@@ -626,12 +626,21 @@ class DynamicSliceModifier(Modifier):
             )
         whole = [i for i, w in enumerate(layout.whole) if w]
         if whole:
-            logger.warning(
+            left = (
                 f"Leaving {len(whole)} of {len(layout.whole)} layers whole (full width, "
                 "unrotated): slicing them would add more shortcut weights than it removes "
-                f"(layers {whole}). For a real size reduction use target_params, a larger "
-                "sparsity or basis: layer."
+                f"(layers {whole})"
             )
+            if self.target_params is not None:
+                # The solved sparsity already counts them whole: nothing to fix.
+                logger.info(f"{left}; the other layers meet target_params.")
+            else:
+                remedies = ["target_params", "a larger sparsity"]
+                remedies += [] if self.basis == "layer" else ["basis: layer"]
+                logger.warning(
+                    f"{left}. For a real size reduction use {', '.join(remedies[:-1])} or "
+                    f"{remedies[-1]}."
+                )
         return layout
 
     def _settle_tie(self, model: torch.nn.Module, run: _Run, layout: Layout) -> bool:

@@ -311,6 +311,39 @@ def test_sizes_that_miss_the_request_are_warned_of():
     assert coarse.config.slicing["mlp_dims"] == [48, 48, 48]
 
 
+def test_layers_left_whole_are_explained_with_remedies_not_already_in_use():
+    from loguru import logger
+
+    messages: list[tuple[str, str]] = []
+    sink = logger.add(
+        lambda m: messages.append((m.record["level"].name, m.record["message"])), level="INFO"
+    )
+    cases = {
+        "sublayer": {"sparsity": 0.2, "slicing_base": 0.0},
+        "layer": {"sparsity": 0.2, "slicing_base": 0.0, "basis": "layer"},
+        "target_params": {"target_params": 0.1, "slicing_base": 0.0, "basis": "layer"},
+    }
+    said = {}
+    try:
+        for name, options in cases.items():
+            messages.clear()
+            model = tiny_model("llama", True, layers=4)
+            slice_in_memory(model, **options)
+            assert model.config.slicing["whole_layers"], f"{name} must leave a layer whole"
+            (said[name],) = [m for m in messages if "layers whole" in m[1]]
+    finally:
+        logger.remove(sink)
+    level, text = said["sublayer"]
+    assert level == "WARNING" and text.endswith(
+        "use target_params, a larger sparsity or basis: layer."
+    )
+    level, text = said["layer"]
+    assert level == "WARNING" and text.endswith("use target_params or a larger sparsity.")
+    # A parameter budget is solved with those layers whole: nothing to warn of.
+    level, text = said["target_params"]
+    assert level == "INFO" and text.endswith("the other layers meet target_params.")
+
+
 def test_hadamard_warns_where_it_spreads_little_or_nothing():
     from loguru import logger
 
