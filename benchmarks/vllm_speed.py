@@ -345,8 +345,8 @@ def paired_ratios(rows: list[dict], name: str, baseline: str, batch: int) -> lis
     """``name``'s tokens/s at ``batch`` over ``baseline``'s in the same round, round by round:
     the two ran minutes apart, so these ratios carry less of the machine's drift than the
     ratio of two medians."""
-    base = {r["round"]: r[f"b{batch}_tok_s"] for r in rows if r["model"] == baseline}
     key = f"b{batch}_tok_s"
+    base = {r["round"]: r[key] for r in rows if r["model"] == baseline}
     return [r[key] / base[r["round"]] for r in rows if r["model"] == name and r["round"] in base]
 
 
