@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
+from loguru import logger
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -18,6 +21,20 @@ import dynslice_modifier  # noqa: F401  registers the modifier and the architect
 # The same examples on every run: a CI failure reproduces, and a green run stays green.
 settings.register_profile("dynslice", derandomize=True)
 settings.load_profile("dynslice")
+
+
+@contextlib.contextmanager
+def logged(level: str = "WARNING") -> Iterator[list[tuple[str, str]]]:
+    """The loguru records at ``level`` and above, as (level name, message), while the block
+    runs."""
+    records: list[tuple[str, str]] = []
+    sink = logger.add(
+        lambda m: records.append((m.record["level"].name, m.record["message"])), level=level
+    )
+    try:
+        yield records
+    finally:
+        logger.remove(sink)
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import logged
 from test_slicing import IDS, slice_in_memory
 from tiny import calib_batches, tiny_model
 
@@ -287,11 +288,7 @@ def test_the_whole_layers_chosen_give_the_smallest_model_of_all_choices(
 
 
 def test_sizes_that_miss_the_request_are_warned_of():
-    from loguru import logger
-
-    messages: list[str] = []
-    sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
-    try:
+    with logged() as records:
         # Slices that cannot pay for their shortcuts, kept (see above).
         bigger = tiny_model("llama", True, layers=3)
         options = {"sparsity": 0.125, "slicing_base": 0.125, "round_to": 8}
@@ -302,8 +299,7 @@ def test_sizes_that_miss_the_request_are_warned_of():
         # Rotation alone grows the model by design: said at info level, not warned of.
         rotated = tiny_model("llama", True, layers=3)
         slice_in_memory(rotated, sparsity=0.0)
-    finally:
-        logger.remove(sink)
+    messages = [message for _, message in records]
     assert count_parameters(rotated) > count_parameters(tiny_model("llama", True, layers=3))
     larger = [m for m in messages if "larger than the dense one" in m]
     assert len(larger) == 1 and "turn profitable_only on" in larger[0], messages
@@ -312,27 +308,18 @@ def test_sizes_that_miss_the_request_are_warned_of():
 
 
 def test_layers_left_whole_are_explained_with_remedies_not_already_in_use():
-    from loguru import logger
-
-    messages: list[tuple[str, str]] = []
-    sink = logger.add(
-        lambda m: messages.append((m.record["level"].name, m.record["message"])), level="INFO"
-    )
     cases = {
         "sublayer": {"sparsity": 0.2, "slicing_base": 0.0},
         "layer": {"sparsity": 0.2, "slicing_base": 0.0, "basis": "layer"},
         "target_params": {"target_params": 0.1, "slicing_base": 0.0, "basis": "layer"},
     }
     said = {}
-    try:
-        for name, options in cases.items():
-            messages.clear()
+    for name, options in cases.items():
+        with logged("INFO") as records:
             model = tiny_model("llama", True, layers=4)
             slice_in_memory(model, **options)
-            assert model.config.slicing["whole_layers"], f"{name} must leave a layer whole"
-            (said[name],) = [m for m in messages if "layers whole" in m[1]]
-    finally:
-        logger.remove(sink)
+        assert model.config.slicing["whole_layers"], f"{name} must leave a layer whole"
+        (said[name],) = [r for r in records if "layers whole" in r[1]]
     level, text = said["sublayer"]
     assert level == "WARNING" and text.endswith(
         "use target_params, a larger sparsity or basis: layer."
@@ -345,19 +332,14 @@ def test_layers_left_whole_are_explained_with_remedies_not_already_in_use():
 
 
 def test_hadamard_warns_where_it_spreads_little_or_nothing():
-    from loguru import logger
-
-    messages: list[str] = []
-    sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
-    try:
+    with logged() as records:
         for dims, align in (([48, 48, 48], True), ([47, 48, 48], True), ([47, 48, 48], False)):
             model = tiny_model("llama", True, layers=3)
             slice_in_memory(model, layer_dims=dims, hadamard=True, align_bases=align)
         # Layers left whole stay in the original basis, without a Hadamard rotation.
         model = tiny_model("llama", True, layers=4)
         slice_in_memory(model, sparsity=0.2, slicing_base=0.0, basis="layer", hadamard=True)
-    finally:
-        logger.remove(sink)
+    messages = [message for _, message in records]
     # 48 = 16 x 3: blocks of 16; with 47 among the widths no block but 1 divides them all
     # (aligned), or divides 47 itself (unaligned).
     small = [m for m in messages if "the smallest here is 1," in m]

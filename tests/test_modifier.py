@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from compressed_tensors.offload import set_onload_device
-from conftest import calib_dataset, save_tiny
+from conftest import calib_dataset, logged, save_tiny
 from llmcompressor import oneshot
 from llmcompressor.recipe import Recipe
 from tiny import calib_batches, tiny_model
@@ -384,17 +384,12 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
 
 
 def test_rank_deficient_calibration_is_reported(tmp_path):
-    from loguru import logger
-
     model = AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / "m"))
     # One 24-token sequence repeated: enough tokens, but at most 24 distinct directions.
     batch = {"input_ids": torch.arange(24).unsqueeze(0) + 4}
     state = SimpleNamespace(model=model, data=SimpleNamespace(calib=[batch] * 8))
-    messages: list[str] = []
-    sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
-    try:
+    with logged() as records:
         DynamicSliceModifier(sparsity=0.25, slicing_base=0.25, round_to=8).on_initialize(state)
-    finally:
-        logger.remove(sink)
+    messages = [message for _, message in records]
     assert any("layer 0 attention input: the calibration signal spans only" in m for m in messages)
     assert any("more varied, calibration samples" in m for m in messages)
