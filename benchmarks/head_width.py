@@ -26,7 +26,7 @@ import torch
 from common import RESULTS, protocol
 from quantized import WORK
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 import dynslice_modifier  # noqa: F401  (registers the sliced architecture)
 from dynslice_modifier.evaluation import perplexity
@@ -39,16 +39,25 @@ def _keep(module: nn.Module, name: str, index: tuple) -> None:
     setattr(module, name, nn.Parameter(tensor[index].clone(), requires_grad=False))
 
 
-def cut_head(model: nn.Module, width: int) -> None:
-    """Keep the first ``width`` dims of the head's basis (its leading principal directions)."""
-    spec = model.config.slicing
-    final = spec.get("final_dim")
+def head_width(config: PretrainedConfig) -> int:
+    """The width the checkpoint's head reads (``slicing.final_dim``)."""
+    final = config.slicing.get("final_dim")
     if final is None:
         raise SystemExit(
             "this checkpoint's head reads the full hidden size: measure one sliced with slice_head"
         )
+    return final
+
+
+def check_width(width: int, final: int) -> None:
     if not 0 < width <= final:
         raise SystemExit(f"--widths must lie in 1..{final}, the head's width now (got {width})")
+
+
+def cut_head(model: nn.Module, width: int) -> None:
+    """Keep the first ``width`` dims of the head's basis (its leading principal directions)."""
+    spec = model.config.slicing
+    check_width(width, head_width(model.config))
     layer = model.model.layers[-1]
     mlp = getattr(layer, spec["layout"]["mlp"])
     shortcut = getattr(layer, "mlp_shortcut", None)
@@ -70,11 +79,20 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.model / "config.json").exists():
         parser.error(f"no checkpoint at {args.model}: write it first (see --help)")
+    # Every width checked before the first of the evaluations (a minute each) is spent.
+    config = AutoConfig.from_pretrained(args.model)
+    if getattr(config, "quantization_config", None) is not None:
+        parser.error(
+            f"{args.model} is quantized, and its packed weights cannot be cut: measure the "
+            "float checkpoint of the same slicing (quantized.py's :none rows)"
+        )
+    full = head_width(config)
+    for width in args.widths:
+        check_width(width, full)
     _, _, _, evaluation = protocol()
     rows = []
     for width in [None, *args.widths]:
         model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
-        full = model.config.slicing["final_dim"]
         if width is not None:
             cut_head(model, width)
         rows.append({"width": width or full, "ppl": round(perplexity(model, evaluation), 3)})

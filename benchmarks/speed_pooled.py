@@ -144,6 +144,8 @@ def main() -> None:
     parser.add_argument("--goal", type=float, default=1.5, help="the speed-up asked for")
     parser.add_argument("--out", default="vllm_speed_pooled")
     args = parser.parse_args()
+    if args.goal <= 0:
+        parser.error(f"--goal is a speed-up over the baseline, above 0 (got {args.goal})")
     runs = load_runs(args.runs)
     pooled = pool(runs, args.baseline, args.goal, args.models)
     if not pooled:

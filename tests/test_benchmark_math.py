@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -123,6 +124,18 @@ def test_the_goal_is_met_or_missed_only_by_the_whole_interval(tmp_path):
     low, high = median_interval(ratios)
     assert low <= 1.5 <= high and min(ratios) <= low < high <= max(ratios)
     assert median_interval(ratios) == (low, high)
+
+
+def test_a_goal_that_is_no_speed_up_is_refused():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_pooled.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--runs", "any", "--goal", "0"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 2
+    assert "--goal is a speed-up over the baseline, above 0 (got 0.0)" in run.stderr
 
 
 def test_runs_that_measured_other_things_are_not_pooled(tmp_path):
