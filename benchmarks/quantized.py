@@ -10,8 +10,9 @@ and W8A8 has no groups to round to.) Results:
 
     python benchmarks/quantized.py [--rounding nearest]
 
-SP and SB are fixed: rows, checkpoint names and the table are keyed by model, scheme and
-rounding only.
+SB is fixed, and so is SP but for models whose name ends in ``-spNN`` (SP 0.NN: how much
+more slicing the speed goal would take); rows, checkpoint names and the table are keyed by
+model, scheme and rounding only.
 
 ``--rounding nearest`` slices as before ``rounding: mean`` existed (each width rounded on
 its own), ``--rounding spectrum`` (the slicer's default for dynamic widths) picks the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -122,7 +124,7 @@ def run_row(row: dict) -> dict:
             align_bases="aligned" in row["model"],
             basis="layer" if "-layer" in row["model"] else "sublayer",
             layers_per_basis=2 if "-pairs" in row["model"] else 1,
-            slice_head=row["model"].endswith("-sliced-head"),
+            slice_head="-sliced-head" in row["model"],
             rounding=row["rounding"],
             layer_scores=cached[0] if cached else None,
             profitable_only=False,  # as the perplexity grid's rows
@@ -160,6 +162,12 @@ def run_row(row: dict) -> dict:
     )
 
 
+def sparsity_of(model: str) -> float:
+    """SP of a model name: 0.NN where it ends in ``-spNN``, else the table's SP."""
+    match = re.search(r"-sp(\d\d)$", model)
+    return int(match.group(1)) / 100 if match else SPARSITY
+
+
 def checkpoint_name(row: dict) -> str:
     return rounded_name(f"{row['model']}-{row['scheme']}", row.get("rounding"))
 
@@ -192,6 +200,8 @@ def write_table(rows: list[dict]) -> None:
         "sliced-hadamard-aligned-sliced-head",
         "sliced-aligned-layer-sliced-head",
         "sliced-aligned-layer-pairs-sliced-head",
+        "sliced-aligned-layer-sliced-head-sp30",
+        "sliced-aligned-layer-sliced-head-sp35",
     ]
     rows = sorted(
         rows,
@@ -213,7 +223,8 @@ def write_table(rows: list[dict]) -> None:
         )
     (RESULTS / "quantized.md").write_text(
         "SmolLM2-135M, WikiText-2 protocol (64x512 calibration, 32x1024 evaluation). Produced by "
-        "`python benchmarks/quantized.py`. Sliced = SP 0.25, SB 0.05 dynamic; "
+        "`python benchmarks/quantized.py`. Sliced = SP 0.25 (-spNN rows: SP 0.NN), SB 0.05 "
+        "dynamic; "
         "-hadamard rows have `hadamard: true`, -aligned rows `align_bases: true`, the others "
         "turn them off (the defaults: aligned, no Hadamard, so `sliced-aligned` rows); -layer "
         "rows have `basis: layer` (-pairs: with `layers_per_basis: 2`), -sliced-head rows "
@@ -299,7 +310,7 @@ def main() -> None:
             "sliced-aligned-layer-pairs-sliced-head:w8a8-qs-head",
         ],
         help="rows as MODEL:SCHEME: MODEL dense or sliced[-hadamard][-aligned][-layer[-pairs]]"
-        f"[-sliced-head], SCHEME one of {', '.join(SCHEMES)}; default: every recorded row",
+        f"[-sliced-head][-spNN], SCHEME one of {', '.join(SCHEMES)}; default: every recorded row",
     )
     parser.add_argument(
         "--redo",
@@ -322,7 +333,7 @@ def main() -> None:
         row = {
             "model": model,
             "scheme": scheme,
-            "sparsity": SPARSITY,
+            "sparsity": sparsity_of(model),
             "slicing_base": SLICING_BASE,
         }
         if model != "dense":

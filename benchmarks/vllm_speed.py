@@ -81,6 +81,14 @@ MODELS = {
         BENCH / "sliced-aligned-layer-pairs-sliced-head-w8a8-qs-head",
         "bfloat16",
     ),
+    # The same sliced deeper (SP 0.30, 0.35): how much more slicing the speed goal takes.
+    **{
+        f"sliced W8A8 at SP 0.{sp} (one basis per layer), shortcuts + sliced head int8": (
+            BENCH / f"sliced-aligned-layer-sliced-head-sp{sp}-w8a8-qs-head",
+            "bfloat16",
+        )
+        for sp in (30, 35)
+    },
     "sliced W8A8 (one basis per layer), shortcuts + sliced head int8, float32 activations": (
         BENCH / "sliced-aligned-layer-sliced-head-w8a8-qs-head",
         "float32",

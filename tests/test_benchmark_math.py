@@ -15,6 +15,7 @@ import torch
 from boundary_shortcuts import errors
 from gemm_scaling import goal_gap
 from head_width import cut_head
+from quantized import sparsity_of
 from shipped_recipes import write_table
 from speed_pooled import load_runs, median_interval, pool
 from test_slicing import IDS, slice_in_memory
@@ -152,6 +153,12 @@ def test_runs_that_measured_other_things_are_not_pooled(tmp_path):
         load_runs(["old"], tmp_path)
     with pytest.raises(SystemExit, match=r"no results/missing\.jsonl"):
         load_runs(["missing"], tmp_path)
+
+
+def test_a_model_name_sets_its_sp_only_through_a_final_sp_suffix():
+    assert sparsity_of("sliced-aligned-layer-sliced-head-sp30") == pytest.approx(0.30)
+    assert sparsity_of("sliced-aligned-layer-sliced-head") == pytest.approx(0.25)
+    assert sparsity_of("sliced-sp30-aligned") == pytest.approx(0.25)
 
 
 def test_decode_speed_takes_the_prefill_off_and_needs_a_decoded_token():
