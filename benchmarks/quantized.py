@@ -72,6 +72,24 @@ SCHEMES: dict[str, Scheme] = {
 }
 
 
+# The table's models, in its order; --rows may name no other.
+MODELS = [
+    "dense",
+    "sliced",
+    "sliced-hadamard",
+    "sliced-aligned",
+    "sliced-hadamard-aligned",
+    "sliced-aligned-layer",
+    "sliced-hadamard-aligned-layer",
+    "sliced-aligned-sliced-head",
+    "sliced-hadamard-aligned-sliced-head",
+    "sliced-aligned-layer-sliced-head",
+    "sliced-aligned-layer-pairs-sliced-head",
+    "sliced-aligned-layer-sliced-head-sp30",
+    "sliced-aligned-layer-sliced-head-sp35",
+]
+
+
 def quant_recipe(scheme: Scheme):
     from compressed_tensors.quantization import preset_name_to_scheme
     from llmcompressor.modifiers.gptq import GPTQModifier
@@ -188,25 +206,10 @@ def write_table(rows: list[dict]) -> None:
         "| weights MiB |",
         "|---|---|---|---|---|---|---|",
     ]
-    models = [
-        "dense",
-        "sliced",
-        "sliced-hadamard",
-        "sliced-aligned",
-        "sliced-hadamard-aligned",
-        "sliced-aligned-layer",
-        "sliced-hadamard-aligned-layer",
-        "sliced-aligned-sliced-head",
-        "sliced-hadamard-aligned-sliced-head",
-        "sliced-aligned-layer-sliced-head",
-        "sliced-aligned-layer-pairs-sliced-head",
-        "sliced-aligned-layer-sliced-head-sp30",
-        "sliced-aligned-layer-sliced-head-sp35",
-    ]
     rows = sorted(
         rows,
         key=lambda r: (
-            models.index(r["model"]),
+            MODELS.index(r["model"]),
             ROUNDING_ORDER.index(r.get("rounding", "mean")),
             list(SCHEMES).index(r["scheme"]),
         ),
@@ -327,6 +330,16 @@ def main() -> None:
         JSONL.write_text("".join(json.dumps(r) + "\n" for r in kept))
         append_jsonl(JSONL, result)
         return
+    unknown = [
+        spec
+        for spec in args.rows
+        if (parts := spec.split(":"))[0] not in MODELS or parts[1:] not in ([s] for s in SCHEMES)
+    ]
+    if unknown:
+        parser.error(
+            f"--rows {unknown}: each is MODEL:SCHEME, MODEL one of {', '.join(MODELS)}, "
+            f"SCHEME one of {', '.join(SCHEMES)}"
+        )
     done = set() if args.redo else {key(r) for r in read_jsonl(JSONL)}
     for spec in args.rows:
         model, scheme = spec.split(":")

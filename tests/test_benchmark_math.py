@@ -161,6 +161,19 @@ def test_a_model_name_sets_its_sp_only_through_a_final_sp_suffix():
     assert sparsity_of("sliced-sp30-aligned") == pytest.approx(0.25)
 
 
+def test_rows_the_table_cannot_hold_are_refused_before_any_oneshot():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "quantized.py"
+    for spec in ("sliced-aligned-sp30:w8a8", "sliced-aligned:w8a9", "sliced-aligned"):
+        run = subprocess.run(
+            [sys.executable, str(script), "--rows", spec],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert run.returncode == 2
+        assert f"--rows [{spec!r}]: each is MODEL:SCHEME, MODEL one of dense," in run.stderr
+
+
 def test_decode_speed_takes_the_prefill_off_and_needs_a_decoded_token():
     # 16 sequences, 128 new tokens in 5 s, of which the first token's generation took 1 s:
     # 16 * 127 tokens in the other 4 s.
