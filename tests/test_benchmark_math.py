@@ -30,6 +30,15 @@ from vllm_speed import (
     speed_table,
 )
 
+# The speed the pooling tests compare, but for the decode test's: whole generations.
+GEN = "generation"
+
+
+def _pool(
+    tmp_path: Path, names: list[str], models: list[str] | None = None, metric: str = GEN
+) -> dict:
+    return pool(load_runs(names, tmp_path, metric=metric), "dense bf16", 1.5, models, metric=metric)
+
 
 def _steps(gemm_ms: float, outside_ms: float) -> dict[str, float]:
     return {"b16_gemm_ms": gemm_ms, "b16_step_ms": gemm_ms + outside_ms}
@@ -100,14 +109,14 @@ def test_pooled_ratios_pair_rounds_within_their_own_run(tmp_path):
         a=_run([100.0, 100.0], [150.0, 160.0]),
         b=_run([200.0, 200.0, 200.0], [280.0, 300.0, 340.0]),
     )
-    pooled = pool(load_runs(["a", "b"], tmp_path), "dense bf16", 1.5)
+    pooled = _pool(tmp_path, ["a", "b"])
     p = pooled["sliced bf16"][16]
     assert p["ratios"] == pytest.approx([1.5, 1.6, 1.4, 1.5, 1.7])
     assert p["run_medians"] == pytest.approx({"a": 1.55, "b": 1.5})
     assert p["median"] == pytest.approx(1.5)
     assert p["reached"] == 4
     assert p["verdict"] == "not decided"
-    assert list(pool(load_runs(["a"], tmp_path), "dense bf16", 1.5, ["dense W8A8"])) == []
+    assert list(_pool(tmp_path, ["a"], models=["dense W8A8"])) == []
 
 
 def test_the_goal_is_met_or_missed_only_by_the_whole_interval(tmp_path):
@@ -116,12 +125,8 @@ def test_the_goal_is_met_or_missed_only_by_the_whole_interval(tmp_path):
         fast=_run([100.0] * 6, [160.0, 158.0, 162.0, 155.0, 165.0, 159.0]),
         slow=_run([100.0] * 6, [140.0, 138.0, 142.0, 135.0, 145.0, 139.0]),
     )
-    assert pool(load_runs(["fast"], tmp_path), "dense bf16", 1.5)["sliced bf16"][16]["verdict"] == (
-        "met"
-    )
-    assert pool(load_runs(["slow"], tmp_path), "dense bf16", 1.5)["sliced bf16"][16]["verdict"] == (
-        "not met"
-    )
+    assert _pool(tmp_path, ["fast"])["sliced bf16"][16]["verdict"] == "met"
+    assert _pool(tmp_path, ["slow"])["sliced bf16"][16]["verdict"] == "not met"
     ratios = [1.2, 1.5, 1.6, 1.45, 1.7, 1.3, 1.55]
     low, high = median_interval(ratios)
     assert low <= 1.5 <= high and min(ratios) <= low < high <= max(ratios)
@@ -148,11 +153,11 @@ def test_runs_that_measured_other_things_are_not_pooled(tmp_path):
         old=[{k: v for k, v in r.items() if k != "cpu"} for r in _run([100.0], [150.0])],
     )
     with pytest.raises(SystemExit, match=r"run mean is not comparable with a .*rounding: 'mean'"):
-        load_runs(["a", "mean"], tmp_path)
+        load_runs(["a", "mean"], tmp_path, metric=GEN)
     with pytest.raises(SystemExit, match="run old does not record the CPU"):
-        load_runs(["old"], tmp_path)
+        load_runs(["old"], tmp_path, metric=GEN)
     with pytest.raises(SystemExit, match=r"no results/missing\.jsonl"):
-        load_runs(["missing"], tmp_path)
+        load_runs(["missing"], tmp_path, metric=GEN)
 
 
 def test_a_model_name_sets_its_sp_only_through_a_final_sp_suffix():
@@ -191,15 +196,15 @@ def test_pooling_decode_speed_uses_its_own_ratios_and_refuses_runs_without_it(tm
         sliced = r["model"] == "sliced bf16"
         r["b1_decode_tok_s"], r["b16_decode_tok_s"] = (14.0, 140.0) if sliced else (10.0, 100.0)
     _write_runs(tmp_path, new=rows, old=_run([100.0], [150.0]))
-    decode = pool(load_runs(["new"], tmp_path, "decode"), "dense bf16", 1.5, metric="decode")
+    decode = _pool(tmp_path, ["new"], metric="decode")
     assert decode["sliced bf16"][16]["ratios"] == pytest.approx([1.4, 1.4])
     assert decode["sliced bf16"][16]["verdict"] == "not met"
-    generation = pool(load_runs(["new", "old"], tmp_path), "dense bf16", 1.5)
+    generation = _pool(tmp_path, ["new", "old"])
     assert generation["sliced bf16"][16]["ratios"] == pytest.approx([1.5, 1.5, 1.5])
     with pytest.raises(
         SystemExit, match=r"run old did not measure decode speed.*--metric generation"
     ):
-        load_runs(["new", "old"], tmp_path, "decode")
+        load_runs(["new", "old"], tmp_path, metric="decode")
 
 
 def test_speed_table_gives_each_baseline_its_columns_and_skips_one_not_measured():
