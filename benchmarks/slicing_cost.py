@@ -18,6 +18,7 @@ import time
 import torch
 from common import RESULTS, peak_rss_mib, protocol
 from transformers import AutoModelForCausalLM
+from vllm_speed import cpu_description
 
 from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.adapters import get_adapter
@@ -114,6 +115,8 @@ def main() -> None:
         "total_in_forward_passes": round((lr_s + slice_s) / forward_s, 2),
         "peak_rss_mib": round(peak_rss_mib()),
         "threads": torch.get_num_threads(),
+        # The ratios move with the machine (benchmarks/README.md, "Cost of slicing").
+        "cpu": cpu_description(),
     }
     (RESULTS / "slicing_cost.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
