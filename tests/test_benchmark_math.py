@@ -17,7 +17,7 @@ import torch
 from boundary_shortcuts import errors
 from gemm_scaling import goal_gap
 from head_width import cut_head
-from quantized import sparsity_of
+from quantized import SCHEMES, quant_recipe, sparsity_of
 from shipped_recipes import write_table
 from speed_pooled import load_runs, median_interval, pool
 from test_slicing import IDS, slice_in_memory
@@ -192,6 +192,16 @@ def test_a_model_name_sets_its_sp_only_through_a_final_sp_suffix():
     assert sparsity_of("sliced-aligned-layer-sliced-head-sp30") == pytest.approx(0.30)
     assert sparsity_of("sliced-aligned-layer-sliced-head") == pytest.approx(0.25)
     assert sparsity_of("sliced-sp30-aligned") == pytest.approx(0.25)
+
+
+def test_the_static_scheme_calibrates_one_activation_scale_per_tensor():
+    def activations(name: str):
+        (gptq,) = quant_recipe(SCHEMES[name])
+        return gptq.config_groups["group_0"].input_activations
+
+    static, dynamic = activations("w8a8-static-qs-head"), activations("w8a8-qs-head")
+    assert (static.strategy, static.dynamic, static.num_bits) == ("tensor", False, 8)
+    assert (dynamic.strategy, dynamic.dynamic) == ("token", True)
 
 
 def test_rows_the_table_cannot_hold_are_refused_before_any_oneshot():
