@@ -10,6 +10,7 @@ result, and the save made to write that config. No weight is copied.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 from compressed_tensors.offload import offload_module
@@ -27,7 +28,10 @@ from dynslice_modifier.modeling.configuration_dynslice import (
     DynSliceConfig,
     format_version,
 )
-from dynslice_modifier.modeling.modeling_dynslice import DynSliceForCausalLM, SlicedDecoderLayer
+from dynslice_modifier.modeling.modeling_dynslice import (
+    DynSliceForCausalLM,
+    SlicedDecoderLayer,
+)
 from dynslice_modifier.slicer import SlicingResult, embeddings_tied
 
 
@@ -52,7 +56,7 @@ def convert_to_sliced(
     model.config = config
     model.model.config = config
     model.__class__ = DynSliceForCausalLM
-    _keep_sliced_config_on_save(model)
+    keep_sliced_config_on_save(model)
     return model
 
 
@@ -99,7 +103,9 @@ def _sliced_config(
     config = DynSliceConfig(base_model_type=old_config.model_type, slicing=spec, **base)
     config.check_slicing()
     config._attn_implementation = old_config._attn_implementation
-    spec["source_model"] = config._name_or_path = old_config._name_or_path
+    config._name_or_path = source = old_config._name_or_path
+    # Absolute, so that the record still finds it from another working directory.
+    spec["source_model"] = os.path.abspath(source) if os.path.isdir(source) else source
     return config
 
 
@@ -131,22 +137,26 @@ def _wrap_layers(
         layers[idx] = new
 
 
-def _keep_sliced_config_on_save(model: nn.Module) -> None:
-    """Have ``model.save_pretrained`` write the sliced config, not the source model's.
+def keep_sliced_config_on_save(model: nn.Module) -> None:
+    """Have llm-compressor's save write the sliced config as the model holds it.
 
-    llm-compressor's save (the wrapper ``oneshot`` puts on the instance) re-writes
-    config.json from the file at ``config._name_or_path``, the unsliced model's; the path is
-    blanked for the save alone, since a later ``oneshot`` on the returned model reads its
-    processor and config from it. Without that wrapper (the modifier run outside
-    ``oneshot``) transformers' own save writes the sliced config, and the model keeps no
-    closure that would stop it from being pickled.
+    That save (the wrapper ``oneshot`` puts on the instance) re-writes config.json from the
+    file at ``config._name_or_path``: the unsliced model's in the slicing run, or, in a later
+    ``oneshot`` on a sliced checkpoint, the loaded one's, whose ``slicing.unit_norms`` a
+    smoothing modifier may have made wrong. The path is blanked for the save alone, since a
+    later ``oneshot`` on the returned model reads its processor from it. Without that wrapper
+    (the modifier run outside ``oneshot``) transformers' own save writes the sliced config,
+    and the model keeps no closure that would stop it from being pickled.
     """
     save = model.save_pretrained
-    if not getattr(save, "_overridden", False):
+    if not getattr(save, "_overridden", False) or getattr(save, "_keeps_sliced_config", False):
         return
 
     @functools.wraps(save)  # keeps llm-compressor's mark, so it does not wrap this again
-    def save_sliced(*args: Any, **kwargs: Any) -> Any:
+    def save_sliced(save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        # Before llm-compressor's save compresses or writes anything; the class's own
+        # save_pretrained, which would do it, is not the one llm-compressor calls.
+        model.prepare_save(save_directory)
         source = model.config._name_or_path
         model.config._name_or_path = ""
         logger.info(
@@ -154,8 +164,9 @@ def _keep_sliced_config_on_save(model: nn.Module) -> None:
             "warning that follows is expected (it would re-write the source model's config)"
         )
         try:
-            return save(*args, **kwargs)
+            return save(save_directory, *args, **kwargs)
         finally:
             model.config._name_or_path = source
 
+    save_sliced._keeps_sliced_config = True
     model.save_pretrained = save_sliced

@@ -48,15 +48,19 @@ def wikitext_tokens(tokenizer, path: str | Path | None = None) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def windows(tokens: list[int], count: int, length: int) -> torch.Tensor:
-    """The first ``count`` non-overlapping windows of ``length`` tokens."""
+def windows(tokens: list[int], count: int, length: int, part: str = "the text") -> torch.Tensor:
+    """The first ``count`` non-overlapping windows of ``length`` tokens of ``part``."""
     available = len(tokens) // length
     if count > available:
         raise ValueError(
             f"asked for {count} windows of {length} tokens; only {available} fit in the "
-            f"{len(tokens)} tokens of the text: give a longer text, or fewer or shorter windows"
+            f"{len(tokens)} tokens of {part}: give a longer text, or fewer or shorter windows"
         )
     return torch.tensor(tokens[: count * length], dtype=torch.long).view(count, length)
+
+
+CALIBRATION_HALF = "the text's first half (calibration)"
+EVALUATION_HALF = "the text's second half (evaluation)"
 
 
 def split_protocol(
@@ -64,7 +68,10 @@ def split_protocol(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Disjoint calibration and evaluation windows: first and second half of the text."""
     half = len(tokens) // 2
-    return windows(tokens[:half], n_calib, calib_len), windows(tokens[half:], n_eval, eval_len)
+    return (
+        windows(tokens[:half], n_calib, calib_len, CALIBRATION_HALF),
+        windows(tokens[half:], n_eval, eval_len, EVALUATION_HALF),
+    )
 
 
 @torch.no_grad()

@@ -202,9 +202,9 @@ class DynamicSliceModifier(Modifier):
     :param hadamard: fold a block Hadamard rotation into every kept basis (free at inference:
         the function is unchanged) so quantizers after the slicer see spread-out channels, in
         the spirit of QuaRot/SpinQuant. Default false, chosen by measurement: with aligned
-        bases (the default) it helps W8A8 by at most 0.4% on SmolLM2 at SP 0.25 and costs
-        W4A16 and FP8 more (GPTQ W4A16 with MSE scales 64.4 with it against 63.9 without,
-        W8A8 55.65 against 55.69, FP8 58.8 against 57.0). Without aligned bases every PCA
+        bases (the default) it makes W8A8 0.1% better on SmolLM2 at SP 0.25 and W4A16 and
+        FP8 worse (W8A8 55.65 with it against 55.69 without, GPTQ W4A16 with MSE scales 64.4
+        against 63.9, FP8 58.8 against 57.0). Without aligned bases every PCA
         basis packs its layer's energy into its first channels, and there it matters (W4A16
         57.5 with it against 106.9). With aligned bases every layer takes the same blocks,
         the largest power of two (up to 256) dividing every sliced width; below 16 the
@@ -230,7 +230,9 @@ class DynamicSliceModifier(Modifier):
         at its floor, so the step goes to another layer. Explicit ``layer_dims`` are never
         changed, ``sparsity: 0`` (the rotation alone) leaves every layer rotated, and no layer
         is left whole when ``hidden_size`` is not a multiple of the (effective)
-        ``round_to``. Default true.
+        ``round_to``. Layers left whole lower the mean slice below ``sparsity`` (logged as a
+        warning); a ``sparsity`` that would leave every layer whole is refused. Default
+        true.
     :param quantize_shortcuts: let quantizers later in the recipe take the shortcut matrices
         (and layer 0's input projection): they are then built as linears, which their
         ``targets``/``ignore`` match like any other (``targets: Linear`` takes them all).
@@ -625,22 +627,30 @@ class DynamicSliceModifier(Modifier):
                 f"target_params {self.target_params}: solved sparsity {layout.sparsity:.4f}"
             )
         whole = [i for i, w in enumerate(layout.whole) if w]
-        if whole:
-            left = (
-                f"Leaving {len(whole)} of {len(layout.whole)} layers whole (full width, "
-                "unrotated): slicing them would add more shortcut weights than it removes "
-                f"(layers {whole})"
+        if not whole:
+            return layout
+        left = (
+            f"slicing them would add more shortcut weights than it removes (profitable_only; "
+            f"layers {whole})"
+        )
+        if self.target_params is not None:
+            # The solved sparsity already counts them whole: nothing to fix.
+            logger.info(f"Leaving {len(whole)} layers whole: {left}; the others meet target_params")
+            return layout
+        fixes = ["a larger sparsity", "target_params"]
+        fixes += [] if self.basis == "layer" else ["basis: layer"]
+        remedies = f"use {', '.join(fixes[:-1])} or {fixes[-1]}"
+        if len(whole) == len(layout.whole) and layout.sparsity > 0:
+            raise AllocationError(
+                f"sparsity {layout.sparsity:g} would slice no layer: {left}; "
+                f"{remedies}, or set profitable_only: false to slice them anyway."
             )
-            if self.target_params is not None:
-                # The solved sparsity already counts them whole: nothing to fix.
-                logger.info(f"{left}; the other layers meet target_params.")
-            else:
-                remedies = ["target_params", "a larger sparsity"]
-                remedies += [] if self.basis == "layer" else ["basis: layer"]
-                logger.warning(
-                    f"{left}. For a real size reduction use {', '.join(remedies[:-1])} or "
-                    f"{remedies[-1]}."
-                )
+        realised = mean_slice(layout.dims, run.planner.hidden_size)
+        logger.warning(
+            f"Leaving {len(whole)} of {len(layout.whole)} layers whole (full width, unrotated): "
+            f"{left}, so the mean slice is {realised:.3f}, not the sparsity {layout.sparsity:g} "
+            f"asked for. To reach it, {remedies}."
+        )
         return layout
 
     def _settle_tie(self, model: torch.nn.Module, run: _Run, layout: Layout) -> bool:
@@ -926,9 +936,17 @@ class DynamicSliceModifier(Modifier):
                 "'re:.*_shortcut$' and 're:.*input_projection$' to its ignore list"
             )
         elif names:
+            # Shortcuts are built as linears only here, so a quantizer in a later oneshot
+            # finds plain matrices: it has to come after the slicer in this recipe.
+            cause = (
+                "their targets / ignore leave them out"
+                if quantizers
+                else "there is no quantizer after the slicer in this recipe (a later oneshot "
+                "cannot take them: put the quantizer in the same recipe)"
+            )
             logger.warning(
                 f"quantize_shortcuts is set but no quantizer takes any of the {len(names)} "
-                "shortcut matrices (targets / ignore): they stay in model dtype"
+                f"shortcut matrices ({cause}): they stay in model dtype"
             )
         return bool(taken)
 

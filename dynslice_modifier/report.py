@@ -53,12 +53,23 @@ def _shared_bases(spec: dict[str, Any]) -> str:
     return "" if shared == 1 else f" ({shared} layers per basis where of one width)"
 
 
+def _fraction(value: Any) -> Any:
+    # A solved sparsity carries the solver's last digits (0.3046875000006821).
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+
+def _target(spec: dict[str, Any]) -> str:
+    target = spec.get("target_params")
+    return "" if target is None else f" (solved for target_params {target})"
+
+
 def _overview(config: dict[str, Any], checkpoint: str | Path) -> list[str]:
     spec, hidden = config["slicing"], config["hidden_size"]
     lines = [
         f"- base architecture: {config['base_model_type']} ({config['num_hidden_layers']} layers, "
         f"hidden {hidden})",
-        f"- sparsity (SP) {spec.get('sparsity')}, slicing base (SB) {spec.get('slicing_base')}, "
+        f"- sparsity (SP) {_fraction(spec.get('sparsity'))}{_target(spec)}, slicing base (SB) "
+        f"{_fraction(spec.get('slicing_base'))}, "
         f"round_to {spec.get('round_to')} ({_rounding(spec)}), "
         f"basis {spec.get('basis')}{_shared_bases(spec)}",
         f"- mean kept width {sum(spec['mlp_dims']) / len(spec['mlp_dims']):.1f} of {hidden}",

@@ -126,5 +126,9 @@ def search_slicing_base(
         )
     # Ties (equal dims) go to the larger SB, the closer to plain SliceGPT.
     best = min(trials, key=lambda t: (t.heldout_nll, -t.fraction))
-    logger.info(f"slicing_base: auto picked SB {best.slicing_base:.4f} ({best.fraction:.2f} x SP)")
+    tied = sum(t.heldout_nll == best.heldout_nll for t in trials)
+    logger.info(
+        f"slicing_base: auto picked SB {best.slicing_base:.4f} ({best.fraction:.2f} x SP)"
+        + (f", the largest of {tied} with the same widths" if tied > 1 else "")
+    )
     return best, trials

@@ -11,7 +11,9 @@ from test_slicing import IDS, slice_in_memory
 from tiny import calib_batches, tiny_model
 
 from dynslice_modifier.adapters import get_adapter
+from dynslice_modifier.allocation import mean_slice
 from dynslice_modifier.budget import ParameterCounter
+from dynslice_modifier.errors import AllocationError
 from dynslice_modifier.slicer import count_parameters
 
 
@@ -191,18 +193,18 @@ def test_layers_sharing_a_basis_have_no_shortcut_between_them_and_are_counted_ex
 
 def test_slices_that_cannot_pay_for_their_shortcuts_are_not_made():
     # Tiny layers lose 576 weights per removed dim; at width 56 the two shortcuts cost
-    # 2 x 56^2 = 6272 > 8 x 576 = 4608, so every layer stays whole: dense size and function.
+    # 2 x 56^2 = 6272 > 8 x 576 = 4608, so every layer would stay whole: a "sliced" model
+    # of dense size. That is refused, and the model still computes what it did.
     model = tiny_model("llama", True, layers=3)
     dense = count_parameters(model)
     with torch.no_grad():
         reference = model(IDS).logits
-    slice_in_memory(model, sparsity=0.125, slicing_base=0.125, round_to=8)
-    assert model.config.slicing["whole_layers"] == [0, 1, 2]
-    assert count_parameters(model) == dense
-    # No shortcut, so none stored as a delta: a reader that knows input_projection (the
-    # tied table read directly) serves it, with no need for one that knows deltas.
-    assert model.config.slicing["delta_shortcuts"] is False
-    assert model.config.slicing["format_version"] == 2
+    with pytest.raises(
+        AllocationError,
+        match=r"sparsity 0.125 would slice no layer: .*layers \[0, 1, 2\].*profitable_only: false",
+    ):
+        slice_in_memory(model, sparsity=0.125, slicing_base=0.125, round_to=8)
+    assert model.config.model_type == "llama" and count_parameters(model) == dense
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, reference, atol=2e-5, rtol=1e-5)
     # Without the rule the same recipe makes the model larger than dense.
@@ -313,22 +315,27 @@ def test_layers_left_whole_are_explained_with_remedies_not_already_in_use():
         "layer": {"sparsity": 0.2, "slicing_base": 0.0, "basis": "layer"},
         "target_params": {"target_params": 0.1, "slicing_base": 0.0, "basis": "layer"},
     }
-    said = {}
+    said, models = {}, {}
     for name, options in cases.items():
         with logged("INFO") as records:
-            model = tiny_model("llama", True, layers=4)
+            model = models[name] = tiny_model("llama", True, layers=4)
             slice_in_memory(model, **options)
         assert model.config.slicing["whole_layers"], f"{name} must leave a layer whole"
         (said[name],) = [r for r in records if "layers whole" in r[1]]
     level, text = said["sublayer"]
     assert level == "WARNING" and text.endswith(
-        "use target_params, a larger sparsity or basis: layer."
+        "To reach it, use a larger sparsity, target_params or basis: layer."
     )
     level, text = said["layer"]
-    assert level == "WARNING" and text.endswith("use target_params or a larger sparsity.")
+    assert level == "WARNING" and text.endswith(
+        "To reach it, use a larger sparsity or target_params."
+    )
+    # The shortfall the warning names is the one the checkpoint records.
+    realised = mean_slice(models["layer"].config.slicing["attn_dims"], 64)
+    assert realised < 0.2 and f"the mean slice is {realised:.3f}, not the sparsity 0.2" in text
     # A parameter budget is solved with those layers whole: nothing to warn of.
     level, text = said["target_params"]
-    assert level == "INFO" and text.endswith("the other layers meet target_params.")
+    assert level == "INFO" and text.endswith("the others meet target_params")
 
 
 def test_hadamard_warns_where_it_spreads_little_or_nothing():

@@ -350,6 +350,8 @@ def test_scores_eval_and_report(workdir, capsys):
     # The same calibration samples: the scores the modifier sliced by.
     slicing = json.loads((workdir / "out2" / "config.json").read_text())["slicing"]
     assert slicing["lr_scores"] == pytest.approx(scores, abs=1e-6)
+    code, _, err = run_main("scores", "out2", *SMALL, *DATA, cwd=workdir, capsys=capsys)
+    assert code == 2 and "out2 is already sliced" in err and "slicing.lr_scores" in err, err
     code, out, _ = run_main("eval", "out2", "--windows", "1", *DATA, cwd=workdir, capsys=capsys)
     assert code == 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -497,7 +499,10 @@ def test_scores_checks_its_json_path_before_scoring(workdir, capsys, monkeypatch
 
 @pytest.mark.parametrize(
     ("data", "message"),
-    [("short.txt", "give a longer text, or fewer or shorter windows"), (".", "is a directory")],
+    [
+        ("short.txt", "tokens of the text's first half (calibration): give a longer text, or"),
+        (".", "is a directory"),
+    ],
 )
 def test_unusable_text_names_the_fix(data, message, workdir, capsys):
     code, _, err = run_main(
@@ -651,14 +656,20 @@ elif mode == "kill-mid-save":
     modeling_utils.safe_save_file = half_write
 else:
     from transformers.models.llama import modeling_llama
+    if mode == "interrupt-in-layer":
+        error = KeyboardInterrupt()
+    else:
+        error = RuntimeError("injected failure inside a decoder layer")
     def broken(self, *args, **kwargs):
-        raise RuntimeError("injected failure inside a decoder layer")
+        raise error
     modeling_llama.LlamaMLP.forward = broken
 cli.main(sys.argv[2:])
 """
 
 
-@pytest.mark.parametrize("mode", ["kill-mid-save", "raise-in-layer", "term-at-report"])
+@pytest.mark.parametrize(
+    "mode", ["kill-mid-save", "raise-in-layer", "interrupt-in-layer", "term-at-report"]
+)
 def test_interrupted_compress_leaves_previous_output_intact(workdir, mode):
     args = ["compress", "tiny", "kept", "--sparsity", "0.25", "--round-to", "8", *SMALL, *DATA]
     if not (workdir / "kept" / "config.json").exists():
@@ -686,6 +697,11 @@ def test_interrupted_compress_leaves_previous_output_intact(workdir, mode):
     elif mode == "term-at-report":
         assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
         assert not leftovers  # removed as on an exception
+    elif mode == "interrupt-in-layer":
+        # Ctrl-C: one line, no traceback, the scratch checkpoint removed.
+        assert result.returncode == 130, result.stderr[-2000:]
+        assert result.stderr.rstrip().endswith("interrupted") and "Traceback" not in result.stderr
+        assert not leftovers
     else:
         assert result.returncode != 0 and "injected failure" in result.stderr
         assert not leftovers  # removed on the exception

@@ -256,6 +256,24 @@ def test_a_sliced_model_or_a_second_slicer_is_refused(tiny_dir, tmp_path):
         run_oneshot(tiny_dir, two)
 
 
+def test_saving_over_the_dense_source_is_refused_and_leaves_it_as_it_was(
+    tiny_dir, tmp_path, monkeypatch
+):
+    # A relative path, as a user types it: the checkpoint records where it really is.
+    monkeypatch.chdir(tiny_dir.parent)
+    model = run_oneshot(Path(tiny_dir.name), RECIPE, tmp_path / "out")
+    assert model.config.slicing["source_model"] == str(tiny_dir)
+    before = digest(tiny_dir)
+    with pytest.raises(ValueError, match=r"dense model it was sliced from.*another output_dir"):
+        run_oneshot(Path(tiny_dir.name), RECIPE, Path(tiny_dir.name))
+    assert digest(tiny_dir) == before
+    # Outside oneshot too, and for a reloaded sliced checkpoint.
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with pytest.raises(ValueError, match="dense model it was sliced from"):
+        reloaded.save_pretrained(tiny_dir)
+    assert digest(tiny_dir) == before
+
+
 def test_slicing_on_a_mac_runs_on_the_cpu(monkeypatch):
     # llm-compressor picks MPS where it exists; MPS has no float64. Here any use of the
     # "mps" device would fail, so the run only passes if the slicer stays on the CPU.

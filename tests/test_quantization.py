@@ -366,15 +366,18 @@ def test_a_sliced_model_takes_a_second_oneshot(wide_dir, tmp_path, via):
     # llm-compressor's habit of chaining oneshot calls on the model object: the second call
     # reads the processor and config from the model's source path, while the save must
     # still write the sliced config. Or the sliced checkpoint is quantized in a later run.
+    # Either way SmoothQuant scales the norms, which the saved config has to say (vLLM
+    # fuses shortcuts only beside unit norms), not copy from the first checkpoint.
     from llmcompressor.core import reset_session
 
     sliced_dir = tmp_path / "sliced"
     sliced = one_pass(wide_dir, [DynamicSliceModifier(sparsity=0.25, round_to=128)], sliced_dir)
     expected = sliced(IDS).logits
+    assert json.loads((sliced_dir / "config.json").read_text())["slicing"]["unit_norms"]
     reset_session()
     oneshot(
         model=sliced if via == "model object" else str(sliced_dir),
-        recipe=[GPTQModifier(targets="Linear", scheme="W8A8")],
+        recipe=[SmoothQuantModifier(), GPTQModifier(targets="Linear", scheme="W8A8")],
         dataset=calib_dataset(n=16, seq=64),
         num_calibration_samples=16,
         max_seq_length=64,
@@ -383,7 +386,9 @@ def test_a_sliced_model_takes_a_second_oneshot(wide_dir, tmp_path, via):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "dynslice"
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert config["slicing"]["unit_norms"] is False
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert not reloaded.has_unit_norms()
     assert reloaded.config.slicing["attn_dims"] == sliced.config.slicing["attn_dims"]
     torch.testing.assert_close(reloaded(IDS).logits, expected, atol=0.1, rtol=0)
     if via == "saved directory":

@@ -93,6 +93,20 @@ def test_scores_parameters_quantization_and_the_search_when_recorded(tmp_path):
     ]
 
 
+def test_a_solved_sparsity_is_shown_rounded_with_its_target(tmp_path):
+    checkpoint = write_checkpoint(
+        tmp_path / "ck",
+        sparsity=0.3046875000006821,
+        slicing_base=0.060937500000136424,
+        target_params=0.2,
+    )
+    report = summary_markdown(checkpoint)
+    assert (
+        "- sparsity (SP) 0.3047 (solved for target_params 0.2), slicing base (SB) 0.06094, "
+        in report
+    )
+
+
 def test_a_dense_checkpoint_is_refused(tmp_path):
     directory = tmp_path / "dense"
     directory.mkdir()

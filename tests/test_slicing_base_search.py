@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import logged
 from tiny import calib_batches, tiny_model
 
 from dynslice_modifier import DynamicSliceModifier
@@ -16,7 +17,11 @@ from dynslice_modifier.conversion import convert_to_sliced
 from dynslice_modifier.errors import CalibrationError
 from dynslice_modifier.redundancy import redundancy_scores
 from dynslice_modifier.slicer import RotateAndSlice
-from dynslice_modifier.slicing_base_search import heldout_batches, heldout_nll
+from dynslice_modifier.slicing_base_search import (
+    heldout_batches,
+    heldout_nll,
+    search_slicing_base,
+)
 
 CPU = torch.device("cpu")
 
@@ -121,6 +126,29 @@ def test_auto_picks_the_lowest_heldout_loss_and_records_the_search():
         model.state_dict().items(), explicit.state_dict().items(), strict=True
     ):
         assert torch.equal(tensor, same), name
+
+
+def test_a_tie_goes_to_the_larger_slicing_base_and_the_log_says_so():
+    dims = {0.0: [48, 32], 0.25: [40, 40], 0.5: [40, 40]}
+
+    def plan(fraction: float) -> SimpleNamespace:
+        return SimpleNamespace(
+            sparsity=0.25, slicing_base=0.25 * fraction, dims=dims[fraction], whole=[False] * 2
+        )
+
+    trials_run = []
+
+    def trial(layout: SimpleNamespace) -> float:
+        trials_run.append(layout.dims)
+        return {(48, 32): 3.0, (40, 40): 2.5}[tuple(layout.dims)]
+
+    with logged("INFO") as records:
+        best, trials = search_slicing_base(dims, plan, trial)
+    assert best.fraction == 0.5 and len(trials) == 3 and len(trials_run) == 2
+    picked = [m for _, m in records if "auto picked" in m]
+    assert picked == [
+        "slicing_base: auto picked SB 0.1250 (0.50 x SP), the largest of 2 with the same widths"
+    ]
 
 
 def test_auto_with_given_scores_holds_one_set_of_activations_at_a_time(monkeypatch):

@@ -391,6 +391,23 @@ def _refuse_missing(names: Iterable[str]) -> None:
         )
 
 
+def refuse_saving_over_source(save_directory: str | os.PathLike, config: DynSliceConfig) -> None:
+    """Refuse to save a sliced model into the directory of the dense model it was sliced
+    from: it would replace the one input that can be sliced again."""
+    source = config.slicing.get("source_model")
+    if (
+        source
+        and os.path.isdir(source)
+        and os.path.isdir(save_directory)
+        and os.path.samefile(source, save_directory)
+    ):
+        raise ValueError(
+            f"refusing to save the sliced model into {os.fspath(save_directory)!r}: that is "
+            "the directory of the dense model it was sliced from, which saving would "
+            "overwrite. Choose another output_dir."
+        )
+
+
 class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
     """Causal LM whose residual stream is sliced per layer (see ``DynSliceConfig``)."""
 
@@ -445,6 +462,18 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
             key for key in info["missing_keys"] if any(part in key for part in _SHORTCUT_KEYS)
         )
         return (model, info) if wants_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.save_pretrained``, after ``prepare_save``."""
+        self.prepare_save(save_directory)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def prepare_save(self, save_directory: str | os.PathLike) -> None:
+        """Refuse to save over the dense source model, and read ``slicing.unit_norms`` again
+        from the norms, which a smoothing modifier in a later ``oneshot`` (SmoothQuant, AWQ)
+        scales."""
+        refuse_saving_over_source(save_directory, self.config)
+        self.config.slicing["unit_norms"] = self.has_unit_norms()
 
     def has_unit_norms(self) -> bool:
         """Whether every in-layer norm weight is one (``slicing.unit_norms``)."""

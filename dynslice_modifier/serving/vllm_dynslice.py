@@ -772,8 +772,8 @@ def _check_fused_norms(
             raise ValueError(
                 f"{name.removesuffix('.weight')} has a weight other than ones (a smoothing "
                 "method such as SmoothQuant changed it after slicing), but the config's "
-                "slicing.unit_norms is true; set it to false in config.json (oneshot with "
-                "DynamicSliceModifier in the recipe records it correctly)"
+                "slicing.unit_norms is true; set it to false in config.json (a save by "
+                "dynslice-modifier's DynSliceForCausalLM reads it from the norms)"
             )
         yield name, tensor
 
