@@ -280,6 +280,7 @@ class DynamicSliceModifier(Modifier):
     # The fraction of SP that `slicing_base: auto` chose (set once its search ends).
     _auto_fraction: float | None = PrivateAttr(default=None)
     _summary: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _calibration: dict[str, int] = PrivateAttr(default_factory=dict)
 
     @field_validator("sparsity")
     @classmethod
@@ -713,6 +714,7 @@ class DynamicSliceModifier(Modifier):
             "slicing_base_search": search,
             "profitable_only": self.profitable_only,
             "whole_layers": [i for i, w in enumerate(layout.whole) if w],
+            "calibration": self._calibration,
         }
 
     def _summarize(
@@ -821,7 +823,9 @@ class DynamicSliceModifier(Modifier):
                 "dataset.shard(world_size, rank, contiguous=True)"
             )
         # The PCA sees every rank's tokens (see distributed.py).
-        (tokens,) = sum_over_ranks(inputs.tokens)
+        tokens, batches = sum_over_ranks(inputs.tokens, len(inputs))
+        # Recorded with the slicing: the same recipe slices alike only on the same data.
+        self._calibration = {"batches": int(batches), "tokens": int(tokens)}
         if tokens < hidden:
             raise CalibrationError(
                 f"{int(tokens)} calibration tokens (padding excluded) but hidden_size is "

@@ -77,6 +77,11 @@ def _overview(config: dict[str, Any], checkpoint: str | Path) -> list[str]:
         f"{spec['embedding_sliced']}; head reads "
         f"{spec.get('final_dim') or hidden} of {hidden} (slice_head: {'final_dim' in spec})",
     ]
+    if calibration := spec.get("calibration"):
+        lines.append(
+            f"- calibration: {calibration['batches']} batches, {calibration['tokens']} tokens "
+            "(padding excluded)"
+        )
     if params := spec.get("parameters"):
         lines.append(
             f"- parameters: {params['sliced'] / 1e6:.2f}M vs {params['dense'] / 1e6:.2f}M dense "

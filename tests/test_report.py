@@ -59,6 +59,7 @@ def test_the_layer_table_has_a_row_per_layer_as_recorded(tmp_path):
     assert "basis sublayer\n" in report
     # Nothing recorded, nothing claimed.
     assert "parameters:" not in report and "quantization:" not in report
+    assert "calibration:" not in report
     assert "search" not in report
 
 
@@ -66,6 +67,7 @@ def test_scores_parameters_quantization_and_the_search_when_recorded(tmp_path):
     checkpoint = write_checkpoint(
         tmp_path / "ck",
         parameters={"sliced": 1.5e6, "dense": 2e6},
+        calibration={"batches": 64, "tokens": 32768},
         slicing_base_search=SEARCH,
         quantizable_shortcuts=True,
         final_dim=32,
@@ -82,6 +84,7 @@ def test_scores_parameters_quantization_and_the_search_when_recorded(tmp_path):
     assert report.startswith("# Sliced checkpoint: final-name\n")
     # No scores recorded (layer_dims given): the column stays empty.
     assert "| 0 |  | 48 | 40 | yes | yes |" in report
+    assert "- calibration: 64 batches, 32768 tokens (padding excluded)" in report
     assert "- parameters: 1.50M vs 2.00M dense (75.0%)" in report
     assert "head reads 32 of 64 (slice_head: True)" in report
     assert "basis layer (2 layers per basis where of one width)\n" in report

@@ -23,6 +23,13 @@ def slice_in_memory(model, **options) -> DynamicSliceModifier:
     return modifier
 
 
+def test_the_checkpoint_records_the_calibration_it_was_sliced_on():
+    model = tiny_model("llama", True)
+    slice_in_memory(model, sparsity=0.25, round_to=8)
+    # 4 batches of 2 x 32 tokens, two of them with 16 padded tokens, which the PCA skips.
+    assert model.config.slicing["calibration"] == {"batches": 4, "tokens": 4 * 64 - 2 * 16}
+
+
 # Aligned bases at SP 0 all become one basis, so the model is one global rotation with no
 # shortcut inside; unaligned, every residual connection crosses a shortcut.
 @pytest.mark.parametrize("align_bases", [True, False])

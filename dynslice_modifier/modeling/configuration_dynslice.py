@@ -294,9 +294,11 @@ class DynSliceConfig(PretrainedConfig):
       folded into the head) and the head, never tied, reads ``final_dim`` columns;
     - ``unit_norms``: whether every in-layer norm weight is one (nothing folded a smoothing
       scale into them), which lets vLLM run each shortcut in one GEMM with the projection
-      that reads the same residual; absent means false;
+      that reads the same residual; absent means false; every save reads it from the norms;
     - provenance: ``lr_scores``, ``sparsity``, ``slicing_base``, ``round_to``, ``rounding``,
-      ``parameters``.
+      ``parameters``, the other modifier settings, ``calibration`` (batches and tokens the
+      PCA saw, padding excluded) and ``source_model`` (the dense model's path, absolute
+      where it is a directory; a sliced model is never saved into it).
 
     Without ``final_dim`` the last layer writes the residual back in the original basis at
     full width, so the final norm and the head (tied or not) are the base model's own.
