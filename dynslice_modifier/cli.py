@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from dynslice_modifier.allocation import DEFAULT_ROUND_TO, Rounding
+from dynslice_modifier.version import __version__
 
 QUANT_SCHEMES = ("none", "w4a16", "w8a8", "fp8")
 
@@ -468,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dynslice", description="Dynamic layer-specific slicing (SliceGPT + Layer Redundancy)."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_scores, _add_compress, _add_eval, _add_report):
         add(sub)

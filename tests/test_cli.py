@@ -102,6 +102,13 @@ def test_help_is_complete(command, workdir, capsys):
             assert field in out
 
 
+def test_version_is_the_package_version(workdir, capsys):
+    from dynslice_modifier.version import __version__
+
+    code, out, _ = run_main("--version", cwd=workdir, capsys=capsys)
+    assert code == 0 and out.strip() == f"dynslice {__version__}"
+
+
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
     return build_parser()._subparsers._group_actions[0].choices
 
