@@ -28,10 +28,7 @@ from dynslice_modifier.modeling.configuration_dynslice import (
     DynSliceConfig,
     format_version,
 )
-from dynslice_modifier.modeling.modeling_dynslice import (
-    DynSliceForCausalLM,
-    SlicedDecoderLayer,
-)
+from dynslice_modifier.modeling.modeling_dynslice import DynSliceForCausalLM, SlicedDecoderLayer
 from dynslice_modifier.slicer import SlicingResult, embeddings_tied
 
 

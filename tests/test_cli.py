@@ -455,6 +455,21 @@ def test_scores_eval_and_report(workdir, capsys):
             "raise --samples or --seq-len",
         ),
         (["frobnicate"], "invalid choice"),
+        # Refused after the Layer Redundancy pass, before anything is written.
+        (
+            [
+                "compress",
+                "tiny",
+                "bad",
+                "--sparsity",
+                "0.125",
+                "--slicing-base",
+                "0.125",
+                "--round-to",
+                "8",
+            ],
+            "--sparsity 0.125 would slice no layer",
+        ),
     ],
 )
 def test_bad_arguments_fail_clearly(args, message, workdir, capsys):
