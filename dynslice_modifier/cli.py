@@ -249,12 +249,13 @@ def cmd_scores(args: argparse.Namespace) -> None:
 
     from dynslice_modifier.adapters import adapter_for, get_adapter
     from dynslice_modifier.calibration import capture_layer_inputs
+    from dynslice_modifier.errors import UnsupportedModelError
     from dynslice_modifier.redundancy import redundancy_scores
 
     path = _model_path(args.model)
     config = AutoConfig.from_pretrained(path)
     if config.model_type == "dynslice":
-        raise ValueError(
+        raise UnsupportedModelError(
             f"{args.model} is already sliced: Layer Redundancy scores are measured on the dense "
             "model, and a sliced checkpoint records the ones it was sliced by in "
             "config.json (slicing.lr_scores; `dynslice report` shows them)"
@@ -568,7 +569,8 @@ def _add_slicer_flags(p: argparse.ArgumentParser) -> None:
         p,
         "hadamard",
         "fold block Hadamard rotations into the kept bases (with aligned bases, W8A8 0.1%% "
-        "better and W4A16 and FP8 worse in benchmarks/README.md)",
+        "better, or 0.3%% worse with int8 shortcuts, and W4A16 and FP8 worse in "
+        "benchmarks/README.md)",
     )
     _slicer_flag(
         p,

@@ -91,7 +91,7 @@ def _sliced_config(
         "quantizable_shortcuts": quantizable_shortcuts,
         "delta_shortcuts": deltas,
         # Norm scales were folded into the linears; a smoothing modifier later in the
-        # recipe may fold new ones in (DynamicSliceModifier.on_finalize re-checks).
+        # recipe may fold new ones in (on_finalize and every save read the norms again).
         "unit_norms": True,
         "layout": adapter.layout,
         **({"final_dim": result.final_dim} if result.final_dim is not None else {}),
@@ -152,8 +152,10 @@ def keep_sliced_config_on_save(model: nn.Module) -> None:
     @functools.wraps(save)  # keeps llm-compressor's mark, so it does not wrap this again
     def save_sliced(save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         # Before llm-compressor's save compresses or writes anything; the class's own
-        # save_pretrained, which would do it, is not the one llm-compressor calls.
-        model.prepare_save(save_directory)
+        # save_pretrained, which would do it, is not the one llm-compressor calls. A model
+        # whose class came with an older checkpoint's code has no prepare_save.
+        if (prepare := getattr(model, "prepare_save", None)) is not None:
+            prepare(save_directory)
         source = model.config._name_or_path
         model.config._name_or_path = ""
         logger.info(

@@ -202,9 +202,10 @@ class DynamicSliceModifier(Modifier):
     :param hadamard: fold a block Hadamard rotation into every kept basis (free at inference:
         the function is unchanged) so quantizers after the slicer see spread-out channels, in
         the spirit of QuaRot/SpinQuant. Default false, chosen by measurement: with aligned
-        bases (the default) it makes W8A8 0.1% better on SmolLM2 at SP 0.25 and W4A16 and
-        FP8 worse (W8A8 55.65 with it against 55.69 without, GPTQ W4A16 with MSE scales 64.4
-        against 63.9, FP8 58.8 against 57.0). Without aligned bases every PCA
+        bases (the default) it makes W8A8 0.1% better on SmolLM2 at SP 0.25 (0.3% worse with
+        int8 shortcuts) and W4A16 and FP8 worse (W8A8 55.65 with it against 55.69 without,
+        55.90 against 55.72 with int8 shortcuts, GPTQ W4A16 with MSE scales 64.4 against 63.9,
+        FP8 58.8 against 57.0). Without aligned bases every PCA
         basis packs its layer's energy into its first channels, and there it matters (W4A16
         57.5 with it against 106.9). With aligned bases every layer takes the same blocks,
         the largest power of two (up to 256) dividing every sliced width; below 16 the
@@ -630,27 +631,25 @@ class DynamicSliceModifier(Modifier):
         whole = [i for i, w in enumerate(layout.whole) if w]
         if not whole:
             return layout
-        left = (
-            f"slicing them would add more shortcut weights than it removes (profitable_only; "
-            f"layers {whole})"
-        )
+        reason = "slicing them would add more shortcut weights than it removes (profitable_only)"
         if self.target_params is not None:
             # The solved sparsity already counts them whole: nothing to fix.
-            logger.info(f"Leaving {len(whole)} layers whole: {left}; the others meet target_params")
+            logger.info(f"Leaving layers {whole} whole: {reason}; the others meet target_params")
             return layout
         fixes = ["a larger sparsity", "target_params"]
         fixes += [] if self.basis == "layer" else ["basis: layer"]
         remedies = f"use {', '.join(fixes[:-1])} or {fixes[-1]}"
         if len(whole) == len(layout.whole) and layout.sparsity > 0:
             raise AllocationError(
-                f"sparsity {layout.sparsity:g} would slice no layer: {left}; "
-                f"{remedies}, or set profitable_only: false to slice them anyway."
+                f"sparsity {layout.sparsity:g} would slice no layer: at its widths each layer "
+                "would gain more shortcut weights than slicing removes (profitable_only); "
+                f"{remedies}, or profitable_only: false to slice them anyway."
             )
         realised = mean_slice(layout.dims, run.planner.hidden_size)
         logger.warning(
-            f"Leaving {len(whole)} of {len(layout.whole)} layers whole (full width, unrotated): "
-            f"{left}, so the mean slice is {realised:.3f}, not the sparsity {layout.sparsity:g} "
-            f"asked for. To reach it, {remedies}."
+            f"Leaving {len(whole)} of {len(layout.whole)} layers whole (full width, unrotated; "
+            f"layers {whole}): {reason}. The mean slice is {realised:.3f} against the sparsity "
+            f"{layout.sparsity:g} asked for; to reach it, {remedies}."
         )
         return layout
 
@@ -1004,13 +1003,11 @@ class DynamicSliceModifier(Modifier):
         formats = compress_shortcuts_as_linears(model)
         if formats:
             logger.debug(f"{formats} quantized shortcuts will be saved in their group's format")
-        unit = model.has_unit_norms()
-        if not unit:
+        if not model.record_unit_norms():
             logger.info(
                 "A later modifier changed the sliced norms' weights: vLLM will run the "
                 "residual shortcuts as GEMMs of their own (slicing.unit_norms: false)"
             )
-        model.config.slicing["unit_norms"] = unit
         if self._summary.get("embeddings_tied") and not embeddings_tied(model):
             # A quantizer that takes the head unties the shared table first (llm-compressor's
             # untie_word_embeddings), so the checkpoint stores a second one.

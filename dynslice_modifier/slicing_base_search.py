@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from dynslice_modifier.adapters import ModelAdapter
 from dynslice_modifier.calibration import LayerInputs, onloaded
 from dynslice_modifier.distributed import sum_over_ranks
-from dynslice_modifier.errors import CalibrationError
+from dynslice_modifier.errors import AllocationError, CalibrationError
 from dynslice_modifier.layout import Layout
 
 # Candidate SBs as fractions of SP: 0 is "all by redundancy", 1 would be constant slicing,
@@ -108,13 +108,21 @@ def search_slicing_base(
 
     ``plan(fraction)`` gives a candidate's layout (its SP can depend on SB when a
     parameter target is solved for); ``trial(layout)`` slices copies of the layers and
-    returns the held-out loss. Candidates that come out as the same widths are run once.
+    returns the held-out loss. Candidates that come out as the same widths are run once;
+    one that leaves every layer whole (``profitable_only``) is the dense model, which would
+    win on loss while slicing nothing, so it is not a candidate.
     """
     trials: list[Trial] = []
     seen: dict[tuple, float] = {}
     for fraction in tqdm(list(fractions), desc="Searching slicing_base", leave=False):
         layout = plan(fraction)
         sparsity, base = layout.sparsity, layout.slicing_base
+        if sparsity > 0 and all(layout.whole):
+            logger.info(
+                f"slicing_base search: SB {base:.4f} ({fraction:.2f} x SP {sparsity:.4f}) "
+                "leaves every layer whole (profitable_only): skipped"
+            )
+            continue
         key = (tuple(layout.dims), tuple(layout.whole))
         if key not in seen:
             seen[key] = trial(layout)
@@ -123,6 +131,13 @@ def search_slicing_base(
         logger.info(
             f"slicing_base search: SB {base:.4f} ({fraction:.2f} x SP {sparsity:.4f}) -> "
             f"held-out loss {nll:.4f} (ppl {math.exp(nll):.2f})"
+        )
+    if not trials:
+        raise AllocationError(
+            "slicing_base: auto found no candidate that slices a layer: at every SB tried, "
+            "slicing any layer would add more shortcut weights than it removes "
+            "(profitable_only); use a larger sparsity, target_params or basis: layer, or "
+            "profitable_only: false"
         )
     # Ties (equal dims) go to the larger SB, the closer to plain SliceGPT.
     best = min(trials, key=lambda t: (t.heldout_nll, -t.fraction))

@@ -201,7 +201,7 @@ def test_slices_that_cannot_pay_for_their_shortcuts_are_not_made():
         reference = model(IDS).logits
     with pytest.raises(
         AllocationError,
-        match=r"sparsity 0.125 would slice no layer: .*layers \[0, 1, 2\].*profitable_only: false",
+        match=r"sparsity 0.125 would slice no layer: .*profitable_only: false to slice them",
     ):
         slice_in_memory(model, sparsity=0.125, slicing_base=0.125, round_to=8)
     assert model.config.model_type == "llama" and count_parameters(model) == dense
@@ -321,18 +321,21 @@ def test_layers_left_whole_are_explained_with_remedies_not_already_in_use():
             model = models[name] = tiny_model("llama", True, layers=4)
             slice_in_memory(model, **options)
         assert model.config.slicing["whole_layers"], f"{name} must leave a layer whole"
-        (said[name],) = [r for r in records if "layers whole" in r[1]]
+        (said[name],) = [r for r in records if r[1].startswith("Leaving")]
     level, text = said["sublayer"]
     assert level == "WARNING" and text.endswith(
-        "To reach it, use a larger sparsity, target_params or basis: layer."
+        "to reach it, use a larger sparsity, target_params or basis: layer."
     )
     level, text = said["layer"]
     assert level == "WARNING" and text.endswith(
-        "To reach it, use a larger sparsity or target_params."
+        "to reach it, use a larger sparsity or target_params."
     )
     # The shortfall the warning names is the one the checkpoint records.
     realised = mean_slice(models["layer"].config.slicing["attn_dims"], 64)
-    assert realised < 0.2 and f"the mean slice is {realised:.3f}, not the sparsity 0.2" in text
+    assert (
+        realised < 0.2
+        and f"The mean slice is {realised:.3f} against the sparsity 0.2 asked" in text
+    )
     # A parameter budget is solved with those layers whole: nothing to warn of.
     level, text = said["target_params"]
     assert level == "INFO" and text.endswith("the others meet target_params")

@@ -274,6 +274,25 @@ def test_saving_over_the_dense_source_is_refused_and_leaves_it_as_it_was(
     assert digest(tiny_dir) == before
 
 
+def test_a_sliced_model_offloaded_to_disk_saves_with_its_recorded_flags(tiny_dir, tmp_path):
+    run_oneshot(tiny_dir, RECIPE, tmp_path / "out")
+    # Its layers (norms included) on disk: accelerate leaves those weights on meta, so the
+    # save keeps the recorded unit_norms rather than reading them.
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out",
+        device_map={**DISK_TABLES, "model.layers": "disk"},
+        offload_folder=str(tmp_path / "offload"),
+    )
+    assert offloaded.model.layers[0].input_layernorm.weight.is_meta
+    offloaded.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())["slicing"]
+    assert saved["unit_norms"] is True
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    torch.testing.assert_close(
+        reloaded(IDS).logits, AutoModelForCausalLM.from_pretrained(tmp_path / "out")(IDS).logits
+    )
+
+
 def test_slicing_on_a_mac_runs_on_the_cpu(monkeypatch):
     # llm-compressor picks MPS where it exists; MPS has no float64. Here any use of the
     # "mps" device would fail, so the run only passes if the slicer stays on the CPU.

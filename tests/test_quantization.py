@@ -361,8 +361,9 @@ quant_stage:
     assert again["slicing"] == first["slicing"]
 
 
+@pytest.mark.parametrize("smooth", [False, True], ids=["gptq", "smoothquant+gptq"])
 @pytest.mark.parametrize("via", ["model object", "saved directory"])
-def test_a_sliced_model_takes_a_second_oneshot(wide_dir, tmp_path, via):
+def test_a_sliced_model_takes_a_second_oneshot(wide_dir, tmp_path, via, smooth):
     # llm-compressor's habit of chaining oneshot calls on the model object: the second call
     # reads the processor and config from the model's source path, while the save must
     # still write the sliced config. Or the sliced checkpoint is quantized in a later run.
@@ -377,7 +378,7 @@ def test_a_sliced_model_takes_a_second_oneshot(wide_dir, tmp_path, via):
     reset_session()
     oneshot(
         model=sliced if via == "model object" else str(sliced_dir),
-        recipe=[SmoothQuantModifier(), GPTQModifier(targets="Linear", scheme="W8A8")],
+        recipe=[SmoothQuantModifier()] * smooth + [GPTQModifier(targets="Linear", scheme="W8A8")],
         dataset=calib_dataset(n=16, seq=64),
         num_calibration_samples=16,
         max_seq_length=64,
@@ -386,9 +387,9 @@ def test_a_sliced_model_takes_a_second_oneshot(wide_dir, tmp_path, via):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "dynslice"
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
-    assert config["slicing"]["unit_norms"] is False
+    assert config["slicing"]["unit_norms"] is not smooth
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert not reloaded.has_unit_norms()
+    assert reloaded.has_unit_norms() is not smooth
     assert reloaded.config.slicing["attn_dims"] == sliced.config.slicing["attn_dims"]
     torch.testing.assert_close(reloaded(IDS).logits, expected, atol=0.1, rtol=0)
     if via == "saved directory":

@@ -14,7 +14,7 @@ from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.adapters import get_adapter
 from dynslice_modifier.calibration import capture_layer_inputs
 from dynslice_modifier.conversion import convert_to_sliced
-from dynslice_modifier.errors import CalibrationError
+from dynslice_modifier.errors import AllocationError, CalibrationError
 from dynslice_modifier.redundancy import redundancy_scores
 from dynslice_modifier.slicer import RotateAndSlice
 from dynslice_modifier.slicing_base_search import (
@@ -149,6 +149,25 @@ def test_a_tie_goes_to_the_larger_slicing_base_and_the_log_says_so():
     assert picked == [
         "slicing_base: auto picked SB 0.1250 (0.50 x SP), the largest of 2 with the same widths"
     ]
+
+
+def test_a_candidate_that_leaves_every_layer_whole_is_no_candidate():
+    # The dense model has the lowest loss of all, and slices nothing.
+    whole = {0.0: [False, True], 0.5: [True, True]}
+
+    def plan(fraction: float) -> SimpleNamespace:
+        dims = [48 if not w else 64 for w in whole[fraction]]
+        return SimpleNamespace(
+            sparsity=0.25, slicing_base=0.25 * fraction, dims=dims, whole=whole[fraction]
+        )
+
+    def trial(layout: SimpleNamespace) -> float:
+        return 1.0 if all(layout.whole) else 2.0
+
+    best, trials = search_slicing_base(whole, plan, trial)
+    assert best.fraction == 0.0 and [t.fraction for t in trials] == [0.0]
+    with pytest.raises(AllocationError, match="auto found no candidate that slices a layer"):
+        search_slicing_base([0.5], plan, trial)
 
 
 def test_auto_with_given_scores_holds_one_set_of_activations_at_a_time(monkeypatch):

@@ -391,15 +391,25 @@ def _refuse_missing(names: Iterable[str]) -> None:
         )
 
 
+def _holds_dense_model(directory: str | os.PathLike) -> bool:
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            return json.load(f).get("model_type") != DynSliceConfig.model_type
+    except (OSError, ValueError):
+        return False
+
+
 def refuse_saving_over_source(save_directory: str | os.PathLike, config: DynSliceConfig) -> None:
     """Refuse to save a sliced model into the directory of the dense model it was sliced
-    from: it would replace the one input that can be sliced again."""
+    from: it would replace the one input that can be sliced again. (A directory that holds
+    no dense model is not refused: the recorded path may be another machine's.)"""
     source = config.slicing.get("source_model")
     if (
         source
         and os.path.isdir(source)
         and os.path.isdir(save_directory)
         and os.path.samefile(source, save_directory)
+        and _holds_dense_model(save_directory)
     ):
         raise ValueError(
             f"refusing to save the sliced model into {os.fspath(save_directory)!r}: that is "
@@ -473,16 +483,28 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
         from the norms, which a smoothing modifier in a later ``oneshot`` (SmoothQuant, AWQ)
         scales."""
         refuse_saving_over_source(save_directory, self.config)
-        self.config.slicing["unit_norms"] = self.has_unit_norms()
+        self.record_unit_norms()
 
-    def has_unit_norms(self) -> bool:
-        """Whether every in-layer norm weight is one (``slicing.unit_norms``)."""
+    def record_unit_norms(self) -> bool:
+        """Set ``slicing.unit_norms`` from the norms where they can be read; the flag."""
+        unit = self.has_unit_norms()
+        if unit is not None:
+            self.config.slicing["unit_norms"] = unit
+        return self.config.slicing["unit_norms"]
+
+    def has_unit_norms(self) -> bool | None:
+        """Whether every in-layer norm weight is one (``slicing.unit_norms``); None where a
+        weight is offloaded out of reach (on ``meta`` under accelerate's hooks, as
+        llm-compressor's save also leaves them), so the recorded flag stands."""
         layout = self.config.slicing["layout"]
-        return all(
-            bool(torch.all(getattr(layer, layout[key]).weight == 1))
+        weights = [
+            getattr(layer, layout[key]).weight
             for layer in self.model.layers
             for key in ("input_norm", "post_attention_norm")
-        )
+        ]
+        if any(w.is_meta for w in weights):
+            return None
+        return all(bool(torch.all(w == 1)) for w in weights)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
