@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 from compressed_tensors.offload import offload_module
@@ -53,7 +54,8 @@ def convert_to_sliced(
     model.config = config
     model.model.config = config
     model.__class__ = DynSliceForCausalLM
-    keep_sliced_config_on_save(model)
+    # The slicing run's oneshot wrapped the save before the class changed.
+    model.save_pretrained = keeping_sliced_config(model, model.save_pretrained)
     return model
 
 
@@ -134,20 +136,20 @@ def _wrap_layers(
         layers[idx] = new
 
 
-def keep_sliced_config_on_save(model: nn.Module) -> None:
-    """Have llm-compressor's save write the sliced config as the model holds it.
+def keeping_sliced_config(model: nn.Module, save: Callable[..., Any]) -> Callable[..., Any]:
+    """``save``, if it is llm-compressor's save wrapper, made to write the sliced config as
+    the model holds it (``DynSliceForCausalLM.wrap_instance_save``); else ``save`` itself.
 
     That save (the wrapper ``oneshot`` puts on the instance) re-writes config.json from the
     file at ``config._name_or_path``: the unsliced model's in the slicing run, or, in a later
-    ``oneshot`` on a sliced checkpoint, the loaded one's, whose ``slicing.unit_norms`` a
-    smoothing modifier may have made wrong. The path is blanked for the save alone, since a
-    later ``oneshot`` on the returned model reads its processor from it. Without that wrapper
-    (the modifier run outside ``oneshot``) transformers' own save writes the sliced config,
-    and the model keeps no closure that would stop it from being pickled.
+    ``oneshot``, the loaded checkpoint's, whose ``slicing.unit_norms`` a smoothing modifier
+    may have made wrong. The path is blanked for the save alone, since a later ``oneshot`` on
+    the returned model reads its processor from it. Without that wrapper (the model saved
+    outside ``oneshot``) transformers' own save writes the sliced config, and the model keeps
+    no closure that would stop it from being pickled.
     """
-    save = model.save_pretrained
     if not getattr(save, "_overridden", False) or getattr(save, "_keeps_sliced_config", False):
-        return
+        return save
 
     @functools.wraps(save)  # keeps llm-compressor's mark, so it does not wrap this again
     def save_sliced(save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
@@ -168,4 +170,7 @@ def keep_sliced_config_on_save(model: nn.Module) -> None:
             model.config._name_or_path = source
 
     save_sliced._keeps_sliced_config = True
-    model.save_pretrained = save_sliced
+    return save_sliced
+
+
+DynSliceForCausalLM.wrap_instance_save = staticmethod(keeping_sliced_config)

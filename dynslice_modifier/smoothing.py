@@ -7,11 +7,6 @@ mappings join alike: a norm and the linears that read it, v_proj and o_proj (hea
 never sliced), up_proj and down_proj (nor is the MLP's inner width). So a sliced model takes
 its base architecture's mappings; the default ones name q/k/v and gate/up apart, which in
 Phi-3's fused layout would match nothing.
-
-Smoothing scales the sliced norms, so ``slicing.unit_norms`` (whether vLLM may fuse the
-shortcuts) has to be saved as the smoothed model has it. In a ``oneshot`` on a sliced
-checkpoint, llm-compressor's save would copy the loaded checkpoint's config instead; looking
-up the mappings is where such a run first meets the model, so the save is set right there.
 """
 
 from __future__ import annotations
@@ -29,7 +24,6 @@ from llmcompressor.modifiers.transform.smoothquant.utils import (
 )
 from torch import nn
 
-from dynslice_modifier.conversion import keep_sliced_config_on_save
 from dynslice_modifier.modeling.modeling_dynslice import DynSliceForCausalLM, base_causal_lm_class
 
 
@@ -38,12 +32,10 @@ def _base_architecture(model: nn.Module) -> str:
 
 
 def smoothquant_mappings(model: nn.Module) -> list[Any]:
-    keep_sliced_config_on_save(model)
     return MAPPINGS_REGISTRY.get(_base_architecture(model), DEFAULT_SMOOTHQUANT_MAPPINGS)
 
 
 def awq_mappings(model: nn.Module) -> list[Any]:
-    keep_sliced_config_on_save(model)
     return AWQ_MAPPING_REGISTRY.get(_base_architecture(model), default_mappings)
 
 

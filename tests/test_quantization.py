@@ -361,35 +361,55 @@ quant_stage:
     assert again["slicing"] == first["slicing"]
 
 
-@pytest.mark.parametrize("smooth", [False, True], ids=["gptq", "smoothquant+gptq"])
-@pytest.mark.parametrize("via", ["model object", "saved directory"])
-def test_a_sliced_model_takes_a_second_oneshot(wide_dir, tmp_path, via, smooth):
+# Qwen3's attention input, named as a user would write it.
+EXPLICIT_MAPPINGS = [[["re:.*q_proj", "re:.*k_proj", "re:.*v_proj"], "re:.*input_layernorm"]]
+# Factories: a modifier instance runs once.
+SMOOTHING = {
+    "gptq": list,
+    "smoothquant+gptq": lambda: [SmoothQuantModifier()],
+    "explicit smoothquant+gptq": lambda: [SmoothQuantModifier(mappings=EXPLICIT_MAPPINGS)],
+}
+
+
+@pytest.mark.parametrize("smoothing", SMOOTHING)
+@pytest.mark.parametrize(
+    "via", ["model object", "saved directory", "object sliced outside oneshot"]
+)
+def test_a_sliced_model_takes_a_second_oneshot(wide_dir, tmp_path, via, smoothing):
     # llm-compressor's habit of chaining oneshot calls on the model object: the second call
     # reads the processor and config from the model's source path, while the save must
     # still write the sliced config. Or the sliced checkpoint is quantized in a later run.
-    # Either way SmoothQuant scales the norms, which the saved config has to say (vLLM
-    # fuses shortcuts only beside unit norms), not copy from the first checkpoint.
+    # SmoothQuant scales the norms, which the saved config has to say (vLLM fuses shortcuts
+    # only beside unit norms), not copy from the checkpoint loaded.
     from llmcompressor.core import reset_session
 
     sliced_dir = tmp_path / "sliced"
-    sliced = one_pass(wide_dir, [DynamicSliceModifier(sparsity=0.25, round_to=128)], sliced_dir)
+    modifier = DynamicSliceModifier(sparsity=0.25, round_to=128)
+    if via == "object sliced outside oneshot":
+        sliced = AutoModelForCausalLM.from_pretrained(wide_dir)
+        modifier.on_initialize(
+            SimpleNamespace(model=sliced, data=SimpleNamespace(calib=calib_batches(n=8, seq=64)))
+        )
+    else:
+        sliced = one_pass(wide_dir, [modifier], sliced_dir)
+        assert json.loads((sliced_dir / "config.json").read_text())["slicing"]["unit_norms"]
     expected = sliced(IDS).logits
-    assert json.loads((sliced_dir / "config.json").read_text())["slicing"]["unit_norms"]
     reset_session()
     oneshot(
-        model=sliced if via == "model object" else str(sliced_dir),
-        recipe=[SmoothQuantModifier()] * smooth + [GPTQModifier(targets="Linear", scheme="W8A8")],
+        model=str(sliced_dir) if via == "saved directory" else sliced,
+        recipe=[*SMOOTHING[smoothing](), GPTQModifier(targets="Linear", scheme="W8A8")],
         dataset=calib_dataset(n=16, seq=64),
         num_calibration_samples=16,
         max_seq_length=64,
         output_dir=str(tmp_path / "out"),
     )
+    smoothed = smoothing != "gptq"
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "dynslice"
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
-    assert config["slicing"]["unit_norms"] is not smooth
+    assert config["slicing"]["unit_norms"] is not smoothed
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert reloaded.has_unit_norms() is not smooth
+    assert reloaded.has_unit_norms() is not smoothed
     assert reloaded.config.slicing["attn_dims"] == sliced.config.slicing["attn_dims"]
     torch.testing.assert_close(reloaded(IDS).logits, expected, atol=0.1, rtol=0)
     if via == "saved directory":

@@ -466,9 +466,9 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     config = json.loads((paths[TOO_NEW] / "config.json").read_text())
     config["slicing"]["format_version"] = SLICING_FORMAT_VERSION + 1
     (paths[TOO_NEW] / "config.json").write_text(json.dumps(config))
-    # A norm weight changed after the config recorded unit norms (a smoothing with explicit
-    # mappings in a later oneshot, or a hand edit): vLLM must refuse the fused shortcuts,
-    # not serve wrong logits.
+    # A norm weight changed after the config recorded unit norms (by hand, or saved while
+    # offloaded to meta, where the save keeps the flag): vLLM must refuse the fused
+    # shortcuts, not serve wrong logits.
     paths[NORMS_CHANGED] = Path(shutil.copytree(paths[CASES[0].name], root / NORMS_CHANGED))
     weights = paths[NORMS_CHANGED] / "model.safetensors"
     tensors = load_file(weights)

@@ -294,10 +294,9 @@ class DynSliceConfig(PretrainedConfig):
       folded into the head) and the head, never tied, reads ``final_dim`` columns;
     - ``unit_norms``: whether every in-layer norm weight is one (nothing folded a smoothing
       scale into them), which lets vLLM run each shortcut in one GEMM with the projection
-      that reads the same residual; absent means false. A save reads it from the norms
-      (where they are not offloaded to ``meta``): the slicing run's, this class's
-      ``save_pretrained``, and a later ``oneshot`` whose SmoothQuant or AWQ looks up the
-      sliced model's mappings (given explicit ones, that run copies the loaded flag);
+      that reads the same residual; absent means false. Every save reads it from the norms
+      (``oneshot``'s and this class's ``save_pretrained``), except where they are offloaded
+      to ``meta``, where the recorded flag stands;
     - provenance: ``lr_scores``, ``sparsity``, ``slicing_base``, ``round_to``, ``rounding``,
       ``parameters``, the other modifier settings, ``calibration`` (batches and tokens the
       PCA saw, padding excluded) and ``source_model`` (the dense model's path, absolute

@@ -23,8 +23,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -431,6 +431,9 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Set by dynslice_modifier.conversion (so unset where this file runs as a checkpoint's
+    # remote code): wraps the save llm-compressor's oneshot puts on an instance.
+    wrap_instance_save: ClassVar[Callable[[nn.Module, Callable], Callable] | None] = None
 
     def __init__(self, config: DynSliceConfig) -> None:
         super().__init__(config)
@@ -472,6 +475,15 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
             key for key in info["missing_keys"] if any(part in key for part in _SHORTCUT_KEYS)
         )
         return (model, info) if wants_info else model
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # llm-compressor's oneshot replaces save_pretrained on the instance with a wrapper
+        # that re-writes config.json from the file at _name_or_path, which for a sliced model
+        # is the dense source's or the loaded checkpoint's (stale once smoothing scaled the
+        # norms); wrapped again here, it writes this model's config.
+        if name == "save_pretrained" and self.wrap_instance_save is not None:
+            value = self.wrap_instance_save(self, value)
+        super().__setattr__(name, value)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         """``PreTrainedModel.save_pretrained``, after ``prepare_save``."""
