@@ -646,6 +646,11 @@ def main(argv: list[str] | None = None) -> None:
             previous[signum] = signal.signal(signum, _exit_on_signal)
     # With flags the slicer's settings came from them; a recipe's errors name its own fields.
     flags = args.command == "compress" and not args.recipe
+    if flags:
+        from loguru import logger
+
+        # The modifier's warnings name its fields as its errors do.
+        logger.configure(patcher=_log_in_flag_terms)
     try:
         args.func(args)
     except (ValueError, OSError, MissingExtraError) as err:
@@ -659,6 +664,17 @@ def main(argv: list[str] | None = None) -> None:
         # Called from Python (or a test), the caller's handlers are its own again.
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if flags:
+            logger.configure(patcher=_leave_record)
+
+
+def _log_in_flag_terms(record: dict[str, Any]) -> None:
+    if record["name"].startswith("dynslice_modifier."):
+        record["message"] = _in_cli_terms(record["message"], slicer_flags=True)
+
+
+def _leave_record(record: dict[str, Any]) -> None:
+    """A patcher that changes nothing: loguru has no public way to remove one."""
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny
+from conftest import logged, save_tiny
 from safetensors.torch import load_file
 
 from dynslice_modifier.cli import RECIPE_ONLY, SLICER_FLAGS, _in_cli_terms, build_parser, main
@@ -253,6 +253,26 @@ def test_library_errors_are_put_in_flag_terms():
     assert flags(untouched) == untouched
     # A recipe's errors keep the recipe's names.
     assert _in_cli_terms("set round_to to at most 64") == "set round_to to at most 64"
+
+
+def test_the_slicers_warnings_name_the_flags_in_a_flag_run(workdir, capsys):
+    from test_slicing import slice_in_memory
+    from tiny import tiny_model
+
+    args = ["compress", "tiny", "warned", "--sparsity", "0.2", "--slicing-base", "0"]
+    with logged() as records:
+        code, _, err = run_main(*args, *SMALL, *DATA, cwd=workdir, capsys=capsys)
+    assert code == 0, err
+    (whole,) = [m for _, m in records if m.startswith("Leaving")]
+    assert whole.endswith(
+        "against the --sparsity 0.2 asked for; to reach it, use a larger "
+        "--sparsity, --target-params or --basis layer."
+    ), whole
+    # Outside the CLI the same warning names the modifier's fields again.
+    with logged() as records:
+        slice_in_memory(tiny_model("llama", True, layers=3), sparsity=0.2, slicing_base=0.0)
+    (whole,) = [m for _, m in records if m.startswith("Leaving")]
+    assert whole.endswith("use a larger sparsity, target_params or basis: layer."), whole
 
 
 def test_compress_writes_model_report_and_summary(workdir):
