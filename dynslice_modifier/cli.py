@@ -446,11 +446,11 @@ def _perplexity(path: Path, evaluation: Any) -> float:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from dynslice_modifier.evaluation import EVALUATION_HALF, wikitext_tokens, windows
+    from dynslice_modifier.evaluation import evaluation_windows, wikitext_tokens
 
     path = _model_path(args.model)
     tokens = wikitext_tokens(_tokenizer(path), args.data)
-    evaluation = windows(tokens[len(tokens) // 2 :], args.windows, args.window_len, EVALUATION_HALF)
+    evaluation = evaluation_windows(tokens, args.windows, args.window_len)
     ppl = _perplexity(path, evaluation)
     print(f"perplexity of {path} on {args.windows} x {args.window_len} tokens: {ppl:.3f}")
 

@@ -54,8 +54,11 @@ def convert_to_sliced(
     model.config = config
     model.model.config = config
     model.__class__ = DynSliceForCausalLM
-    # The slicing run's oneshot wrapped the save before the class changed.
-    model.save_pretrained = keeping_sliced_config(model, model.save_pretrained)
+    # The slicing run's oneshot wrapped the save before the class changed; outside oneshot
+    # there is no wrapper, and the model keeps its class's own save.
+    save = model.save_pretrained
+    if (wrapped := keeping_sliced_config(model, save)) is not save:
+        model.save_pretrained = wrapped
     return model
 
 

@@ -59,19 +59,19 @@ def windows(tokens: list[int], count: int, length: int, part: str = "the text") 
     return torch.tensor(tokens[: count * length], dtype=torch.long).view(count, length)
 
 
-CALIBRATION_HALF = "the text's first half (calibration)"
-EVALUATION_HALF = "the text's second half (evaluation)"
+def evaluation_windows(tokens: list[int], count: int, length: int = 1024) -> torch.Tensor:
+    """The protocol's evaluation windows: from the second half of the text."""
+    return windows(tokens[len(tokens) // 2 :], count, length, "the text's second half (evaluation)")
 
 
 def split_protocol(
     tokens: list[int], n_calib: int, calib_len: int, n_eval: int, eval_len: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Disjoint calibration and evaluation windows: first and second half of the text."""
-    half = len(tokens) // 2
-    return (
-        windows(tokens[:half], n_calib, calib_len, CALIBRATION_HALF),
-        windows(tokens[half:], n_eval, eval_len, EVALUATION_HALF),
+    calibration = windows(
+        tokens[: len(tokens) // 2], n_calib, calib_len, "the text's first half (calibration)"
     )
+    return calibration, evaluation_windows(tokens, n_eval, eval_len)
 
 
 @torch.no_grad()
