@@ -171,7 +171,8 @@ class DynamicSliceModifier(Modifier):
         widths it no longer keeps equal); it pays most with coarse steps (SmolLM2 at SP
         0.25, SB 0.05, steps of 64: perplexity 51.4 against 59.6 with ``mean``,
         ``benchmarks/quantized.py``), and at steps of 16 it was 2.8-4.0% lower at every
-        fixed SB of ``benchmarks/perplexity.py`` and 1.2% with ``auto``. ``nearest`` rounds
+        fixed SB of ``benchmarks/perplexity.py`` with every layer sliced, 1.7% with
+        ``profitable_only`` (SB 0.05), and 1.2% with ``auto``. ``nearest`` rounds
         each layer on its own, which can miss SP by up to half a step (SmolLM2 at SP 0.25,
         SB 0.05: a realised slice of 0.241 with ``round_to: 16``, 0.215 with 64). Unset
         (default): ``spectrum`` where the Layer Redundancy pass scores the layers for
@@ -196,8 +197,9 @@ class DynamicSliceModifier(Modifier):
         them go, with their weights and their GEMMs. A layer sliced to another width than
         its neighbour, or left whole, starts a basis of its own. Default 1 (a basis per
         layer). On SmolLM2 with the W8A8 recipe's settings, 2 removes 12 of its 30
-        shortcuts for +2.5% perplexity at the same SP; at equal size (``target_params:
-        0.1``) the weights saved widen the layers, and it scores 39.45 against 42.10
+        shortcuts for +2.5% perplexity at the same SP (+2.6% under W8A8); at equal size
+        (``target_params: 0.1``) the weights saved widen the layers, and it scores 39.45
+        against 42.10
         (benchmarks/README.md, "Shared bases").
     :param hadamard: fold a block Hadamard rotation into every kept basis (free at inference:
         the function is unchanged) so quantizers after the slicer see spread-out channels, in
