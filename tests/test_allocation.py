@@ -1,12 +1,13 @@
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from dynslice_modifier.allocation import (
     allocate_dims,
     check_explicit_dims,
     normalize_scores,
+    round_dims,
     slice_fractions,
 )
 from dynslice_modifier.errors import AllocationError
@@ -63,6 +64,28 @@ def test_mean_rounding_moves_equal_widths_together():
     assert allocate_dims(SMOL_LIKE, 576, 0.1, 0.1, round_to=16) == [512] * len(SMOL_LIKE)
     dims = allocate_dims([0.1, 0.5, 0.5, 0.5, 0.9], 100, 0.3, 0.0, round_to=10)
     assert dims[1] == dims[2] == dims[3]
+
+
+@pytest.mark.parametrize(
+    "scores, sparsity, slicing_base, expected",
+    [
+        # Constant slicing to 48 of 64 with steps of 32: every layer is half a step over.
+        ([1.0] * 3, 0.25, 0.25, [64, 64, 64]),
+        # Targets 60.8, 49.3, 33.9: once the first goes up, the second's step is a tie.
+        ([0.2, 0.5, 0.9], 0.25, 0.05, [64, 64, 32]),
+    ],
+)
+def test_mean_rounding_settles_a_tie_upwards(scores, sparsity, slicing_base, expected):
+    assert allocate_dims(scores, 64, sparsity, slicing_base, round_to=32) == expected
+
+
+@pytest.mark.parametrize("rounding", ["mean", "nearest", "spectrum"])
+def test_a_width_of_whole_steps_up_to_float_error_is_not_floored_a_step_short(rounding):
+    # 1 - (1 - 8/96) is not exactly 8/96 in floating point: floored as it comes, the first
+    # target would lose a step and, under spectrum rounding, hand it to the other layer.
+    spectra = [[1.0] * 96, [2.0**-i for i in range(96)]]
+    fractions = np.array([1 - 8 / 96, 1 - 16 / 96])
+    assert round_dims(96, fractions, 8, rounding, spectra) == [8, 16]
 
 
 def test_unknown_rounding_is_rejected():
@@ -176,7 +199,13 @@ def test_explicit_dims_are_checked():
 
 @settings(max_examples=200, deadline=None)
 @given(
-    scores=st.lists(st.floats(-1, 1, allow_nan=False), min_size=1, max_size=40),
+    # Scores drawn from a small pool as well, so that ties (where rounding must keep equal
+    # layers together and the more redundant one no wider) come up.
+    scores=st.lists(
+        st.one_of(st.floats(-1, 1, allow_nan=False), st.sampled_from([0.05, 0.33, 0.86, 0.93])),
+        min_size=1,
+        max_size=40,
+    ),
     sp=st.floats(0, 0.9),
     base_share=st.floats(0, 1),
     # 600 is not a multiple of 16 or 64: the widest width is then below hidden_size.
@@ -185,6 +214,8 @@ def test_explicit_dims_are_checked():
     rounding=st.sampled_from(["mean", "nearest", "spectrum"]),
     seed=st.integers(0, 2**16),
 )
+@example([0.71, 0.05, 0.05, 0.07], 0.2, 0.7, 64, 16, "mean", 0)
+@example([0.86, 0.76, 0.33, 0.93, 0.86, 0.39], 0.34, 0.33 / 0.34, 64, 16, "mean", 0)
 def test_allocation_properties(scores, sp, base_share, hidden, round_to, rounding, seed):
     sb = sp * base_share
     max_slice = 1 - round_to / hidden

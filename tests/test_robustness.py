@@ -17,7 +17,13 @@ from test_slicing import IDS, slice_in_memory
 from tiny import tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dynslice_modifier.modeling import DynSliceConfig, DynSliceForCausalLM, SlicingConfigError
+from dynslice_modifier.modeling import (
+    SLICING_FORMAT_VERSION,
+    DynSliceConfig,
+    DynSliceForCausalLM,
+    SlicingConfigError,
+)
+from dynslice_modifier.modeling.configuration_dynslice import _check_format_version
 
 
 def test_same_calibration_set_gives_byte_identical_checkpoints(tiny_dir, tmp_path):
@@ -76,7 +82,11 @@ def sliced_config() -> dict:
             r"does not declare: \['9.attn_shortcut'\]",
         ),
         (lambda s: s.pop("layout"), "layout"),
-        (lambda s: s.__setitem__("format_version", 99), "upgrade dynslice-modifier"),
+        # The first version past this code's, so an off-by-one in the limit shows.
+        (
+            lambda s: s.__setitem__("format_version", SLICING_FORMAT_VERSION + 1),
+            "upgrade dynslice-modifier",
+        ),
         (lambda s: s.pop("format_version"), "is None, not a version number"),
         (lambda s: s.__setitem__("format_version", True), "is True, not a version number"),
         (lambda s: s["attn_dims"].__setitem__(2, 40.5), r"attn_dims\[2\]"),
@@ -117,6 +127,12 @@ def test_hostile_configs_are_rejected(sliced_config, mutate, message, tmp_path):
     save_file({}, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(SlicingConfigError, match=message):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_every_format_up_to_this_codes_is_read():
+    assert [_check_format_version(v) for v in range(1, SLICING_FORMAT_VERSION + 1)] == list(
+        range(1, SLICING_FORMAT_VERSION + 1)
+    )
 
 
 def test_missing_slicing_section(sliced_config, tmp_path):
