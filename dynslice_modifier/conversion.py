@@ -54,6 +54,11 @@ def convert_to_sliced(
     model.config = config
     model.model.config = config
     model.__class__ = DynSliceForCausalLM
+    # post_init left the base class's layer name on the instance, where it hides the new
+    # class's; llm-compressor's sequential pipeline reads it to split the model into layers,
+    # and with a name that matches nothing it would calibrate the quantizers after the
+    # slicer on the whole model as one piece.
+    model._no_split_modules = set(DynSliceForCausalLM._no_split_modules)
     # The slicing run's oneshot wrapped the save before the class changed; outside oneshot
     # there is no wrapper, and the model keeps its class's own save.
     save = model.save_pretrained

@@ -340,6 +340,28 @@ def test_sequential_targets_may_name_the_sliced_layer_class(wide_dir):
     assert model.model.layers[0].self_attn.q_proj.weight_scale is not None
 
 
+@pytest.mark.parametrize("arch", ["llama", "phi3", "granite", "qwen3"])
+def test_the_quantizer_after_the_slicer_calibrates_one_layer_at_a_time(arch, tmp_path, monkeypatch):
+    # The sequential pipeline splits the model by its _no_split_modules, read when the
+    # quantizer's stage starts: after slicing, which replaced every decoder layer.
+    from llmcompressor.pipelines.sequential import pipeline
+
+    traced = []
+
+    def recording(model, sample, targets, *args, **kwargs):
+        subgraphs = trace(model, sample, targets, *args, **kwargs)
+        traced.append((set(targets), len(subgraphs)))
+        return subgraphs
+
+    trace = pipeline.trace_subgraphs
+    monkeypatch.setattr(pipeline, "trace_subgraphs", recording)
+    model_dir = save_tiny(tmp_path / "in", arch, True, layers=3)
+    quantizer = GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])
+    one_pass(model_dir, [DynamicSliceModifier(sparsity=0.25), quantizer])
+    # One piece per decoder layer and one for the final norm and head.
+    assert traced == [({"SlicedDecoderLayer"}, 4)]
+
+
 def test_yaml_two_stage_recipe(wide_dir, tmp_path):
     recipe = """
 slice_stage:
