@@ -16,8 +16,18 @@ import pytest
 import torch
 from conftest import logged, save_tiny
 from safetensors.torch import load_file
+from tiny import tiny_model
 
-from dynslice_modifier.cli import RECIPE_ONLY, SLICER_FLAGS, _in_cli_terms, build_parser, main
+from dynslice_modifier import cli
+from dynslice_modifier.cli import (
+    RECIPE_ONLY,
+    SLICER_FLAGS,
+    _compress_recipe,
+    _in_cli_terms,
+    build_parser,
+    main,
+    quant_modifiers,
+)
 from dynslice_modifier.evaluation import DEFAULT_WIKITEXT
 
 DATA = ["--data", str(DEFAULT_WIKITEXT)]
@@ -331,9 +341,6 @@ def test_compress_can_quantize_the_shortcuts_and_slice_and_quantize_the_head(wor
 
 def test_main_names_missing_packages_and_restores_signal_handlers(workdir, capsys, monkeypatch):
     import importlib
-    import signal
-
-    from dynslice_modifier import cli
 
     before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)]
     real = importlib.import_module
@@ -771,3 +778,60 @@ def test_compress_refuses_an_architecture_from_its_config_alone(config, message,
     assert code == 2
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_directory_named_like_a_save_file_is_foreign(tmp_path):
+    from dynslice_modifier.output import check_replaceable
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "config.json").write_text('{"model_type": "dynslice"}')
+    (target / "tokenizer_experiments").mkdir()
+    with pytest.raises(ValueError, match=r"also \['tokenizer_experiments/'\]"):
+        check_replaceable(target)
+
+
+def test_an_output_that_holds_the_input_overlaps_it(tmp_path):
+    from dynslice_modifier.output import check_target
+
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    with pytest.raises(ValueError, match="overlaps the input model"):
+        check_target(tmp_path / "models", [tmp_path / "models" / "tiny"])
+
+
+def test_a_live_runs_scratch_is_left_alone(tmp_path):
+    from dynslice_modifier.output import atomic_directory
+
+    live = tmp_path / f".out.partial-{socket.gethostname()}-{os.getpid()}-zzz"
+    live.mkdir()
+    with atomic_directory(tmp_path / "out") as scratch:
+        (scratch / "config.json").write_text("{}")
+    assert live.exists()
+
+
+def test_off_switches_reach_the_modifier():
+    args = build_parser().parse_args(
+        ["compress", "m", "o", "--no-align-bases", "--no-profitable-only", "--no-hadamard"]
+    )
+    (slicer,) = _compress_recipe(args, None)
+    assert (slicer.align_bases, slicer.profitable_only, slicer.hadamard) == (False, False, False)
+
+
+def test_gains_are_printed_as_sliced_over_dense(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(bytes(3 * 2**20))
+    monkeypatch.setattr(cli, "_perplexity", lambda path, _: 12.0 if path == out else 10.0)
+    cli._print_gains(tmp_path / "dense", out, 4 * 2**20, 5.0, None, 1, "r")
+    text = capsys.readouterr().out
+    assert "weights on disk: 4.0 MiB -> 3.0 MiB (75.0%)" in text
+    assert "dense 10.00 -> compressed 12.00 (1.20x)" in text
+
+
+def test_every_quantize_choice_keeps_the_head_unless_asked():
+    config = tiny_model().config
+    for scheme in ("w4a16", "w8a8", "fp8"):
+        (quantizer,) = quant_modifiers(scheme, config)
+        assert "lm_head" in quantizer.ignore, scheme
+    (quantizer,) = quant_modifiers("w8a8", config, quantize_head=True)
+    assert "lm_head" not in quantizer.ignore

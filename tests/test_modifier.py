@@ -430,3 +430,18 @@ def test_rank_deficient_calibration_is_reported(tmp_path):
     messages = [message for _, message in records]
     assert any("layer 0 attention input: the calibration signal spans only" in m for m in messages)
     assert any("more varied, calibration samples" in m for m in messages)
+
+
+def test_saving_over_the_source_through_a_link_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from dynslice_modifier.modeling.modeling_dynslice import refuse_saving_over_source
+
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    (dense / "config.json").write_text('{"model_type": "llama"}')
+    link = tmp_path / "link"
+    link.symlink_to(dense)
+    config = SimpleNamespace(slicing={"source_model": str(dense)})
+    with pytest.raises(ValueError, match="dense model it was sliced from"):
+        refuse_saving_over_source(link, config)

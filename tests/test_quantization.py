@@ -22,7 +22,7 @@ from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.errors import AllocationError
 from dynslice_modifier.modeling import DynSliceForCausalLM
 from dynslice_modifier.modeling.modeling_dynslice import ResidualShortcut, ResidualShortcutLinear
-from dynslice_modifier.quantization import required_multiple, shortcut_probe
+from dynslice_modifier.quantization import fit_round_to, required_multiple, shortcut_probe
 
 IDS = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
 
@@ -525,3 +525,32 @@ def test_smoothing_mappings_of_a_sliced_model_name_its_modules(arch):
     for targets in names:
         for target in targets:
             assert list(match_named_modules(model, [target])), f"{target} matches nothing"
+
+
+def test_nvfp4_tensor_groups_bind_the_widths():
+    need = required_multiple(
+        [QuantizationModifier(targets="Linear", scheme="NVFP4")], READS, WRITES
+    )
+    assert need is not None and need[0] == 16
+    with pytest.raises(AllocationError, match="conflicts"):
+        fit_round_to(8, need, 64)
+
+
+def test_the_default_step_stays_a_multiple_of_sixteen():
+    assert fit_round_to(None, (24, "groups of 24"), 192) == 48
+
+
+def test_a_shortcut_format_the_recipe_set_is_kept():
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from torch import nn
+
+    from dynslice_modifier.modeling.modeling_dynslice import ResidualShortcutLinear
+    from dynslice_modifier.quantization import compress_shortcuts_as_linears
+
+    model = nn.Sequential(ResidualShortcutLinear(16, 16), ResidualShortcutLinear(16, 16))
+    for module in model:
+        module.quantization_scheme = preset_name_to_scheme("W8A8", ["Linear"])
+    model[0].quantization_scheme.format = "naive-quantized"
+    assert compress_shortcuts_as_linears(model) == 1
+    assert model[0].quantization_scheme.format == "naive-quantized"
+    assert model[1].quantization_scheme.format == "int-quantized"

@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_modifier import RECIPE, run_oneshot
 from test_slicing import IDS, slice_in_memory
-from tiny import tiny_model
+from tiny import VOCAB, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from dynslice_modifier.calibration import capture_layer_inputs
 from dynslice_modifier.modeling import (
     SLICING_FORMAT_VERSION,
     DynSliceConfig,
@@ -345,3 +346,18 @@ def test_an_unfolded_granite_scalar_is_refused(sliced_config, key):
     config = copy.deepcopy(sliced_config) | {key: 4.0}
     with pytest.raises(SlicingConfigError, match=f"{key} in config.json must be 1.0"):
         DynSliceForCausalLM(DynSliceConfig.from_dict(config))
+
+
+def test_batches_differing_only_in_padding_have_an_order_of_their_own():
+    model = tiny_model("llama", True)
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
+    full = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    padded_mask = torch.ones_like(ids)
+    padded_mask[0, 8:] = 0
+    padded = {"input_ids": ids, "attention_mask": padded_mask}
+    layer = model.model.layers[0]
+    one = capture_layer_inputs(model, layer, [full, padded])
+    other = capture_layer_inputs(model, layer, [padded, full])
+    assert len(set(one.keys)) == 2 and one.keys == other.keys
+    for a, b in zip(one.masks, other.masks, strict=True):
+        assert torch.equal(a, b)

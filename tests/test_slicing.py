@@ -10,6 +10,7 @@ from tiny import ARCHS, calib_batches, tiny_model
 from transformers import AutoModelForCausalLM
 
 from dynslice_modifier import DynamicSliceModifier
+from dynslice_modifier.allocation import mean_slice
 from dynslice_modifier.modeling import DynSliceForCausalLM
 from dynslice_modifier.slicer import count_parameters
 
@@ -892,3 +893,21 @@ def test_a_sliced_model_pickles_and_deep_copies():
             # back), once per layer.
             states = other(IDS, output_hidden_states=True).hidden_states
             assert [s.shape[-1] for s in states] == [64, 32, 48, 64]
+
+
+def test_the_summary_reports_the_mean_slice_realised():
+    model = tiny_model("llama", True, layers=4)
+    modifier = slice_in_memory(model, sparsity=0.2, slicing_base=0.0, basis="layer")
+    realised = mean_slice(model.config.slicing["attn_dims"], 64)
+    assert model.config.slicing["whole_layers"] and realised < 0.2
+    assert modifier.summary["mean_slice"] == pytest.approx(realised)
+
+
+def test_a_scaled_post_attention_norm_is_no_unit_norm():
+    model = tiny_model("llama", True)
+    slice_in_memory(model, sparsity=0.25, round_to=8)
+    assert model.has_unit_norms() is True
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight.mul_(2.0)
+    assert model.has_unit_norms() is False
+    assert model.record_unit_norms() is False and model.config.slicing["unit_norms"] is False

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import logged
-from tiny import calib_batches, tiny_model
+from tiny import VOCAB, calib_batches, tiny_model
 
 from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.adapters import get_adapter
-from dynslice_modifier.calibration import capture_layer_inputs
+from dynslice_modifier.calibration import LayerInputs, capture_layer_inputs
 from dynslice_modifier.conversion import convert_to_sliced
 from dynslice_modifier.errors import AllocationError, CalibrationError
 from dynslice_modifier.redundancy import redundancy_scores
@@ -305,3 +305,24 @@ def test_a_non_finite_heldout_loss_is_an_error_not_a_winner():
     inputs.hidden[1] = torch.full_like(inputs.hidden[1], float("inf"))
     with pytest.raises(CalibrationError, match=r"held-out loss .* is not finite"):
         heldout_nll(model, adapter, inputs, [1], CPU)
+
+
+def test_heldout_loss_skips_tokens_predicted_from_left_padding():
+    model = tiny_model("llama", True)
+    adapter = get_adapter(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (1, 12), generator=g)
+    hidden = torch.randn(1, 12, 64, generator=g)
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    mask[0, :4] = False  # left padding
+
+    def nll(h, i, m):
+        inputs = LayerInputs(hidden=[h], kwargs=[{}], masks=[m], ids=[i], keys=[b""])
+        return heldout_nll(model, adapter, inputs, [0], CPU)
+
+    assert nll(hidden, ids, mask) == pytest.approx(nll(hidden[:, 4:], ids[:, 4:], None))
+
+
+def test_the_held_out_batches_are_the_last_in_content_order():
+    assert heldout_batches(8, 0.25) == {6, 7}
+    assert heldout_batches(3, 0.1) == {2}
