@@ -14,15 +14,12 @@ recorded and writes ``results/quantized_layer_by_layer.md``::
 from __future__ import annotations
 
 from common import RESULTS, read_jsonl
-
-
-def key(row: dict) -> tuple[str, str, str | None]:
-    return row["model"], row["scheme"], row.get("rounding")
+from quantized import JSONL, key
 
 
 def main() -> None:
     before = {key(r): r for r in read_jsonl(RESULTS / "quantized_before_layer_by_layer.jsonl")}
-    now = {key(r): r for r in read_jsonl(RESULTS / "quantized.jsonl")}
+    now = {key(r): r for r in read_jsonl(JSONL)}
     lines = [
         "| model | quantization | rounding | perplexity, one subgraph | perplexity, layer by "
         "layer | change | weights MiB |",

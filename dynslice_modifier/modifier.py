@@ -197,7 +197,7 @@ class DynamicSliceModifier(Modifier):
         them go, with their weights and their GEMMs. A layer sliced to another width than
         its neighbour, or left whole, starts a basis of its own. Default 1 (a basis per
         layer). On SmolLM2 with the W8A8 recipe's settings, 2 removes 12 of its 30
-        shortcuts for +2.5% perplexity at the same SP (+2.6% under W8A8); at equal size
+        shortcuts for +2.5% perplexity at the same SP (+2.4% under W8A8); at equal size
         (``target_params: 0.1``) the weights saved widen the layers, and it scores 39.45
         against 42.10 (benchmarks/README.md, "Shared bases").
     :param hadamard: fold a block Hadamard rotation into every kept basis (free at inference:

@@ -433,8 +433,6 @@ def test_rank_deficient_calibration_is_reported(tmp_path):
 
 
 def test_saving_over_the_source_through_a_link_is_refused(tmp_path):
-    from types import SimpleNamespace
-
     from dynslice_modifier.modeling.modeling_dynslice import refuse_saving_over_source
 
     dense = tmp_path / "dense"

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from compressed_tensors.quantization import preset_name_to_scheme
 from conftest import calib_dataset, save_tiny
 from llmcompressor import oneshot
 from llmcompressor.modifiers.gptq import GPTQModifier
@@ -22,7 +23,12 @@ from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.errors import AllocationError
 from dynslice_modifier.modeling import DynSliceForCausalLM
 from dynslice_modifier.modeling.modeling_dynslice import ResidualShortcut, ResidualShortcutLinear
-from dynslice_modifier.quantization import fit_round_to, required_multiple, shortcut_probe
+from dynslice_modifier.quantization import (
+    compress_shortcuts_as_linears,
+    fit_round_to,
+    required_multiple,
+    shortcut_probe,
+)
 
 IDS = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
 
@@ -541,12 +547,6 @@ def test_the_default_step_stays_a_multiple_of_sixteen():
 
 
 def test_a_shortcut_format_the_recipe_set_is_kept():
-    from compressed_tensors.quantization import preset_name_to_scheme
-    from torch import nn
-
-    from dynslice_modifier.modeling.modeling_dynslice import ResidualShortcutLinear
-    from dynslice_modifier.quantization import compress_shortcuts_as_linears
-
     model = nn.Sequential(ResidualShortcutLinear(16, 16), ResidualShortcutLinear(16, 16))
     for module in model:
         module.quantization_scheme = preset_name_to_scheme("W8A8", ["Linear"])
