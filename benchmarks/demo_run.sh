@@ -5,6 +5,7 @@
 # benchmarks/results/<name>.txt (default name: demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/machine.sh
 out="benchmarks/results/${1:-demo}.txt"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -14,8 +15,7 @@ bash scripts/demo.sh >"$log" 2>&1
 seconds=$(($(date +%s) - start))
 {
     echo "Produced by \`bash benchmarks/demo_run.sh\` at commit $(git rev-parse --short HEAD)."
-    echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) cores;" \
-        "$(grep -m1 -o -w -E 'avx512_bf16|avx512_vnni|avx512f|avx2' /proc/cpuinfo | sort -u | xargs)"
+    cpu_line
     echo "scripts/demo.sh took ${seconds} s ($(awk "BEGIN {printf \"%.1f\", $seconds / 60}") min)."
     echo
     cat "$log"

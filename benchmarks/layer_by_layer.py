@@ -26,7 +26,11 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for k, old in sorted(before.items()):
-        new = now[k]
+        new = now.get(k)
+        if new is None:
+            raise SystemExit(
+                f"{k}: no such row in {JSONL.name}; run it with python benchmarks/quantized.py"
+            )
         if new["ppl"] == old["ppl"] and new.get("oneshot_s") == old.get("oneshot_s"):
             raise SystemExit(f"{k}: not re-run since (python benchmarks/quantized.py --redo)")
         change = new["ppl"] / old["ppl"] - 1

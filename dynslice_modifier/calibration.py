@@ -79,11 +79,12 @@ class LayerInputs:
             kwargs = {**kwargs, "attention_mask": self.type_masks[b][self.layer_types[idx]]}
         return to_device(kwargs, device)
 
-    @property
-    def tokens(self) -> int:
+    def tokens(self, skip: frozenset[int] = frozenset()) -> int:
+        """Unpadded tokens in every batch but those in ``skip``."""
         return sum(
             int(m.sum()) if m is not None else h.shape[0] * h.shape[1]
-            for h, m in zip(self.hidden, self.masks, strict=True)
+            for b, (h, m) in enumerate(zip(self.hidden, self.masks, strict=True))
+            if b not in skip
         )
 
 
@@ -129,6 +130,14 @@ def capture_layer_inputs(
         with torch.no_grad():
             for batch in tqdm(dataloader, desc="Capturing calibration inputs", leave=False):
                 input_ids, mask = _batch_tensors(batch, vocab, device)
+                if not input_ids.shape[-1]:
+                    # Refused rather than skipped: the quantizers' calibration after the
+                    # slicer crashes on it, with a message that does not say why.
+                    raise CalibrationError(
+                        "a calibration sample has no tokens (an empty text, e.g. a blank "
+                        "line tokenized without a BOS token); drop empty texts from the "
+                        "dataset, e.g. dataset.filter(lambda s: len(s['input_ids']) > 0)"
+                    )
                 cache.kwargs.append(to_device(front(input_ids, mask), offload_device))
                 cache.hidden.append(grabbed.pop("hidden").detach().to(offload_device))
                 type_masks = {}

@@ -171,12 +171,12 @@ def _slicer_flag(
     p.add_argument(_flag(field), default=None, help=f"{help} (default: {default})", **kwargs)
 
 
-def _windows(tokenizer: Any, args: argparse.Namespace):
+def _windows(tokenizer: Any, args: argparse.Namespace, eval_windows: int = 0):
+    """The protocol's calibration windows and ``eval_windows`` evaluation windows."""
     from dynslice_modifier.evaluation import split_protocol, wikitext_tokens
 
     tokens = wikitext_tokens(tokenizer, args.data)
-    n_eval = getattr(args, "eval_windows", None) or getattr(args, "windows", 0)
-    return split_protocol(tokens, args.samples, args.seq_len, n_eval)
+    return split_protocol(tokens, args.samples, args.seq_len, eval_windows)
 
 
 def _add_data_args(p: argparse.ArgumentParser, samples: int = 64, seq_len: int = 512) -> None:
@@ -323,7 +323,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     check_free_space(output, int(1.25 * dense_bytes) + 2**20)
     recipe = _compress_recipe(args, config)
     tokenizer = _tokenizer(path)
-    calib, evaluation = _windows(tokenizer, args)
+    calib, evaluation = _windows(tokenizer, args, args.eval_windows or 0)
     dataset = Dataset.from_dict(
         {"input_ids": calib.tolist(), "attention_mask": [[1] * calib.shape[1]] * len(calib)}
     )

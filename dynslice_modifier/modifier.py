@@ -15,7 +15,7 @@ from llmcompressor.utils.dev import get_main_device
 from loguru import logger
 from pydantic import PrivateAttr, field_validator, model_validator
 
-from dynslice_modifier.adapters import changing_in_place, get_adapter
+from dynslice_modifier.adapters import changing_in_place, check_unquantized, get_adapter
 from dynslice_modifier.adapters.base import ModelAdapter
 from dynslice_modifier.allocation import (
     DEFAULT_ROUND_TO,
@@ -40,6 +40,7 @@ from dynslice_modifier.quantization import (
     check_unsliced_inputs,
     compress_shortcuts_as_linears,
     fit_round_to,
+    input_projection_conflict,
     is_quantizer,
     quantized_shortcuts,
     recipe_modifiers,
@@ -478,6 +479,9 @@ class DynamicSliceModifier(Modifier):
         module_names = {id(module): name for name, module in model.named_modules()}
         layer_names = [module_names[id(layer)] for layer in layers]
         requirement = self._check_recipe(model, adapter, others, module_names, sequential_targets)
+        # After the recipe's order is checked: a quantizer placed before the slicer has
+        # already attached its schemes, and the order is what to fix then.
+        check_unquantized(model)
         round_to = self._round_to(requirement, hidden)
         if self.layer_scores is not None and len(self.layer_scores) != num_layers:
             raise AllocationError(
@@ -658,19 +662,17 @@ class DynamicSliceModifier(Modifier):
         """Whether the embedding table stays shared with the head, now that the layout is
         known; logs the parameters the layout is predicted to leave."""
         keep_tied, counter = run.keep_tied, run.planner.counter
-        if (
-            run.tied
-            and not keep_tied
-            and layout.whole[0]
-            and not counter.head_sliced(layout.whole[-1])
-        ):
-            # Neither the table (read whole by layer 0) nor the head would change, so untied
-            # they would stay equal: a second table in memory for nothing, which
-            # llm-compressor's save would tie again anyway.
-            logger.info(
-                "The embedding table stays tied: layer 0 is whole and the head unsliced, so "
-                "neither would be rotated"
+        head_sliced = counter.head_sliced(layout.whole[-1])
+        if self.slice_head and not head_sliced:
+            fixes = "profitable_only: false" + ("" if self.basis == "layer" else " or basis: layer")
+            logger.warning(
+                "slice_head: the last layer is left whole (profitable_only), so it hands the "
+                f"head no sliced basis and the head stays at full width; {fixes} slices it"
             )
+        if run.tied and not keep_tied and not head_sliced and self._may_retie(run, layout):
+            # The head would read the table's own basis, so an untied copy would be a second
+            # table for nothing (llm-compressor's save would tie them again anyway).
+            logger.info("The embedding table stays tied to the head, which is not sliced")
             keep_tied = True
             counter = self._counter(model, run.adapter, keep_tied)
         logger.info(
@@ -679,6 +681,21 @@ class DynamicSliceModifier(Modifier):
         )
         logger.info(f"Kept residual widths: {layout.dims}")
         return keep_tied
+
+    def _may_retie(self, run: _Run, layout: Layout) -> bool:
+        """Whether a table untied only for a head that ends up unsliced may stay tied: always
+        when layer 0 is whole (neither copy would change); else only if the user did not ask
+        to untie it, and the input projection that layer 0 then needs fits the quantizers'
+        groups where it is to be quantized."""
+        if layout.whole[0]:
+            return True
+        if self.untie_embeddings:
+            return False
+        name = f"{run.layer_names[0]}.{INPUT_PROJECTION}"
+        hidden = run.planner.hidden_size
+        return not self.quantize_shortcuts or (
+            input_projection_conflict(name, hidden, run.others) is None
+        )
 
     def _counter(
         self, model: torch.nn.Module, adapter: ModelAdapter, keep_tied: bool
@@ -823,7 +840,7 @@ class DynamicSliceModifier(Modifier):
                 "dataset.shard(world_size, rank, contiguous=True)"
             )
         # The PCA sees every rank's tokens (see distributed.py).
-        tokens, batches = sum_over_ranks(inputs.tokens, len(inputs))
+        tokens, batches = sum_over_ranks(inputs.tokens(), len(inputs))
         # Recorded with the slicing: the same recipe slices alike only on the same data.
         self._calibration = {"batches": int(batches), "tokens": int(tokens)}
         if tokens < hidden:
@@ -834,7 +851,7 @@ class DynamicSliceModifier(Modifier):
                 + ("" if tokens else ", and check that the attention masks are not all zero")
             )
         logger.info(
-            f"DynamicSliceModifier: {len(inputs)} calibration batches, {inputs.tokens} tokens"
+            f"DynamicSliceModifier: {len(inputs)} calibration batches, {inputs.tokens()} tokens"
             f"{f' ({int(tokens)} on all ranks)' if is_distributed() else ''}, {num_layers} "
             f"layers, compute device {device}"
         )
@@ -957,12 +974,7 @@ class DynamicSliceModifier(Modifier):
     def _heldout(self, inputs: LayerInputs, hidden: int) -> frozenset[int]:
         """The batches ``auto`` holds out; checked before any pass is spent."""
         heldout = heldout_batches(len(inputs), self.auto_holdout)
-        (fitted,) = sum_over_ranks(
-            LayerInputs(
-                hidden=[h for b, h in enumerate(inputs.hidden) if b not in heldout],
-                masks=[m for b, m in enumerate(inputs.masks) if b not in heldout],
-            ).tokens
-        )
+        (fitted,) = sum_over_ranks(inputs.tokens(skip=heldout))
         fitted = int(fitted)
         if fitted < hidden:
             raise CalibrationError(

@@ -266,24 +266,30 @@ def quantized_shortcuts(names: Sequence[str], modifiers: Sequence[Modifier]) -> 
     return taken
 
 
-def check_input_projection(name: str, width: int, modifiers: Sequence[Modifier]) -> None:
-    """Layer 0's input projection reads the full tied table: it must fit the groups too.
-
-    Called before calibration, with ``quantize_shortcuts``, for tied models (the only
-    shortcut whose input width is not a rounded, sliced width).
-    """
+def input_projection_conflict(name: str, width: int, modifiers: Sequence[Modifier]) -> str | None:
+    """Why a quantizer cannot take layer 0's input projection, which reads the full tied
+    table (``width`` wide, the only shortcut input that is not a rounded, sliced width);
+    None where it fits every quantizer's groups. Asked, with ``quantize_shortcuts``, only
+    of models that keep their table tied."""
     for modifier in modifiers:
         if not is_quantizer(modifier):
             continue
         group = _group_of(name, shortcut_probe(), modifier)
         size = _group_size(group.weights if group is not None else None)
         if size and width % size:
-            raise AllocationError(
+            return (
                 f"{type(modifier).__name__} uses groups of {size} and would "
                 f"quantize {name}, which maps the tied embedding table ({width} wide, "
                 f"not a multiple of {size}) into layer 0's basis; add "
                 "'re:.*input_projection$' to the quantizer's ignore list"
             )
+    return None
+
+
+def check_input_projection(name: str, width: int, modifiers: Sequence[Modifier]) -> None:
+    """Refuse, before calibration, a tied model whose input projection no group fits."""
+    if (conflict := input_projection_conflict(name, width, modifiers)) is not None:
+        raise AllocationError(conflict)
 
 
 def compress_shortcuts_as_linears(model: nn.Module) -> int:

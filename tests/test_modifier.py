@@ -15,11 +15,14 @@ import torch
 from compressed_tensors.offload import set_onload_device
 from conftest import calib_dataset, logged, save_tiny
 from llmcompressor import oneshot
+from llmcompressor.core import reset_session
+from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.recipe import Recipe
 from tiny import calib_batches, tiny_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from dynslice_modifier import DynamicSliceModifier
+from dynslice_modifier.adapters import adapter_for
 from dynslice_modifier.errors import AllocationError, CalibrationError, UnsupportedModelError
 from dynslice_modifier.modeling import DynSliceForCausalLM, SlicingConfigError
 from dynslice_modifier.slicer import count_parameters, embeddings_tied
@@ -129,6 +132,27 @@ def test_a_whole_layer_0_leaves_table_and_head_one_saved_table(
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(SlicingConfigError, match=r"set slicing\.embedding_sliced to false"):
         AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_slice_head_with_the_last_layer_whole_says_so_and_keeps_the_table_tied(tiny_dir, tmp_path):
+    # Layer 0 takes the whole slice and the others stay whole: the head has no sliced
+    # basis to read. Untied for nothing, the table would be a second copy of the head's.
+    out = tmp_path / "out"
+    recipe = DynamicSliceModifier(
+        sparsity=0.25, slicing_base=0.0, layer_scores=[1.0, 0.0, 0.0], slice_head=True
+    )
+    with logged() as records:
+        model = run_oneshot(tiny_dir, [recipe], out)
+    slicing = model.config.slicing
+    assert slicing["whole_layers"] == [1, 2]
+    assert "final_dim" not in slicing
+    assert embeddings_tied(model)
+    assert any("slice_head: the last layer is left whole" in m for _, m in records)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, atol=0, rtol=0)
+    assert count_parameters(reloaded) == slicing["parameters"]["sliced"]
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.25])
@@ -254,6 +278,20 @@ def test_a_sliced_model_or_a_second_slicer_is_refused(tiny_dir, tmp_path):
     ]
     with pytest.raises(AllocationError, match="holds 2 DynamicSliceModifiers"):
         run_oneshot(tiny_dir, two)
+
+
+def test_a_quantized_checkpoint_is_refused_before_calibration(tiny_dir, tmp_path, no_calibration):
+    # Rotated weights would be read with scales computed for the unrotated ones.
+    quantized = tmp_path / "w8a8"
+    scheme = QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])
+    run_oneshot(tiny_dir, [scheme], quantized)
+    reset_session()
+    # oneshot loads it decompressed, each linear keeping its scheme and scales.
+    with pytest.raises(UnsupportedModelError, match=r"q_proj carries a quantization scheme"):
+        run_oneshot(quantized, RECIPE)
+    # The command line asks the config before loading.
+    with pytest.raises(UnsupportedModelError, match=r"quant_method 'compressed-tensors'.*full-"):
+        adapter_for(AutoConfig.from_pretrained(quantized))
 
 
 def test_saving_over_the_dense_source_is_refused_and_leaves_it_as_it_was(

@@ -306,6 +306,17 @@ def test_token_ids_outside_the_table_name_the_tokenizer(tiny_dir):
         run_oneshot(tiny_dir, RECIPE, dataset=data)
 
 
+def test_an_empty_calibration_text_is_named_with_the_fix(tiny_dir):
+    from datasets import Dataset
+
+    from dynslice_modifier.errors import CalibrationError
+
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0)).tolist()
+    data = Dataset.from_dict({"input_ids": [*ids, []]})  # a blank line, tokenized without BOS
+    with pytest.raises(CalibrationError, match=r"has no tokens.*dataset\.filter"):
+        run_oneshot(tiny_dir, RECIPE, dataset=data, num_calibration_samples=9)
+
+
 def test_a_checkpoint_that_is_no_causal_lm_is_refused(tiny_dir, no_calibration):
     # transformers would load it as LlamaForCausalLM with a randomly initialised head.
     from dynslice_modifier.errors import UnsupportedModelError

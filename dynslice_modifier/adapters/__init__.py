@@ -83,6 +83,44 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     return adapter
 
 
+# Rotating and slicing a quantized weight would leave its scales (and zero points, groups,
+# packed formats) describing other weights.
+_QUANTIZED_FIX = (
+    "slicing rotates every weight, which its scales would no longer fit. Slice the "
+    "full-precision model, and put the quantizer after DynamicSliceModifier in the same "
+    "recipe (`dynslice compress --quantize` does so)"
+)
+
+
+def _refuse_quantized(config: Any) -> None:
+    """Refuse a checkpoint whose config declares a quantization, before it is loaded."""
+    quantization = getattr(config, "quantization_config", None)
+    if not quantization:
+        return
+    method = (
+        quantization.get("quant_method")
+        if isinstance(quantization, dict)
+        else getattr(quantization, "quant_method", None)
+    )
+    method = getattr(method, "value", method)
+    raise UnsupportedModelError(
+        f"this checkpoint is already quantized or compressed (quantization_config, "
+        f"quant_method {method!r}); {_QUANTIZED_FIX}"
+    )
+
+
+def check_unquantized(model: nn.Module) -> None:
+    """Refuse a loaded model that carries a quantization: llm-compressor loads a quantized
+    checkpoint decompressed but keeps every linear's scheme and scales (its config then
+    declares none), as does a quantizer applied in an earlier ``oneshot``."""
+    for name, module in model.named_modules():
+        if getattr(module, "quantization_scheme", None) is not None:
+            raise UnsupportedModelError(
+                f"this model is already quantized ({name} carries a quantization scheme "
+                f"and scales); {_QUANTIZED_FIX}"
+            )
+
+
 def adapter_for(config: Any, architecture: str | None = None) -> ModelAdapter:
     """The adapter for a model of ``config`` loaded as class ``architecture``, or an error
     naming the architecture and the supported ones.
@@ -102,6 +140,7 @@ def adapter_for(config: Any, architecture: str | None = None) -> ModelAdapter:
             "oneshot on it with the quantization modifiers alone (no DynamicSliceModifier in "
             "the recipe; `dynslice compress` always slices)"
         )
+    _refuse_quantized(config)
     adapter = ADAPTERS.get(model_type)
     if adapter is None or (architecture is not None and architecture not in adapter.architectures):
         name = architecture or (saved[0] if saved else "this model")
@@ -129,5 +168,6 @@ __all__ = [
     "ModelAdapter",
     "adapter_for",
     "changing_in_place",
+    "check_unquantized",
     "get_adapter",
 ]
