@@ -82,8 +82,21 @@ def test_last_word_task_runs(sliced):
     samples = out["samples"]["wikitext2_lastword"]
     assert len(samples) == len(long_lines) > 0
     assert [s["target"] for s in samples] == [" " + line.split()[-1] for line in long_lines]
+    # Each last word's log-likelihood and greedy match, recomputed from the sliced model on
+    # lm-eval's own tokenization of the (context, continuation) pair.
+    greedy = []
+    for sample in samples:
+        ((context, continuation),) = sample["arguments"]
+        ctx, cont = lm._encode_pair(context, continuation)
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([ctx + cont])).logits[0, -len(cont) - 1 : -1]
+        logprobs, target = torch.log_softmax(logits.double(), -1), torch.tensor(cont)
+        (ll, is_greedy), *_ = sample["resps"][0]
+        assert float(logprobs.gather(1, target[:, None]).sum()) == pytest.approx(ll, abs=1e-4)
+        greedy.append(bool((logprobs.argmax(-1) == target).all()))
+        assert greedy[-1] is bool(is_greedy)
     result = out["results"]["wikitext2_lastword"]
-    assert 0.0 <= result["acc,none"] <= 1.0
+    assert result["acc,none"] == pytest.approx(sum(greedy) / len(greedy))
     assert math.isfinite(result["perplexity,none"])
 
 

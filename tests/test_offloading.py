@@ -13,7 +13,9 @@ from compressed_tensors.offload import disable_onloading, get_offloaded_device, 
 from compressed_tensors.offload.cache import OffloadCache
 from compressed_tensors.offload.cache.cpu import CPUCache
 from tiny import calib_batches, tiny_model
+from torch.overrides import TorchFunctionMode
 
+from dynslice_modifier import rotate
 from dynslice_modifier.adapters import get_adapter
 from dynslice_modifier.calibration import capture_layer_inputs
 from dynslice_modifier.conversion import convert_to_sliced
@@ -151,9 +153,30 @@ def test_a_table_in_host_memory_goes_to_the_compute_device_a_block_at_a_time(mon
         moved.append(module)
         return fetch(module, device)
 
+    # Each block is converted to float64 on its way to the compute device: watched there,
+    # with blocks of 32 rows, the 128-row table must go as four of them and never whole.
+    converted: list[tuple[int, ...]] = []
+
+    class Conversions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.Tensor.to and torch.float64 in (*args[1:], *kwargs.values()):
+                converted.append(tuple(args[0].shape))
+            return func(*args, **kwargs)
+
+    rotate_embedding = dynslice_modifier.slicer.rotate_embedding
+
+    def watched(embedding, basis):
+        with Conversions():
+            rotate_embedding(embedding, basis)
+
     monkeypatch.setattr(dynslice_modifier.slicer, "onloaded", record)
+    monkeypatch.setattr(dynslice_modifier.slicer, "rotate_embedding", watched)
+    monkeypatch.setattr(rotate, "_BLOCK", 32)
     inputs = capture_layer_inputs(model, adapter.layers(model)[0], calib_batches())
     before = adapter.embedding(model).weight.clone()
     RotateAndSlice(model, adapter, DIMS, CPU).run(inputs)
     assert not any(module is adapter.embedding(model) for module in moved)
+    table = tuple(before.shape)
+    assert converted.count((32, table[1])) == table[0] // 32 and table not in converted
     assert adapter.embedding(model).weight.shape[1] == DIMS[0] < before.shape[1]

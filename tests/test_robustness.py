@@ -91,6 +91,8 @@ def sliced_config() -> dict:
         (lambda s: s.pop("format_version"), "is None, not a version number"),
         (lambda s: s.__setitem__("format_version", True), "is True, not a version number"),
         (lambda s: s["attn_dims"].__setitem__(2, 40.5), r"attn_dims\[2\]"),
+        # bool is an int to isinstance: True must not build as a width of 1.
+        (lambda s: s["attn_dims"].__setitem__(0, True), r"attn_dims\[0\]"),
         (lambda s: s.__setitem__("final_dim", 0), r"slicing.final_dim = 0.*hidden_size=64"),
         (lambda s: s.__setitem__("final_dim", 4096), r"slicing.final_dim = 4096"),
         (lambda s: s.__setitem__("final_dim", True), r"slicing.final_dim = True"),
@@ -168,7 +170,7 @@ def test_fuzzed_configs_either_build_or_fail_clearly(sliced_config, key, index, 
     # Whatever is accepted must be a consistent model: widths within bounds, shapes chained.
     spec = model.config.slicing
     hidden = model.config.hidden_size
-    assert all(isinstance(d, int) and 0 < d <= hidden for d in spec["attn_dims"] + spec["mlp_dims"])
+    assert all(type(d) is int and 0 < d <= hidden for d in spec["attn_dims"] + spec["mlp_dims"])
     with torch.no_grad():
         assert model(IDS).logits.shape == (*IDS.shape, model.config.vocab_size)
 

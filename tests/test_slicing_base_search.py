@@ -243,10 +243,28 @@ def test_a_trial_moves_only_its_copies_to_the_compute_device(monkeypatch):
         moved.append(id(module))
         return onloaded(module, device)
 
+    # Moving an original with .to() would be the same mistake; on a CPU-only machine the
+    # move is a no-op, so the call itself is what is watched.
+    to, copies = torch.nn.Module.to, []
+
+    def record_to(module, *args, **kwargs):
+        moved.append(id(module))
+        return to(module, *args, **kwargs)
+
+    plain_copy = dynslice_modifier.slicer.plain_copy
+
+    def record_copy(module):
+        copies.append(id(module))
+        return plain_copy(module)
+
     monkeypatch.setattr(dynslice_modifier.slicer, "onloaded", record)
+    monkeypatch.setattr(dynslice_modifier.slicer, "plain_copy", record_copy)
     inputs = capture_layer_inputs(model, adapter.layers(model)[0], calib_batches())
+    monkeypatch.setattr(torch.nn.Module, "to", record_to)
     RotateAndSlice(model, adapter, [48, 40, 56], CPU, "sublayer", in_place=False).run(inputs)
-    assert not originals & set(moved)
+    assert moved and not originals & set(moved)
+    # Every layer was copied from its original, and each copy is what went to the device.
+    assert copies and set(copies) <= originals
 
 
 def test_auto_with_a_parameter_target_solves_sparsity_per_candidate():
@@ -273,9 +291,16 @@ def test_auto_with_a_parameter_target_solves_sparsity_per_candidate():
     ("options", "message"),
     [
         ({"sparsity": 0.0, "slicing_base": "auto"}, "needs sparsity > 0"),
-        ({"sparsity": 0.2, "slicing_base": "auto", "auto_holdout": 1.0}, "auto_holdout"),
-        ({"sparsity": 0.2, "slicing_base": "auto", "auto_fractions": [1.5]}, "auto_fractions"),
-        ({"sparsity": 0.2, "slicing_base": "often"}, "slicing_base"),
+        (
+            {"sparsity": 0.2, "slicing_base": "auto", "auto_holdout": 1.0},
+            r"auto_holdout must be in \(0, 1\), got 1.0",
+        ),
+        (
+            {"sparsity": 0.2, "slicing_base": "auto", "auto_fractions": [1.5]},
+            r"auto_fractions are fractions of SP in \[0, 1\], got \[1.5\]",
+        ),
+        # pydantic's own check of the field's type: a number, "auto" or nothing.
+        ({"sparsity": 0.2, "slicing_base": "often"}, r"slicing_base[\s\S]*Input should be 'auto'"),
     ],
 )
 def test_bad_auto_options(options, message):
