@@ -685,11 +685,35 @@ def test_missing_shortcut_tensor_is_refused(vllm_results: dict[str, Any]) -> Non
     assert "model.layers.1.mlp_shortcut" in error
 
 
+_UNDECLARED_SHORTCUT = """
+import torch
+from dynslice_modifier.serving.vllm_dynslice import _check_shortcut_tensors
+
+weights = [("model.layers.0.attn_shortcut.weight", torch.zeros(4, 4))]
+# Another pipeline rank builds layer 0: its tensors are not this rank's to check.
+print("elsewhere", len(list(_check_shortcut_tensors(weights, {}, set(), set()))))
+try:
+    list(_check_shortcut_tensors(weights, {}, {"model.layers.0"}, set()))
+except ValueError as err:
+    print("refused:", err)
+"""
+
+
+def test_a_shortcut_tensor_the_config_does_not_declare_is_named() -> None:
+    """vLLM alone would say only that no parameter has that name."""
+    output = _serve_python(_UNDECLARED_SHORTCUT)
+    assert "elsewhere 1" in output, output
+    assert "refused: the checkpoint holds model.layers.0.attn_shortcut.weight" in output
+    assert "make config.json's slicing match" in output
+
+
 _FRONT_END = """
 import sys
 from vllm.engine.arg_utils import EngineArgs
 try:
-    EngineArgs(model=sys.argv[1], dtype="float32").create_model_config()
+    EngineArgs(
+        model=sys.argv[1], dtype="float32", enable_prompt_embeds=sys.argv[2:] == ["embeds"]
+    ).create_model_config()
 except Exception as err:
     print("refused:", err)
 else:
@@ -719,6 +743,28 @@ def test_front_end_checks_the_config_before_any_worker(
     )
     assert "refused:" in result.stdout, result.stdout + result.stderr[-3000:]
     assert "unsupported hidden_act 'gelu'" in result.stdout
+
+
+def test_front_end_refuses_prompt_embeddings_for_a_sliced_table(
+    checkpoints: dict[str, Path],
+) -> None:
+    """User embeddings would reach the first layer in the original basis; the refusal must
+    come from the front end, not as "Engine core initialization failed"."""
+    require_plugin()
+    source = checkpoints[CASES[0].name]
+    assert json.loads((source / "config.json").read_text())["slicing"]["embedding_sliced"]
+    outputs = []
+    for extra in ([], ["embeds"]):
+        result = subprocess.run(
+            [str(SERVE_PYTHON), "-c", _FRONT_END, str(source), *extra],
+            capture_output=True,
+            text=True,
+            timeout=CHECKS_TIMEOUT_S,
+        )
+        outputs.append(result.stdout + result.stderr[-3000:])
+    assert "accepted" in outputs[0], outputs[0]
+    assert "refused:" in outputs[1], outputs[1]
+    assert "prompt embeddings are not supported for a sliced embedding table" in outputs[1]
 
 
 def _serve_python(script: str) -> str:

@@ -64,13 +64,16 @@ def _register_config_check() -> None:
 
         @staticmethod
         def verify_and_update_model_config(model_config: object) -> None:
-            from dynslice_modifier.serving.support import check_servable
+            from dynslice_modifier.serving.support import check_prompt_embeds, check_servable
 
             hf_config = getattr(model_config, "hf_config", None)
             # Duck-typed: a config class loaded from the checkpoint's own file (remote
             # code) is not ours, though it has the same method.
             if callable(getattr(hf_config, "check_slicing", None)):
                 check_servable(hf_config)
+                check_prompt_embeds(
+                    hf_config, bool(getattr(model_config, "enable_prompt_embeds", False))
+                )
 
     MODELS_CONFIG_MAP.setdefault(MODEL_ARCHITECTURE, DynSliceConfigCheck)
 

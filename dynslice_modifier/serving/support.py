@@ -55,6 +55,17 @@ def check_servable(config: DynSliceConfig) -> None:
         )
 
 
+def check_prompt_embeds(config: DynSliceConfig, enable_prompt_embeds: bool) -> None:
+    """User embeddings arrive in the original basis at ``hidden_size``; the first layer of a
+    model whose table is sliced reads the rotated, narrower one."""
+    if enable_prompt_embeds and config.slicing["embedding_sliced"]:
+        raise ValueError(
+            "prompt embeddings are not supported for a sliced embedding table (they "
+            "would arrive in the original basis); start vLLM without "
+            "enable_prompt_embeds and send token ids or text"
+        )
+
+
 def check_served_dtype(
     on_cpu: bool, quantization: str | None, quantization_config: Any, dtype: object
 ) -> None:

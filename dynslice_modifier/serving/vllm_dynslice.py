@@ -20,10 +20,12 @@ with an adapter in ``dynslice_modifier.adapters``) where, per layer ``l``:
   was left whole (``input_projection: false``).
 
 A shortcut reads the same residual as the next projection (q/k/v, gate/up), which reads it
-through a norm. When the norms are ones (``slicing.unit_norms``), both are quantized alike
-and there is one tensor-parallel rank, the shortcut becomes one more output shard of that
-projection (``LinearWithShortcut``): one GEMM instead of two, which on a small model is most
-of what a shortcut costs, since each GEMM call has a fixed overhead.
+through a norm. When the norms are ones (``slicing.unit_norms``), the projection has no
+bias, both are quantized alike (activations, if quantized, dynamically per token; not NVFP4
+or FP8 with one weight scale per tensor: see ``_fusable``) and there is one tensor-parallel
+rank, the shortcut becomes one more output shard of that projection
+(``LinearWithShortcut``): one GEMM instead of two, which on a small model is most of what a
+shortcut costs, since each GEMM call has a fixed overhead.
 
 vLLM's Llama/Qwen attention and MLP classes take a single ``hidden_size`` for both their
 input and output (and Qwen2 derives ``head_dim`` from it), so they cannot express a layer
@@ -94,7 +96,11 @@ from dynslice_modifier.modeling.modeling_dynslice import (
     layer_widths,
 )
 from dynslice_modifier.serving.cpu_kernels import check_cpu_dtype, check_cpu_kernels
-from dynslice_modifier.serving.support import check_servable, check_served_dtype
+from dynslice_modifier.serving.support import (
+    check_prompt_embeds,
+    check_servable,
+    check_served_dtype,
+)
 
 
 def _dynslice_config(vllm_config: VllmConfig) -> DynSliceConfig:
@@ -367,9 +373,10 @@ def _shortcut(
     in_dim, out_dim = shape
     if not config.slicing.get("quantizable_shortcuts", False):
         return ResidualShortcut(in_dim, out_dim, bias=False, quant_config=None, prefix=prefix)
-    # Only compressed-tensors checkpoints (what llm-compressor writes) can hold quantized
-    # shortcuts, and its config says which. Other methods quantize online, and the
-    # reference keeps shortcuts of such checkpoints in model dtype.
+    # Only compressed-tensors checkpoints (what llm-compressor writes) hold quantized
+    # shortcuts, and their config says which. Under any other method (an online one, or a
+    # GPTQ/AWQ checkpoint another tool wrote) the reference keeps shortcuts in model dtype;
+    # quantized shortcut tensors there are refused at load (_check_shortcut_tensors).
     if quant_config is not None and quant_config.get_name() != "compressed-tensors":
         quant_config = None
     return ResidualShortcutLinear(
@@ -584,14 +591,7 @@ class DynSliceModel(nn.Module):
         # Granite's embedding_multiplier, on looked-up and given embeddings alike.
         self.embedding_scale = ADAPTERS[config.base_model_type].embedding_scale(config)
         embed_dim = _embedding_width(config)
-        if vllm_config.model_config.enable_prompt_embeds and config.slicing["embedding_sliced"]:
-            # User embeddings come in the original basis at hidden_size; the first layer
-            # reads the rotated, narrower one.
-            raise ValueError(
-                "prompt embeddings are not supported for a sliced embedding table (they "
-                "would arrive in the original basis); start vLLM without "
-                "enable_prompt_embeds and send token ids or text"
-            )
+        check_prompt_embeds(config, vllm_config.model_config.enable_prompt_embeds)
 
         pp_group = get_pp_group()
         if pp_group.is_first_rank or (config.tie_word_embeddings and pp_group.is_last_rank):
@@ -740,8 +740,14 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
             if isinstance(module, SlicedDecoderLayer)
             for norm_name, _ in module.fused_norms()
         }
+        # The decoder layers this rank builds (pipeline parallelism leaves the others out).
+        layers = {
+            name for name, module in self.named_modules() if isinstance(module, SlicedDecoderLayer)
+        }
         seen: set[str] = set()
-        checked = _check_fused_norms(_check_shortcut_tensors(weights, shortcuts, seen), fused_norms)
+        checked = _check_fused_norms(
+            _check_shortcut_tensors(weights, shortcuts, layers, seen), fused_norms
+        )
         loaded = AutoWeightsLoader(self).load_weights(checked, mapper=self.hf_to_vllm_mapper)
         # vLLM counts a fused projection loaded once its own shards are, and skips the check
         # for quantized models, so a shortcut missing from the file would serve whatever
@@ -784,10 +790,12 @@ _PLAIN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _check_shortcut_tensors(
     weights: Iterable[tuple[str, torch.Tensor]],
     shortcuts: dict[str, ResidualShortcut | FusedShortcut],
+    layers: set[str],
     seen: set[str],
 ) -> Iterable[tuple[str, torch.Tensor]]:
-    """Pass weights through, refusing shortcut tensors that disagree with the built layer;
-    ``seen`` collects the shortcuts that had tensors.
+    """Pass weights through, refusing shortcut tensors that disagree with the built layer or
+    that a built layer (of ``layers``) has no shortcut for; ``seen`` collects the shortcuts
+    that had tensors.
 
     Without this, a plain float shortcut loaded into a layer built as quantized is cast
     into its integer weight and served as garbage with no error (and a quantized one sent
@@ -796,6 +804,15 @@ def _check_shortcut_tensors(
     for name, tensor in weights:
         owner, _, attr = name.rpartition(".")
         layer = shortcuts.get(owner)
+        parent, _, kind = owner.rpartition(".")
+        if layer is None and kind in (INPUT_PROJECTION, *SHORTCUTS) and parent in layers:
+            # vLLM would say only that no such parameter exists.
+            raise ValueError(
+                f"the checkpoint holds {name}, a residual shortcut that its config.json does "
+                "not declare (slicing.attn_shortcuts / mlp_shortcuts; input_projection for "
+                "layer 0): re-save the sliced model, or make config.json's slicing match the "
+                "saved weights"
+            )
         if layer is not None:
             seen.add(owner)
             plain = attr == "weight" and tensor.dtype in _PLAIN_DTYPES
@@ -805,6 +822,7 @@ def _check_shortcut_tensors(
                     f"{owner}: the checkpoint holds {held} tensors ({attr}, {tensor.dtype}) "
                     f"but its quantization_config makes this residual shortcut {wants}; "
                     f"make the config's targets / ignore list match (vLLM matches it as a "
-                    f"{type(layer).__name__!r} module named {owner!r})"
+                    f"{type(layer).__name__!r} module named {owner!r}; only compressed-tensors "
+                    "checkpoints, as llm-compressor writes them, may quantize shortcuts)"
                 )
         yield name, tensor
