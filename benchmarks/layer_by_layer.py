@@ -46,8 +46,12 @@ def main() -> None:
         "`results/quantized_before_layer_by_layer.jsonl`) and re-run with it going one "
         "decoder layer at a time (`results/quantized.jsonl`). For GPTQ's own run-to-run "
         "spread: `recipes/slice_w8a8.yaml` run twice before the fix scored 54.70 and 54.66 "
-        "(`results/recipes_cpu.md`, `results/recipes_cpu_w8a8_rerun.md`). "
-        "Produced by `python benchmarks/layer_by_layer.py`.\n\n" + "\n".join(lines) + "\n"
+        "(`results/recipes_cpu.md`, `results/recipes_cpu_w8a8_rerun.md`). The "
+        "`sliced-hadamard-aligned` rows with quantized shortcuts (`-qs`) were recorded "
+        "before slicing format 5 as well, with boundary shortcuts stored as deltas, so their "
+        "change includes that one. Produced by `python benchmarks/layer_by_layer.py`.\n\n"
+        + "\n".join(lines)
+        + "\n"
     )
 
 
