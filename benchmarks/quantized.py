@@ -79,6 +79,9 @@ SCHEMES: dict[str, Scheme] = {
 # The table's models, in its order; --rows may name no other.
 MODELS = [
     "dense",
+    # The dense model rotated, not sliced: the slicer at SP 0 with `hadamard: true` (every
+    # layer kept at full width, so one basis runs through the model), as QuaRot rotates.
+    "dense-hadamard",
     "sliced",
     "sliced-hadamard",
     "sliced-aligned",
@@ -147,11 +150,13 @@ def run_row(row: dict) -> dict:
             sparsity=row["sparsity"],
             slicing_base=row["slicing_base"],
             hadamard="hadamard" in row["model"],
-            align_bases="aligned" in row["model"],
+            # Full-width aligned bases follow each other exactly, so a dense model rotated
+            # with them gets no shortcut matrices, as QuaRot's single rotation.
+            align_bases="aligned" in row["model"] or is_dense(row["model"]),
             basis="layer" if "-layer" in row["model"] else "sublayer",
             layers_per_basis=2 if "-pairs" in row["model"] else 1,
             slice_head="-sliced-head" in row["model"],
-            rounding=row["rounding"],
+            rounding=row.get("rounding"),
             layer_scores=cached[0] if cached else None,
             profitable_only=False,  # as the perplexity grid's rows
             quantize_shortcuts=quantized and scheme.shortcuts,
@@ -189,9 +194,16 @@ def run_row(row: dict) -> dict:
 
 
 def sparsity_of(model: str) -> float:
-    """SP of a model name: 0.NN where it ends in ``-spNN``, else the table's SP."""
+    """SP of a model name: 0 for the dense ones, 0.NN where it ends in ``-spNN``, else the
+    table's SP."""
+    if is_dense(model):
+        return 0.0
     match = re.search(r"-sp(\d\d)$", model)
     return int(match.group(1)) / 100 if match else SPARSITY
+
+
+def is_dense(model: str) -> bool:
+    return model.startswith("dense")
 
 
 def checkpoint_name(row: dict) -> str:
@@ -235,7 +247,8 @@ def write_table(rows: list[dict]) -> None:
     (RESULTS / "quantized.md").write_text(
         "SmolLM2-135M, WikiText-2 protocol (64x512 calibration, 32x1024 evaluation). Produced by "
         "`python benchmarks/quantized.py`. Sliced = SP 0.25 (-spNN rows: SP 0.NN), SB 0.05 "
-        "dynamic; "
+        "dynamic; `dense-hadamard` rows are the dense model rotated by the slicer at SP 0 "
+        "(`hadamard: true`, aligned bases, every layer at full width), then quantized; "
         "-hadamard rows have `hadamard: true`, -aligned rows `align_bases: true`, the others "
         "turn them off (the defaults: aligned, no Hadamard, so `sliced-aligned` rows); -layer "
         "rows have `basis: layer` (-pairs: with `layers_per_basis: 2`), -sliced-head rows "
@@ -260,7 +273,7 @@ def write_table(rows: list[dict]) -> None:
 
 def reference(model: str, scheme: str) -> str:
     """The float row with the widths of ``scheme``'s rows (the dense model has one)."""
-    return "none-g64" if model != "dense" and SCHEMES[scheme].group == 64 else "none"
+    return "none-g64" if not is_dense(model) and SCHEMES[scheme].group == 64 else "none"
 
 
 def key(row: dict) -> tuple[str, str, str | None]:
@@ -321,9 +334,13 @@ def main() -> None:
             "sliced-aligned-layer-sliced-head:w8a8-qs-head",
             "sliced-aligned-layer-pairs-sliced-head:none",
             "sliced-aligned-layer-pairs-sliced-head:w8a8-qs-head",
+            "dense-hadamard:none",
+            "dense-hadamard:w8a8",
+            "dense-hadamard:w4a16-g64",
         ],
-        help="rows as MODEL:SCHEME: MODEL dense or sliced[-hadamard][-aligned][-layer[-pairs]]"
-        f"[-sliced-head][-spNN], SCHEME one of {', '.join(SCHEMES)}; default: every recorded row",
+        help="rows as MODEL:SCHEME: MODEL dense[-hadamard] or "
+        "sliced[-hadamard][-aligned][-layer[-pairs]][-sliced-head][-spNN], SCHEME one of "
+        f"{', '.join(SCHEMES)}; default: every recorded row",
     )
     parser.add_argument(
         "--redo",
@@ -357,9 +374,9 @@ def main() -> None:
             "model": model,
             "scheme": scheme,
             "sparsity": sparsity_of(model),
-            "slicing_base": SLICING_BASE,
+            "slicing_base": 0.0 if is_dense(model) else SLICING_BASE,
         }
-        if model != "dense":
+        if not is_dense(model):
             row["rounding"] = args.rounding
         if key(row) in done:
             continue

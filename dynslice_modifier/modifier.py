@@ -204,10 +204,10 @@ class DynamicSliceModifier(Modifier):
     :param hadamard: fold a block Hadamard rotation into every kept basis (free at inference:
         the function is unchanged) so quantizers after the slicer see spread-out channels, in
         the spirit of QuaRot/SpinQuant. Default false, chosen by measurement: with aligned
-        bases (the default) it makes W8A8 0.1% better on SmolLM2 at SP 0.25 (0.3% worse with
-        int8 shortcuts) and W4A16 and FP8 worse (W8A8 55.65 with it against 55.69 without,
-        55.90 against 55.72 with int8 shortcuts, GPTQ W4A16 with MSE scales 64.4 against 63.9,
-        FP8 58.8 against 57.0). Without aligned bases every PCA
+        bases (the default) on SmolLM2 at SP 0.25 it makes W4A16 worse (GPTQ with MSE scales
+        64.1 with it against 63.7 without; ``recipes/slice_w4a16.yaml``'s settings 55.25
+        against 55.00) and FP8 worse (58.8 against 57.0), and W8A8 about the same (55.63
+        against 55.65; 55.56 against 55.71 with int8 shortcuts). Without aligned bases every PCA
         basis packs its layer's energy into its first channels, and there it matters (W4A16
         57.5 with it against 106.9). With aligned bases every layer takes the same blocks,
         the largest power of two (up to 256) dividing every sliced width; below 16 the

@@ -192,6 +192,8 @@ def test_a_model_name_sets_its_sp_only_through_a_final_sp_suffix():
     assert sparsity_of("sliced-aligned-layer-sliced-head-sp30") == pytest.approx(0.30)
     assert sparsity_of("sliced-aligned-layer-sliced-head") == pytest.approx(0.25)
     assert sparsity_of("sliced-sp30-aligned") == pytest.approx(0.25)
+    # The dense rows are rotated at most, never sliced.
+    assert sparsity_of("dense") == sparsity_of("dense-hadamard") == 0.0
 
 
 def test_the_static_scheme_calibrates_one_activation_scale_per_tensor():
