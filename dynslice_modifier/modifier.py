@@ -84,6 +84,11 @@ class _Run:
     planner: LayoutPlanner
 
 
+def _input_projection(layer_names: list[str]) -> str:
+    """Name of the shortcut through which a tied model's layer 0 reads the table."""
+    return f"{layer_names[0]}.{INPUT_PROJECTION}"
+
+
 def _compute_device() -> torch.device:
     device = get_main_device()
     if device.type == "mps":
@@ -507,7 +512,7 @@ class DynamicSliceModifier(Modifier):
         # no input projection to run).
         keep_tied = tied and not (self.untie_embeddings or self.slice_head)
         if self.quantize_shortcuts and keep_tied:
-            check_input_projection(f"{layer_names[0]}.{INPUT_PROJECTION}", hidden, others)
+            check_input_projection(_input_projection(layer_names), hidden, others)
         planner = LayoutPlanner(
             self._counter(model, adapter, keep_tied),
             round_to,
@@ -691,8 +696,7 @@ class DynamicSliceModifier(Modifier):
             return True
         if self.untie_embeddings:
             return False
-        name = f"{run.layer_names[0]}.{INPUT_PROJECTION}"
-        hidden = run.planner.hidden_size
+        name, hidden = _input_projection(run.layer_names), run.planner.hidden_size
         return not self.quantize_shortcuts or (
             input_projection_conflict(name, hidden, run.others) is None
         )

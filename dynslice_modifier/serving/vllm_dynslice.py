@@ -734,19 +734,20 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
             for name, module in self.named_modules()
             if isinstance(module, (ResidualShortcut, FusedShortcut))
         }
-        fused_norms = {
-            f"{name}.{norm_name}.weight"
-            for name, module in self.named_modules()
-            if isinstance(module, SlicedDecoderLayer)
-            for norm_name, _ in module.fused_norms()
-        }
         # The decoder layers this rank builds (pipeline parallelism leaves the others out).
         layers = {
-            name for name, module in self.named_modules() if isinstance(module, SlicedDecoderLayer)
+            name: module
+            for name, module in self.named_modules()
+            if isinstance(module, SlicedDecoderLayer)
+        }
+        fused_norms = {
+            f"{name}.{norm_name}.weight"
+            for name, module in layers.items()
+            for norm_name, _ in module.fused_norms()
         }
         seen: set[str] = set()
         checked = _check_fused_norms(
-            _check_shortcut_tensors(weights, shortcuts, layers, seen), fused_norms
+            _check_shortcut_tensors(weights, shortcuts, set(layers), seen), fused_norms
         )
         loaded = AutoWeightsLoader(self).load_weights(checked, mapper=self.hf_to_vllm_mapper)
         # vLLM counts a fused projection loaded once its own shards are, and skips the check
