@@ -128,6 +128,9 @@ def _wrap_layers(
         offload = offload_settings(adapter.attn_inputs(old)[0])
         device = None if offload is None else storage_device(offload)
         new = SlicedDecoderLayer(config, idx, attn, adapter.mlp(old), device=device)
+        # New modules start in training mode; a model sliced in eval mode must stay there
+        # (the layer's residual dropout would otherwise be on).
+        new.train(old.training)
         # What the layer adds trains as its own weights do (recovery fine-tuning, or none).
         trains = any(p.requires_grad for p in stored_parameters(attn))
         for norm in ("input_norm", "post_attention_norm"):

@@ -82,7 +82,12 @@ def sliced_config() -> dict:
             lambda s: s.__setitem__("delta_shortcuts", ["9.attn_shortcut"]),
             r"does not declare: \['9.attn_shortcut'\]",
         ),
-        (lambda s: s.pop("layout"), "layout"),
+        (lambda s: s.pop("layout"), "slicing.layout is None"),
+        # A string where a list belongs was read a letter at a time ("no attribute 'q'").
+        (lambda s: s["layout"].__setitem__("attn_inputs", "q_proj"), "slicing.layout is"),
+        (lambda s: s["layout"].__setitem__("attn", "attention"), "slicing.layout is"),
+        (lambda s: s.__setitem__("whole_layers", 0), r"whole_layers must list .* got 0"),
+        (lambda s: s.__setitem__("whole_layers", [3]), r"whole_layers must list .*0 to 2"),
         # The first version past this code's, so an off-by-one in the limit shows.
         (
             lambda s: s.__setitem__("format_version", SLICING_FORMAT_VERSION + 1),
@@ -189,7 +194,7 @@ def test_vllm_without_the_plugin_names_the_fix(sliced_config, monkeypatch):
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("base_model_type", "gemma", "vLLM serving of sliced 'gemma' models is not implemented"),
+        ("base_model_type", "gemma", "base_model_type is 'gemma', not an architecture"),
         ("hidden_act", "gelu", "unsupported hidden_act 'gelu'"),
         ("dual_chunk_attention_config", {"chunk_size": 8192}, "dual_chunk_attention_config"),
     ],
@@ -212,10 +217,32 @@ def test_vllm_front_end_refuses_a_layout_its_model_file_does_not_build(sliced_co
     config = copy.deepcopy(sliced_config)
     layout = config["slicing"]["layout"]
     config["slicing"]["layout"] = {key: f"renamed_{name}" for key, name in layout.items()}
-    with pytest.raises(
-        SlicingConfigError, match=r"unsupported slicing\.layout .*re-save the sliced model"
-    ):
+    with pytest.raises(SlicingConfigError, match=r"slicing\.layout is .*re-save the sliced model"):
         check_servable(DynSliceConfig.from_dict(config))
+
+
+@pytest.mark.parametrize(
+    ("base_model_type", "message"),
+    [
+        # A missing key used to read as Llama: a Granite then lost its multipliers, and a
+        # Qwen3 or Phi-3 failed on an attribute Llama's classes read.
+        (None, "config.json has no base_model_type.*one of llama, mistral"),
+        ("gemma", "base_model_type is 'gemma', not an architecture.*re-save"),
+    ],
+)
+def test_the_base_architecture_must_be_one_that_is_sliced(
+    sliced_config, base_model_type, message, tmp_path
+):
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(sliced_config)
+    config.pop("base_model_type")
+    if base_model_type is not None:
+        config["base_model_type"] = base_model_type
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SlicingConfigError, match=message):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
 def test_a_quantized_checkpoint_in_float32_is_refused_on_gpus():
@@ -340,17 +367,20 @@ def test_an_architecture_newer_than_its_format_is_refused(sliced_config, base_mo
         DynSliceForCausalLM(DynSliceConfig.from_dict(config))
 
 
-def test_every_adapter_names_the_format_that_first_serves_it():
+def test_every_adapter_names_its_format_and_a_layout_readers_build():
     # Without an entry a new architecture's checkpoints would say format 1, and plugins
-    # from before it would refuse them as "not implemented" instead of asking for an upgrade.
+    # from before it would refuse them as "not implemented" instead of asking for an upgrade;
+    # and a checkpoint of a layout outside LAYOUTS is refused on load.
     from dynslice_modifier.adapters import ADAPTERS
     from dynslice_modifier.modeling.configuration_dynslice import (
         ARCHITECTURE_FORMATS,
+        LAYOUTS,
         SLICING_FORMAT_VERSION,
     )
 
     assert set(ARCHITECTURE_FORMATS) == set(ADAPTERS)
     assert max(ARCHITECTURE_FORMATS.values()) <= SLICING_FORMAT_VERSION
+    assert all(adapter.layout in LAYOUTS for adapter in ADAPTERS.values())
 
 
 @pytest.mark.parametrize("key", ["residual_multiplier", "logits_scaling"])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -166,6 +168,21 @@ def test_a_model_sliced_in_memory_trains_as_it_did(tied, trainable):
             n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()
         ]
         assert not no_grad
+
+
+def test_phi3_residual_dropout_survives_slicing():
+    # Phi-3 drops out each sublayer's output before the residual add; a sliced Phi-3
+    # fine-tuned without it would train with less regularisation than its config says.
+    model = tiny_model("phi3", False, resid_pdrop=0.5)
+    slice_in_memory(model, sparsity=0.25, round_to=8)
+    with torch.no_grad():
+        evaluated = model(IDS).logits
+        model.train()
+        trained = [model(IDS).logits for _ in range(2)]
+        model.eval()
+        torch.testing.assert_close(model(IDS).logits, evaluated, atol=0, rtol=0)
+    assert not torch.equal(trained[0], trained[1])
+    assert not torch.equal(trained[0], evaluated)
 
 
 @pytest.mark.parametrize("basis", ["sublayer", "layer"])
@@ -485,6 +502,56 @@ def test_reload_refuses_a_checkpoint_without_its_shortcuts(tmp_path):
     save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=f"no tensors for {shortcut.removesuffix('.weight')}"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_reload_refuses_a_shortcut_its_config_does_not_declare(tmp_path):
+    # Equal widths everywhere, so the edited config below is consistent on its own; before,
+    # transformers dropped the stored matrix with a warning and the logits changed.
+    model = tiny_model("llama", False, layers=3)
+    slice_in_memory(model, layer_dims=[48, 48, 48], align_bases=False)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["slicing"]["attn_shortcuts"][1]
+    config["slicing"]["attn_shortcuts"][1] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    match = r"holds model\.layers\.1\.attn_shortcut \(1 in all\).*does not declare"
+    with pytest.raises(ValueError, match=match):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    # Without the local pre-load check (a remote checkpoint has none), the load's own
+    # report of unexpected tensors is refused the same way.
+    with (
+        mock.patch("dynslice_modifier.modeling.modeling_dynslice._stored_tensor_names") as names,
+        pytest.raises(ValueError, match=match),
+    ):
+        names.return_value = None
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_reload_from_a_subfolder_and_a_variant(tmp_path):
+    from safetensors.torch import save_file
+
+    # A dense model at the top of the repository: the checks must read the sliced
+    # checkpoint's files where from_pretrained does, not the root's.
+    tiny_model("llama", False).save_pretrained(tmp_path)
+    model = tiny_model("llama", False)
+    slice_in_memory(model, sparsity=0.25, round_to=8)
+    model.save_pretrained(tmp_path / "sliced")
+    model.save_pretrained(tmp_path / "variant", variant="v1")
+    with torch.no_grad():
+        expected = model(IDS).logits
+    # Beside the variant, a plain file without shortcuts, which the variant's load never reads.
+    save_file(
+        {k: v for k, v in model.state_dict().items() if "_shortcut" not in k},
+        tmp_path / "variant" / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    for directory, kwargs in (
+        (tmp_path, {"subfolder": "sliced"}),
+        (tmp_path / "variant", {"variant": "v1"}),
+    ):
+        reloaded = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(IDS).logits, expected, atol=0, rtol=0)
 
 
 def test_rotations_in_blocks_equal_one_product(monkeypatch):

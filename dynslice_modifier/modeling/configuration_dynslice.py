@@ -53,7 +53,10 @@ FUSED_LAYOUT: dict[str, Any] = PRE_NORM_LAYOUT | {
     "attn_inputs": ["qkv_proj"],
     "mlp_inputs": ["gate_up_proj"],
 }
-_LAYOUT_KEYS = tuple(PRE_NORM_LAYOUT)
+# Part of the format: readers (this model, vLLM's) build these module names and no others, so
+# a checkpoint with any other layout would load its tensors into the wrong modules, or fail
+# on a missing one. A new adapter with a layout of its own adds it here.
+LAYOUTS = (PRE_NORM_LAYOUT, FUSED_LAYOUT)
 # Base-config scalars folded into the weights by slicing (Granite's; ModelAdapter names them).
 _FOLDED_SCALARS = ("residual_multiplier", "logits_scaling")
 
@@ -94,9 +97,19 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
     version = _check_format_version(spec.get("format_version"))
     _check_layer_entries(spec, hidden_size, num_layers)
     _check_shortcuts_join_widths(spec, hidden_size, num_layers)
-    layout = spec.get("layout")
-    if not isinstance(layout, dict) or any(k not in layout for k in _LAYOUT_KEYS):
-        raise invalid_slicing(f"slicing.layout must name all of {list(_LAYOUT_KEYS)}")
+    if spec.get("layout") not in LAYOUTS:
+        raise invalid_slicing(
+            f"slicing.layout is {spec.get('layout')!r}, not one of the layouts sliced models "
+            f"are built with ({' or '.join(map(str, LAYOUTS))})"
+        )
+    whole = spec.get("whole_layers", [])
+    if not isinstance(whole, list) or any(
+        type(i) is not int or not 0 <= i < num_layers for i in whole
+    ):
+        raise invalid_slicing(
+            f"slicing.whole_layers must list decoder-layer indices (0 to {num_layers - 1}), "
+            f"got {whole!r}"
+        )
     if spec.get("embedding_sliced") not in (True, False):
         raise invalid_slicing("slicing.embedding_sliced must be true or false")
     for key in ("input_projection", "quantizable_shortcuts", "unit_norms"):
@@ -310,7 +323,7 @@ class DynSliceConfig(PretrainedConfig):
 
     def __init__(
         self,
-        base_model_type: str = "llama",
+        base_model_type: str | None = None,
         slicing: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -334,7 +347,8 @@ class DynSliceConfig(PretrainedConfig):
                 "config.json does; load one with from_pretrained"
             )
         validate_slicing(self.slicing, self.hidden_size, self.num_hidden_layers)
-        needed = ARCHITECTURE_FORMATS.get(self.base_model_type, 1)
+        self._check_base_model_type()
+        needed = ARCHITECTURE_FORMATS[self.base_model_type]
         if self.slicing["format_version"] < needed:
             raise SlicingConfigError(
                 f"slicing.format_version {self.slicing['format_version']} predates sliced "
@@ -370,3 +384,20 @@ class DynSliceConfig(PretrainedConfig):
                 "slicer folds them into the weights, and a sliced model does not apply them; "
                 "config.json was edited, set them back to 1.0"
             )
+
+    def _check_base_model_type(self) -> None:
+        """The architecture the layers are built as must be one an adapter slices: any other
+        (or none, which used to read as Llama) builds a model that computes something else
+        (Granite's multipliers, Qwen3's q/k norms) or fails on attributes it lacks."""
+        if self.base_model_type in ARCHITECTURE_FORMATS:
+            return
+        known = ", ".join(ARCHITECTURE_FORMATS)
+        if self.base_model_type is None:
+            raise SlicingConfigError(
+                "config.json has no base_model_type, the model_type of the dense model this "
+                f"one was sliced from (one of {known}): add it, or re-save the sliced model"
+            )
+        raise invalid_slicing(
+            f"base_model_type is {self.base_model_type!r}, not an architecture sliced models "
+            f"are built from ({known})"
+        )

@@ -226,6 +226,9 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         self.add_module(
             layout["post_attention_norm"], SlicedRMSNorm(mlp_dim, hidden, eps, device, dtype)
         )
+        # Phi-3's dropout on each sublayer's output before the residual add (resid_pdrop);
+        # the other base architectures have none. Only training sees it.
+        self.resid_dropout = nn.Dropout(getattr(config, "resid_pdrop", 0.0))
         self.deltas = layer_deltas(config.slicing, layer_idx)
         shortcut = shortcut_class(config.slicing)
         shapes = layer_shortcuts(config, layer_idx)
@@ -291,14 +294,14 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         )
         if self.attn_shortcut is not None:
             residual = self._shortcut("attn_shortcut", residual)
-        hidden_states = residual + hidden_states
+        hidden_states = residual + self.resid_dropout(hidden_states)
 
         residual = hidden_states
         hidden_states = getattr(self, layout["post_attention_norm"])(hidden_states)
         hidden_states = getattr(self, layout["mlp"])(hidden_states)
         if self.mlp_shortcut is not None:
             residual = self._shortcut("mlp_shortcut", residual)
-        return residual + hidden_states
+        return residual + self.resid_dropout(hidden_states)
 
 
 def _resized_linear(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
@@ -358,15 +361,24 @@ def reshape_to_slicing(model: PreTrainedModel, config: DynSliceConfig) -> None:
 _SHORTCUT_KEYS = tuple(f".{name}." for name in (*SHORTCUTS, INPUT_PROJECTION))
 
 
-def _stored_tensor_names(path: Any) -> set[str] | None:
-    """The tensor names of a local safetensors checkpoint; None for anything else."""
-    if path is None or not os.path.isdir(path):
+def _with_variant(filename: str, variant: str | None) -> str:
+    """``from_pretrained(variant=...)``'s file names: the variant before the extension."""
+    if not variant:
+        return filename
+    stem, _, extension = filename.rpartition(".")
+    return f"{stem}.{variant}.{extension}"
+
+
+def _stored_tensor_names(directory: str, variant: str | None) -> set[str] | None:
+    """The tensor names of a local safetensors checkpoint, as ``from_pretrained`` finds its
+    files; None for anything else."""
+    if not os.path.isdir(directory):
         return None
-    index = os.path.join(path, "model.safetensors.index.json")
+    index = os.path.join(directory, _with_variant("model.safetensors.index.json", variant))
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
             return set(json.load(f)["weight_map"])
-    single = os.path.join(path, "model.safetensors")
+    single = os.path.join(directory, _with_variant("model.safetensors", variant))
     if not os.path.isfile(single):
         return None
     from safetensors import safe_open
@@ -380,14 +392,38 @@ def _is_weight(name: str) -> bool:
     return name.endswith((".weight", ".weight_packed"))
 
 
-def _refuse_missing(names: Iterable[str]) -> None:
-    missing = sorted(names)
+def _owners(keys: Iterable[str]) -> set[str]:
+    """The modules that parameter or buffer ``keys`` belong to."""
+    return {key.rpartition(".")[0] for key in keys}
+
+
+def _is_shortcut(name: str) -> bool:
+    return any(part in f"{name}." for part in _SHORTCUT_KEYS)
+
+
+def _first(names: list[str]) -> str:
+    """The first few names, sorted, and how many there are."""
+    shown = sorted(names)
+    return f"{', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''} ({len(shown)} in all)"
+
+
+def _check_shortcut_keys(missing: Iterable[str], unexpected: Iterable[str]) -> None:
+    """Refuse shortcut tensors the checkpoint lacks or holds against its config: a missing
+    one would serve uninitialised memory, an undeclared one be dropped with a warning, and
+    either way the model would compute something else."""
+    missing = [name for name in missing if _is_shortcut(name)]
     if missing:
         raise ValueError(
-            f"the checkpoint has no tensors for {', '.join(missing[:3])}"
-            f"{', ...' if len(missing) > 3 else ''} ({len(missing)} in all), which its "
-            "config declares (slicing.attn_shortcuts / mlp_shortcuts / input_projection); "
-            "re-save the sliced model, or restore the missing tensors"
+            f"the checkpoint has no tensors for {_first(missing)}, which its config declares "
+            "(slicing.attn_shortcuts / mlp_shortcuts / input_projection); re-save the sliced "
+            "model, or restore the missing tensors"
+        )
+    unexpected = [name for name in unexpected if _is_shortcut(name)]
+    if unexpected:
+        raise ValueError(
+            f"the checkpoint holds {_first(unexpected)}, residual shortcuts that its config "
+            "does not declare (slicing.attn_shortcuts / mlp_shortcuts / input_projection); "
+            "re-save the sliced model, or make config.json's slicing match the saved weights"
         )
 
 
@@ -447,33 +483,32 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
-        """``PreTrainedModel.from_pretrained``, refusing a checkpoint that lacks shortcut
-        tensors its config declares: transformers would only warn and leave them as
-        uninitialised memory (no initialisation can stand in for a change of basis).
+        """``PreTrainedModel.from_pretrained``, refusing a checkpoint whose shortcut tensors
+        differ from those its config declares: transformers would only warn, and leave a
+        missing one as uninitialised memory (no initialisation can stand in for a change of
+        basis) or drop an undeclared one.
 
         A local checkpoint's weights are checked before loading: a quantized shortcut
         without its weight would otherwise fail inside transformers' initialisation, which
         cannot fill integers with random numbers.
         """
         path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        subfolder = kwargs.get("subfolder") or ""
         config = kwargs.get("config")
-        stored = _stored_tensor_names(path)
+        stored = None
+        if path is not None:
+            stored = _stored_tensor_names(os.path.join(path, subfolder), kwargs.get("variant"))
         if stored is not None:
             if not isinstance(config, DynSliceConfig):
-                config = DynSliceConfig.from_pretrained(path)
+                config = DynSliceConfig.from_pretrained(path, subfolder=subfolder)
             config.check_slicing()
             weights = {name.rpartition(".")[0] for name in stored if _is_weight(name)}
-            _refuse_missing(
-                f"model.layers.{name}"
-                for name in declared_shortcuts(config.slicing)
-                if f"model.layers.{name}" not in weights
-            )
+            declared = {f"model.layers.{name}" for name in declared_shortcuts(config.slicing)}
+            _check_shortcut_keys(declared - weights, weights - declared)
         wants_info = kwargs.get("output_loading_info", False)
         kwargs["output_loading_info"] = True
         model, info = super().from_pretrained(*args, **kwargs)
-        _refuse_missing(
-            key for key in info["missing_keys"] if any(part in key for part in _SHORTCUT_KEYS)
-        )
+        _check_shortcut_keys(_owners(info["missing_keys"]), _owners(info["unexpected_keys"]))
         return (model, info) if wants_info else model
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -9,16 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dynslice_modifier.adapters import ADAPTERS
-from dynslice_modifier.modeling.configuration_dynslice import (
-    FUSED_LAYOUT,
-    PRE_NORM_LAYOUT,
-    DynSliceConfig,
-    invalid_slicing,
-)
+from dynslice_modifier.modeling.configuration_dynslice import DynSliceConfig
 
-# The model file builds any architecture an adapter describes.
-SUPPORTED_BASE_MODEL_TYPES = tuple(ADAPTERS)
 # What a user can do with a checkpoint the model file cannot build.
 ELSEWHERE = (
     "load this checkpoint with transformers (AutoModelForCausalLM.from_pretrained), or serve "
@@ -27,20 +19,9 @@ ELSEWHERE = (
 
 
 def check_servable(config: DynSliceConfig) -> None:
-    # Widths, shortcuts, ties and format_version ("upgrade dynslice-modifier").
+    # Widths, shortcuts, ties, layout, the base architecture (one an adapter slices, which
+    # the model file builds) and format_version ("upgrade dynslice-modifier").
     config.check_slicing()
-    if config.base_model_type not in SUPPORTED_BASE_MODEL_TYPES:
-        raise ValueError(
-            f"vLLM serving of sliced {config.base_model_type!r} models is not implemented "
-            f"(supported: {', '.join(SUPPORTED_BASE_MODEL_TYPES)}); {ELSEWHERE}"
-        )
-    # The model file builds these module names; checkpoint keys follow slicing.layout, so a
-    # checkpoint with any other layout would load into the wrong modules.
-    layout = config.slicing["layout"]
-    if layout not in (PRE_NORM_LAYOUT, FUSED_LAYOUT):
-        raise invalid_slicing(
-            f"unsupported slicing.layout {layout!r}; expected {PRE_NORM_LAYOUT} or {FUSED_LAYOUT}"
-        )
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(
             f"unsupported hidden_act {config.hidden_act!r}: the sliced model file serves silu "
