@@ -66,13 +66,30 @@ def normalize_scores(scores: Sequence[float], method: Normalization = "minmax") 
     raise AllocationError(f"normalization must be 'minmax' or 'rank', got {method!r}")
 
 
-def check_sparsity_fits(sparsity: float, max_slice: float) -> None:
-    """Every layer keeps at least one rounding step: ``max_slice = 1 - round_to / hidden``."""
-    if sparsity > max_slice:
-        raise AllocationError(
-            f"sparsity {sparsity} leaves less than one rounding step per layer "
-            f"(at most {max_slice:.4f} can be sliced); lower sparsity or round_to"
+def check_sparsity_fits(sparsity: float, max_slice: float, set_by: str | None = None) -> None:
+    """Every layer keeps at least one rounding step: ``max_slice = 1 - round_to / hidden``.
+
+    ``set_by``: the quantizers that fixed round_to at its least, which lowering it cannot
+    help then.
+    """
+    if sparsity <= max_slice:
+        return
+    if max_slice <= 0.0:
+        fix = (
+            f"choose a scheme with a smaller group than {set_by} has"
+            if set_by
+            else "set round_to below hidden_size"
         )
+        raise AllocationError(
+            f"nothing can be sliced: round_to is hidden_size, the only width that is a "
+            f"multiple of it; {fix}, or slice with sparsity 0 (rotation only)"
+        )
+    fix = "lower sparsity" if set_by else "lower sparsity or round_to"
+    raise AllocationError(
+        f"sparsity {sparsity} leaves less than one rounding step per layer "
+        f"(at most {max_slice:.4f} can be sliced); {fix}"
+        + (f" (round_to is what {set_by} needs)" if set_by else "")
+    )
 
 
 def slice_fractions(

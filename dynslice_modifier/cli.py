@@ -38,6 +38,11 @@ def _model_path(name: str) -> Path:
             f"{name} does not exist; models are not downloaded: if it is a Hugging Face Hub "
             f"id, download it first (hf download {name} --local-dir DIR) and pass DIR"
         )
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{name} does not exist: pass the directory a model was saved to (config.json "
+            "and its weights), or 'smollm2' for the packaged SmolLM2"
+        )
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"{name} is not a model directory (no config.json): pass the directory a model "
@@ -92,8 +97,9 @@ def _number(text: str) -> float:
 
 
 def _percent_hint(value: float) -> str:
-    """What a fraction given as a percentage (25 for 0.25) most likely meant."""
-    return f" (a fraction: {value / 100:g} for {value:g}%)" if 1.0 <= value <= 100.0 else ""
+    """What a fraction given as a percentage (25 for 0.25) most likely meant; 1 means all,
+    which no model can lose."""
+    return f" (a fraction: {value / 100:g} for {value:g}%)" if 1.0 < value <= 100.0 else ""
 
 
 def _fraction(text: str) -> float:
@@ -401,6 +407,7 @@ def _compress_recipe(args: argparse.Namespace, config: Any) -> Any:
         from llmcompressor.recipe import Recipe
 
         try:
+            _check_recipe_layout(args.recipe)
             modifiers = Recipe.create_instance(args.recipe).modifiers
         except yaml.YAMLError as err:
             raise ValueError(f"--recipe {args.recipe} is not valid YAML: {err}") from None
@@ -433,6 +440,53 @@ def _compress_recipe(args: argparse.Namespace, config: Any) -> Any:
         args.quantize, config, slicer.quantize_shortcuts, args.quantize_head
     )
     return [slicer, *quantizers]
+
+
+_RECIPE_LAYOUT = (
+    "a recipe maps each <name>_stage to <group>_modifiers, and those to modifier names and "
+    "their settings, as recipes/slice_w8a8.yaml does"
+)
+
+
+def _check_recipe_layout(path: str) -> None:
+    """Refuse what llm-compressor's recipe reader would skip in silence (a modifier outside
+    a ``*_stage`` / ``*_modifiers`` pair) or fail on with a bare AttributeError (a file
+    that is no mapping, or a modifier without settings)."""
+    import yaml
+
+    if path.lower().endswith(".md"):
+        return  # Markdown recipes: llm-compressor extracts their YAML itself.
+    with open(path, encoding="utf-8") as f:
+        recipe = yaml.safe_load(f)
+    recipe = {str(key): value for key, value in recipe.items()} if isinstance(recipe, dict) else {}
+    for stage, groups in recipe.items():
+        # Anything else beside the stages (``args``, a version) is not read as modifiers.
+        if not stage.endswith("_stage"):
+            if isinstance(groups, dict) and stage != "args":
+                raise ValueError(
+                    f"--recipe {path}: {stage!r} is not inside a stage and would be skipped; "
+                    f"{_RECIPE_LAYOUT}"
+                )
+            continue
+        if not isinstance(groups, dict):
+            raise ValueError(f"--recipe {path}: {stage} holds no modifiers; {_RECIPE_LAYOUT}")
+        for group, modifiers in groups.items():
+            is_group = str(group).endswith("_modifiers")
+            if not is_group and not isinstance(modifiers, dict):
+                continue  # an old recipe's stage setting (run_type: oneshot)
+            if not (is_group and isinstance(modifiers, dict)):
+                raise ValueError(
+                    f"--recipe {path}: {stage}.{group} is not a <group>_modifiers mapping and "
+                    f"would be skipped; {_RECIPE_LAYOUT}"
+                )
+            for name, settings in modifiers.items():
+                if not isinstance(settings, dict):
+                    raise ValueError(
+                        f"--recipe {path}: {stage}.{group}.{name} needs a mapping of its "
+                        f"settings, got {settings!r} (write {name}: {{}} for its defaults)"
+                    )
+    if not any(key.endswith("_stage") for key in recipe):
+        raise ValueError(f"--recipe {path} has no stage: {_RECIPE_LAYOUT}")
 
 
 def _perplexity(path: Path, evaluation: Any) -> float:
@@ -568,9 +622,8 @@ def _add_slicer_flags(p: argparse.ArgumentParser) -> None:
     _slicer_flag(
         p,
         "hadamard",
-        "fold block Hadamard rotations into the kept bases (with aligned bases, W8A8 0.1%% "
-        "better, or 0.3%% worse with int8 shortcuts, and W4A16 and FP8 worse in "
-        "benchmarks/README.md)",
+        "fold block Hadamard rotations into the kept bases (on SmolLM2 with aligned bases: "
+        "W8A8 0.3%% better at most, W4A16 and FP8 worse; benchmarks/README.md)",
     )
     _slicer_flag(
         p,
@@ -686,7 +739,10 @@ _CLI_TERMS = {
     "batch size 1 in oneshot gives one batch per sample": "--samples: one batch per window",
     "num_calibration_samples": "--samples",
     "max_seq_length": "--seq-len",
+    "add calibration samples": "raise --samples",
 }
+# Recipe settings with no flag of their own, for errors about a run set up by flags.
+_RECIPE_ONLY = re.compile(r"\b(auto_holdout)\b")
 
 
 def _message(err: Exception) -> str:
@@ -700,10 +756,29 @@ def _message(err: Exception) -> str:
         if error["type"] == "value_error":
             # A validator's own message, which names its field.
             messages.append(error["msg"].removeprefix("Value error, "))
+        elif error["type"] == "extra_forbidden":
+            messages.append(_unknown_setting(err.title, str(error["loc"][-1])))
         else:
             where = ".".join(str(part) for part in error["loc"]) or "value"
             messages.append(f"{where} ({error['msg']}, got {error['input']!r})")
     return "; ".join(messages)
+
+
+def _unknown_setting(owner: str, name: str) -> str:
+    """A recipe's misspelt setting, with the nearest one ``owner`` (a modifier class) has."""
+    import difflib
+
+    from pydantic import BaseModel
+
+    classes, fields = [BaseModel], []
+    while classes and not fields:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        if cls.__name__ == owner:
+            fields = list(cls.model_fields)
+    close = difflib.get_close_matches(name, fields, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else "check its spelling in the recipe"
+    return f"{owner} has no setting {name!r} ({hint})"
 
 
 def _slicer_terms() -> list[tuple[re.Pattern[str], Any]]:
@@ -737,6 +812,7 @@ def _in_cli_terms(message: str, slicer_flags: bool = False) -> str:
     if slicer_flags:
         for pattern, flag in _slicer_terms():
             message = pattern.sub(flag, message)
+        message = _RECIPE_ONLY.sub(r"\1 (a recipe setting: --recipe)", message)
     return message
 
 

@@ -29,7 +29,13 @@ DEFAULT_WIKITEXT = (
 
 def wikitext_path(path: str | Path | None = None) -> Path:
     """``path``, else ``$DYNSLICE_WIKITEXT``, else the shared data beside the repository."""
-    candidate = Path(path or os.environ.get("DYNSLICE_WIKITEXT") or DEFAULT_WIKITEXT)
+    given = path or os.environ.get("DYNSLICE_WIKITEXT")
+    candidate = Path(given or DEFAULT_WIKITEXT)
+    if given and not candidate.exists():
+        raise FileNotFoundError(
+            f"text file {candidate} not found (from dynslice's --data or DYNSLICE_WIKITEXT): "
+            "give the path of a raw UTF-8 text file, such as WikiText-2's wiki.test.raw"
+        )
     if not candidate.exists():
         raise FileNotFoundError(
             f"WikiText-2 test file not found at {candidate}; give the path to "
@@ -44,7 +50,13 @@ def wikitext_tokens(tokenizer, path: str | Path | None = None) -> list[int]:
     source = wikitext_path(path)
     if source.is_dir():
         raise ValueError(f"{source} is a directory; point to a text file (e.g. wiki.test.raw)")
-    text = source.read_text(encoding="utf-8")
+    try:
+        text = source.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{source} is not UTF-8 text ({err.reason} at byte {err.start}): give a raw text "
+            "file, such as WikiText-2's wiki.test.raw"
+        ) from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

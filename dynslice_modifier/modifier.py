@@ -246,9 +246,10 @@ class DynamicSliceModifier(Modifier):
         ``targets``/``ignore`` match like any other (``targets: Linear`` takes them all).
         Default false: they stay in model dtype, the most accurate choice, since they carry
         the residual stream. With ``align_bases`` the quantizer sees only their small
-        difference from the identity, so taking them is cheap (SmolLM2 at SP 0.25: GPTQ W8A8
-        perplexity 55.72 against 55.69 kept, 14% smaller; under W4A16, int8 shortcuts 63.70
-        against 63.89, 17% smaller, 4-bit ones 63.51, 19% smaller).
+        difference from the identity, so taking them is cheap (SmolLM2 at SP 0.25, ``rounding:
+        mean``: GPTQ W8A8 perplexity 55.71 against 55.65 kept, 14% smaller; under W4A16 at
+        groups of 64, int8 shortcuts 64.61 against 63.70 kept, 17% smaller, 4-bit ones 63.22,
+        19.5% smaller; benchmarks/results/quantized.md).
     :param untie_embeddings: for models with tied embeddings, untie them and slice the
         input table (SliceGPT's way). By default the table stays shared, in the original
         basis, and the model stays tied. A layer 0 left whole (``profitable_only``) reads
@@ -522,7 +523,8 @@ class DynamicSliceModifier(Modifier):
         )
         dense_params = count_parameters(model)
         if explicit is None:
-            self._check_fits(planner, dense_params)
+            set_by = requirement[1] if requirement and round_to == requirement[0] else None
+            self._check_fits(planner, dense_params, set_by)
         if tied and self.slice_head and not self.untie_embeddings:
             logger.info(
                 "slice_head: the head reads a rotated basis, so it is untied from the shared "
@@ -563,14 +565,15 @@ class DynamicSliceModifier(Modifier):
         check_unsliced_inputs(model, set(reads), others)
         return required_multiple(others, reads, writes)
 
-    def _check_fits(self, planner: LayoutPlanner, dense_params: int) -> None:
-        """What cannot fit at any scores is refused before a calibration pass is spent."""
+    def _check_fits(self, planner: LayoutPlanner, dense_params: int, set_by: str | None) -> None:
+        """What cannot fit at any scores is refused before a calibration pass is spent;
+        ``set_by``: the quantizers that fixed round_to, if they did."""
         if self.target_params is not None:
             check_target_reachable(
                 self.target_params, dense_params, planner.smallest(), planner.max_sparsity
             )
         else:
-            check_sparsity_fits(self.sparsity, planner.max_sparsity)
+            check_sparsity_fits(self.sparsity, planner.max_sparsity, set_by)
 
     def _measure(self, run: _Run, inputs: LayerInputs, heldout: frozenset[int]) -> float:
         """Score the layers (Layer Redundancy) and take each layer input's spectrum, where

@@ -124,8 +124,24 @@ def test_bad_fractions(sp, sb, match):
 
 
 def test_width_that_rounds_to_zero_is_rejected():
-    with pytest.raises(AllocationError, match="lower sparsity or round_to"):
-        allocate_dims([0.5, 0.6], 64, 0.99, 0.0, round_to=64)
+    with pytest.raises(
+        AllocationError, match=r"at most 0\.7500 can be sliced\); lower sparsity or round_to"
+    ):
+        allocate_dims([0.5, 0.6], 64, 0.99, 0.0, round_to=16)
+    # round_to == hidden_size: no sparsity above 0 can work, so none is suggested.
+    with pytest.raises(AllocationError, match="nothing can be sliced: round_to is hidden_size"):
+        allocate_dims([0.5, 0.6], 64, 0.25, 0.0, round_to=64)
+
+
+def test_a_step_the_quantizer_sets_is_not_offered_as_the_fix():
+    from dynslice_modifier.allocation import check_sparsity_fits
+
+    who = "GPTQModifier (group_size 128)"
+    with pytest.raises(AllocationError, match=r"lower sparsity \(round_to is what GPTQ") as error:
+        check_sparsity_fits(0.25, 1 - 128 / 144, who)
+    assert "or round_to" not in str(error.value)
+    with pytest.raises(AllocationError, match=r"choose a scheme with a smaller group than GPTQ"):
+        check_sparsity_fits(0.25, 0.0, who)
 
 
 def _spectra(layers: int, hidden: int, seed: int) -> list[list[float]]:

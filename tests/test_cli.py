@@ -63,6 +63,22 @@ def workdir(tmp_path_factory) -> Path:
         "    DynamicSliceModifier: {sparsity: 0.2, slicing_base: 0.3}\n"
     )
     (root / "short.txt").write_text(" = T = \n\n t5 t6 t7 \n")
+    (root / "latin1.txt").write_bytes(" = T = \n\n t5 \xdc t7 \n".encode("latin-1"))
+    # Recipes llm-compressor would skip in silence, or fail on with an AttributeError.
+    recipes = {
+        "empty": "",
+        "word": "hello\n",
+        "list": "- a\n",
+        "flat": "DynamicSliceModifier: {sparsity: 0.25}\n",
+        "no_group": "slice_stage:\n  DynamicSliceModifier: {sparsity: 0.25}\n",
+        "bare": "slice_stage:\n  slice_modifiers:\n    DynamicSliceModifier:\n",
+        "typo": "slice_stage:\n  slice_modifiers:\n    DynamicSliceModifier: {sparsty: 0.25}\n",
+        # Recipe arguments and an old stage setting are not modifiers, and are let be.
+        "old_style": "args: {sp: 0.25}\nslice_stage:\n  run_type: oneshot\n  slice_modifiers:\n"
+        "    DynamicSliceModifier: {sparsity: 0.2, slicing_base: 0.3}\n",
+    }
+    for name, text in recipes.items():
+        (root / f"{name}.yaml").write_text(text)
     return root
 
 
@@ -425,7 +441,12 @@ def test_scores_eval_and_report(workdir, capsys):
         (["compress", "tiny", "bad", "--sparsity", "1.5"], "must be in [0, 1)"),
         (["compress", "tiny", "bad", "--samples", "0"], "must be > 0"),
         (["compress", "tiny", "tiny/sub"], "overlaps the input model"),
-        (["compress", "nowhere", "bad"], "not a model directory"),
+        (["compress", "nowhere", "bad"], "nowhere does not exist: pass the directory"),
+        (["eval", "."], ". is not a model directory (no config.json)"),
+        # 1 is everything, not 1%.
+        (["compress", "tiny", "bad", "--sparsity", "1"], "must be in [0, 1), got 1\n"),
+        (["eval", "tiny", "--data", "missing.txt"], "text file missing.txt not found"),
+        (["eval", "tiny", "--data", "latin1.txt"], "latin1.txt is not UTF-8 text"),
         # The modifier's check, in flags and without pydantic's wrapping.
         (
             ["compress", "tiny", "bad", "--sparsity", "0.2", "--slicing-base", "0.3"],
@@ -472,6 +493,24 @@ def test_scores_eval_and_report(workdir, capsys):
             ["compress", "tiny", "bad", "--samples", "1", "--seq-len", "16"],
             "raise --samples or --seq-len",
         ),
+        (
+            [
+                "compress",
+                "tiny",
+                "bad",
+                "--slicing-base",
+                "auto",
+                "--samples",
+                "2",
+                "--seq-len",
+                "40",
+            ],
+            "raise --samples or lower auto_holdout (a recipe setting: --recipe)",
+        ),
+        (
+            ["compress", "tiny", "bad", "--round-to", "64", "--sparsity", "0.5"],
+            "nothing can be sliced: --round-to is hidden_size",
+        ),
         (["frobnicate"], "invalid choice"),
         # Refused after the Layer Redundancy pass, before anything is written.
         (
@@ -508,6 +547,18 @@ def test_bad_arguments_fail_clearly(args, message, workdir, capsys):
         (["--quantize-shortcuts"], "needs a --quantize scheme"),
         (["--sparsity", "0.2", "--target-params", "0.1"], "either --sparsity or --target-params"),
         (["--recipe", "quantize_only.yaml"], "has no DynamicSliceModifier"),
+        (["--recipe", "empty.yaml"], "empty.yaml has no stage: a recipe maps each <name>_stage"),
+        (["--recipe", "word.yaml"], "word.yaml has no stage"),
+        (["--recipe", "list.yaml"], "list.yaml has no stage"),
+        (["--recipe", "flat.yaml"], "'DynamicSliceModifier' is not inside a stage"),
+        (["--recipe", "no_group.yaml"], "slice_stage.DynamicSliceModifier is not a <group>_mod"),
+        (["--recipe", "bare.yaml"], "DynamicSliceModifier needs a mapping of its settings"),
+        (
+            ["--recipe", "typo.yaml"],
+            "DynamicSliceModifier has no setting 'sparsty' (did you mean 'sparsity'?)",
+        ),
+        # Passes the layout check, then fails on its values, as a recipe's fields.
+        (["--recipe", "old_style.yaml"], "slicing_base must be in [0, sparsity=0.2]"),
     ],
 )
 def test_compress_refuses_conflicting_flags_before_reading_the_text(
