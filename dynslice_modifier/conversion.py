@@ -9,13 +9,10 @@ result, and the save made to write that config. No weight is copied.
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable
 from typing import Any
 
 from compressed_tensors.offload import offload_module
-from loguru import logger
 from torch import nn
 
 from dynslice_modifier.adapters import ModelAdapter
@@ -29,7 +26,11 @@ from dynslice_modifier.modeling.configuration_dynslice import (
     DynSliceConfig,
     format_version,
 )
-from dynslice_modifier.modeling.modeling_dynslice import DynSliceForCausalLM, SlicedDecoderLayer
+from dynslice_modifier.modeling.modeling_dynslice import (
+    DynSliceForCausalLM,
+    SlicedDecoderLayer,
+    keeping_sliced_config,
+)
 from dynslice_modifier.slicer import SlicingResult, embeddings_tied
 
 
@@ -145,43 +146,3 @@ def _wrap_layers(
         if (wrapper := offload_settings(old)) is not None:
             offload_module(new, **wrapper)
         layers[idx] = new
-
-
-def keeping_sliced_config(model: nn.Module, save: Callable[..., Any]) -> Callable[..., Any]:
-    """``save``, if it is llm-compressor's save wrapper, made to write the sliced config as
-    the model holds it (``DynSliceForCausalLM.wrap_instance_save``); else ``save`` itself.
-
-    That save (the wrapper ``oneshot`` puts on the instance) re-writes config.json from the
-    file at ``config._name_or_path``: the unsliced model's in the slicing run, or, in a later
-    ``oneshot``, the loaded checkpoint's, whose ``slicing.unit_norms`` a smoothing modifier
-    may have made wrong. The path is blanked for the save alone, since a later ``oneshot`` on
-    the returned model reads its processor from it. Without that wrapper (the model saved
-    outside ``oneshot``) transformers' own save writes the sliced config, and the model keeps
-    no closure that would stop it from being pickled.
-    """
-    if not getattr(save, "_overridden", False) or getattr(save, "_keeps_sliced_config", False):
-        return save
-
-    @functools.wraps(save)  # keeps llm-compressor's mark, so it does not wrap this again
-    def save_sliced(save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
-        # Before llm-compressor's save compresses or writes anything; the class's own
-        # save_pretrained, which would do it, is not the one llm-compressor calls. A model
-        # whose class came with an older checkpoint's code has no prepare_save.
-        if (prepare := getattr(model, "prepare_save", None)) is not None:
-            prepare(save_directory)
-        source = model.config._name_or_path
-        model.config._name_or_path = ""
-        logger.info(
-            "Saving the sliced config: llm-compressor's 'Failed to find config._name_or_path' "
-            "warning that follows is expected (it would re-write the source model's config)"
-        )
-        try:
-            return save(save_directory, *args, **kwargs)
-        finally:
-            model.config._name_or_path = source
-
-    save_sliced._keeps_sliced_config = True
-    return save_sliced
-
-
-DynSliceForCausalLM.wrap_instance_save = staticmethod(keeping_sliced_config)

@@ -82,6 +82,10 @@ class _Run:
     keep_tied: bool  # and slicing keeps it shared (``_settle_tie`` may still keep it so)
     explicit: list[int] | None  # layer_dims, checked
     planner: LayoutPlanner
+    # The dataloader's batches, read once: llm-compressor's default sampler
+    # (shuffle_calibration_samples) draws another random subset on every read, and the
+    # scores, the auto trials and the PCA must all see the same text.
+    calib: list[Any]
 
 
 def _input_projection(layer_names: list[str]) -> str:
@@ -440,7 +444,7 @@ class DynamicSliceModifier(Modifier):
         if folded:
             logger.info(f"Folded {', '.join(folded)} into the weights (recorded as 1.0)")
         hidden = run.planner.hidden_size
-        inputs = self._capture(model, run.layers[0], state.data.calib, hidden, run.device)
+        inputs = self._capture(model, run.layers[0], run.calib, hidden, run.device)
         auto = self.slicing_base == "auto"
         heldout = self._heldout(inputs, hidden) if auto else frozenset()
         lr_seconds = self._measure(run, inputs, heldout)
@@ -449,7 +453,7 @@ class DynamicSliceModifier(Modifier):
             # Every trial captures activations of its own; given layer_scores, the first
             # capture is still held and would sit beside them, doubling host memory.
             inputs.release()
-            search = self._search_slicing_base(state, run, heldout)
+            search = self._search_slicing_base(model, run, heldout)
         layout = self._layout(run)
         keep_tied = self._settle_tie(model, run, layout)
 
@@ -462,7 +466,7 @@ class DynamicSliceModifier(Modifier):
             if self.hadamard:
                 self._warn_hadamard(slicer.smallest_hadamard_block, layout.whole)
             if not len(inputs):  # released: a pass before this one spent them
-                inputs = capture_layer_inputs(model, run.layers[0], state.data.calib)
+                inputs = capture_layer_inputs(model, run.layers[0], run.calib)
             result = slicer.run(inputs)
             convert_to_sliced(
                 model,
@@ -542,6 +546,7 @@ class DynamicSliceModifier(Modifier):
             keep_tied,
             explicit,
             planner,
+            list(calib),
         )
 
     def _check_recipe(
@@ -992,12 +997,10 @@ class DynamicSliceModifier(Modifier):
         return heldout
 
     def _search_slicing_base(
-        self, state: State, run: _Run, heldout: frozenset[int]
+        self, model: torch.nn.Module, run: _Run, heldout: frozenset[int]
     ) -> list[dict[str, Any]]:
-        model = state.model
-
         def trial(layout: Layout) -> float:
-            inputs = capture_layer_inputs(model, run.layers[0], state.data.calib)
+            inputs = capture_layer_inputs(model, run.layers[0], run.calib)
             slicer = self._slicer(model, run, layout, run.keep_tied, in_place=False)
             slicer.run(inputs, heldout)
             return heldout_nll(model, run.adapter, inputs, heldout, run.device)

@@ -209,6 +209,41 @@ torch.save(m(ids).logits.detach(), {str(tmp_path / "logits.pt")!r})
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=0, rtol=0)
 
 
+def test_a_remote_code_model_keeps_its_config_through_a_later_oneshot(tiny_dir, tmp_path):
+    # SmoothQuant scales the sliced norms; the save must say so (unit_norms: false) also
+    # when the model came in as the checkpoint's own code, the package not imported:
+    # llm-compressor's save re-wrote config.json from the loaded file, which said true.
+    sliced = tmp_path / "sliced"
+    run_oneshot(tiny_dir, RECIPE, sliced)
+    calib_dataset().save_to_disk(tmp_path / "calib")
+    script = f"""
+import sys, json
+sys.modules["dynslice_modifier"] = None  # make any import of the package fail
+from datasets import load_from_disk
+from llmcompressor import oneshot
+from llmcompressor.modifiers.gptq import GPTQModifier
+from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(sliced)!r}, trust_remote_code=True)
+recipe = [
+    SmoothQuantModifier(smoothing_strength=0.8),
+    GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"]),
+]
+out = {str(tmp_path / "out")!r}
+model = oneshot(model=model, recipe=recipe, dataset=load_from_disk({str(tmp_path / "calib")!r}),
+                num_calibration_samples=16, max_seq_length=32, output_dir=out,
+                trust_remote_code_model=True)
+assert model.has_unit_norms() is False
+print(json.dumps(json.load(open(out + "/config.json"))["slicing"]["unit_norms"]))
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "false"
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [

@@ -191,6 +191,25 @@ def test_vllm_without_the_plugin_names_the_fix(sliced_config, monkeypatch):
         DynSliceConfig.from_dict(sliced_config)
 
 
+def test_vllm_told_to_leave_the_plugin_out_names_the_fix(sliced_config, monkeypatch):
+    # Installed but not loaded: vLLM would fall back to its generic backend and fail on the
+    # config class with a list of every architecture it knows.
+    import importlib.metadata
+    import sys
+    import types
+
+    plugin = types.SimpleNamespace(name="dynslice")
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [plugin])
+    monkeypatch.setenv("VLLM_PLUGINS", "other")
+    with pytest.raises(ImportError, match=r"left out by VLLM_PLUGINS='other': add dynslice"):
+        DynSliceConfig.from_dict(sliced_config)
+    monkeypatch.setenv("VLLM_PLUGINS", "other,dynslice")
+    DynSliceConfig.from_dict(sliced_config)
+    monkeypatch.delenv("VLLM_PLUGINS")
+    DynSliceConfig.from_dict(sliced_config)
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [

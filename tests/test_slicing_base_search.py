@@ -351,3 +351,29 @@ def test_heldout_loss_skips_tokens_predicted_from_left_padding():
 def test_the_held_out_batches_are_the_last_in_content_order():
     assert heldout_batches(8, 0.25) == {6, 7}
     assert heldout_batches(3, 0.1) == {2}
+
+
+class _RandomDraws:
+    """Calibration batches drawn afresh on every read, as llm-compressor's default sampler
+    (``RandomSampler(dataset, num_samples=...)``) draws another subset each time."""
+
+    def __init__(self, batches: list[dict], draw: int) -> None:
+        self.batches, self.draw, self.reads = batches, draw, 0
+
+    def __iter__(self):
+        self.reads += 1
+        order = torch.randperm(
+            len(self.batches), generator=torch.Generator().manual_seed(self.reads)
+        )
+        return iter([self.batches[i] for i in order[: self.draw]])
+
+
+def test_every_pass_of_a_run_reads_the_same_calibration_batches():
+    # Scores, spectra, the auto trials and the PCA: one subset, the one the config records.
+    batches = calib_batches(n=12)
+    calib = _RandomDraws(batches, draw=8)
+    model = tiny_model("llama", True)
+    modifier = DynamicSliceModifier(sparsity=0.25, slicing_base="auto", round_to=4)
+    assert modifier.on_initialize(SimpleNamespace(model=model, data=SimpleNamespace(calib=calib)))
+    assert calib.reads == 1
+    assert model.config.slicing["calibration"]["batches"] == 8

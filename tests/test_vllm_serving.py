@@ -454,6 +454,8 @@ def require_plugin() -> None:
 TOO_NEW = "format-version-too-new"
 NORMS_CHANGED = "norms-changed-after-unit-norms"
 SHORTCUT_MISSING = "shortcut-tensor-missing"
+WIDTHS_EDITED = "widths-edited"
+PLAIN_CALLED_QUANTIZED = "plain-with-quantization-config"
 
 
 @pytest.fixture(scope="module")
@@ -481,6 +483,23 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tensors = load_file(weights)
     del tensors["model.layers.1.mlp_shortcut.weight"]
     save_file(tensors, weights, metadata={"format": "pt"})
+    # A config whose widths are consistent on their own but not the tensors': vLLM's loaders
+    # would only assert on a shape.
+    paths[WIDTHS_EDITED] = Path(shutil.copytree(paths[CASES[0].name], root / WIDTHS_EDITED))
+    config = json.loads((paths[WIDTHS_EDITED] / "config.json").read_text())
+    spec = config["slicing"]
+    flags = zip(spec["attn_shortcuts"], spec["mlp_shortcuts"], strict=True)
+    layer = next(i for i, both in enumerate(flags) if all(both))
+    spec["mlp_dims"][layer] -= 8
+    (paths[WIDTHS_EDITED] / "config.json").write_text(json.dumps(config))
+    # A float checkpoint under a W8A8 checkpoint's quantization_config: vLLM would cast the
+    # float weights into int8 parameters and serve garbage.
+    plain = Path(shutil.copytree(paths[CASES[0].name], root / PLAIN_CALLED_QUANTIZED))
+    config = json.loads((plain / "config.json").read_text())
+    quantized = json.loads((paths["llama-untied-sublayer-w8a8"] / "config.json").read_text())
+    config["quantization_config"] = quantized["quantization_config"]
+    (plain / "config.json").write_text(json.dumps(config))
+    paths[PLAIN_CALLED_QUANTIZED] = plain
     for copy, case_name in VLLM_KERNELS.items():
         paths[copy] = Path(shutil.copytree(paths[case_name], root / copy))
     return paths
@@ -683,6 +702,22 @@ def test_missing_shortcut_tensor_is_refused(vllm_results: dict[str, Any]) -> Non
     error = vllm_results[SHORTCUT_MISSING].get("error", "")
     assert "no tensors for 1 residual shortcuts" in error, vllm_results[SHORTCUT_MISSING]
     assert "model.layers.1.mlp_shortcut" in error
+
+
+def test_widths_the_tensors_do_not_have_are_named(vllm_results: dict[str, Any]) -> None:
+    error = vllm_results[WIDTHS_EDITED].get("error", "")
+    assert "ValueError: loading model.layers." in error, vllm_results[WIDTHS_EDITED]
+    assert "config.json's slicing (attn_dims, mlp_dims, final_dim) and the saved" in error
+
+
+def test_float_weights_under_a_quantization_config_are_refused(
+    vllm_results: dict[str, Any],
+) -> None:
+    error = vllm_results[PLAIN_CALLED_QUANTIZED].get("error", "")
+    assert "holds no weight scales for (model.layers.0." in error, vllm_results[
+        PLAIN_CALLED_QUANTIZED
+    ]
+    assert "remove quantization_config from config.json" in error
 
 
 _UNDECLARED_SHORTCUT = """

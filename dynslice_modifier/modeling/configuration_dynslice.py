@@ -11,6 +11,7 @@ without llm-compressor.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -133,7 +134,7 @@ def _check_format_version(version: Any) -> int:
         raise SlicingConfigError(
             f"slicing.format_version {version!r} is not supported by this code "
             f"(it reads up to {SLICING_FORMAT_VERSION}); upgrade dynslice-modifier: "
-            "pip install -U dynslice-modifier"
+            "pip install -U dynslice-modifier (from a clone: git pull, then pip install -e .)"
         )
     return version
 
@@ -276,7 +277,15 @@ def _require_vllm_plugin() -> None:
             "this checkpoint was sliced by dynslice-modifier and vLLM serves it through the "
             "dynslice plugin, which is not installed in this environment: "
             "pip install 'dynslice-modifier[serve]' into it (the plugin alone: it keeps this "
-            "vLLM and needs no llm-compressor)"
+            "vLLM and needs no llm-compressor; from a clone: pip install -e '.[serve]')"
+        )
+    # vLLM loads only the plugins this lists, when it is set (vllm.envs.VLLM_PLUGINS).
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and "dynslice" not in allowed.split(","):
+        raise ImportError(
+            "this checkpoint was sliced by dynslice-modifier and vLLM serves it through the "
+            f"dynslice plugin, which is installed but left out by VLLM_PLUGINS={allowed!r}: "
+            "add dynslice to that comma-separated list, or unset it"
         )
 
 

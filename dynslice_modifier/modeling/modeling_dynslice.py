@@ -20,11 +20,12 @@ transformers needs) so it can be shipped with each checkpoint for ``trust_remote
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
 
 from .configuration_dynslice import (
     INPUT_PROJECTION,
@@ -42,6 +43,8 @@ from .configuration_dynslice import (
     final_width,
     layer_deltas,
 )
+
+logger = logging.get_logger(__name__)
 
 
 def base_causal_lm_class(base_model_type: str) -> type[PreTrainedModel]:
@@ -411,17 +414,17 @@ def _check_shortcut_keys(missing: Iterable[str], unexpected: Iterable[str]) -> N
     """Refuse shortcut tensors the checkpoint lacks or holds against its config: a missing
     one would serve uninitialised memory, an undeclared one be dropped with a warning, and
     either way the model would compute something else."""
-    missing = [name for name in missing if _is_shortcut(name)]
-    if missing:
+    absent = [name for name in missing if _is_shortcut(name)]
+    if absent:
         raise ValueError(
-            f"the checkpoint has no tensors for {_first(missing)}, which its config declares "
+            f"the checkpoint has no tensors for {_first(absent)}, which its config declares "
             "(slicing.attn_shortcuts / mlp_shortcuts / input_projection); re-save the sliced "
             "model, or restore the missing tensors"
         )
-    unexpected = [name for name in unexpected if _is_shortcut(name)]
-    if unexpected:
+    extra = [name for name in unexpected if _is_shortcut(name)]
+    if extra:
         raise ValueError(
-            f"the checkpoint holds {_first(unexpected)}, residual shortcuts that its config "
+            f"the checkpoint holds {_first(extra)}, residual shortcuts that its config "
             "does not declare (slicing.attn_shortcuts / mlp_shortcuts / input_projection); "
             "re-save the sliced model, or make config.json's slicing match the saved weights"
         )
@@ -454,6 +457,45 @@ def refuse_saving_over_source(save_directory: str | os.PathLike, config: DynSlic
         )
 
 
+def keeping_sliced_config(model: nn.Module, save: Callable[..., Any]) -> Callable[..., Any]:
+    """``save``, if it is llm-compressor's save wrapper, made to write the sliced config as
+    the model holds it; else ``save`` itself. Here, not in the package, so that a model
+    loaded as a checkpoint's remote code (``trust_remote_code=True``, the package not
+    imported) keeps its config through a later ``oneshot`` too.
+
+    That save (the wrapper ``oneshot`` puts on the instance) re-writes config.json from the
+    file at ``config._name_or_path``: the unsliced model's in the slicing run, or, in a later
+    ``oneshot``, the loaded checkpoint's, whose ``slicing.unit_norms`` a smoothing modifier
+    may have made wrong. The path is blanked for the save alone, since a later ``oneshot`` on
+    the returned model reads its processor from it. Without that wrapper (the model saved
+    outside ``oneshot``) transformers' own save writes the sliced config, and the model keeps
+    no closure that would stop it from being pickled.
+    """
+    if not getattr(save, "_overridden", False) or getattr(save, "_keeps_sliced_config", False):
+        return save
+
+    @functools.wraps(save)  # keeps llm-compressor's mark, so it does not wrap this again
+    def save_sliced(save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        # Before llm-compressor's save compresses or writes anything; the class's own
+        # save_pretrained, which would do it, is not the one llm-compressor calls. A model
+        # whose class came with an older checkpoint's code has no prepare_save.
+        if (prepare := getattr(model, "prepare_save", None)) is not None:
+            prepare(save_directory)
+        source = model.config._name_or_path
+        model.config._name_or_path = ""
+        logger.warning_once(
+            "Saving the sliced config: llm-compressor's 'Failed to find config._name_or_path' "
+            "warning that follows is expected (it would re-write the source model's config)"
+        )
+        try:
+            return save(save_directory, *args, **kwargs)
+        finally:
+            model.config._name_or_path = source
+
+    save_sliced._keeps_sliced_config = True
+    return save_sliced
+
+
 class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
     """Causal LM whose residual stream is sliced per layer (see ``DynSliceConfig``)."""
 
@@ -467,9 +509,6 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    # Set by dynslice_modifier.conversion (so unset where this file runs as a checkpoint's
-    # remote code): wraps the save llm-compressor's oneshot puts on an instance.
-    wrap_instance_save: ClassVar[Callable[[nn.Module, Callable], Callable] | None] = None
 
     def __init__(self, config: DynSliceConfig) -> None:
         super().__init__(config)
@@ -516,8 +555,8 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
         # that re-writes config.json from the file at _name_or_path, which for a sliced model
         # is the dense source's or the loaded checkpoint's (stale once smoothing scaled the
         # norms); wrapped again here, it writes this model's config.
-        if name == "save_pretrained" and self.wrap_instance_save is not None:
-            value = self.wrap_instance_save(self, value)
+        if name == "save_pretrained":
+            value = keeping_sliced_config(self, value)
         super().__setattr__(name, value)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:

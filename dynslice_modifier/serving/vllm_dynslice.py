@@ -746,10 +746,26 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
             for norm_name, _ in module.fused_norms()
         }
         seen: set[str] = set()
+        current: list[tuple[str, tuple[int, ...]]] = []
         checked = _check_fused_norms(
             _check_shortcut_tensors(weights, shortcuts, set(layers), seen), fused_norms
         )
-        loaded = AutoWeightsLoader(self).load_weights(checked, mapper=self.hf_to_vllm_mapper)
+        try:
+            loaded = AutoWeightsLoader(self).load_weights(
+                _recording(checked, current), mapper=self.hf_to_vllm_mapper
+            )
+        except (AssertionError, RuntimeError) as err:
+            # vLLM's weight loaders assert (or copy_ fails) on a tensor of another shape,
+            # which says nothing of where the shape came from.
+            name, shape = current[-1] if current else ("a tensor", ())
+            cause = str(err) or "its shape differs from the layer built"
+            raise ValueError(
+                f"loading {name} {list(shape)} failed ({cause}): config.json's slicing "
+                "(attn_dims, mlp_dims, final_dim) and the saved weights disagree; re-save the "
+                "sliced model, or restore its config.json"
+            ) from err
+        if not self._loaded:
+            _check_quantized_weights_loaded(self, loaded)
         # vLLM counts a fused projection loaded once its own shards are, and skips the check
         # for quantized models, so a shortcut missing from the file would serve whatever
         # memory its rows held. Only the first load must be whole: later calls are weight
@@ -766,6 +782,36 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
             )
         self._loaded = True
         return loaded
+
+
+def _recording(
+    weights: Iterable[tuple[str, torch.Tensor]], current: list[tuple[str, tuple[int, ...]]]
+) -> Iterable[tuple[str, torch.Tensor]]:
+    """Pass weights through, keeping the name and shape of the latest in ``current``."""
+    for name, tensor in weights:
+        current[:] = [(name, tuple(tensor.shape))]
+        yield name, tensor
+
+
+def _check_quantized_weights_loaded(model: nn.Module, loaded: set[str]) -> None:
+    """Refuse a first load that left a quantized linear without its weight scales.
+
+    vLLM checks nothing for quantized models, so a checkpoint whose config.json carries a
+    quantization_config its tensors do not follow (float weights, no scales) would cast
+    the float weights into integer parameters and serve garbage without an error.
+    """
+    missing = sorted(
+        name
+        for name, _ in model.named_parameters()
+        if name.endswith(".weight_scale") and name not in loaded
+    )
+    if missing:
+        raise ValueError(
+            f"config.json's quantization_config quantizes layers that the checkpoint holds no "
+            f"weight scales for ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
+            f"; {len(missing)} in all): if the weights are not quantized, remove "
+            "quantization_config from config.json; otherwise re-save the quantized model"
+        )
 
 
 def _check_fused_norms(
