@@ -459,9 +459,9 @@ def refuse_saving_over_source(save_directory: str | os.PathLike, config: DynSlic
 
 def keeping_sliced_config(model: nn.Module, save: Callable[..., Any]) -> Callable[..., Any]:
     """``save``, if it is llm-compressor's save wrapper, made to write the sliced config as
-    the model holds it; else ``save`` itself. Here, not in the package, so that a model
-    loaded as a checkpoint's remote code (``trust_remote_code=True``, the package not
-    imported) keeps its config through a later ``oneshot`` too.
+    the model holds it; else ``save`` itself. It lives in this file, which checkpoints carry,
+    so that a model loaded as a checkpoint's remote code (``trust_remote_code=True``, the
+    package not imported) keeps its config through a later ``oneshot`` too.
 
     That save (the wrapper ``oneshot`` puts on the instance) re-writes config.json from the
     file at ``config._name_or_path``: the unsliced model's in the slicing run, or, in a later

@@ -754,8 +754,8 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
             loaded = AutoWeightsLoader(self).load_weights(
                 _recording(checked, current), mapper=self.hf_to_vllm_mapper
             )
-        except (AssertionError, RuntimeError) as err:
-            # vLLM's weight loaders assert (or copy_ fails) on a tensor of another shape,
+        except AssertionError as err:
+            # vLLM's weight loaders assert on a tensor of another shape than the parameter's,
             # which says nothing of where the shape came from.
             name, shape = current[-1] if current else ("a tensor", ())
             cause = str(err) or "its shape differs from the layer built"
