@@ -31,19 +31,19 @@ def wikitext_path(path: str | Path | None = None) -> Path:
     """``path``, else ``$DYNSLICE_WIKITEXT``, else the shared data beside the repository."""
     given = path or os.environ.get("DYNSLICE_WIKITEXT")
     candidate = Path(given or DEFAULT_WIKITEXT)
-    if given and not candidate.exists():
+    if candidate.exists():
+        return candidate
+    if given:
         raise FileNotFoundError(
             f"text file {candidate} not found (from dynslice's --data or DYNSLICE_WIKITEXT): "
             "give the path of a raw UTF-8 text file, such as WikiText-2's wiki.test.raw"
         )
-    if not candidate.exists():
-        raise FileNotFoundError(
-            f"WikiText-2 test file not found at {candidate}; give the path to "
-            "shared/data/wikitext-2-raw/wiki.test.raw with dynslice's --data, lm-eval's "
-            "--metadata '{\"wikitext_path\": ...}', or the DYNSLICE_WIKITEXT environment "
-            "variable (which the examples and benchmarks read too)"
-        )
-    return candidate
+    raise FileNotFoundError(
+        f"WikiText-2 test file not found at {candidate}; give the path to "
+        "shared/data/wikitext-2-raw/wiki.test.raw with dynslice's --data, lm-eval's "
+        "--metadata '{\"wikitext_path\": ...}', or the DYNSLICE_WIKITEXT environment "
+        "variable (which the examples and benchmarks read too)"
+    )
 
 
 def wikitext_tokens(tokenizer, path: str | Path | None = None) -> list[int]:

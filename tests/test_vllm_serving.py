@@ -714,7 +714,7 @@ def test_float_weights_under_a_quantization_config_are_refused(
     vllm_results: dict[str, Any],
 ) -> None:
     error = vllm_results[PLAIN_CALLED_QUANTIZED].get("error", "")
-    assert "holds no weight scales for (model.layers.0." in error, vllm_results[
+    assert "holds no weight scales for: model.layers.0." in error, vllm_results[
         PLAIN_CALLED_QUANTIZED
     ]
     assert "remove quantization_config from config.json" in error

@@ -404,7 +404,7 @@ def _is_shortcut(name: str) -> bool:
     return any(part in f"{name}." for part in _SHORTCUT_KEYS)
 
 
-def _first(names: list[str]) -> str:
+def first_names(names: list[str]) -> str:
     """The first few names, sorted, and how many there are."""
     shown = sorted(names)
     return f"{', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''} ({len(shown)} in all)"
@@ -417,14 +417,14 @@ def _check_shortcut_keys(missing: Iterable[str], unexpected: Iterable[str]) -> N
     absent = [name for name in missing if _is_shortcut(name)]
     if absent:
         raise ValueError(
-            f"the checkpoint has no tensors for {_first(absent)}, which its config declares "
+            f"the checkpoint has no tensors for {first_names(absent)}, which its config declares "
             "(slicing.attn_shortcuts / mlp_shortcuts / input_projection); re-save the sliced "
             "model, or restore the missing tensors"
         )
     extra = [name for name in unexpected if _is_shortcut(name)]
     if extra:
         raise ValueError(
-            f"the checkpoint holds {_first(extra)}, residual shortcuts that its config "
+            f"the checkpoint holds {first_names(extra)}, residual shortcuts that its config "
             "does not declare (slicing.attn_shortcuts / mlp_shortcuts / input_projection); "
             "re-save the sliced model, or make config.json's slicing match the saved weights"
         )

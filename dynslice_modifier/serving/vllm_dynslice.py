@@ -92,6 +92,7 @@ from dynslice_modifier.modeling.configuration_dynslice import (
 from dynslice_modifier.modeling.modeling_dynslice import (
     SlicedRMSNorm,
     carry,
+    first_names,
     layer_shortcuts,
     layer_widths,
 )
@@ -764,22 +765,23 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
                 "(attn_dims, mlp_dims, final_dim) and the saved weights disagree; re-save the "
                 "sliced model, or restore its config.json"
             ) from err
+        # Only the first load must be whole: later calls are weight updates (vLLM's weight
+        # transfer for RL sends one tensor per call), which keep what they do not send.
         if not self._loaded:
             _check_quantized_weights_loaded(self, loaded)
-        # vLLM counts a fused projection loaded once its own shards are, and skips the check
-        # for quantized models, so a shortcut missing from the file would serve whatever
-        # memory its rows held. Only the first load must be whole: later calls are weight
-        # updates (vLLM's weight transfer for RL sends one tensor per call), which keep
-        # what they do not send.
-        missing = sorted(set(shortcuts) - seen)
-        if missing and not self._loaded:
-            raise ValueError(
-                f"the checkpoint has no tensors for {len(missing)} residual shortcuts that its "
-                f"config declares ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
-                "config.json's slicing (attn_shortcuts / mlp_shortcuts; input_projection and "
-                "embedding_sliced for layer 0's input projection) must match the saved "
-                "weights: re-save the sliced model, or restore the missing tensors"
-            )
+            # vLLM counts a fused projection loaded once its own shards are, and skips the
+            # check for quantized models, so a shortcut missing from the file would serve
+            # whatever memory its rows held.
+            missing = sorted(set(shortcuts) - seen)
+            if missing:
+                raise ValueError(
+                    f"the checkpoint has no tensors for {len(missing)} residual shortcuts "
+                    f"that its config declares ({', '.join(missing[:3])}"
+                    f"{', ...' if len(missing) > 3 else ''}); config.json's slicing "
+                    "(attn_shortcuts / mlp_shortcuts; input_projection and embedding_sliced "
+                    "for layer 0's input projection) must match the saved weights: re-save "
+                    "the sliced model, or restore the missing tensors"
+                )
         self._loaded = True
         return loaded
 
@@ -800,17 +802,16 @@ def _check_quantized_weights_loaded(model: nn.Module, loaded: set[str]) -> None:
     quantization_config its tensors do not follow (float weights, no scales) would cast
     the float weights into integer parameters and serve garbage without an error.
     """
-    missing = sorted(
+    missing = [
         name
         for name, _ in model.named_parameters()
         if name.endswith(".weight_scale") and name not in loaded
-    )
+    ]
     if missing:
         raise ValueError(
-            f"config.json's quantization_config quantizes layers that the checkpoint holds no "
-            f"weight scales for ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
-            f"; {len(missing)} in all): if the weights are not quantized, remove "
-            "quantization_config from config.json; otherwise re-save the quantized model"
+            "config.json's quantization_config quantizes layers that the checkpoint holds no "
+            f"weight scales for: {first_names(missing)}; if the weights are not quantized, "
+            "remove quantization_config from config.json; otherwise re-save the quantized model"
         )
 
 
