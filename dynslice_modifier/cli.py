@@ -623,7 +623,8 @@ def _add_slicer_flags(p: argparse.ArgumentParser) -> None:
         p,
         "hadamard",
         "fold block Hadamard rotations into the kept bases (on SmolLM2 with aligned bases: "
-        "W8A8 0.3%% better at most, W4A16 and FP8 worse; benchmarks/README.md)",
+        "W8A8 0.3%% better at most, FP8 and W4A16 at the W4A16 recipe's settings worse; "
+        "benchmarks/README.md)",
     )
     _slicer_flag(
         p,
