@@ -12,6 +12,8 @@ from typing import Any
 from dynslice_modifier import modeling
 from dynslice_modifier.version import __version__
 
+__all__ = ["__version__", "modeling"]
+
 if find_spec("llmcompressor") is not None:
     from llmcompressor.modifiers.factory import ModifierFactory
 
@@ -20,6 +22,7 @@ if find_spec("llmcompressor") is not None:
 
     ModifierFactory.register("DynamicSliceModifier", DynamicSliceModifier)
     register_mappings()
+    __all__ += ["DynamicSliceModifier"]
 
 
 def __getattr__(name: str) -> Any:
@@ -29,6 +32,3 @@ def __getattr__(name: str) -> Any:
             "pip install 'dynslice-modifier[compress]'"
         )
     raise AttributeError(name)
-
-
-__all__ = ["DynamicSliceModifier", "__version__", "modeling"]

@@ -41,6 +41,9 @@ def check_fractions(sparsity: float, slicing_base: float) -> None:
         )
 
 
+_EQUAL_SCORES = 1e-9
+
+
 def normalize_scores(scores: Sequence[float], method: Normalization = "minmax") -> np.ndarray:
     """Map scores to [0, 1], most redundant layer -> 1.
 
@@ -50,7 +53,9 @@ def normalize_scores(scores: Sequence[float], method: Normalization = "minmax") 
     s = np.asarray(scores, dtype=np.float64)
     if not np.all(np.isfinite(s)):
         raise AllocationError(f"layer scores must be finite, got {list(scores)}")
-    if s.size < 2 or np.ptp(s) == 0.0:
+    # Scores equal but for float noise are equal: min-max would blow a 1e-12 difference up
+    # to the whole spread, slicing one layer by SB and its twin by far more.
+    if s.size < 2 or np.ptp(s) <= _EQUAL_SCORES * max(1.0, float(np.abs(s).max())):
         return np.ones_like(s)
     if method == "minmax":
         return (s - s.min()) / np.ptp(s)
@@ -88,6 +93,27 @@ def check_sparsity_fits(sparsity: float, max_slice: float, set_by: str | None = 
     raise AllocationError(
         f"sparsity {sparsity} leaves less than one rounding step per layer "
         f"(at most {max_slice:.4f} can be sliced); {fix}"
+        + (f" (round_to is what {set_by} needs)" if set_by else "")
+    )
+
+
+def check_sparsity_slices(
+    sparsity: float, hidden_size: int, num_layers: int, round_to: int, set_by: str | None = None
+) -> None:
+    """Refuse a sparsity too small to remove one rounding step from the model: ``mean`` and
+    ``spectrum`` rounding keep the sum of the widths within half a step of its target, so
+    under half a step in all every width rounds back to ``hidden_size``, and the run would
+    only add shortcuts. (Where ``round_to`` does not divide ``hidden_size``, every layer
+    loses the remainder anyway.)"""
+    removed = sparsity * hidden_size * num_layers
+    if sparsity == 0.0 or hidden_size % round_to or removed > round_to / 2:
+        return
+    fix = "" if set_by else " or a smaller round_to"
+    raise AllocationError(
+        f"sparsity {sparsity:g} would slice nothing: it removes {removed:.1f} of the "
+        f"{num_layers} x {hidden_size} residual dims, under half a rounding step of "
+        f"{round_to}, so every width rounds back to {hidden_size}; use a sparsity of at least "
+        f"{round_to / (hidden_size * num_layers):.4g} (one step){fix}"
         + (f" (round_to is what {set_by} needs)" if set_by else "")
     )
 
@@ -132,7 +158,8 @@ def round_dims(
     spectra: Sequence[Sequence[float]] | None = None,
     whole: Sequence[bool] | None = None,
 ) -> list[int]:
-    """Kept widths, each a multiple of ``round_to`` in [round_to, hidden_size].
+    """Kept widths, each a multiple of ``round_to`` in [round_to, hidden_size], for
+    ``fractions`` of at most ``1 - round_to / hidden_size`` (as ``slice_fractions`` caps them).
 
     A quantizer's group size may not divide hidden_size (SmolLM2: 576 with groups of 128),
     so the widest allowed width is the largest multiple below it, not hidden_size itself.
@@ -183,12 +210,6 @@ def round_dims(
         dims[free] = _keep_sum_by_signal(floors[free], goal, round_to, widest, kept)
     else:
         dims[free] = _keep_sum(targets[free], floors[free], goal, round_to, widest)
-    for layer, dim in enumerate(dims):
-        if dim <= 0:
-            raise AllocationError(
-                f"layer {layer}: kept width {targets[layer]:.1f} rounds to 0 with "
-                f"round_to={round_to}; lower sparsity or round_to"
-            )
     return [int(d) for d in dims]
 
 

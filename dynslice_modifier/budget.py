@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
 from dynslice_modifier.adapters import ModelAdapter
 from dynslice_modifier.errors import AllocationError
+
+# One PCA basis per sub-layer (SliceGPT: attention and MLP each read their own) or per layer.
+Basis = Literal["sublayer", "layer"]
 
 
 def _params(module: nn.Module) -> int:
@@ -62,7 +66,7 @@ class ParameterCounter:
         self,
         model: nn.Module,
         adapter: ModelAdapter,
-        basis: str,
+        basis: Basis,
         tied: bool,
         aligned: bool,
         slice_head: bool = False,
@@ -198,8 +202,9 @@ class ParameterCounter:
 def check_target_reachable(
     target_fraction: float, dense_params: int, least: int, max_sparsity: float
 ) -> float:
-    """The parameter budget of ``target_params``, if the smallest model (``least``
-    parameters, at ``max_sparsity``: every layer one rounding step wide) fits it."""
+    """The parameters a model may keep when ``target_params`` asks to remove
+    ``target_fraction`` of them, if the smallest model (``least`` parameters, at
+    ``max_sparsity``: every layer one rounding step wide) fits."""
     if not 0.0 < target_fraction < 1.0:
         raise AllocationError(f"target_params must be in (0, 1), got {target_fraction}")
     budget = (1.0 - target_fraction) * dense_params

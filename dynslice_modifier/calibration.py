@@ -121,6 +121,12 @@ def capture_layer_inputs(
     def front(input_ids: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
         with contextlib.suppress(_StopForward):
             model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        if "kwargs" not in grabbed:
+            raise CalibrationError(
+                f"the model's forward never ran its first decoder layer "
+                f"({type(first_layer).__name__}): the adapter's layers are not the ones "
+                "the model runs (was a layer replaced or wrapped after loading?)"
+            )
         return grabbed.pop("kwargs")
 
     keys: list[bytes] = []

@@ -17,10 +17,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
-from dynslice_modifier.allocation import DEFAULT_ROUND_TO, Rounding
+from dynslice_modifier.allocation import DEFAULT_ROUND_TO, Normalization, Rounding
+from dynslice_modifier.budget import Basis
 from dynslice_modifier.version import __version__
+
+if TYPE_CHECKING:
+    import torch
 
 QUANT_SCHEMES = ("none", "w4a16", "w8a8", "fp8")
 
@@ -43,6 +47,11 @@ def _model_path(name: str) -> Path:
             f"{name} does not exist: pass the directory a model was saved to (config.json "
             "and its weights), or 'smollm2' for the packaged SmolLM2"
         )
+    if path.is_file():
+        raise FileNotFoundError(
+            f"{name} is a file: pass the directory a model was saved to ({path.parent} holds "
+            "config.json and its weights?), or 'smollm2' for the packaged SmolLM2"
+        )
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"{name} is not a model directory (no config.json): pass the directory a model "
@@ -62,6 +71,51 @@ def _tokenizer(path: Path) -> Any:
             "own tokenizer: copy its files (tokenizer.json, tokenizer_config.json) into "
             f"{path}"
         ) from None
+
+
+def _check_weights(path: Path, config: Any) -> None:
+    """Refuse, before any calibration, a checkpoint that transformers would load only in
+    part: a damaged weights file (it would fail deep in the load), or tensors the config
+    declares and the files lack (initialised at random, with a warning, then sliced and
+    saved as if trained). Checkpoints in other formats are left to transformers."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoModelForCausalLM
+
+    from dynslice_modifier.modeling.modeling_dynslice import first_names
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = (json.loads(index.read_text()).get("weight_map") or {}).values()
+        files = sorted({path / name for name in shards})
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        return
+    stored: set[str] = set()
+    for file in files:
+        try:
+            with safe_open(file, "pt") as tensors:
+                stored.update(tensors.keys())
+        except (SafetensorError, OSError) as err:
+            raise ValueError(
+                f"{file} is not a readable safetensors file ({err}): the checkpoint is "
+                "damaged or incomplete (an interrupted copy or download?); save or fetch it "
+                "again"
+            ) from None
+    with torch.device("meta"):
+        expected = set(AutoModelForCausalLM.from_config(config).state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        expected.discard("lm_head.weight")
+    missing = list(expected - stored)
+    # Names with nothing in common: a naming transformers converts on load, not a loss.
+    if missing and expected & stored:
+        raise ValueError(
+            f"{path}'s weights lack {first_names(missing)}, which its config declares "
+            f"({config.num_hidden_layers} layers): transformers would initialise them at "
+            "random, and they would be sliced as if trained. The checkpoint is incomplete, "
+            "or config.json does not belong to it: save or fetch it again"
+        )
 
 
 def _weights_bytes(directory: Path) -> int:
@@ -177,7 +231,9 @@ def _slicer_flag(
     p.add_argument(_flag(field), default=None, help=f"{help} (default: {default})", **kwargs)
 
 
-def _windows(tokenizer: Any, args: argparse.Namespace, eval_windows: int = 0):
+def _windows(
+    tokenizer: Any, args: argparse.Namespace, eval_windows: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The protocol's calibration windows and ``eval_windows`` evaluation windows."""
     from dynslice_modifier.evaluation import split_protocol, wikitext_tokens
 
@@ -209,19 +265,24 @@ def quant_modifiers(
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     if scheme == "w4a16":
+        from dynslice_modifier.adapters import adapter_for
+        from dynslice_modifier.modeling.configuration_dynslice import INPUT_PROJECTION
+
         # Groups of 128 need every quantized input width to divide; the residual widths are
-        # rounded by the slicer, but o_proj/down_proj read widths slicing does not change.
+        # rounded by the slicer, but the sublayers' output linears read the attention heads
+        # and the MLP, which slicing does not change.
+        layout = adapter_for(config).layout
         ignore = ["lm_head"]
         head_dim = (
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         )
         if (config.num_attention_heads * head_dim) % 128:
-            ignore.append("re:.*o_proj$")
+            ignore.append(f"re:.*{layout['attn_output']}$")
         if config.intermediate_size % 128:
-            ignore.append("re:.*down_proj$")
+            ignore.append(f"re:.*{layout['mlp_output']}$")
         if quantize_shortcuts and config.hidden_size % 128:
             # A tied table's projection into layer 0 reads hidden_size.
-            ignore.append("re:.*input_projection$")
+            ignore.append(f"re:.*{INPUT_PROJECTION}$")
         if len(ignore) > 1:
             print(f"W4A16 groups of 128 do not fit {ignore[1:]}: kept in full precision")
         return [GPTQModifier(targets="Linear", scheme="W4A16", ignore=ignore)]
@@ -256,11 +317,12 @@ def cmd_scores(args: argparse.Namespace) -> None:
     from dynslice_modifier.adapters import adapter_for, get_adapter
     from dynslice_modifier.calibration import capture_layer_inputs
     from dynslice_modifier.errors import UnsupportedModelError
+    from dynslice_modifier.modeling import DynSliceConfig
     from dynslice_modifier.redundancy import redundancy_scores
 
     path = _model_path(args.model)
     config = AutoConfig.from_pretrained(path)
-    if config.model_type == "dynslice":
+    if config.model_type == DynSliceConfig.model_type:
         raise UnsupportedModelError(
             f"{args.model} is already sliced: Layer Redundancy scores are measured on the dense "
             "model, and a sliced checkpoint records the ones it was sliced by in "
@@ -268,6 +330,7 @@ def cmd_scores(args: argparse.Namespace) -> None:
         )
     # A model the slicer cannot take is refused from its config, before its weights load.
     adapter_for(config)
+    _check_weights(path, config)
     if args.json:
         _check_writable("--json", args.json)
     tokenizer = _tokenizer(path)
@@ -280,7 +343,7 @@ def cmd_scores(args: argparse.Namespace) -> None:
     scores = redundancy_scores(layers, inputs, torch.device("cpu"))
     print("layer  LR score")
     for i, s in enumerate(scores):
-        print(f"{i:5d}  {s:8.4f}  {'#' * max(int(40 * max(s, 0)), 0)}")
+        print(f"{i:5d}  {s:8.4f}  {'#' * int(40 * max(s, 0))}")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": str(path), "lr_scores": scores}))
         print(f"scores written to {args.json} (use as layer_scores in a recipe)")
@@ -321,6 +384,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     # weights are loaded (minutes for a large model) and before any data is tokenized.
     config = AutoConfig.from_pretrained(path)
     adapter_for(config)
+    _check_weights(path, config)
     output = Path(args.output)
     check_target(output, [path])
     dense_bytes = _weights_bytes(path)
@@ -406,6 +470,8 @@ def _compress_recipe(args: argparse.Namespace, config: Any) -> Any:
         import yaml
         from llmcompressor.recipe import Recipe
 
+        if not Path(args.recipe).is_file():
+            raise FileNotFoundError(f"--recipe {args.recipe} does not exist or is not a file")
         try:
             _check_recipe_layout(args.recipe)
             modifiers = Recipe.create_instance(args.recipe).modifiers
@@ -607,7 +673,7 @@ def _add_slicer_flags(p: argparse.ArgumentParser) -> None:
         p,
         "basis",
         "PCA basis per sub-layer (SliceGPT) or per layer (fewer shortcuts)",
-        choices=["sublayer", "layer"],
+        choices=get_args(Basis),
     )
     _slicer_flag(
         p,
@@ -617,7 +683,7 @@ def _add_slicer_flags(p: argparse.ArgumentParser) -> None:
         type=_positive(int),
     )
     _slicer_flag(
-        p, "normalization", "how LR scores are spread over [0, 1]", choices=["minmax", "rank"]
+        p, "normalization", "how LR scores are spread over [0, 1]", choices=get_args(Normalization)
     )
     _slicer_flag(
         p,

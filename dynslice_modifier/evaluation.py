@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 # lm-eval task configs shipped with the package: pass this directory as --include_path.
 LM_EVAL_TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -46,7 +47,9 @@ def wikitext_path(path: str | Path | None = None) -> Path:
     )
 
 
-def wikitext_tokens(tokenizer, path: str | Path | None = None) -> list[int]:
+def wikitext_tokens(
+    tokenizer: PreTrainedTokenizerBase, path: str | Path | None = None
+) -> list[int]:
     source = wikitext_path(path)
     if source.is_dir():
         raise ValueError(f"{source} is a directory; point to a text file (e.g. wiki.test.raw)")

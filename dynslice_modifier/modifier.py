@@ -13,19 +13,21 @@ from llmcompressor.core import State
 from llmcompressor.modifiers import Modifier
 from llmcompressor.utils.dev import get_main_device
 from loguru import logger
-from pydantic import PrivateAttr, field_validator, model_validator
+from pydantic import PrivateAttr, StrictInt, field_validator, model_validator
 
 from dynslice_modifier.adapters import changing_in_place, check_unquantized, get_adapter
 from dynslice_modifier.adapters.base import ModelAdapter
 from dynslice_modifier.allocation import (
     DEFAULT_ROUND_TO,
+    Normalization,
     Rounding,
     check_explicit_dims,
     check_fractions,
     check_sparsity_fits,
+    check_sparsity_slices,
     mean_slice,
 )
-from dynslice_modifier.budget import ParameterCounter, check_target_reachable
+from dynslice_modifier.budget import Basis, ParameterCounter, check_target_reachable
 from dynslice_modifier.calibration import LayerInputs, capture_layer_inputs
 from dynslice_modifier.conversion import convert_to_sliced
 from dynslice_modifier.distributed import is_distributed, shared_across_ranks, sum_over_ranks
@@ -274,13 +276,14 @@ class DynamicSliceModifier(Modifier):
     slicing_base: float | Literal["auto"] | None = None
     auto_fractions: list[float] | None = None
     auto_holdout: float = AUTO_HOLDOUT
-    round_to: int | None = None
+    # Strict: pydantic would read True as a width of 1.
+    round_to: StrictInt | None = None
     rounding: Rounding | None = None
-    layer_dims: list[int] | None = None
+    layer_dims: list[StrictInt] | None = None
     layer_scores: list[float] | None = None
-    normalization: Literal["minmax", "rank"] = "minmax"
-    basis: Literal["sublayer", "layer"] = "sublayer"
-    layers_per_basis: int = 1
+    normalization: Normalization = "minmax"
+    basis: Basis = "sublayer"
+    layers_per_basis: StrictInt = 1
     untie_embeddings: bool = False
     target_params: float | None = None
     hadamard: bool = False
@@ -536,17 +539,17 @@ class DynamicSliceModifier(Modifier):
                 "recipe takes lm_head, which unties it anyway), and the table is sliced too"
             )
         return _Run(
-            adapter,
-            layers,
-            layer_names,
-            others,
-            _compute_device(),
-            dense_params,
-            tied,
-            keep_tied,
-            explicit,
-            planner,
-            list(calib),
+            adapter=adapter,
+            layers=layers,
+            layer_names=layer_names,
+            others=others,
+            device=_compute_device(),
+            dense_params=dense_params,
+            tied=tied,
+            keep_tied=keep_tied,
+            explicit=explicit,
+            planner=planner,
+            calib=list(calib),
         )
 
     def _check_recipe(
@@ -579,6 +582,10 @@ class DynamicSliceModifier(Modifier):
             )
         else:
             check_sparsity_fits(self.sparsity, planner.max_sparsity, set_by)
+            if self.rounding != "nearest":
+                check_sparsity_slices(
+                    self.sparsity, planner.hidden_size, planner.num_layers, planner.round_to, set_by
+                )
 
     def _measure(self, run: _Run, inputs: LayerInputs, heldout: frozenset[int]) -> float:
         """Score the layers (Layer Redundancy) and take each layer input's spectrum, where
@@ -776,12 +783,21 @@ class DynamicSliceModifier(Modifier):
         if sliced_params <= dense_params:
             return
         sizes = f"{sliced_params:,} against {dense_params:,} parameters"
-        if realised == 0.0:
+        if realised == 0.0 and layout.sparsity == 0.0:
             # Rotation alone (sparsity 0, e.g. for hadamard) is asked to keep every width,
             # so the input projection and the shortcuts are pure additions.
             logger.info(
                 f"Rotated without slicing: the model is larger than the dense one ({sizes}) "
                 "by its input projection and shortcut matrices"
+            )
+            return
+        if realised == 0.0:
+            # Only nearest rounding gets here: each width rounded back to full on its own.
+            logger.warning(
+                f"sparsity {layout.sparsity:g} sliced nothing: every width rounded back to "
+                f"{model.config.hidden_size} ({layout.rounding} rounding), so the model is "
+                f"larger than the dense one ({sizes}) by its shortcuts; raise sparsity, or "
+                "use mean rounding, which keeps the widths' sum"
             )
             return
         remedies = "raise sparsity or use basis: layer (one shortcut per layer)"
@@ -893,7 +909,7 @@ class DynamicSliceModifier(Modifier):
             )
 
     def _sliced_linears(
-        self, model: torch.nn.Module, adapter: Any, names: dict[int, str]
+        self, model: torch.nn.Module, adapter: ModelAdapter, names: dict[int, str]
     ) -> tuple[dict[str, torch.nn.Module], dict[str, torch.nn.Module]]:
         """The linears (by name) whose input width slicing sets, and those whose output
         width it sets: what the recipe's quantizers may ask to be rounded.

@@ -15,28 +15,22 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
-from fnmatch import fnmatch
 from pathlib import Path
 
 # What a save of a sliced checkpoint writes (transformers, llm-compressor, the tokenizer and
-# this package's report): an earlier output holding only these may be replaced whole.
-CHECKPOINT_FILES = (
-    "config.json",
-    "generation_config.json",
-    "recipe.yaml",
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template*",
-    "processor_config.json",
-    "preprocessor_config.json",
-    "configuration_dynslice.py",
-    "modeling_dynslice.py",
-    "slicing_report.*",
+# this package's report): an earlier output holding only these may be replaced whole. Names,
+# not wildcards: a user's "dense_baseline.safetensors" or "tokenizer_notes.txt" beside them
+# must stop the replacement, not be deleted with it.
+CHECKPOINT_FILES = re.compile(
+    r"""(
+      config\.json | generation_config\.json | recipe\.yaml
+    | model(-\d+-of-\d+)?\.safetensors | model\.safetensors\.index\.json
+    | tokenizer(_config)?\.json | tokenizer\.model | special_tokens_map\.json
+    | added_tokens\.json | vocab\.(json|txt) | merges\.txt | chat_template\.(jinja|json)
+    | processor_config\.json | preprocessor_config\.json
+    | configuration_dynslice\.py | modeling_dynslice\.py | slicing_report\.(md|png)
+    )""",
+    re.VERBOSE,
 )
 
 
@@ -70,6 +64,11 @@ def check_replaceable(target: Path) -> None:
             f"directory inside it, e.g. {target / 'model'}"
         )
     writable = _existing_ancestor(target.parent)
+    if not writable.is_dir():
+        raise ValueError(
+            f"cannot create the output directory {target}: {writable} is a file, not a "
+            "directory; choose another output directory"
+        )
     if not os.access(writable, os.W_OK | os.X_OK):
         raise ValueError(
             f"cannot write the output beside {target}: {writable} is not writable (the output "
@@ -99,7 +98,7 @@ def check_replaceable(target: Path) -> None:
     foreign = sorted(
         entry.name + ("/" if entry.is_dir() else "")
         for entry in target.iterdir()
-        if entry.is_dir() or not any(fnmatch(entry.name, name) for name in CHECKPOINT_FILES)
+        if entry.is_dir() or not CHECKPOINT_FILES.fullmatch(entry.name)
     )
     if foreign:
         raise ValueError(
@@ -138,11 +137,31 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
+def _missing_ancestors(path: Path) -> list[Path]:
+    """``path`` and its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_if_empty(directories: list[Path]) -> None:
+    """Take back the directories a failed run created for its output, deepest first, as
+    far as nothing else was written into them meanwhile."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a scratch directory that becomes ``target`` only if the block succeeds."""
     target = Path(target).resolve()
     check_replaceable(target)
+    created = _missing_ancestors(target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_scratch(target)
     scratch = Path(tempfile.mkdtemp(prefix=_scratch_prefix(target, "partial"), dir=target.parent))
@@ -164,6 +183,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
         if previous is not None and previous.exists() and not target.exists():
             os.replace(previous, target)
+        _remove_if_empty(created)
         raise
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)

@@ -22,7 +22,7 @@ from torch import nn
 
 from dynslice_modifier.allocation import DEFAULT_ROUND_TO
 from dynslice_modifier.errors import AllocationError
-from dynslice_modifier.modeling.modeling_dynslice import ResidualShortcutLinear
+from dynslice_modifier.modeling.modeling_dynslice import ResidualShortcutLinear, first_names
 
 _GROUPED = ("group", "tensor_group")
 GEMM_8BIT_ALIGNMENT = 16
@@ -214,12 +214,11 @@ def check_unsliced_inputs(
                 and module.in_features % size
             ]
             if bad:
-                shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
                 raise AllocationError(
                     f"{type(modifier).__name__} uses groups of {size}, but these layers read a "
                     f"width that is not a multiple of {size} and that slicing does not change: "
-                    f"{shown}. Add them to the quantizer's ignore list (e.g. 're:.*o_proj$', "
-                    "'lm_head') or choose a group size that divides their width"
+                    f"{first_names(bad)}. Add them to the quantizer's ignore list (e.g. "
+                    "'re:.*o_proj$', 'lm_head') or choose a group size that divides their width"
                     f"{_whole_groups(modifier)}"
                 )
 

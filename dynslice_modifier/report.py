@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from dynslice_modifier.modeling.configuration_dynslice import DynSliceConfig
+from dynslice_modifier.modeling.modeling_dynslice import REPORT_FILES
 from dynslice_modifier.output import directory_size
 
 
@@ -17,7 +19,7 @@ def load_slicing(checkpoint: str | Path) -> dict[str, Any]:
             f"{checkpoint} has no config.json: pass the directory a sliced model was saved to"
         )
     config = json.loads(config_path.read_text())
-    if config.get("model_type") != "dynslice":
+    if config.get("model_type") != DynSliceConfig.model_type:
         raise ValueError(
             f"{checkpoint} is not a sliced checkpoint (model_type {config.get('model_type')!r}); "
             f"slice it first with: dynslice compress {checkpoint} OUTPUT (which writes the "
@@ -185,11 +187,12 @@ def write_report(
             f"the report goes into a directory, and {out} is a file: name a directory for it"
         )
     out.mkdir(parents=True, exist_ok=True)
-    md = out / "slicing_report.md"
+    md_name, png_name = REPORT_FILES
+    md = out / md_name
     md.write_text(summary)
     if not _has_matplotlib():
         return md, None
-    return md, plot_slicing(checkpoint, out / "slicing_report.png")
+    return md, plot_slicing(checkpoint, out / png_name)
 
 
 def _has_matplotlib() -> bool:

@@ -54,19 +54,14 @@ def _set_weight(module: nn.Linear | nn.Embedding, weight: torch.Tensor) -> None:
         module.embedding_dim = weight.shape[1]
 
 
-def rotate_inputs(
-    linears: list[nn.Linear], basis: torch.Tensor, scale: torch.Tensor | None = None
-) -> None:
+def rotate_inputs(linears: list[nn.Linear], basis: torch.Tensor, scale: torch.Tensor) -> None:
     """Make ``linears`` read coordinates in ``basis``, folding in the scale of the norm that
     feeds them: ``norm(x) * scale`` feeding ``W`` equals ``norm(x)`` feeding
     ``W diag(scale)``. One product, so the weights are rounded to their dtype once."""
     q = basis.to(torch.float64)
+    s = scale.to(q.device, torch.float64)
     for linear in linears:
-        if scale is None:
-            _set_weight(linear, _in_float64(linear.weight, lambda w: w @ q, q.device))
-        else:
-            s = scale.to(q.device, torch.float64)
-            _set_weight(linear, _in_float64(linear.weight, lambda w, s=s: (w * s) @ q, q.device))
+        _set_weight(linear, _in_float64(linear.weight, lambda w: (w * s) @ q, q.device))
 
 
 def rotate_output(linear: nn.Linear, basis: torch.Tensor) -> None:

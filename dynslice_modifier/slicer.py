@@ -30,10 +30,10 @@ rotation): no shortcut inside it or towards a whole neighbour. The modifier leav
 whole when slicing them would add more shortcut weights than it removes.
 
 Each layer is run once per pass. A run captures the first layer's inputs, takes the
-redundancy pass over the unsliced model (unless the widths need no scores), captures them
-again and takes this slicing pass (plus a pass over each shared basis's unsliced layers
-with ``basis="layer"``, without the last one's MLP):
-about 2.6 forward passes of the calibration set on SmolLM2 (README, "How it works").
+redundancy pass over the unsliced model (unless the widths need neither its scores nor its
+spectra), captures them again and takes this slicing pass (plus a pass over each shared
+basis's unsliced layers with ``basis="layer"``, without the last one's MLP): about 2.6
+forward passes of the calibration set on SmolLM2 (README, "How it works").
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from compressed_tensors.offload import disable_onloading
@@ -52,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dynslice_modifier.adapters import ModelAdapter
-from dynslice_modifier.budget import head_sliced, shares_basis
+from dynslice_modifier.budget import Basis, head_sliced, shares_basis
 from dynslice_modifier.calibration import (
     LayerInputs,
     check_finite,
@@ -76,9 +75,6 @@ from dynslice_modifier.rotate import (
     rotate_inputs,
     rotate_output,
 )
-
-Basis = Literal["sublayer", "layer"]
-
 
 # Parameters are compared as stored: under compressed-tensors offloading (a model loaded
 # with a device_map, or any model once llm-compressor's pipelines set an onload device)
@@ -264,7 +260,8 @@ class RotateAndSlice:
         acc.all_reduce()
         eigenvalues, vectors = principal_basis(acc, where)
         rank = int((eigenvalues > 1e-9 * eigenvalues[0]).sum())
-        if rank < width:
+        # At full width nothing is chosen, so directions without signal are harmless.
+        if rank < width < self.hidden_size:
             logger.warning(
                 f"{where}: the calibration signal spans only {rank} dimensions but {width} "
                 f"are kept, so {width - rank} kept directions are arbitrary. Use more, and "

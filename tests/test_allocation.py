@@ -109,6 +109,15 @@ def test_rank_normalization_spreads_outlier_profile():
     assert normalize_scores([0.3, 0.3, 0.9], "rank").tolist() == [0.25, 0.25, 1.0]
 
 
+@pytest.mark.parametrize("method", ["minmax", "rank"])
+def test_scores_equal_but_for_float_noise_slice_alike(method):
+    # Min-max would stretch a 2e-12 difference over the whole spread: fractions of
+    # 0.1 / 0.37 / 0.1 / 0.63 at SP 0.3, SB 0.1, for layers that change their input alike.
+    noisy = [0.95, 0.95 + 1e-12, 0.95, 0.95 + 2e-12]
+    assert normalize_scores(noisy, method).tolist() == [1.0] * 4
+    assert normalize_scores([0.95, 0.95 + 1e-6], method).tolist() == [0.0, 1.0]
+
+
 @pytest.mark.parametrize(
     ("sp", "sb", "match"),
     [

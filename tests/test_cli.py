@@ -10,15 +10,18 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import logged, save_tiny
 from safetensors.torch import load_file
-from tiny import tiny_model
+from tiny import ARCHS, tiny_model
+from transformers import AutoConfig
 
 from dynslice_modifier import cli
+from dynslice_modifier.adapters import ADAPTERS, PRE_NORM_LAYOUT
 from dynslice_modifier.cli import (
     RECIPE_ONLY,
     SLICER_FLAGS,
@@ -443,6 +446,7 @@ def test_scores_eval_and_report(workdir, capsys):
         (["compress", "tiny", "tiny/sub"], "overlaps the input model"),
         (["compress", "nowhere", "bad"], "nowhere does not exist: pass the directory"),
         (["eval", "."], ". is not a model directory (no config.json)"),
+        (["compress", "tiny/config.json", "bad"], "tiny/config.json is a file: pass the directory"),
         # 1 is everything, not 1%.
         (["compress", "tiny", "bad", "--sparsity", "1"], "must be in [0, 1), got 1\n"),
         (["eval", "tiny", "--data", "missing.txt"], "text file missing.txt not found"),
@@ -547,6 +551,7 @@ def test_bad_arguments_fail_clearly(args, message, workdir, capsys):
         (["--quantize-shortcuts"], "needs a --quantize scheme"),
         (["--sparsity", "0.2", "--target-params", "0.1"], "either --sparsity or --target-params"),
         (["--recipe", "quantize_only.yaml"], "has no DynamicSliceModifier"),
+        (["--recipe", "missing.yaml"], "--recipe missing.yaml does not exist or is not a file"),
         (["--recipe", "empty.yaml"], "empty.yaml has no stage: a recipe maps each <name>_stage"),
         (["--recipe", "word.yaml"], "word.yaml has no stage"),
         (["--recipe", "list.yaml"], "list.yaml has no stage"),
@@ -633,12 +638,28 @@ def test_an_earlier_result_with_files_of_its_owner_is_not_replaced(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "config.json").write_text('{"model_type": "dynslice"}')
-    for name in ("model.safetensors", "recipe.yaml", "tokenizer.json", "slicing_report.md"):
+    saved = ("model-00001-of-00002.safetensors", "recipe.yaml", "tokenizer.json")
+    for name in (*saved, "slicing_report.md", "chat_template.jinja"):
         (target / name).write_text("")
     check_replaceable(target)  # what a save writes, and nothing else
     (target / "evaluation").mkdir()
     (target / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match=r"also \['evaluation/', 'notes.txt'\], which no save"):
+        check_replaceable(target)
+
+
+@pytest.mark.parametrize(
+    "name", ["dense_baseline.safetensors", "tokenizer_notes.txt", "slicing_report.reviewed.docx"]
+)
+def test_a_file_of_its_owner_named_like_a_save_file_is_not_replaced(tmp_path, name):
+    # Only the names a save writes count as its own: a look-alike is the user's.
+    from dynslice_modifier.output import check_replaceable
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "config.json").write_text('{"model_type": "dynslice"}')
+    (target / name).write_text("keep me")
+    with pytest.raises(ValueError, match=rf"also \['{re.escape(name)}'\], which no save"):
         check_replaceable(target)
 
 
@@ -683,6 +704,23 @@ def test_outputs_that_cannot_be_renamed_into_place_are_refused(tmp_path, monkeyp
     with pytest.raises(ValueError, match=f"{tmp_path} is not writable"):
         output.check_replaceable(tmp_path / "new" / "out")
     assert not (tmp_path / "gone").exists() and not (tmp_path / "new").exists()
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"notes\.txt is a file, not a directory"):
+        output.check_replaceable(tmp_path / "notes.txt" / "out")
+
+
+def test_a_failed_run_takes_back_the_directories_it_created(tmp_path):
+    from dynslice_modifier.output import atomic_directory
+
+    runs = tmp_path / "runs"
+    with pytest.raises(RuntimeError), atomic_directory(runs / "2024-06" / "sliced"):
+        raise RuntimeError("calibration failed")
+    assert list(tmp_path.iterdir()) == []
+    # A directory that something else wrote into meanwhile stays, with what it holds.
+    with pytest.raises(RuntimeError), atomic_directory(runs / "2024-06" / "sliced"):
+        (runs / "log.txt").write_text("kept")
+        raise RuntimeError("calibration failed")
+    assert [p.name for p in runs.iterdir()] == ["log.txt"]
 
 
 def test_a_failed_rename_leaves_the_previous_output_and_no_scratch(tmp_path, monkeypatch):
@@ -878,3 +916,44 @@ def test_every_quantize_choice_keeps_the_head_unless_asked():
         assert "lm_head" in quantizer.ignore, scheme
     (quantizer,) = quant_modifiers("w8a8", config, quantize_head=True)
     assert "lm_head" not in quantizer.ignore
+
+
+def test_w4a16_keeps_the_output_linears_the_adapter_names_when_groups_do_not_fit(
+    monkeypatch,
+):
+    # The tiny model's attention (4 x 16), MLP (128) and residual (64) widths: groups of
+    # 128 fit the MLP alone. The names come from the architecture's adapter, not from Llama's.
+    config = tiny_model().config
+    (quantizer,) = quant_modifiers("w4a16", config, quantize_shortcuts=True)
+    assert quantizer.ignore == ["lm_head", "re:.*o_proj$", "re:.*input_projection$"]
+    config.intermediate_size = 96
+    renamed = replace(ADAPTERS["llama"], layout=PRE_NORM_LAYOUT | {"attn_output": "dense"})
+    monkeypatch.setitem(ADAPTERS, "llama", renamed)
+    (quantizer,) = quant_modifiers("w4a16", config)
+    assert quantizer.ignore == ["lm_head", "re:.*dense$", "re:.*down_proj$"]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_a_complete_checkpoint_passes_the_weights_check(tmp_path, arch, tied):
+    path = save_tiny(tmp_path / arch, arch, tied)
+    cli._check_weights(path, AutoConfig.from_pretrained(path))
+
+
+def test_a_damaged_or_incomplete_checkpoint_is_refused_before_loading(tmp_path):
+    # transformers would fail deep in the load on the first, and fill the missing tensors of
+    # the others with random numbers, which compress would then slice and save.
+    path = tmp_path / "sharded"
+    tiny_model().save_pretrained(path, max_shard_size="40KB")
+    config = AutoConfig.from_pretrained(path)
+    cli._check_weights(path, config)
+    shards = sorted(path.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    data = shards[-1].read_bytes()
+    shards[-1].write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match=rf"{shards[-1].name} is not a readable safetensors"):
+        cli._check_weights(path, config)
+    shards[-1].write_bytes(data)
+    config.num_hidden_layers += 1
+    with pytest.raises(ValueError, match=r"lack model\.layers\.3\..* \(9 in all\), which its"):
+        cli._check_weights(path, config)

@@ -19,7 +19,7 @@ from llmcompressor.core import reset_session
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.recipe import Recipe
 from tiny import calib_batches, tiny_model
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.adapters import adapter_for
@@ -198,15 +198,44 @@ def test_checkpoint_loads_with_trust_remote_code_without_the_package(tiny_dir, t
     script = f"""
 import sys, torch
 sys.modules["dynslice_modifier"] = None  # make any import of the package fail
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
 assert type(m).__name__ == "DynSliceForCausalLM", type(m)
 ids = torch.load({str(tmp_path / "ids.pt")!r})
 torch.save(m(ids).logits.detach(), {str(tmp_path / "logits.pt")!r})
+body = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True)
+hidden = body(ids).last_hidden_state
+torch.save(m.lm_head(hidden).detach(), {str(tmp_path / "body_logits.pt")!r})
 """
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=0, rtol=0)
+    torch.testing.assert_close(torch.load(tmp_path / "body_logits.pt"), expected, atol=0, rtol=0)
+
+
+def test_automodel_gives_the_decoder_stack_of_a_sliced_checkpoint(tiny_dir, tmp_path):
+    # As for a dense checkpoint: the base model, whose last hidden state the head reads.
+    out = tmp_path / "out"
+    model = run_oneshot(tiny_dir, RECIPE, out)
+    body, info = AutoModel.from_pretrained(out, output_loading_info=True)
+    assert type(body) is type(model.model) and not info["missing_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.lm_head(body(IDS).last_hidden_state), model(IDS).logits, atol=0, rtol=0
+        )
+    fresh = AutoModel.from_config(AutoConfig.from_pretrained(out))
+    widths = [layer.self_attn.q_proj.in_features for layer in model.model.layers]
+    assert [layer.self_attn.q_proj.in_features for layer in fresh.layers] == widths
+
+
+def test_saving_into_an_earlier_output_drops_its_report(tiny_dir, tmp_path):
+    # The report of the model saved there before would describe widths this one lacks.
+    out = tmp_path / "out"
+    run_oneshot(tiny_dir, RECIPE, out)
+    (out / "slicing_report.md").write_text("| 0 | 0.870 | 40 | 40 |")
+    (out / "notes.md").write_text("mine")
+    run_oneshot(tiny_dir, RECIPE.replace("sparsity: 0.25", "sparsity: 0.5"), out)
+    assert not (out / "slicing_report.md").exists() and (out / "notes.md").exists()
 
 
 def test_a_remote_code_model_keeps_its_config_through_a_later_oneshot(tiny_dir, tmp_path):
@@ -271,6 +300,10 @@ print(json.dumps(json.load(open(out + "/config.json"))["slicing"]["unit_norms"])
         ({"sparsity": 0.2, "layer_scores": [0.5, float("nan")]}, "one finite number"),
         ({"sparsity": 0.2, "layers_per_basis": 0}, "layers_per_basis must be a positive"),
         ({"sparsity": 0.2, "layers_per_basis": 2}, "layers_per_basis: 2 .* set basis: layer"),
+        # Booleans and floats are not widths (lax validation would read True as 1).
+        ({"layer_dims": [True, 32]}, r"layer_dims\.0\n.*valid integer"),
+        ({"sparsity": 0.2, "round_to": True}, r"round_to\n.*valid integer"),
+        ({"sparsity": 0.2, "round_to": 16.0}, r"round_to\n.*valid integer"),
     ],
 )
 def test_bad_options_rejected_when_the_recipe_is_built(options, match):
@@ -403,6 +436,16 @@ def test_a_refused_run_leaves_a_tied_model_tied():
     assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
 
 
+def test_a_sparsity_that_nearest_rounding_takes_back_whole_is_warned_of(tiny_dir):
+    # Each width rounds on its own to full (2.6 of 16 dims a layer): nothing is sliced, and
+    # the shortcuts make the model larger than the dense one.
+    options = {"sparsity": 0.04, "slicing_base": 0.04, "round_to": 16, "rounding": "nearest"}
+    recipe = [DynamicSliceModifier(**options, profitable_only=False)]
+    with logged() as records:
+        run_oneshot(tiny_dir, recipe)
+    assert any("sparsity 0.04 sliced nothing" in message for _, message in records), records
+
+
 def test_width_rounding_to_zero(tiny_dir):
     recipe = [DynamicSliceModifier(sparsity=0.9, slicing_base=0.9, round_to=32)]
     with pytest.raises(AllocationError, match="lower sparsity or round_to"):
@@ -422,6 +465,9 @@ class _Untouchable:
         ({"sparsity": 0.9, "slicing_base": 0.1, "round_to": 16}, "less than one rounding step"),
         ({"sparsity": 0.9, "slicing_base": "auto", "round_to": 16}, "less than one rounding"),
         ({"target_params": 0.9, "round_to": 16}, "needs more than the largest possible SP, 0.750"),
+        # Under half a step of 16 in all: every width would round back to 64.
+        ({"sparsity": 0.02, "round_to": 16}, r"would slice nothing: it removes \d\.\d+ of the"),
+        ({"sparsity": 0.02, "rounding": "spectrum"}, "would slice nothing"),
     ],
 )
 def test_sizes_no_scores_can_reach_fail_before_calibration(options, match):

@@ -365,6 +365,17 @@ def test_an_empty_calibration_text_is_named_with_the_fix(tiny_dir):
         run_oneshot(tiny_dir, RECIPE, dataset=data, num_calibration_samples=9)
 
 
+def test_a_first_layer_the_forward_never_runs_is_named():
+    # A layer swapped out of the model after the adapter looked it up (here: one that was
+    # never in it) would otherwise end calibration with a bare KeyError.
+    from dynslice_modifier.errors import CalibrationError
+
+    model = tiny_model()
+    stray = copy.deepcopy(model.model.layers[0])
+    with pytest.raises(CalibrationError, match="never ran its first decoder layer"):
+        capture_layer_inputs(model, stray, [{"input_ids": IDS}])
+
+
 def test_a_checkpoint_that_is_no_causal_lm_is_refused(tiny_dir, no_calibration):
     # transformers would load it as LlamaForCausalLM with a randomly initialised head.
     from dynslice_modifier.errors import UnsupportedModelError
@@ -389,10 +400,12 @@ def test_an_architecture_newer_than_its_format_is_refused(sliced_config, base_mo
 def test_every_adapter_names_its_format_and_a_layout_readers_build():
     # Without an entry a new architecture's checkpoints would say format 1, and plugins
     # from before it would refuse them as "not implemented" instead of asking for an upgrade;
-    # and a checkpoint of a layout outside LAYOUTS is refused on load.
+    # a checkpoint of a layout outside LAYOUTS is refused on load; and a multiplier the
+    # config check does not know would let an unfolded one through.
     from dynslice_modifier.adapters import ADAPTERS
     from dynslice_modifier.modeling.configuration_dynslice import (
         ARCHITECTURE_FORMATS,
+        FOLDED_SCALARS,
         LAYOUTS,
         SLICING_FORMAT_VERSION,
     )
@@ -400,6 +413,13 @@ def test_every_adapter_names_its_format_and_a_layout_readers_build():
     assert set(ARCHITECTURE_FORMATS) == set(ADAPTERS)
     assert max(ARCHITECTURE_FORMATS.values()) <= SLICING_FORMAT_VERSION
     assert all(adapter.layout in LAYOUTS for adapter in ADAPTERS.values())
+    folded = {
+        name
+        for adapter in ADAPTERS.values()
+        for name in (adapter.output_multiplier, adapter.logits_divisor)
+        if name is not None
+    }
+    assert folded == set(FOLDED_SCALARS)
 
 
 @pytest.mark.parametrize("key", ["residual_multiplier", "logits_scaling"])

@@ -700,8 +700,8 @@ def test_changed_norms_refuse_fused_shortcuts(vllm_results: dict[str, Any]) -> N
 
 def test_missing_shortcut_tensor_is_refused(vllm_results: dict[str, Any]) -> None:
     error = vllm_results[SHORTCUT_MISSING].get("error", "")
-    assert "no tensors for 1 residual shortcuts" in error, vllm_results[SHORTCUT_MISSING]
-    assert "model.layers.1.mlp_shortcut" in error
+    assert "no tensors for the residual shortcuts" in error, vllm_results[SHORTCUT_MISSING]
+    assert "model.layers.1.mlp_shortcut (1 in all)" in error
 
 
 def test_widths_the_tensors_do_not_have_are_named(vllm_results: dict[str, Any]) -> None:

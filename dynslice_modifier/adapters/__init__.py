@@ -1,7 +1,10 @@
 """Architecture adapters. Slicing and serving a new pre-norm architecture is adding one module
 here: its layout for the slicer (``PRE_NORM_LAYOUT``, or ``FUSED_LAYOUT`` where q/k/v and
 gate/up are one linear each), and for the vLLM model file how its attention differs from
-Llama's (``ModelAdapter.fixed_attention_biases``, ``head_norms``, the multipliers)."""
+Llama's (``ModelAdapter.fixed_attention_biases``, ``head_norms``, the multipliers). The
+checkpoint format then needs its ``model_type`` in ``ARCHITECTURE_FORMATS`` and any new
+multiplier name in ``FOLDED_SCALARS`` (``modeling/configuration_dynslice.py``, which sliced
+checkpoints carry); tests fail until it has them."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from torch import nn
 from dynslice_modifier.adapters import granite, llama, mistral, phi3, qwen2, qwen3
 from dynslice_modifier.adapters.base import PRE_NORM_LAYOUT, ModelAdapter
 from dynslice_modifier.errors import UnsupportedModelError
+from dynslice_modifier.modeling.configuration_dynslice import DynSliceConfig
 
 ADAPTERS: dict[str, ModelAdapter] = {
     a.model_type: a
@@ -133,7 +137,7 @@ def adapter_for(config: Any, architecture: str | None = None) -> ModelAdapter:
     supported = ", ".join(
         f"{a.model_type} ({'/'.join(a.architectures)})" for a in ADAPTERS.values()
     )
-    if model_type == "dynslice":
+    if model_type == DynSliceConfig.model_type:
         raise UnsupportedModelError(
             f"this model is already sliced ({architecture or 'DynSliceForCausalLM'}); slicing "
             "it again would need its dense original. To quantize it, run llm-compressor's "
@@ -149,7 +153,8 @@ def adapter_for(config: Any, architecture: str | None = None) -> ModelAdapter:
             f"DynamicSliceModifier does not support {name} (model_type "
             f"{model_type!r}){why}. Supported architectures: {supported}. A pre-norm "
             "architecture with RMSNorm is added as one adapter module in "
-            "dynslice_modifier/adapters/ (see mistral.py, or phi3.py for fused linears)"
+            "dynslice_modifier/adapters/ (see mistral.py, or phi3.py for fused linears) and "
+            "its entry in ARCHITECTURE_FORMATS"
         )
     # transformers loads any Llama checkpoint as LlamaForCausalLM, dropping a classifier's
     # head and initialising a random one: the checkpoint's own class says what it was.

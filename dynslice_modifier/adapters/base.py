@@ -1,4 +1,4 @@
-"""What the slicing algorithm needs to know about an architecture, and nothing more."""
+"""What the slicer, and the vLLM model file, need to know about an architecture."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The sliced architecture for transformers, registered with the Auto classes on import."""
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from dynslice_modifier.modeling.configuration_dynslice import (
     SLICING_FORMAT_VERSION,
@@ -9,12 +9,14 @@ from dynslice_modifier.modeling.configuration_dynslice import (
 )
 from dynslice_modifier.modeling.modeling_dynslice import (
     DynSliceForCausalLM,
+    DynSliceModel,
     SlicedDecoderLayer,
     SlicedRMSNorm,
 )
 
 AutoConfig.register(DynSliceConfig.model_type, DynSliceConfig, exist_ok=True)
 AutoModelForCausalLM.register(DynSliceConfig, DynSliceForCausalLM, exist_ok=True)
+AutoModel.register(DynSliceConfig, DynSliceModel, exist_ok=True)
 # Saved checkpoints carry these two files and an auto_map, so they load with
 # trust_remote_code=True where this package is not installed.
 DynSliceConfig.register_for_auto_class()
@@ -24,6 +26,7 @@ __all__ = [
     "SLICING_FORMAT_VERSION",
     "DynSliceConfig",
     "DynSliceForCausalLM",
+    "DynSliceModel",
     "SlicedDecoderLayer",
     "SlicedRMSNorm",
     "SlicingConfigError",

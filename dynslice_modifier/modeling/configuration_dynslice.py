@@ -58,8 +58,10 @@ FUSED_LAYOUT: dict[str, Any] = PRE_NORM_LAYOUT | {
 # a checkpoint with any other layout would load its tensors into the wrong modules, or fail
 # on a missing one. A new adapter with a layout of its own adds it here.
 LAYOUTS = (PRE_NORM_LAYOUT, FUSED_LAYOUT)
-# Base-config scalars folded into the weights by slicing (Granite's; ModelAdapter names them).
-_FOLDED_SCALARS = ("residual_multiplier", "logits_scaling")
+# Base-config scalars folded into the weights by slicing (Granite's): every adapter's
+# ``output_multiplier`` and ``logits_divisor`` (tests check), named again here because
+# checkpoints carry this file without the adapters.
+FOLDED_SCALARS = ("residual_multiplier", "logits_scaling")
 
 # Module names, inside a sliced decoder layer, of the residual stream's changes of basis:
 # around attention and around the MLP, and layer 0's projection of the tied table.
@@ -386,7 +388,7 @@ class DynSliceConfig(PretrainedConfig):
             )
         # Granite's scalars on sublayer outputs and logits: the slicer folds them into the
         # weights, and no reader of a sliced model applies them.
-        unfolded = [k for k in _FOLDED_SCALARS if getattr(self, k, 1.0) != 1.0]
+        unfolded = [k for k in FOLDED_SCALARS if getattr(self, k, 1.0) != 1.0]
         if unfolded:
             raise SlicingConfigError(
                 f"{' and '.join(unfolded)} in config.json must be 1.0 in a sliced model: the "

@@ -82,7 +82,14 @@ class SlicedRMSNorm(nn.Module):
     projection needs the per-token factor on its own.
     """
 
-    def __init__(self, width: int, hidden_size: int, eps: float, device=None, dtype=None):
+    def __init__(
+        self,
+        width: int,
+        hidden_size: int,
+        eps: float,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(width, device=device, dtype=dtype))
         self.hidden_size = hidden_size
@@ -110,7 +117,13 @@ class ResidualShortcut(nn.Module):
     the residual stream itself, whose quantization error every later layer inherits.
     """
 
-    def __init__(self, in_features: int, out_features: int, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(
@@ -133,7 +146,13 @@ class ResidualShortcutLinear(nn.Linear):
     model dtype; vLLM builds the same class name, which its target matching relies on.
     """
 
-    def __init__(self, in_features: int, out_features: int, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
 
 
@@ -457,6 +476,23 @@ def refuse_saving_over_source(save_directory: str | os.PathLike, config: DynSlic
         )
 
 
+# The report ``dynslice compress`` (or ``dynslice report``) writes beside a checkpoint.
+REPORT_FILES = ("slicing_report.md", "slicing_report.png")
+
+
+def drop_stale_report(save_directory: str | os.PathLike) -> None:
+    """Remove a report of an earlier model from the directory a model is saved into: left,
+    it would describe widths and scores the new checkpoint does not have."""
+    stale = [name for name in REPORT_FILES if os.path.isfile(os.path.join(save_directory, name))]
+    for name in stale:
+        os.remove(os.path.join(save_directory, name))
+    if stale:
+        logger.warning(
+            f"removed {', '.join(stale)} from {os.fspath(save_directory)}: written for the "
+            "model saved there before; `dynslice report` writes one for this model"
+        )
+
+
 def keeping_sliced_config(model: nn.Module, save: Callable[..., Any]) -> Callable[..., Any]:
     """``save``, if it is llm-compressor's save wrapper, made to write the sliced config as
     the model holds it; else ``save`` itself. It lives in this file, which checkpoints carry,
@@ -565,11 +601,18 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def prepare_save(self, save_directory: str | os.PathLike) -> None:
-        """Refuse to save over the dense source model, and read ``slicing.unit_norms`` again
+        """Refuse to save over the dense source model, read ``slicing.unit_norms`` again
         from the norms, which a smoothing modifier in a later ``oneshot`` (SmoothQuant, AWQ)
-        scales."""
+        scales, drop an earlier model's report, and name ``AutoModel``'s class in the
+        ``auto_map`` (transformers writes the causal LM's and the config's)."""
         refuse_saving_over_source(save_directory, self.config)
         self.record_unit_norms()
+        drop_stale_report(save_directory)
+        module = type(self).__module__.rpartition(".")[2]
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoModel": f"{module}.{DynSliceModel.__name__}",
+        }
 
     def record_unit_norms(self) -> bool:
         """Set ``slicing.unit_norms`` from the norms where they can be read; the flag."""
@@ -637,3 +680,31 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+
+class DynSliceModel:
+    """``AutoModel``'s class for sliced checkpoints: the causal LM's decoder stack
+    (``DynSliceForCausalLM.model``, the base architecture's model with sliced layers), as
+    ``AutoModel`` gives a dense checkpoint's. Its last hidden state is the input of the
+    head: in the original basis, or, with ``slicing.final_dim`` (``slice_head``), in the
+    last layer's narrower PCA basis.
+    """
+
+    config_class = DynSliceConfig
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: Any = "AutoModel") -> None:
+        """What transformers calls on a class it loads as remote code, so that saving the
+        model writes its ``auto_map`` entry; this class's instances are the base
+        architecture's models, whose saves do not, so there is nothing to record."""
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        loaded = DynSliceForCausalLM.from_pretrained(*args, **kwargs)
+        if isinstance(loaded, tuple):
+            return loaded[0].model, loaded[1]
+        return loaded.model
+
+    @classmethod
+    def _from_config(cls, config: DynSliceConfig, **kwargs: Any) -> nn.Module:
+        return DynSliceForCausalLM._from_config(config, **kwargs).model

@@ -334,12 +334,14 @@ class LinearWithShortcut(MergedColumnParallelLinear):
             return tuple(range(len(self.shard_ids) - 1))
         return self.shard_ids.index(shard_id) if isinstance(shard_id, str) else shard_id
 
-    def weight_loader(self, param: Any, loaded_weight: torch.Tensor, loaded_shard_id: Any = None):
+    def weight_loader(
+        self, param: Any, loaded_weight: torch.Tensor, loaded_shard_id: Any = None
+    ) -> None:
         super().weight_loader(param, loaded_weight, self._index(loaded_shard_id))
 
     def weight_loader_v2(
         self, param: Any, loaded_weight: torch.Tensor, loaded_shard_id: Any = None
-    ):
+    ) -> None:
         super().weight_loader_v2(param, loaded_weight, self._index(loaded_shard_id))
 
 
@@ -772,12 +774,11 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
             # vLLM counts a fused projection loaded once its own shards are, and skips the
             # check for quantized models, so a shortcut missing from the file would serve
             # whatever memory its rows held.
-            missing = sorted(set(shortcuts) - seen)
+            missing = list(set(shortcuts) - seen)
             if missing:
                 raise ValueError(
-                    f"the checkpoint has no tensors for {len(missing)} residual shortcuts "
-                    f"that its config declares ({', '.join(missing[:3])}"
-                    f"{', ...' if len(missing) > 3 else ''}); config.json's slicing "
+                    f"the checkpoint has no tensors for the residual shortcuts "
+                    f"{first_names(missing)} that its config declares; config.json's slicing "
                     "(attn_shortcuts / mlp_shortcuts; input_projection and embedding_sliced "
                     "for layer 0's input projection) must match the saved weights: re-save "
                     "the sliced model, or restore the missing tensors"
