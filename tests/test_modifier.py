@@ -234,6 +234,9 @@ def test_saving_into_an_earlier_output_drops_its_report(tiny_dir, tmp_path):
     run_oneshot(tiny_dir, RECIPE, out)
     (out / "slicing_report.md").write_text("| 0 | 0.870 | 40 | 40 |")
     (out / "notes.md").write_text("mine")
+    # The same model saved there again keeps its report.
+    AutoModelForCausalLM.from_pretrained(out).save_pretrained(out)
+    assert (out / "slicing_report.md").exists()
     run_oneshot(tiny_dir, RECIPE.replace("sparsity: 0.25", "sparsity: 0.5"), out)
     assert not (out / "slicing_report.md").exists() and (out / "notes.md").exists()
 

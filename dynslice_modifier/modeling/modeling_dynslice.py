@@ -480,9 +480,16 @@ def refuse_saving_over_source(save_directory: str | os.PathLike, config: DynSlic
 REPORT_FILES = ("slicing_report.md", "slicing_report.png")
 
 
-def drop_stale_report(save_directory: str | os.PathLike) -> None:
-    """Remove a report of an earlier model from the directory a model is saved into: left,
-    it would describe widths and scores the new checkpoint does not have."""
+def drop_stale_report(save_directory: str | os.PathLike, slicing: dict[str, Any]) -> None:
+    """Remove a report of another model from the directory a model is saved into: left, it
+    would describe widths and scores the new checkpoint does not have. One written for a
+    model with this ``slicing`` (the same model saved again) stays."""
+    try:
+        with open(os.path.join(save_directory, "config.json"), encoding="utf-8") as f:
+            if json.load(f).get("slicing") == json.loads(json.dumps(slicing)):
+                return
+    except (OSError, ValueError, AttributeError):  # none there, or not a sliced config
+        pass
     stale = [name for name in REPORT_FILES if os.path.isfile(os.path.join(save_directory, name))]
     for name in stale:
         os.remove(os.path.join(save_directory, name))
@@ -607,7 +614,7 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
         ``auto_map`` (transformers writes the causal LM's and the config's)."""
         refuse_saving_over_source(save_directory, self.config)
         self.record_unit_norms()
-        drop_stale_report(save_directory)
+        drop_stale_report(save_directory, self.config.slicing)
         module = type(self).__module__.rpartition(".")[2]
         self.config.auto_map = {
             **(getattr(self.config, "auto_map", None) or {}),
