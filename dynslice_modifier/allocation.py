@@ -54,8 +54,10 @@ def normalize_scores(scores: Sequence[float], method: Normalization = "minmax") 
     if not np.all(np.isfinite(s)):
         raise AllocationError(f"layer scores must be finite, got {list(scores)}")
     # Scores equal but for float noise are equal: min-max would blow a 1e-12 difference up
-    # to the whole spread, slicing one layer by SB and its twin by far more.
-    if s.size < 2 or np.ptp(s) <= _EQUAL_SCORES * max(1.0, float(np.abs(s).max())):
+    # to the whole spread, slicing one layer by SB and its twin by far more, and rank
+    # would set twins a rank apart.
+    tolerance = _EQUAL_SCORES * float(np.abs(s).max())
+    if s.size < 2 or np.ptp(s) <= tolerance:
         return np.ones_like(s)
     if method == "minmax":
         return (s - s.min()) / np.ptp(s)
@@ -64,8 +66,10 @@ def normalize_scores(scores: Sequence[float], method: Normalization = "minmax") 
         order = np.argsort(s, kind="stable")
         ranks = np.empty_like(s)
         ranks[order] = np.arange(s.size, dtype=np.float64)
-        for value in np.unique(s):
-            tied = s == value
+        tie_group = np.empty(s.size, dtype=np.int64)
+        tie_group[order] = np.cumsum(np.concatenate([[0], np.diff(s[order]) > tolerance]))
+        for group in np.unique(tie_group):
+            tied = tie_group == group
             ranks[tied] = ranks[tied].mean()
         return ranks / (s.size - 1)
     raise AllocationError(f"normalization must be 'minmax' or 'rank', got {method!r}")
@@ -98,23 +102,34 @@ def check_sparsity_fits(sparsity: float, max_slice: float, set_by: str | None = 
 
 
 def check_sparsity_slices(
-    sparsity: float, hidden_size: int, num_layers: int, round_to: int, set_by: str | None = None
+    sparsity: float,
+    hidden_size: int,
+    num_layers: int,
+    round_to: int,
+    per_layer: bool,
+    set_by: str | None = None,
 ) -> None:
-    """Refuse a sparsity too small to remove one rounding step from the model: ``mean`` and
+    """Refuse a sparsity too small to remove one rounding step, at which every width would
+    round back to ``hidden_size`` and the run would only add shortcuts. ``mean`` and
     ``spectrum`` rounding keep the sum of the widths within half a step of its target, so
-    under half a step in all every width rounds back to ``hidden_size``, and the run would
-    only add shortcuts. (Where ``round_to`` does not divide ``hidden_size``, every layer
-    loses the remainder anyway.)"""
-    removed = sparsity * hidden_size * num_layers
+    the bound is half a step in all; ``per_layer``: the widths are equal and rounded alike
+    (constant slicing under mean rounding, which rounds equal targets together, or nearest),
+    so it is half a step in each layer. (Where
+    ``round_to`` does not divide ``hidden_size``, every layer loses the remainder anyway.)"""
+    layers = 1 if per_layer else num_layers
+    removed = sparsity * hidden_size * layers
     if sparsity == 0.0 or hidden_size % round_to or removed > round_to / 2:
         return
-    fix = "" if set_by else " or a smaller round_to"
+    where = (
+        f"each layer would lose {removed:.1f} of its {hidden_size} dims"
+        if per_layer
+        else f"it removes {removed:.1f} of the {num_layers} x {hidden_size} residual dims"
+    )
     raise AllocationError(
-        f"sparsity {sparsity:g} would slice nothing: it removes {removed:.1f} of the "
-        f"{num_layers} x {hidden_size} residual dims, under half a rounding step of "
+        f"sparsity {sparsity:g} would slice nothing: {where}, under half a rounding step of "
         f"{round_to}, so every width rounds back to {hidden_size}; use a sparsity of at least "
-        f"{round_to / (hidden_size * num_layers):.4g} (one step){fix}"
-        + (f" (round_to is what {set_by} needs)" if set_by else "")
+        f"{round_to / (hidden_size * layers):.4g} (one step)"
+        + (f" (round_to is what {set_by} needs)" if set_by else " or a smaller round_to")
     )
 
 

@@ -79,34 +79,23 @@ def _check_weights(path: Path, config: Any) -> None:
     declares and the files lack (initialised at random, with a warning, then sliced and
     saved as if trained). Checkpoints in other formats are left to transformers."""
     import torch
-    from safetensors import SafetensorError, safe_open
     from transformers import AutoModelForCausalLM
 
-    from dynslice_modifier.modeling.modeling_dynslice import first_names
+    from dynslice_modifier.modeling.modeling_dynslice import first_names, stored_tensor_names
 
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = (json.loads(index.read_text()).get("weight_map") or {}).values()
-        files = sorted({path / name for name in shards})
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    else:
+    stored = stored_tensor_names(path)
+    if stored is None:
         return
-    stored: set[str] = set()
-    for file in files:
-        try:
-            with safe_open(file, "pt") as tensors:
-                stored.update(tensors.keys())
-        except (SafetensorError, OSError) as err:
-            raise ValueError(
-                f"{file} is not a readable safetensors file ({err}): the checkpoint is "
-                "damaged or incomplete (an interrupted copy or download?); save or fetch it "
-                "again"
-            ) from None
     with torch.device("meta"):
-        expected = set(AutoModelForCausalLM.from_config(config).state_dict())
+        model = AutoModelForCausalLM.from_config(config)
+    expected = set(model.state_dict())
     if getattr(config, "tie_word_embeddings", False):
-        expected.discard("lm_head.weight")
+        # transformers loads a tied pair from either name.
+        table = model.get_input_embeddings()
+        pair = {"lm_head.weight"} | {f"{n}.weight" for n, m in model.named_modules() if m is table}
+        expected -= pair
+        if not pair & stored:
+            expected |= pair - {"lm_head.weight"}
     missing = list(expected - stored)
     # Names with nothing in common: a naming transformers converts on load, not a loss.
     if missing and expected & stored:

@@ -97,22 +97,33 @@ class LayoutPlanner:
         # join, so this ends within num_layers rounds.
         pinned = [False] * self.num_layers
         while True:
-            dims = allocate_dims(
-                self.scores if self.scores is not None else [1.0] * self.num_layers,
-                self.hidden_size,
-                sparsity,
-                slicing_base,
-                self.round_to,
-                self.normalization,
-                rounding,
-                self.spectra,
-                pinned,
-            )
+            dims = self._allocate(sparsity, slicing_base, rounding, pinned)
             widths, whole = self.leave_whole(dims, sparsity)
             narrower = [w and d < self.hidden_size for d, w in zip(dims, whole, strict=True)]
             if not any(narrower):
                 return Layout(sparsity, slicing_base, rounding, widths, whole)
             pinned = [p or n for p, n in zip(pinned, narrower, strict=True)]
+
+    def rounds_to_full(self, sparsity: float, slicing_base: float, rounding: Rounding) -> bool:
+        """Whether rounding alone, before any layer is left whole, keeps every layer at full
+        width: ``sparsity`` slices nothing at this ``round_to``."""
+        dims = self._allocate(sparsity, slicing_base, rounding, [False] * self.num_layers)
+        return all(d == self.hidden_size for d in dims)
+
+    def _allocate(
+        self, sparsity: float, slicing_base: float, rounding: Rounding, pinned: list[bool]
+    ) -> list[int]:
+        return allocate_dims(
+            self.scores if self.scores is not None else [1.0] * self.num_layers,
+            self.hidden_size,
+            sparsity,
+            slicing_base,
+            self.round_to,
+            self.normalization,
+            rounding,
+            self.spectra,
+            pinned,
+        )
 
     def for_target(
         self,

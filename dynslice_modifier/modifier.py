@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -13,7 +14,7 @@ from llmcompressor.core import State
 from llmcompressor.modifiers import Modifier
 from llmcompressor.utils.dev import get_main_device
 from loguru import logger
-from pydantic import PrivateAttr, StrictInt, field_validator, model_validator
+from pydantic import PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from dynslice_modifier.adapters import changing_in_place, check_unquantized, get_adapter
 from dynslice_modifier.adapters.base import ModelAdapter
@@ -276,14 +277,13 @@ class DynamicSliceModifier(Modifier):
     slicing_base: float | Literal["auto"] | None = None
     auto_fractions: list[float] | None = None
     auto_holdout: float = AUTO_HOLDOUT
-    # Strict: pydantic would read True as a width of 1.
-    round_to: StrictInt | None = None
+    round_to: int | None = None
     rounding: Rounding | None = None
-    layer_dims: list[StrictInt] | None = None
+    layer_dims: list[int] | None = None
     layer_scores: list[float] | None = None
     normalization: Normalization = "minmax"
     basis: Basis = "sublayer"
-    layers_per_basis: StrictInt = 1
+    layers_per_basis: int = 1
     untie_embeddings: bool = False
     target_params: float | None = None
     hadamard: bool = False
@@ -297,6 +297,22 @@ class DynamicSliceModifier(Modifier):
     _auto_fraction: float | None = PrivateAttr(default=None)
     _summary: dict[str, Any] = PrivateAttr(default_factory=dict)
     _calibration: dict[str, int] = PrivateAttr(default_factory=dict)
+
+    @field_validator("round_to", "layer_dims", "layers_per_basis", mode="before")
+    @classmethod
+    def _check_integers(cls, value: Any, info: ValidationInfo) -> Any:
+        # Lax validation would read True as a width of 1 and 16.0 as 16; numpy's integers
+        # and arrays, which a Python caller may pass, hold integers.
+        if value is None:
+            return None
+        value = value.tolist() if hasattr(value, "tolist") else value
+        many = isinstance(value, (list, tuple))
+        values = list(value) if many else [value]
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
+        if bad:
+            kind = "whole numbers" if many else "a whole number"
+            raise ValueError(f"{info.field_name} must be {kind}, got {bad[0]!r}")
+        return [int(v) for v in values] if many else int(value)
 
     @field_validator("sparsity")
     @classmethod
@@ -582,9 +598,22 @@ class DynamicSliceModifier(Modifier):
             )
         else:
             check_sparsity_fits(self.sparsity, planner.max_sparsity, set_by)
-            if self.rounding != "nearest":
+            # Equal widths round together under mean rounding (constant slicing's default)
+            # and alike under nearest; spectrum rounding spreads the steps over the layers.
+            # Nearest rounding of dynamic widths depends on the scores: refused once planned.
+            constant = (
+                self.slicing_base != "auto"
+                and self._slicing_base_for(self.sparsity) == self.sparsity
+            )
+            per_layer = constant and self.rounding in (None, "mean", "nearest")
+            if per_layer or self.rounding != "nearest":
                 check_sparsity_slices(
-                    self.sparsity, planner.hidden_size, planner.num_layers, planner.round_to, set_by
+                    self.sparsity,
+                    planner.hidden_size,
+                    planner.num_layers,
+                    planner.round_to,
+                    per_layer=per_layer,
+                    set_by=set_by,
                 )
 
     def _measure(self, run: _Run, inputs: LayerInputs, heldout: frozenset[int]) -> float:
@@ -652,6 +681,15 @@ class DynamicSliceModifier(Modifier):
         if self.target_params is not None:
             logger.info(
                 f"target_params {self.target_params}: solved sparsity {layout.sparsity:.4f}"
+            )
+        elif layout.sparsity > 0 and run.planner.rounds_to_full(
+            layout.sparsity, layout.slicing_base, layout.rounding
+        ):
+            # What the check before calibration could not tell without the scores.
+            raise AllocationError(
+                f"sparsity {layout.sparsity:g} would slice nothing: {layout.rounding} rounding "
+                f"to multiples of {run.planner.round_to} takes every layer back to its full "
+                f"width, {run.planner.hidden_size}; raise sparsity or lower round_to"
             )
         whole = [i for i, w in enumerate(layout.whole) if w]
         if not whole:
@@ -783,21 +821,13 @@ class DynamicSliceModifier(Modifier):
         if sliced_params <= dense_params:
             return
         sizes = f"{sliced_params:,} against {dense_params:,} parameters"
-        if realised == 0.0 and layout.sparsity == 0.0:
-            # Rotation alone (sparsity 0, e.g. for hadamard) is asked to keep every width,
-            # so the input projection and the shortcuts are pure additions.
+        if realised == 0.0:
+            # Rotation alone (sparsity 0, e.g. for hadamard, or layer_dims at full width) is
+            # asked to keep every width, so the input projection and the shortcuts are pure
+            # additions; a sparsity that would slice nothing was refused.
             logger.info(
                 f"Rotated without slicing: the model is larger than the dense one ({sizes}) "
                 "by its input projection and shortcut matrices"
-            )
-            return
-        if realised == 0.0:
-            # Only nearest rounding gets here: each width rounded back to full on its own.
-            logger.warning(
-                f"sparsity {layout.sparsity:g} sliced nothing: every width rounded back to "
-                f"{model.config.hidden_size} ({layout.rounding} rounding), so the model is "
-                f"larger than the dense one ({sizes}) by its shortcuts; raise sparsity, or "
-                "use mean rounding, which keeps the widths' sum"
             )
             return
         remedies = "raise sparsity or use basis: layer (one shortcut per layer)"

@@ -25,13 +25,15 @@ CHECKPOINT_FILES = re.compile(
     r"""(
       config\.json | generation_config\.json | recipe\.yaml
     | model(-\d+-of-\d+)?\.safetensors | model\.safetensors\.index\.json
-    | tokenizer(_config)?\.json | tokenizer\.model | special_tokens_map\.json
+    | tokenizer(_config)?\.json | tokenizer\.model(\.v\d+)? | special_tokens_map\.json
     | added_tokens\.json | vocab\.(json|txt) | merges\.txt | chat_template\.(jinja|json)
     | processor_config\.json | preprocessor_config\.json
     | configuration_dynslice\.py | modeling_dynslice\.py | slicing_report\.(md|png)
     )""",
     re.VERBOSE,
 )
+# A tokenizer with several chat templates saves the others in this directory.
+CHECKPOINT_DIRS = ("additional_chat_templates",)
 
 
 def check_target(target: Path, inputs: list[Path]) -> None:
@@ -98,7 +100,7 @@ def check_replaceable(target: Path) -> None:
     foreign = sorted(
         entry.name + ("/" if entry.is_dir() else "")
         for entry in target.iterdir()
-        if entry.is_dir() or not CHECKPOINT_FILES.fullmatch(entry.name)
+        if not _written_by_a_save(entry)
     )
     if foreign:
         raise ValueError(
@@ -106,6 +108,12 @@ def check_replaceable(target: Path) -> None:
             "no save writes; the directory would be replaced whole, deleting them: move "
             "them out or name a new directory for the output"
         )
+
+
+def _written_by_a_save(entry: Path) -> bool:
+    if entry.is_dir():
+        return entry.name in CHECKPOINT_DIRS
+    return CHECKPOINT_FILES.fullmatch(entry.name) is not None
 
 
 def is_sliced_checkpoint(path: Path) -> bool:

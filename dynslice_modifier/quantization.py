@@ -206,20 +206,21 @@ def check_unsliced_inputs(
             size = _group_size(group.weights)
             if not size:
                 continue
-            bad = [
-                f"{name} ({module.in_features})"
+            bad = {
+                name: module.in_features
                 for name, module in match_named_modules(model, group.targets, ignore)
                 if isinstance(module, nn.Linear)
                 and name not in readers
                 and module.in_features % size
-            ]
+            }
             if bad:
+                kinds = sorted({f"'re:.*{name.rpartition('.')[2]}$'" for name in bad})
                 raise AllocationError(
                     f"{type(modifier).__name__} uses groups of {size}, but these layers read a "
                     f"width that is not a multiple of {size} and that slicing does not change: "
-                    f"{first_names(bad)}. Add them to the quantizer's ignore list (e.g. "
-                    "'re:.*o_proj$', 'lm_head') or choose a group size that divides their width"
-                    f"{_whole_groups(modifier)}"
+                    f"{first_names([f'{name} ({width})' for name, width in bad.items()])}. Add "
+                    f"them to the quantizer's ignore list ({', '.join(kinds)}) or choose a "
+                    f"group size that divides their width{_whole_groups(modifier)}"
                 )
 
 

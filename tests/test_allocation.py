@@ -116,6 +116,9 @@ def test_scores_equal_but_for_float_noise_slice_alike(method):
     noisy = [0.95, 0.95 + 1e-12, 0.95, 0.95 + 2e-12]
     assert normalize_scores(noisy, method).tolist() == [1.0] * 4
     assert normalize_scores([0.95, 0.95 + 1e-6], method).tolist() == [0.0, 1.0]
+    # Twins among other scores too, and on any scale.
+    assert normalize_scores([0.3, 0.3 + 1e-12, 0.9], "rank").tolist() == [0.25, 0.25, 1.0]
+    assert normalize_scores([1e-12, 2e-12], method).tolist() == [0.0, 1.0]
 
 
 @pytest.mark.parametrize(

@@ -639,8 +639,9 @@ def test_an_earlier_result_with_files_of_its_owner_is_not_replaced(tmp_path):
     target.mkdir()
     (target / "config.json").write_text('{"model_type": "dynslice"}')
     saved = ("model-00001-of-00002.safetensors", "recipe.yaml", "tokenizer.json")
-    for name in (*saved, "slicing_report.md", "chat_template.jinja"):
+    for name in (*saved, "slicing_report.md", "chat_template.jinja", "tokenizer.model.v3"):
         (target / name).write_text("")
+    (target / "additional_chat_templates").mkdir()
     check_replaceable(target)  # what a save writes, and nothing else
     (target / "evaluation").mkdir()
     (target / "notes.txt").write_text("keep me")
@@ -957,3 +958,23 @@ def test_a_damaged_or_incomplete_checkpoint_is_refused_before_loading(tmp_path):
     config.num_hidden_layers += 1
     with pytest.raises(ValueError, match=r"lack model\.layers\.3\..* \(9 in all\), which its"):
         cli._check_weights(path, config)
+
+
+def test_the_weights_check_reads_what_transformers_loads(tmp_path):
+    # An index that a later unsharded save left behind (transformers reads model.safetensors
+    # first), and a tied table stored under the head's name (it loads from either).
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model()
+    path = tmp_path / "m"
+    model.save_pretrained(path, max_shard_size="40KB")
+    model.save_pretrained(path)
+    assert (path / "model.safetensors.index.json").exists()
+    config = AutoConfig.from_pretrained(path)
+    cli._check_weights(path, config)
+    state = {k: v.clone() for k, v in model.state_dict().items() if "embed_tokens" not in k}
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    _, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"]
+    cli._check_weights(path, config)

@@ -391,22 +391,51 @@ def _with_variant(filename: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{extension}"
 
 
-def _stored_tensor_names(directory: str, variant: str | None) -> set[str] | None:
-    """The tensor names of a local safetensors checkpoint, as ``from_pretrained`` finds its
-    files; None for anything else."""
+def _safetensors_files(directory: str | os.PathLike, variant: str | None) -> list[str] | None:
+    """The weight files of a local safetensors checkpoint, in the order ``from_pretrained``
+    looks for them (a single file before a sharded index, which a later unsharded save
+    leaves behind); None for anything else."""
     if not os.path.isdir(directory):
         return None
-    index = os.path.join(directory, _with_variant("model.safetensors.index.json", variant))
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            return set(json.load(f)["weight_map"])
     single = os.path.join(directory, _with_variant("model.safetensors", variant))
-    if not os.path.isfile(single):
+    if os.path.isfile(single):
+        return [single]
+    index = os.path.join(directory, _with_variant("model.safetensors.index.json", variant))
+    if not os.path.isfile(index):
         return None
-    from safetensors import safe_open
+    try:
+        with open(index, encoding="utf-8") as f:
+            shards = json.load(f)["weight_map"].values()
+    except (ValueError, KeyError, AttributeError) as err:
+        raise ValueError(
+            f"{index} is not a shard index ({err!r}): save or fetch the checkpoint again"
+        ) from None
+    return sorted({os.path.join(directory, name) for name in shards})
 
-    with safe_open(single, "pt") as tensors:
-        return set(tensors.keys())
+
+def stored_tensor_names(
+    directory: str | os.PathLike, variant: str | None = None
+) -> set[str] | None:
+    """The tensor names of a local safetensors checkpoint, as ``from_pretrained`` finds its
+    files; None for anything else. A file that cannot be read is named: transformers would
+    fail on it deep in the load."""
+    files = _safetensors_files(directory, variant)
+    if files is None:
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    names: set[str] = set()
+    for file in files:
+        try:
+            with safe_open(file, "pt") as tensors:
+                names.update(tensors.keys())
+        except (SafetensorError, OSError) as err:
+            raise ValueError(
+                f"{file} is not a readable safetensors file ({err}): the checkpoint is "
+                "damaged or incomplete (an interrupted copy or download?); save or fetch it "
+                "again"
+            ) from None
+    return names
 
 
 def _is_weight(name: str) -> bool:
@@ -480,16 +509,11 @@ def refuse_saving_over_source(save_directory: str | os.PathLike, config: DynSlic
 REPORT_FILES = ("slicing_report.md", "slicing_report.png")
 
 
-def drop_stale_report(save_directory: str | os.PathLike, slicing: dict[str, Any]) -> None:
-    """Remove a report of another model from the directory a model is saved into: left, it
-    would describe widths and scores the new checkpoint does not have. One written for a
-    model with this ``slicing`` (the same model saved again) stays."""
-    try:
-        with open(os.path.join(save_directory, "config.json"), encoding="utf-8") as f:
-            if json.load(f).get("slicing") == json.loads(json.dumps(slicing)):
-                return
-    except (OSError, ValueError, AttributeError):  # none there, or not a sliced config
-        pass
+def drop_stale_report(save_directory: str | os.PathLike) -> None:
+    """Remove the report of the model saved before into the directory a model is saved
+    into: left, it could describe widths, scores, a quantization and a size the new
+    checkpoint does not have (a later ``oneshot`` that quantizes in place keeps the
+    widths), and nothing in it tells which model it was written for."""
     stale = [name for name in REPORT_FILES if os.path.isfile(os.path.join(save_directory, name))]
     for name in stale:
         os.remove(os.path.join(save_directory, name))
@@ -579,12 +603,15 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
         config = kwargs.get("config")
         stored = None
         if path is not None:
-            stored = _stored_tensor_names(os.path.join(path, subfolder), kwargs.get("variant"))
+            stored = stored_tensor_names(os.path.join(path, subfolder), kwargs.get("variant"))
         if stored is not None:
             if not isinstance(config, DynSliceConfig):
                 config = DynSliceConfig.from_pretrained(path, subfolder=subfolder)
             config.check_slicing()
-            weights = {name.rpartition(".")[0] for name in stored if _is_weight(name)}
+            # The decoder stack alone (``AutoModel``'s, saved) stores its names without the
+            # base model's prefix, which transformers adds on loading.
+            prefix = "" if any(n.startswith("model.") for n in stored) else "model."
+            weights = {prefix + name.rpartition(".")[0] for name in stored if _is_weight(name)}
             declared = {f"model.layers.{name}" for name in declared_shortcuts(config.slicing)}
             _check_shortcut_keys(declared - weights, weights - declared)
         wants_info = kwargs.get("output_loading_info", False)
@@ -614,7 +641,7 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
         ``auto_map`` (transformers writes the causal LM's and the config's)."""
         refuse_saving_over_source(save_directory, self.config)
         self.record_unit_norms()
-        drop_stale_report(save_directory, self.config.slicing)
+        drop_stale_report(save_directory)
         module = type(self).__module__.rpartition(".")[2]
         self.config.auto_map = {
             **(getattr(self.config, "auto_map", None) or {}),
