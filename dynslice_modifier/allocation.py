@@ -114,8 +114,8 @@ def check_sparsity_slices(
     ``spectrum`` rounding keep the sum of the widths within half a step of its target, so
     the bound is half a step in all; ``per_layer``: the widths are equal and rounded alike
     (constant slicing under mean rounding, which rounds equal targets together, or nearest),
-    so it is half a step in each layer. (Where
-    ``round_to`` does not divide ``hidden_size``, every layer loses the remainder anyway.)"""
+    so it is half a step in each layer. (Where ``round_to`` does not divide ``hidden_size``,
+    every layer loses the remainder anyway.)"""
     layers = 1 if per_layer else num_layers
     removed = sparsity * hidden_size * layers
     if sparsity == 0.0 or hidden_size % round_to or removed > round_to / 2:
