@@ -1052,7 +1052,10 @@ class DynamicSliceModifier(Modifier):
             return heldout_nll(model, run.adapter, inputs, heldout, run.device)
 
         best, trials = search_slicing_base(
-            self.auto_fractions or DEFAULT_FRACTIONS, partial(self._plan, run), trial
+            self.auto_fractions or DEFAULT_FRACTIONS,
+            partial(self._plan, run),
+            trial,
+            run.planner.hidden_size,
         )
         self._auto_fraction = best.fraction
         return [

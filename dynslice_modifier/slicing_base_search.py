@@ -103,24 +103,31 @@ def search_slicing_base(
     fractions: Iterable[float],
     plan: Callable[[float], Layout],
     trial: Callable[[Layout], float],
+    hidden_size: int,
 ) -> tuple[Trial, list[Trial]]:
     """Try each SB fraction; return the best trial and all of them.
 
     ``plan(fraction)`` gives a candidate's layout (its SP can depend on SB when a
     parameter target is solved for); ``trial(layout)`` slices copies of the layers and
     returns the held-out loss. Candidates that come out as the same widths are run once;
-    one that leaves every layer whole (``profitable_only``) is the dense model, which would
-    win on loss while slicing nothing, so it is not a candidate.
+    one that keeps every layer at full width (left whole by ``profitable_only``, or rounded
+    back to ``hidden_size``) is the dense model, rotated at most, which would win on loss
+    while slicing nothing, so it is not a candidate.
     """
     trials: list[Trial] = []
     seen: dict[tuple, float] = {}
     for fraction in tqdm(list(fractions), desc="Searching slicing_base", leave=False):
         layout = plan(fraction)
         sparsity, base = layout.sparsity, layout.slicing_base
-        if sparsity > 0 and all(layout.whole):
+        if sparsity > 0 and all(d == hidden_size for d in layout.dims):
+            why = (
+                "leaves every layer whole (profitable_only)"
+                if all(layout.whole)
+                else "rounds every width back to full"
+            )
             logger.info(
                 f"slicing_base search: SB {base:.4f} ({fraction:.2f} x SP {sparsity:.4f}) "
-                "leaves every layer whole (profitable_only): skipped"
+                f"{why}: skipped"
             )
             continue
         key = (tuple(layout.dims), tuple(layout.whole))
@@ -135,9 +142,9 @@ def search_slicing_base(
     if not trials:
         raise AllocationError(
             "slicing_base: auto found no candidate that slices a layer: at every SB tried, "
-            "slicing any layer would add more shortcut weights than it removes "
-            "(profitable_only); use a larger sparsity, target_params or basis: layer, or "
-            "profitable_only: false"
+            "each width rounds back to full, or slicing it would add more shortcut weights "
+            "than it removes (profitable_only); use a larger sparsity, target_params or "
+            "basis: layer, or profitable_only: false"
         )
     # Ties (equal dims) go to the larger SB, the closer to plain SliceGPT.
     best = min(trials, key=lambda t: (t.heldout_nll, -t.fraction))

@@ -143,7 +143,7 @@ def test_a_tie_goes_to_the_larger_slicing_base_and_the_log_says_so():
         return {(48, 32): 3.0, (40, 40): 2.5}[tuple(layout.dims)]
 
     with logged("INFO") as records:
-        best, trials = search_slicing_base(dims, plan, trial)
+        best, trials = search_slicing_base(dims, plan, trial, 64)
     assert best.fraction == 0.5 and len(trials) == 3 and len(trials_run) == 2
     picked = [m for _, m in records if "auto picked" in m]
     assert picked == [
@@ -164,10 +164,24 @@ def test_a_candidate_that_leaves_every_layer_whole_is_no_candidate():
     def trial(layout: SimpleNamespace) -> float:
         return 1.0 if all(layout.whole) else 2.0
 
-    best, trials = search_slicing_base(whole, plan, trial)
+    best, trials = search_slicing_base(whole, plan, trial, 64)
     assert best.fraction == 0.0 and [t.fraction for t in trials] == [0.0]
     with pytest.raises(AllocationError, match="auto found no candidate that slices a layer"):
-        search_slicing_base([0.5], plan, trial)
+        search_slicing_base([0.5], plan, trial, 64)
+
+
+def test_a_candidate_that_rounds_every_width_back_to_full_is_no_candidate():
+    # At a small SP, SB = SP rounds every width back to 64 (profitable_only off): a rotated
+    # dense model, whose loss would win, and which the run would then refuse.
+    dims = {0.0: [56, 64, 64], 1.0: [64, 64, 64]}
+
+    def plan(fraction: float) -> SimpleNamespace:
+        return SimpleNamespace(
+            sparsity=0.03, slicing_base=0.03 * fraction, dims=dims[fraction], whole=[False] * 3
+        )
+
+    best, trials = search_slicing_base(dims, plan, lambda layout: sum(layout.dims) / 100, 64)
+    assert best.fraction == 0.0 and [t.fraction for t in trials] == [0.0]
 
 
 def test_auto_with_given_scores_holds_one_set_of_activations_at_a_time(monkeypatch):
