@@ -17,10 +17,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-# What a save of a sliced checkpoint writes (transformers, llm-compressor, the tokenizer and
-# this package's report): an earlier output holding only these may be replaced whole. Names,
-# not wildcards: a user's "dense_baseline.safetensors" or "tokenizer_notes.txt" beside them
-# must stop the replacement, not be deleted with it.
+from dynslice_modifier.modeling.modeling_dynslice import REPORT_FILES
+
+# What a save of a sliced checkpoint writes (transformers, llm-compressor, the tokenizer; and
+# this package's report, ``REPORT_FILES``): an earlier output holding only these may be
+# replaced whole. Names, not wildcards: a user's "dense_baseline.safetensors" or
+# "tokenizer_notes.txt" beside them must stop the replacement, not be deleted with it.
 CHECKPOINT_FILES = re.compile(
     r"""(
       config\.json | generation_config\.json | recipe\.yaml
@@ -28,7 +30,7 @@ CHECKPOINT_FILES = re.compile(
     | tokenizer(_config)?\.json | tokenizer\.model(\.v\d+)? | special_tokens_map\.json
     | added_tokens\.json | vocab\.(json|txt) | merges\.txt | chat_template\.(jinja|json)
     | processor_config\.json | preprocessor_config\.json
-    | configuration_dynslice\.py | modeling_dynslice\.py | slicing_report\.(md|png)
+    | configuration_dynslice\.py | modeling_dynslice\.py
     )""",
     re.VERBOSE,
 )
@@ -113,7 +115,7 @@ def check_replaceable(target: Path) -> None:
 def _written_by_a_save(entry: Path) -> bool:
     if entry.is_dir():
         return entry.name in CHECKPOINT_DIRS
-    return CHECKPOINT_FILES.fullmatch(entry.name) is not None
+    return entry.name in REPORT_FILES or CHECKPOINT_FILES.fullmatch(entry.name) is not None
 
 
 def is_sliced_checkpoint(path: Path) -> bool:
