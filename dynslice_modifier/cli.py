@@ -518,9 +518,18 @@ def _check_recipe_layout(path: str) -> None:
         # Anything else beside the stages (``args``, a version) is not read as modifiers.
         if not stage.endswith("_stage"):
             if isinstance(groups, dict) and stage != "args":
+                # llm-compressor's merge of a later oneshot's recipe numbers the stages
+                # (default_stage_0), which its own reader then skips.
+                numbered = re.fullmatch(r"(.+)_stage_(\d+)", stage)
+                hint = (
+                    f"rename it {numbered[1]}_{numbered[2]}_stage: stage names end in _stage "
+                    "(llm-compressor numbers the stages of a recipe.yaml that a later oneshot "
+                    "appended to, and its reader then skips them)"
+                    if numbered
+                    else _RECIPE_LAYOUT
+                )
                 raise ValueError(
-                    f"--recipe {path}: {stage!r} is not inside a stage and would be skipped; "
-                    f"{_RECIPE_LAYOUT}"
+                    f"--recipe {path}: {stage!r} is not inside a stage and would be skipped; {hint}"
                 )
             continue
         if not isinstance(groups, dict):

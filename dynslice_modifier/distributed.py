@@ -8,7 +8,11 @@ what one process would compute on all the data. Without a process group these ar
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -45,12 +49,21 @@ def sum_over_ranks(*values: float) -> list[float]:
     return [float(v) for v in both]
 
 
+def gathered(value: T) -> list[T]:
+    """``value`` from every rank, in rank order (``[value]`` without a process group)."""
+    if not is_distributed():
+        return [value]
+    out: list[T | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out  # type: ignore[return-value]
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
 def shared_across_ranks(keys: list[bytes]) -> int:
     """How many of this rank's calibration batches (by content key) another rank also has."""
-    if not is_distributed():
-        return 0
-    gathered: list[list[bytes] | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, keys)
-    rank = torch.distributed.get_rank()
-    others = {k for r, ks in enumerate(gathered) if r != rank for k in ks or []}
+    everyone = gathered(keys)
+    others = {k for r, ks in enumerate(everyone) if r != rank() for k in ks}
     return sum(k in others for k in keys)

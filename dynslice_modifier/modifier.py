@@ -1031,7 +1031,7 @@ class DynamicSliceModifier(Modifier):
 
     def _heldout(self, inputs: LayerInputs, hidden: int) -> frozenset[int]:
         """The batches ``auto`` holds out; checked before any pass is spent."""
-        heldout = heldout_batches(len(inputs), self.auto_holdout)
+        heldout = heldout_batches(inputs.keys, self.auto_holdout)
         (fitted,) = sum_over_ranks(inputs.tokens(skip=heldout))
         fitted = int(fitted)
         if fitted < hidden:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from dynslice_modifier.adapters import ModelAdapter
 from dynslice_modifier.calibration import LayerInputs, onloaded
-from dynslice_modifier.distributed import sum_over_ranks
+from dynslice_modifier.distributed import gathered, rank, sum_over_ranks
 from dynslice_modifier.errors import AllocationError, CalibrationError
 from dynslice_modifier.layout import Layout
 
@@ -40,8 +40,16 @@ class Trial:
     heldout_nll: float
 
 
-def heldout_batches(count: int, fraction: float) -> frozenset[int]:
-    """The last ``fraction`` of ``count`` batches (at least one; at least one left to fit)."""
+def heldout_batches(keys: list[bytes], fraction: float) -> frozenset[int]:
+    """Which of this rank's batches (given by their content keys) are held out: those among
+    the last ``fraction`` of every rank's batches in content order (at least one; at least
+    one left to fit). Over shards of the data, the same batches one process holds out."""
+    ranked = sorted(
+        (key, r, index)
+        for r, ranks_keys in enumerate(gathered(keys))
+        for index, key in enumerate(ranks_keys)
+    )
+    count = len(ranked)
     size = max(1, round(count * fraction))
     if count - size < 1:
         needed = next(n for n in itertools.count(2) if n - max(1, round(n * fraction)) >= 1)
@@ -51,7 +59,7 @@ def heldout_batches(count: int, fraction: float) -> frozenset[int]:
             "(batch size 1 in oneshot gives one batch per sample), lower auto_holdout, or "
             "give slicing_base a number"
         )
-    return frozenset(range(count - size, count))
+    return frozenset(index for _, r, index in ranked[count - size :] if r == rank())
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """One oneshot run, single-process or as one rank of ``torchrun`` (gloo, CPU).
 
     python tests/distributed_oneshot.py MODEL_DIR OUT_DIR MODIFIER_JSON [--shard] [--fail-rank R]
+        [--samples N]
 
 Under torchrun every rank writes ``OUT_DIR.rank{R}.json`` with the slicing spec it computed
 (only rank 0's model is saved), so a test can check that the ranks agreed; a run that
@@ -10,7 +11,7 @@ as the widths alone may round the same from one shard's spectra as from all of t
 ``--shard`` gives each rank its own contiguous shard of the calibration set, the workaround
 for llm-compressor 0.14 handing every rank the same samples. ``--fail-rank R`` makes rank R
 alone find non-finite activations in the first layer, as a rank whose shard holds a bad
-sample would.
+sample would. ``--samples N`` calibrates on N samples (16 unless given).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def main() -> None:
 
             dynslice_modifier.slicer.check_finite = non_finite
     modifier_module.dense_pass = recording_dense_pass
-    data = calib_dataset()
+    samples = int(sys.argv[sys.argv.index("--samples") + 1]) if "--samples" in sys.argv else 16
+    data = calib_dataset(samples)
     if "--shard" in sys.argv and dist.is_initialized():
         data = data.shard(dist.get_world_size(), dist.get_rank(), contiguous=True)
     model = oneshot(

@@ -74,6 +74,9 @@ def workdir(tmp_path_factory) -> Path:
         "list": "- a\n",
         "flat": "DynamicSliceModifier: {sparsity: 0.25}\n",
         "no_group": "slice_stage:\n  DynamicSliceModifier: {sparsity: 0.25}\n",
+        # As llm-compressor merges a later oneshot's stage into a saved recipe.yaml.
+        "merged": "default_stage_0:\n  default_modifiers:\n"
+        "    DynamicSliceModifier: {sparsity: 0.25}\n",
         "bare": "slice_stage:\n  slice_modifiers:\n    DynamicSliceModifier:\n",
         "typo": "slice_stage:\n  slice_modifiers:\n    DynamicSliceModifier: {sparsty: 0.25}\n",
         # Recipe arguments and an old stage setting are not modifiers, and are let be.
@@ -557,6 +560,11 @@ def test_bad_arguments_fail_clearly(args, message, workdir, capsys):
         (["--recipe", "list.yaml"], "list.yaml has no stage"),
         (["--recipe", "flat.yaml"], "'DynamicSliceModifier' is not inside a stage"),
         (["--recipe", "no_group.yaml"], "slice_stage.DynamicSliceModifier is not a <group>_mod"),
+        (
+            ["--recipe", "merged.yaml"],
+            "'default_stage_0' is not inside a stage and would be "
+            "skipped; rename it default_0_stage",
+        ),
         (["--recipe", "bare.yaml"], "DynamicSliceModifier needs a mapping of its settings"),
         (
             ["--recipe", "typo.yaml"],

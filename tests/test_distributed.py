@@ -49,10 +49,20 @@ def model_dir(tmp_path_factory) -> Path:
 # Spectrum rounding (the default for these dynamic widths) adds a collective per layer (the
 # input covariances' sum): every rank must reach it for the run to end with one model, and
 # every rank must end up with the spectra of the whole calibration set, not of its own shard.
-@pytest.mark.parametrize("options", [{**FIXED, "rounding": "mean"}, FIXED], ids=["mean", "spec"])
-def test_two_ranks_give_the_single_process_model(model_dir, tmp_path, options):
-    run(model_dir, tmp_path / "single", options, 1)
-    run(model_dir, tmp_path / "multi", options, 2, "--shard")
+# slicing_base: auto must hold out the batches one process would: with 5 samples in shards
+# of 3 and 2, one batch in all, not one per rank (its widths showed it at round_to 1).
+AUTO = {**FIXED, "slicing_base": "auto", "round_to": 1, "rounding": "nearest"}
+
+
+@pytest.mark.parametrize(
+    ("options", "samples"),
+    [({**FIXED, "rounding": "mean"}, 16), (FIXED, 16), (AUTO, 5)],
+    ids=["mean", "spec", "auto"],
+)
+def test_two_ranks_give_the_single_process_model(model_dir, tmp_path, options, samples):
+    data = ("--samples", str(samples))
+    run(model_dir, tmp_path / "single", options, 1, *data)
+    run(model_dir, tmp_path / "multi", options, 2, "--shard", *data)
     single = load_file(tmp_path / "single" / "model.safetensors")
     multi = load_file(tmp_path / "multi" / "model.safetensors")
     assert single.keys() == multi.keys()
@@ -62,6 +72,12 @@ def test_two_ranks_give_the_single_process_model(model_dir, tmp_path, options):
     assert specs[0] == specs[1]
     saved = json.loads((tmp_path / "single" / "config.json").read_text())["slicing"]
     assert specs[0]["lr_scores"] == pytest.approx(saved["lr_scores"], rel=1e-12)
+    assert specs[0]["attn_dims"] == saved["attn_dims"]
+    if options["slicing_base"] == "auto":
+        for got, want in zip(
+            specs[0]["slicing_base_search"], saved["slicing_base_search"], strict=True
+        ):
+            assert got == pytest.approx(want, rel=1e-9)
     assert saved["rounding"] == options.get("rounding", "spectrum")
     if saved["rounding"] == "spectrum":
         spectra = json.loads((tmp_path / "single.spectra.json").read_text())
@@ -70,14 +86,6 @@ def test_two_ranks_give_the_single_process_model(model_dir, tmp_path, options):
             assert len(ranked) == len(spectra) == 1
             for layer, (got, want) in enumerate(zip(ranked[0], spectra[0], strict=True)):
                 assert got == pytest.approx(want, rel=1e-9, abs=1e-12 * want[0]), (r, layer)
-
-
-def test_ranks_agree_on_the_auto_slicing_base(model_dir, tmp_path):
-    options = {"sparsity": 0.25, "slicing_base": "auto", "round_to": 8}
-    run(model_dir, tmp_path / "auto", options, 2, "--shard")
-    specs = [json.loads((tmp_path / f"auto.rank{r}.json").read_text()) for r in (0, 1)]
-    assert specs[0]["slicing_base_search"] == specs[1]["slicing_base_search"]
-    assert specs[0]["attn_dims"] == specs[1]["attn_dims"]
 
 
 def test_an_error_on_one_rank_ends_every_rank(model_dir, tmp_path):

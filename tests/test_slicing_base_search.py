@@ -72,7 +72,7 @@ def check_trial_prediction(model, tied: bool, basis: str, slice_head: bool) -> N
     dims = [48, 40, 56]
 
     inputs = capture_layer_inputs(model, layers[0], batches)
-    heldout = heldout_batches(len(inputs), 1 / 3)
+    heldout = heldout_batches(inputs.keys, 1 / 3)
     trial = RotateAndSlice(
         model, adapter, dims, CPU, basis, keep_tied=tied, in_place=False, slice_head=slice_head
     )
@@ -211,7 +211,8 @@ def test_a_trial_fits_its_bases_without_the_heldout_batches():
     model = tiny_model("llama", True)
     adapter = get_adapter(model)
     batches = calib_batches(n=6)
-    heldout = heldout_batches(len(batches), 1 / 3)
+    keys = capture_layer_inputs(model, adapter.layers(model)[0], batches).keys
+    heldout = heldout_batches(keys, 1 / 3)
 
     def trial_shortcuts(noise: bool) -> list[torch.Tensor]:
         inputs = capture_layer_inputs(model, adapter.layers(model)[0], batches)
@@ -234,7 +235,7 @@ def test_auto_scores_layer_redundancy_without_the_heldout_batches():
     batches = calib_batches(n=8)
     adapter = get_adapter(model)
     inputs = capture_layer_inputs(model, adapter.layers(model)[0], batches)
-    heldout = heldout_batches(len(inputs), 0.25)
+    heldout = heldout_batches(inputs.keys, 0.25)
     for b in heldout:
         inputs.hidden[b] = 10 * torch.randn_like(inputs.hidden[b])
     expected = redundancy_scores(adapter.layers(model), inputs, CPU, skip=heldout)
@@ -363,8 +364,9 @@ def test_heldout_loss_skips_tokens_predicted_from_left_padding():
 
 
 def test_the_held_out_batches_are_the_last_in_content_order():
-    assert heldout_batches(8, 0.25) == {6, 7}
-    assert heldout_batches(3, 0.1) == {2}
+    assert heldout_batches([bytes([i]) for i in range(8)], 0.25) == {6, 7}
+    # Indices into the batches as given, whatever their order.
+    assert heldout_batches([b"c", b"a", b"b"], 0.1) == {0}
 
 
 class _RandomDraws:

@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -455,6 +456,8 @@ TOO_NEW = "format-version-too-new"
 NORMS_CHANGED = "norms-changed-after-unit-norms"
 SHORTCUT_MISSING = "shortcut-tensor-missing"
 WIDTHS_EDITED = "widths-edited"
+SIZES_EDITED = "intermediate-size-edited"
+SHARD_MISSING = "q-proj-missing"
 PLAIN_CALLED_QUANTIZED = "plain-with-quantization-config"
 
 
@@ -492,6 +495,17 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     layer = next(i for i, both in enumerate(flags) if all(both))
     spec["mlp_dims"][layer] -= 8
     (paths[WIDTHS_EDITED] / "config.json").write_text(json.dumps(config))
+    # A smaller intermediate_size: vLLM's linear loaders would cut each tensor down to it.
+    paths[SIZES_EDITED] = Path(shutil.copytree(paths[CASES[0].name], root / SIZES_EDITED))
+    config = json.loads((paths[SIZES_EDITED] / "config.json").read_text())
+    config["intermediate_size"] -= 32
+    (paths[SIZES_EDITED] / "config.json").write_text(json.dumps(config))
+    # One shard of a stacked projection missing: vLLM counts qkv_proj loaded from k and v.
+    paths[SHARD_MISSING] = Path(shutil.copytree(paths[CASES[0].name], root / SHARD_MISSING))
+    weights = paths[SHARD_MISSING] / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors["model.layers.1.self_attn.q_proj.weight"]
+    save_file(tensors, weights, metadata={"format": "pt"})
     # A float checkpoint under a W8A8 checkpoint's quantization_config: vLLM would cast the
     # float weights into int8 parameters and serve garbage.
     plain = Path(shutil.copytree(paths[CASES[0].name], root / PLAIN_CALLED_QUANTIZED))
@@ -706,8 +720,28 @@ def test_missing_shortcut_tensor_is_refused(vllm_results: dict[str, Any]) -> Non
 
 def test_widths_the_tensors_do_not_have_are_named(vllm_results: dict[str, Any]) -> None:
     error = vllm_results[WIDTHS_EDITED].get("error", "")
-    assert "ValueError: loading model.layers." in error, vllm_results[WIDTHS_EDITED]
-    assert "config.json's slicing (attn_dims, mlp_dims, final_dim) and the saved" in error
+    assert re.search(r"model\.layers\.\d+\.\S+ is \[\d+, \d+\] in the checkpoint", error), (
+        vllm_results[WIDTHS_EDITED]
+    )
+    assert "config.json (its slicing's attn_dims, mlp_dims, final_dim" in error
+
+
+def test_a_size_the_tensors_do_not_have_is_named(vllm_results: dict[str, Any]) -> None:
+    """Not cut down to the config's size, as vLLM's loaders would."""
+    error = vllm_results[SIZES_EDITED].get("error", "")
+    assert re.search(r"mlp\.\w+_proj\.weight is \[\d+, \d+\] in the checkpoint", error), (
+        vllm_results[SIZES_EDITED]
+    )
+    assert "intermediate_size" in error
+
+
+def test_one_missing_shard_of_a_stacked_projection_is_refused(
+    vllm_results: dict[str, Any],
+) -> None:
+    error = vllm_results[SHARD_MISSING].get("error", "")
+    assert "no tensors for model.layers.1.self_attn.q_proj.weight (1 in all)" in error, (
+        vllm_results[SHARD_MISSING]
+    )
 
 
 def test_float_weights_under_a_quantization_config_are_refused(
@@ -1194,3 +1228,42 @@ def test_tensor_parallel_2_matches_tp_1(
             assert two["token_ids"] == one["token_ids"], name
             diff = _max_abs_diff(two["logprobs"], one["logprobs"])
             assert diff <= LOGPROB_ATOL["float32"], name
+
+
+_BROKEN_COMPRESSION_STACK = """
+import warnings
+import pytest
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import dynslice_modifier
+    import dynslice_modifier.serving as serving
+    serving.register()
+from vllm import ModelRegistry
+print("registered:", serving.MODEL_ARCHITECTURE in ModelRegistry.get_supported_archs())
+print("warned:", [str(w.message) for w in caught if "llm-compressor" in str(w.message)])
+with pytest.raises(ImportError, match="installed but failed to import") as err:
+    dynslice_modifier.DynamicSliceModifier
+print("asked:", err.value)
+"""
+
+
+def test_a_broken_llm_compressor_leaves_the_plugin_working(tmp_path: Path) -> None:
+    """An llm-compressor that fails to import in the vLLM environment (it pins another
+    compressed-tensors) must not take the plugin down with it: vLLM would log "Failed to
+    load plugin" and then refuse every sliced checkpoint as an unknown architecture."""
+    require_plugin()
+    broken = tmp_path / "llmcompressor"
+    broken.mkdir()
+    (broken / "__init__.py").write_text('raise ImportError("built for another version")\n')
+    result = subprocess.run(
+        [str(SERVE_PYTHON), "-c", _BROKEN_COMPRESSION_STACK],
+        capture_output=True,
+        text=True,
+        timeout=CHECKS_TIMEOUT_S,
+        env=serve_env() | {"PYTHONPATH": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "registered: True" in result.stdout, result.stdout
+    assert "built for another version" in result.stdout.split("warned:")[1]
+    assert "DynamicSliceModifier is not registered" in result.stdout
+    assert "asked: DynamicSliceModifier needs llm-compressor" in result.stdout

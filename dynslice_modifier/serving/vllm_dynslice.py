@@ -41,6 +41,7 @@ q/k/v and gate/up are stored apart or, with ``slicing.layout`` fused (Phi-3), as
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from itertools import islice
 from typing import Any, cast
@@ -749,9 +750,15 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
             for norm_name, _ in module.fused_norms()
         }
         seen: set[str] = set()
+        names: set[str] = set()
         current: list[tuple[str, tuple[int, ...]]] = []
-        checked = _check_fused_norms(
-            _check_shortcut_tensors(weights, shortcuts, set(layers), seen), fused_norms
+        shapes = _checkpoint_shapes(self.config)
+        checked = _check_shapes(
+            _check_fused_norms(
+                _check_shortcut_tensors(weights, shortcuts, set(layers), seen), fused_norms
+            ),
+            shapes,
+            names,
         )
         try:
             loaded = AutoWeightsLoader(self).load_weights(
@@ -783,8 +790,82 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
                     "for layer 0's input projection) must match the saved weights: re-save "
                     "the sliced model, or restore the missing tensors"
                 )
+            _check_layers_complete(shapes, names, layers)
         self._loaded = True
         return loaded
+
+
+def _checkpoint_shapes(config: DynSliceConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of the unquantized checkpoint that ``config`` describes:
+    the transformers model's own, built on ``meta``."""
+    from dynslice_modifier.modeling.modeling_dynslice import DynSliceForCausalLM as Reference
+
+    with torch.device("meta"):
+        reference = Reference(copy.deepcopy(config))
+    return {name: tuple(tensor.shape) for name, tensor in reference.state_dict().items()}
+
+
+def _disagree(name: str, held: list[Any], wanted: list[Any]) -> ValueError:
+    return ValueError(
+        f"{name} is {held} in the checkpoint, but its config.json makes it {wanted}: "
+        "config.json (its slicing's attn_dims, mlp_dims, final_dim, or its sizes: "
+        "intermediate_size, head counts) and the saved weights disagree; restore config.json, "
+        "or re-save the sliced model"
+    )
+
+
+def _check_shapes(
+    weights: Iterable[tuple[str, torch.Tensor]],
+    shapes: dict[str, tuple[int, ...]],
+    names: set[str],
+) -> Iterable[tuple[str, torch.Tensor]]:
+    """Pass weights through, refusing a tensor whose shape is not the one the config
+    gives it; ``names`` collects every name that passed.
+
+    vLLM's linear loaders cut a tensor down to the built parameter (``narrow``, meant for
+    tensor parallelism), so a config.json whose ``intermediate_size`` or head count was
+    edited down would load the front of each tensor and serve another function. Quantized
+    tensors are checked where their layout is known: an 8-bit ``weight`` is as wide as the
+    float one, a packed 4-bit one keeps its rows and records the float shape in
+    ``weight_shape``.
+    """
+    for name, tensor in weights:
+        names.add(name)
+        base, _, attr = name.rpartition(".")
+        wanted = shapes.get(f"{base}.weight")
+        if attr == "weight_packed" and wanted is not None and tensor.shape[0] != wanted[0]:
+            raise _disagree(name, list(tensor.shape), [wanted[0], "..."])
+        if attr == "weight_shape" and wanted is not None and tensor.tolist() != list(wanted):
+            raise _disagree(f"{base} (weight_shape)", tensor.tolist(), list(wanted))
+        if name in shapes and tuple(tensor.shape) != shapes[name]:
+            raise _disagree(name, list(tensor.shape), list(shapes[name]))
+        yield name, tensor
+
+
+def _check_layers_complete(
+    shapes: dict[str, tuple[int, ...]], names: set[str], layers: Iterable[str]
+) -> None:
+    """Refuse a first load that gave a built decoder layer only part of its tensors.
+
+    vLLM counts a stacked projection (``qkv_proj``, ``gate_up_proj``) loaded once any of
+    its shards is, so a checkpoint without, say, ``q_proj`` would serve that shard's
+    uninitialised memory. A tensor counts as present also under a quantized format's own
+    names (``weight`` as ``weight_packed``).
+    """
+    prefixes = tuple(f"{layer}." for layer in layers)
+    missing = [
+        name
+        for name in shapes
+        if name.startswith(prefixes)
+        and name not in names
+        and not any(other.startswith(name) for other in names)
+    ]
+    if missing:
+        raise ValueError(
+            f"the checkpoint has no tensors for {first_names(missing)}, which its config.json "
+            "declares: the checkpoint is incomplete, or config.json belongs to another model; "
+            "save or fetch the sliced model again"
+        )
 
 
 def _recording(
