@@ -1267,3 +1267,29 @@ def test_a_broken_llm_compressor_leaves_the_plugin_working(tmp_path: Path) -> No
     assert "built for another version" in result.stdout.split("warned:")[1]
     assert "DynamicSliceModifier is not registered" in result.stdout
     assert "asked: DynamicSliceModifier needs llm-compressor" in result.stdout
+
+
+_COMPLETE_LAYERS = """
+import torch
+from dynslice_modifier.serving.vllm_dynslice import _check_layers_complete, _check_shapes
+
+shapes = {f"model.layers.{i}.mlp.{n}.weight": (8, 4) for i in (0, 1) for n in ("up", "down")}
+# Layer 0: up packed (present), down only as its scale (missing); layer 1 is another rank's.
+names = {"model.layers.0.mlp.up.weight_packed", "model.layers.0.mlp.down.weight_scale"}
+try:
+    _check_layers_complete(shapes, names, ["model.layers.0"])
+except ValueError as err:
+    print("refused:", err)
+packed = [("model.layers.0.mlp.up.weight_packed", torch.zeros(6, 1, dtype=torch.int32))]
+try:
+    list(_check_shapes(packed, shapes, set()))
+except ValueError as err:
+    print("rows:", err)
+"""
+
+
+def test_a_weight_held_only_as_its_scale_or_with_other_rows_is_refused() -> None:
+    output = _serve_python(_COMPLETE_LAYERS)
+    assert "refused: the checkpoint has no tensors for model.layers.0.mlp.down.weight (1" in output
+    assert "rows: model.layers.0.mlp.up.weight_packed is 6 rows in the checkpoint" in output
+    assert "config.json makes it 8 rows" in output

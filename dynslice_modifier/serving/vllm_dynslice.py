@@ -708,6 +708,8 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         # A dummy-loaded engine (RL: the trainer sends every weight later) never calls
         # load_weights before its updates, which must not be taken for a first, whole load.
         self._loaded = vllm_config.load_config.load_format == "dummy"
+        # The checkpoint's tensor shapes, built once: weight updates call load_weights per tensor.
+        self._shapes: dict[str, tuple[int, ...]] | None = None
         dtype = vllm_config.model_config.dtype
         on_cpu = current_platform.is_cpu()
         if on_cpu:
@@ -752,7 +754,9 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         seen: set[str] = set()
         names: set[str] = set()
         current: list[tuple[str, tuple[int, ...]]] = []
-        shapes = _checkpoint_shapes(self.config)
+        if self._shapes is None:
+            self._shapes = _checkpoint_shapes(self.config)
+        shapes = self._shapes
         checked = _check_shapes(
             _check_fused_norms(
                 _check_shortcut_tensors(weights, shortcuts, set(layers), seen), fused_norms
@@ -805,7 +809,7 @@ def _checkpoint_shapes(config: DynSliceConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in reference.state_dict().items()}
 
 
-def _disagree(name: str, held: list[Any], wanted: list[Any]) -> ValueError:
+def _disagree(name: str, held: str, wanted: str) -> ValueError:
     return ValueError(
         f"{name} is {held} in the checkpoint, but its config.json makes it {wanted}: "
         "config.json (its slicing's attn_dims, mlp_dims, final_dim, or its sizes: "
@@ -834,11 +838,11 @@ def _check_shapes(
         base, _, attr = name.rpartition(".")
         wanted = shapes.get(f"{base}.weight")
         if attr == "weight_packed" and wanted is not None and tensor.shape[0] != wanted[0]:
-            raise _disagree(name, list(tensor.shape), [wanted[0], "..."])
+            raise _disagree(name, f"{tensor.shape[0]} rows", f"{wanted[0]} rows")
         if attr == "weight_shape" and wanted is not None and tensor.tolist() != list(wanted):
-            raise _disagree(f"{base} (weight_shape)", tensor.tolist(), list(wanted))
+            raise _disagree(name, f"{tensor.tolist()}", f"{list(wanted)}")
         if name in shapes and tuple(tensor.shape) != shapes[name]:
-            raise _disagree(name, list(tensor.shape), list(shapes[name]))
+            raise _disagree(name, f"{list(tensor.shape)}", f"{list(shapes[name])}")
         yield name, tensor
 
 
@@ -849,17 +853,19 @@ def _check_layers_complete(
 
     vLLM counts a stacked projection (``qkv_proj``, ``gate_up_proj``) loaded once any of
     its shards is, so a checkpoint without, say, ``q_proj`` would serve that shard's
-    uninitialised memory. A tensor counts as present also under a quantized format's own
-    names (``weight`` as ``weight_packed``).
+    uninitialised memory. A weight counts as present also in compressed-tensors' packed
+    form (``weight_packed``) or split into parts (``weight.<part>``), not by its scales alone.
     """
+
+    def present(name: str) -> bool:
+        return (
+            name in names
+            or f"{name}_packed" in names
+            or any(other.startswith(f"{name}.") for other in names)
+        )
+
     prefixes = tuple(f"{layer}." for layer in layers)
-    missing = [
-        name
-        for name in shapes
-        if name.startswith(prefixes)
-        and name not in names
-        and not any(other.startswith(name) for other in names)
-    ]
+    missing = [name for name in shapes if name.startswith(prefixes) and not present(name)]
     if missing:
         raise ValueError(
             f"the checkpoint has no tensors for {first_names(missing)}, which its config.json "
