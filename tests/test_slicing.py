@@ -999,3 +999,21 @@ def test_a_scaled_post_attention_norm_is_no_unit_norm():
         model.model.layers[1].post_attention_layernorm.weight.mul_(2.0)
     assert model.has_unit_norms() is False
     assert model.record_unit_norms() is False and model.config.slicing["unit_norms"] is False
+
+
+def test_unit_norms_are_read_from_the_tensors_a_save_writes(tmp_path):
+    # Trainer saves a fine-tuned model through state_dict (DeepSpeed ZeRO-3's gathered
+    # weights, the parameters being empty outside a gather): the flag that vLLM's fused
+    # shortcuts trust must describe those tensors, not the live parameters.
+    model = tiny_model("llama", True)
+    slice_in_memory(model, sparsity=0.25, round_to=8)
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    state["model.layers.2.input_layernorm.weight"].mul_(1.5)
+    model.save_pretrained(tmp_path, state_dict=state)
+    assert model.has_unit_norms() is True
+    assert json.loads((tmp_path / "config.json").read_text())["slicing"]["unit_norms"] is False
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.has_unit_norms() is False
+    # A weight that cannot be read here leaves the recorded flag as it is.
+    model.model.layers[0].input_layernorm.weight = torch.nn.Parameter(torch.empty(0))
+    assert model.has_unit_norms() is None

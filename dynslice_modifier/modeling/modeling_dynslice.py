@@ -24,7 +24,7 @@ import functools
 import importlib
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -547,7 +547,8 @@ def keeping_sliced_config(model: nn.Module, save: Callable[..., Any]) -> Callabl
         # save_pretrained, which would do it, is not the one llm-compressor calls. A model
         # whose class came with an older checkpoint's code has no prepare_save.
         if (prepare := getattr(model, "prepare_save", None)) is not None:
-            prepare(save_directory)
+            state = kwargs.get("state_dict")
+            prepare(save_directory, **({} if state is None else {"state_dict": state}))
         source = model.config._name_or_path
         model.config._name_or_path = ""
         logger.warning_once(
@@ -631,16 +632,21 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         """``PreTrainedModel.save_pretrained``, after ``prepare_save``."""
-        self.prepare_save(save_directory)
+        self.prepare_save(save_directory, kwargs.get("state_dict"))
         return super().save_pretrained(save_directory, *args, **kwargs)
 
-    def prepare_save(self, save_directory: str | os.PathLike) -> None:
+    def prepare_save(
+        self,
+        save_directory: str | os.PathLike,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         """Refuse to save over the dense source model, read ``slicing.unit_norms`` again
-        from the norms, which a smoothing modifier in a later ``oneshot`` (SmoothQuant, AWQ)
-        scales, drop an earlier model's report, and name ``AutoModel``'s class in the
+        from the norms (those of ``state_dict``, the tensors the save writes, where given),
+        which a smoothing modifier in a later ``oneshot`` (SmoothQuant, AWQ) or fine-tuning
+        changes, drop an earlier model's report, and name ``AutoModel``'s class in the
         ``auto_map`` (transformers writes the causal LM's and the config's)."""
         refuse_saving_over_source(save_directory, self.config)
-        self.record_unit_norms()
+        self.record_unit_norms(state_dict)
         drop_stale_report(save_directory)
         module = type(self).__module__.rpartition(".")[2]
         self.config.auto_map = {
@@ -648,24 +654,30 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
             "AutoModel": f"{module}.{DynSliceModel.__name__}",
         }
 
-    def record_unit_norms(self) -> bool:
+    def record_unit_norms(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> bool:
         """Set ``slicing.unit_norms`` from the norms where they can be read; the flag."""
-        unit = self.has_unit_norms()
+        unit = self.has_unit_norms(state_dict)
         if unit is not None:
             self.config.slicing["unit_norms"] = unit
         return self.config.slicing["unit_norms"]
 
-    def has_unit_norms(self) -> bool | None:
-        """Whether every in-layer norm weight is one (``slicing.unit_norms``); None where a
-        weight is offloaded out of reach (on ``meta`` under accelerate's hooks, as
-        llm-compressor's save also leaves them), so the recorded flag stands."""
+    def has_unit_norms(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> bool | None:
+        """Whether every in-layer norm weight is one (``slicing.unit_norms``), read from
+        ``state_dict`` where given (a save's own tensors: Trainer passes DeepSpeed ZeRO-3's
+        gathered ones, the parameters being empty outside a gather); None where a weight is
+        out of reach (on ``meta`` under accelerate's hooks, as llm-compressor's save also
+        leaves them, empty, or not in ``state_dict``), so the recorded flag stands."""
         layout = self.config.slicing["layout"]
-        weights = [
-            getattr(layer, layout[key]).weight
-            for layer in self.model.layers
+        names = [
+            f"model.layers.{i}.{layout[key]}.weight"
+            for i in range(len(self.model.layers))
             for key in ("input_norm", "post_attention_norm")
         ]
-        if any(w.is_meta for w in weights):
+        if state_dict is None:
+            weights = [self.get_parameter(name) for name in names]
+        else:
+            weights = [state_dict.get(name) for name in names]
+        if any(w is None or w.is_meta or not w.numel() for w in weights):
             return None
         return all(bool(torch.all(w == 1)) for w in weights)
 

@@ -913,9 +913,10 @@ def _check_fused_norms(
         if name in fused_norms and not bool(torch.all(tensor == 1)):
             raise ValueError(
                 f"{name.removesuffix('.weight')} has a weight other than ones (a smoothing "
-                "method such as SmoothQuant changed it after slicing), but the config's "
-                "slicing.unit_norms is true; set it to false in config.json (a save by "
-                "dynslice-modifier's DynSliceForCausalLM reads it from the norms)"
+                "method such as SmoothQuant, or fine-tuning, changed it after slicing), but "
+                "the config's slicing.unit_norms is true; set it to false in config.json (a "
+                "save by dynslice-modifier's DynSliceForCausalLM reads it from the norms it "
+                "writes, unless they are out of its reach, as in a save of another tool)"
             )
         yield name, tensor
 
