@@ -579,3 +579,30 @@ def test_saving_over_the_source_through_a_link_is_refused(tmp_path):
     config = SimpleNamespace(slicing={"source_model": str(dense)})
     with pytest.raises(ValueError, match="dense model it was sliced from"):
         refuse_saving_over_source(link, config)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "w8a8"])
+def test_a_copy_of_the_returned_model_saves_itself(tiny_dir, tmp_path, quantized):
+    # oneshot's save wrapper holds the model it was made for: a deepcopy fine-tuned and
+    # saved must not write the original's weights (nor its config).
+    import copy
+
+    recipe = [DynamicSliceModifier(sparsity=0.3, slicing_base=0.10, round_to=16)]
+    if quantized:
+        recipe.append(QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"]))
+    model = run_oneshot(tiny_dir, recipe)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.model.layers[1].post_attention_layernorm.weight.mul_(1.5)
+        expected = clone(IDS).logits
+        original = model(IDS).logits
+    clone.save_pretrained(tmp_path / "clone")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "clone")
+    saved = json.loads((tmp_path / "clone" / "config.json").read_text())
+    assert saved["slicing"]["unit_norms"] is False
+    assert ("quantization_config" in saved) is quantized
+    with torch.no_grad():
+        got = reloaded(IDS).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, original, atol=1e-3)
+    assert model.has_unit_norms() is True

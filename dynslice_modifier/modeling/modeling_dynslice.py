@@ -20,6 +20,7 @@ transformers needs) so it can be shipped with each checkpoint for ``trust_remote
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import json
@@ -629,6 +630,27 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
         if name == "save_pretrained":
             value = keeping_sliced_config(self, value)
         super().__setattr__(name, value)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DynSliceForCausalLM:
+        """A copy whose ``save_pretrained`` saves the copy.
+
+        The save wrapper that ``oneshot`` puts on the instance holds the model it was made
+        for, so a copy sharing it would write the original's weights: the copy gets
+        llm-compressor's wrapper made for itself, or none.
+        """
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        save = self.__dict__.get("save_pretrained")
+        for key, value in self.__dict__.items():
+            if key != "save_pretrained":
+                clone.__dict__[key] = copy.deepcopy(value, memo)
+        if getattr(save, "_overridden", False):
+            from llmcompressor.transformers.compression.compressed_tensors_utils import (
+                modify_save_pretrained,
+            )
+
+            modify_save_pretrained(clone)
+        return clone
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         """``PreTrainedModel.save_pretrained``, after ``prepare_save``."""
