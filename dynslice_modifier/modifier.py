@@ -49,6 +49,7 @@ from dynslice_modifier.quantization import (
     recipe_modifiers,
     required_multiple,
     shortcut_probe,
+    unmatched_warnings,
 )
 from dynslice_modifier.redundancy import dense_pass
 from dynslice_modifier.rotate import fold_multipliers
@@ -1014,6 +1015,13 @@ class DynamicSliceModifier(Modifier):
                 "(its targets match them); to keep them in model dtype add "
                 "'re:.*_shortcut$' and 're:.*input_projection$' to its ignore list"
             )
+            if patterns := unmatched_warnings(names, quantizers):
+                logger.info(
+                    f"compressed-tensors may warn that it 'Could not match' {patterns}: it "
+                    "counts each module under the first target it meets, which can be a class "
+                    "name the same quantizer lists; the shortcuts are still quantized as those "
+                    "targets' group says"
+                )
         elif names:
             # Shortcuts are built as linears only here, so a quantizer in a later oneshot
             # finds plain matrices: it has to come after the slicer in this recipe.

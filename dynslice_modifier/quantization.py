@@ -266,6 +266,23 @@ def quantized_shortcuts(names: Sequence[str], modifiers: Sequence[Modifier]) -> 
     return taken
 
 
+def unmatched_warnings(names: Sequence[str], modifiers: Sequence[Modifier]) -> list[str]:
+    """The regex targets of the shortcuts that compressed-tensors may say it "Could not
+    match": its check counts a module under the first of the targets it meets (a set, so
+    any order), which can be the class name ``Linear`` that the same quantizer also lists,
+    though the regex's group is the one that takes the module (``_group_of``)."""
+    probe = shortcut_probe()
+    patterns: set[str] = set()
+    for modifier in modifiers:
+        if not is_quantizer(modifier):
+            continue
+        targets = modifier.resolved_targets
+        regex = {t for t in targets if t.startswith("re:")}
+        if any(is_match(n, probe, sorted(targets - regex)) for n in names):
+            patterns |= {t for t in regex if any(is_match(n, probe, t) for n in names)}
+    return sorted(patterns)
+
+
 def input_projection_conflict(name: str, width: int, modifiers: Sequence[Modifier]) -> str | None:
     """Why a quantizer cannot take layer 0's input projection, which reads the full tied
     table (``width`` wide, the only shortcut input that is not a rounded, sliced width);

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -28,6 +29,7 @@ from dynslice_modifier.quantization import (
     fit_round_to,
     required_multiple,
     shortcut_probe,
+    unmatched_warnings,
 )
 
 IDS = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
@@ -554,3 +556,19 @@ def test_a_shortcut_format_the_recipe_set_is_kept():
     assert compress_shortcuts_as_linears(model) == 1
     assert model[0].quantization_scheme.format == "naive-quantized"
     assert model[1].quantization_scheme.format == "int-quantized"
+
+
+def test_the_could_not_match_warning_on_quantized_shortcuts_is_foretold():
+    # slice_w4a16.yaml's int8 group takes the shortcuts by regex beside a Linear group, and
+    # compressed-tensors may count them under Linear: a warning saying the regex matched
+    # nothing, which would read as the shortcuts being left unquantized.
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "slice_w4a16.yaml"
+    gptq = Recipe.create_instance(str(recipe)).modifiers[1]
+    names = ["model.layers.0.attn_shortcut", "model.layers.0.input_projection"]
+    assert unmatched_warnings(names, [gptq]) == ["re:.*_shortcut$", "re:.*input_projection$"]
+    alone = QuantizationModifier(
+        config_groups={
+            "shortcuts": {"targets": ["re:.*_shortcut$"], "weights": {"num_bits": 8}},
+        }
+    )
+    assert unmatched_warnings(names, [alone]) == []
