@@ -443,7 +443,8 @@ def _compress_recipe(args: argparse.Namespace, config: Any) -> Any:
     from dynslice_modifier import DynamicSliceModifier
 
     given = [
-        _flag(name)
+        # As typed: a switch turned off is --no-<name>.
+        _flag(name if getattr(args, name) is not False else f"no_{name}")
         for name in ("sparsity", "target_params", "slicing_base", *SLICER_FLAGS)
         if getattr(args, name) is not None
     ]

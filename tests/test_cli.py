@@ -490,6 +490,10 @@ def test_scores_eval_and_report(workdir, capsys):
             ["compress", "tiny", "bad", "--recipe", "r.yaml", "--hadamard", "--round-to", "8"],
             "drop --round-to --hadamard or put them in the recipe",
         ),
+        (
+            ["compress", "tiny", "bad", "--recipe", "r.yaml", "--no-hadamard"],
+            "drop --no-hadamard or put them in the recipe",
+        ),
         (["compress", "tiny", "bad", "--recipe", "broken.yaml"], "broken.yaml is not valid YAML"),
         (["compress", "tiny", "bad", "--round-to", "128"], "set --round-to to at most 64"),
         (["compress", "tiny", "bad", "--quantize", "w4a16"], "or one without groups, such as W8A8"),
