@@ -21,25 +21,26 @@ _compression_error: Exception | None = None
 if find_spec("llmcompressor") is not None:
     try:
         from llmcompressor.modifiers.factory import ModifierFactory
-    except Exception as err:
-        # vLLM imports this package for its plugin, where an llm-compressor built against
-        # another compressed-tensors (the two pin different ones) can fail to import: the
-        # sliced architecture must still serve.
-        _compression_error = err
-        warnings.warn(
-            f"llm-compressor is installed but failed to import ({err!r}), so "
-            "DynamicSliceModifier is not registered; the sliced architecture (transformers, "
-            "vLLM) still works. To compress, use an environment where it imports (pip "
-            "install 'dynslice-modifier[compress]' into a fresh one); serving needs nothing "
-            "more",
-            stacklevel=2,
-        )
-    else:
+
         from dynslice_modifier.modifier import DynamicSliceModifier
         from dynslice_modifier.smoothing import register_mappings
 
         ModifierFactory.register("DynamicSliceModifier", DynamicSliceModifier)
         register_mappings()
+    except Exception as err:
+        # vLLM imports this package for its plugin, where an llm-compressor built against
+        # another compressed-tensors (the two pin different ones) can fail anywhere in these
+        # imports: the sliced architecture must still serve.
+        _compression_error = err
+        warnings.warn(
+            f"llm-compressor is installed but the modifier could not be set up with it "
+            f"({err!r}), so DynamicSliceModifier is not registered; the sliced architecture "
+            "(transformers, vLLM) still works. To compress, use an environment where it "
+            "imports (pip install 'dynslice-modifier[compress]' into a fresh one); serving "
+            "needs nothing more",
+            stacklevel=2,
+        )
+    else:
         __all__ += ["DynamicSliceModifier"]
 
 
@@ -48,7 +49,7 @@ def __getattr__(name: str) -> Any:
         if _compression_error is not None:
             raise ImportError(
                 "DynamicSliceModifier needs llm-compressor, which is installed but failed to "
-                f"import: {_compression_error!r}"
+                f"import with it: {_compression_error!r}"
             ) from _compression_error
         raise ImportError(
             "DynamicSliceModifier needs the compression stack: "

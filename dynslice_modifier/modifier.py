@@ -1017,9 +1017,9 @@ class DynamicSliceModifier(Modifier):
             )
             if patterns := unmatched_warnings(names, quantizers):
                 logger.info(
-                    f"compressed-tensors may warn that it 'Could not match' {patterns}: it "
-                    "counts each module under the first target it meets, which can be a class "
-                    "name the same quantizer lists; the shortcuts are still quantized as those "
+                    f"compressed-tensors will warn that it 'Could not match' {patterns}: it "
+                    "credits each module to the first target listed that matches it, here a "
+                    "class name before them; the shortcuts are still quantized as those "
                     "targets' group says"
                 )
         elif names:

@@ -267,19 +267,23 @@ def quantized_shortcuts(names: Sequence[str], modifiers: Sequence[Modifier]) -> 
 
 
 def unmatched_warnings(names: Sequence[str], modifiers: Sequence[Modifier]) -> list[str]:
-    """The regex targets of the shortcuts that compressed-tensors may say it "Could not
-    match": its check counts a module under the first of the targets it meets (a set, so
-    any order), which can be the class name ``Linear`` that the same quantizer also lists,
-    though the regex's group is the one that takes the module (``_group_of``)."""
+    """The regex targets of the shortcuts that compressed-tensors will say it "Could not
+    match": its check credits each module to the first target, in config-group order, that
+    matches it, so a regex listed after ``Linear`` is never credited, though its group is the
+    one that takes the shortcuts (``_group_of``)."""
     probe = shortcut_probe()
     patterns: set[str] = set()
     for modifier in modifiers:
         if not is_quantizer(modifier):
             continue
-        targets = modifier.resolved_targets
-        regex = {t for t in targets if t.startswith("re:")}
-        if any(is_match(n, probe, sorted(targets - regex)) for n in names):
-            patterns |= {t for t in regex if any(is_match(n, probe, t) for n in names)}
+        groups = modifier.resolved_config.config_groups.values()
+        order = list(dict.fromkeys(t for group in groups for t in group.targets))
+        for i, target in enumerate(order):
+            matched = [n for n in names if is_match(n, probe, target)]
+            # Credited with nothing: an earlier target takes every module it matches.
+            shadowed = all(is_match(n, probe, order[:i]) for n in matched)
+            if target.startswith("re:") and matched and shadowed:
+                patterns.add(target)
     return sorted(patterns)
 
 

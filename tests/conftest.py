@@ -4,7 +4,7 @@ import os
 
 # The suite checks the CPU reference: its tolerances are CPU's, and oneshot leaves a model on
 # the first accelerator it finds, where tensors built on the CPU cannot meet it. A machine
-# with a GPU runs the same suite on its CPU (set before torch first asks for a device).
+# with NVIDIA GPUs runs the same suite on its CPU (set before torch first asks for one).
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import contextlib

@@ -566,9 +566,11 @@ def test_the_could_not_match_warning_on_quantized_shortcuts_is_foretold():
     gptq = Recipe.create_instance(str(recipe)).modifiers[1]
     names = ["model.layers.0.attn_shortcut", "model.layers.0.input_projection"]
     assert unmatched_warnings(names, [gptq]) == ["re:.*_shortcut$", "re:.*input_projection$"]
-    alone = QuantizationModifier(
+    # Listed before Linear, the regex is credited with the shortcuts: no warning.
+    regex_first = QuantizationModifier(
         config_groups={
             "shortcuts": {"targets": ["re:.*_shortcut$"], "weights": {"num_bits": 8}},
+            "linears": {"targets": ["Linear"], "weights": {"num_bits": 8}},
         }
     )
-    assert unmatched_warnings(names, [alone]) == []
+    assert unmatched_warnings(names, [regex_first]) == []

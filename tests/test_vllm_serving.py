@@ -1247,14 +1247,29 @@ print("asked:", err.value)
 """
 
 
-def test_a_broken_llm_compressor_leaves_the_plugin_working(tmp_path: Path) -> None:
+# A stand-in llm-compressor that fails at its top, or deeper: in the modules the modifier
+# imports (its factory imports, llmcompressor.core does not).
+_BROKEN = {
+    "top": {"__init__.py": 'raise ImportError("built for another version")\n'},
+    "deep": {
+        "__init__.py": "",
+        "modifiers/__init__.py": "",
+        "modifiers/factory.py": "class ModifierFactory:\n    register = print\n",
+        "core/__init__.py": 'raise ImportError("built for another version")\n',
+    },
+}
+
+
+@pytest.mark.parametrize("where", sorted(_BROKEN))
+def test_a_broken_llm_compressor_leaves_the_plugin_working(tmp_path: Path, where: str) -> None:
     """An llm-compressor that fails to import in the vLLM environment (it pins another
     compressed-tensors) must not take the plugin down with it: vLLM would log "Failed to
     load plugin" and then refuse every sliced checkpoint as an unknown architecture."""
     require_plugin()
-    broken = tmp_path / "llmcompressor"
-    broken.mkdir()
-    (broken / "__init__.py").write_text('raise ImportError("built for another version")\n')
+    for name, text in _BROKEN[where].items():
+        path = tmp_path / "llmcompressor" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     result = subprocess.run(
         [str(SERVE_PYTHON), "-c", _BROKEN_COMPRESSION_STACK],
         capture_output=True,
@@ -1270,8 +1285,14 @@ def test_a_broken_llm_compressor_leaves_the_plugin_working(tmp_path: Path) -> No
 
 
 _COMPLETE_LAYERS = """
+from types import SimpleNamespace
 import torch
-from dynslice_modifier.serving.vllm_dynslice import _check_layers_complete, _check_shapes
+from dynslice_modifier.serving.vllm_dynslice import (
+    _check_layers_complete, _check_shapes, _checkpoint_shapes
+)
+
+# GPTQ's qweight and ModelOpt's uint8 weight are laid out otherwise: nothing is checked.
+print("gptq:", _checkpoint_shapes(None, SimpleNamespace(get_name=lambda: "gptq")))
 
 shapes = {f"model.layers.{i}.mlp.{n}.weight": (8, 4) for i in (0, 1) for n in ("up", "down")}
 # Layer 0: up packed (present), down only as its scale (missing); layer 1 is another rank's.
@@ -1293,3 +1314,4 @@ def test_a_weight_held_only_as_its_scale_or_with_other_rows_is_refused() -> None
     assert "refused: the checkpoint has no tensors for model.layers.0.mlp.down.weight (1" in output
     assert "rows: model.layers.0.mlp.up.weight_packed is 6 rows in the checkpoint" in output
     assert "config.json makes it 8 rows" in output
+    assert "gptq: {}" in output

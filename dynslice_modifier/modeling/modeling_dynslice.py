@@ -636,15 +636,17 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
 
         The save wrapper that ``oneshot`` puts on the instance holds the model it was made
         for, so a copy sharing it would write the original's weights: the copy gets
-        llm-compressor's wrapper made for itself, or none.
+        llm-compressor's wrapper made for itself.
         """
+        # As the default copy does: the state nn.Module pickles, without the wrapper.
+        state = self.__getstate__()
+        wrapped = getattr(state.get("save_pretrained"), "_overridden", False)
+        if wrapped:
+            del state["save_pretrained"]
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
-        save = self.__dict__.get("save_pretrained")
-        for key, value in self.__dict__.items():
-            if key != "save_pretrained":
-                clone.__dict__[key] = copy.deepcopy(value, memo)
-        if getattr(save, "_overridden", False):
+        clone.__setstate__(copy.deepcopy(state, memo))
+        if wrapped:
             from llmcompressor.transformers.compression.compressed_tensors_utils import (
                 modify_save_pretrained,
             )
@@ -685,20 +687,24 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
 
     def has_unit_norms(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> bool | None:
         """Whether every in-layer norm weight is one (``slicing.unit_norms``), read from
-        ``state_dict`` where given (a save's own tensors: Trainer passes DeepSpeed ZeRO-3's
-        gathered ones, the parameters being empty outside a gather); None where a weight is
-        out of reach (on ``meta`` under accelerate's hooks, as llm-compressor's save also
-        leaves them, empty, or not in ``state_dict``), so the recorded flag stands."""
+        ``state_dict`` where it holds them (a save's own tensors: Trainer passes DeepSpeed
+        ZeRO-3's gathered ones, the parameters being empty outside a gather), else from the
+        model; None where a weight is out of reach (on ``meta`` under accelerate's hooks, as
+        llm-compressor's save also leaves them, or empty), so the recorded flag stands."""
         layout = self.config.slicing["layout"]
         names = [
             f"model.layers.{i}.{layout[key]}.weight"
             for i in range(len(self.model.layers))
             for key in ("input_norm", "post_attention_norm")
         ]
-        if state_dict is None:
-            weights = [self.get_parameter(name) for name in names]
+        if state_dict is not None and all(name in state_dict for name in names):
+            weights = [state_dict[name] for name in names]
         else:
-            weights = [state_dict.get(name) for name in names]
+            # A state_dict under other names (a compiled model's ``_orig_mod.``) is not read.
+            weights = [
+                getattr(self.get_submodule(name.removesuffix(".weight")), "weight", None)
+                for name in names
+            ]
         if any(w is None or w.is_meta or not w.numel() for w in weights):
             return None
         return all(bool(torch.all(w == 1)) for w in weights)

@@ -755,7 +755,7 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         names: set[str] = set()
         current: list[tuple[str, tuple[int, ...]]] = []
         if self._shapes is None:
-            self._shapes = _checkpoint_shapes(self.config)
+            self._shapes = _checkpoint_shapes(self.config, self.quant_config)
         shapes = self._shapes
         checked = _check_shapes(
             _check_fused_norms(
@@ -799,10 +799,23 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         return loaded
 
 
-def _checkpoint_shapes(config: DynSliceConfig) -> dict[str, tuple[int, ...]]:
+# Quantization methods whose checkpoints keep each float weight's name and rows (8-bit
+# weights its shape, compressed-tensors' packed ones their rows and ``weight_shape``). Others
+# store packed weights under other names or shapes (GPTQ's ``qweight``, ModelOpt's uint8
+# ``weight``), which vLLM builds its parameters for: not checked here.
+_SHAPED_FORMATS = (None, "compressed-tensors", "fp8")
+
+
+def _checkpoint_shapes(
+    config: DynSliceConfig, quant_config: QuantizationConfig | None
+) -> dict[str, tuple[int, ...]]:
     """The shape of every tensor of the unquantized checkpoint that ``config`` describes:
-    the transformers model's own, built on ``meta``."""
+    the transformers model's own, built on ``meta``; none for a quantization format whose
+    tensors have other names or shapes (``_SHAPED_FORMATS``)."""
     from dynslice_modifier.modeling.modeling_dynslice import DynSliceForCausalLM as Reference
+
+    if (quant_config and quant_config.get_name()) not in _SHAPED_FORMATS:
+        return {}
 
     with torch.device("meta"):
         reference = Reference(copy.deepcopy(config))
