@@ -64,6 +64,6 @@ def rank() -> int:
 
 def shared_across_ranks(keys: list[bytes]) -> int:
     """How many of this rank's calibration batches (by content key) another rank also has."""
-    everyone = gathered(keys)
-    others = {k for r, ks in enumerate(everyone) if r != rank() for k in ks}
+    me = rank()
+    others = {k for r, ks in enumerate(gathered(keys)) if r != me for k in ks}
     return sum(k in others for k in keys)

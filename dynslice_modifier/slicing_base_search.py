@@ -59,7 +59,8 @@ def heldout_batches(keys: list[bytes], fraction: float) -> frozenset[int]:
             "(batch size 1 in oneshot gives one batch per sample), lower auto_holdout, or "
             "give slicing_base a number"
         )
-    return frozenset(index for _, r, index in ranked[count - size :] if r == rank())
+    me = rank()
+    return frozenset(index for _, r, index in ranked[count - size :] if r == me)
 
 
 @torch.no_grad()

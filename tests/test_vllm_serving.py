@@ -760,9 +760,9 @@ from dynslice_modifier.serving.vllm_dynslice import _check_shortcut_tensors
 
 weights = [("model.layers.0.attn_shortcut.weight", torch.zeros(4, 4))]
 # Another pipeline rank builds layer 0: its tensors are not this rank's to check.
-print("elsewhere", len(list(_check_shortcut_tensors(weights, {}, set(), set()))))
+print("elsewhere", len(list(_check_shortcut_tensors(weights, {}, set()))))
 try:
-    list(_check_shortcut_tensors(weights, {}, {"model.layers.0"}, set()))
+    list(_check_shortcut_tensors(weights, {}, {"model.layers.0"}))
 except ValueError as err:
     print("refused:", err)
 """

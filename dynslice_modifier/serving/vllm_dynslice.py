@@ -751,7 +751,6 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
             for name, module in layers.items()
             for norm_name, _ in module.fused_norms()
         }
-        seen: set[str] = set()
         names: set[str] = set()
         current: list[tuple[str, tuple[int, ...]]] = []
         if self._shapes is None:
@@ -759,7 +758,7 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         shapes = self._shapes
         checked = _check_shapes(
             _check_fused_norms(
-                _check_shortcut_tensors(weights, shortcuts, set(layers), seen), fused_norms
+                _check_shortcut_tensors(weights, shortcuts, set(layers)), fused_norms
             ),
             shapes,
             names,
@@ -785,7 +784,7 @@ class DynSliceForCausalLM(nn.Module, SupportsPP, SupportsQuant):
             # vLLM counts a fused projection loaded once its own shards are, and skips the
             # check for quantized models, so a shortcut missing from the file would serve
             # whatever memory its rows held.
-            missing = list(set(shortcuts) - seen)
+            missing = list(set(shortcuts) - {name.rpartition(".")[0] for name in names})
             if missing:
                 raise ValueError(
                     f"the checkpoint has no tensors for the residual shortcuts "
@@ -941,11 +940,9 @@ def _check_shortcut_tensors(
     weights: Iterable[tuple[str, torch.Tensor]],
     shortcuts: dict[str, ResidualShortcut | FusedShortcut],
     layers: set[str],
-    seen: set[str],
 ) -> Iterable[tuple[str, torch.Tensor]]:
     """Pass weights through, refusing shortcut tensors that disagree with the built layer or
-    that a built layer (of ``layers``) has no shortcut for; ``seen`` collects the shortcuts
-    that had tensors.
+    that a built layer (of ``layers``) has no shortcut for.
 
     Without this, a plain float shortcut loaded into a layer built as quantized is cast
     into its integer weight and served as garbage with no error (and a quantized one sent
@@ -964,7 +961,6 @@ def _check_shortcut_tensors(
                 "saved weights"
             )
         if layer is not None:
-            seen.add(owner)
             plain = attr == "weight" and tensor.dtype in _PLAIN_DTYPES
             if layer.is_quantized == plain:
                 held, wants = ("unquantized", "quantized") if plain else ("quantized", "plain")
