@@ -449,6 +449,42 @@ def test_a_model_built_from_its_config_starts_from_identity_shortcuts_and_return
         torch.testing.assert_close(outputs[1], fresh(IDS).logits, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("quantizable", [False, True])
+def test_a_model_built_on_meta_and_given_memory_initialises_its_shortcuts_as_identity(
+    tmp_path, quantizable
+):
+    # to_empty + init_weights (meta-device initialisation): transformers dispatches the
+    # base model's _init_weights to the layers, which would leave a plain shortcut as the
+    # memory it was given and draw a quantizable (Linear) one at random.
+    from dynslice_modifier.modeling.configuration_dynslice import declared_shortcuts
+
+    model = tiny_model("llama", True, layers=4)
+    slice_in_memory(model, layer_dims=[48, 40, 40, 48], quantize_shortcuts=quantizable)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(model.config)
+    meta.to_empty(device="cpu")
+    for layer in meta.model.layers:
+        for name in ("input_projection", "attn_shortcut", "mlp_shortcut"):
+            if (shortcut := getattr(layer, name)) is not None:
+                shortcut.weight.data.fill_(float("nan"))
+    meta.init_weights()
+    fresh = AutoModelForCausalLM.from_config(model.config)
+    shortcuts = 0
+    for built, reference in zip(meta.model.layers, fresh.model.layers, strict=True):
+        for name in ("input_projection", "attn_shortcut", "mlp_shortcut"):
+            if (shortcut := getattr(built, name)) is not None:
+                shortcuts += 1
+                expected = getattr(reference, name).weight
+                torch.testing.assert_close(shortcut.weight, expected, atol=0, rtol=0)
+    assert shortcuts == len(declared_shortcuts(model.config.slicing)) > 0
+    # A loaded model keeps its shortcuts through init_weights.
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    loaded.init_weights()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, atol=0, rtol=0)
+
+
 def test_a_config_without_base_settings_names_the_fix():
     from transformers import AutoConfig
 

@@ -258,18 +258,27 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         for name in (INPUT_PROJECTION, *SHORTCUTS):
             shape = shapes.get(name)
             setattr(self, name, shortcut(*shape, device, dtype) if shape else None)
-        self._start_as_identity()
+        self.start_as_identity()
         self._capturing_hook = _record_hidden_states(self)
 
+    def unfilled_shortcuts(self) -> list[str]:
+        """The shortcuts that neither loading nor ``start_as_identity`` has filled."""
+        return [
+            name
+            for name in (INPUT_PROJECTION, *SHORTCUTS)
+            if (shortcut := getattr(self, name)) is not None
+            and not shortcut.weight.is_meta
+            and not getattr(shortcut, "_is_hf_initialized", False)
+            and not getattr(shortcut.weight, "_is_hf_initialized", False)
+        ]
+
     @torch.no_grad()
-    def _start_as_identity(self) -> None:
+    def start_as_identity(self, names: Iterable[str] | None = None) -> None:
         """A layer built fresh (not loaded) passes its residual through each shortcut
         unchanged, rather than through uninitialised memory; transformers then leaves the
         shortcuts alone. A model built on ``meta`` to be loaded has nothing to fill."""
-        for name in (INPUT_PROJECTION, *SHORTCUTS):
+        for name in self.unfilled_shortcuts() if names is None else names:
             shortcut = getattr(self, name)
-            if shortcut is None or shortcut.weight.is_meta:
-                continue
             shortcut.weight.zero_()
             if name not in self.deltas:
                 shortcut.weight.diagonal().fill_(1)
@@ -653,6 +662,21 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
 
             modify_save_pretrained(clone)
         return clone
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """transformers' initialisation, then the identity in each shortcut it had to fill.
+
+        transformers hands the layers to the base model's ``_init_weights``, which knows no
+        shortcut: a model built on ``meta`` and given memory (``to_empty``, then
+        ``init_weights``) would otherwise keep that memory as its changes of basis, or draw
+        them at random where they are ``Linear``. Loaded shortcuts are marked as
+        initialised, so they are left as they are.
+        """
+        unfilled = {idx: layer.unfilled_shortcuts() for idx, layer in enumerate(self.model.layers)}
+        super().initialize_weights()
+        for idx, names in unfilled.items():
+            self.model.layers[idx].start_as_identity(names)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         """``PreTrainedModel.save_pretrained``, after ``prepare_save``."""
