@@ -14,7 +14,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from dynslice_modifier.modeling.modeling_dynslice import REPORT_FILES
@@ -237,5 +237,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def directory_size(path: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+def directory_size(path: str | Path, leave_out: Collection[str] = ()) -> int:
+    """Bytes of the files under ``path``, but for those named in ``leave_out``."""
+    root = Path(path)
+    return sum(
+        f.stat().st_size
+        for f in root.rglob("*")
+        if f.is_file() and f.relative_to(root).as_posix() not in leave_out
+    )

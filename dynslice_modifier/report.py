@@ -99,7 +99,9 @@ def _overview(config: dict[str, Any], checkpoint: str | Path) -> list[str]:
             f"- quantization: {quant.get('format')} ({quant.get('quant_method')}); shortcut "
             f"matrices {shortcuts}"
         )
-    lines.append(f"- size on disk: {directory_size(checkpoint) / 2**20:.1f} MiB")
+    # Its own files left out, so that writing the report again states the same size.
+    size = directory_size(checkpoint, leave_out=REPORT_FILES)
+    lines.append(f"- size on disk: {size / 2**20:.1f} MiB, this report aside")
     return lines
 
 

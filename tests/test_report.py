@@ -55,7 +55,10 @@ def test_the_layer_table_has_a_row_per_layer_as_recorded(tmp_path):
     ]
     assert "- mean kept width 45.3 of 64" in report
     assert "round_to 8 (spectrum rounding)" in report
-    assert "- size on disk: 3.0 MiB" in report
+    assert "- size on disk: 3.0 MiB, this report aside" in report
+    # A report written before (1 MiB here) does not count: writing it again states the same.
+    (checkpoint / "slicing_report.md").write_bytes(bytes(2**20))
+    assert "- size on disk: 3.0 MiB, this report aside" in summary_markdown(checkpoint)
     assert "basis sublayer\n" in report
     # Nothing recorded, nothing claimed.
     assert "parameters:" not in report and "quantization:" not in report
