@@ -52,8 +52,13 @@ def convert_to_sliced(
     """
     config = _sliced_config(model, adapter, result, provenance, quantizable_shortcuts)
     _wrap_layers(model, adapter, result, config)
-    model.config = config
-    model.model.config = config
+    # Every module that shares the model's config gets the new one, as a loaded sliced model
+    # has it: transformers' set_attn_implementation changes the model's config, and an
+    # attention still holding the old one would keep its old kernel under the new masks.
+    old_config = model.config
+    for module in model.modules():
+        if getattr(module, "config", None) is old_config:
+            module.config = config
     model.__class__ = DynSliceForCausalLM
     # post_init left the base class's layer name on the instance, where it hides the new
     # class's; llm-compressor's sequential pipeline reads it to split the model into layers,

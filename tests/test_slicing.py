@@ -485,6 +485,43 @@ def test_a_model_built_on_meta_and_given_memory_initialises_its_shortcuts_as_ide
         torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, atol=0, rtol=0)
 
 
+def test_the_sliced_model_in_memory_switches_attention_kernels_as_a_loaded_one_does():
+    # Slicing replaces the config; a module left holding the dense one would keep its kernel
+    # when set_attn_implementation changes the model's, under the new kernel's masks.
+    model = tiny_model("llama", True)
+    model.set_attn_implementation("eager")
+    slice_in_memory(model, sparsity=0.25, round_to=8)
+    assert all(getattr(m, "config", model.config) is model.config for m in model.modules())
+    with torch.no_grad():
+        eager = model(IDS, output_attentions=True)
+        model.set_attn_implementation("sdpa")
+        sdpa = model(IDS).logits
+    assert len(eager.attentions) == 3
+    torch.testing.assert_close(sdpa, eager.logits, atol=1e-5, rtol=0)
+
+
+def test_loading_fewer_layers_or_drafting_from_an_early_exit_is_refused_by_name(tmp_path):
+    # Both read an intermediate layer's output as the head's input, which a sliced model's
+    # widths and bases do not allow; dense models take both.
+    from dynslice_modifier.modeling import SlicingConfigError
+
+    model = tiny_model("llama", True)
+    slice_in_memory(model, sparsity=0.25, round_to=8)
+    model.save_pretrained(tmp_path)
+    fewer = r"num_hidden_layers is 2, but slicing describes 3"
+    with pytest.raises(SlicingConfigError, match=fewer):
+        AutoModelForCausalLM.from_pretrained(tmp_path, num_hidden_layers=2)
+    early = r"assistant_early_exit .* own\s+width and basis"
+    with pytest.raises(ValueError, match=early):
+        model.generate(IDS[:1, :6], max_new_tokens=3, do_sample=False, assistant_early_exit=1)
+    model.generation_config.assistant_early_exit = 1  # as a saved generation_config.json sets it
+    with pytest.raises(ValueError, match=early):
+        model.generate(IDS[:1, :6], max_new_tokens=3, do_sample=False)
+    model.generation_config.assistant_early_exit = None
+    assert model.config.num_hidden_layers == 3
+    assert model.generate(IDS[:1, :6], max_new_tokens=3, do_sample=False).shape == (1, 9)
+
+
 def test_a_config_without_base_settings_names_the_fix():
     from transformers import AutoConfig
 

@@ -98,6 +98,7 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
     if not isinstance(spec, dict):
         raise invalid_slicing(f"config.slicing must be a mapping, got {type(spec).__name__}")
     version = _check_format_version(spec.get("format_version"))
+    _check_layer_count(spec, num_layers)
     _check_layer_entries(spec, hidden_size, num_layers)
     _check_shortcuts_join_widths(spec, hidden_size, num_layers)
     if spec.get("layout") not in LAYOUTS:
@@ -139,6 +140,23 @@ def _check_format_version(version: Any) -> int:
             "pip install -U dynslice-modifier (from a clone: git pull, then pip install -e .)"
         )
     return version
+
+
+def _check_layer_count(spec: dict[str, Any], num_layers: int) -> None:
+    """A layer count that disagrees with every per-layer list, as a ``num_hidden_layers``
+    argument to ``from_pretrained`` (which truncates a dense model) gives."""
+    lengths = {
+        len(values)
+        for key in ("attn_dims", "mlp_dims", "attn_shortcuts", "mlp_shortcuts")
+        if isinstance(values := spec.get(key), list)
+    }
+    if len(lengths) == 1 and (described := lengths.pop()) != num_layers:
+        raise SlicingConfigError(
+            f"num_hidden_layers is {num_layers}, but slicing describes {described} decoder "
+            "layers: a sliced model loads only whole, since each layer's width and basis "
+            "lead into the next; drop the num_hidden_layers argument to from_pretrained "
+            f"(or set num_hidden_layers back to {described} in config.json)"
+        )
 
 
 def _check_layer_entries(spec: dict[str, Any], hidden_size: int, num_layers: int) -> None:

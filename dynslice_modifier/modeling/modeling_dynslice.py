@@ -742,6 +742,23 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
     # return_dict=False: the base model's output becomes a tuple, as in transformers' own
     # causal LMs.
     @can_return_tuple
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``GenerationMixin.generate``, refusing an early-exit assistant up front:
+        transformers would apply the head to an intermediate layer's output, of another
+        width and basis here, and leave ``num_hidden_layers`` changed on the failure."""
+        config = kwargs.get("generation_config") or self.generation_config
+        if (
+            kwargs.get("assistant_early_exit") is not None
+            or getattr(config, "assistant_early_exit", None) is not None
+        ):
+            raise ValueError(
+                "assistant_early_exit (self-speculative decoding) reads the head from an "
+                "intermediate layer's output, but each layer of a sliced model has its own "
+                "width and basis, which the head cannot read; draft with an assistant_model "
+                "(a smaller or more deeply sliced model) or prompt_lookup_num_tokens instead"
+            )
+        return super().generate(*args, **kwargs)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
