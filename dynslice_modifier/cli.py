@@ -8,6 +8,7 @@ raw text file. ``smollm2`` as a model name means the packaged SmolLM2-135M.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -16,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -73,22 +75,62 @@ def _tokenizer(path: Path) -> Any:
         ) from None
 
 
+def _config(path: Path) -> Any:
+    """The model's config; one that transformers cannot read is named with the fix."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise ValueError(
+            f"{path / 'config.json'} is not a readable model config ({err!r}): save or "
+            "fetch the model again"
+        ) from None
+
+
 def _check_weights(path: Path, config: Any) -> None:
     """Refuse, before any calibration, a checkpoint that transformers would load only in
-    part: a damaged weights file (it would fail deep in the load), or tensors the config
-    declares and the files lack (initialised at random, with a warning, then sliced and
-    saved as if trained). Checkpoints in other formats are left to transformers."""
+    part or not at all: a damaged weights file (it would fail deep in the load), tensors
+    the config declares and the files lack (initialised at random, with a warning, then
+    sliced and saved as if trained), layers the config does not count (dropped, with a
+    warning that they can be ignored), or tensors of other shapes than the config's.
+    Checkpoints in other formats are left to transformers."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dynslice_modifier.modeling.modeling_dynslice import first_names, stored_tensor_names
+    from dynslice_modifier.modeling.modeling_dynslice import first_names, stored_tensor_shapes
 
-    stored = stored_tensor_names(path)
-    if stored is None:
+    shapes = stored_tensor_shapes(path)
+    if shapes is None:
+        if not _weight_files(path):
+            raise ValueError(
+                f"{path} has a config.json but no weights (model.safetensors or "
+                "pytorch_model.bin, or their shards): copy the model's weight files into it"
+            )
         return
+    stored = set(shapes)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    expected = set(model.state_dict())
+    params = model.state_dict()
+    expected = set(params)
+    layers = config.num_hidden_layers
+    beyond = [n for n in stored if (i := _layer_index(n)) is not None and i >= layers]
+    if beyond:
+        raise ValueError(
+            f"{path}'s weights hold {first_names(beyond)} beyond the {layers} layers its "
+            "config.json declares (num_hidden_layers): transformers would drop them. "
+            "config.json does not belong to these weights: restore it, or save or fetch "
+            "the model again"
+        )
+    differ = [n for n in expected & stored if shapes[n] != tuple(params[n].shape)]
+    if differ:
+        name = sorted(differ)[0]
+        raise ValueError(
+            f"{path}'s weights disagree in shape with its config.json: {name} is "
+            f"{list(shapes[name])} in the files, {list(params[name].shape)} by the config "
+            f"({len(differ)} tensors differ). config.json does not belong to these weights: "
+            "restore it, or save or fetch the model again"
+        )
     if getattr(config, "tie_word_embeddings", False):
         # transformers loads a tied pair from either name.
         table = model.get_input_embeddings()
@@ -107,10 +149,35 @@ def _check_weights(path: Path, config: Any) -> None:
         )
 
 
+def _layer_index(name: str) -> int | None:
+    """The decoder layer a tensor name belongs to (``model.layers.<i>.``), if any."""
+    match = re.match(r"(?:model\.)?layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def _check_vocabulary(path: Path, tokens: torch.Tensor | list[int], config: Any) -> None:
+    """The directory's tokenizer and its model must agree: ids past the embedding table
+    fail in the model with a bare "index out of range"."""
+    import torch
+
+    tokens = torch.as_tensor(tokens)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab and tokens.numel() and (highest := int(tokens.max())) >= vocab:
+        raise ValueError(
+            f"the tokenizer in {path} gives token ids up to {highest}, but the "
+            f"model's embedding table has {vocab} rows (config.json's vocab_size): the "
+            "tokenizer files there belong to another model; copy the model's own "
+            "(tokenizer.json, tokenizer_config.json) into it"
+        )
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """A checkpoint's weight files, in either format transformers saves."""
+    return [*directory.glob("*.safetensors"), *directory.glob("pytorch_model*.bin")]
+
+
 def _weights_bytes(directory: Path) -> int:
-    """Bytes of a checkpoint's weight files, in either format transformers saves."""
-    files = [*directory.glob("*.safetensors"), *directory.glob("pytorch_model*.bin")]
-    return sum(f.stat().st_size for f in files)
+    return sum(f.stat().st_size for f in _weight_files(directory))
 
 
 # argparse turns a parser's ValueError into "invalid <function name> value"; the parsers
@@ -143,6 +210,18 @@ def _percent_hint(value: float) -> str:
     """What a fraction given as a percentage (25 for 0.25) most likely meant; 1 means all,
     which no model can lose."""
     return f" (a fraction: {value / 100:g} for {value:g}%)" if 1.0 < value <= 100.0 else ""
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer from 0 to 2**64 - 1 (torch's seeds), got {text!r}"
+        )
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -301,7 +380,7 @@ def cmd_scores(args: argparse.Namespace) -> None:
     # Capturing the layers' inputs uses compressed-tensors' offloading helpers.
     _require_compression_stack("scores", "compressed_tensors", "compressed-tensors")
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from dynslice_modifier.adapters import adapter_for, get_adapter
     from dynslice_modifier.calibration import capture_layer_inputs
@@ -310,7 +389,7 @@ def cmd_scores(args: argparse.Namespace) -> None:
     from dynslice_modifier.redundancy import redundancy_scores
 
     path = _model_path(args.model)
-    config = AutoConfig.from_pretrained(path)
+    config = _config(path)
     if config.model_type == DynSliceConfig.model_type:
         raise UnsupportedModelError(
             f"{args.model} is already sliced: Layer Redundancy scores are measured on the dense "
@@ -326,6 +405,7 @@ def cmd_scores(args: argparse.Namespace) -> None:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     adapter = get_adapter(model)
     calib, _ = _windows(tokenizer, args)
+    _check_vocabulary(path, calib, config)
     batches = [{"input_ids": w[None]} for w in calib]
     layers = adapter.layers(model)
     inputs = capture_layer_inputs(model, layers[0], batches)
@@ -362,7 +442,6 @@ def cmd_compress(args: argparse.Namespace) -> None:
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
-    from transformers import AutoConfig
 
     from dynslice_modifier.adapters import adapter_for
     from dynslice_modifier.output import atomic_directory, check_free_space, check_target
@@ -371,7 +450,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     path = _model_path(args.model)
     # An architecture the slicer cannot take is refused from its config, before the
     # weights are loaded (minutes for a large model) and before any data is tokenized.
-    config = AutoConfig.from_pretrained(path)
+    config = _config(path)
     adapter_for(config)
     _check_weights(path, config)
     output = Path(args.output)
@@ -383,12 +462,13 @@ def cmd_compress(args: argparse.Namespace) -> None:
     recipe = _compress_recipe(args, config)
     tokenizer = _tokenizer(path)
     calib, evaluation = _windows(tokenizer, args, args.eval_windows or 0)
+    _check_vocabulary(path, calib, config)
     dataset = Dataset.from_dict(
         {"input_ids": calib.tolist(), "attention_mask": [[1] * calib.shape[1]] * len(calib)}
     )
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    with atomic_directory(output) as scratch:
+    with atomic_directory(output) as scratch, _writing(output):
         oneshot(
             model=str(path),
             processor=tokenizer,
@@ -406,6 +486,17 @@ def cmd_compress(args: argparse.Namespace) -> None:
         f", {output / plot.name}" if plot else " (no plot: matplotlib is not installed)"
     )
     _print_gains(path, output, dense_bytes, seconds, evaluation, args.eval_windows, report)
+
+
+@contextlib.contextmanager
+def _writing(output: Path) -> Iterator[None]:
+    """safetensors reports a failed write (a full disk) as its own error, not an OSError."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as err:
+        raise OSError(f"writing the checkpoint for {output} failed: {err}") from err
 
 
 def _print_gains(
@@ -465,8 +556,14 @@ def _compress_recipe(args: argparse.Namespace, config: Any) -> Any:
         try:
             _check_recipe_layout(args.recipe)
             modifiers = Recipe.create_instance(args.recipe).modifiers
-        except yaml.YAMLError as err:
-            raise ValueError(f"--recipe {args.recipe} is not valid YAML: {err}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"--recipe {args.recipe} is not valid YAML (UTF-8 text): {err}"
+            ) from None
+        except ValueError as err:
+            if hint := _modifier_hint(err):
+                raise ValueError(f"--recipe {args.recipe}: {err}{hint}") from None
+            raise
         if not any(isinstance(m, DynamicSliceModifier) for m in modifiers):
             raise ValueError(
                 f"--recipe {args.recipe} has no DynamicSliceModifier, so compress would not "
@@ -504,6 +601,47 @@ _RECIPE_LAYOUT = (
 )
 
 
+def _modifier_hint(err: ValueError) -> str:
+    """The nearest modifier name llm-compressor knows, for its "No modifier of type"."""
+    import difflib
+
+    from llmcompressor.modifiers.factory import ModifierFactory
+
+    unknown = re.fullmatch(r"No modifier of type '(.+)' found\.", str(err))
+    if unknown is None:
+        return ""
+    known = [
+        name
+        for registry in ("_registered_registry", "_main_registry", "_experimental_registry")
+        for name in getattr(ModifierFactory, registry, {})
+    ]
+    near = difflib.get_close_matches(unknown[1], known, n=1)
+    return f" (did you mean {near[0]}?)" if near else " (a misspelt modifier name?)"
+
+
+def _unique_keys_loader() -> type:
+    """A ``SafeLoader`` that refuses a key given twice in one mapping, which YAML readers
+    otherwise settle in silence by keeping the last (a second ``slice_modifiers``, say)."""
+    import yaml
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return loader.construct_mapping(node)
+
+    class UniqueKeys(yaml.SafeLoader):
+        pass
+
+    UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return UniqueKeys
+
+
 def _check_recipe_layout(path: str) -> None:
     """Refuse what llm-compressor's recipe reader would skip in silence (a modifier outside
     a ``*_stage`` / ``*_modifiers`` pair) or fail on with a bare AttributeError (a file
@@ -513,7 +651,7 @@ def _check_recipe_layout(path: str) -> None:
     if path.lower().endswith(".md"):
         return  # Markdown recipes: llm-compressor extracts their YAML itself.
     with open(path, encoding="utf-8") as f:
-        recipe = yaml.safe_load(f)
+        recipe = yaml.load(f, Loader=_unique_keys_loader())
     recipe = {str(key): value for key, value in recipe.items()} if isinstance(recipe, dict) else {}
     for stage, groups in recipe.items():
         # Anything else beside the stages (``args``, a version) is not read as modifiers.
@@ -568,7 +706,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from dynslice_modifier.evaluation import evaluation_windows, wikitext_tokens
 
     path = _model_path(args.model)
+    config = _config(path)
+    if not getattr(config, "quantization_config", None):
+        # A quantized checkpoint's tensors have other names and shapes than its config's
+        # float model; transformers checks those itself.
+        _check_weights(path, config)
     tokens = wikitext_tokens(_tokenizer(path), args.data)
+    _check_vocabulary(path, tokens, config)
     evaluation = evaluation_windows(tokens, args.windows, args.window_len)
     ppl = _perplexity(path, evaluation)
     print(f"perplexity of {path} on {args.windows} x {args.window_len} tokens: {ppl:.3f}")
@@ -627,7 +771,7 @@ def _add_compress(sub: Any) -> None:
         help="evaluate perplexity before/after on this many 1024-token windows",
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="torch seed set before compressing (default 0)"
+        "--seed", type=_seed, default=0, help="torch seed set before compressing (default 0)"
     )
     _add_data_args(p)
     p.set_defaults(func=cmd_compress)

@@ -9,6 +9,7 @@ ever replaced.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -40,14 +41,15 @@ CHECKPOINT_DIRS = ("additional_chat_templates",)
 
 def check_target(target: Path, inputs: list[Path]) -> None:
     """Refuse to write over or into a model we are reading, or over what is not ours."""
-    target = target.resolve()
+    resolved = target.resolve()
     for source in inputs:
         source = source.resolve()
-        if target == source or source in target.parents or target in source.parents:
+        if resolved == source or source in resolved.parents or resolved in source.parents:
             raise ValueError(
-                f"output directory {target} overlaps the input model {source}; "
+                f"output directory {resolved} overlaps the input model {source}; "
                 "choose a separate output directory (the input is never modified)"
             )
+    # Unresolved, so that a link to nothing is seen as one.
     check_replaceable(target)
 
 
@@ -93,6 +95,12 @@ def check_replaceable(target: Path) -> None:
         )
     if not any(target.iterdir()):
         return
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"output directory {target} is not writable, so the files it holds could not be "
+            "deleted when the new output replaces it: make it writable (chmod u+w) or name "
+            "a new directory for the output"
+        )
     if not is_sliced_checkpoint(target):
         raise ValueError(
             f"output directory {target} is not empty and is not a sliced checkpoint of an "
@@ -120,11 +128,11 @@ def _written_by_a_save(entry: Path) -> bool:
 
 def is_sliced_checkpoint(path: Path) -> bool:
     # report imports this module, so its reader of sliced configs is imported here.
-    from dynslice_modifier.report import load_slicing
+    from dynslice_modifier.report import read_sliced_config
 
     try:
-        load_slicing(path)
-    except (OSError, ValueError, AttributeError):  # AttributeError: JSON that is no object
+        read_sliced_config(path)
+    except (OSError, ValueError):
         return False
     return True
 
@@ -169,8 +177,8 @@ def _remove_if_empty(directories: list[Path]) -> None:
 @contextlib.contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a scratch directory that becomes ``target`` only if the block succeeds."""
+    check_replaceable(Path(target))
     target = Path(target).resolve()
-    check_replaceable(target)
     created = _missing_ancestors(target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_scratch(target)
@@ -202,7 +210,17 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
 def _scratch_prefix(target: Path, kind: str) -> str:
     # Host and PID of the writer: on a shared filesystem only this host can tell whether
     # the PID is alive.
-    return f".{target.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+    return f".{_short_name(target)}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _short_name(target: Path) -> str:
+    """``target``'s name, shortened where a scratch name built on it would pass the
+    filesystems' 255-byte limit on names."""
+    name = target.name
+    if len(name.encode()) <= 100:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return f"{name.encode()[:64].decode(errors='ignore')}-{digest}"
 
 
 def _remove_dead_scratch(target: Path) -> None:
@@ -214,7 +232,7 @@ def _remove_dead_scratch(target: Path) -> None:
     directories are left alone.
     """
     pattern = re.compile(
-        rf"\.{re.escape(target.name)}\.(partial|previous)-{re.escape(socket.gethostname())}"
+        rf"\.{re.escape(_short_name(target))}\.(partial|previous)-{re.escape(socket.gethostname())}"
         r"-(\d+)-[^-]*$"
     )
     for candidate in sorted(target.parent.iterdir()):

@@ -7,18 +7,44 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dynslice_modifier.modeling.configuration_dynslice import DynSliceConfig
+from dynslice_modifier.modeling.configuration_dynslice import (
+    DynSliceConfig,
+    check_layer_entries,
+    invalid_slicing,
+)
 from dynslice_modifier.modeling.modeling_dynslice import REPORT_FILES
 from dynslice_modifier.output import directory_size
 
 
 def load_slicing(checkpoint: str | Path) -> dict[str, Any]:
+    """A sliced checkpoint's config, with the per-layer entries the report reads whole and
+    in range."""
+    config = read_sliced_config(checkpoint)
+    spec, *sizes = (config.get(key) for key in ("slicing", "hidden_size", "num_hidden_layers"))
+    if not isinstance(spec, dict) or not all(type(size) is int and size > 0 for size in sizes):
+        raise invalid_slicing(
+            f"{Path(checkpoint) / 'config.json'} lacks its slicing section, hidden_size or "
+            "num_hidden_layers"
+        )
+    check_layer_entries(spec, *sizes)
+    return config
+
+
+def read_sliced_config(checkpoint: str | Path) -> dict[str, Any]:
+    """The config of a directory that holds a sliced checkpoint, unchecked beyond that."""
     config_path = Path(checkpoint) / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(
             f"{checkpoint} has no config.json: pass the directory a sliced model was saved to"
         )
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise ValueError(
+            f"{config_path} is not valid JSON ({err}): restore it, or save the model again"
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} holds no JSON object: restore it, or save the model again")
     if config.get("model_type") != DynSliceConfig.model_type:
         raise ValueError(
             f"{checkpoint} is not a sliced checkpoint (model_type {config.get('model_type')!r}); "

@@ -61,6 +61,9 @@ def workdir(tmp_path_factory) -> Path:
         "    QuantizationModifier: {targets: Linear, scheme: FP8_DYNAMIC}\n"
     )
     (root / "broken.yaml").write_text("slice_stage: [unclosed\n")
+    (root / "binary.yaml").write_bytes(b"slice_stage: \xff\xfe\n")
+    (root / "no_weights").mkdir()
+    (root / "no_weights" / "config.json").write_text((root / "tiny" / "config.json").read_text())
     (root / "sb_over_sp.yaml").write_text(
         "slice_stage:\n  slice_modifiers:\n"
         "    DynamicSliceModifier: {sparsity: 0.2, slicing_base: 0.3}\n"
@@ -79,6 +82,10 @@ def workdir(tmp_path_factory) -> Path:
         "    DynamicSliceModifier: {sparsity: 0.25}\n",
         "bare": "slice_stage:\n  slice_modifiers:\n    DynamicSliceModifier:\n",
         "typo": "slice_stage:\n  slice_modifiers:\n    DynamicSliceModifier: {sparsty: 0.25}\n",
+        # YAML readers keep the last of two equal keys: this would slice at 0.5.
+        "twice": "slice_stage:\n  slice_modifiers:\n    DynamicSliceModifier: {sparsity: 0.1}\n"
+        "  slice_modifiers:\n    DynamicSliceModifier: {sparsity: 0.5}\n",
+        "misnamed": "slice_stage:\n  slice_modifiers:\n    DynamicSlicer: {sparsity: 0.25}\n",
         # Recipe arguments and an old stage setting are not modifiers, and are let be.
         "old_style": "args: {sp: 0.25}\nslice_stage:\n  run_type: oneshot\n  slice_modifiers:\n"
         "    DynamicSliceModifier: {sparsity: 0.2, slicing_base: 0.3}\n",
@@ -495,6 +502,10 @@ def test_scores_eval_and_report(workdir, capsys):
             "drop --no-hadamard or put them in the recipe",
         ),
         (["compress", "tiny", "bad", "--recipe", "broken.yaml"], "broken.yaml is not valid YAML"),
+        (["compress", "tiny", "bad", "--recipe", "binary.yaml"], "is not valid YAML (UTF-8"),
+        (["compress", "tiny", "bad", "--seed", "1" + "0" * 20], "from 0 to 2**64 - 1"),
+        (["compress", "no_weights", "bad"], "has a config.json but no weights"),
+        (["eval", "no_weights"], "has a config.json but no weights"),
         (["compress", "tiny", "bad", "--round-to", "128"], "set --round-to to at most 64"),
         (["compress", "tiny", "bad", "--quantize", "w4a16"], "or one without groups, such as W8A8"),
         (["compress", "tiny", "bad", "--eval-windows", "0"], "must be > 0"),
@@ -574,6 +585,8 @@ def test_bad_arguments_fail_clearly(args, message, workdir, capsys):
             ["--recipe", "typo.yaml"],
             "DynamicSliceModifier has no setting 'sparsty' (did you mean 'sparsity'?)",
         ),
+        (["--recipe", "twice.yaml"], "'slice_modifiers' is given twice in one mapping"),
+        (["--recipe", "misnamed.yaml"], "'DynamicSlicer' found. (did you mean DynamicSliceM"),
         # Passes the layout check, then fails on its values, as a recipe's fields.
         (["--recipe", "old_style.yaml"], "slicing_base must be in [0, sparsity=0.2]"),
     ],
@@ -701,13 +714,36 @@ def test_next_run_clears_what_a_killed_one_left(tmp_path):
     assert elsewhere.exists()
 
 
+def test_an_output_with_a_long_name_is_written_and_replaced(tmp_path):
+    # A legal 230-character name: scratch names built on it would pass 255 bytes.
+    from dynslice_modifier.output import atomic_directory
+
+    target = tmp_path / ("o" * 230)
+    for text in ("first", "second"):
+        with atomic_directory(target) as scratch:
+            (scratch / "config.json").write_text(f'{{"model_type": "dynslice", "run": "{text}"}}')
+    assert json.loads((target / "config.json").read_text())["run"] == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
 def test_outputs_that_cannot_be_renamed_into_place_are_refused(tmp_path, monkeypatch):
     from dynslice_modifier import output
 
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "gone" / "out")
+    # As compress checks it, through check_target, and as the write does.
     with pytest.raises(ValueError, match="symbolic link to nothing"):
-        output.check_replaceable(link)
+        output.check_target(link, [tmp_path / "model"])
+    with pytest.raises(ValueError, match="symbolic link to nothing"), output.atomic_directory(link):
+        pass
+    # An earlier output whose files could not be deleted once replaced.
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "config.json").write_text('{"model_type": "dynslice"}')
+    with monkeypatch.context() as patch:
+        patch.setattr(output.os, "access", lambda path, mode: Path(path) != earlier)
+        with pytest.raises(ValueError, match=r"earlier is not writable.*chmod u\+w"):
+            output.check_replaceable(earlier)
     mounted = tmp_path / "volume"
     mounted.mkdir()
     monkeypatch.setattr(output.os.path, "ismount", lambda path: Path(path) == mounted)
@@ -970,6 +1006,39 @@ def test_a_damaged_or_incomplete_checkpoint_is_refused_before_loading(tmp_path):
     config.num_hidden_layers += 1
     with pytest.raises(ValueError, match=r"lack model\.layers\.3\..* \(9 in all\), which its"):
         cli._check_weights(path, config)
+
+
+def test_a_config_that_does_not_belong_to_the_weights_is_refused_before_loading(tmp_path):
+    # Fewer layers: transformers drops the rest with a warning that they "can be ignored",
+    # and compress would write a truncated model. Other sizes: it fails deep in the load.
+    path = tmp_path / "m"
+    tiny_model().save_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    config.num_hidden_layers = 2
+    with pytest.raises(ValueError, match=r"hold model\.layers\.2\..* beyond the 2 layers"):
+        cli._check_weights(path, config)
+    config = AutoConfig.from_pretrained(path)
+    config.intermediate_size = 96
+    with pytest.raises(ValueError, match=r"mlp\.down_proj\.weight is \[64, 128\] in the files, "):
+        cli._check_weights(path, config)
+
+
+def test_unreadable_configs_mismatched_tokenizers_and_failed_writes_are_named(tmp_path, capsys):
+    from safetensors import SafetensorError
+
+    path = save_tiny(tmp_path / "m", "llama", True)
+    config = AutoConfig.from_pretrained(path)
+    with pytest.raises(ValueError, match=r"tokenizer in .* ids up to 128, but .* 128 rows"):
+        cli._check_vocabulary(path, [0, 5, 128], config)
+    cli._check_vocabulary(path, torch.tensor([[0, 127]]), config)
+    failed = r"writing the checkpoint for out failed: disk full"
+    with pytest.raises(OSError, match=failed), cli._writing(Path("out")):
+        raise SafetensorError("disk full")
+    (path / "config.json").write_text("[]")
+    for command in ("compress", "eval", "scores"):
+        extra = [str(tmp_path / "out")] if command == "compress" else []
+        code, _, err = run_main(command, str(path), *extra, *DATA, cwd=tmp_path, capsys=capsys)
+        assert code == 2 and "config.json is not a readable model config" in err, err
 
 
 def test_the_weights_check_reads_what_transformers_loads(tmp_path):

@@ -121,3 +121,22 @@ def test_a_dense_checkpoint_is_refused(tmp_path):
         ValueError, match=r"not a sliced checkpoint .*; slice it first with: dynslice compress"
     ):
         summary_markdown(directory)
+
+
+def test_a_damaged_config_is_named_with_the_fix(tmp_path):
+    from dynslice_modifier.modeling import SlicingConfigError
+
+    checkpoint = write_checkpoint(tmp_path / "ck")
+    config = json.loads((checkpoint / "config.json").read_text())
+    del config["slicing"]["mlp_dims"]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SlicingConfigError, match=r"slicing\.mlp_dims must be a list of 3"):
+        summary_markdown(checkpoint)
+    del config["slicing"]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SlicingConfigError, match=r"config\.json lacks its slicing section"):
+        summary_markdown(checkpoint)
+    for text, problem in (("[]", "holds no JSON object"), ("{'a': 1}", "is not valid JSON")):
+        (checkpoint / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=rf"config\.json {problem}.*save the model again"):
+            summary_markdown(checkpoint)

@@ -99,7 +99,7 @@ def validate_slicing(spec: Any, hidden_size: int, num_layers: int) -> None:
         raise invalid_slicing(f"config.slicing must be a mapping, got {type(spec).__name__}")
     version = _check_format_version(spec.get("format_version"))
     _check_layer_count(spec, num_layers)
-    _check_layer_entries(spec, hidden_size, num_layers)
+    check_layer_entries(spec, hidden_size, num_layers)
     _check_shortcuts_join_widths(spec, hidden_size, num_layers)
     if spec.get("layout") not in LAYOUTS:
         raise invalid_slicing(
@@ -159,7 +159,7 @@ def _check_layer_count(spec: dict[str, Any], num_layers: int) -> None:
         )
 
 
-def _check_layer_entries(spec: dict[str, Any], hidden_size: int, num_layers: int) -> None:
+def check_layer_entries(spec: dict[str, Any], hidden_size: int, num_layers: int) -> None:
     """Every per-layer width and shortcut flag, and the head's width, well-typed and in range."""
     for key in ("attn_dims", "mlp_dims"):
         for i, dim in enumerate(_layer_list(spec, key, num_layers)):

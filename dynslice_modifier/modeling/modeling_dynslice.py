@@ -426,26 +426,35 @@ def _safetensors_files(directory: str | os.PathLike, variant: str | None) -> lis
 def stored_tensor_names(
     directory: str | os.PathLike, variant: str | None = None
 ) -> set[str] | None:
-    """The tensor names of a local safetensors checkpoint, as ``from_pretrained`` finds its
-    files; None for anything else. A file that cannot be read is named: transformers would
-    fail on it deep in the load."""
+    """The tensor names of a local safetensors checkpoint (see ``stored_tensor_shapes``)."""
+    shapes = stored_tensor_shapes(directory, variant)
+    return None if shapes is None else set(shapes)
+
+
+def stored_tensor_shapes(
+    directory: str | os.PathLike, variant: str | None = None
+) -> dict[str, tuple[int, ...]] | None:
+    """The tensors of a local safetensors checkpoint and their shapes, read from the files'
+    headers as ``from_pretrained`` finds them; None for anything else. A file that cannot
+    be read is named: transformers would fail on it deep in the load."""
     files = _safetensors_files(directory, variant)
     if files is None:
         return None
     from safetensors import SafetensorError, safe_open
 
-    names: set[str] = set()
+    shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         try:
             with safe_open(file, "pt") as tensors:
-                names.update(tensors.keys())
+                for name in tensors.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    shapes[name] = tuple(tensors.get_slice(name).get_shape())
         except (SafetensorError, OSError) as err:
             raise ValueError(
                 f"{file} is not a readable safetensors file ({err}): the checkpoint is "
                 "damaged or incomplete (an interrupted copy or download?); save or fetch it "
                 "again"
             ) from None
-    return names
+    return shapes
 
 
 def _is_weight(name: str) -> bool:
