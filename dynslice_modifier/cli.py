@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -76,15 +76,16 @@ def _tokenizer(path: Path) -> Any:
 
 
 def _config(path: Path) -> Any:
-    """The model's config; one that transformers cannot read is named with the fix."""
+    """The model's config; a file that is no config is named with the fix. (transformers'
+    own ValueErrors, such as an architecture it does not know, name theirs.)"""
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+    except (OSError, TypeError, KeyError, AttributeError) as err:
         raise ValueError(
-            f"{path / 'config.json'} is not a readable model config ({err!r}): save or "
-            "fetch the model again"
+            f"{path / 'config.json'} is not a readable model config ({type(err).__name__}: "
+            f"{err}): restore it, or save or fetch the model again"
         ) from None
 
 
@@ -108,9 +109,11 @@ def _check_weights(path: Path, config: Any) -> None:
                 "pytorch_model.bin, or their shards): copy the model's weight files into it"
             )
         return
-    stored = set(shapes)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    # Tensors a checkpoint stores on purpose and transformers drops on load.
+    dropped = [re.compile(p) for p in model._keys_to_ignore_on_load_unexpected or []]
+    stored = {name for name in shapes if not any(p.search(name) for p in dropped)}
     params = model.state_dict()
     expected = set(params)
     layers = config.num_hidden_layers
@@ -216,10 +219,10 @@ def _seed(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = -1
-    if not 0 <= value < 2**64:
+        value = 2**64
+    if not -(2**63) <= value < 2**64:
         raise argparse.ArgumentTypeError(
-            f"must be an integer from 0 to 2**64 - 1 (torch's seeds), got {text!r}"
+            f"must be an integer from -2**63 to 2**64 - 1 (torch's seeds), got {text!r}"
         )
     return value
 
@@ -401,11 +404,10 @@ def cmd_scores(args: argparse.Namespace) -> None:
     _check_weights(path, config)
     if args.json:
         _check_writable("--json", args.json)
-    tokenizer = _tokenizer(path)
+    calib, _ = _windows(_tokenizer(path), args)
+    _check_vocabulary(path, calib, config)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     adapter = get_adapter(model)
-    calib, _ = _windows(tokenizer, args)
-    _check_vocabulary(path, calib, config)
     batches = [{"input_ids": w[None]} for w in calib]
     layers = adapter.layers(model)
     inputs = capture_layer_inputs(model, layers[0], batches)
@@ -490,13 +492,14 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 @contextlib.contextmanager
 def _writing(output: Path) -> Iterator[None]:
-    """safetensors reports a failed write (a full disk) as its own error, not an OSError."""
+    """safetensors reports a failed write (a full disk) as its own error, not an OSError;
+    the input's files were checked before, so it is most likely the output's."""
     from safetensors import SafetensorError
 
     try:
         yield
     except SafetensorError as err:
-        raise OSError(f"writing the checkpoint for {output} failed: {err}") from err
+        raise OSError(f"reading the model or writing {output} failed: {err}") from err
 
 
 def _print_gains(
@@ -627,7 +630,12 @@ def _unique_keys_loader() -> type:
     def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
+            # A merge key (<<) brings in keys that this mapping's own may override.
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = loader.construct_object(key_node)
+            if not isinstance(key, Hashable):
+                break  # construct_mapping refuses it ("found unhashable key")
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"{key!r} is given twice in one mapping", key_node.start_mark
@@ -703,13 +711,18 @@ def _perplexity(path: Path, evaluation: Any) -> float:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from dynslice_modifier.adapters import ADAPTERS
     from dynslice_modifier.evaluation import evaluation_windows, wikitext_tokens
+    from dynslice_modifier.modeling import DynSliceConfig
 
     path = _model_path(args.model)
     config = _config(path)
-    if not getattr(config, "quantization_config", None):
-        # A quantized checkpoint's tensors have other names and shapes than its config's
-        # float model; transformers checks those itself.
+    # The architectures the check knows the stored names of (transformers converts others'
+    # on load, MoE experts say); a quantized checkpoint's tensors have other names and
+    # shapes than its config's float model.
+    if config.model_type in {DynSliceConfig.model_type, *ADAPTERS} and not getattr(
+        config, "quantization_config", None
+    ):
         _check_weights(path, config)
     tokens = wikitext_tokens(_tokenizer(path), args.data)
     _check_vocabulary(path, tokens, config)

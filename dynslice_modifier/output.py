@@ -95,12 +95,6 @@ def check_replaceable(target: Path) -> None:
         )
     if not any(target.iterdir()):
         return
-    if not os.access(target, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"output directory {target} is not writable, so the files it holds could not be "
-            "deleted when the new output replaces it: make it writable (chmod u+w) or name "
-            "a new directory for the output"
-        )
     if not is_sliced_checkpoint(target):
         raise ValueError(
             f"output directory {target} is not empty and is not a sliced checkpoint of an "
@@ -117,6 +111,12 @@ def check_replaceable(target: Path) -> None:
             f"output directory {target} holds a sliced checkpoint and also {foreign}, which "
             "no save writes; the directory would be replaced whole, deleting them: move "
             "them out or name a new directory for the output"
+        )
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"output directory {target} is not writable, so the files it holds could not be "
+            "deleted when the new output replaces it: make it writable (chmod u+w) or name "
+            "a new directory for the output"
         )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import logged, save_tiny
 from safetensors.torch import load_file
 from tiny import ARCHS, tiny_model
@@ -503,7 +504,7 @@ def test_scores_eval_and_report(workdir, capsys):
         ),
         (["compress", "tiny", "bad", "--recipe", "broken.yaml"], "broken.yaml is not valid YAML"),
         (["compress", "tiny", "bad", "--recipe", "binary.yaml"], "is not valid YAML (UTF-8"),
-        (["compress", "tiny", "bad", "--seed", "1" + "0" * 20], "from 0 to 2**64 - 1"),
+        (["compress", "tiny", "bad", "--seed", "1" + "0" * 20], "from -2**63 to 2**64 - 1"),
         (["compress", "no_weights", "bad"], "has a config.json but no weights"),
         (["eval", "no_weights"], "has a config.json but no weights"),
         (["compress", "tiny", "bad", "--round-to", "128"], "set --round-to to at most 64"),
@@ -1031,7 +1032,7 @@ def test_unreadable_configs_mismatched_tokenizers_and_failed_writes_are_named(tm
     with pytest.raises(ValueError, match=r"tokenizer in .* ids up to 128, but .* 128 rows"):
         cli._check_vocabulary(path, [0, 5, 128], config)
     cli._check_vocabulary(path, torch.tensor([[0, 127]]), config)
-    failed = r"writing the checkpoint for out failed: disk full"
+    failed = r"reading the model or writing out failed: disk full"
     with pytest.raises(OSError, match=failed), cli._writing(Path("out")):
         raise SafetensorError("disk full")
     (path / "config.json").write_text("[]")
@@ -1039,6 +1040,46 @@ def test_unreadable_configs_mismatched_tokenizers_and_failed_writes_are_named(tm
         extra = [str(tmp_path / "out")] if command == "compress" else []
         code, _, err = run_main(command, str(path), *extra, *DATA, cwd=tmp_path, capsys=capsys)
         assert code == 2 and "config.json is not a readable model config" in err, err
+
+
+def test_eval_leaves_architectures_whose_names_transformers_converts_to_transformers(
+    tmp_path, capsys
+):
+    # An MoE checkpoint stores one tensor per expert, which transformers fuses on load: the
+    # weights check, which compares stored names, knows only the slicer's architectures.
+    from conftest import word_tokenizer
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=128,
+        hidden_size=16,
+        intermediate_size=32,
+        moe_intermediate_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_experts=2,
+        num_experts_per_tok=1,
+    )
+    path = tmp_path / "moe"
+    Qwen3MoeForCausalLM(config).save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    args = ("eval", str(path), "--windows", "1", "--window-len", "32", *DATA)
+    code, out, err = run_main(*args, cwd=tmp_path, capsys=capsys)
+    assert code == 0 and "perplexity of" in out, err
+
+
+def test_recipes_may_merge_keys_but_not_repeat_them(tmp_path):
+    recipe = tmp_path / "merged.yaml"
+    recipe.write_text(
+        "slice_stage:\n  slice_modifiers:\n"
+        "    DynamicSliceModifier: {<<: {sparsity: 0.2, round_to: 8}, sparsity: 0.25}\n"
+    )
+    cli._check_recipe_layout(str(recipe))
+    recipe.write_text("slice_stage:\n  slice_modifiers:\n    DynamicSliceModifier: {? [1]: 2}\n")
+    with pytest.raises(yaml.YAMLError, match="found unhashable key"):
+        cli._check_recipe_layout(str(recipe))
 
 
 def test_the_weights_check_reads_what_transformers_loads(tmp_path):

@@ -9,7 +9,7 @@ from unittest import mock
 import pytest
 import torch
 from tiny import ARCHS, calib_batches, tiny_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from dynslice_modifier import DynamicSliceModifier
 from dynslice_modifier.allocation import mean_slice
@@ -514,6 +514,9 @@ def test_loading_fewer_layers_or_drafting_from_an_early_exit_is_refused_by_name(
     early = r"assistant_early_exit .* own\s+width and basis"
     with pytest.raises(ValueError, match=early):
         model.generate(IDS[:1, :6], max_new_tokens=3, do_sample=False, assistant_early_exit=1)
+    drafting = GenerationConfig(assistant_early_exit=1, max_new_tokens=3, do_sample=False)
+    with pytest.raises(ValueError, match=early):
+        model.generate(IDS[:1, :6], drafting)  # positionally, as generate's signature has it
     model.generation_config.assistant_early_exit = 1  # as a saved generation_config.json sets it
     with pytest.raises(ValueError, match=early):
         model.generate(IDS[:1, :6], max_new_tokens=3, do_sample=False)

@@ -262,14 +262,17 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         self._capturing_hook = _record_hidden_states(self)
 
     def unfilled_shortcuts(self) -> list[str]:
-        """The shortcuts that neither loading nor ``start_as_identity`` has filled."""
+        """The float shortcuts that neither loading nor ``start_as_identity`` has filled (a
+        compressed one holds its weight under other names, which loading fills)."""
         return [
             name
             for name in (INPUT_PROJECTION, *SHORTCUTS)
             if (shortcut := getattr(self, name)) is not None
-            and not shortcut.weight.is_meta
+            and isinstance(weight := getattr(shortcut, "weight", None), torch.Tensor)
+            and weight.is_floating_point()
+            and not weight.is_meta
             and not getattr(shortcut, "_is_hf_initialized", False)
-            and not getattr(shortcut.weight, "_is_hf_initialized", False)
+            and not getattr(weight, "_is_hf_initialized", False)
         ]
 
     @torch.no_grad()
@@ -748,14 +751,13 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.model.embed_tokens = value
 
-    # return_dict=False: the base model's output becomes a tuple, as in transformers' own
-    # causal LMs.
-    @can_return_tuple
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``GenerationMixin.generate``, refusing an early-exit assistant up front:
         transformers would apply the head to an intermediate layer's output, of another
         width and basis here, and leave ``num_hidden_layers`` changed on the failure."""
-        config = kwargs.get("generation_config") or self.generation_config
+        # generate(inputs, generation_config, ...)
+        given = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None)
+        config = given or self.generation_config
         if (
             kwargs.get("assistant_early_exit") is not None
             or getattr(config, "assistant_early_exit", None) is not None
@@ -768,6 +770,9 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
             )
         return super().generate(*args, **kwargs)
 
+    # return_dict=False: the base model's output becomes a tuple, as in transformers' own
+    # causal LMs.
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
