@@ -271,9 +271,13 @@ def write_table(rows: list[dict]) -> None:
     )
 
 
-def reference(model: str, scheme: str) -> str:
-    """The float row with the widths of ``scheme``'s rows (the dense model has one)."""
-    return "none-g64" if not is_dense(model) and SCHEMES[scheme].group == 64 else "none"
+def reference(model: str, scheme: str) -> str | None:
+    """The float row with the widths of ``scheme``'s rows (the dense model has one); None
+    where no float row was built at those widths (a group other than 64 rounds to its own)."""
+    group = SCHEMES[scheme].group
+    if is_dense(model) or group is None:
+        return "none"
+    return "none-g64" if group == 64 else None
 
 
 def key(row: dict) -> tuple[str, str, str | None]:

@@ -225,7 +225,10 @@ def measure(
     llm = start_engine(path, dtype, **engine_args)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     prompts = token_prompts(16)
-    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=16))  # warm-up
+    # Warm-up on both timed batch shapes: a shape's first run pays one-off costs (oneDNN
+    # kernel selection), which would otherwise land in the first timed prefill.
+    for batch in (1, 16):
+        llm.generate(prompts[:batch], SamplingParams(temperature=0.0, max_tokens=4))
     first_token = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     out = {}
     for batch in (1, 16):
@@ -271,6 +274,11 @@ def decode_speed(batch: int, new_tokens: int, prefill_s: float, whole_s: float) 
 
 def weights_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
+
+
+def recorded_mib(rows: list[dict], name: str) -> float | None:
+    """The size a run recorded for ``name`` (runs before the rows carried it: None)."""
+    return next((r["weights_mib"] for r in rows if r["model"] == name and "weights_mib" in r), None)
 
 
 def main() -> None:
@@ -355,7 +363,8 @@ def main() -> None:
     # Facts of the machine, the same for every row of the run.
     machine = {"cpu": cpu_description(), **serving_stack()}
     for round_ in range(args.rounds):
-        for name in args.models:
+        # Reversed every other round (ABBA), so that no model always runs first.
+        for name in args.models if round_ % 2 == 0 else args.models[::-1]:
             cmd = worker_command(__file__, name, args)
             if cmd is None:
                 continue
@@ -367,6 +376,10 @@ def main() -> None:
             row = {
                 "model": name,
                 "round": round_,
+                # As measured: a checkpoint rebuilt later has another size.
+                "weights_mib": round(
+                    weights_mib(checkpoint(name, args.rounding, args.hadamard)[0]), 1
+                ),
                 "rounding": args.rounding,
                 "hadamard": args.hadamard,
                 "all_cores": args.all_cores,
@@ -583,7 +596,9 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> None:
     lines = speed_table(
         rows,
         args.baselines,
-        lambda name: weights_mib(checkpoint(name, rounding, hadamard)[0]),
+        lambda name: (
+            recorded_mib(rows, name) or weights_mib(checkpoint(name, rounding, hadamard)[0])
+        ),
     )
     command = f"`.venv-serve/bin/python benchmarks/vllm_speed.py {shlex.join(sys.argv[1:])}`"
     if args.tables_only:

@@ -434,3 +434,26 @@ def test_a_cut_head_reads_the_leading_dims_of_the_final_stream():
         cut_head(model, 24)
         assert model.lm_head.weight.shape == (128, 24)
         torch.testing.assert_close(model(IDS).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_profile_groups_are_per_forward_that_ran_and_vs_unquantized_needs_equal_widths():
+    from quantized import reference
+    from vllm_profile import summarize
+
+    # name, self %, self time, total %, total time, average, calls: 64 decode steps, the
+    # prefill, and 2 steps with nothing to run, which call no operator.
+    table = "\n".join(
+        [
+            "execute_context_0(0)_generation_16(16) 2% 2.000ms 50% 128.000ms 2.000ms 64",
+            "execute_context_16(512)_generation_0(0) 1% 1.000ms 5% 12.000ms 12.000ms 1",
+            "execute_context_0(0)_generation_0(0) 0% 0.010ms 0% 0.100ms 0.050ms 2",
+            "_C::onednn_mm 30% 65.000ms 30% 65.000ms 0.010ms 6500",
+        ]
+    )
+    summary = summarize(table)
+    assert summary["decode step"] == 2.0
+    assert summary["linears (oneDNN GEMMs)"] == 1.0  # 65 ms over 65 forwards, not 67
+    # A group-128 row has no float row of its widths; group 64 has one of its own.
+    assert reference("sliced", "w4a16") is None
+    assert reference("sliced", "w4a16-g64") == "none-g64"
+    assert reference("sliced", "w8a8") == reference("dense", "w4a16-g64") == "none"
