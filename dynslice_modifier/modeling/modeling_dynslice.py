@@ -685,10 +685,10 @@ class DynSliceForCausalLM(PreTrainedModel, GenerationMixin):
         them at random where they are ``Linear``. Loaded shortcuts are marked as
         initialised, so they are left as they are.
         """
-        unfilled = {idx: layer.unfilled_shortcuts() for idx, layer in enumerate(self.model.layers)}
+        unfilled = [(layer, layer.unfilled_shortcuts()) for layer in self.model.layers]
         super().initialize_weights()
-        for idx, names in unfilled.items():
-            self.model.layers[idx].start_as_identity(names)
+        for layer, names in unfilled:
+            layer.start_as_identity(names)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         """``PreTrainedModel.save_pretrained``, after ``prepare_save``."""
