@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import sys
@@ -46,14 +47,28 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def cached_lr_scores(n_calib: int) -> tuple[list[float], float] | None:
-    """SmolLM2's Layer Redundancy scores and the seconds they took, if a run on this many
-    calibration windows saved them (the scores depend on the calibration set)."""
+def calibration_fingerprint(model_dir: Path, dataset: Dataset) -> str:
+    """What the Layer Redundancy scores depend on: the model's weights and configuration and
+    the calibration token ids (sha256)."""
+    digest = hashlib.sha256()
+    for file in [*sorted(model_dir.glob("*.safetensors")), model_dir / "config.json"]:
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    digest.update(json.dumps(dataset[:]["input_ids"]).encode())
+    return digest.hexdigest()
+
+
+def cached_lr_scores(fingerprint: str) -> tuple[list[float], float] | None:
+    """SmolLM2's Layer Redundancy scores and the seconds they took, if a run with this
+    model and calibration set (``calibration_fingerprint``) saved them."""
     cached = json.loads(LR_SCORES.read_text()) if LR_SCORES.exists() else {}
-    if cached.get("n_calib") != n_calib:
+    if cached.get("fingerprint") != fingerprint:
         return None
     return cached["scores"], cached["seconds"]
 
 
-def save_lr_scores(scores: list[float], seconds: float, n_calib: int) -> None:
-    LR_SCORES.write_text(json.dumps({"scores": scores, "seconds": seconds, "n_calib": n_calib}))
+def save_lr_scores(scores: list[float], seconds: float, fingerprint: str) -> None:
+    LR_SCORES.write_text(
+        json.dumps({"scores": scores, "seconds": seconds, "fingerprint": fingerprint})
+    )

@@ -29,6 +29,7 @@ from common import (
     RESULTS,
     append_jsonl,
     cached_lr_scores,
+    calibration_fingerprint,
     peak_rss_mib,
     protocol,
     read_jsonl,
@@ -108,7 +109,8 @@ def run_row(row: dict) -> dict:
         out.update(oneshot_s=0.0, lr_s=0.0, mean_slice=0.0)
     else:
         scores, lr_s = None, 0.0
-        cached = cached_lr_scores(row["n_calib"]) if row["kind"] == "dynamic" else None
+        fingerprint = calibration_fingerprint(path, dataset)
+        cached = cached_lr_scores(fingerprint) if row["kind"] == "dynamic" else None
         if cached is not None:
             scores, lr_s = cached
         if "target_params" in row:
@@ -138,7 +140,7 @@ def run_row(row: dict) -> dict:
         oneshot_s = time.perf_counter() - start
         if scores is None and modifier.lr_scores is not None:
             lr_s = modifier.summary["lr_seconds"]
-            save_lr_scores(modifier.lr_scores, lr_s, row["n_calib"])
+            save_lr_scores(modifier.lr_scores, lr_s, fingerprint)
             oneshot_s -= lr_s  # reported in its own column
         spec = model.config.slicing
         out.update(

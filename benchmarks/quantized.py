@@ -30,7 +30,14 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from common import RESULTS, append_jsonl, cached_lr_scores, protocol, read_jsonl
+from common import (
+    RESULTS,
+    append_jsonl,
+    cached_lr_scores,
+    calibration_fingerprint,
+    protocol,
+    read_jsonl,
+)
 from rounding import add_rounding_argument, rounded_name
 
 JSONL = RESULTS / "quantized.jsonl"
@@ -142,7 +149,7 @@ def run_row(row: dict) -> dict:
     recipe = quant_recipe(scheme) if quantized else []
     if row["model"] != "dense":
         # The Layer Redundancy scores of perplexity.py (same model and calibration data).
-        cached = cached_lr_scores(len(dataset))
+        cached = cached_lr_scores(calibration_fingerprint(path, dataset))
         # A float row at a quantizer's widths sets them; a quantized row's come from its
         # recipe, as for users.
         widths = {"round_to": scheme.group} if not quantized and scheme.group else {}
