@@ -808,11 +808,18 @@ def test_model_without_a_tokenizer_is_named(workdir, capsys):
 def test_too_little_disk_fails_before_calibration(workdir, capsys, monkeypatch, no_calibration):
     import shutil
 
+    # The output may need a quarter more than the input's weights (rotation alone adds
+    # shortcut matrices), and a MiB for the rest.
+    needed = int(1.25 * (workdir / "tiny" / "model.safetensors").stat().st_size) + 2**20
     usage = shutil.disk_usage(workdir)
-    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=1024))
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=needed - 1))
     code, _, err = run_main("compress", "tiny", "bad", *SMALL, *DATA, cwd=workdir, capsys=capsys)
     assert code != 0 and "not enough free disk for the output" in err
+    assert f"about {needed / 2**20:.0f} MiB needed" in err
     assert not (workdir / "bad").exists()
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=needed))
+    with pytest.raises(AssertionError, match="calibration started"):
+        run_main("compress", "tiny", "bad", *SMALL, *DATA, cwd=workdir, capsys=capsys)
 
 
 # A compress run in a child process that dies mid-save: `save_pretrained` writes part of

@@ -109,3 +109,32 @@ def test_missing_text_names_the_fix(tmp_path, sliced):
     lm = HFLM(pretrained=str(sliced / "sliced"), batch_size=1, device="cpu")
     with pytest.raises(FileNotFoundError, match=r"nope\.raw"):
         simple_evaluate(model=lm, tasks=["wikitext2_local"], task_manager=manager, **NO_BOOTSTRAP)
+
+
+def _article(title: str, *paragraphs: str) -> str:
+    return "".join(["\n", f" = {title} = \n", "\n", *(f" {p} \n" for p in paragraphs)])
+
+
+def test_tasks_score_only_articles_that_start_in_the_second_half(tmp_path):
+    from dynslice_modifier.lm_eval_tasks.utils import load_last_word, load_wikitext
+
+    words = " ".join(f"w{i}" for i in range(60))
+    text = tmp_path / "wiki.test.raw"
+    # Long first articles put the middle of the file inside the second one, so only the third
+    # and fourth start past it.
+    text.write_text(
+        _article("First", words, words, words)
+        + _article("Second", words + " seen", words, words)
+        + _article("Third", words + " last .", words + " @-@", "too short")
+        + _article("Fourth", words + " end"),
+        encoding="utf-8",
+    )
+    pages = load_wikitext(str(text))["test"]["page"]
+    assert [page.splitlines()[0] for page in pages] == [" = Third = ", " = Fourth = "]
+    assert len(load_wikitext(str(text), split="all")["test"]) == 4
+    cloze = load_last_word(str(text))["test"]
+    # The full stop is dropped, a symbol as last word and a short paragraph leave theirs out.
+    assert cloze["target"] == [" last", " end"]
+    assert cloze["context"][0] == words
+    with pytest.raises(ValueError, match="split must be 'eval' or 'all', got 'test'"):
+        load_wikitext(str(text), split="test")

@@ -425,7 +425,7 @@ def test_a_sliced_model_takes_a_second_oneshot(wide_dir, tmp_path, via, smoothin
         assert json.loads((sliced_dir / "config.json").read_text())["slicing"]["unit_norms"]
     expected = sliced(IDS).logits
     reset_session()
-    oneshot(
+    quantized = oneshot(
         model=str(sliced_dir) if via == "saved directory" else sliced,
         recipe=[*SMOOTHING[smoothing](), GPTQModifier(targets="Linear", scheme="W8A8")],
         dataset=calib_dataset(n=16, seq=64),
@@ -441,7 +441,12 @@ def test_a_sliced_model_takes_a_second_oneshot(wide_dir, tmp_path, via, smoothin
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert reloaded.has_unit_norms() is not smoothed
     assert reloaded.config.slicing["attn_dims"] == sliced.config.slicing["attn_dims"]
-    torch.testing.assert_close(reloaded(IDS).logits, expected, atol=0.1, rtol=0)
+    with torch.no_grad():
+        # The checkpoint computes what the quantized model did, and that stays near the
+        # sliced model (W8A8's error here is about 0.03).
+        logits = reloaded(IDS).logits
+        torch.testing.assert_close(logits, quantized(IDS).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits, expected, atol=0.1, rtol=0)
     if via == "saved directory":
         # llm-compressor appends the run's stage to the directory's recipe (README).
         saved = (tmp_path / "out" / "recipe.yaml").read_text()
