@@ -178,7 +178,12 @@ def plot_slicing(checkpoint: str | Path, png: str | Path) -> Path:
     layers = list(range(len(spec["mlp_dims"])))
     constant = config["hidden_size"] * (1 - (spec.get("sparsity") or 0.0))
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.plot(layers, spec["mlp_dims"], "o-", color="tab:blue", label="kept width (dynamic)")
+    if spec["attn_dims"] == spec["mlp_dims"]:
+        ax.plot(layers, spec["mlp_dims"], "o-", color="tab:blue", label="kept width (dynamic)")
+    else:
+        # A basis per sub-layer: each reads the residual at a width of its own.
+        ax.plot(layers, spec["attn_dims"], "^-", color="tab:green", label="attention input width")
+        ax.plot(layers, spec["mlp_dims"], "o-", color="tab:blue", label="MLP input width")
     ax.axhline(constant, color="tab:gray", ls="--", label=f"constant slicing ({constant:.0f})")
     ax.set_xlabel("decoder layer")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dynslice_modifier.report import summary_markdown
+from dynslice_modifier.report import plot_slicing, summary_markdown
 
 SEARCH = [
     {"slicing_base": 0.05, "sparsity": 0.25, "heldout_nll": 3.2, "chosen": True},
@@ -140,3 +140,28 @@ def test_a_damaged_config_is_named_with_the_fix(tmp_path):
         (checkpoint / "config.json").write_text(text)
         with pytest.raises(ValueError, match=rf"config\.json {problem}.*save the model again"):
             summary_markdown(checkpoint)
+
+
+@pytest.mark.parametrize("basis", ["sublayer", "layer"])
+def test_the_plot_draws_the_recorded_widths_and_scores(tmp_path, monkeypatch, basis):
+    import matplotlib.figure
+
+    drawn = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure,
+        "savefig",
+        lambda fig, *args, **kwargs: (drawn.append(fig), save(fig, *args, **kwargs)),
+    )
+    widths = {} if basis == "sublayer" else {"attn_dims": [40, 32, 64], "basis": "layer"}
+    checkpoint = write_checkpoint(tmp_path / "ck", lr_scores=[0.9, 0.8, 0.95], **widths)
+    png = plot_slicing(checkpoint, tmp_path / "plot.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    (fig,) = drawn
+    lines = {line.get_label(): list(line.get_ydata()) for ax in fig.axes for line in ax.get_lines()}
+    expected = {"constant slicing (48)": [48, 48], "Layer Redundancy": [0.9, 0.8, 0.95]}
+    if basis == "sublayer":
+        expected |= {"attention input width": [48, 32, 64], "MLP input width": [40, 32, 64]}
+    else:
+        expected |= {"kept width (dynamic)": [40, 32, 64]}
+    assert lines == expected
