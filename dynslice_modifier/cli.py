@@ -470,7 +470,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     )
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    with atomic_directory(output) as scratch, _writing(output):
+    # Outside the atomic write, so that its final rename is covered too.
+    with _writing(output), atomic_directory(output) as scratch:
         oneshot(
             model=str(path),
             processor=tokenizer,
@@ -493,13 +494,20 @@ def cmd_compress(args: argparse.Namespace) -> None:
 @contextlib.contextmanager
 def _writing(output: Path) -> Iterator[None]:
     """safetensors reports a failed write (a full disk) as its own error, not an OSError;
-    the input's files were checked before, so it is most likely the output's."""
+    the input's files were checked before, so it is most likely the output's. A permission
+    lost during the run (the output's directory was writable when it started) is named
+    with the fix."""
     from safetensors import SafetensorError
 
     try:
         yield
     except SafetensorError as err:
         raise OSError(f"reading the model or writing {output} failed: {err}") from err
+    except PermissionError as err:
+        raise OSError(
+            f"writing {output} failed: {err}; {output.parent} was writable when the run "
+            "started: make it writable again, or choose another output directory"
+        ) from err
 
 
 def _print_gains(

@@ -15,6 +15,7 @@ import re
 import shutil
 import socket
 import tempfile
+import warnings
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
@@ -199,6 +200,12 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         os.replace(scratch, target)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
+        if scratch.exists():
+            # Its name marks it unfinished, and a later write beside it removes it.
+            warnings.warn(
+                f"could not remove the unfinished output {scratch}; delete it",
+                stacklevel=3,
+            )
         if previous is not None and previous.exists() and not target.exists():
             os.replace(previous, target)
         _remove_if_empty(created)

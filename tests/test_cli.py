@@ -1049,6 +1049,27 @@ def test_unreadable_configs_mismatched_tokenizers_and_failed_writes_are_named(tm
         assert code == 2 and "config.json is not a readable model config" in err, err
 
 
+def test_a_permission_lost_mid_run_is_named_with_the_fix(tmp_path, monkeypatch):
+    from dynslice_modifier import output
+
+    # The output's directory turned read-only during the run: the rename into place fails,
+    # and so does removing the unfinished scratch directory.
+    def read_only(src, dst):
+        raise PermissionError(13, "Permission denied", str(src), None, str(dst))
+
+    monkeypatch.setattr(output.os, "replace", read_only)
+    monkeypatch.setattr(output.shutil, "rmtree", lambda *args, **kwargs: None)
+    target = tmp_path / "out"
+    with (
+        pytest.raises(OSError, match=rf"writing {target} failed: .*Permission denied.*make it "),
+        pytest.warns(UserWarning, match=r"could not remove the unfinished output .*\.out\.partial"),
+        cli._writing(target),
+        output.atomic_directory(target) as scratch,
+    ):
+        (scratch / "config.json").write_text("{}")
+    assert not target.exists()
+
+
 def test_eval_leaves_architectures_whose_names_transformers_converts_to_transformers(
     tmp_path, capsys
 ):
