@@ -471,7 +471,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     # Outside the atomic write, so that its final rename is covered too.
-    with _writing(output), atomic_directory(output) as scratch:
+    with _writing(output, path), atomic_directory(output) as scratch:
         oneshot(
             model=str(path),
             processor=tokenizer,
@@ -492,11 +492,11 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 @contextlib.contextmanager
-def _writing(output: Path) -> Iterator[None]:
+def _writing(output: Path, source: Path) -> Iterator[None]:
     """safetensors reports a failed write (a full disk) as its own error, not an OSError;
     the input's files were checked before, so it is most likely the output's. A permission
-    lost during the run (the output's directory was writable when it started) is named
-    with the fix."""
+    lost during the run on the output's side (its directory was writable when the run
+    started) is named with the fix."""
     from safetensors import SafetensorError
 
     try:
@@ -504,6 +504,10 @@ def _writing(output: Path) -> Iterator[None]:
     except SafetensorError as err:
         raise OSError(f"reading the model or writing {output} failed: {err}") from err
     except PermissionError as err:
+        parent, source = output.resolve().parent, source.resolve()
+        paths = [Path(name).resolve() for name in (err.filename, err.filename2) if name]
+        if not any(p.is_relative_to(parent) and not p.is_relative_to(source) for p in paths):
+            raise
         raise OSError(
             f"writing {output} failed: {err}; {output.parent} was writable when the run "
             "started: make it writable again, or choose another output directory"

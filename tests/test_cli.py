@@ -1040,7 +1040,7 @@ def test_unreadable_configs_mismatched_tokenizers_and_failed_writes_are_named(tm
         cli._check_vocabulary(path, [0, 5, 128], config)
     cli._check_vocabulary(path, torch.tensor([[0, 127]]), config)
     failed = r"reading the model or writing out failed: disk full"
-    with pytest.raises(OSError, match=failed), cli._writing(Path("out")):
+    with pytest.raises(OSError, match=failed), cli._writing(Path("out"), path):
         raise SafetensorError("disk full")
     (path / "config.json").write_text("[]")
     for command in ("compress", "eval", "scores"):
@@ -1063,11 +1063,16 @@ def test_a_permission_lost_mid_run_is_named_with_the_fix(tmp_path, monkeypatch):
     with (
         pytest.raises(OSError, match=rf"writing {target} failed: .*Permission denied.*make it "),
         pytest.warns(UserWarning, match=r"could not remove the unfinished output .*\.out\.partial"),
-        cli._writing(target),
+        cli._writing(target, tmp_path / "model"),
         output.atomic_directory(target) as scratch,
     ):
         (scratch / "config.json").write_text("{}")
     assert not target.exists()
+    # The input's files are not the output's.
+    unreadable = PermissionError(13, "Permission denied", str(tmp_path / "model" / "a"))
+    with pytest.raises(PermissionError) as raised, cli._writing(target, tmp_path / "model"):
+        raise unreadable
+    assert raised.value is unreadable
 
 
 def test_eval_leaves_architectures_whose_names_transformers_converts_to_transformers(
