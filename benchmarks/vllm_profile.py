@@ -14,7 +14,8 @@ every forward, the prefill included, while the decode step is timed over decode 
 only: the groups can add up to a little more than a step. The models
 alternate over ``--rounds`` rounds and each figure is the median over them: one profile per
 model can catch the machine in a slow moment. Results:
-``results/vllm_profile_b<batch>.json`` (every round) and ``.md`` (the medians).
+``results/vllm_profile_b<batch>.json`` (every round) and ``.md`` (the medians), or
+``results/<--out>``.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per model")
+    parser.add_argument("--out", help="results/<out>.json and .md (default: vllm_profile_b<batch>)")
     add_checkpoint_arguments(parser)
     args = parser.parse_args()
     if args.rounds < 1:
@@ -132,7 +134,7 @@ def main() -> None:
         name: {g: statistics.median(x[g] for x in runs) for g in groups}
         for name, runs in rounds.items()
     }
-    out = RESULTS / f"vllm_profile_b{args.batch}"
+    out = RESULTS / (args.out or f"vllm_profile_b{args.batch}")
     out.with_suffix(".json").write_text(
         json.dumps({"medians": rows, "rounds": rounds}, indent=1) + "\n"
     )
