@@ -18,8 +18,6 @@ after a change is the one the next change's file holds for that row, or the one
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from common import RESULTS, read_jsonl
 from quantized import JSONL, key
 
@@ -84,7 +82,7 @@ def table(index: int) -> str:
 
 def main() -> None:
     for index, (_, _, out, *_) in enumerate(CHANGES):
-        Path(out).write_text(table(index))
+        out.write_text(table(index))
 
 
 if __name__ == "__main__":
