@@ -12,7 +12,7 @@ SB == SP gives every layer the same width: plain SliceGPT.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, get_args
 
 import numpy as np
@@ -182,8 +182,9 @@ def round_dims(
     ``nearest`` rounds every width on its own, so the realised mean slice can miss SP by
     up to half a step (SmolLM2 at SP 0.25, SB 0.05: 0.241 with steps of 16, 0.215 with 64),
     and dynamic and constant slicing are then compared at different sizes. ``mean`` rounds
-    each width down or up (never further than one step), largest remainders up first
-    (Hamilton's method), so that their sum stays within half a step of the unrounded sum.
+    each width down or up (never further than one step, but see ``whole``), largest
+    remainders up first (Hamilton's method), so that their sum stays within half a step of
+    the unrounded sum.
     Layers with equal targets are rounded together, so constant slicing stays constant
     (the sum can then miss by more), and a more redundant layer never ends up wider than a
     less redundant one.
@@ -198,6 +199,8 @@ def round_dims(
     Layers marked in ``whole`` (which ``profitable_only`` leaves at full width although
     rounding kept them narrower) are ``hidden_size`` wide and count in the sum at their
     floor: a step that rounded one of them up would be lost, so it goes to another layer.
+    With several of them that can be more steps than the other layers have, and a layer
+    then rises two steps or more (``_repeat_passes``).
     """
     _check_round_to(round_to, hidden_size)
     if rounding not in get_args(Rounding):
@@ -219,13 +222,44 @@ def round_dims(
     dims = np.full(len(targets), float(hidden_size))
     if rounding == "nearest":
         dims[free] = np.minimum(np.floor(steps[free] + 0.5) * round_to, widest)
-    elif rounding == "spectrum":
+        return [int(d) for d in dims]
+    if rounding == "spectrum":
         every = _checked_spectra(spectra, len(targets))
         kept = [every[layer] for layer in np.flatnonzero(free)]
-        dims[free] = _keep_sum_by_signal(floors[free], goal, round_to, widest, kept)
+
+        def one_pass(start: np.ndarray) -> np.ndarray:
+            return _keep_sum_by_signal(start, goal, round_to, widest, kept)
     else:
-        dims[free] = _keep_sum(targets[free], floors[free], goal, round_to, widest)
+
+        def one_pass(start: np.ndarray) -> np.ndarray:
+            return _keep_sum(targets[free], start, goal, round_to, widest)
+
+    dims[free] = _repeat_passes(one_pass, floors[free], goal, round_to, widest)
     return [int(d) for d in dims]
+
+
+def _repeat_passes(
+    one_pass: Callable[[np.ndarray], np.ndarray],
+    floors: np.ndarray,
+    goal: float,
+    step: int,
+    cap: int,
+) -> np.ndarray:
+    """Run passes of one-step raises until the sum is within half a step of ``goal``.
+
+    Without layers left whole one pass does it: the remainders add up to fewer steps than
+    there are layers. Each layer left whole hands the others up to a step more, so with
+    several of them every free layer may have to rise twice or more. Another pass runs only
+    when the last one raised every layer it could (so the order a pass keeps holds across
+    passes) and the sum is still short.
+    """
+    dims = one_pass(floors)
+    while goal - dims.sum() > step / 2:
+        rose = dims > floors
+        if not rose.any() or not np.all(rose | (floors + step > cap)):
+            return dims
+        floors, dims = dims, one_pass(dims)
+    return dims
 
 
 def _keep_sum(
