@@ -288,6 +288,25 @@ def test_block_hadamard_is_orthogonal_for_any_width():
     assert block_hadamard(384)[:128, :128].abs().unique().numel() == 1  # one 128-block
 
 
+@pytest.mark.parametrize("n", [0, -4, 12])
+def test_sylvester_refuses_what_is_no_power_of_two(n):
+    from dynslice_modifier.hadamard import sylvester
+
+    with pytest.raises(ValueError, match=f"power of two, got {n}"):
+        sylvester(n)
+
+
+@pytest.mark.parametrize("scores", [[0.5, float("nan")], [0.5, float("inf")]])
+def test_scores_that_are_not_finite_are_refused(scores):
+    with pytest.raises(AllocationError, match="layer scores must be finite"):
+        normalize_scores(scores)
+
+
+def test_an_unknown_normalization_is_named():
+    with pytest.raises(AllocationError, match="'minmax' or 'rank', got 'zscore'"):
+        normalize_scores([0.1, 0.9], "zscore")
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     scores=st.lists(st.floats(-1, 1, allow_nan=False), min_size=2, max_size=40),
