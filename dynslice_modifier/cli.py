@@ -17,170 +17,27 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Hashable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from dynslice_modifier.allocation import DEFAULT_ROUND_TO, Normalization, Rounding
 from dynslice_modifier.budget import Basis
+from dynslice_modifier.checkpoint_checks import (
+    check_vocabulary,
+    check_weights,
+    load_config,
+    load_tokenizer,
+    model_path,
+    weights_bytes,
+)
+from dynslice_modifier.recipe_checks import check_recipe_layout, modifier_hint
 from dynslice_modifier.version import __version__
 
 if TYPE_CHECKING:
     import torch
 
 QUANT_SCHEMES = ("none", "w4a16", "w8a8", "fp8")
-
-
-def _model_path(name: str) -> Path:
-    if name == "smollm2":
-        from dynslice_modifier.smollm2 import smollm2_path
-
-        return smollm2_path()
-    path = Path(name)
-    if not path.exists() and re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", name):
-        # Looks like a Hub id (org/name), which from_pretrained would fetch; the commands
-        # here read, and compress writes beside, a local directory only.
-        raise FileNotFoundError(
-            f"{name} does not exist; models are not downloaded: if it is a Hugging Face Hub "
-            f"id, download it first (hf download {name} --local-dir DIR) and pass DIR"
-        )
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{name} does not exist: pass the directory a model was saved to (config.json "
-            "and its weights), or 'smollm2' for the packaged SmolLM2"
-        )
-    if path.is_file():
-        raise FileNotFoundError(
-            f"{name} is a file: pass the directory a model was saved to ({path.parent} holds "
-            "config.json and its weights?), or 'smollm2' for the packaged SmolLM2"
-        )
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"{name} is not a model directory (no config.json): pass the directory a model "
-            "was saved to (config.json and its weights), or 'smollm2' for the packaged SmolLM2"
-        )
-    return path
-
-
-def _tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"no usable tokenizer in {path} ({err}); the text is tokenized with the model's "
-            "own tokenizer: copy its files (tokenizer.json, tokenizer_config.json) into "
-            f"{path}"
-        ) from None
-
-
-def _config(path: Path) -> Any:
-    """The model's config; a file that is no config is named with the fix. (transformers'
-    own ValueErrors, such as an architecture it does not know, name theirs.)"""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, TypeError, KeyError, AttributeError) as err:
-        raise ValueError(
-            f"{path / 'config.json'} is not a readable model config ({type(err).__name__}: "
-            f"{err}): restore it, or save or fetch the model again"
-        ) from None
-
-
-def _check_weights(path: Path, config: Any) -> None:
-    """Refuse, before any calibration, a checkpoint that transformers would load only in
-    part or not at all: a damaged weights file (it would fail deep in the load), tensors
-    the config declares and the files lack (initialised at random, with a warning, then
-    sliced and saved as if trained), layers the config does not count (dropped, with a
-    warning that they can be ignored), or tensors of other shapes than the config's.
-    Checkpoints in other formats are left to transformers."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from dynslice_modifier.modeling.modeling_dynslice import first_names, stored_tensor_shapes
-
-    shapes = stored_tensor_shapes(path)
-    if shapes is None:
-        if not _weight_files(path):
-            raise ValueError(
-                f"{path} has a config.json but no weights (model.safetensors or "
-                "pytorch_model.bin, or their shards): copy the model's weight files into it"
-            )
-        return
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    # Tensors a checkpoint stores on purpose and transformers drops on load.
-    dropped = [re.compile(p) for p in model._keys_to_ignore_on_load_unexpected or []]
-    stored = {name for name in shapes if not any(p.search(name) for p in dropped)}
-    params = model.state_dict()
-    expected = set(params)
-    layers = config.num_hidden_layers
-    beyond = [n for n in stored if (i := _layer_index(n)) is not None and i >= layers]
-    if beyond:
-        raise ValueError(
-            f"{path}'s weights hold {first_names(beyond)} beyond the {layers} layers its "
-            "config.json declares (num_hidden_layers): transformers would drop them. "
-            "config.json does not belong to these weights: restore it, or save or fetch "
-            "the model again"
-        )
-    differ = [n for n in expected & stored if shapes[n] != tuple(params[n].shape)]
-    if differ:
-        name = sorted(differ)[0]
-        raise ValueError(
-            f"{path}'s weights disagree in shape with its config.json: {name} is "
-            f"{list(shapes[name])} in the files, {list(params[name].shape)} by the config "
-            f"({len(differ)} tensors differ). config.json does not belong to these weights: "
-            "restore it, or save or fetch the model again"
-        )
-    if getattr(config, "tie_word_embeddings", False):
-        # transformers loads a tied pair from either name.
-        table = model.get_input_embeddings()
-        pair = {"lm_head.weight"} | {f"{n}.weight" for n, m in model.named_modules() if m is table}
-        expected -= pair
-        if not pair & stored:
-            expected |= pair - {"lm_head.weight"}
-    missing = list(expected - stored)
-    # Names with nothing in common: a naming transformers converts on load, not a loss.
-    if missing and expected & stored:
-        raise ValueError(
-            f"{path}'s weights lack {first_names(missing)}, which its config declares "
-            f"({config.num_hidden_layers} layers): transformers would initialise them at "
-            "random, and they would be sliced as if trained. The checkpoint is incomplete, "
-            "or config.json does not belong to it: save or fetch it again"
-        )
-
-
-def _layer_index(name: str) -> int | None:
-    """The decoder layer a tensor name belongs to (``model.layers.<i>.``), if any."""
-    match = re.match(r"(?:model\.)?layers\.(\d+)\.", name)
-    return int(match.group(1)) if match else None
-
-
-def _check_vocabulary(path: Path, tokens: torch.Tensor | list[int], config: Any) -> None:
-    """The directory's tokenizer and its model must agree: ids past the embedding table
-    fail in the model with a bare "index out of range"."""
-    import torch
-
-    tokens = torch.as_tensor(tokens)
-    vocab = getattr(config, "vocab_size", None)
-    if vocab and tokens.numel() and (highest := int(tokens.max())) >= vocab:
-        raise ValueError(
-            f"the tokenizer in {path} gives token ids up to {highest}, but the "
-            f"model's embedding table has {vocab} rows (config.json's vocab_size): the "
-            "tokenizer files there belong to another model; copy the model's own "
-            "(tokenizer.json, tokenizer_config.json) into it"
-        )
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    """A checkpoint's weight files, in either format transformers saves."""
-    return [*directory.glob("*.safetensors"), *directory.glob("pytorch_model*.bin")]
-
-
-def _weights_bytes(directory: Path) -> int:
-    return sum(f.stat().st_size for f in _weight_files(directory))
 
 
 # argparse turns a parser's ValueError into "invalid <function name> value"; the parsers
@@ -391,8 +248,8 @@ def cmd_scores(args: argparse.Namespace) -> None:
     from dynslice_modifier.modeling import DynSliceConfig
     from dynslice_modifier.redundancy import redundancy_scores
 
-    path = _model_path(args.model)
-    config = _config(path)
+    path = model_path(args.model)
+    config = load_config(path)
     if config.model_type == DynSliceConfig.model_type:
         raise UnsupportedModelError(
             f"{args.model} is already sliced: Layer Redundancy scores are measured on the dense "
@@ -401,11 +258,11 @@ def cmd_scores(args: argparse.Namespace) -> None:
         )
     # A model the slicer cannot take is refused from its config, before its weights load.
     adapter_for(config)
-    _check_weights(path, config)
+    check_weights(path, config)
     if args.json:
         _check_writable("--json", args.json)
-    calib, _ = _windows(_tokenizer(path), args)
-    _check_vocabulary(path, calib, config)
+    calib, _ = _windows(load_tokenizer(path), args)
+    check_vocabulary(path, calib, config)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     adapter = get_adapter(model)
     batches = [{"input_ids": w[None]} for w in calib]
@@ -449,22 +306,22 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from dynslice_modifier.output import atomic_directory, check_free_space, check_target
     from dynslice_modifier.report import summary_markdown, write_report
 
-    path = _model_path(args.model)
+    path = model_path(args.model)
     # An architecture the slicer cannot take is refused from its config, before the
     # weights are loaded (minutes for a large model) and before any data is tokenized.
-    config = _config(path)
+    config = load_config(path)
     adapter_for(config)
-    _check_weights(path, config)
+    check_weights(path, config)
     output = Path(args.output)
     check_target(output, [path])
-    dense_bytes = _weights_bytes(path)
+    dense_bytes = weights_bytes(path)
     # Slicing and quantizing shrink the weights; rotation alone (SP 0) adds shortcut
     # matrices, hence the margin over the input's size.
     check_free_space(output, int(1.25 * dense_bytes) + 2**20)
     recipe = _compress_recipe(args, config)
-    tokenizer = _tokenizer(path)
+    tokenizer = load_tokenizer(path)
     calib, evaluation = _windows(tokenizer, args, args.eval_windows or 0)
-    _check_vocabulary(path, calib, config)
+    check_vocabulary(path, calib, config)
     dataset = Dataset.from_dict(
         {"input_ids": calib.tolist(), "attention_mask": [[1] * calib.shape[1]] * len(calib)}
     )
@@ -527,7 +384,7 @@ def _print_gains(
     windows, perplexity of both."""
     from dynslice_modifier.output import directory_size
 
-    sliced_bytes = _weights_bytes(output)
+    sliced_bytes = weights_bytes(output)
     ratio = f" ({sliced_bytes / dense_bytes:.1%})" if dense_bytes else ""
     print(
         f"weights on disk: {dense_bytes / 2**20:.1f} MiB -> {sliced_bytes / 2**20:.1f} MiB"
@@ -569,14 +426,14 @@ def _compress_recipe(args: argparse.Namespace, config: Any) -> Any:
         if not Path(args.recipe).is_file():
             raise FileNotFoundError(f"--recipe {args.recipe} does not exist or is not a file")
         try:
-            _check_recipe_layout(args.recipe)
+            check_recipe_layout(args.recipe)
             modifiers = Recipe.create_instance(args.recipe).modifiers
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ValueError(
                 f"--recipe {args.recipe} is not valid YAML (UTF-8 text): {err}"
             ) from None
         except ValueError as err:
-            if hint := _modifier_hint(err):
+            if hint := modifier_hint(err):
                 raise ValueError(f"--recipe {args.recipe}: {err}{hint}") from None
             raise
         if not any(isinstance(m, DynamicSliceModifier) for m in modifiers):
@@ -610,108 +467,6 @@ def _compress_recipe(args: argparse.Namespace, config: Any) -> Any:
     return [slicer, *quantizers]
 
 
-_RECIPE_LAYOUT = (
-    "a recipe maps each <name>_stage to <group>_modifiers, and those to modifier names and "
-    "their settings, as recipes/slice_w8a8.yaml does"
-)
-
-
-def _modifier_hint(err: ValueError) -> str:
-    """The nearest modifier name llm-compressor knows, for its "No modifier of type"."""
-    import difflib
-
-    from llmcompressor.modifiers.factory import ModifierFactory
-
-    unknown = re.fullmatch(r"No modifier of type '(.+)' found\.", str(err))
-    if unknown is None:
-        return ""
-    known = [
-        name
-        for registry in ("_registered_registry", "_main_registry", "_experimental_registry")
-        for name in getattr(ModifierFactory, registry, {})
-    ]
-    near = difflib.get_close_matches(unknown[1], known, n=1)
-    return f" (did you mean {near[0]}?)" if near else " (a misspelt modifier name?)"
-
-
-def _unique_keys_loader() -> type:
-    """A ``SafeLoader`` that refuses a key given twice in one mapping, which YAML readers
-    otherwise settle in silence by keeping the last (a second ``slice_modifiers``, say)."""
-    import yaml
-
-    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-        seen = set()
-        for key_node, _ in node.value:
-            # A merge key (<<) brings in keys that this mapping's own may override.
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = loader.construct_object(key_node)
-            if not isinstance(key, Hashable):
-                break  # construct_mapping refuses it ("found unhashable key")
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"{key!r} is given twice in one mapping", key_node.start_mark
-                )
-            seen.add(key)
-        return loader.construct_mapping(node)
-
-    class UniqueKeys(yaml.SafeLoader):
-        pass
-
-    UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    return UniqueKeys
-
-
-def _check_recipe_layout(path: str) -> None:
-    """Refuse what llm-compressor's recipe reader would skip in silence (a modifier outside
-    a ``*_stage`` / ``*_modifiers`` pair) or fail on with a bare AttributeError (a file
-    that is no mapping, or a modifier without settings)."""
-    import yaml
-
-    if path.lower().endswith(".md"):
-        return  # Markdown recipes: llm-compressor extracts their YAML itself.
-    with open(path, encoding="utf-8") as f:
-        recipe = yaml.load(f, Loader=_unique_keys_loader())
-    recipe = {str(key): value for key, value in recipe.items()} if isinstance(recipe, dict) else {}
-    for stage, groups in recipe.items():
-        # Anything else beside the stages (``args``, a version) is not read as modifiers.
-        if not stage.endswith("_stage"):
-            if isinstance(groups, dict) and stage != "args":
-                # llm-compressor's merge of a later oneshot's recipe numbers the stages
-                # (default_stage_0), which its own reader then skips.
-                numbered = re.fullmatch(r"(.+)_stage_(\d+)", stage)
-                hint = (
-                    f"rename it {numbered[1]}_{numbered[2]}_stage: stage names end in _stage "
-                    "(llm-compressor numbers the stages of a recipe.yaml that a later oneshot "
-                    "appended to, and its reader then skips them)"
-                    if numbered
-                    else _RECIPE_LAYOUT
-                )
-                raise ValueError(
-                    f"--recipe {path}: {stage!r} is not inside a stage and would be skipped; {hint}"
-                )
-            continue
-        if not isinstance(groups, dict):
-            raise ValueError(f"--recipe {path}: {stage} holds no modifiers; {_RECIPE_LAYOUT}")
-        for group, modifiers in groups.items():
-            is_group = str(group).endswith("_modifiers")
-            if not is_group and not isinstance(modifiers, dict):
-                continue  # an old recipe's stage setting (run_type: oneshot)
-            if not (is_group and isinstance(modifiers, dict)):
-                raise ValueError(
-                    f"--recipe {path}: {stage}.{group} is not a <group>_modifiers mapping and "
-                    f"would be skipped; {_RECIPE_LAYOUT}"
-                )
-            for name, settings in modifiers.items():
-                if not isinstance(settings, dict):
-                    raise ValueError(
-                        f"--recipe {path}: {stage}.{group}.{name} needs a mapping of its "
-                        f"settings, got {settings!r} (write {name}: {{}} for its defaults)"
-                    )
-    if not any(key.endswith("_stage") for key in recipe):
-        raise ValueError(f"--recipe {path} has no stage: {_RECIPE_LAYOUT}")
-
-
 def _perplexity(path: Path, evaluation: Any) -> float:
     import torch
     from transformers import AutoModelForCausalLM
@@ -727,17 +482,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from dynslice_modifier.evaluation import evaluation_windows, wikitext_tokens
     from dynslice_modifier.modeling import DynSliceConfig
 
-    path = _model_path(args.model)
-    config = _config(path)
+    path = model_path(args.model)
+    config = load_config(path)
     # The architectures the check knows the stored names of (transformers converts others'
     # on load, MoE experts say); a quantized checkpoint's tensors have other names and
     # shapes than its config's float model.
     if config.model_type in {DynSliceConfig.model_type, *ADAPTERS} and not getattr(
         config, "quantization_config", None
     ):
-        _check_weights(path, config)
-    tokens = wikitext_tokens(_tokenizer(path), args.data)
-    _check_vocabulary(path, tokens, config)
+        check_weights(path, config)
+    tokens = wikitext_tokens(load_tokenizer(path), args.data)
+    check_vocabulary(path, tokens, config)
     evaluation = evaluation_windows(tokens, args.windows, args.window_len)
     ppl = _perplexity(path, evaluation)
     print(f"perplexity of {path} on {args.windows} x {args.window_len} tokens: {ppl:.3f}")

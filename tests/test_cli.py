@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from tiny import ARCHS, tiny_model
 from transformers import AutoConfig
 
-from dynslice_modifier import cli
+from dynslice_modifier import checkpoint_checks, cli, recipe_checks
 from dynslice_modifier.adapters import ADAPTERS, PRE_NORM_LAYOUT
 from dynslice_modifier.cli import (
     RECIPE_ONLY,
@@ -829,7 +829,7 @@ def test_too_little_disk_fails_before_calibration(workdir, capsys, monkeypatch, 
 _DIE = """
 import os, signal, sys
 from transformers import modeling_utils
-from dynslice_modifier import cli
+from dynslice_modifier import checkpoint_checks, cli, recipe_checks
 mode = sys.argv[1]
 if mode == "term-at-report":
     # Everything but the report is written: the scratch directory looks finished.
@@ -994,7 +994,7 @@ def test_w4a16_keeps_the_output_linears_the_adapter_names_when_groups_do_not_fit
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_a_complete_checkpoint_passes_the_weights_check(tmp_path, arch, tied):
     path = save_tiny(tmp_path / arch, arch, tied)
-    cli._check_weights(path, AutoConfig.from_pretrained(path))
+    checkpoint_checks.check_weights(path, AutoConfig.from_pretrained(path))
 
 
 def test_a_damaged_or_incomplete_checkpoint_is_refused_before_loading(tmp_path):
@@ -1003,17 +1003,17 @@ def test_a_damaged_or_incomplete_checkpoint_is_refused_before_loading(tmp_path):
     path = tmp_path / "sharded"
     tiny_model().save_pretrained(path, max_shard_size="40KB")
     config = AutoConfig.from_pretrained(path)
-    cli._check_weights(path, config)
+    checkpoint_checks.check_weights(path, config)
     shards = sorted(path.glob("model-*.safetensors"))
     assert len(shards) > 1
     data = shards[-1].read_bytes()
     shards[-1].write_bytes(data[: len(data) - 100])
     with pytest.raises(ValueError, match=rf"{shards[-1].name} is not a readable safetensors"):
-        cli._check_weights(path, config)
+        checkpoint_checks.check_weights(path, config)
     shards[-1].write_bytes(data)
     config.num_hidden_layers += 1
     with pytest.raises(ValueError, match=r"lack model\.layers\.3\..* \(9 in all\), which its"):
-        cli._check_weights(path, config)
+        checkpoint_checks.check_weights(path, config)
 
 
 def test_a_config_that_does_not_belong_to_the_weights_is_refused_before_loading(tmp_path):
@@ -1024,11 +1024,11 @@ def test_a_config_that_does_not_belong_to_the_weights_is_refused_before_loading(
     config = AutoConfig.from_pretrained(path)
     config.num_hidden_layers = 2
     with pytest.raises(ValueError, match=r"hold model\.layers\.2\..* beyond the 2 layers"):
-        cli._check_weights(path, config)
+        checkpoint_checks.check_weights(path, config)
     config = AutoConfig.from_pretrained(path)
     config.intermediate_size = 96
     with pytest.raises(ValueError, match=r"mlp\.down_proj\.weight is \[64, 128\] in the files, "):
-        cli._check_weights(path, config)
+        checkpoint_checks.check_weights(path, config)
 
 
 def test_unreadable_configs_mismatched_tokenizers_and_failed_writes_are_named(tmp_path, capsys):
@@ -1037,8 +1037,8 @@ def test_unreadable_configs_mismatched_tokenizers_and_failed_writes_are_named(tm
     path = save_tiny(tmp_path / "m", "llama", True)
     config = AutoConfig.from_pretrained(path)
     with pytest.raises(ValueError, match=r"tokenizer in .* ids up to 128, but .* 128 rows"):
-        cli._check_vocabulary(path, [0, 5, 128], config)
-    cli._check_vocabulary(path, torch.tensor([[0, 127]]), config)
+        checkpoint_checks.check_vocabulary(path, [0, 5, 128], config)
+    checkpoint_checks.check_vocabulary(path, torch.tensor([[0, 127]]), config)
     failed = r"reading the model or writing out failed: disk full"
     with pytest.raises(OSError, match=failed), cli._writing(Path("out"), path):
         raise SafetensorError("disk full")
@@ -1109,10 +1109,10 @@ def test_recipes_may_merge_keys_but_not_repeat_them(tmp_path):
         "slice_stage:\n  slice_modifiers:\n"
         "    DynamicSliceModifier: {<<: {sparsity: 0.2, round_to: 8}, sparsity: 0.25}\n"
     )
-    cli._check_recipe_layout(str(recipe))
+    recipe_checks.check_recipe_layout(str(recipe))
     recipe.write_text("slice_stage:\n  slice_modifiers:\n    DynamicSliceModifier: {? [1]: 2}\n")
     with pytest.raises(yaml.YAMLError, match="found unhashable key"):
-        cli._check_recipe_layout(str(recipe))
+        recipe_checks.check_recipe_layout(str(recipe))
 
 
 def test_the_weights_check_reads_what_transformers_loads(tmp_path):
@@ -1127,9 +1127,9 @@ def test_the_weights_check_reads_what_transformers_loads(tmp_path):
     model.save_pretrained(path)
     assert (path / "model.safetensors.index.json").exists()
     config = AutoConfig.from_pretrained(path)
-    cli._check_weights(path, config)
+    checkpoint_checks.check_weights(path, config)
     state = {k: v.clone() for k, v in model.state_dict().items() if "embed_tokens" not in k}
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
     _, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
     assert not info["missing_keys"]
-    cli._check_weights(path, config)
+    checkpoint_checks.check_weights(path, config)
