@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from datasets import Dataset
+from digests import update_with_checkpoint
 from transformers import AutoTokenizer
 
 from dynslice_modifier.evaluation import split_protocol, wikitext_tokens
@@ -51,10 +52,7 @@ def calibration_fingerprint(model_dir: Path, dataset: Dataset) -> str:
     """What the Layer Redundancy scores depend on: the model's weights and configuration and
     the calibration token ids (sha256)."""
     digest = hashlib.sha256()
-    for file in [*sorted(model_dir.glob("*.safetensors")), model_dir / "config.json"]:
-        with file.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
+    update_with_checkpoint(digest, model_dir)
     digest.update(json.dumps(dataset[:]["input_ids"]).encode())
     return digest.hexdigest()
 

@@ -38,6 +38,7 @@ from common import (
     protocol,
     read_jsonl,
 )
+from digests import checkpoint_digest
 from rounding import add_rounding_argument, rounded_name
 
 JSONL = RESULTS / "quantized.jsonl"
@@ -197,6 +198,7 @@ def run_row(row: dict) -> dict:
         mib=round(size / 2**20, 1),
         oneshot_s=round(seconds, 1),
         path=str(out),
+        checkpoint_sha256=checkpoint_digest(Path(out)),
     )
 
 

@@ -75,7 +75,26 @@ def load_runs(names: list[str], results: Path = RESULTS, *, metric: str) -> dict
             diffs = ", ".join(f"{k}: {mine[k]!r} against {first[1][k]!r}" for k in differ)
             raise SystemExit(f"run {name} is not comparable with {first[0]} ({diffs})")
         runs[name] = rows
+    _check_one_build(runs)
     return runs
+
+
+def _check_one_build(runs: dict[str, list[dict]]) -> None:
+    """Refuse runs that measured different builds of one model (GPTQ gives other weights on
+    each rebuild). Rows from before the digest was recorded cannot be told apart."""
+    seen: dict[str, tuple[str, str]] = {}
+    for run, rows in runs.items():
+        for row in rows:
+            build = row.get("checkpoint_sha256")
+            if build is None:
+                continue
+            first = seen.setdefault(row["model"], (run, build))
+            if first[1] != build:
+                raise SystemExit(
+                    f"runs {first[0]} and {run} measured different builds of {row['model']!r} "
+                    f"(checkpoint sha256 {first[1][:12]} against {build[:12]}): pool runs of "
+                    "one build, or re-run the others on it"
+                )
 
 
 def median_interval(ratios: list[float]) -> tuple[float, float] | None:

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from digests import checkpoint_digest
 from rounding import add_rounding_argument, rounded_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,6 +363,10 @@ def main() -> None:
     rows = []
     # Facts of the machine, the same for every row of the run.
     machine = {"cpu": cpu_description(), **serving_stack()}
+    builds = {
+        name: checkpoint_digest(checkpoint(name, args.rounding, args.hadamard)[0])
+        for name in args.models
+    }
     for round_ in range(args.rounds):
         # Reversed every other round (ABBA), so that no model always runs first.
         for name in args.models if round_ % 2 == 0 else args.models[::-1]:
@@ -376,10 +381,11 @@ def main() -> None:
             row = {
                 "model": name,
                 "round": round_,
-                # As measured: a checkpoint rebuilt later has another size.
+                # As measured: a checkpoint rebuilt later has another size and digest.
                 "weights_mib": round(
                     weights_mib(checkpoint(name, args.rounding, args.hadamard)[0]), 1
                 ),
+                "checkpoint_sha256": builds[name],
                 "rounding": args.rounding,
                 "hadamard": args.hadamard,
                 "all_cores": args.all_cores,

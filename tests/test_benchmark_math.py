@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import torch
 from boundary_shortcuts import errors
+from digests import checkpoint_digest
 from gemm_scaling import goal_gap
 from head_width import cut_head
 from quantized import SCHEMES, quant_recipe, sparsity_of
@@ -186,6 +187,45 @@ def test_runs_that_measured_other_things_are_not_pooled(tmp_path):
         load_runs(["old"], tmp_path, metric=GEN)
     with pytest.raises(SystemExit, match=r"no results/missing\.jsonl"):
         load_runs(["missing"], tmp_path, metric=GEN)
+
+
+def test_runs_of_another_build_of_a_model_are_not_pooled(tmp_path):
+    def build(rows, digests):
+        return [r | {"checkpoint_sha256": digests[r["model"]]} for r in rows]
+
+    one = {"dense bf16": "d" * 64, "sliced bf16": "a" * 64}
+    rebuilt = one | {"sliced bf16": "b" * 64}
+    _write_runs(
+        tmp_path,
+        first=build(_run([100.0], [150.0]), one),
+        same=build(_run([100.0], [150.0]), one),
+        rebuilt=build(_run([100.0], [150.0]), rebuilt),
+        unrecorded=_run([100.0], [150.0]),
+    )
+    assert list(load_runs(["first", "same", "unrecorded"], tmp_path, metric=GEN)) == [
+        "first",
+        "same",
+        "unrecorded",
+    ]
+    with pytest.raises(
+        SystemExit,
+        match=r"runs first and rebuilt measured different builds of 'sliced bf16' "
+        r"\(checkpoint sha256 aaaaaaaaaaaa against bbbbbbbbbbbb\)",
+    ):
+        load_runs(["first", "rebuilt"], tmp_path, metric=GEN)
+
+
+def test_a_checkpoint_digest_covers_its_weights_and_config(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    first = checkpoint_digest(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"other": 1}')
+    assert checkpoint_digest(tmp_path) == first
+    for name, text in (("model.safetensors", "rebuilt"), ("config.json", '{"a": 1}')):
+        (tmp_path / name).write_text(text)
+        assert checkpoint_digest(tmp_path) != first
+        first = checkpoint_digest(tmp_path)
 
 
 def test_a_model_name_sets_its_sp_only_through_a_final_sp_suffix():
