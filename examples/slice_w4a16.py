@@ -6,10 +6,10 @@ o_proj reads 9 heads x 64 = 576 inputs, which slicing does not change, so it sta
 precision (the slicer would say so before calibrating if it were targeted), as does layer 0's
 input projection from the tied 576-wide table. GPTQ takes the residual shortcut matrices
 (quantize_shortcuts) at 4 bits too, for the smallest checkpoint: aligned bases keep them near
-the identity, and on SmolLM2 (groups of 64, MSE scales, `rounding: mean`) that cost +6.1%
+the identity, and on SmolLM2 (groups of 64, MSE scales, `rounding: mean`) that cost +6.7%
 perplexity against the float model of the same widths. recipes/slice_w4a16.yaml gives 8-bit
-shortcuts a config group of their own: 55.00 with the default rounding of dynamic widths
-(spectrum, which picks the layers a group rounds up by their signal) against 64.61 with
+shortcuts a config group of their own: 54.64 with the default rounding of dynamic widths
+(spectrum, which picks the layers a group rounds up by their signal) against 64.69 with
 `rounding: mean` (benchmarks/README.md, "Slice + quantize").
 """
 
