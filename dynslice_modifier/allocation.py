@@ -234,7 +234,12 @@ def round_dims(
         def one_pass(start: np.ndarray) -> np.ndarray:
             return _keep_sum(targets[free], start, goal, round_to, widest)
 
-    dims[free] = _repeat_passes(one_pass, floors[free], goal, round_to, widest)
+    if pinned.any():
+        dims[free] = _repeat_passes(one_pass, floors[free], goal, round_to, widest)
+    else:
+        # Widths capped below their target (round_to not dividing hidden_size) can also
+        # leave the sum short, but they are the cap's doing: the others stay within a step.
+        dims[free] = one_pass(floors[free])
     return [int(d) for d in dims]
 
 
@@ -247,8 +252,8 @@ def _repeat_passes(
 ) -> np.ndarray:
     """Run passes of one-step raises until the sum is within half a step of ``goal``.
 
-    Without layers left whole one pass does it: the remainders add up to fewer steps than
-    there are layers. Each layer left whole hands the others up to a step more, so with
+    For layers left whole: the free layers' own remainders add up to fewer steps than there
+    are free layers, but each layer left whole hands them up to a step more, so with
     several of them every free layer may have to rise twice or more. Another pass runs only
     when the last one raised every layer it could (so the order a pass keeps holds across
     passes) and the sum is still short.

@@ -88,7 +88,7 @@ def check_weights(path: Path, config: Any) -> None:
 
     shapes = stored_tensor_shapes(path)
     if shapes is None:
-        if not weight_files(path):
+        if not _weight_files(path):
             raise ValueError(
                 f"{path} has a config.json but no weights (model.safetensors or "
                 "pytorch_model.bin, or their shards): copy the model's weight files into it"
@@ -159,10 +159,10 @@ def check_vocabulary(path: Path, tokens: torch.Tensor | list[int], config: Any) 
         )
 
 
-def weight_files(directory: Path) -> list[Path]:
+def _weight_files(directory: Path) -> list[Path]:
     """A checkpoint's weight files, in either format transformers saves."""
     return [*directory.glob("*.safetensors"), *directory.glob("pytorch_model*.bin")]
 
 
 def weights_bytes(directory: Path) -> int:
-    return sum(f.stat().st_size for f in weight_files(directory))
+    return sum(f.stat().st_size for f in _weight_files(directory))

@@ -288,6 +288,16 @@ def test_block_hadamard_is_orthogonal_for_any_width():
     assert block_hadamard(384)[:128, :128].abs().unique().numel() == 1  # one 128-block
 
 
+@pytest.mark.parametrize("rounding", ["mean", "spectrum"])
+def test_widths_capped_below_their_target_do_not_push_the_others_further(rounding):
+    # 576 is not a multiple of 128: three layers aimed at 576 keep 512 and lose 64 each,
+    # which no pass may hand on to the fourth (aimed at 288) beyond its one step up.
+    dims = allocate_dims(
+        [0.0, 0.0, 0.0, 1.0], 576, 0.125, 0.0, 128, rounding=rounding, spectra=_spectra(4, 576, 0)
+    )
+    assert dims == [512, 512, 512, 384]
+
+
 @pytest.mark.parametrize("n", [0, -4, 12])
 def test_sylvester_refuses_what_is_no_power_of_two(n):
     from dynslice_modifier.hadamard import sylvester

@@ -829,7 +829,7 @@ def test_too_little_disk_fails_before_calibration(workdir, capsys, monkeypatch, 
 _DIE = """
 import os, signal, sys
 from transformers import modeling_utils
-from dynslice_modifier import checkpoint_checks, cli, recipe_checks
+from dynslice_modifier import cli
 mode = sys.argv[1]
 if mode == "term-at-report":
     # Everything but the report is written: the scratch directory looks finished.
