@@ -99,6 +99,7 @@ MODELS = [
     "sliced-aligned-sliced-head",
     "sliced-hadamard-aligned-sliced-head",
     "sliced-aligned-layer-sliced-head",
+    "sliced-hadamard-aligned-layer-sliced-head",
     "sliced-aligned-layer-pairs-sliced-head",
     "sliced-aligned-layer-sliced-head-sp30",
     "sliced-aligned-layer-sliced-head-sp35",

@@ -219,9 +219,9 @@ class DynamicSliceModifier(Modifier):
         the spirit of QuaRot/SpinQuant. Default false, chosen by measurement: with aligned
         bases (the default) on SmolLM2 at SP 0.25 it makes FP8 worse (58.8 against 57.0) and
         moves GPTQ little either way at the recipes' spectrum rounding
-        (``recipes/slice_w4a16.yaml``'s settings 54.74 against 54.64, W8A8 with int8
-        shortcuts 53.78 against 53.83; at mean rounding from 1.5% better to 0.8% worse:
-        benchmarks/README.md, "Slice + quantize"). Without aligned bases every PCA
+        (``recipes/slice_w4a16.yaml``'s settings 54.74 against 54.64,
+        ``recipes/slice_w8a8.yaml``'s 54.72 against 54.79; at mean rounding from 1.5% better
+        to 0.8% worse: benchmarks/README.md, "Slice + quantize"). Without aligned bases every PCA
         basis packs its layer's energy into its first channels, and there it matters (W4A16
         57.5 with it against 106.9). With aligned bases every layer takes the same blocks,
         the largest power of two (up to 256) dividing every sliced width; below 16 the
