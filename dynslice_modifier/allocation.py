@@ -13,6 +13,7 @@ SB == SP gives every layer the same width: plain SliceGPT.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Literal, get_args
 
 import numpy as np
@@ -223,17 +224,13 @@ def round_dims(
     if rounding == "nearest":
         dims[free] = np.minimum(np.floor(steps[free] + 0.5) * round_to, widest)
         return [int(d) for d in dims]
+    bounds = {"goal": goal, "step": round_to, "cap": widest}
     if rounding == "spectrum":
         every = _checked_spectra(spectra, len(targets))
         kept = [every[layer] for layer in np.flatnonzero(free)]
-
-        def one_pass(start: np.ndarray) -> np.ndarray:
-            return _keep_sum_by_signal(start, goal, round_to, widest, kept)
+        one_pass = partial(_keep_sum_by_signal, spectra=kept, **bounds)
     else:
-
-        def one_pass(start: np.ndarray) -> np.ndarray:
-            return _keep_sum(targets[free], start, goal, round_to, widest)
-
+        one_pass = partial(_keep_sum, targets[free], **bounds)
     if pinned.any():
         dims[free] = _repeat_passes(one_pass, floors[free], goal, round_to, widest)
     else:
