@@ -363,10 +363,8 @@ def main() -> None:
     rows = []
     # Facts of the machine, the same for every row of the run.
     machine = {"cpu": cpu_description(), **serving_stack()}
-    builds = {
-        name: checkpoint_digest(checkpoint(name, args.rounding, args.hadamard)[0])
-        for name in args.models
-    }
+    # Each checkpoint's digest, taken once it is known to exist (a missing one is skipped).
+    builds: dict[str, str] = {}
     for round_ in range(args.rounds):
         # Reversed every other round (ABBA), so that no model always runs first.
         for name in args.models if round_ % 2 == 0 else args.models[::-1]:
@@ -378,13 +376,14 @@ def main() -> None:
             result = worker_row(cmd, f"{name}, round {round_}")
             if result is None:
                 continue
+            path = checkpoint(name, args.rounding, args.hadamard)[0]
+            if name not in builds:
+                builds[name] = checkpoint_digest(path)
             row = {
                 "model": name,
                 "round": round_,
                 # As measured: a checkpoint rebuilt later has another size and digest.
-                "weights_mib": round(
-                    weights_mib(checkpoint(name, args.rounding, args.hadamard)[0]), 1
-                ),
+                "weights_mib": round(weights_mib(path), 1),
                 "checkpoint_sha256": builds[name],
                 "rounding": args.rounding,
                 "hadamard": args.hadamard,
@@ -398,6 +397,8 @@ def main() -> None:
             rows.append(row)
             with jsonl.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+    if not rows:
+        raise SystemExit(f"no model was measured (see above); {jsonl} holds no rows")
     write_table(rows, args)
 
 
