@@ -10,11 +10,13 @@ out="benchmarks/results/${1:-demo}.txt"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 export TQDM_MININTERVAL=30  # as .ci/run: progress bars would fill the record
+# The commit the demo ran at: HEAD may move while it goes on.
+commit=$(git rev-parse --short HEAD)
 start=$(date +%s)
 bash scripts/demo.sh >"$log" 2>&1
 seconds=$(($(date +%s) - start))
 {
-    echo "Produced by \`bash benchmarks/demo_run.sh\` at commit $(git rev-parse --short HEAD)."
+    echo "Produced by \`bash benchmarks/demo_run.sh\` at commit ${commit}."
     cpu_line
     echo "scripts/demo.sh took ${seconds} s ($(awk "BEGIN {printf \"%.1f\", $seconds / 60}") min)."
     echo

@@ -11,6 +11,8 @@ out="benchmarks/results/${1:-tests}.txt"
 work=$(mktemp -d)
 log=$(mktemp)
 trap 'rm -rf "$work" "$log"' EXIT
+# The commit cloned: HEAD may move while the run goes on.
+commit=$(git rev-parse --short HEAD)
 git clone -q "$PWD" "$work/repo"
 # As on CI, the calibration text is read from ../shared beside the clone.
 if [ -d ../shared ]; then
@@ -21,7 +23,7 @@ rc=0
 (cd "$work/repo" && bash .ci/run) >"$log" 2>&1 || rc=$?
 seconds=$(($(date +%s) - start))
 {
-    echo "Produced by \`bash benchmarks/test_run.sh\` at commit $(git rev-parse --short HEAD)."
+    echo "Produced by \`bash benchmarks/test_run.sh\` at commit ${commit}."
     cpu_line
     echo "From a fresh clone, .ci/run (bash scripts/test.sh) exited ${rc} after ${seconds} s" \
         "($(awk "BEGIN {printf \"%.1f\", $seconds / 60}") min), setting up both environments included."
