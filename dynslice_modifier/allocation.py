@@ -232,7 +232,7 @@ def round_dims(
     else:
         one_pass = partial(_keep_sum, targets[free], **bounds)
     if pinned.any():
-        dims[free] = _repeat_passes(one_pass, floors[free], goal, round_to, widest)
+        dims[free] = _repeat_passes(one_pass, floors[free], **bounds)
     else:
         # Widths capped below their target (round_to not dividing hidden_size) can also
         # leave the sum short, but they are the cap's doing: the others stay within a step.
