@@ -18,12 +18,24 @@ after a change is the one the next change's file holds for that row, or the one
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import NamedTuple
+
 from common import RESULTS, read_jsonl
 from quantized import JSONL, key
 
-# (name, rows before, table written, what the table says), oldest change first.
+
+class Change(NamedTuple):
+    name: str  # as the docstring above lists it
+    before: Path  # the rows it re-ran, as recorded before it
+    table: Path  # the table written
+    text: str  # what the table says
+    columns: tuple[str, str]  # the perplexity columns' names, before and after
+
+
+# Oldest first.
 CHANGES = [
-    (
+    Change(
         "layer-by-layer",
         RESULTS / "quantized_before_layer_by_layer.jsonl",
         RESULTS / "quantized_layer_by_layer.md",
@@ -37,7 +49,7 @@ CHANGES = [
         "boundary shortcuts stored as deltas, so their change includes that one.",
         ("one subgraph", "layer by layer"),
     ),
-    (
+    Change(
         "eager-calibration",
         RESULTS / "quantized_before_eager.jsonl",
         RESULTS / "quantized_eager_calibration.md",
@@ -53,15 +65,16 @@ CHANGES = [
 
 
 def table(index: int) -> str:
-    _, before_file, _, text, (old_name, new_name) = CHANGES[index]
+    change = CHANGES[index]
+    old_name, new_name = change.columns
     # The value after this change: as the next change found it, else as recorded now.
-    later = [read_jsonl(change[1]) for change in CHANGES[index + 1 :]] + [read_jsonl(JSONL)]
+    later = [read_jsonl(c.before) for c in CHANGES[index + 1 :]] + [read_jsonl(JSONL)]
     lines = [
         f"| model | quantization | rounding | perplexity, {old_name} | perplexity, "
         f"{new_name} | change | weights MiB |",
         "|---|---|---|---|---|---|---|",
     ]
-    for k, old in sorted((key(r), r) for r in read_jsonl(before_file)):
+    for k, old in sorted((key(r), r) for r in read_jsonl(change.before)):
         new = next((r for rows in later for r in rows if key(r) == k), None)
         if new is None:
             raise SystemExit(
@@ -75,14 +88,14 @@ def table(index: int) -> str:
         )
     return (
         "SmolLM2-135M, the protocol and rows of `benchmarks/quantized.py` (SP 0.25 or, in "
-        f"-spNN rows, 0.NN; SB 0.05; GPTQ after the slicer in one `oneshot`): {text} "
+        f"-spNN rows, 0.NN; SB 0.05; GPTQ after the slicer in one `oneshot`): {change.text} "
         "Produced by `python benchmarks/reruns.py`.\n\n" + "\n".join(lines) + "\n"
     )
 
 
 def main() -> None:
-    for index, (_, _, out, *_) in enumerate(CHANGES):
-        out.write_text(table(index))
+    for index, change in enumerate(CHANGES):
+        change.table.write_text(table(index))
 
 
 if __name__ == "__main__":
