@@ -239,6 +239,19 @@ def test_gemm_times_are_set_beside_a_speed_run_of_the_same_checkpoints(tmp_path,
         gemm_scaling.measured_steps("spectrum", "mean")
 
 
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_gemm_scaling_refuses_fewer_than_one_thread(threads):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gemm_scaling.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--threads", threads],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 2
+    assert f"--threads must be at least 1, got {threads}" in run.stderr
+
+
 def test_a_model_name_sets_its_sp_only_through_a_final_sp_suffix():
     assert sparsity_of("sliced-aligned-layer-sliced-head-sp30") == pytest.approx(0.30)
     assert sparsity_of("sliced-aligned-layer-sliced-head") == pytest.approx(0.25)
